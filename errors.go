@@ -1,0 +1,81 @@
+package cacheaside
+
+import (
+	"errors"
+	"fmt"
+)
+
+var (
+	// ErrNotFound is what a loader returns when the item does not exist
+	// (Options.IsNotFound maps other errors such as sql.ErrNoRows to it).
+	// Get caches that answer as a tombstone for the policy's negative TTL and
+	// returns an error for which errors.Is(err, ErrNotFound) holds, both on
+	// the load that found nothing and on every later tombstone hit.
+	ErrNotFound = errors.New("cacheaside: not found")
+
+	// ErrInvalidKey is returned by Get, Set and Invalidate for an empty key
+	// or one longer than Options.MaxKeySize. Nothing is sent to Redis and the
+	// loader is not called.
+	ErrInvalidKey = errors.New("cacheaside: invalid key")
+
+	// ErrInvalidOptions is wrapped by every error New and the policy
+	// validators return for a setting they refuse.
+	ErrInvalidOptions = errors.New("cacheaside: invalid options")
+
+	// ErrClosed is returned by every method called after Close.
+	ErrClosed = errors.New("cacheaside: cache closed")
+
+	// ErrLoaderPanic is matched (errors.Is) by the *PanicError a Get returns
+	// when its loader panicked.
+	ErrLoaderPanic = errors.New("cacheaside: loader panicked")
+
+	// ErrValueTooLarge is passed to the error hooks when a loaded value
+	// encodes to more than Options.MaxValueSize bytes. The value is still
+	// returned to the caller; it is just not cached.
+	ErrValueTooLarge = errors.New("cacheaside: value too large to cache")
+
+	// ErrCorruptEntry is passed to the error hooks when the bytes under a key
+	// cannot be decoded (foreign data, an unknown format version, a payload
+	// the codec rejects). Get treats the key as a miss and overwrites it.
+	ErrCorruptEntry = errors.New("cacheaside: corrupt cache entry")
+)
+
+// PanicError is the error every caller sharing a load receives when the
+// loader panicked. The lease is released before the error is returned, so
+// the next Get loads again; nothing is cached. Value is what the loader
+// passed to panic and Stack the loader goroutine's stack at that point.
+type PanicError struct {
+	Value any
+	Stack []byte
+}
+
+func (e *PanicError) Error() string {
+	return fmt.Sprintf("cacheaside: loader panicked: %v", e.Value)
+}
+
+// Is reports whether target is ErrLoaderPanic.
+func (e *PanicError) Is(target error) bool { return target == ErrLoaderPanic }
+
+// Unwrap returns the panic value when it is an error.
+func (e *PanicError) Unwrap() error {
+	if err, ok := e.Value.(error); ok {
+		return err
+	}
+	return nil
+}
+
+// OpError describes a Redis or encoding failure that Get suppressed (it
+// still returned the loader's value) or that Set and Invalidate returned.
+// It reaches Options.OnError, the Recorder and the logger.
+type OpError struct {
+	Cache string // Options.Name
+	Op    string // "get", "acquire", "wait", "fill", "release", "extend", "set", "invalidate", "encode", "decode"
+	Key   string
+	Err   error
+}
+
+func (e *OpError) Error() string {
+	return fmt.Sprintf("cacheaside: %s: %s %q: %v", e.Cache, e.Op, e.Key, e.Err)
+}
+
+func (e *OpError) Unwrap() error { return e.Err }

@@ -1,0 +1,167 @@
+package cacheaside
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"net"
+	"os"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/alicebob/miniredis/v2"
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/goleak"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
+
+// envRedisAddr names the real Redis the suite also runs on when set.
+const envRedisAddr = "CACHEASIDE_REDIS_ADDR"
+
+// backend is one Redis the scenarios run on: miniredis always, and the
+// real server at $CACHEASIDE_REDIS_ADDR when that is set.
+type backend struct {
+	name   string
+	addr   string
+	mr     *miniredis.Miniredis // nil for a real server
+	prefix string               // unique per test, so tests never share keys
+}
+
+// forEachBackend runs f as a subtest on every backend.
+func forEachBackend(t *testing.T, f func(t *testing.T, b *backend)) {
+	t.Helper()
+	t.Run("miniredis", func(t *testing.T) {
+		mr := miniredis.RunT(t)
+		f(t, &backend{name: "miniredis", addr: mr.Addr(), mr: mr, prefix: uniquePrefix()})
+	})
+	addr := os.Getenv(envRedisAddr)
+	if addr == "" {
+		return
+	}
+	t.Run("redis", func(t *testing.T) {
+		b := &backend{name: "redis", addr: addr, prefix: uniquePrefix()}
+		rdb := b.client(t)
+		if err := rdb.Ping(context.Background()).Err(); err != nil {
+			t.Fatalf("%s=%s is set but Redis does not answer: %v", envRedisAddr, addr, err)
+		}
+		t.Cleanup(func() { b.cleanup(t) })
+		f(t, b)
+	})
+}
+
+func uniquePrefix() string {
+	var b [6]byte
+	_, _ = rand.Read(b[:])
+	return "test:" + hex.EncodeToString(b[:]) + ":"
+}
+
+// client returns a new go-redis client, like a separate process would have.
+func (b *backend) client(t testing.TB) *redis.Client {
+	t.Helper()
+	rdb := redis.NewClient(&redis.Options{Addr: b.addr, ContextTimeoutEnabled: true, PoolSize: 64})
+	t.Cleanup(func() { _ = rdb.Close() })
+	return rdb
+}
+
+// key returns a key unique to this test.
+func (b *backend) key(s string) string { return b.prefix + s }
+
+// advance moves Redis's clock: instantly on miniredis, by sleeping on a
+// real server.
+func (b *backend) advance(d time.Duration) {
+	if b.mr != nil {
+		b.mr.FastForward(d)
+		return
+	}
+	time.Sleep(d)
+}
+
+func (b *backend) cleanup(t *testing.T) {
+	rdb := redis.NewClient(&redis.Options{Addr: b.addr})
+	defer rdb.Close()
+	ctx := context.Background()
+	iter := rdb.Scan(ctx, 0, EscapeGlob(b.prefix)+"*", 1000).Iterator()
+	for iter.Next(ctx) {
+		rdb.Unlink(ctx, iter.Val())
+	}
+	if err := iter.Err(); err != nil {
+		t.Logf("cleanup of %s*: %v", b.prefix, err)
+	}
+}
+
+// raw reads the bytes under key, or nil if it is absent.
+func (b *backend) raw(t *testing.T, key string) []byte {
+	t.Helper()
+	rdb := b.client(t)
+	v, err := rdb.Get(context.Background(), key).Bytes()
+	if err == redis.Nil {
+		return nil
+	}
+	if err != nil {
+		t.Fatalf("GET %s: %v", key, err)
+	}
+	return v
+}
+
+// newCache builds a Cache on a new client of b and closes it at cleanup.
+func newCache[T any](t *testing.T, b *backend, o *Options[T]) *Cache[T] {
+	t.Helper()
+	c, err := New[T](b.client(t), o)
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	return c
+}
+
+// closedAddr returns a loopback address nothing listens on.
+func closedAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	_ = l.Close()
+	return addr
+}
+
+// counter is a loader that counts its calls.
+type counter struct {
+	calls atomic.Int64
+}
+
+func (c *counter) load(v string, d time.Duration) Loader[string] {
+	return func(ctx context.Context) (string, error) {
+		c.calls.Add(1)
+		if d > 0 {
+			select {
+			case <-time.After(d):
+			case <-ctx.Done():
+				return "", ctx.Err()
+			}
+		}
+		return v, nil
+	}
+}
+
+// waitFor polls cond until it holds or the deadline passes.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+func miniredisRun(t *testing.T) *miniredis.Miniredis {
+	t.Helper()
+	return miniredis.RunT(t)
+}

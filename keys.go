@@ -1,0 +1,220 @@
+package cacheaside
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+)
+
+// Keyspace builds the keys of one kind of cached item. Every key it builds
+// has the form
+//
+//	v<version>:<name>:<part>:<part>...
+//
+// for example v1:tasks:42 or v1:tasks:org:acme:status:done:page:2:size:20.
+//
+// The version is the key version: bump it when the shape of the cached value
+// changes incompatibly, so old entries are simply never read again and die
+// by their TTL. It is separate from the entry format version stored inside
+// each value, which belongs to this library and only changes with it.
+//
+// Parts are escaped with [EscapePart], so a part can never add a separator
+// or a glob character: an org named "acme:*" yields the key
+// v1:tasks:org:acme%3A%2A, not a pattern that matches other orgs.
+//
+// The zero Keyspace is not valid; build one with [NewKeyspace].
+type Keyspace struct {
+	base string // "v1:tasks"
+}
+
+// MaxKeyspaceName is the longest name NewKeyspace accepts.
+const MaxKeyspaceName = 64
+
+// NewKeyspace returns a Keyspace for name at key version version (≥ 1).
+// name must be 1 to 64 characters from a-z, 0-9, '_', '-' and '.'.
+func NewKeyspace(name string, version int) (Keyspace, error) {
+	if version < 1 {
+		return Keyspace{}, fmt.Errorf("%w: keyspace %q: version %d, want ≥ 1", ErrInvalidKey, name, version)
+	}
+	if name == "" || len(name) > MaxKeyspaceName {
+		return Keyspace{}, fmt.Errorf("%w: keyspace name %q must be 1 to %d characters", ErrInvalidKey, name, MaxKeyspaceName)
+	}
+	for i := 0; i < len(name); i++ {
+		c := name[i]
+		if !('a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '_' || c == '-' || c == '.') {
+			return Keyspace{}, fmt.Errorf("%w: keyspace name %q: character %q not in [a-z0-9_.-]", ErrInvalidKey, name, c)
+		}
+	}
+	return Keyspace{base: "v" + strconv.Itoa(version) + ":" + name}, nil
+}
+
+// MustKeyspace is NewKeyspace for package-level variables; it panics on an
+// invalid name or version.
+func MustKeyspace(name string, version int) Keyspace {
+	ks, err := NewKeyspace(name, version)
+	if err != nil {
+		panic(err)
+	}
+	return ks
+}
+
+// String returns the keyspace's own prefix without a trailing separator,
+// such as "v1:tasks".
+func (ks Keyspace) String() string { return ks.base }
+
+// Key returns the key for parts, each escaped with EscapePart.
+func (ks Keyspace) Key(parts ...string) string {
+	return ks.build(parts, false)
+}
+
+// Prefix returns the key prefix shared by every key whose parts start with
+// parts, ending in the separator: Prefix("org", "acme") is
+// "v1:tasks:org:acme:", which matches the keys of org "acme" and not those
+// of "acme2". Prefix() with no parts covers the whole keyspace.
+func (ks Keyspace) Prefix(parts ...string) string {
+	return ks.build(parts, true)
+}
+
+func (ks Keyspace) build(parts []string, trailing bool) string {
+	if ks.base == "" {
+		panic("cacheaside: zero Keyspace; build one with NewKeyspace")
+	}
+	n := len(ks.base) + len(parts) + 1
+	for _, p := range parts {
+		n += len(p) + 2*escapedExtra(p)
+	}
+	var b strings.Builder
+	b.Grow(n)
+	b.WriteString(ks.base)
+	for _, p := range parts {
+		b.WriteByte(':')
+		writeEscaped(&b, p)
+	}
+	if trailing {
+		b.WriteByte(':')
+	}
+	return b.String()
+}
+
+// EscapePart percent-encodes the bytes of s that carry meaning in a key or
+// in a SCAN pattern: '%', ':', the glob characters * ? [ ] \, the hash-tag
+// braces { }, space and ASCII control characters. Everything else, including
+// UTF-8, is kept. The encoding is injective, so distinct parts always give
+// distinct keys. A part that needs no escaping is returned as is.
+func EscapePart(s string) string {
+	if escapedExtra(s) == 0 {
+		return s
+	}
+	var b strings.Builder
+	b.Grow(len(s) + 2*escapedExtra(s))
+	writeEscaped(&b, s)
+	return b.String()
+}
+
+// UnescapePart reverses EscapePart.
+func UnescapePart(s string) (string, error) {
+	if strings.IndexByte(s, '%') < 0 {
+		return s, nil
+	}
+	var b strings.Builder
+	b.Grow(len(s))
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c != '%' {
+			b.WriteByte(c)
+			continue
+		}
+		if i+2 >= len(s) {
+			return "", fmt.Errorf("%w: truncated escape in %q", ErrInvalidKey, s)
+		}
+		hi, ok1 := unhex(s[i+1])
+		lo, ok2 := unhex(s[i+2])
+		if !ok1 || !ok2 {
+			return "", fmt.Errorf("%w: bad escape %q in %q", ErrInvalidKey, s[i:i+3], s)
+		}
+		b.WriteByte(hi<<4 | lo)
+		i += 2
+	}
+	return b.String(), nil
+}
+
+// EscapeGlob escapes the Redis glob characters * ? [ ] \ in s with a
+// backslash, so s matches itself literally in SCAN MATCH or KEYS. To match
+// every key that starts with prefix, use EscapeGlob(prefix) + "*".
+func EscapeGlob(s string) string {
+	n := 0
+	for i := 0; i < len(s); i++ {
+		if isGlob(s[i]) {
+			n++
+		}
+	}
+	if n == 0 {
+		return s
+	}
+	var b strings.Builder
+	b.Grow(len(s) + n)
+	for i := 0; i < len(s); i++ {
+		if isGlob(s[i]) {
+			b.WriteByte('\\')
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+func isGlob(c byte) bool {
+	return c == '*' || c == '?' || c == '[' || c == ']' || c == '\\'
+}
+
+func needsEscape(c byte) bool {
+	return c <= ' ' || c == 0x7f || c == '%' || c == ':' || c == '{' || c == '}' || isGlob(c)
+}
+
+// escapedExtra counts the bytes of s that EscapePart encodes.
+func escapedExtra(s string) int {
+	n := 0
+	for i := 0; i < len(s); i++ {
+		if needsEscape(s[i]) {
+			n++
+		}
+	}
+	return n
+}
+
+const hexDigits = "0123456789ABCDEF"
+
+func writeEscaped(b *strings.Builder, s string) {
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if needsEscape(c) {
+			b.WriteByte('%')
+			b.WriteByte(hexDigits[c>>4])
+			b.WriteByte(hexDigits[c&15])
+			continue
+		}
+		b.WriteByte(c)
+	}
+}
+
+func unhex(c byte) (byte, bool) {
+	switch {
+	case '0' <= c && c <= '9':
+		return c - '0', true
+	case 'A' <= c && c <= 'F':
+		return c - 'A' + 10, true
+	case 'a' <= c && c <= 'f':
+		return c - 'a' + 10, true
+	}
+	return 0, false
+}
+
+// checkKey is the validation every entry point applies to a key.
+func checkKey(key string, max int) error {
+	if key == "" {
+		return fmt.Errorf("%w: empty key", ErrInvalidKey)
+	}
+	if len(key) > max {
+		return fmt.Errorf("%w: key of %d bytes exceeds MaxKeySize %d", ErrInvalidKey, len(key), max)
+	}
+	return nil
+}

@@ -1,0 +1,21 @@
+-- fill: write the loaded entry only while the key still holds the caller's
+-- lease. An Invalidate (DEL/UNLINK), a Set, or an expired lease re-taken by
+-- another caller all change or remove the token, and the late fill is refused.
+-- KEYS[1]  the entry key
+-- ARGV[1]  the caller's 16-byte lease token
+-- ARGV[2]  the entry to write (value or tombstone)
+-- ARGV[3]  its lifetime in milliseconds
+-- Returns 1 when written (or already written by a retry of this call), else 0.
+local cur = redis.pcall('GET', KEYS[1])
+if type(cur) ~= 'string' or #cur < 40 or string.sub(cur, 1, 2) ~= string.sub(ARGV[2], 1, 2)
+    or string.sub(cur, 5, 20) ~= ARGV[1] then
+  return 0
+end
+if string.byte(cur, 3) == 3 then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+if cur == ARGV[2] then
+  return 1
+end
+return 0

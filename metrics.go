@@ -1,0 +1,123 @@
+package cacheaside
+
+import (
+	"sync/atomic"
+	"time"
+)
+
+// Recorder receives every event a Cache counts, for export to a metrics
+// system (the reference app has a Prometheus adapter). cache is
+// Options.Name; raw keys are never passed, so labels stay low-cardinality.
+// Methods are called on the request path and must be fast and safe for
+// concurrent use. Embed NopRecorder to implement only some of them.
+type Recorder interface {
+	// Hit: the first read found a value.
+	Hit(cache string)
+	// NegativeHit: the first read found a "not found" tombstone.
+	NegativeHit(cache string)
+	// Miss: the first read found no usable entry (absent, being loaded,
+	// corrupt, or Redis failed).
+	Miss(cache string)
+	// Load: the loader returned after d. err is nil, ErrNotFound (possibly
+	// wrapped) for an absent item, or the loader's failure.
+	Load(cache string, d time.Duration, err error)
+	// Coalesced: this Get shared an in-process load started by another Get.
+	Coalesced(cache string)
+	// LeaseContended: another caller (usually another process) held the
+	// lease, so this Get waited for its fill instead of loading.
+	LeaseContended(cache string)
+	// Waited: a wait for another holder's fill ended after d.
+	Waited(cache string, d time.Duration)
+	// FillRejected: a fill found its lease gone (invalidated, overwritten
+	// or expired and re-taken) and wrote nothing.
+	FillRejected(cache string)
+	// NotCached: a loaded value was returned but not cached because it
+	// encoded to more than Options.MaxValueSize or could not be encoded.
+	NotCached(cache string)
+	// DecodeError: the bytes under a key could not be decoded; the key is
+	// treated as a miss and overwritten.
+	DecodeError(cache string)
+	// RedisError: a Redis command failed. op names the step ("get",
+	// "acquire", "fill", ...).
+	RedisError(cache, op string, err error)
+	// Invalidated: n keys were deleted by Invalidate.
+	Invalidated(cache string, n int)
+}
+
+// NopRecorder does nothing. It is the default Recorder, and embedding it
+// lets a type implement only the Recorder methods it cares about.
+type NopRecorder struct{}
+
+func (NopRecorder) Hit(string)                         {}
+func (NopRecorder) NegativeHit(string)                 {}
+func (NopRecorder) Miss(string)                        {}
+func (NopRecorder) Load(string, time.Duration, error)  {}
+func (NopRecorder) Coalesced(string)                   {}
+func (NopRecorder) LeaseContended(string)              {}
+func (NopRecorder) Waited(string, time.Duration)       {}
+func (NopRecorder) FillRejected(string)                {}
+func (NopRecorder) NotCached(string)                   {}
+func (NopRecorder) DecodeError(string)                 {}
+func (NopRecorder) RedisError(string, string, error)   {}
+func (NopRecorder) Invalidated(string, int)            {}
+
+var _ Recorder = NopRecorder{}
+
+// Stats is a snapshot of one Cache's counters since New, returned by
+// Cache.Stats. Every Get counts exactly once as a Hit, NegativeHit or Miss.
+type Stats struct {
+	Hits           uint64        // first read found a value
+	NegativeHits   uint64        // first read found a "not found" tombstone
+	Misses         uint64        // first read found nothing usable
+	Loads          uint64        // loader calls that returned a value or ErrNotFound
+	LoadErrors     uint64        // loader calls that failed (errors, panics, timeouts)
+	LoadTime       time.Duration // total time spent in the loader
+	Coalesced      uint64        // Gets that shared another Get's in-process load
+	LeaseContended uint64        // loads that waited for another holder's fill
+	FillsRejected  uint64        // fills refused because the lease was gone
+	NotCached      uint64        // values returned but too large or unencodable to cache
+	DecodeErrors   uint64        // entries that could not be decoded
+	RedisErrors    uint64        // failed Redis commands
+	Invalidations  uint64        // keys deleted by Invalidate
+}
+
+// Requests is the number of Gets counted: Hits + NegativeHits + Misses.
+func (s Stats) Requests() uint64 { return s.Hits + s.NegativeHits + s.Misses }
+
+// HitRate is the fraction of Gets answered from Redis without a load, in
+// [0, 1]; tombstone hits count as hits because they spared the loader too.
+// It is 0 before the first Get.
+func (s Stats) HitRate() float64 {
+	n := s.Requests()
+	if n == 0 {
+		return 0
+	}
+	return float64(s.Hits+s.NegativeHits) / float64(n)
+}
+
+// counters are the live values behind Stats.
+type counters struct {
+	hits, negativeHits, misses        atomic.Uint64
+	loads, loadErrors, loadNanos      atomic.Uint64
+	coalesced, leaseContended         atomic.Uint64
+	fillsRejected, notCached          atomic.Uint64
+	decodeErrors, redisErrors, invals atomic.Uint64
+}
+
+func (c *counters) snapshot() Stats {
+	return Stats{
+		Hits:           c.hits.Load(),
+		NegativeHits:   c.negativeHits.Load(),
+		Misses:         c.misses.Load(),
+		Loads:          c.loads.Load(),
+		LoadErrors:     c.loadErrors.Load(),
+		LoadTime:       time.Duration(c.loadNanos.Load()),
+		Coalesced:      c.coalesced.Load(),
+		LeaseContended: c.leaseContended.Load(),
+		FillsRejected:  c.fillsRejected.Load(),
+		NotCached:      c.notCached.Load(),
+		DecodeErrors:   c.decodeErrors.Load(),
+		RedisErrors:    c.redisErrors.Load(),
+		Invalidations:  c.invals.Load(),
+	}
+}

@@ -1,0 +1,163 @@
+package cacheaside
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Redis is the part of a go-redis v9 client that a Cache uses. It is built
+// from go-redis's own method sets, so *redis.Client (including the failover
+// client of redis.NewFailoverClient), *redis.ClusterClient, *redis.Ring and
+// any wrapper with the same methods satisfy it.
+type Redis interface {
+	redis.Scripter
+	Get(ctx context.Context, key string) *redis.StringCmd
+	Set(ctx context.Context, key string, value any, expiration time.Duration) *redis.StatusCmd
+	Unlink(ctx context.Context, keys ...string) *redis.IntCmd
+	Pipelined(ctx context.Context, fn func(redis.Pipeliner) error) ([]redis.Cmder, error)
+}
+
+// Options configures a Cache. A nil *Options and the zero value of every
+// field mean the default written beside it.
+type Options[T any] struct {
+	// Name labels this cache in Stats, the Recorder, logs and errors.
+	// Default "default".
+	Name string
+
+	// Policy sets the value TTL, the negative TTL and jitter.
+	// The zero Policy means its documented defaults (TTL 5m, negative 60s,
+	// jitter 10%).
+	Policy Policy
+
+	// Codec encodes values. Default JSON[T]().
+	Codec Codec[T]
+
+	// IsNotFound reports whether a loader error means "does not exist", in
+	// addition to errors.Is(err, ErrNotFound); for example
+	//	func(err error) bool { return errors.Is(err, sql.ErrNoRows) }
+	// Default nil: only ErrNotFound.
+	IsNotFound func(error) bool
+
+	// LoadTimeout bounds each loader call. The load runs on a context
+	// detached from the caller that started it (its values are kept, its
+	// cancellation is not), so one caller giving up does not fail the others
+	// sharing the load. Default 5s.
+	LoadTimeout time.Duration
+
+	// LeaseTTL is the lifetime of a lease in Redis: how long other callers
+	// wait before taking over from a holder that died. A live holder renews
+	// its lease every LeaseTTL/3 until its load returns, so loads may run
+	// longer than LeaseTTL. Default 3s; at least 10ms.
+	LeaseTTL time.Duration
+
+	// PollMin and PollMax bound the jittered exponential backoff with which
+	// a Get waits for another holder's fill: the first check comes after
+	// about PollMin, each later one after twice the previous delay, capped at
+	// PollMax. Defaults 2ms and 25ms.
+	PollMin time.Duration
+	PollMax time.Duration
+
+	// MaxValueSize is the largest encoded value, in bytes, that is cached.
+	// A larger value is returned to the caller but not cached (counted in
+	// Stats.NotCached and reported as ErrValueTooLarge). Default 1 MiB.
+	MaxValueSize int
+
+	// MaxKeySize is the longest key, in bytes, that Get, Set and Invalidate
+	// accept; longer or empty keys give ErrInvalidKey. Default 1024.
+	MaxKeySize int
+
+	// Logger receives every error the cache suppresses (at Warn) and
+	// configuration warnings. Default: discard.
+	Logger *slog.Logger
+
+	// Recorder receives counters for export. Default NopRecorder.
+	// Cache.Stats works regardless.
+	Recorder Recorder
+
+	// OnError is called with every error the cache suppresses or returns
+	// from Redis or the codec; err is an *OpError. Default nil.
+	OnError func(ctx context.Context, err error)
+}
+
+// Defaults of Options.
+const (
+	DefaultName         = "default"
+	DefaultLoadTimeout  = 5 * time.Second
+	DefaultLeaseTTL     = 3 * time.Second
+	DefaultPollMin      = 2 * time.Millisecond
+	DefaultPollMax      = 25 * time.Millisecond
+	DefaultMaxValueSize = 1 << 20
+	DefaultMaxKeySize   = 1024
+	minLeaseTTL         = 10 * time.Millisecond
+)
+
+// resolve validates o and returns a copy with every default filled in.
+func (o *Options[T]) resolve() (Options[T], error) {
+	var r Options[T]
+	if o != nil {
+		r = *o
+	}
+	invalid := func(format string, args ...any) (Options[T], error) {
+		return Options[T]{}, fmt.Errorf("%w: %s", ErrInvalidOptions, fmt.Sprintf(format, args...))
+	}
+	if err := r.Policy.Validate(); err != nil {
+		return Options[T]{}, err
+	}
+	switch {
+	case r.LoadTimeout < 0:
+		return invalid("LoadTimeout %v is negative", r.LoadTimeout)
+	case r.LeaseTTL < 0:
+		return invalid("LeaseTTL %v is negative", r.LeaseTTL)
+	case r.LeaseTTL != 0 && r.LeaseTTL < minLeaseTTL:
+		return invalid("LeaseTTL %v is below %v", r.LeaseTTL, minLeaseTTL)
+	case r.PollMin < 0:
+		return invalid("PollMin %v is negative", r.PollMin)
+	case r.PollMax < 0:
+		return invalid("PollMax %v is negative", r.PollMax)
+	case r.MaxValueSize < 0:
+		return invalid("MaxValueSize %d is negative", r.MaxValueSize)
+	case r.MaxKeySize < 0:
+		return invalid("MaxKeySize %d is negative", r.MaxKeySize)
+	case len(r.Name) > 128:
+		return invalid("Name is %d bytes, at most 128", len(r.Name))
+	}
+	if r.Name == "" {
+		r.Name = DefaultName
+	}
+	r.Policy = r.Policy.resolved()
+	if r.Codec == nil {
+		r.Codec = JSON[T]()
+	}
+	if r.LoadTimeout == 0 {
+		r.LoadTimeout = DefaultLoadTimeout
+	}
+	if r.LeaseTTL == 0 {
+		r.LeaseTTL = DefaultLeaseTTL
+	}
+	if r.PollMin == 0 {
+		r.PollMin = DefaultPollMin
+	}
+	if r.PollMax == 0 {
+		r.PollMax = max(DefaultPollMax, r.PollMin)
+	}
+	if r.PollMax < r.PollMin {
+		return invalid("PollMax %v is below PollMin %v", r.PollMax, r.PollMin)
+	}
+	if r.MaxValueSize == 0 {
+		r.MaxValueSize = DefaultMaxValueSize
+	}
+	if r.MaxKeySize == 0 {
+		r.MaxKeySize = DefaultMaxKeySize
+	}
+	if r.Logger == nil {
+		r.Logger = slog.New(slog.DiscardHandler)
+	}
+	if r.Recorder == nil {
+		r.Recorder = NopRecorder{}
+	}
+	return r, nil
+}

@@ -1,0 +1,256 @@
+package cacheaside
+
+import (
+	"fmt"
+	"maps"
+	"math/rand/v2"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Policy says how long entries live. The zero Policy is valid and means the
+// defaults written beside each field.
+//
+// Every lifetime the cache writes to Redis is jittered: a value's TTL is
+// drawn uniformly from [TTL·(1−Jitter), TTL], so entries filled together
+// do not expire together, and TTL stays the upper bound on how long an entry
+// can be served.
+type Policy struct {
+	// TTL is how long a value stays in Redis after it is filled.
+	// Default 5m; at least 1ms.
+	TTL time.Duration
+
+	// NegativeTTL is how long a "not found" answer is cached.
+	// Default 60s; at least 1ms. Keep it short: a create must clear the
+	// tombstone (Invalidate or Set), or readers see "not found" until it
+	// expires.
+	NegativeTTL time.Duration
+
+	// NoNegativeCache turns negative caching off: every Get of a missing
+	// item calls the loader (still once per key at a time). Default false.
+	NoNegativeCache bool
+
+	// Jitter is the fraction by which each TTL is randomly shortened, in
+	// [0, 1). Default 0.1 (10%); set NoJitter to use exact TTLs.
+	Jitter float64
+
+	// NoJitter writes every TTL exactly as configured. Default false.
+	NoJitter bool
+}
+
+// Policy defaults.
+const (
+	DefaultTTL         = 5 * time.Minute
+	DefaultNegativeTTL = 60 * time.Second
+	DefaultJitter      = 0.1
+)
+
+// Validate reports the first setting of p that is out of range.
+func (p Policy) Validate() error {
+	if p.TTL < 0 {
+		return fmt.Errorf("%w: policy TTL %v is negative", ErrInvalidOptions, p.TTL)
+	}
+	if p.TTL != 0 && p.TTL < time.Millisecond {
+		return fmt.Errorf("%w: policy TTL %v is below 1ms", ErrInvalidOptions, p.TTL)
+	}
+	if p.NegativeTTL < 0 {
+		return fmt.Errorf("%w: policy NegativeTTL %v is negative", ErrInvalidOptions, p.NegativeTTL)
+	}
+	if p.NegativeTTL != 0 && p.NegativeTTL < time.Millisecond {
+		return fmt.Errorf("%w: policy NegativeTTL %v is below 1ms", ErrInvalidOptions, p.NegativeTTL)
+	}
+	if p.Jitter < 0 || p.Jitter >= 1 || p.Jitter != p.Jitter {
+		return fmt.Errorf("%w: policy Jitter %v is outside [0, 1)", ErrInvalidOptions, p.Jitter)
+	}
+	if p.NoJitter && p.Jitter != 0 {
+		return fmt.Errorf("%w: policy sets both Jitter %v and NoJitter", ErrInvalidOptions, p.Jitter)
+	}
+	return nil
+}
+
+// resolved returns p with defaults filled in. p must be valid.
+func (p Policy) resolved() Policy {
+	if p.TTL == 0 {
+		p.TTL = DefaultTTL
+	}
+	if p.NegativeTTL == 0 {
+		p.NegativeTTL = DefaultNegativeTTL
+	}
+	switch {
+	case p.NoJitter:
+		p.Jitter = 0
+	case p.Jitter == 0:
+		p.Jitter = DefaultJitter
+	}
+	return p
+}
+
+// jitter shortens d by a random fraction of at most p.Jitter, never below
+// 1ms. p must be resolved.
+func (p Policy) jitter(d time.Duration) time.Duration {
+	if p.Jitter > 0 {
+		d -= time.Duration(float64(d) * p.Jitter * rand.Float64())
+	}
+	return max(d, time.Millisecond)
+}
+
+// TTLTable is a validated set of named policies, one per kind of cached
+// item, so an application keeps every lifetime decision in one place:
+//
+//	ttls := cacheaside.MustTTLTable(map[string]cacheaside.Policy{
+//		"task":      {TTL: 5 * time.Minute, NegativeTTL: 60 * time.Second},
+//		"task_list": {TTL: 60 * time.Second},
+//	})
+//	ttls, err := ttls.WithOverrides(os.Getenv("CACHE_TTLS")) // "task=2m,task_list=30s"
+//
+// A TTLTable is immutable and safe for concurrent use.
+type TTLTable struct {
+	m map[string]Policy
+}
+
+// NewTTLTable validates every policy and copies the map.
+func NewTTLTable(policies map[string]Policy) (*TTLTable, error) {
+	for _, name := range slices.Sorted(maps.Keys(policies)) {
+		if err := checkPolicyName(name); err != nil {
+			return nil, err
+		}
+		if err := policies[name].Validate(); err != nil {
+			return nil, fmt.Errorf("policy %q: %w", name, err)
+		}
+	}
+	return &TTLTable{m: maps.Clone(policies)}, nil
+}
+
+// MustTTLTable is NewTTLTable that panics on an invalid table, for
+// package-level variables.
+func MustTTLTable(policies map[string]Policy) *TTLTable {
+	t, err := NewTTLTable(policies)
+	if err != nil {
+		panic(err)
+	}
+	return t
+}
+
+// Get returns the policy called name. It panics if the table has no such
+// policy: a misspelt name is a programming error that should stop the
+// program at start-up, not silently give a cache the default lifetimes.
+func (t *TTLTable) Get(name string) Policy {
+	p, ok := t.m[name]
+	if !ok {
+		panic(fmt.Sprintf("cacheaside: TTL table has no policy %q (have %s)", name, strings.Join(t.Names(), ", ")))
+	}
+	return p
+}
+
+// Lookup returns the policy called name and whether it exists.
+func (t *TTLTable) Lookup(name string) (Policy, bool) {
+	p, ok := t.m[name]
+	return p, ok
+}
+
+// Names returns the policy names in sorted order.
+func (t *TTLTable) Names() []string {
+	return slices.Sorted(maps.Keys(t.m))
+}
+
+// WithOverrides returns a copy of t with the settings in spec applied; t is
+// unchanged. spec is a comma-separated list of assignments, typically read
+// by the application from an environment variable (the library reads none):
+//
+//	task=2m                  TTL of policy "task"
+//	task.ttl=2m              the same
+//	task.negative=30s        its NegativeTTL
+//	task.negative=off        turn its negative caching off
+//	task.jitter=0.2          its Jitter (0 turns jitter off)
+//
+// Durations use time.ParseDuration syntax and must be positive. An unknown
+// policy or field, a malformed value or a policy set twice is an error that
+// names the offending assignment; on error nothing is applied. An empty spec
+// returns t.
+func (t *TTLTable) WithOverrides(spec string) (*TTLTable, error) {
+	if strings.TrimSpace(spec) == "" {
+		return t, nil
+	}
+	out := maps.Clone(t.m)
+	seen := make(map[string]bool)
+	for item := range strings.SplitSeq(spec, ",") {
+		item = strings.TrimSpace(item)
+		if item == "" {
+			continue
+		}
+		lhs, val, ok := strings.Cut(item, "=")
+		lhs, val = strings.TrimSpace(lhs), strings.TrimSpace(val)
+		if !ok || lhs == "" || val == "" {
+			return nil, fmt.Errorf("%w: TTL override %q: want name=duration", ErrInvalidOptions, item)
+		}
+		name, field, hasField := strings.Cut(lhs, ".")
+		if !hasField {
+			field = "ttl"
+		}
+		p, known := out[name]
+		if !known {
+			return nil, fmt.Errorf("%w: TTL override %q: no policy %q (have %s)", ErrInvalidOptions, item, name, strings.Join(t.Names(), ", "))
+		}
+		if seen[name+"."+field] {
+			return nil, fmt.Errorf("%w: TTL override %q: %s.%s is set twice", ErrInvalidOptions, item, name, field)
+		}
+		seen[name+"."+field] = true
+		switch field {
+		case "ttl":
+			d, err := parsePositive(val)
+			if err != nil {
+				return nil, fmt.Errorf("%w: TTL override %q: %v", ErrInvalidOptions, item, err)
+			}
+			p.TTL = d
+		case "negative":
+			if val == "off" {
+				p.NoNegativeCache = true
+				p.NegativeTTL = 0
+				break
+			}
+			d, err := parsePositive(val)
+			if err != nil {
+				return nil, fmt.Errorf("%w: TTL override %q: %v", ErrInvalidOptions, item, err)
+			}
+			p.NegativeTTL, p.NoNegativeCache = d, false
+		case "jitter":
+			f, err := strconv.ParseFloat(val, 64)
+			if err != nil {
+				return nil, fmt.Errorf("%w: TTL override %q: jitter is not a number", ErrInvalidOptions, item)
+			}
+			p.Jitter, p.NoJitter = f, f == 0
+		default:
+			return nil, fmt.Errorf("%w: TTL override %q: unknown field %q (want ttl, negative or jitter)", ErrInvalidOptions, item, field)
+		}
+		if err := p.Validate(); err != nil {
+			return nil, fmt.Errorf("TTL override %q: %w", item, err)
+		}
+		out[name] = p
+	}
+	return &TTLTable{m: out}, nil
+}
+
+func parsePositive(s string) (time.Duration, error) {
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		return 0, err
+	}
+	if d <= 0 {
+		return 0, fmt.Errorf("duration %v must be positive", d)
+	}
+	return d, nil
+}
+
+func checkPolicyName(name string) error {
+	if name == "" {
+		return fmt.Errorf("%w: empty policy name", ErrInvalidOptions)
+	}
+	for _, c := range name {
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '_' || c == '-') {
+			return fmt.Errorf("%w: policy name %q: character %q not in [A-Za-z0-9_-]", ErrInvalidOptions, name, c)
+		}
+	}
+	return nil
+}
