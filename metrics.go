@@ -48,18 +48,18 @@ type Recorder interface {
 // lets a type implement only the Recorder methods it cares about.
 type NopRecorder struct{}
 
-func (NopRecorder) Hit(string)                         {}
-func (NopRecorder) NegativeHit(string)                 {}
-func (NopRecorder) Miss(string)                        {}
-func (NopRecorder) Load(string, time.Duration, error)  {}
-func (NopRecorder) Coalesced(string)                   {}
-func (NopRecorder) LeaseContended(string)              {}
-func (NopRecorder) Waited(string, time.Duration)       {}
-func (NopRecorder) FillRejected(string)                {}
-func (NopRecorder) NotCached(string)                   {}
-func (NopRecorder) DecodeError(string)                 {}
-func (NopRecorder) RedisError(string, string, error)   {}
-func (NopRecorder) Invalidated(string, int)            {}
+func (NopRecorder) Hit(string)                        {}
+func (NopRecorder) NegativeHit(string)                {}
+func (NopRecorder) Miss(string)                       {}
+func (NopRecorder) Load(string, time.Duration, error) {}
+func (NopRecorder) Coalesced(string)                  {}
+func (NopRecorder) LeaseContended(string)             {}
+func (NopRecorder) Waited(string, time.Duration)      {}
+func (NopRecorder) FillRejected(string)               {}
+func (NopRecorder) NotCached(string)                  {}
+func (NopRecorder) DecodeError(string)                {}
+func (NopRecorder) RedisError(string, string, error)  {}
+func (NopRecorder) Invalidated(string, int)           {}
 
 var _ Recorder = NopRecorder{}
 
