@@ -92,16 +92,24 @@ func (c *Cache[T]) Stats() Stats { return c.stats.snapshot() }
 // returns:
 //
 //   - the value, from Redis or from load;
-//   - an error matching ErrNotFound when load reported the item absent, now
-//     or within the policy's NegativeTTL;
-//   - load's own error (not cached), or a *PanicError if it panicked;
+//   - ErrNotFound itself when load reported the item absent, now or within
+//     the policy's NegativeTTL (the loader's own "not found" error is not
+//     passed on, so callers see the same error on a load and on a hit);
+//   - load's own error, a *PanicError if it panicked, or a
+//     context.DeadlineExceeded-wrapping error if it did not return within
+//     Options.LoadTimeout; none of these is cached;
 //   - ctx.Err() when ctx ends first (a shared load keeps running for the
 //     other callers and still fills the cache);
-//   - ErrInvalidKey, ErrClosed, or an error for a nil load, before any I/O.
+//   - ErrClosed after Close, also for Gets whose load Close interrupted;
+//   - ErrInvalidKey, or an error for a nil load, before any I/O.
 //
 // Redis failures are never returned: Get falls back to load and reports
 // the failure to the logger, Recorder and OnError. Undecodable bytes under
 // key count as a miss and are overwritten.
+//
+// Callers that share one load receive the same T. If T holds slices, maps
+// or pointers, treat the result as read-only or copy it; a hit decodes a
+// fresh T for each caller.
 func (c *Cache[T]) Get(ctx context.Context, key string, load Loader[T]) (T, error) {
 	var zero T
 	if err := checkKey(key, c.opts.MaxKeySize); err != nil {
@@ -148,8 +156,11 @@ func (c *Cache[T]) Get(ctx context.Context, key string, load Loader[T]) (T, erro
 		// Not a string: foreign data under our key. acquire.lua replaces it.
 		c.corrupt(ctx, key, nil, err)
 	default:
-		if ctx.Err() != nil {
-			return zero, ctx.Err()
+		if cerr := ctx.Err(); cerr != nil {
+			// The caller's own deadline, not a Redis failure.
+			c.stats.misses.Add(1)
+			c.rec.Miss(c.name)
+			return zero, cerr
 		}
 		c.redisError(ctx, "get", key, err)
 		redisDown = true
@@ -167,8 +178,17 @@ var errNilLoader = errors.New("cacheaside: Get with a nil Loader")
 // shared runs one load per key in this process and waits for it on ctx.
 func (c *Cache[T]) shared(ctx context.Context, key string, load Loader[T], replace []byte, redisDown bool) (T, error) {
 	leader := false
-	ch := c.group.DoChan(key, func() (T, error) {
+	ch := c.group.DoChan(key, func() (v T, err error) {
 		leader = true
+		// x/sync re-panics a DoChan panic where nobody can recover it, so
+		// a panic anywhere in the flight (a codec, a hook, a Recorder)
+		// becomes an error for its callers instead. Loader panics are
+		// caught closer, in callLoader, where the lease is released.
+		defer func() {
+			if r := recover(); r != nil {
+				err = &PanicError{Value: r, Stack: debug.Stack()}
+			}
+		}()
 		return c.run(ctx, key, load, replace, redisDown)
 	})
 	select {
@@ -187,7 +207,7 @@ func (c *Cache[T]) shared(ctx context.Context, key string, load Loader[T], repla
 // run is the body of a shared load: take the lease (or wait for whoever
 // holds it), call the loader, fill or release. parent is the context of
 // the Get that started it; run uses its values, never its cancellation.
-func (c *Cache[T]) run(parent context.Context, key string, load Loader[T], replace []byte, redisDown bool) (T, error) {
+func (c *Cache[T]) run(parent context.Context, key string, load Loader[T], replace []byte, redisDown bool) (v T, err error) {
 	var zero T
 	if !c.enter() {
 		return zero, ErrClosed
@@ -196,6 +216,11 @@ func (c *Cache[T]) run(parent context.Context, key string, load Loader[T], repla
 	ctx, cancel := context.WithCancel(context.WithoutCancel(parent))
 	defer cancel()
 	defer context.AfterFunc(c.stop, cancel)()
+	defer func() {
+		if err != nil && c.stop.Err() != nil && errors.Is(err, context.Canceled) {
+			err = ErrClosed
+		}
+	}()
 
 	if redisDown {
 		return c.loadUncached(ctx, load)
@@ -210,7 +235,15 @@ func (c *Cache[T]) run(parent context.Context, key string, load Loader[T], repla
 	for {
 		held, cur, err := acquire(ctx, c.rdb, key, lease, c.opts.LeaseTTL, replace)
 		if err != nil {
+			if ctx.Err() != nil { // Close
+				return zero, ctx.Err()
+			}
 			c.redisError(ctx, "acquire", key, err)
+			// The script may have run and only its reply been lost: drop
+			// the lease it may have taken so nobody waits for it.
+			rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), c.opts.LeaseTTL)
+			_, _ = release(rctx, c.rdb, key, tok)
+			rcancel()
 			return c.loadUncached(ctx, load)
 		}
 		if held {
@@ -272,7 +305,7 @@ func (c *Cache[T]) waited(start time.Time) {
 func (c *Cache[T]) loadAndFill(ctx context.Context, key string, load Loader[T], tok envelope.Token) (T, error) {
 	var zero T
 	stopExtend := c.keepLease(ctx, key, tok)
-	v, err, took := c.callLoader(ctx, load)
+	v, took, err := c.callLoader(ctx, load)
 	stopExtend()
 	if h := c.hooks; h != nil && h.beforeFill != nil {
 		h.beforeFill(key)
@@ -375,27 +408,50 @@ func (c *Cache[T]) keepLease(ctx context.Context, key string, tok envelope.Token
 // loadUncached calls the loader without touching Redis, for when Redis
 // failed: the caller still gets an answer.
 func (c *Cache[T]) loadUncached(ctx context.Context, load Loader[T]) (T, error) {
-	v, err, _ := c.callLoader(ctx, load)
+	v, _, err := c.callLoader(ctx, load)
 	if err != nil && c.isNotFound(err) {
 		return v, ErrNotFound
 	}
 	return v, err
 }
 
-// callLoader runs load under the load timeout, turning a panic into a
-// *PanicError, and records the outcome.
-func (c *Cache[T]) callLoader(ctx context.Context, load Loader[T]) (v T, err error, took time.Duration) {
+// callLoader runs load on its own goroutine under the load timeout and
+// returns what it returned, or a *PanicError if it panicked, or
+// errLoaderExited if it called runtime.Goexit, or the context's error if
+// the timeout (or Close) came first. A loader that ignores its context is
+// abandoned at that point: it keeps running until it returns, but nobody
+// waits for it and its result is dropped.
+func (c *Cache[T]) callLoader(ctx context.Context, load Loader[T]) (v T, took time.Duration, err error) {
 	ctx, cancel := context.WithTimeout(ctx, c.opts.LoadTimeout)
 	defer cancel()
+	type result struct {
+		v   T
+		err error
+	}
+	done := make(chan result, 1)
 	start := time.Now()
-	func() {
+	go func() {
+		normal := false
 		defer func() {
-			if r := recover(); r != nil {
-				err = &PanicError{Value: r, Stack: debug.Stack()}
+			if normal {
+				return
 			}
+			if r := recover(); r != nil {
+				done <- result{err: &PanicError{Value: r, Stack: debug.Stack()}}
+				return
+			}
+			done <- result{err: errLoaderExited}
 		}()
-		v, err = load(ctx)
+		v, err := load(ctx)
+		normal = true
+		done <- result{v, err}
 	}()
+	select {
+	case r := <-done:
+		v, err = r.v, r.err
+	case <-ctx.Done():
+		err = fmt.Errorf("cacheaside: loader did not return within its context: %w", ctx.Err())
+	}
 	took = time.Since(start)
 	if err != nil && !c.isNotFound(err) {
 		c.stats.loadErrors.Add(1)
@@ -404,8 +460,12 @@ func (c *Cache[T]) callLoader(ctx context.Context, load Loader[T]) (v T, err err
 	}
 	c.stats.loadNanos.Add(uint64(took))
 	c.rec.Load(c.name, took, err)
-	return v, err, took
+	return v, took, err
 }
+
+// errLoaderExited is returned to the callers of a load whose loader called
+// runtime.Goexit (for example t.FailNow in a test).
+var errLoaderExited = errors.New("cacheaside: loader called runtime.Goexit")
 
 // Set writes v under key (write-through), for a caller that already has the
 // fresh value, typically right after committing it. It replaces whatever
@@ -440,6 +500,9 @@ func (c *Cache[T]) Set(ctx context.Context, key string, v T) error {
 		Token:   newToken(),
 		Payload: payload,
 	})
+	// A Get that starts after Set returns must not join a load that began
+	// before it: that load's value predates v.
+	c.group.Forget(key)
 	if err := c.rdb.Set(ctx, key, entry, c.opts.Policy.jitter(c.opts.Policy.TTL)).Err(); err != nil {
 		return c.redisError(ctx, "set", key, err)
 	}
@@ -463,6 +526,12 @@ func (c *Cache[T]) Invalidate(ctx context.Context, keys ...string) error {
 	}
 	if len(keys) == 0 {
 		return nil
+	}
+	// A Get that starts after Invalidate returns must not join an
+	// in-process load that began before it and read the old row. (The old
+	// load's fill is refused by its lease; this covers its callers.)
+	for _, k := range keys {
+		c.group.Forget(k)
 	}
 	var (
 		n   int64

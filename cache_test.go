@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -799,8 +800,8 @@ func TestClose(t *testing.T) {
 		if err := c.Close(); err != nil {
 			t.Fatal(err)
 		}
-		if err := <-errc; !errors.Is(err, context.Canceled) {
-			t.Fatalf("in-flight Get after Close = %v, want context.Canceled", err)
+		if err := <-errc; !errors.Is(err, ErrClosed) {
+			t.Fatalf("in-flight Get after Close = %v, want ErrClosed", err)
 		}
 		if b.raw(t, key) != nil {
 			t.Fatal("Close left the lease behind")
@@ -837,6 +838,133 @@ func TestMsgpackCodecAndSwitch(t *testing.T) {
 		js := newCache[task](t, b, nil)
 		if got, err := js.Get(ctx, key, load); err != nil || got.ID != 42 || js.Stats().DecodeErrors != 1 {
 			t.Fatalf("JSON cache over a msgpack entry: %+v, %v, decode errors %d", got, err, js.Stats().DecodeErrors)
+		}
+	})
+}
+
+// TestGetAfterWriteDoesNotJoinOlderLoad: a Get that starts after Invalidate
+// or Set returned must not share an in-process load that read the row
+// before the write.
+func TestGetAfterWriteDoesNotJoinOlderLoad(t *testing.T) {
+	for _, write := range []string{"invalidate", "set"} {
+		t.Run(write, func(t *testing.T) {
+			forEachBackend(t, func(t *testing.T, b *backend) {
+				ctx := context.Background()
+				c := newCache[int64](t, b, nil)
+				key := b.key("row")
+				var db atomic.Int64
+				db.Store(1)
+				inLoad, resume := make(chan struct{}), make(chan struct{})
+				var first atomic.Bool
+				load := func(context.Context) (int64, error) {
+					row := db.Load()
+					if first.CompareAndSwap(false, true) {
+						close(inLoad)
+						<-resume
+					}
+					return row, nil
+				}
+				oldDone := make(chan struct{})
+				go func() { defer close(oldDone); _, _ = c.Get(ctx, key, load) }()
+				<-inLoad
+				db.Store(2)
+				var err error
+				if write == "set" {
+					err = c.Set(ctx, key, 2)
+				} else {
+					err = c.Invalidate(ctx, key)
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+				got := make(chan int64)
+				go func() { v, _ := c.Get(ctx, key, load); got <- v }()
+				select {
+				case v := <-got: // answered without waiting for the old load
+					if v != 2 {
+						t.Fatalf("Get after %s = %d, want 2", write, v)
+					}
+				case <-time.After(5 * time.Second):
+					t.Fatalf("Get after %s is waiting on the load that read the old row", write)
+				}
+				close(resume)
+				<-oldDone
+				if v, _ := c.Get(ctx, key, load); v != 2 {
+					t.Fatalf("cache holds %d after the old load finished, want 2", v)
+				}
+			})
+		})
+	}
+}
+
+// TestPanicNeverCachedAsNotFound: a panic value wrapping ErrNotFound is
+// still a panic.
+func TestPanicNeverCachedAsNotFound(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		c := newCache(t, b, &Options[string]{IsNotFound: func(error) bool { return true }})
+		key := b.key("p")
+		_, err := c.Get(context.Background(), key, func(context.Context) (string, error) {
+			panic(fmt.Errorf("lookup: %w", ErrNotFound))
+		})
+		var pe *PanicError
+		if !errors.As(err, &pe) {
+			t.Fatalf("Get = %v (%T), want *PanicError", err, err)
+		}
+		if raw := b.raw(t, key); raw != nil {
+			t.Fatalf("a panic left an entry: %q", raw)
+		}
+	})
+}
+
+// TestLoaderGoexit: a loader calling runtime.Goexit (t.FailNow does) gives
+// its callers an error instead of hanging them, and releases the lease.
+func TestLoaderGoexit(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		c := newCache[string](t, b, nil)
+		key := b.key("g")
+		done := make(chan error, 1)
+		go func() {
+			_, err := c.Get(context.Background(), key, func(context.Context) (string, error) {
+				runtime.Goexit()
+				return "", nil
+			})
+			done <- err
+		}()
+		select {
+		case err := <-done:
+			if !errors.Is(err, errLoaderExited) {
+				t.Fatalf("Get = %v, want errLoaderExited", err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("Get with a Goexit loader still blocked")
+		}
+		if raw := b.raw(t, key); raw != nil {
+			t.Fatalf("lease left behind: %q", raw)
+		}
+	})
+}
+
+// TestLoaderIgnoringContext: a loader that never looks at its context is
+// abandoned at LoadTimeout; callers get a deadline error, the lease is
+// released, and Close does not wait for it.
+func TestLoaderIgnoringContext(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		c := newCache(t, b, &Options[string]{LoadTimeout: 50 * time.Millisecond})
+		key := b.key("stuck")
+		unblock := make(chan struct{})
+		defer close(unblock)
+		_, err := c.Get(context.Background(), key, func(context.Context) (string, error) {
+			<-unblock
+			return "late", nil
+		})
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("Get = %v, want DeadlineExceeded", err)
+		}
+		if raw := b.raw(t, key); raw != nil {
+			t.Fatalf("lease left behind: %q", raw)
+		}
+		if s := c.Stats(); s.LoadErrors != 1 {
+			t.Fatalf("LoadErrors = %d", s.LoadErrors)
 		}
 	})
 }

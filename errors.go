@@ -69,7 +69,7 @@ func (e *PanicError) Unwrap() error {
 // It reaches Options.OnError, the Recorder and the logger.
 type OpError struct {
 	Cache string // Options.Name
-	Op    string // "get", "acquire", "wait", "fill", "release", "extend", "set", "invalidate", "encode", "decode"
+	Op    string // "get", "acquire", "fill", "release", "extend", "set", "invalidate", "encode", "decode"
 	Key   string
 	Err   error
 }

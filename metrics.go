@@ -18,8 +18,9 @@ type Recorder interface {
 	// Miss: the first read found no usable entry (absent, being loaded,
 	// corrupt, or Redis failed).
 	Miss(cache string)
-	// Load: the loader returned after d. err is nil, ErrNotFound (possibly
-	// wrapped) for an absent item, or the loader's failure.
+	// Load: the loader returned after d with err: nil, the loader's own
+	// error as returned (including its "not found" error, before mapping to
+	// ErrNotFound), a *PanicError, or a timeout.
 	Load(cache string, d time.Duration, err error)
 	// Coalesced: this Get shared an in-process load started by another Get.
 	Coalesced(cache string)

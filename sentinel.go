@@ -18,7 +18,14 @@ import (
 // next Get tries again.
 
 // isNotFound reports whether a loader error means "the item does not exist".
+// A panic is never "not found", whatever value it carried.
 func (c *Cache[T]) isNotFound(err error) bool {
+	if err == nil {
+		return false
+	}
+	if _, panicked := err.(*PanicError); panicked {
+		return false
+	}
 	return errors.Is(err, ErrNotFound) || (c.opts.IsNotFound != nil && c.opts.IsNotFound(err))
 }
 

@@ -1,0 +1,50 @@
+// Package cacheaside puts Redis in front of slow data the cache-aside way,
+// and handles what goes wrong around it: stampedes, lookups of things that
+// do not exist, stale writes racing invalidation, and Redis failing.
+//
+// A Cache[T] wraps a go-redis v9 client. Get returns the cached value or
+// calls your loader, stores its result, and shares one load among every
+// caller that asks for the same key at the same time, in this process and
+// across processes:
+//
+//	rdb := redis.NewClient(&redis.Options{Addr: "localhost:6379", ContextTimeoutEnabled: true})
+//	tasks, err := cacheaside.New[Task](rdb, &cacheaside.Options[Task]{
+//		Name:   "task",
+//		Policy: cacheaside.Policy{TTL: 5 * time.Minute, NegativeTTL: time.Minute},
+//	})
+//	keys := cacheaside.MustKeyspace("tasks", 1)
+//
+//	task, err := tasks.Get(ctx, keys.Key("42"), func(ctx context.Context) (Task, error) {
+//		return repo.Get(ctx, 42) // return cacheaside.ErrNotFound when absent
+//	})
+//	// after the database write commits:
+//	err = tasks.Invalidate(ctx, keys.Key("42"))
+//
+// # The entry protocol
+//
+// Each entry is one Redis string key holding a small header and the
+// encoded value. While an entry is being loaded the key holds a lease
+// instead: a random 128-bit token with a server-side expiry. The caller
+// holding the lease loads and then fills the key with a Lua compare-and-set
+// that succeeds only if the key still holds its token. Invalidate deletes
+// the key, so a load that started before the invalidation can never write
+// its older value afterwards. Everyone else waits for the fill, or takes
+// over when the lease expires because its holder died.
+//
+// A hit is one GET; the scripts run only on misses.
+//
+// # Failures
+//
+// Get never returns a Redis error: when Redis fails it calls the loader and
+// reports the failure to Options.Logger, Options.Recorder and
+// Options.OnError. Set and Invalidate return their errors. Loader errors
+// and panics are never cached; a panic reaches every caller sharing the
+// load as a *PanicError.
+//
+// # Links
+//
+//   - The load path, step by step, with the Redis commands it sends: README.md
+//   - Facebook's memcache leases, the idea behind the fill check:
+//     https://www.usenix.org/conference/nsdi13/technical-sessions/presentation/nishtala
+//   - go-redis: https://redis.uptrace.dev/
+package cacheaside

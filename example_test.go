@@ -1,0 +1,164 @@
+package cacheaside_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/alicebob/miniredis/v2"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/seed-b4ec662f/cacheaside"
+)
+
+type Task struct {
+	ID    int64  `json:"id"`
+	Title string `json:"title"`
+}
+
+// An in-memory Redis (miniredis) stands in for a real server, so the
+// examples run anywhere; use redis.NewClient with your address instead.
+func exampleRedis() (*redis.Client, func()) {
+	mr, err := miniredis.Run()
+	if err != nil {
+		panic(err)
+	}
+	rdb := redis.NewClient(&redis.Options{Addr: mr.Addr(), ContextTimeoutEnabled: true})
+	return rdb, func() { rdb.Close(); mr.Close() }
+}
+
+func Example() {
+	rdb, stop := exampleRedis()
+	defer stop()
+	ctx := context.Background()
+
+	tasks, err := cacheaside.New[Task](rdb, &cacheaside.Options[Task]{
+		Name:   "task",
+		Policy: cacheaside.Policy{TTL: 5 * time.Minute, NegativeTTL: time.Minute},
+	})
+	if err != nil {
+		panic(err)
+	}
+	defer tasks.Close()
+	keys := cacheaside.MustKeyspace("tasks", 1)
+
+	queries := 0
+	load := func(ctx context.Context) (Task, error) {
+		queries++ // stands in for SELECT ... FROM tasks WHERE id = 42
+		return Task{ID: 42, Title: "Design caching layer"}, nil
+	}
+	for i := 0; i < 3; i++ {
+		t, err := tasks.Get(ctx, keys.Key("42"), load)
+		if err != nil {
+			panic(err)
+		}
+		fmt.Println(t.Title)
+	}
+	s := tasks.Stats()
+	fmt.Printf("queries=%d hits=%d misses=%d hit rate=%.0f%%\n", queries, s.Hits, s.Misses, 100*s.HitRate())
+	// Output:
+	// Design caching layer
+	// Design caching layer
+	// Design caching layer
+	// queries=1 hits=2 misses=1 hit rate=67%
+}
+
+// A loader that returns ErrNotFound has its answer cached for the
+// policy's NegativeTTL, so repeated lookups of a missing id stay off the
+// database.
+func ExampleCache_Get_notFound() {
+	rdb, stop := exampleRedis()
+	defer stop()
+	ctx := context.Background()
+	tasks, _ := cacheaside.New[Task](rdb, &cacheaside.Options[Task]{Name: "task"})
+	defer tasks.Close()
+
+	queries := 0
+	load := func(ctx context.Context) (Task, error) {
+		queries++
+		return Task{}, cacheaside.ErrNotFound // or map sql.ErrNoRows with Options.IsNotFound
+	}
+	for i := 0; i < 100; i++ {
+		if _, err := tasks.Get(ctx, "v1:tasks:999999", load); !errors.Is(err, cacheaside.ErrNotFound) {
+			panic(err)
+		}
+	}
+	fmt.Println("lookups: 100, queries:", queries)
+	// Output:
+	// lookups: 100, queries: 1
+}
+
+// Invalidate after the write commits; the next Get loads the new row.
+func ExampleCache_Invalidate() {
+	rdb, stop := exampleRedis()
+	defer stop()
+	ctx := context.Background()
+	tasks, _ := cacheaside.New[Task](rdb, nil)
+	defer tasks.Close()
+	keys := cacheaside.MustKeyspace("tasks", 1)
+
+	db := map[int64]string{42: "Design caching layer"}
+	load := func(ctx context.Context) (Task, error) { return Task{ID: 42, Title: db[42]}, nil }
+
+	t, _ := tasks.Get(ctx, keys.Key("42"), load)
+	fmt.Println(t.Title)
+
+	db[42] = "Ship caching layer" // UPDATE tasks SET title = ... WHERE id = 42; COMMIT
+	if err := tasks.Invalidate(ctx, keys.Key("42")); err != nil {
+		fmt.Println("invalidate failed; the entry lives until its TTL:", err)
+	}
+	t, _ = tasks.Get(ctx, keys.Key("42"), load)
+	fmt.Println(t.Title)
+	// Output:
+	// Design caching layer
+	// Ship caching layer
+}
+
+func ExampleKeyspace() {
+	tasks := cacheaside.MustKeyspace("tasks", 1)
+	fmt.Println(tasks.Key("42"))
+	fmt.Println(tasks.Key("org", "acme", "status", "done", "page", "2", "size", "20"))
+	fmt.Println(tasks.Key("org", "evil:*")) // data cannot add structure or globs
+	fmt.Println(cacheaside.EscapeGlob(tasks.Prefix("org", "acme")) + "*")
+	// Output:
+	// v1:tasks:42
+	// v1:tasks:org:acme:status:done:page:2:size:20
+	// v1:tasks:org:evil%3A%2A
+	// v1:tasks:org:acme:*
+}
+
+func ExampleTTLTable_WithOverrides() {
+	ttls := cacheaside.MustTTLTable(map[string]cacheaside.Policy{
+		"task":      {TTL: 5 * time.Minute, NegativeTTL: time.Minute},
+		"task_list": {TTL: time.Minute},
+	})
+	// An application would pass os.Getenv("CACHE_TTLS").
+	ttls, err := ttls.WithOverrides("task=2m,task_list=30s")
+	if err != nil {
+		panic(err)
+	}
+	fmt.Println(ttls.Get("task").TTL, ttls.Get("task_list").TTL)
+	_, err = ttls.WithOverrides("tsk=2m")
+	fmt.Println(err)
+	// Output:
+	// 2m0s 30s
+	// cacheaside: invalid options: TTL override "tsk=2m": no policy "tsk" (have task, task_list)
+}
+
+// Redis Cluster and Sentinel need no special setup: the clients satisfy
+// cacheaside.Redis. (Compiles only; needs the servers to run.)
+func ExampleNew_clusterAndSentinel() {
+	cluster := redis.NewClusterClient(&redis.ClusterOptions{
+		Addrs:                 []string{"127.0.0.1:7000", "127.0.0.1:7001", "127.0.0.1:7002"},
+		ContextTimeoutEnabled: true,
+	})
+	_, _ = cacheaside.New[Task](cluster, &cacheaside.Options[Task]{Name: "task"})
+
+	failover := redis.NewFailoverClient(&redis.FailoverOptions{
+		MasterName:            "mymaster",
+		SentinelAddrs:         []string{"127.0.0.1:26379"},
+		ContextTimeoutEnabled: true,
+	})
+	_, _ = cacheaside.New[Task](failover, &cacheaside.Options[Task]{Name: "task"})
+}
