@@ -65,20 +65,7 @@ func BenchmarkRawGet(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
-	b.Run("serial", func(b *testing.B) {
-		b.ReportAllocs()
-		for b.Loop() {
-			get()
-		}
-	})
-	b.Run("parallel", func(b *testing.B) {
-		b.ReportAllocs()
-		b.RunParallel(func(pb *testing.PB) {
-			for pb.Next() {
-				get()
-			}
-		})
-	})
+	serialAndParallel(b, get)
 }
 
 // BenchmarkGetHit is Cache.Get on a warm key: one GET, envelope check,
@@ -102,21 +89,27 @@ func BenchmarkGetHit(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+	serialAndParallel(b, get)
+	if s := c.Stats(); s.Misses != 1 {
+		b.Fatalf("%d misses during a hit benchmark", s.Misses)
+	}
+}
+
+// serialAndParallel runs op as two sub-benchmarks: one goroutine, and
+// GOMAXPROCS goroutines.
+func serialAndParallel(b *testing.B, op func()) {
 	b.Run("serial", func(b *testing.B) {
 		b.ReportAllocs()
 		for b.Loop() {
-			get()
+			op()
 		}
 	})
 	b.Run("parallel", func(b *testing.B) {
 		b.ReportAllocs()
 		b.RunParallel(func(pb *testing.PB) {
 			for pb.Next() {
-				get()
+				op()
 			}
 		})
 	})
-	if s := c.Stats(); s.Misses != 1 {
-		b.Fatalf("%d misses during a hit benchmark", s.Misses)
-	}
 }

@@ -126,22 +126,9 @@ func (c *Cache[T]) Get(ctx context.Context, key string, load Loader[T]) (T, erro
 	redisDown := false
 	switch {
 	case err == nil:
-		var e envelope.Entry
-		if derr := envelope.Decode(b, &e); derr != nil {
-			replace = c.corrupt(ctx, key, b, derr)
-			break
-		}
-		switch e.Kind {
+		v, kind, r := c.decode(ctx, key, b)
+		switch kind {
 		case envelope.Value:
-			if e.Format != c.opts.Codec.Format() {
-				replace = c.corrupt(ctx, key, b, fmt.Errorf("codec format %d, this cache uses %d", e.Format, c.opts.Codec.Format()))
-				break
-			}
-			var v T
-			if uerr := c.opts.Codec.Unmarshal(e.Payload, &v); uerr != nil {
-				replace = c.corrupt(ctx, key, b, uerr)
-				break
-			}
 			c.stats.hits.Add(1)
 			c.rec.Hit(c.name)
 			return v, nil
@@ -150,7 +137,9 @@ func (c *Cache[T]) Get(ctx context.Context, key string, load Loader[T]) (T, erro
 			c.rec.NegativeHit(c.name)
 			return zero, ErrNotFound
 		}
-		// A lease: another caller is loading. The shared load waits for it.
+		// A lease (another caller is loading; the shared load waits for
+		// it) or undecodable bytes (the shared load overwrites them).
+		replace = r
 	case errors.Is(err, redis.Nil):
 	case isWrongType(err):
 		// Not a string: foreign data under our key. acquire.lua replaces it.
@@ -247,34 +236,22 @@ func (c *Cache[T]) run(parent context.Context, key string, load Loader[T], repla
 			return c.loadUncached(ctx, load)
 		}
 		if held {
-			if !waitStart.IsZero() {
-				c.rec.Waited(c.name, time.Since(waitStart))
-			}
+			c.waited(waitStart)
 			return c.loadAndFill(ctx, key, load, tok)
 		}
-		replace = nil
-		var e envelope.Entry
-		derr := envelope.Decode(cur, &e)
-		switch {
-		case derr != nil:
-			replace = c.corrupt(ctx, key, cur, derr)
-			continue
-		case e.Kind == envelope.NotFound:
-			c.waited(waitStart)
-			return zero, ErrNotFound
-		case e.Kind == envelope.Value:
-			if e.Format != c.opts.Codec.Format() {
-				replace = c.corrupt(ctx, key, cur, fmt.Errorf("codec format %d, this cache uses %d", e.Format, c.opts.Codec.Format()))
-				continue
-			}
-			var v T
-			if uerr := c.opts.Codec.Unmarshal(e.Payload, &v); uerr != nil {
-				replace = c.corrupt(ctx, key, cur, uerr)
-				continue
-			}
+		v, kind, r := c.decode(ctx, key, cur)
+		switch kind {
+		case envelope.Value:
 			c.waited(waitStart)
 			return v, nil
+		case envelope.NotFound:
+			c.waited(waitStart)
+			return zero, ErrNotFound
+		case 0: // undecodable: take it over on the next attempt
+			replace = r
+			continue
 		}
+		replace = nil
 		// Another caller holds the lease: wait for its fill, or for the
 		// lease to expire if the holder died.
 		if waitStart.IsZero() {
@@ -595,6 +572,28 @@ func (c *Cache[T]) enter() bool {
 	}
 	c.wg.Add(1)
 	return true
+}
+
+// decode reads the bytes found under key. kind is Value (with v),
+// NotFound, Lease, or 0 for bytes that cannot be decoded, which are counted
+// and reported; replace is then the token acquire.lua needs to overwrite
+// them.
+func (c *Cache[T]) decode(ctx context.Context, key string, b []byte) (v T, kind envelope.Kind, replace []byte) {
+	var e envelope.Entry
+	if err := envelope.Decode(b, &e); err != nil {
+		return v, 0, c.corrupt(ctx, key, b, err)
+	}
+	if e.Kind != envelope.Value {
+		return v, e.Kind, nil
+	}
+	if e.Format != c.opts.Codec.Format() {
+		return v, 0, c.corrupt(ctx, key, b, fmt.Errorf("codec format %d, this cache uses %d", e.Format, c.opts.Codec.Format()))
+	}
+	if err := c.opts.Codec.Unmarshal(e.Payload, &v); err != nil {
+		var zero T
+		return zero, 0, c.corrupt(ctx, key, b, err)
+	}
+	return v, envelope.Value, nil
 }
 
 // corrupt counts and reports undecodable bytes under key and returns the

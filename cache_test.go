@@ -217,46 +217,61 @@ func TestStaleSetRace(t *testing.T) {
 
 // TestStaleSetRaceLeaseExpired: the holder's lease expires during its load
 // and another reader takes it over and fills the new row; the first fill
-// must be refused.
+// must be refused. The control, with the token check off, must let the
+// late fill overwrite the new row.
 func TestStaleSetRaceLeaseExpired(t *testing.T) {
-	forEachBackend(t, func(t *testing.T, b *backend) {
-		ctx := context.Background()
-		key := b.key("row")
-		opts := &Options[int64]{LeaseTTL: 50 * time.Millisecond}
-		slow := newCache(t, b, opts)
-		slow.hooks = &testHooks{noExtend: true} // a holder stalled past its lease
-		other := newCache(t, b, opts)
+	for _, control := range []bool{false, true} {
+		name := "leases"
+		if control {
+			name = "control-no-token-check"
+		}
+		t.Run(name, func(t *testing.T) {
+			forEachBackend(t, func(t *testing.T, b *backend) {
+				ctx := context.Background()
+				key := b.key("row")
+				opts := &Options[int64]{LeaseTTL: 50 * time.Millisecond}
+				slow := newCache(t, b, opts)
+				slow.hooks = &testHooks{noExtend: true, noTokenCheck: control} // a holder stalled past its lease
+				other := newCache(t, b, opts)
 
-		inLoad := make(chan struct{})
-		resume := make(chan struct{})
-		done := make(chan struct{})
-		go func() {
-			defer close(done)
-			v, _ := slow.Get(ctx, key, func(context.Context) (int64, error) {
-				close(inLoad)
-				<-resume
-				return 1, nil
+				inLoad := make(chan struct{})
+				resume := make(chan struct{})
+				done := make(chan struct{})
+				go func() {
+					defer close(done)
+					v, _ := slow.Get(ctx, key, func(context.Context) (int64, error) {
+						close(inLoad)
+						<-resume
+						return 1, nil
+					})
+					if v != 1 {
+						t.Errorf("slow reader got %d, want 1", v)
+					}
+				}()
+				<-inLoad
+				b.advance(60 * time.Millisecond) // the lease expires
+				v, err := other.Get(ctx, key, func(context.Context) (int64, error) { return 2, nil })
+				if err != nil || v != 2 {
+					t.Fatalf("takeover Get = %d, %v; want 2", v, err)
+				}
+				close(resume)
+				<-done
+				v, err = other.Get(ctx, key, func(context.Context) (int64, error) { return -1, nil })
+				if control {
+					if v != 1 {
+						t.Fatalf("control: the late fill should have overwritten 2 with 1, got %d", v)
+					}
+					return
+				}
+				if err != nil || v != 2 {
+					t.Fatalf("after both fills, Get = %d, %v; want 2", v, err)
+				}
+				if r := slow.Stats().FillsRejected; r != 1 {
+					t.Fatalf("slow reader FillsRejected = %d, want 1", r)
+				}
 			})
-			if v != 1 {
-				t.Errorf("slow reader got %d, want 1", v)
-			}
-		}()
-		<-inLoad
-		b.advance(60 * time.Millisecond) // the lease expires
-		v, err := other.Get(ctx, key, func(context.Context) (int64, error) { return 2, nil })
-		if err != nil || v != 2 {
-			t.Fatalf("takeover Get = %d, %v; want 2", v, err)
-		}
-		close(resume)
-		<-done
-		if r := slow.Stats().FillsRejected; r != 1 {
-			t.Fatalf("slow reader FillsRejected = %d, want 1", r)
-		}
-		v, err = other.Get(ctx, key, func(context.Context) (int64, error) { return -1, nil })
-		if err != nil || v != 2 {
-			t.Fatalf("after both fills, Get = %d, %v; want 2", v, err)
-		}
-	})
+		})
+	}
 }
 
 // TestLeaseScriptsIdempotent: go-redis retries a command whose reply was
