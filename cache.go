@@ -21,17 +21,22 @@ import (
 // Cache is a typed cache-aside cache for values of type T stored in Redis.
 // It is safe for concurrent use. Build one with New and stop it with Close.
 type Cache[T any] struct {
-	rdb  Redis
-	opts Options[T] // resolved: every default filled in
-	name string     // opts.Name
-	rec  Recorder   // opts.Recorder
+	rdb    Redis
+	opts   Options[T] // resolved: every default filled in
+	name   string     // opts.Name
+	rec    Recorder   // opts.Recorder
+	genTTL time.Duration
 
-	group flight.Group[T] // one in-process load per key
-	stats counters
+	group    flight.Group[T] // one in-process load per key
+	inflight sync.Map        // key → struct{}: keys with a load in group, for prefix Forget
+	stats    counters
+
+	refreshMu sync.Mutex           // protects refreshes
+	refreshes map[string]time.Time // key → zero while a background refresh runs, else when the last one failed
 
 	closed atomic.Bool
 	mu     sync.Mutex     // protects wg.Add against Close's wg.Wait
-	wg     sync.WaitGroup // running flights
+	wg     sync.WaitGroup // running flights and background refreshes
 	stop   context.Context
 	cancel context.CancelFunc
 
@@ -41,7 +46,8 @@ type Cache[T any] struct {
 // Loader loads the value for one key from the source of truth. It returns
 // ErrNotFound (or an error Options.IsNotFound accepts) when the item does
 // not exist. ctx is detached from the caller's cancellation and carries the
-// load timeout.
+// load timeout. With early refresh or stale-while-revalidate, a loader may
+// also run in the background after the Get that passed it has returned.
 type Loader[T any] func(ctx context.Context) (T, error)
 
 // New returns a Cache on rdb. It validates opts (nil means all defaults)
@@ -54,7 +60,10 @@ func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &Cache[T]{rdb: rdb, opts: o, name: o.Name, rec: o.Recorder}
+	c := &Cache[T]{rdb: rdb, opts: o, name: o.Name, rec: o.Recorder, refreshes: make(map[string]time.Time)}
+	// A generation key outlives every entry stamped with it; if it expires
+	// anyway, a new random generation only turns old entries into misses.
+	c.genTTL = 2*(o.Policy.TTL+o.Policy.staleWindow()) + o.LeaseTTL
 	c.stop, c.cancel = context.WithCancel(context.Background())
 	warnClientOptions(rdb, o.Logger, o.Name)
 	return c, nil
@@ -86,12 +95,16 @@ func (c *Cache[T]) Stats() Stats { return c.stats.snapshot() }
 
 // Get returns the value for key, loading it with load on a miss.
 //
-// A hit costs one GET. On a miss, one Get per key in this process runs the
-// shared load (the others wait for it), and across processes the Redis
+// A hit costs one GET (one MGET of the entry and its namespace generation
+// for a namespaced cache). On a miss, one Get per key in this process runs
+// the shared load (the others wait for it), and across processes the Redis
 // lease lets one caller load while the rest wait for its fill. What Get
 // returns:
 //
-//   - the value, from Redis or from load;
+//   - the value, from Redis or from load; past its TTL but inside the
+//     policy's StaleWhileRevalidate window, the old value while one
+//     background refresh runs; inside StaleIfError, the old value when the
+//     reload fails;
 //   - ErrNotFound itself when load reported the item absent, now or within
 //     the policy's NegativeTTL (the loader's own "not found" error is not
 //     passed on, so callers see the same error on a load and on a hit);
@@ -101,7 +114,8 @@ func (c *Cache[T]) Stats() Stats { return c.stats.snapshot() }
 //   - ctx.Err() when ctx ends first (a shared load keeps running for the
 //     other callers and still fills the cache);
 //   - ErrClosed after Close, also for Gets whose load Close interrupted;
-//   - ErrInvalidKey, or an error for a nil load, before any I/O.
+//   - ErrInvalidKey (also for a key without a namespace in a namespaced
+//     cache), or an error for a nil load, before any I/O.
 //
 // Redis failures are never returned: Get falls back to load and reports
 // the failure to the logger, Recorder and OnError. Undecodable bytes under
@@ -112,7 +126,8 @@ func (c *Cache[T]) Stats() Stats { return c.stats.snapshot() }
 // fresh T for each caller.
 func (c *Cache[T]) Get(ctx context.Context, key string, load Loader[T]) (T, error) {
 	var zero T
-	if err := checkKey(key, c.opts.MaxKeySize); err != nil {
+	genKey, err := c.checkKey(key)
+	if err != nil {
 		return zero, err
 	}
 	if load == nil {
@@ -121,54 +136,111 @@ func (c *Cache[T]) Get(ctx context.Context, key string, load Loader[T]) (T, erro
 	if c.closed.Load() {
 		return zero, ErrClosed
 	}
-	b, err := c.rdb.Get(ctx, key).Bytes()
-	var replace []byte // token of an undecodable entry the load may overwrite
+	b, gv, err := c.read(ctx, key, genKey)
+	var vw view[T]
 	redisDown := false
 	switch {
 	case err == nil:
-		v, kind, r := c.decode(ctx, key, b)
-		switch kind {
-		case envelope.Value:
+		now := c.opts.Clock()
+		vw = c.classify(ctx, key, b, gv, now)
+		switch vw.state {
+		case stFresh:
 			c.stats.hits.Add(1)
 			c.rec.Hit(c.name)
-			return v, nil
-		case envelope.NotFound:
+			if vw.e.Kind == envelope.Value && c.refreshEarly(&vw.e, now) {
+				c.refreshAsync(ctx, key, genKey, load, vw.e)
+			}
+			return vw.v, nil
+		case stStale:
+			c.stats.hits.Add(1)
+			c.rec.Hit(c.name)
+			c.stats.staleServed.Add(1)
+			c.rec.StaleServed(c.name)
+			if vw.e.Kind == envelope.Value {
+				c.refreshAsync(ctx, key, genKey, load, vw.e)
+			}
+			return vw.v, nil
+		case stNotFound:
 			c.stats.negativeHits.Add(1)
 			c.rec.NegativeHit(c.name)
 			return zero, ErrNotFound
 		}
-		// A lease (another caller is loading; the shared load waits for
-		// it) or undecodable bytes (the shared load overwrites them).
-		replace = r
-	case errors.Is(err, redis.Nil):
+		// Absent, being loaded, undecodable, of an older namespace
+		// generation, or due for a reload: the shared load sorts it out.
 	case isWrongType(err):
 		// Not a string: foreign data under our key. acquire.lua replaces it.
 		c.corrupt(ctx, key, nil, err)
 	default:
+		c.stats.misses.Add(1)
+		c.rec.Miss(c.name)
 		if cerr := ctx.Err(); cerr != nil {
-			// The caller's own deadline, not a Redis failure.
-			c.stats.misses.Add(1)
-			c.rec.Miss(c.name)
-			return zero, cerr
+			return zero, cerr // the caller's own deadline, not a Redis failure
 		}
 		c.redisError(ctx, "get", key, err)
 		redisDown = true
+		return c.shared(ctx, key, genKey, load, vw, redisDown)
 	}
 	c.stats.misses.Add(1)
 	c.rec.Miss(c.name)
 	if h := c.hooks; h != nil && h.afterMiss != nil {
 		h.afterMiss(key)
 	}
-	return c.shared(ctx, key, load, replace, redisDown)
+	return c.shared(ctx, key, genKey, load, vw, redisDown)
 }
 
 var errNilLoader = errors.New("cacheaside: Get with a nil Loader")
 
+// checkKey validates key and, for a namespaced cache, returns its
+// namespace's generation key.
+func (c *Cache[T]) checkKey(key string) (genKey string, err error) {
+	if err := checkKey(key, c.opts.MaxKeySize); err != nil {
+		return "", err
+	}
+	if !c.opts.Namespaced {
+		return "", nil
+	}
+	genKey, ok := namespaceGenKey(key)
+	if !ok {
+		return "", fmt.Errorf("%w: %q has no namespace; a namespaced cache takes keys built with Namespace.Key", ErrInvalidKey, key)
+	}
+	return genKey, nil
+}
+
+// read fetches the bytes under key (nil when absent) and, for a namespaced
+// cache, the namespace generation, in one round trip.
+func (c *Cache[T]) read(ctx context.Context, key, genKey string) (b []byte, gv genView, err error) {
+	if genKey == "" {
+		b, err = c.rdb.Get(ctx, key).Bytes()
+		if errors.Is(err, redis.Nil) {
+			return nil, gv, nil
+		}
+		return b, gv, err
+	}
+	gv.namespaced = true
+	vals, err := c.rdb.MGet(ctx, key, genKey).Result()
+	if err != nil {
+		return nil, gv, err
+	}
+	if len(vals) != 2 {
+		return nil, gv, fmt.Errorf("MGET returned %d values", len(vals))
+	}
+	if s, ok := vals[0].(string); ok {
+		b = []byte(s)
+	}
+	if s, ok := vals[1].(string); ok && len(s) == envelope.GenSize {
+		copy(gv.gen[:], s)
+		gv.known = true
+	}
+	return b, gv, nil
+}
+
 // shared runs one load per key in this process and waits for it on ctx.
-func (c *Cache[T]) shared(ctx context.Context, key string, load Loader[T], replace []byte, redisDown bool) (T, error) {
+func (c *Cache[T]) shared(ctx context.Context, key, genKey string, load Loader[T], vw view[T], redisDown bool) (T, error) {
 	leader := false
 	ch := c.group.DoChan(key, func() (v T, err error) {
 		leader = true
+		c.inflight.Store(key, struct{}{})
+		defer c.inflight.Delete(key)
 		// x/sync re-panics a DoChan panic where nobody can recover it, so
 		// a panic anywhere in the flight (a codec, a hook, a Recorder)
 		// becomes an error for its callers instead. Loader panics are
@@ -178,7 +250,7 @@ func (c *Cache[T]) shared(ctx context.Context, key string, load Loader[T], repla
 				err = &PanicError{Value: r, Stack: debug.Stack()}
 			}
 		}()
-		return c.run(ctx, key, load, replace, redisDown)
+		return c.run(ctx, key, genKey, load, vw, redisDown)
 	})
 	select {
 	case r := <-ch:
@@ -195,8 +267,9 @@ func (c *Cache[T]) shared(ctx context.Context, key string, load Loader[T], repla
 
 // run is the body of a shared load: take the lease (or wait for whoever
 // holds it), call the loader, fill or release. parent is the context of
-// the Get that started it; run uses its values, never its cancellation.
-func (c *Cache[T]) run(parent context.Context, key string, load Loader[T], replace []byte, redisDown bool) (v T, err error) {
+// the Get that started it; run uses its values, never its cancellation. vw
+// is what that Get read.
+func (c *Cache[T]) run(parent context.Context, key, genKey string, load Loader[T], vw view[T], redisDown bool) (v T, err error) {
 	var zero T
 	if !c.enter() {
 		return zero, ErrClosed
@@ -216,42 +289,55 @@ func (c *Cache[T]) run(parent context.Context, key string, load Loader[T], repla
 	}
 	tok := newToken()
 	lease := leaseEntry(tok, c.opts.Codec.Format())
+	replace := vw.replace
 	var (
 		waitStart time.Time
 		delay     = c.opts.PollMin
 		waitCap   = c.opts.LoadTimeout + c.opts.LeaseTTL
 	)
 	for {
-		held, cur, err := acquire(ctx, c.rdb, key, lease, c.opts.LeaseTTL, replace)
-		if err != nil {
-			if ctx.Err() != nil { // Close
-				return zero, ctx.Err()
+		if vw.state == stReload && vw.e.Kind == envelope.Value {
+			// A value due for reload: take the lease on it in place,
+			// keeping it to serve if the reload fails.
+			ok, err := refreshLease(ctx, c.rdb, key, genKey, vw.e.Token, tok, c.opts.LeaseTTL)
+			if err != nil {
+				return c.afterRedisError(ctx, "refresh", key, tok, load, err)
 			}
-			c.redisError(ctx, "acquire", key, err)
-			// The script may have run and only its reply been lost: drop
-			// the lease it may have taken so nobody waits for it.
-			rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), c.opts.LeaseTTL)
-			_, _ = release(rctx, c.rdb, key, tok)
-			rcancel()
-			return c.loadUncached(ctx, load)
+			if ok {
+				c.waited(waitStart)
+				got, err := c.loadAndFill(ctx, key, genKey, vw.e.Gen, load, tok, c.keepOnFailure(&vw.e))
+				return c.orStale(got, err, &vw)
+			}
+		}
+		held, gen, cur, err := acquire(ctx, c.rdb, key, genKey, lease, c.opts.LeaseTTL, replace, c.genTTL)
+		if err != nil {
+			return c.afterRedisError(ctx, "acquire", key, tok, load, err)
 		}
 		if held {
 			c.waited(waitStart)
-			return c.loadAndFill(ctx, key, load, tok)
+			return c.loadAndFill(ctx, key, genKey, gen, load, tok, 0)
 		}
-		v, kind, r := c.decode(ctx, key, cur)
-		switch kind {
-		case envelope.Value:
+		vw = c.classify(ctx, key, cur, genView{namespaced: genKey != "", known: true, gen: gen}, c.opts.Clock())
+		replace = vw.replace
+		switch vw.state {
+		case stFresh:
 			c.waited(waitStart)
-			return v, nil
-		case envelope.NotFound:
+			return vw.v, nil
+		case stStale:
+			c.waited(waitStart)
+			c.stats.staleServed.Add(1)
+			c.rec.StaleServed(c.name)
+			return vw.v, nil
+		case stNotFound:
 			c.waited(waitStart)
 			return zero, ErrNotFound
-		case 0: // undecodable: take it over on the next attempt
-			replace = r
-			continue
+		case stMiss:
+			continue // undecodable: acquire overwrites it next time
+		case stReload:
+			if vw.e.Kind == envelope.Value {
+				continue // take the lease on it at the top of the loop
+			}
 		}
-		replace = nil
 		// Another caller holds the lease: wait for its fill, or for the
 		// lease to expire if the holder died.
 		if waitStart.IsZero() {
@@ -271,6 +357,21 @@ func (c *Cache[T]) run(parent context.Context, key string, load Loader[T], repla
 	}
 }
 
+// afterRedisError handles a failed lease script: Close's cancellation is
+// returned as is; anything else is reported, the lease the script may have
+// taken before its reply was lost is dropped, and the loader answers.
+func (c *Cache[T]) afterRedisError(ctx context.Context, op, key string, tok envelope.Token, load Loader[T], err error) (T, error) {
+	if cerr := ctx.Err(); cerr != nil {
+		var zero T
+		return zero, cerr
+	}
+	c.redisError(ctx, op, key, err)
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.opts.LeaseTTL)
+	_, _ = release(rctx, c.rdb, key, tok, 0)
+	cancel()
+	return c.loadUncached(ctx, load)
+}
+
 func (c *Cache[T]) waited(start time.Time) {
 	if !start.IsZero() {
 		c.rec.Waited(c.name, time.Since(start))
@@ -278,8 +379,9 @@ func (c *Cache[T]) waited(start time.Time) {
 }
 
 // loadAndFill calls the loader while holding tok's lease and stores the
-// outcome: a value, a tombstone, or nothing (the lease is released).
-func (c *Cache[T]) loadAndFill(ctx context.Context, key string, load Loader[T], tok envelope.Token) (T, error) {
+// outcome: a value, a tombstone, or nothing (the lease is released; a
+// refreshing entry goes back to a plain value that lives for keep more).
+func (c *Cache[T]) loadAndFill(ctx context.Context, key, genKey string, gen envelope.Gen, load Loader[T], tok envelope.Token, keep time.Duration) (T, error) {
 	var zero T
 	stopExtend := c.keepLease(ctx, key, tok)
 	v, took, err := c.callLoader(ctx, load)
@@ -290,49 +392,71 @@ func (c *Cache[T]) loadAndFill(ctx context.Context, key string, load Loader[T], 
 	// Fill and release must happen even if Close cancelled ctx.
 	wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.opts.LeaseTTL)
 	defer cancel()
+	p := c.opts.Policy
 	if err != nil {
 		if !c.isNotFound(err) {
-			c.release(wctx, key, tok)
+			c.release(wctx, key, tok, keep)
 			return zero, err
 		}
-		if c.opts.Policy.NoNegativeCache {
-			c.release(wctx, key, tok)
+		if p.NoNegativeCache {
+			c.release(wctx, key, tok, 0)
 			return zero, ErrNotFound
 		}
-		c.store(wctx, key, tok, tombstone(tok, c.opts.Codec.Format()), c.opts.Policy.jitter(c.opts.Policy.NegativeTTL))
+		ttl := p.jitter(p.NegativeTTL)
+		c.store(wctx, key, genKey, tok, envelope.Encode(&envelope.Entry{
+			Kind: envelope.NotFound, Format: c.opts.Codec.Format(), Token: tok, Gen: gen,
+			SoftExpiry: c.opts.Clock().Add(ttl).UnixMilli(),
+		}), ttl)
 		return zero, ErrNotFound
 	}
-	payload, merr := c.opts.Codec.Marshal(v)
-	if merr == nil && len(payload) > c.opts.MaxValueSize {
-		merr = fmt.Errorf("%w: %d bytes, MaxValueSize %d", ErrValueTooLarge, len(payload), c.opts.MaxValueSize)
-	}
+	entry, ttl, merr := c.encode(v, tok, gen, took)
 	if merr != nil {
 		c.stats.notCached.Add(1)
 		c.rec.NotCached(c.name)
 		c.report(ctx, "encode", key, merr)
-		c.release(wctx, key, tok)
+		c.release(wctx, key, tok, keep)
 		return v, nil
 	}
-	entry := envelope.Encode(&envelope.Entry{
-		Kind:       envelope.Value,
-		Format:     c.opts.Codec.Format(),
-		Token:      tok,
-		LoadMillis: uint32(min(took.Milliseconds(), 1<<32-1)),
-		Payload:    payload,
-	})
-	c.store(wctx, key, tok, entry, c.opts.Policy.jitter(c.opts.Policy.TTL))
+	c.store(wctx, key, genKey, tok, entry, ttl)
 	return v, nil
 }
 
+// encode builds the value entry for v and the lifetime to give it in
+// Redis: the jittered TTL plus the jittered stale window.
+func (c *Cache[T]) encode(v T, tok envelope.Token, gen envelope.Gen, took time.Duration) ([]byte, time.Duration, error) {
+	payload, err := c.opts.Codec.Marshal(v)
+	if err == nil && len(payload) > c.opts.MaxValueSize {
+		err = fmt.Errorf("%w: %d bytes, MaxValueSize %d", ErrValueTooLarge, len(payload), c.opts.MaxValueSize)
+	}
+	if err != nil {
+		return nil, 0, err
+	}
+	p := c.opts.Policy
+	ttl := p.jitter(p.TTL)
+	life := ttl
+	if w := p.staleWindow(); w > 0 {
+		life += p.jitter(w)
+	}
+	return envelope.Encode(&envelope.Entry{
+		Kind:       envelope.Value,
+		Format:     c.opts.Codec.Format(),
+		Token:      tok,
+		SoftExpiry: c.opts.Clock().Add(ttl).UnixMilli(),
+		LoadMillis: uint32(min(took.Milliseconds(), 1<<32-1)),
+		Gen:        gen,
+		Payload:    payload,
+	}), life, nil
+}
+
 // store fills key with entry if tok's lease is still there.
-func (c *Cache[T]) store(ctx context.Context, key string, tok envelope.Token, entry []byte, ttl time.Duration) {
+func (c *Cache[T]) store(ctx context.Context, key, genKey string, tok envelope.Token, entry []byte, ttl time.Duration) {
 	if h := c.hooks; h != nil && h.noTokenCheck {
 		if err := c.rdb.Set(ctx, key, entry, ttl).Err(); err != nil {
 			c.redisError(ctx, "fill", key, err)
 		}
 		return
 	}
-	ok, err := fill(ctx, c.rdb, key, tok, entry, ttl)
+	ok, err := fill(ctx, c.rdb, key, genKey, tok, entry, ttl)
 	switch {
 	case err != nil:
 		c.redisError(ctx, "fill", key, err)
@@ -342,8 +466,8 @@ func (c *Cache[T]) store(ctx context.Context, key string, tok envelope.Token, en
 	}
 }
 
-func (c *Cache[T]) release(ctx context.Context, key string, tok envelope.Token) {
-	if _, err := release(ctx, c.rdb, key, tok); err != nil {
+func (c *Cache[T]) release(ctx context.Context, key string, tok envelope.Token, keep time.Duration) {
+	if _, err := release(ctx, c.rdb, key, tok, keep); err != nil {
 		c.redisError(ctx, "release", key, err)
 	}
 }
@@ -452,16 +576,14 @@ var errLoaderExited = errors.New("cacheaside: loader called runtime.Goexit")
 // value outlives the write; a Redis error leaves the old entry to expire by
 // its TTL.
 func (c *Cache[T]) Set(ctx context.Context, key string, v T) error {
-	if err := checkKey(key, c.opts.MaxKeySize); err != nil {
+	genKey, err := c.checkKey(key)
+	if err != nil {
 		return err
 	}
 	if c.closed.Load() {
 		return ErrClosed
 	}
-	payload, err := c.opts.Codec.Marshal(v)
-	if err == nil && len(payload) > c.opts.MaxValueSize {
-		err = fmt.Errorf("%w: %d bytes, MaxValueSize %d", ErrValueTooLarge, len(payload), c.opts.MaxValueSize)
-	}
+	entry, ttl, err := c.encode(v, newToken(), envelope.Gen{}, 0)
 	if err != nil {
 		c.stats.notCached.Add(1)
 		c.rec.NotCached(c.name)
@@ -471,87 +593,24 @@ func (c *Cache[T]) Set(ctx context.Context, key string, v T) error {
 		}
 		return operr
 	}
-	entry := envelope.Encode(&envelope.Entry{
-		Kind:    envelope.Value,
-		Format:  c.opts.Codec.Format(),
-		Token:   newToken(),
-		Payload: payload,
-	})
 	// A Get that starts after Set returns must not join a load that began
 	// before it: that load's value predates v.
 	c.group.Forget(key)
-	if err := c.rdb.Set(ctx, key, entry, c.opts.Policy.jitter(c.opts.Policy.TTL)).Err(); err != nil {
+	if genKey != "" {
+		err = setInNamespace(ctx, c.rdb, key, genKey, entry, ttl, c.genTTL)
+	} else {
+		err = c.rdb.Set(ctx, key, entry, ttl).Err()
+	}
+	if err != nil {
 		return c.redisError(ctx, "set", key, err)
 	}
 	return nil
 }
 
-// Invalidate deletes keys with UNLINK, which also revokes any lease on
-// them: a load that started before the call cannot fill afterwards. Call it
-// after the write to the source of truth has committed. All keys are
-// validated before anything is sent; several keys go in one pipeline. A
-// Redis error is returned (and reported): the entries then live until their
-// TTL ends.
-func (c *Cache[T]) Invalidate(ctx context.Context, keys ...string) error {
-	for _, k := range keys {
-		if err := checkKey(k, c.opts.MaxKeySize); err != nil {
-			return err
-		}
-	}
-	if c.closed.Load() {
-		return ErrClosed
-	}
-	if len(keys) == 0 {
-		return nil
-	}
-	// A Get that starts after Invalidate returns must not join an
-	// in-process load that began before it and read the old row. (The old
-	// load's fill is refused by its lease; this covers its callers.)
-	for _, k := range keys {
-		c.group.Forget(k)
-	}
-	var (
-		n   int64
-		err error
-	)
-	if len(keys) == 1 {
-		n, err = c.rdb.Unlink(ctx, keys[0]).Result()
-	} else {
-		// One UNLINK per key: Redis Cluster refuses multi-key commands
-		// across slots, and the pipeline still costs one round trip per node.
-		var cmds []redis.Cmder
-		cmds, err = c.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
-			for _, k := range keys {
-				p.Unlink(ctx, k)
-			}
-			return nil
-		})
-		for _, cmd := range cmds {
-			if ic, ok := cmd.(*redis.IntCmd); ok && ic.Err() == nil {
-				n += ic.Val()
-			}
-		}
-	}
-	if n > 0 {
-		c.stats.invals.Add(uint64(n))
-		c.rec.Invalidated(c.name, int(n))
-	}
-	if err != nil {
-		return c.redisError(ctx, "invalidate", keysLabel(keys), err)
-	}
-	return nil
-}
-
-func keysLabel(keys []string) string {
-	if len(keys) == 1 {
-		return keys[0]
-	}
-	return fmt.Sprintf("%s (+%d more)", keys[0], len(keys)-1)
-}
-
-// Close stops the cache: later calls return ErrClosed, loads in flight get
-// a cancelled context, and Close waits for them to release or fill their
-// leases. It is safe to call more than once and always returns nil.
+// Close stops the cache: later calls return ErrClosed, loads and background
+// refreshes in flight get a cancelled context, and Close waits for them to
+// release or fill their leases. It is safe to call more than once and
+// always returns nil.
 func (c *Cache[T]) Close() error {
 	c.mu.Lock()
 	already := c.closed.Swap(true)
@@ -563,7 +622,7 @@ func (c *Cache[T]) Close() error {
 	return nil
 }
 
-// enter registers a running flight unless the cache is closed.
+// enter registers a running flight or refresh unless the cache is closed.
 func (c *Cache[T]) enter() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -572,28 +631,6 @@ func (c *Cache[T]) enter() bool {
 	}
 	c.wg.Add(1)
 	return true
-}
-
-// decode reads the bytes found under key. kind is Value (with v),
-// NotFound, Lease, or 0 for bytes that cannot be decoded, which are counted
-// and reported; replace is then the token acquire.lua needs to overwrite
-// them.
-func (c *Cache[T]) decode(ctx context.Context, key string, b []byte) (v T, kind envelope.Kind, replace []byte) {
-	var e envelope.Entry
-	if err := envelope.Decode(b, &e); err != nil {
-		return v, 0, c.corrupt(ctx, key, b, err)
-	}
-	if e.Kind != envelope.Value {
-		return v, e.Kind, nil
-	}
-	if e.Format != c.opts.Codec.Format() {
-		return v, 0, c.corrupt(ctx, key, b, fmt.Errorf("codec format %d, this cache uses %d", e.Format, c.opts.Codec.Format()))
-	}
-	if err := c.opts.Codec.Unmarshal(e.Payload, &v); err != nil {
-		var zero T
-		return zero, 0, c.corrupt(ctx, key, b, err)
-	}
-	return v, envelope.Value, nil
 }
 
 // corrupt counts and reports undecodable bytes under key and returns the

@@ -285,27 +285,27 @@ func TestLeaseScriptsIdempotent(t *testing.T) {
 		tok := newToken()
 		lease := leaseEntry(tok, FormatJSON)
 		for i := 0; i < 2; i++ {
-			held, cur, err := acquire(ctx, rdb, key, lease, time.Second, nil)
+			held, _, cur, err := acquire(ctx, rdb, key, "", lease, time.Second, nil, time.Minute)
 			if err != nil || !held || cur != nil {
 				t.Fatalf("acquire #%d = %v, %q, %v; want held", i, held, cur, err)
 			}
 		}
 		other := newToken()
-		if held, cur, err := acquire(ctx, rdb, key, leaseEntry(other, FormatJSON), time.Second, nil); err != nil || held || string(cur) != string(lease) {
+		if held, _, cur, err := acquire(ctx, rdb, key, "", leaseEntry(other, FormatJSON), time.Second, nil, time.Minute); err != nil || held || string(cur) != string(lease) {
 			t.Fatalf("second holder: held=%v err=%v, want the first lease back", held, err)
 		}
 		entry := envelope.Encode(&envelope.Entry{Kind: envelope.Value, Format: FormatJSON, Token: tok, Payload: []byte(`1`)})
 		for i := 0; i < 2; i++ {
-			ok, err := fill(ctx, rdb, key, tok, entry, time.Minute)
+			ok, err := fill(ctx, rdb, key, "", tok, entry, time.Minute)
 			if err != nil || !ok {
 				t.Fatalf("fill #%d = %v, %v; want ok", i, ok, err)
 			}
 		}
-		if ok, _ := fill(ctx, rdb, key, other, entry, time.Minute); ok {
+		if ok, _ := fill(ctx, rdb, key, "", other, entry, time.Minute); ok {
 			t.Fatal("fill with a foreign token succeeded")
 		}
 		// Release and extend act only on a lease, never on the filled value.
-		if ok, _ := release(ctx, rdb, key, tok); ok {
+		if ok, _ := release(ctx, rdb, key, tok, 0); ok {
 			t.Fatal("release deleted a filled value")
 		}
 		if ok, _ := extend(ctx, rdb, key, tok, time.Hour); ok {
@@ -522,7 +522,7 @@ func TestLeaseHolderGone(t *testing.T) {
 		ctx := context.Background()
 		key := b.key("orphan")
 		leaseTTL := 100 * time.Millisecond
-		if held, _, err := acquire(ctx, b.client(t), key, leaseEntry(newToken(), FormatJSON), leaseTTL, nil); err != nil || !held {
+		if held, _, _, err := acquire(ctx, b.client(t), key, "", leaseEntry(newToken(), FormatJSON), leaseTTL, nil, time.Minute); err != nil || !held {
 			t.Fatalf("dead holder's acquire: %v %v", held, err)
 		}
 		c := newCache(t, b, &Options[string]{LeaseTTL: leaseTTL})

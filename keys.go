@@ -98,7 +98,8 @@ func (ks Keyspace) build(parts []string, trailing bool) string {
 
 // EscapePart percent-encodes the bytes of s that carry meaning in a key or
 // in a SCAN pattern: '%', ':', the glob characters * ? [ ] \, the hash-tag
-// braces { }, space and ASCII control characters. Everything else, including
+// braces { }, '#' (which marks the library's own namespace keys), space and
+// ASCII control characters. Everything else, including
 // UTF-8, is kept. The encoding is injective, so distinct parts always give
 // distinct keys. A part that needs no escaping is returned as is.
 func EscapePart(s string) string {
@@ -138,6 +139,71 @@ func UnescapePart(s string) (string, error) {
 	return b.String(), nil
 }
 
+// Namespace is a group of keys that one call invalidates, whatever its
+// size: for example every cached list page of one org. Build it from a
+// Keyspace and use it with a Cache whose Options.Namespaced is set:
+//
+//	lists := cacheaside.MustKeyspace("task_lists", 1)
+//	ns := lists.Namespace("org", "acme")     // v1:task_lists:{org:acme}
+//	key := ns.Key("status", "done", "page", "2") // v1:task_lists:{org:acme}:status:done:page:2
+//	page, err := listCache.Get(ctx, key, load)
+//	err = listCache.InvalidateNamespace(ctx, ns) // every page of acme, one command
+//
+// The namespace's parts are the key's Redis Cluster hash tag, so all its
+// keys and its generation key (v1:task_lists:{org:acme}:#gen) live in one
+// slot and a Get reads the entry and the generation with one MGET.
+type Namespace struct {
+	tag string // "v1:task_lists:{org:acme}"
+}
+
+// Namespace returns the namespace for parts (at least one), escaped like
+// key parts.
+func (ks Keyspace) Namespace(parts ...string) Namespace {
+	if len(parts) == 0 {
+		panic("cacheaside: Namespace needs at least one part")
+	}
+	inner := ks.build(parts, false)[len(ks.base)+1:]
+	return Namespace{tag: ks.base + ":{" + inner + "}"}
+}
+
+// Key returns the key for parts inside the namespace.
+func (ns Namespace) Key(parts ...string) string {
+	if ns.tag == "" {
+		panic("cacheaside: zero Namespace; build one with Keyspace.Namespace")
+	}
+	return Keyspace{base: ns.tag}.build(parts, false)
+}
+
+// Prefix returns the prefix every key of the namespace starts with, ending
+// in the separator, for InvalidatePrefix.
+func (ns Namespace) Prefix() string { return ns.tag + ":" }
+
+// String returns the namespace's tag, such as "v1:task_lists:{org:acme}".
+func (ns Namespace) String() string { return ns.tag }
+
+// genKey is where the namespace's current generation lives. Parts escape
+// '#', so no entry key can equal it.
+func (ns Namespace) genKey() string { return ns.tag + ":#gen" }
+
+// namespaceGenKey returns the generation key of the namespace key belongs
+// to: the key must contain a hash tag "{...}" followed by the end of the
+// key or a separator, as Namespace.Key builds them.
+func namespaceGenKey(key string) (string, bool) {
+	open := strings.IndexByte(key, '{')
+	if open < 0 {
+		return "", false
+	}
+	end := strings.IndexByte(key[open:], '}')
+	if end <= 1 {
+		return "", false
+	}
+	end += open
+	if end+1 < len(key) && key[end+1] != ':' {
+		return "", false
+	}
+	return key[:end+1] + ":#gen", true
+}
+
 // EscapeGlob escapes the Redis glob characters * ? [ ] \ in s with a
 // backslash, so s matches itself literally in SCAN MATCH or KEYS. To match
 // every key that starts with prefix, use EscapeGlob(prefix) + "*".
@@ -167,7 +233,7 @@ func isGlob(c byte) bool {
 }
 
 func needsEscape(c byte) bool {
-	return c <= ' ' || c == 0x7f || c == '%' || c == ':' || c == '{' || c == '}' || isGlob(c)
+	return c <= ' ' || c == 0x7f || c == '%' || c == ':' || c == '{' || c == '}' || c == '#' || isGlob(c)
 }
 
 // escapedExtra counts the bytes of s that EscapePart encodes.

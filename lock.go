@@ -13,14 +13,17 @@ import (
 )
 
 // The lease protocol. A lease is not a second key: it is the entry itself,
-// written with kind=lease and a fresh 128-bit token, and with a relative PX
-// lifetime so Redis's own clock ends it if the holder dies. Every script
-// reads the token at a fixed offset of the entry header (see
-// internal/envelope) and acts only when it is the caller's, so a DEL or
-// UNLINK of the key (Invalidate), a Set, or a takeover after expiry revokes
-// the lease and the holder's late fill is refused. Scripts are safe to run
-// twice with the same arguments, as go-redis does when it retries a command
-// whose reply was lost.
+// written with kind=lease (no value yet) or kind=refreshing (the old value
+// stays readable) and a fresh 128-bit token, with a relative PX lifetime so
+// Redis's own clock ends it if the holder dies. Every script reads the
+// token at a fixed offset of the entry header (see internal/envelope) and
+// acts only when it is the caller's, so a DEL or UNLINK of the key
+// (Invalidate), a Set, or a takeover after expiry revokes the lease and the
+// holder's late fill is refused. In a namespace the scripts also compare
+// the generation stamped in the entry with the namespace's current one, so
+// a bump revokes every lease in the namespace at once. Scripts are safe to
+// run twice with the same arguments, as go-redis does when it retries a
+// command whose reply was lost.
 
 var (
 	//go:embed lua/acquire.lua
@@ -31,6 +34,10 @@ var (
 	fillLua    string
 	fillScript = redis.NewScript(fillLua)
 
+	//go:embed lua/refresh.lua
+	refreshLua    string
+	refreshScript = redis.NewScript(refreshLua)
+
 	//go:embed lua/release.lua
 	releaseLua    string
 	releaseScript = redis.NewScript(releaseLua)
@@ -38,6 +45,10 @@ var (
 	//go:embed lua/extend.lua
 	extendLua    string
 	extendScript = redis.NewScript(extendLua)
+
+	//go:embed lua/set.lua
+	setLua    string
+	setScript = redis.NewScript(setLua)
 )
 
 // newToken returns a fresh random lease token.
@@ -47,6 +58,13 @@ func newToken() envelope.Token {
 	return t
 }
 
+// newGen returns a fresh random namespace generation.
+func newGen() envelope.Gen {
+	var g envelope.Gen
+	_, _ = rand.Read(g[:])
+	return g
+}
+
 // leaseEntry encodes the lease-only entry for tok.
 func leaseEntry(tok envelope.Token, format byte) []byte {
 	return envelope.Encode(&envelope.Entry{Kind: envelope.Lease, Format: format, Token: tok})
@@ -54,39 +72,66 @@ func leaseEntry(tok envelope.Token, format byte) []byte {
 
 func millis(d time.Duration) int64 { return max(int64(d/time.Millisecond), 1) }
 
-// acquire runs acquire.lua. It reports whether the caller now holds the
-// lease; if not, cur is the entry found in its place. replace is the token
-// (or nil) of an undecodable entry the caller may overwrite.
-func acquire(ctx context.Context, rdb Redis, key string, lease []byte, ttl time.Duration, replace []byte) (held bool, cur []byte, err error) {
-	res, err := acquireScript.Run(ctx, rdb, []string{key}, lease, millis(ttl), replace).Slice()
-	if err != nil {
-		return false, nil, err
+// entryKeys returns the keys a script touches: the entry, and the
+// namespace generation key when there is one.
+func entryKeys(key, genKey string) []string {
+	if genKey == "" {
+		return []string{key}
 	}
-	if len(res) == 0 {
-		return false, nil, fmt.Errorf("acquire: empty reply")
-	}
-	if n, _ := res[0].(int64); n == 1 {
-		return true, nil, nil
-	}
-	if len(res) != 2 {
-		return false, nil, fmt.Errorf("acquire: reply of %d elements", len(res))
-	}
-	s, ok := res[1].(string)
-	if !ok {
-		return false, nil, fmt.Errorf("acquire: entry of type %T", res[1])
-	}
-	return false, []byte(s), nil
+	return []string{key, genKey}
 }
 
-// fill runs fill.lua: write entry for ttl if key still holds tok's lease.
-func fill(ctx context.Context, rdb Redis, key string, tok envelope.Token, entry []byte, ttl time.Duration) (bool, error) {
-	n, err := fillScript.Run(ctx, rdb, []string{key}, tok[:], entry, millis(ttl)).Int64()
+// acquire runs acquire.lua. It reports whether the caller now holds the
+// lease and the namespace generation the lease was taken under; if the
+// caller does not hold it, cur is the entry found in its place. replace is
+// the token (or nil) of an undecodable entry the caller may overwrite.
+func acquire(ctx context.Context, rdb Redis, key, genKey string, lease []byte, ttl time.Duration, replace []byte, genTTL time.Duration) (held bool, gen envelope.Gen, cur []byte, err error) {
+	fresh := newGen()
+	res, err := acquireScript.Run(ctx, rdb, entryKeys(key, genKey), lease, millis(ttl), replace, fresh[:], millis(genTTL)).Slice()
+	if err != nil {
+		return false, gen, nil, err
+	}
+	if len(res) < 2 {
+		return false, gen, nil, fmt.Errorf("acquire: reply of %d elements", len(res))
+	}
+	if g, _ := res[1].(string); len(g) == envelope.GenSize {
+		copy(gen[:], g)
+	}
+	if n, _ := res[0].(int64); n == 1 {
+		return true, gen, nil, nil
+	}
+	if len(res) != 3 {
+		return false, gen, nil, fmt.Errorf("acquire: reply of %d elements", len(res))
+	}
+	s, ok := res[2].(string)
+	if !ok {
+		return false, gen, nil, fmt.Errorf("acquire: entry of type %T", res[2])
+	}
+	return false, gen, []byte(s), nil
+}
+
+// fill runs fill.lua: write entry for ttl if key still holds tok's lease
+// (and, with genKey, if the namespace generation is still the entry's).
+func fill(ctx context.Context, rdb Redis, key, genKey string, tok envelope.Token, entry []byte, ttl time.Duration) (bool, error) {
+	n, err := fillScript.Run(ctx, rdb, entryKeys(key, genKey), tok[:], entry, millis(ttl)).Int64()
 	return n == 1, err
 }
 
-// release runs release.lua: delete key if it still holds tok's lease.
-func release(ctx context.Context, rdb Redis, key string, tok envelope.Token) (bool, error) {
-	n, err := releaseScript.Run(ctx, rdb, []string{key}, tok[:]).Int64()
+// refreshLease runs refresh.lua: turn the value written under old into a
+// refreshing entry held by tok.
+func refreshLease(ctx context.Context, rdb Redis, key, genKey string, old, tok envelope.Token, ttl time.Duration) (bool, error) {
+	n, err := refreshScript.Run(ctx, rdb, entryKeys(key, genKey), old[:], tok[:], millis(ttl)).Int64()
+	return n == 1, err
+}
+
+// release runs release.lua: delete tok's lease, or turn tok's refreshing
+// entry back into a value that lives for keep more (keep ≤ 0 deletes it).
+func release(ctx context.Context, rdb Redis, key string, tok envelope.Token, keep time.Duration) (bool, error) {
+	ms := int64(0)
+	if keep > 0 {
+		ms = millis(keep)
+	}
+	n, err := releaseScript.Run(ctx, rdb, []string{key}, tok[:], ms).Int64()
 	return n == 1, err
 }
 
@@ -94,4 +139,11 @@ func release(ctx context.Context, rdb Redis, key string, tok envelope.Token) (bo
 func extend(ctx context.Context, rdb Redis, key string, tok envelope.Token, ttl time.Duration) (bool, error) {
 	n, err := extendScript.Run(ctx, rdb, []string{key}, tok[:], millis(ttl)).Int64()
 	return n == 1, err
+}
+
+// setInNamespace runs set.lua: write entry stamped with the namespace's
+// current generation.
+func setInNamespace(ctx context.Context, rdb Redis, key, genKey string, entry []byte, ttl, genTTL time.Duration) error {
+	fresh := newGen()
+	return setScript.Run(ctx, rdb, []string{key, genKey}, entry, millis(ttl), fresh[:], millis(genTTL)).Err()
 }

@@ -41,7 +41,15 @@ type Recorder interface {
 	// RedisError: a Redis command failed. op names the step ("get",
 	// "acquire", "fill", ...).
 	RedisError(cache, op string, err error)
-	// Invalidated: n keys were deleted by Invalidate.
+	// StaleServed: a value past its TTL was returned, inside the
+	// stale-while-revalidate window or because a reload failed inside the
+	// stale-if-error window.
+	StaleServed(cache string)
+	// Refresh: a background refresh (early or stale-while-revalidate)
+	// ended with err (nil, ErrNotFound, or the failure).
+	Refresh(cache string, err error)
+	// Invalidated: n keys were deleted by Invalidate or InvalidatePrefix,
+	// or a namespace was bumped (n = 1).
 	Invalidated(cache string, n int)
 }
 
@@ -60,6 +68,8 @@ func (NopRecorder) FillRejected(string)               {}
 func (NopRecorder) NotCached(string)                  {}
 func (NopRecorder) DecodeError(string)                {}
 func (NopRecorder) RedisError(string, string, error)  {}
+func (NopRecorder) StaleServed(string)                {}
+func (NopRecorder) Refresh(string, error)             {}
 func (NopRecorder) Invalidated(string, int)           {}
 
 var _ Recorder = NopRecorder{}
@@ -79,7 +89,12 @@ type Stats struct {
 	NotCached      uint64        // values returned but too large or unencodable to cache
 	DecodeErrors   uint64        // entries that could not be decoded
 	RedisErrors    uint64        // failed Redis commands
-	Invalidations  uint64        // keys deleted by Invalidate
+	StaleServed    uint64        // Gets answered with a value past its TTL, inside the stale-while-revalidate window (counted in Hits too)
+	StaleIfError   uint64        // Gets answered with the old value because its reload failed
+	Refreshes      uint64        // background refreshes that ran their loader
+	RefreshErrors  uint64        // of those, the ones that failed
+	Invalidations  uint64        // keys deleted by Invalidate and InvalidatePrefix
+	NamespaceBumps uint64        // InvalidateNamespace calls that succeeded
 }
 
 // Requests is the number of Gets counted: Hits + NegativeHits + Misses.
@@ -103,6 +118,8 @@ type counters struct {
 	coalesced, leaseContended         atomic.Uint64
 	fillsRejected, notCached          atomic.Uint64
 	decodeErrors, redisErrors, invals atomic.Uint64
+	staleServed, staleIfError         atomic.Uint64
+	refreshes, refreshErrors, bumps   atomic.Uint64
 }
 
 func (c *counters) snapshot() Stats {
@@ -119,6 +136,11 @@ func (c *counters) snapshot() Stats {
 		NotCached:      c.notCached.Load(),
 		DecodeErrors:   c.decodeErrors.Load(),
 		RedisErrors:    c.redisErrors.Load(),
+		StaleServed:    c.staleServed.Load(),
+		StaleIfError:   c.staleIfError.Load(),
+		Refreshes:      c.refreshes.Load(),
+		RefreshErrors:  c.refreshErrors.Load(),
 		Invalidations:  c.invals.Load(),
+		NamespaceBumps: c.bumps.Load(),
 	}
 }

@@ -16,8 +16,10 @@ import (
 type Redis interface {
 	redis.Scripter
 	Get(ctx context.Context, key string) *redis.StringCmd
+	MGet(ctx context.Context, keys ...string) *redis.SliceCmd
 	Set(ctx context.Context, key string, value any, expiration time.Duration) *redis.StatusCmd
 	Unlink(ctx context.Context, keys ...string) *redis.IntCmd
+	Scan(ctx context.Context, cursor uint64, match string, count int64) *redis.ScanCmd
 	Pipelined(ctx context.Context, fn func(redis.Pipeliner) error) ([]redis.Cmder, error)
 }
 
@@ -28,10 +30,16 @@ type Options[T any] struct {
 	// Default "default".
 	Name string
 
-	// Policy sets the value TTL, the negative TTL and jitter.
-	// The zero Policy means its documented defaults (TTL 5m, negative 60s,
-	// jitter 10%).
+	// Policy sets the value TTL, the negative TTL, jitter, early refresh
+	// and the stale windows. The zero Policy means its documented defaults
+	// (TTL 5m, negative 60s, jitter 10%, XFetch beta 1, no stale serving).
 	Policy Policy
+
+	// Namespaced makes every key of this cache belong to a Namespace:
+	// keys must be built with Namespace.Key, Get reads the entry and the
+	// namespace's generation with one MGET, and InvalidateNamespace drops
+	// the whole namespace with one command. Default false.
+	Namespaced bool
 
 	// Codec encodes values. Default JSON[T]().
 	Codec Codec[T]
@@ -81,6 +89,11 @@ type Options[T any] struct {
 	// OnError is called with every error the cache suppresses or returns
 	// from Redis or the codec; err is an *OpError. Default nil.
 	OnError func(ctx context.Context, err error)
+
+	// Clock tells the time for freshness decisions (soft expiry, stale
+	// windows, early refresh); leases and TTLs use Redis's own clock.
+	// Default time.Now.
+	Clock func() time.Time
 }
 
 // Defaults of Options.
@@ -158,6 +171,9 @@ func (o *Options[T]) resolve() (Options[T], error) {
 	}
 	if r.Recorder == nil {
 		r.Recorder = NopRecorder{}
+	}
+	if r.Clock == nil {
+		r.Clock = time.Now
 	}
 	return r, nil
 }

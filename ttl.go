@@ -3,6 +3,7 @@ package cacheaside
 import (
 	"fmt"
 	"maps"
+	"math"
 	"math/rand/v2"
 	"slices"
 	"strconv"
@@ -38,6 +39,24 @@ type Policy struct {
 
 	// NoJitter writes every TTL exactly as configured. Default false.
 	NoJitter bool
+
+	// StaleWhileRevalidate is how long past its TTL a value is still
+	// served, while one background refresh replaces it. Default 0 (off).
+	StaleWhileRevalidate time.Duration
+
+	// StaleIfError is how long past its TTL a value is kept to be served
+	// when reloading it fails (the loader's error is then only reported).
+	// Default 0 (off).
+	StaleIfError time.Duration
+
+	// Beta scales XFetch early refresh: a fresh value is reloaded in the
+	// background shortly before its TTL ends, with a probability that
+	// grows as the end nears and with how long its load took. Larger is
+	// earlier. Default 1; set NoEarlyRefresh to turn it off.
+	Beta float64
+
+	// NoEarlyRefresh turns XFetch off. Default false.
+	NoEarlyRefresh bool
 }
 
 // Policy defaults.
@@ -45,6 +64,7 @@ const (
 	DefaultTTL         = 5 * time.Minute
 	DefaultNegativeTTL = 60 * time.Second
 	DefaultJitter      = 0.1
+	DefaultBeta        = 1.0
 )
 
 // Validate reports the first setting of p that is out of range.
@@ -67,8 +87,23 @@ func (p Policy) Validate() error {
 	if p.NoJitter && p.Jitter != 0 {
 		return fmt.Errorf("%w: policy sets both Jitter %v and NoJitter", ErrInvalidOptions, p.Jitter)
 	}
+	if p.StaleWhileRevalidate < 0 {
+		return fmt.Errorf("%w: policy StaleWhileRevalidate %v is negative", ErrInvalidOptions, p.StaleWhileRevalidate)
+	}
+	if p.StaleIfError < 0 {
+		return fmt.Errorf("%w: policy StaleIfError %v is negative", ErrInvalidOptions, p.StaleIfError)
+	}
+	if p.Beta < 0 || math.IsNaN(p.Beta) || math.IsInf(p.Beta, 0) {
+		return fmt.Errorf("%w: policy Beta %v must be a finite number ≥ 0", ErrInvalidOptions, p.Beta)
+	}
+	if p.NoEarlyRefresh && p.Beta != 0 {
+		return fmt.Errorf("%w: policy sets both Beta %v and NoEarlyRefresh", ErrInvalidOptions, p.Beta)
+	}
 	return nil
 }
+
+// staleWindow is how long past its TTL a value stays in Redis.
+func (p Policy) staleWindow() time.Duration { return max(p.StaleWhileRevalidate, p.StaleIfError) }
 
 // resolved returns p with defaults filled in. p must be valid.
 func (p Policy) resolved() Policy {
@@ -83,6 +118,12 @@ func (p Policy) resolved() Policy {
 		p.Jitter = 0
 	case p.Jitter == 0:
 		p.Jitter = DefaultJitter
+	}
+	switch {
+	case p.NoEarlyRefresh:
+		p.Beta = 0
+	case p.Beta == 0:
+		p.Beta = DefaultBeta
 	}
 	return p
 }
@@ -164,8 +205,12 @@ func (t *TTLTable) Names() []string {
 //	task.negative=30s        its NegativeTTL
 //	task.negative=off        turn its negative caching off
 //	task.jitter=0.2          its Jitter (0 turns jitter off)
+//	task.swr=30s             its StaleWhileRevalidate window (0s turns it off)
+//	task.sie=5m              its StaleIfError window (0s turns it off)
+//	task.beta=2              its XFetch Beta (0 turns early refresh off)
 //
-// Durations use time.ParseDuration syntax and must be positive. An unknown
+// Durations use time.ParseDuration syntax and must be positive (the stale
+// windows also take 0). An unknown
 // policy or field, a malformed value or a policy set twice is an error that
 // names the offending assignment; on error nothing is applied. An empty spec
 // returns t.
@@ -221,8 +266,24 @@ func (t *TTLTable) WithOverrides(spec string) (*TTLTable, error) {
 				return nil, fmt.Errorf("%w: TTL override %q: jitter is not a number", ErrInvalidOptions, item)
 			}
 			p.Jitter, p.NoJitter = f, f == 0
+		case "swr", "sie":
+			d, err := time.ParseDuration(val)
+			if err != nil || d < 0 {
+				return nil, fmt.Errorf("%w: TTL override %q: want a duration ≥ 0", ErrInvalidOptions, item)
+			}
+			if field == "swr" {
+				p.StaleWhileRevalidate = d
+			} else {
+				p.StaleIfError = d
+			}
+		case "beta":
+			f, err := strconv.ParseFloat(val, 64)
+			if err != nil {
+				return nil, fmt.Errorf("%w: TTL override %q: beta is not a number", ErrInvalidOptions, item)
+			}
+			p.Beta, p.NoEarlyRefresh = f, f == 0
 		default:
-			return nil, fmt.Errorf("%w: TTL override %q: unknown field %q (want ttl, negative or jitter)", ErrInvalidOptions, item, field)
+			return nil, fmt.Errorf("%w: TTL override %q: unknown field %q (want ttl, negative, jitter, swr, sie or beta)", ErrInvalidOptions, item, field)
 		}
 		if err := p.Validate(); err != nil {
 			return nil, fmt.Errorf("TTL override %q: %w", item, err)

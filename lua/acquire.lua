@@ -1,24 +1,44 @@
 -- acquire: observe a miss and take the lease in one step.
 -- KEYS[1]  the entry key
--- ARGV[1]  the lease entry to write (header with kind=lease and a fresh token)
+-- KEYS[2]  the namespace generation key (namespaced caches only)
+-- ARGV[1]  the lease entry to write (header with kind=lease and a fresh token;
+--          its generation bytes are filled in here)
 -- ARGV[2]  lease lifetime in milliseconds (relative, server clock)
 -- ARGV[3]  token of an entry the caller found undecodable and may replace, or ""
--- Returns {1} when the caller holds the lease (including a client retry of a
--- call that already took it), or {0, current} when another entry is there.
+-- ARGV[4]  8 random bytes: the generation to create if the namespace has none
+-- ARGV[5]  lifetime of the generation key in milliseconds
+-- Returns {1, gen} when the caller holds the lease (including a client retry
+-- of a call that already took it), or {0, gen, current} when another entry
+-- of the current generation is there. gen is "" outside namespaces.
+local gen = ''
+if #KEYS > 1 then
+  gen = redis.pcall('GET', KEYS[2])
+  if type(gen) ~= 'string' or #gen ~= 8 then
+    gen = ARGV[4]
+    redis.call('SET', KEYS[2], gen, 'PX', ARGV[5])
+  else
+    redis.call('PEXPIRE', KEYS[2], ARGV[5])
+  end
+end
+local lease = ARGV[1]
+if gen ~= '' then
+  lease = string.sub(lease, 1, 32) .. gen
+end
 local cur = redis.pcall('GET', KEYS[1])
 if type(cur) == 'string' then
-  local valid = #cur >= 40 and string.sub(cur, 1, 2) == string.sub(ARGV[1], 1, 2)
-  if valid then
+  local valid = #cur >= 40 and string.sub(cur, 1, 2) == string.sub(lease, 1, 2)
+  if valid and (gen == '' or string.sub(cur, 33, 40) == gen) then
     local tok = string.sub(cur, 5, 20)
-    if tok == string.sub(ARGV[1], 5, 20) and string.byte(cur, 3) == 3 then
-      return {1}
+    if tok == string.sub(lease, 5, 20) and string.byte(cur, 3) == 3 then
+      return {1, gen}
     end
     if ARGV[3] == '' or tok ~= ARGV[3] then
-      return {0, cur}
+      return {0, gen, cur}
     end
   end
 end
--- absent, foreign bytes, another format version, a non-string type, or the
--- undecodable entry the caller named: take it over.
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return {1}
+-- absent, foreign bytes, another format version, a non-string type, an
+-- entry of an older namespace generation, or the undecodable entry the
+-- caller named: take it over.
+redis.call('SET', KEYS[1], lease, 'PX', ARGV[2])
+return {1, gen}

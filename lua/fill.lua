@@ -1,9 +1,12 @@
 -- fill: write the loaded entry only while the key still holds the caller's
--- lease. An Invalidate (DEL/UNLINK), a Set, or an expired lease re-taken by
--- another caller all change or remove the token, and the late fill is refused.
+-- lease (and, in a namespace, while the generation is the one the load
+-- started under). An Invalidate (DEL/UNLINK), a Set, a namespace bump, or an
+-- expired lease re-taken by another caller all break that, and the late fill
+-- is refused.
 -- KEYS[1]  the entry key
+-- KEYS[2]  the namespace generation key (namespaced caches only)
 -- ARGV[1]  the caller's 16-byte lease token
--- ARGV[2]  the entry to write (value or tombstone)
+-- ARGV[2]  the entry to write (value or tombstone, carrying its generation)
 -- ARGV[3]  its lifetime in milliseconds
 -- Returns 1 when written (or already written by a retry of this call), else 0.
 local cur = redis.pcall('GET', KEYS[1])
@@ -11,7 +14,14 @@ if type(cur) ~= 'string' or #cur < 40 or string.sub(cur, 1, 2) ~= string.sub(ARG
     or string.sub(cur, 5, 20) ~= ARGV[1] then
   return 0
 end
-if string.byte(cur, 3) == 3 then
+if #KEYS > 1 then
+  local gen = redis.pcall('GET', KEYS[2])
+  if type(gen) ~= 'string' or gen ~= string.sub(ARGV[2], 33, 40) then
+    return 0
+  end
+end
+local kind = string.byte(cur, 3)
+if kind == 3 or kind == 4 then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   return 1
 end

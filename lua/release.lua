@@ -1,12 +1,22 @@
--- release: drop the caller's lease (after a loader error or panic) so the
--- next reader loads at once instead of waiting for the lease to expire.
+-- release: give up the caller's lease after its load failed, so the next
+-- reader does not wait for it. A lease-only entry is deleted; a value that
+-- was being refreshed goes back to being a plain value for the rest of its
+-- stale window.
 -- KEYS[1]  the entry key
 -- ARGV[1]  the caller's 16-byte lease token
--- Returns 1 when the lease was deleted, 0 when it was no longer there.
+-- ARGV[2]  milliseconds a refreshed value may still live ("0": delete it)
+-- Returns 1 when released, 0 when the lease was no longer there.
 local cur = redis.pcall('GET', KEYS[1])
-if type(cur) == 'string' and #cur >= 40 and string.sub(cur, 5, 20) == ARGV[1]
-    and string.byte(cur, 3) == 3 then
+if type(cur) ~= 'string' or #cur < 40 or string.sub(cur, 5, 20) ~= ARGV[1] then
+  return 0
+end
+local kind = string.byte(cur, 3)
+if kind == 3 or (kind == 4 and tonumber(ARGV[2]) <= 0) then
   redis.call('DEL', KEYS[1])
+  return 1
+end
+if kind == 4 then
+  redis.call('SET', KEYS[1], string.sub(cur, 1, 2) .. '\1' .. string.sub(cur, 4), 'PX', ARGV[2])
   return 1
 end
 return 0

@@ -5,17 +5,19 @@
 //	offset size field
 //	0      1    magic 0xCA
 //	1      1    format version (Version)
-//	2      1    kind (Value, NotFound, Lease)
+//	2      1    kind (Value, NotFound, Lease, Refreshing)
 //	3      1    codec format byte
-//	4      16   token: the lease token of a lease entry, or the token of the
-//	            write that stored a value or tombstone
+//	4      16   token: the lease token of a lease or refreshing entry, or
+//	            the token of the write that stored a value or tombstone
 //	20     8    soft expiry, Unix milliseconds (0: none)
 //	28     4    load duration, milliseconds
-//	32     8    reserved, zero
+//	32     8    namespace generation the entry was loaded under (zero
+//	            outside namespaces)
 //	40     ...  payload (codec bytes; empty for NotFound and Lease)
 //
-// The Lua scripts in the cacheaside package read the magic, version and
-// token at these fixed offsets, so the layout is part of the format version.
+// The Lua scripts in the cacheaside package read the magic, version, kind,
+// token and generation at these fixed offsets, so the layout is part of the
+// format version.
 package envelope
 
 import (
@@ -40,6 +42,12 @@ const TokenSize = 16
 // TokenOffset is where the token starts in the header.
 const TokenOffset = 4
 
+// GenOffset is where the namespace generation starts in the header.
+const GenOffset = 32
+
+// GenSize is the length of a namespace generation.
+const GenSize = 8
+
 // Kind says what an entry holds.
 type Kind byte
 
@@ -50,6 +58,9 @@ const (
 	NotFound Kind = 2
 	// Lease marks a load in progress: no value yet.
 	Lease Kind = 3
+	// Refreshing holds a value, like Value, while its holder loads a newer
+	// one under the lease token in the header.
+	Refreshing Kind = 4
 )
 
 func (k Kind) String() string {
@@ -60,12 +71,18 @@ func (k Kind) String() string {
 		return "not-found"
 	case Lease:
 		return "lease"
+	case Refreshing:
+		return "refreshing"
 	}
 	return fmt.Sprintf("kind(%d)", byte(k))
 }
 
 // Token is a 128-bit random lease token.
 type Token [TokenSize]byte
+
+// Gen is a namespace generation: 64 random bits, so a lost or evicted
+// generation key never brings an old generation back.
+type Gen [GenSize]byte
 
 // Entry is a decoded header with its payload. Payload aliases the input of
 // Decode; it is not copied.
@@ -75,6 +92,7 @@ type Entry struct {
 	Token      Token
 	SoftExpiry int64  // Unix ms; 0 means none
 	LoadMillis uint32 // how long the load that produced this entry took
+	Gen        Gen    // namespace generation; zero outside namespaces
 	Payload    []byte
 }
 
@@ -87,7 +105,6 @@ var (
 	ErrKind       = errors.New("unknown entry kind")
 	ErrTrailing   = errors.New("payload on an entry kind that has none")
 	ErrZeroToken  = errors.New("entry without a token")
-	ErrReserved   = errors.New("reserved header bytes are not zero")
 	ErrNoEnvelope = errors.New("empty entry")
 )
 
@@ -101,6 +118,7 @@ func Append(dst []byte, e *Entry) []byte {
 	copy(h[TokenOffset:TokenOffset+TokenSize], e.Token[:])
 	binary.BigEndian.PutUint64(h[20:28], uint64(e.SoftExpiry))
 	binary.BigEndian.PutUint32(h[28:32], e.LoadMillis)
+	copy(h[GenOffset:GenOffset+GenSize], e.Gen[:])
 	dst = append(dst, h[:]...)
 	return append(dst, e.Payload...)
 }
@@ -130,18 +148,13 @@ func Decode(b []byte, e *Entry) error {
 	}
 	k := Kind(b[2])
 	switch k {
-	case Value:
+	case Value, Refreshing:
 	case NotFound, Lease:
 		if len(b) != HeaderSize {
 			return ErrTrailing
 		}
 	default:
 		return fmt.Errorf("%w %d", ErrKind, b[2])
-	}
-	for _, r := range b[32:40] {
-		if r != 0 {
-			return ErrReserved
-		}
 	}
 	e.Kind = k
 	e.Format = b[3]
@@ -151,6 +164,7 @@ func Decode(b []byte, e *Entry) error {
 	}
 	e.SoftExpiry = int64(binary.BigEndian.Uint64(b[20:28]))
 	e.LoadMillis = binary.BigEndian.Uint32(b[28:32])
+	copy(e.Gen[:], b[GenOffset:GenOffset+GenSize])
 	e.Payload = b[HeaderSize:]
 	return nil
 }

@@ -7,7 +7,7 @@ import (
 )
 
 func sample() *Entry {
-	return &Entry{Kind: Value, Format: 1, Token: Token{1, 2, 3}, SoftExpiry: 1700000000000, LoadMillis: 42, Payload: []byte(`{"id":1}`)}
+	return &Entry{Kind: Value, Format: 1, Token: Token{1, 2, 3}, SoftExpiry: 1700000000000, LoadMillis: 42, Gen: Gen{7, 0, 9}, Payload: []byte(`{"id":1}`)}
 }
 
 func TestRoundTrip(t *testing.T) {
@@ -15,6 +15,7 @@ func TestRoundTrip(t *testing.T) {
 		sample(),
 		{Kind: NotFound, Format: 2, Token: Token{9}},
 		{Kind: Lease, Format: 1, Token: Token{15: 1}},
+		{Kind: Refreshing, Format: 1, Token: Token{3}, Payload: []byte("x")},
 		{Kind: Value, Format: 1, Token: Token{7}}, // empty payload
 	} {
 		b := Encode(in)
@@ -23,7 +24,7 @@ func TestRoundTrip(t *testing.T) {
 			t.Fatalf("Decode(Encode(%+v)) = %v", in, err)
 		}
 		if out.Kind != in.Kind || out.Format != in.Format || out.Token != in.Token || out.SoftExpiry != in.SoftExpiry ||
-			out.LoadMillis != in.LoadMillis || !bytes.Equal(out.Payload, in.Payload) {
+			out.LoadMillis != in.LoadMillis || out.Gen != in.Gen || !bytes.Equal(out.Payload, in.Payload) {
 			t.Fatalf("round trip: got %+v, want %+v", out, *in)
 		}
 	}
@@ -44,7 +45,6 @@ func TestDecodeRejects(t *testing.T) {
 		{"short", good[:HeaderSize-1], ErrShort},
 		{"kind", mut(func(b []byte) []byte { b[2] = 0; return b }), ErrKind},
 		{"payload on lease", append(Encode(&Entry{Kind: Lease, Token: Token{1}}), 'x'), ErrTrailing},
-		{"reserved", mut(func(b []byte) []byte { b[35] = 1; return b }), ErrReserved},
 		{"zero token", Encode(&Entry{Kind: Value}), ErrZeroToken},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

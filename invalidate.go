@@ -1,0 +1,215 @@
+package cacheaside
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync/atomic"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Invalidation. Entries and their leases share one key, so deleting the
+// key is all it takes to drop a value and to revoke a load in flight: the
+// loader's fill finds its token gone and writes nothing. Each method also
+// makes later Gets in this process start a new load instead of joining one
+// that began before the invalidation.
+
+// Invalidate deletes keys with UNLINK, which also revokes any lease on
+// them: a load that started before the call cannot fill afterwards. Call it
+// after the write to the source of truth has committed. All keys are
+// validated before anything is sent; several keys go in one pipeline (one
+// round trip per node on Redis Cluster). A Redis error is returned (and
+// reported): the entries then live until their TTL ends.
+func (c *Cache[T]) Invalidate(ctx context.Context, keys ...string) error {
+	for _, k := range keys {
+		if _, err := c.checkKey(k); err != nil {
+			return err
+		}
+	}
+	if c.closed.Load() {
+		return ErrClosed
+	}
+	if len(keys) == 0 {
+		return nil
+	}
+	for _, k := range keys {
+		c.group.Forget(k)
+	}
+	n, err := unlink(ctx, c.rdb, keys)
+	c.counted(n)
+	if err != nil {
+		return c.redisError(ctx, "invalidate", keysLabel(keys), err)
+	}
+	return nil
+}
+
+// unlink deletes keys, one UNLINK per key in a pipeline (Redis Cluster
+// refuses multi-key commands across slots), and counts those that existed.
+func unlink(ctx context.Context, rdb interface {
+	Unlink(ctx context.Context, keys ...string) *redis.IntCmd
+	Pipelined(ctx context.Context, fn func(redis.Pipeliner) error) ([]redis.Cmder, error)
+}, keys []string) (int64, error) {
+	if len(keys) == 1 {
+		return rdb.Unlink(ctx, keys[0]).Result()
+	}
+	cmds, err := rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for _, k := range keys {
+			p.Unlink(ctx, k)
+		}
+		return nil
+	})
+	var n int64
+	for _, cmd := range cmds {
+		if ic, ok := cmd.(*redis.IntCmd); ok && ic.Err() == nil {
+			n += ic.Val()
+		}
+	}
+	return n, err
+}
+
+func (c *Cache[T]) counted(n int64) {
+	if n > 0 {
+		c.stats.invals.Add(uint64(n))
+		c.rec.Invalidated(c.name, int(n))
+	}
+}
+
+func keysLabel(keys []string) string {
+	if len(keys) == 1 {
+		return keys[0]
+	}
+	return fmt.Sprintf("%s (+%d more)", keys[0], len(keys)-1)
+}
+
+// scanBatch is the COUNT hint of each SCAN and so the largest UNLINK
+// pipeline InvalidatePrefix sends.
+const scanBatch = 1000
+
+// InvalidatePrefix deletes every key that starts with prefix, taken
+// literally (glob characters in it are escaped), and returns how many it
+// deleted. It SCANs with MATCH on every master of a Redis Cluster (every
+// shard of a Ring) and UNLINKs each batch in one pipeline, checking ctx
+// between batches. An empty prefix is refused with ErrInvalidKey.
+//
+// Contract: every key that existed when the call started and still exists
+// when it returns has been deleted. A key created while it runs may
+// survive. That is safe: a key created meanwhile holds either a lease whose
+// load started after your write committed (so it reads the new data), or
+// a value filled by such a load; a fill from a load that started earlier
+// needs the lease it took before the SCAN reached its key, and deleting
+// the key revoked that. On error (Redis, or ctx ending), the keys deleted so
+// far are counted and the error is returned; call it again to finish.
+//
+// SCAN visits the whole keyspace of each node, so the cost grows with the
+// size of the database, not of the prefix. For groups that are large or
+// invalidated often, use a Namespace.
+func (c *Cache[T]) InvalidatePrefix(ctx context.Context, prefix string) (int64, error) {
+	if prefix == "" {
+		return 0, fmt.Errorf("%w: empty prefix would invalidate everything", ErrInvalidKey)
+	}
+	if len(prefix) > c.opts.MaxKeySize {
+		return 0, fmt.Errorf("%w: prefix of %d bytes exceeds MaxKeySize %d", ErrInvalidKey, len(prefix), c.opts.MaxKeySize)
+	}
+	if c.closed.Load() {
+		return 0, ErrClosed
+	}
+	c.forgetPrefix(prefix)
+	pattern := EscapeGlob(prefix) + "*"
+	var total atomic.Int64
+	node := func(ctx context.Context, n scanner) error {
+		var cursor uint64
+		for {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			keys, next, err := n.Scan(ctx, cursor, pattern, scanBatch).Result()
+			if err != nil {
+				return err
+			}
+			if len(keys) > 0 {
+				d, err := unlink(ctx, n, keys)
+				total.Add(d)
+				if err != nil {
+					return err
+				}
+			}
+			if cursor = next; cursor == 0 {
+				return nil
+			}
+		}
+	}
+	var err error
+	switch r := c.rdb.(type) {
+	case interface {
+		ForEachMaster(context.Context, func(context.Context, *redis.Client) error) error
+	}:
+		err = r.ForEachMaster(ctx, func(ctx context.Context, cl *redis.Client) error { return node(ctx, cl) })
+	case interface {
+		ForEachShard(context.Context, func(context.Context, *redis.Client) error) error
+	}:
+		err = r.ForEachShard(ctx, func(ctx context.Context, cl *redis.Client) error { return node(ctx, cl) })
+	default:
+		err = node(ctx, c.rdb)
+	}
+	n := total.Load()
+	c.counted(n)
+	if err != nil {
+		if ctx.Err() != nil {
+			return n, ctx.Err()
+		}
+		return n, c.redisError(ctx, "invalidate-prefix", prefix, err)
+	}
+	return n, nil
+}
+
+// scanner is what InvalidatePrefix needs of one node.
+type scanner interface {
+	Scan(ctx context.Context, cursor uint64, match string, count int64) *redis.ScanCmd
+	Unlink(ctx context.Context, keys ...string) *redis.IntCmd
+	Pipelined(ctx context.Context, fn func(redis.Pipeliner) error) ([]redis.Cmder, error)
+}
+
+// InvalidateNamespace drops every entry of ns with one command, whatever
+// the namespace's size: it writes a new random generation (SET, with the
+// same lifetime the cache gives generation keys), and every entry stamped
+// with an older one reads as a miss from then on and is overwritten by the
+// next load, or expires by its TTL. Loads in flight in the namespace are
+// revoked too: their fills check the generation. The cache must have
+// Options.Namespaced set. A Redis error is returned (and reported); the
+// entries then live until their TTL ends.
+//
+// Generations are random rather than counted up with INCR so that a lost
+// generation key (evicted, or expired for lack of reads) yields a new
+// value rather than an old one, which would bring back entries from before
+// a bump.
+func (c *Cache[T]) InvalidateNamespace(ctx context.Context, ns Namespace) error {
+	if !c.opts.Namespaced {
+		return fmt.Errorf("%w: InvalidateNamespace on a cache without Options.Namespaced", ErrInvalidOptions)
+	}
+	if ns.tag == "" {
+		return fmt.Errorf("%w: zero Namespace", ErrInvalidKey)
+	}
+	if c.closed.Load() {
+		return ErrClosed
+	}
+	c.forgetPrefix(ns.Prefix())
+	g := newGen()
+	if err := c.rdb.Set(ctx, ns.genKey(), g[:], c.genTTL).Err(); err != nil {
+		return c.redisError(ctx, "invalidate-namespace", ns.genKey(), err)
+	}
+	c.stats.bumps.Add(1)
+	c.rec.Invalidated(c.name, 1)
+	return nil
+}
+
+// forgetPrefix makes later Gets of keys under prefix start new loads
+// instead of joining loads already in flight in this process.
+func (c *Cache[T]) forgetPrefix(prefix string) {
+	c.inflight.Range(func(k, _ any) bool {
+		if key := k.(string); strings.HasPrefix(key, prefix) {
+			c.group.Forget(key)
+		}
+		return true
+	})
+}

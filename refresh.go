@@ -1,0 +1,217 @@
+package cacheaside
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"time"
+
+	"github.com/seed-b4ec662f/cacheaside/internal/envelope"
+)
+
+// Freshness. Every value entry records its soft expiry (fill time plus the
+// jittered TTL, by this process's clock) and how long its load took. Redis
+// keeps the entry for the TTL plus the policy's stale window, so past the
+// soft expiry the old value is still there to serve:
+//
+//	fill ───────── TTL ──────────┬──── stale-while-revalidate ────┬── stale-if-error ──┬ gone
+//	   fresh: served; XFetch may │ stale: served while one        │ reloaded now; the  │
+//	   start an early refresh    │ background refresh runs       │ old value is served│
+//	                             │                               │ if the reload fails│
+//
+// Refreshes run under the same lease as loads (refresh.lua turns the value
+// into a "refreshing" entry that readers still serve), so across processes
+// one caller reloads and everyone else keeps reading. Clocks only decide
+// freshness; the lease token, not the time, decides which fill may write.
+
+// state is what a read found under a key, as far as Get is concerned.
+type state uint8
+
+const (
+	stMiss     state = iota // absent, undecodable, or of an older namespace generation
+	stLease                 // being loaded, nothing to serve
+	stFresh                 // a value inside its TTL
+	stStale                 // past its TTL, inside the stale-while-revalidate window
+	stReload                // past every serving window: reload now
+	stNotFound              // a "not found" tombstone
+)
+
+// view is one read, decoded.
+type view[T any] struct {
+	state   state
+	v       T              // the value, for stFresh, stStale and stReload
+	e       envelope.Entry // its header; e.Payload is not kept
+	staleOK bool           // stReload: still inside the stale-if-error window
+	replace []byte         // stMiss: token acquire.lua may overwrite, if undecodable
+}
+
+// genView is the namespace generation a read saw.
+type genView struct {
+	namespaced bool         // the cache uses namespaces
+	known      bool         // the namespace has a generation; without one nothing is current
+	gen        envelope.Gen // the current generation
+}
+
+// classify decodes the bytes b read under key (nil: absent) at time now.
+// Undecodable bytes are counted and reported here.
+func (c *Cache[T]) classify(ctx context.Context, key string, b []byte, gv genView, now time.Time) (vw view[T]) {
+	if b == nil {
+		return vw
+	}
+	if err := envelope.Decode(b, &vw.e); err != nil {
+		vw.replace = c.corrupt(ctx, key, b, err)
+		return vw
+	}
+	payload := vw.e.Payload
+	vw.e.Payload = nil
+	if gv.namespaced && (!gv.known || vw.e.Gen != gv.gen) {
+		return vw // stamped with an older generation: a miss
+	}
+	switch vw.e.Kind {
+	case envelope.Lease:
+		vw.state = stLease
+		return vw
+	case envelope.NotFound:
+		vw.state = stNotFound
+		return vw
+	}
+	if vw.e.Format != c.opts.Codec.Format() {
+		vw.replace = c.corrupt(ctx, key, b, fmt.Errorf("codec format %d, this cache uses %d", vw.e.Format, c.opts.Codec.Format()))
+		return vw
+	}
+	if err := c.opts.Codec.Unmarshal(payload, &vw.v); err != nil {
+		var zero T
+		vw.v = zero
+		vw.replace = c.corrupt(ctx, key, b, err)
+		return vw
+	}
+	p := &c.opts.Policy
+	ms := now.UnixMilli()
+	soft := vw.e.SoftExpiry
+	switch {
+	case soft == 0 || ms < soft:
+		vw.state = stFresh
+	case ms < soft+p.StaleWhileRevalidate.Milliseconds():
+		vw.state = stStale
+	default:
+		vw.state = stReload
+		vw.staleOK = ms < soft+p.StaleIfError.Milliseconds()
+	}
+	return vw
+}
+
+// refreshEarly is XFetch (Vattani, Chierichetti, Lowenstein, "Optimal
+// Probabilistic Cache Stampede Prevention", VLDB 2015): refresh a fresh
+// value before it expires with probability rising as expiry nears, scaled
+// by how long its load took, so a hot key is reloaded once, just in time,
+// and never expires under load.
+func (c *Cache[T]) refreshEarly(e *envelope.Entry, now time.Time) bool {
+	beta := c.opts.Policy.Beta
+	if beta == 0 || e.SoftExpiry == 0 {
+		return false
+	}
+	gap := float64(e.SoftExpiry - now.UnixMilli())
+	delta := float64(max(e.LoadMillis, 1)) * beta
+	if gap > 40*delta { // probability below e^-40: skip the logarithm
+		return false
+	}
+	return -delta*math.Log(rand.Float64()) >= gap
+}
+
+// keepOnFailure is how long a value being refreshed may still be served
+// if its refresh fails: up to the end of its stale window.
+func (c *Cache[T]) keepOnFailure(e *envelope.Entry) time.Duration {
+	if e.SoftExpiry == 0 {
+		return 0
+	}
+	end := time.UnixMilli(e.SoftExpiry).Add(c.opts.Policy.staleWindow())
+	return end.Sub(c.opts.Clock())
+}
+
+// orStale returns the result of a reload, or the old value when the reload
+// failed inside the stale-if-error window.
+func (c *Cache[T]) orStale(v T, err error, old *view[T]) (T, error) {
+	if err == nil || errors.Is(err, ErrNotFound) || errors.Is(err, ErrClosed) || !old.staleOK {
+		return v, err
+	}
+	c.stats.staleIfError.Add(1)
+	c.rec.StaleServed(c.name)
+	return old.v, nil
+}
+
+// refreshAsync reloads the value e in the background under a refresh
+// lease, unless this process is already refreshing key or its last refresh
+// failed less than refreshRetry ago. The goroutine belongs to the cache:
+// Close cancels and waits for it.
+func (c *Cache[T]) refreshAsync(parent context.Context, key, genKey string, load Loader[T], e envelope.Entry) {
+	if !c.startRefresh(key) {
+		return
+	}
+	if !c.enter() {
+		c.endRefresh(key, false)
+		return
+	}
+	go func() {
+		defer c.wg.Done()
+		ctx, cancel := context.WithCancel(context.WithoutCancel(parent))
+		defer cancel()
+		defer context.AfterFunc(c.stop, cancel)()
+		tok := newToken()
+		ok, err := refreshLease(ctx, c.rdb, key, genKey, e.Token, tok, c.opts.LeaseTTL)
+		if err != nil {
+			if ctx.Err() == nil {
+				c.redisError(ctx, "refresh", key, err)
+			}
+			c.endRefresh(key, true)
+			return
+		}
+		if !ok { // someone else is refreshing it, or it changed
+			c.endRefresh(key, false)
+			return
+		}
+		_, err = c.loadAndFill(ctx, key, genKey, e.Gen, load, tok, c.keepOnFailure(&e))
+		failed := err != nil && !errors.Is(err, ErrNotFound)
+		c.stats.refreshes.Add(1)
+		if failed {
+			c.stats.refreshErrors.Add(1)
+		}
+		c.rec.Refresh(c.name, err)
+		c.endRefresh(key, failed)
+	}()
+}
+
+// refreshRetry is how long after a failed background refresh this process
+// leaves a key alone, so a failing source is not hit on every read.
+func (c *Cache[T]) refreshRetry() time.Duration { return c.opts.LeaseTTL / 3 }
+
+func (c *Cache[T]) startRefresh(key string) bool {
+	c.refreshMu.Lock()
+	defer c.refreshMu.Unlock()
+	if at, ok := c.refreshes[key]; ok {
+		if at.IsZero() || time.Since(at) < c.refreshRetry() {
+			return false
+		}
+	}
+	c.refreshes[key] = time.Time{}
+	return true
+}
+
+func (c *Cache[T]) endRefresh(key string, failed bool) {
+	c.refreshMu.Lock()
+	defer c.refreshMu.Unlock()
+	if !failed {
+		delete(c.refreshes, key)
+		return
+	}
+	now := time.Now()
+	c.refreshes[key] = now
+	if len(c.refreshes) > 4096 { // keep the failure memory bounded
+		for k, at := range c.refreshes {
+			if !at.IsZero() && now.Sub(at) >= c.refreshRetry() {
+				delete(c.refreshes, k)
+			}
+		}
+	}
+}
