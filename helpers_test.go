@@ -84,12 +84,15 @@ func (b *backend) cleanup(t *testing.T) {
 	rdb := redis.NewClient(&redis.Options{Addr: b.addr})
 	defer rdb.Close()
 	ctx := context.Background()
-	iter := rdb.Scan(ctx, 0, EscapeGlob(b.prefix)+"*", 1000).Iterator()
-	for iter.Next(ctx) {
-		rdb.Unlink(ctx, iter.Val())
-	}
-	if err := iter.Err(); err != nil {
-		t.Logf("cleanup of %s*: %v", b.prefix, err)
+	// Keys start with the prefix, or hold it as an escaped part (namespaces).
+	for _, pattern := range []string{EscapeGlob(b.prefix) + "*", "*" + EscapeGlob(EscapePart(b.prefix)) + "*"} {
+		iter := rdb.Scan(ctx, 0, pattern, 1000).Iterator()
+		for iter.Next(ctx) {
+			rdb.Unlink(ctx, iter.Val())
+		}
+		if err := iter.Err(); err != nil {
+			t.Logf("cleanup of %s: %v", pattern, err)
+		}
 	}
 }
 
@@ -165,3 +168,15 @@ func miniredisRun(t *testing.T) *miniredis.Miniredis {
 	t.Helper()
 	return miniredis.RunT(t)
 }
+
+// fakeClock is an Options.Clock the test moves by hand.
+type fakeClock struct{ ns atomic.Int64 }
+
+func newFakeClock() *fakeClock {
+	c := &fakeClock{}
+	c.ns.Store(time.Date(2026, 11, 27, 12, 0, 0, 0, time.UTC).UnixNano())
+	return c
+}
+
+func (c *fakeClock) Now() time.Time          { return time.Unix(0, c.ns.Load()) }
+func (c *fakeClock) Advance(d time.Duration) { c.ns.Add(int64(d)) }

@@ -1,0 +1,232 @@
+package cacheaside
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// gatedLoader returns version n on its n-th call; calls after the first
+// block until open is closed, or fail with fail while failing is set.
+type gatedLoader struct {
+	calls   atomic.Int64
+	open    chan struct{}
+	failing atomic.Bool
+}
+
+var errSource = errors.New("source down")
+
+func newGatedLoader() *gatedLoader { return &gatedLoader{open: make(chan struct{})} }
+
+func (g *gatedLoader) load(ctx context.Context) (int64, error) {
+	n := g.calls.Add(1)
+	if n > 1 {
+		select {
+		case <-g.open:
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		}
+	}
+	if g.failing.Load() {
+		return 0, errSource
+	}
+	return n, nil
+}
+
+func TestStaleWhileRevalidate(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := context.Background()
+		clock := newFakeClock()
+		opts := &Options[int64]{Clock: clock.Now, Policy: Policy{TTL: time.Minute, StaleWhileRevalidate: time.Minute, NoJitter: true, NoEarlyRefresh: true}}
+		c := newCache(t, b, opts)
+		other := newCache(t, b, opts) // another process
+		key := b.key("k")
+		g := newGatedLoader()
+		if v, _ := c.Get(ctx, key, g.load); v != 1 {
+			t.Fatalf("first Get = %d", v)
+		}
+		clock.Advance(61 * time.Second) // past the TTL, inside the window
+		for i := 0; i < 50; i++ {
+			if v, err := c.Get(ctx, key, g.load); err != nil || v != 1 {
+				t.Fatalf("stale Get = %d, %v; want the old value at once", v, err)
+			}
+		}
+		waitFor(t, "the background refresh to call the loader", func() bool { return g.calls.Load() == 2 })
+		var otherCalls atomic.Int64
+		if v, _ := other.Get(ctx, key, func(context.Context) (int64, error) { otherCalls.Add(1); return -1, nil }); v != 1 || otherCalls.Load() != 0 {
+			t.Fatalf("other instance got %d with %d loads; want the old value, no load (the refresh holds the lease)", v, otherCalls.Load())
+		}
+		close(g.open)
+		waitFor(t, "the refresh to fill", func() bool { return c.Stats().Refreshes == 1 })
+		if v, _ := c.Get(ctx, key, g.load); v != 2 {
+			t.Fatalf("after the refresh Get = %d, want 2", v)
+		}
+		s := c.Stats()
+		if g.calls.Load() != 2 || s.StaleServed != 50 || s.Misses != 1 {
+			t.Fatalf("loads %d, stats %+v; want 2 loads, 50 stale served, 1 miss", g.calls.Load(), s)
+		}
+		// Past the stale window the value is not served: Get reloads.
+		clock.Advance(3 * time.Minute)
+		if v, _ := c.Get(ctx, key, g.load); v != 3 {
+			t.Fatalf("past the window Get = %d, want a reload (3)", v)
+		}
+	})
+}
+
+func TestStaleIfError(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := context.Background()
+		clock := newFakeClock()
+		c := newCache(t, b, &Options[int64]{Clock: clock.Now, Policy: Policy{TTL: time.Minute, StaleIfError: 5 * time.Minute, NoJitter: true, NoEarlyRefresh: true}})
+		key := b.key("k")
+		g := newGatedLoader()
+		close(g.open)
+		if v, _ := c.Get(ctx, key, g.load); v != 1 {
+			t.Fatal("first Get")
+		}
+		g.failing.Store(true)
+		clock.Advance(2 * time.Minute) // past the TTL: reload now, old value if that fails
+		for i := 0; i < 3; i++ {
+			v, err := c.Get(ctx, key, g.load)
+			if err != nil || v != 1 {
+				t.Fatalf("Get with the source down = %d, %v; want the old value", v, err)
+			}
+		}
+		if s := c.Stats(); s.StaleIfError != 3 || g.calls.Load() != 4 {
+			t.Fatalf("StaleIfError = %d after %d loads; want 3 after 4 (each Get retries the source)", s.StaleIfError, g.calls.Load())
+		}
+		clock.Advance(4 * time.Minute) // past the stale-if-error window
+		if _, err := c.Get(ctx, key, g.load); !errors.Is(err, errSource) {
+			t.Fatalf("past the window Get = %v, want the loader's error", err)
+		}
+		g.failing.Store(false)
+		if v, err := c.Get(ctx, key, g.load); err != nil || v != 6 {
+			t.Fatalf("source back: %d, %v", v, err)
+		}
+	})
+}
+
+// TestStaleIfErrorWithBackgroundRefresh: a failed background refresh keeps
+// the old value serving, and the source is not retried on every read.
+func TestStaleIfErrorWithBackgroundRefresh(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := context.Background()
+		clock := newFakeClock()
+		c := newCache(t, b, &Options[int64]{Clock: clock.Now, Policy: Policy{TTL: time.Minute, StaleWhileRevalidate: time.Minute, StaleIfError: 10 * time.Minute, NoJitter: true, NoEarlyRefresh: true}})
+		key := b.key("k")
+		g := newGatedLoader()
+		close(g.open)
+		_, _ = c.Get(ctx, key, g.load)
+		g.failing.Store(true)
+		clock.Advance(90 * time.Second)
+		if v, _ := c.Get(ctx, key, g.load); v != 1 {
+			t.Fatal("stale not served")
+		}
+		waitFor(t, "the failed refresh", func() bool { return c.Stats().RefreshErrors == 1 })
+		for i := 0; i < 20; i++ {
+			if v, err := c.Get(ctx, key, g.load); err != nil || v != 1 {
+				t.Fatalf("Get after a failed refresh = %d, %v", v, err)
+			}
+		}
+		if n := g.calls.Load(); n != 2 {
+			t.Fatalf("loader calls = %d, want 2: a failed refresh is not retried on every read", n)
+		}
+	})
+}
+
+func TestEarlyRefresh(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		p     Policy
+		loads int64
+	}{
+		{"xfetch", Policy{TTL: time.Minute, Beta: 1e7, NoJitter: true}, 2},
+		{"off", Policy{TTL: time.Minute, NoEarlyRefresh: true, NoJitter: true}, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			forEachBackend(t, func(t *testing.T, b *backend) {
+				ctx := context.Background()
+				clock := newFakeClock()
+				c := newCache(t, b, &Options[int64]{Clock: clock.Now, Policy: tc.p})
+				key := b.key("k")
+				g := newGatedLoader()
+				close(g.open)
+				_, _ = c.Get(ctx, key, g.load)
+				clock.Advance(59 * time.Second) // one second before the TTL ends
+				for i := 0; i < 10; i++ {
+					if v, _ := c.Get(ctx, key, g.load); v != 1 && tc.loads == 1 {
+						t.Fatalf("Get = %d", v)
+					}
+				}
+				if tc.loads == 2 {
+					// Beta is so large that every hit refreshes; one is enough.
+					waitFor(t, "the early refresh", func() bool { return c.Stats().Refreshes >= 1 })
+					clock.Advance(2 * time.Second) // the old value's TTL is over; the refreshed one's is not
+					if v, _ := c.Get(ctx, key, g.load); v < 2 {
+						t.Fatalf("after early refresh Get = %d, want a refreshed value", v)
+					}
+				}
+				c.Close()
+				if n := g.calls.Load(); (tc.loads == 1 && n != 1) || n < tc.loads {
+					t.Fatalf("loads = %d, want %d", n, tc.loads)
+				}
+				if s := c.Stats(); s.Misses != 1 {
+					t.Fatalf("Misses = %d, want 1: early refresh never makes a reader wait", s.Misses)
+				}
+			})
+		})
+	}
+}
+
+// TestCloseStopsBackgroundRefresh: Close cancels a refresh in flight and
+// waits for it, leaving no goroutine behind (goleak checks at the end).
+func TestCloseStopsBackgroundRefresh(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := context.Background()
+		clock := newFakeClock()
+		c := newCache(t, b, &Options[int64]{Clock: clock.Now, Policy: Policy{TTL: time.Minute, StaleWhileRevalidate: time.Hour, NoEarlyRefresh: true}})
+		key := b.key("k")
+		g := newGatedLoader() // the refresh blocks until its ctx ends
+		_, _ = c.Get(ctx, key, g.load)
+		clock.Advance(2 * time.Minute)
+		_, _ = c.Get(ctx, key, g.load)
+		waitFor(t, "the refresh to start", func() bool { return g.calls.Load() == 2 })
+		closed := make(chan struct{})
+		go func() { c.Close(); close(closed) }()
+		select {
+		case <-closed:
+		case <-time.After(5 * time.Second):
+			t.Fatal("Close did not stop the background refresh")
+		}
+	})
+}
+
+// TestStaleWindowJitter: the Redis lifetime of a value is its jittered TTL
+// plus its jittered stale window.
+func TestStaleWindowJitter(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := context.Background()
+		c := newCache(t, b, &Options[string]{Policy: Policy{TTL: time.Hour, StaleWhileRevalidate: time.Hour, Jitter: 0.5}})
+		rdb := b.client(t)
+		var seen sync.Map
+		for i := 0; i < 20; i++ {
+			key := b.key("j" + string(rune('a'+i)))
+			if err := c.Set(ctx, key, "v"); err != nil {
+				t.Fatal(err)
+			}
+			ttl := rdb.PTTL(ctx, key).Val()
+			if ttl < time.Hour-time.Second || ttl > 2*time.Hour {
+				t.Fatalf("PTTL = %v, want within [1h, 2h]", ttl)
+			}
+			seen.Store(ttl/(10*time.Minute), true)
+		}
+		n := 0
+		seen.Range(func(any, any) bool { n++; return true })
+		if n < 2 {
+			t.Fatal("lifetimes were not spread by jitter")
+		}
+	})
+}
