@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"os"
+	"strconv"
 	"testing"
 	"time"
 
@@ -112,4 +113,142 @@ func serialAndParallel(b *testing.B, op func()) {
 			}
 		})
 	})
+}
+
+// BenchmarkGetStale is Cache.Get on an entry past its TTL, inside its
+// stale-while-revalidate window, while a refresh holds the lease (so every
+// Get serves the old value): to compare with BenchmarkGetHit.
+func BenchmarkGetStale(b *testing.B) {
+	rdb := benchRedis(b)
+	ctx := context.Background()
+	clock := newFakeClock()
+	c, err := New[benchTask](rdb, &Options[benchTask]{Name: "bench", Clock: clock.Now,
+		Policy: Policy{TTL: time.Minute, StaleWhileRevalidate: time.Hour, NoEarlyRefresh: true}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = c.Close() })
+	key := uniquePrefix() + "stale"
+	b.Cleanup(func() { rdb.Del(ctx, key) })
+	first := true
+	load := func(ctx context.Context) (benchTask, error) {
+		if first {
+			first = false
+			return benchValue, nil
+		}
+		<-ctx.Done() // the refresh never finishes: the entry stays stale
+		return benchTask{}, ctx.Err()
+	}
+	if _, err := c.Get(ctx, key, load); err != nil {
+		b.Fatal(err)
+	}
+	clock.Advance(2 * time.Minute)
+	if _, err := c.Get(ctx, key, load); err != nil { // starts the refresh
+		b.Fatal(err)
+	}
+	for c.Stats().Loads+c.Stats().LoadErrors < 1 || rdb.Get(ctx, key).Val()[2] != 4 {
+		time.Sleep(time.Millisecond) // until the entry is "refreshing"
+	}
+	serialAndParallel(b, func() {
+		if _, err := c.Get(ctx, key, load); err != nil {
+			b.Fatal(err)
+		}
+	})
+	if s := c.Stats(); s.StaleServed < uint64(b.N) {
+		b.Fatalf("only %d of the Gets were served stale", s.StaleServed)
+	}
+}
+
+// prefixBenchSetup fills Redis with total keys, group of which share one
+// org prefix (and one namespace), for the invalidation benchmarks.
+func prefixBenchSetup(b *testing.B, rdb *redis.Client, prefix string, total, group int) {
+	b.Helper()
+	ctx := context.Background()
+	const batch = 10000
+	for i := 0; i < total-group; i += batch {
+		_, err := rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+			for j := i; j < min(i+batch, total-group); j++ {
+				p.Set(ctx, prefix+"filler:"+strconv.Itoa(j), "x", time.Hour)
+			}
+			return nil
+		})
+		if err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.Cleanup(func() {
+		iter := rdb.Scan(ctx, 0, EscapeGlob(prefix)+"*", 10000).Iterator()
+		var keys []string
+		for iter.Next(ctx) {
+			if keys = append(keys, iter.Val()); len(keys) == batch {
+				rdb.Unlink(ctx, keys...)
+				keys = keys[:0]
+			}
+		}
+		if len(keys) > 0 {
+			rdb.Unlink(ctx, keys...)
+		}
+	})
+}
+
+// BenchmarkInvalidatePrefix deletes a group of 10,000 keys among
+// 1,000,000 with InvalidatePrefix (SCAN MATCH + pipelined UNLINK). Only on
+// a real Redis: set CACHEASIDE_REDIS_ADDR.
+func BenchmarkInvalidatePrefix(b *testing.B) {
+	if os.Getenv(envRedisAddr) == "" {
+		b.Skip("needs a real Redis: set " + envRedisAddr)
+	}
+	const total, group = 1_000_000, 10_000
+	rdb := benchRedis(b)
+	ctx := context.Background()
+	prefix := uniquePrefix()
+	prefixBenchSetup(b, rdb, prefix, total, group)
+	c, err := New[string](rdb, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = c.Close() })
+	orgPrefix := prefix + "org:acme:"
+	var deleted int64
+	for b.Loop() {
+		b.StopTimer()
+		if _, err := rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+			for j := 0; j < group; j++ {
+				p.Set(ctx, orgPrefix+"page:"+strconv.Itoa(j), "x", time.Hour)
+			}
+			return nil
+		}); err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+		n, err := c.InvalidatePrefix(ctx, orgPrefix)
+		if err != nil || n != group {
+			b.Fatalf("InvalidatePrefix = %d, %v", n, err)
+		}
+		deleted += n
+	}
+	b.ReportMetric(float64(deleted)/b.Elapsed().Seconds(), "keys/s")
+}
+
+// BenchmarkInvalidateNamespace drops the same group as
+// BenchmarkInvalidatePrefix with one namespace bump.
+func BenchmarkInvalidateNamespace(b *testing.B) {
+	if os.Getenv(envRedisAddr) == "" {
+		b.Skip("needs a real Redis: set " + envRedisAddr)
+	}
+	rdb := benchRedis(b)
+	ctx := context.Background()
+	c, err := New[string](rdb, &Options[string]{Namespaced: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = c.Close() })
+	ns := MustKeyspace("bench", 1).Namespace(uniquePrefix(), "acme")
+	b.Cleanup(func() { rdb.Del(ctx, ns.genKey()) })
+	b.ReportAllocs()
+	for b.Loop() {
+		if err := c.InvalidateNamespace(ctx, ns); err != nil {
+			b.Fatal(err)
+		}
+	}
 }

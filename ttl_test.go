@@ -24,6 +24,12 @@ func TestPolicyValidate(t *testing.T) {
 		{"jitter negative", Policy{Jitter: -0.1}, false},
 		{"jitter NaN", Policy{Jitter: math.NaN()}, false},
 		{"jitter and NoJitter", Policy{Jitter: 0.2, NoJitter: true}, false},
+		{"stale windows", Policy{StaleWhileRevalidate: time.Minute, StaleIfError: time.Hour}, true},
+		{"negative SWR", Policy{StaleWhileRevalidate: -1}, false},
+		{"negative SIE", Policy{StaleIfError: -1}, false},
+		{"negative beta", Policy{Beta: -1}, false},
+		{"infinite beta", Policy{Beta: math.Inf(1)}, false},
+		{"beta and NoEarlyRefresh", Policy{Beta: 2, NoEarlyRefresh: true}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := tc.p.Validate()
@@ -99,12 +105,26 @@ func TestTTLTable(t *testing.T) {
 	if o, _ := table.WithOverrides("task.jitter=0"); !o.Get("task").NoJitter {
 		t.Fatal("jitter=0 did not turn jitter off")
 	}
+	o, err = table.WithOverrides("task.swr=30s,task.sie=5m,task.beta=2,task_list.beta=0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p := o.Get("task"); p.StaleWhileRevalidate != 30*time.Second || p.StaleIfError != 5*time.Minute || p.Beta != 2 {
+		t.Fatalf("freshness overrides = %+v", p)
+	}
+	if p := o.Get("task_list"); !p.NoEarlyRefresh || p.Beta != 0 {
+		t.Fatalf("beta=0 = %+v, want early refresh off", p)
+	}
+	if p := (Policy{}).resolved(); p.Beta != DefaultBeta {
+		t.Fatalf("default beta = %v", p.Beta)
+	}
 	if same, err := table.WithOverrides("  "); err != nil || same != table {
 		t.Fatal("empty spec should return the table")
 	}
 	for _, bad := range []string{
 		"nope=1m", "task", "task=", "=1m", "task=abc", "task=-1s", "task=0s",
 		"task.color=red", "task.jitter=1.5", "task.jitter=x", "task=1m,task=2m", "task=1us",
+		"task.swr=-1s", "task.sie=x", "task.beta=-1", "task.beta=x",
 	} {
 		if _, err := table.WithOverrides(bad); !errors.Is(err, ErrInvalidOptions) {
 			t.Errorf("WithOverrides(%q) = %v, want ErrInvalidOptions", bad, err)
