@@ -81,12 +81,12 @@ func (c *Cache[T]) classify(ctx context.Context, key string, b []byte, gv genVie
 		vw.replace = c.corrupt(ctx, key, b, fmt.Errorf("codec format %d, this cache uses %d", vw.e.Format, c.opts.Codec.Format()))
 		return vw
 	}
-	if err := c.opts.Codec.Unmarshal(payload, &vw.v); err != nil {
-		var zero T
-		vw.v = zero
+	var v T // decoded apart from vw, so only v (not all of vw) escapes to the heap
+	if err := c.opts.Codec.Unmarshal(payload, &v); err != nil {
 		vw.replace = c.corrupt(ctx, key, b, err)
 		return vw
 	}
+	vw.v = v
 	p := &c.opts.Policy
 	ms := now.UnixMilli()
 	soft := vw.e.SoftExpiry
