@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/alicebob/miniredis/v2"
@@ -161,4 +162,88 @@ func ExampleNew_clusterAndSentinel() {
 		ContextTimeoutEnabled: true,
 	})
 	_, _ = cacheaside.New[Task](failover, &cacheaside.Options[Task]{Name: "task"})
+}
+
+// A namespace groups keys that are invalidated together: here every cached
+// list page of one org. One InvalidateNamespace drops them all, however
+// many there are, and a Get reads the entry and the namespace's generation
+// with one MGET.
+func ExampleCache_InvalidateNamespace() {
+	rdb, stop := exampleRedis()
+	defer stop()
+	ctx := context.Background()
+	lists, _ := cacheaside.New[[]int64](rdb, &cacheaside.Options[[]int64]{Name: "task_list", Namespaced: true})
+	defer lists.Close()
+	keyspace := cacheaside.MustKeyspace("task_lists", 1)
+
+	acme := keyspace.Namespace("org", "acme")
+	fmt.Println(acme.Key("status", "done", "page", "1"))
+
+	queries := 0
+	load := func(ctx context.Context) ([]int64, error) { queries++; return []int64{1, 2, 3}, nil }
+	for page := 1; page <= 3; page++ {
+		_, _ = lists.Get(ctx, acme.Key("status", "done", "page", fmt.Sprint(page)), load)
+		_, _ = lists.Get(ctx, acme.Key("status", "done", "page", fmt.Sprint(page)), load)
+	}
+	fmt.Println("queries before the write:", queries)
+
+	// A task of acme changed: drop every list page of acme.
+	if err := lists.InvalidateNamespace(ctx, acme); err != nil {
+		panic(err)
+	}
+	for page := 1; page <= 3; page++ {
+		_, _ = lists.Get(ctx, acme.Key("status", "done", "page", fmt.Sprint(page)), load)
+	}
+	fmt.Println("queries after the write:", queries)
+	// Output:
+	// v1:task_lists:{org:acme}:status:done:page:1
+	// queries before the write: 3
+	// queries after the write: 6
+}
+
+// With a stale-while-revalidate window, a value past its TTL is still
+// served at once while one background refresh replaces it.
+func ExamplePolicy_staleWhileRevalidate() {
+	rdb, stop := exampleRedis()
+	defer stop()
+	ctx := context.Background()
+	now := time.Date(2026, 11, 27, 12, 0, 0, 0, time.UTC)
+	var mu sync.Mutex
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+
+	stats, _ := cacheaside.New[int](rdb, &cacheaside.Options[int]{
+		Name:   "org_stats",
+		Policy: cacheaside.Policy{TTL: 2 * time.Minute, StaleWhileRevalidate: time.Minute},
+		Clock:  clock, // a real program leaves this at its default, time.Now
+	})
+	defer stats.Close()
+
+	refreshed := make(chan struct{})
+	version := 0
+	load := func(ctx context.Context) (int, error) {
+		version++
+		if version == 2 {
+			defer close(refreshed)
+		}
+		return version, nil
+	}
+	v, _ := stats.Get(ctx, "v1:org_stats:acme", load)
+	fmt.Println("first:", v)
+
+	mu.Lock()
+	now = now.Add(150 * time.Second) // past the TTL, inside the window
+	mu.Unlock()
+	v, _ = stats.Get(ctx, "v1:org_stats:acme", load)
+	fmt.Println("stale, served at once:", v)
+
+	<-refreshed
+	for stats.Stats().Refreshes == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	v, _ = stats.Get(ctx, "v1:org_stats:acme", load)
+	fmt.Println("after the background refresh:", v)
+	// Output:
+	// first: 1
+	// stale, served at once: 1
+	// after the background refresh: 2
 }
