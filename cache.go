@@ -530,7 +530,7 @@ func (c *Cache[T]) callLoader(ctx context.Context, load Loader[T]) (v T, took ti
 		err error
 	}
 	done := make(chan result, 1)
-	start := time.Now()
+	start := c.opts.Clock() // load time feeds XFetch, a freshness decision
 	go func() {
 		normal := false
 		defer func() {
@@ -553,7 +553,7 @@ func (c *Cache[T]) callLoader(ctx context.Context, load Loader[T]) (v T, took ti
 	case <-ctx.Done():
 		err = fmt.Errorf("cacheaside: loader did not return within its context: %w", ctx.Err())
 	}
-	took = time.Since(start)
+	took = c.opts.Clock().Sub(start)
 	if err != nil && !c.isNotFound(err) {
 		c.stats.loadErrors.Add(1)
 	} else {

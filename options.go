@@ -91,8 +91,9 @@ type Options[T any] struct {
 	OnError func(ctx context.Context, err error)
 
 	// Clock tells the time for freshness decisions (soft expiry, stale
-	// windows, early refresh); leases and TTLs use Redis's own clock.
-	// Default time.Now.
+	// windows, early refresh and the load durations it weighs) and for
+	// Stats.LoadTime; leases and TTLs use Redis's own clock, and waits and
+	// timeouts real time. Default time.Now.
 	Clock func() time.Time
 }
 
