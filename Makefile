@@ -1,6 +1,6 @@
 REDIS ?= 127.0.0.1:6379
 
-.PHONY: test race bench lint fuzz ci
+.PHONY: test race bench bench-invalidate lint fuzz ci
 
 # What a fresh machine with only Go runs: everything on miniredis.
 test:
@@ -10,17 +10,21 @@ test:
 race:
 	CACHEASIDE_REDIS_ADDR=$(REDIS) go test -race -count=1 ./...
 
-# Hit path beside the raw go-redis GET + json.Unmarshal baseline, on a real
-# Redis. The two run interleaved, 8 rounds, so drift on the machine hits both
+# Hit path (fresh and stale-served) beside the raw go-redis GET +
+# json.Unmarshal baseline, on a real Redis. The two run interleaved, 8 rounds, so drift on the machine hits both
 # alike; benchstat reports medians with their spread.
 bench:
 	go test -c -o /tmp/cacheaside.test .
 	rm -f /tmp/cacheaside-bench.txt
 	for i in 1 2 3 4 5 6 7 8; do \
-	  CACHEASIDE_REDIS_ADDR=$(REDIS) /tmp/cacheaside.test -test.run '^$$' -test.bench 'RawGet|GetHit' \
+	  CACHEASIDE_REDIS_ADDR=$(REDIS) /tmp/cacheaside.test -test.run '^$$' -test.bench 'RawGet|GetHit|GetStale' \
 	    -test.benchmem -test.benchtime 1s | grep Benchmark >> /tmp/cacheaside-bench.txt; \
 	done
 	go run golang.org/x/perf/cmd/benchstat@v0.0.0-20260908200009-22c9c6c9d4da /tmp/cacheaside-bench.txt
+
+# Prefix invalidation of 10,000 keys among 1,000,000, beside a namespace bump.
+bench-invalidate:
+	CACHEASIDE_REDIS_ADDR=$(REDIS) go test -run '^$$' -bench 'Invalidate(Prefix|Namespace)' -benchtime 10x -count 3 .
 
 lint:
 	test -z "$$(gofmt -l .)"
