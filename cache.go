@@ -28,7 +28,7 @@ type Cache[T any] struct {
 	genTTL time.Duration
 
 	group    flight.Group[T] // one in-process load per key
-	inflight sync.Map        // key → struct{}: keys with a load in group, for prefix Forget
+	inflight sync.Map        // key → *byte identifying its newest flight in group, for prefix Forget
 	stats    counters
 
 	refreshMu sync.Mutex           // protects refreshes
@@ -239,8 +239,9 @@ func (c *Cache[T]) shared(ctx context.Context, key, genKey string, load Loader[T
 	leader := false
 	ch := c.group.DoChan(key, func() (v T, err error) {
 		leader = true
-		c.inflight.Store(key, struct{}{})
-		defer c.inflight.Delete(key)
+		id := new(byte) // after a Forget, a newer flight for key may replace this one
+		c.inflight.Store(key, id)
+		defer c.inflight.CompareAndDelete(key, id)
 		// x/sync re-panics a DoChan panic where nobody can recover it, so
 		// a panic anywhere in the flight (a codec, a hook, a Recorder)
 		// becomes an error for its callers instead. Loader panics are
