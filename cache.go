@@ -27,8 +27,8 @@ type Cache[T any] struct {
 	rec    Recorder   // opts.Recorder
 	genTTL time.Duration
 
-	group    flight.Group[T] // one in-process load per key
-	inflight sync.Map        // key → *byte identifying its newest flight in group, for prefix Forget
+	group    flight.Group[answer[T]] // one in-process load per key
+	inflight sync.Map                // key → *flightState of its newest flight in group
 	stats    counters
 
 	refreshMu sync.Mutex           // protects refreshes
@@ -125,6 +125,14 @@ func (c *Cache[T]) Stats() Stats { return c.stats.snapshot() }
 // or pointers, treat the result as read-only or copy it; a hit decodes a
 // fresh T for each caller.
 func (c *Cache[T]) Get(ctx context.Context, key string, load Loader[T]) (T, error) {
+	return c.get(ctx, key, load, 0)
+}
+
+// maxRejoins bounds how often a Get that joined an in-process load it
+// could not trust starts over (see flightSeen.joinable).
+const maxRejoins = 2
+
+func (c *Cache[T]) get(ctx context.Context, key string, load Loader[T], attempt int) (T, error) {
 	var zero T
 	genKey, err := c.checkKey(key)
 	if err != nil {
@@ -135,6 +143,12 @@ func (c *Cache[T]) Get(ctx context.Context, key string, load Loader[T]) (T, erro
 	}
 	if c.closed.Load() {
 		return zero, ErrClosed
+	}
+	// What the in-process load for key (if any) had observed before this
+	// Get's read: see joinable.
+	var seen flightSeen
+	if f, ok := c.inflight.Load(key); ok {
+		seen = flightSeen{f.(*flightState), f.(*flightState).observing.Load()}
 	}
 	b, gv, err := c.read(ctx, key, genKey)
 	var vw view[T]
@@ -178,14 +192,14 @@ func (c *Cache[T]) Get(ctx context.Context, key string, load Loader[T]) (T, erro
 		}
 		c.redisError(ctx, "get", key, err)
 		redisDown = true
-		return c.shared(ctx, key, genKey, load, vw, redisDown)
+		return c.shared(ctx, key, genKey, load, vw, redisDown, seen, attempt)
 	}
 	c.stats.misses.Add(1)
 	c.rec.Miss(c.name)
 	if h := c.hooks; h != nil && h.afterMiss != nil {
 		h.afterMiss(key)
 	}
-	return c.shared(ctx, key, genKey, load, vw, redisDown)
+	return c.shared(ctx, key, genKey, load, vw, redisDown, seen, attempt)
 }
 
 var errNilLoader = errors.New("cacheaside: Get with a nil Loader")
@@ -234,14 +248,67 @@ func (c *Cache[T]) read(ctx context.Context, key, genKey string) (b []byte, gv g
 	return b, gv, nil
 }
 
+// flightState is what an in-process load has observed in Redis, published
+// for the Gets that may join it.
+type flightState struct {
+	observing atomic.Bool                    // it has sent (or is sending) a lease script
+	tok       atomic.Pointer[envelope.Token] // token of the entry its answer rests on; nil while a reply is pending
+	answer    envelope.Token                 // set by the flight before it returns: the entry holding its answer (zero: none)
+}
+
+// answer is what a shared load delivers: the value, and the token of the
+// Redis entry that holds it (zero when the answer is not in Redis).
+type answer[T any] struct {
+	v   T
+	tok envelope.Token
+}
+
+// observe marks a lease script about to be sent: until its reply is
+// published, nobody can tell whether it ran before or after a write.
+func (f *flightState) observe() { f.observing.Store(true); f.tok.Store(nil) }
+
+// flightSeen is the in-process load a Get found before its own read.
+type flightSeen struct {
+	f         *flightState
+	observing bool // f had already sent a lease script
+}
+
+// joinable reports whether a Get that found seen before its read, and read
+// an entry with token tok (nil: absent or undecodable), may take that
+// load's answer without checking it.
+//
+// A Get must not return a value older than a write whose invalidation
+// returned before the Get started, and the invalidation may have come from
+// another process, which cannot reach this one's loads. What it can see is
+// the key: invalidation deletes it, and tokens never repeat. If the load
+// had observed nothing before this Get's read, whatever it observes comes
+// later and is fresh enough. If it had, and this Get's read (made after it
+// started) shows the entry the load published, no invalidation removed that
+// entry before the read, and the load's answer is at least as new. In every
+// other case the Get still joins (so a stampede stays one load), but checks
+// afterwards that the entry holding the answer is still in Redis, and
+// starts over if it is not.
+func (s flightSeen) joinable(tok *envelope.Token) bool {
+	if s.f == nil || !s.observing {
+		return true
+	}
+	pub := s.f.tok.Load()
+	return pub != nil && tok != nil && *pub == *tok
+}
+
 // shared runs one load per key in this process and waits for it on ctx.
-func (c *Cache[T]) shared(ctx context.Context, key, genKey string, load Loader[T], vw view[T], redisDown bool) (T, error) {
+func (c *Cache[T]) shared(ctx context.Context, key, genKey string, load Loader[T], vw view[T], redisDown bool, seen flightSeen, attempt int) (T, error) {
+	var tok *envelope.Token
+	if vw.e.Token != (envelope.Token{}) {
+		tok = &vw.e.Token
+	}
+	verify := !seen.joinable(tok) && attempt < maxRejoins
 	leader := false
-	ch := c.group.DoChan(key, func() (v T, err error) {
+	ch := c.group.DoChan(key, func() (a answer[T], err error) {
 		leader = true
-		id := new(byte) // after a Forget, a newer flight for key may replace this one
-		c.inflight.Store(key, id)
-		defer c.inflight.CompareAndDelete(key, id)
+		fs := new(flightState)
+		c.inflight.Store(key, fs)
+		defer c.inflight.CompareAndDelete(key, fs)
 		// x/sync re-panics a DoChan panic where nobody can recover it, so
 		// a panic anywhere in the flight (a codec, a hook, a Recorder)
 		// becomes an error for its callers instead. Loader panics are
@@ -251,26 +318,49 @@ func (c *Cache[T]) shared(ctx context.Context, key, genKey string, load Loader[T
 				err = &PanicError{Value: r, Stack: debug.Stack()}
 			}
 		}()
-		return c.run(ctx, key, genKey, load, vw, redisDown)
+		v, err := c.run(ctx, key, genKey, load, vw, redisDown, fs)
+		return answer[T]{v, fs.answer}, err
 	})
 	select {
 	case r := <-ch:
-		if !leader {
-			c.stats.coalesced.Add(1)
-			c.rec.Coalesced(c.name)
+		a := flight.Value[answer[T]](r)
+		if leader {
+			return a.v, r.Err
 		}
-		return flight.Value[T](r), r.Err
+		c.stats.coalesced.Add(1)
+		c.rec.Coalesced(c.name)
+		if verify && (r.Err == nil || errors.Is(r.Err, ErrNotFound)) && !c.holds(ctx, key, genKey, a.tok) {
+			return c.get(ctx, key, load, attempt+1)
+		}
+		return a.v, r.Err
 	case <-ctx.Done():
 		var zero T
 		return zero, ctx.Err()
 	}
 }
 
+// holds reports whether key still holds the entry written under tok, in
+// the current namespace generation.
+func (c *Cache[T]) holds(ctx context.Context, key, genKey string, tok envelope.Token) bool {
+	if tok == (envelope.Token{}) {
+		return false
+	}
+	b, gv, err := c.read(ctx, key, genKey)
+	if err != nil || len(b) < envelope.HeaderSize {
+		return false
+	}
+	var e envelope.Entry
+	if envelope.Decode(b, &e) != nil || e.Token != tok {
+		return false
+	}
+	return !gv.namespaced || (gv.known && gv.gen == e.Gen)
+}
+
 // run is the body of a shared load: take the lease (or wait for whoever
 // holds it), call the loader, fill or release. parent is the context of
 // the Get that started it; run uses its values, never its cancellation. vw
 // is what that Get read.
-func (c *Cache[T]) run(parent context.Context, key, genKey string, load Loader[T], vw view[T], redisDown bool) (v T, err error) {
+func (c *Cache[T]) run(parent context.Context, key, genKey string, load Loader[T], vw view[T], redisDown bool, fs *flightState) (v T, err error) {
 	var zero T
 	if !c.enter() {
 		return zero, ErrClosed
@@ -300,37 +390,57 @@ func (c *Cache[T]) run(parent context.Context, key, genKey string, load Loader[T
 		if vw.state == stReload && vw.e.Kind == envelope.Value {
 			// A value due for reload: take the lease on it in place,
 			// keeping it to serve if the reload fails.
+			fs.observe()
 			ok, err := refreshLease(ctx, c.rdb, key, genKey, vw.e.Token, tok, c.opts.LeaseTTL)
+			if ok {
+				fs.tok.Store(&tok)
+			}
 			if err != nil {
 				return c.afterRedisError(ctx, "refresh", key, tok, load, err)
 			}
 			if ok {
 				c.waited(waitStart)
-				got, err := c.loadAndFill(ctx, key, genKey, vw.e.Gen, load, tok, c.keepOnFailure(&vw.e))
+				got, stored, err := c.loadAndFill(ctx, key, genKey, vw.e.Gen, load, tok, c.keepOnFailure(&vw.e))
+				if stored {
+					fs.answer = tok
+				}
 				return c.orStale(got, err, &vw)
 			}
 		}
+		fs.observe()
 		held, gen, cur, err := acquire(ctx, c.rdb, key, genKey, lease, c.opts.LeaseTTL, replace, c.genTTL)
 		if err != nil {
 			return c.afterRedisError(ctx, "acquire", key, tok, load, err)
 		}
 		if held {
+			fs.tok.Store(&tok)
 			c.waited(waitStart)
-			return c.loadAndFill(ctx, key, genKey, gen, load, tok, 0)
+			got, stored, err := c.loadAndFill(ctx, key, genKey, gen, load, tok, 0)
+			if stored {
+				fs.answer = tok
+			}
+			return got, err
 		}
 		vw = c.classify(ctx, key, cur, genView{namespaced: genKey != "", known: true, gen: gen}, c.opts.Clock())
 		replace = vw.replace
+		if vw.e.Token != (envelope.Token{}) {
+			t := vw.e.Token
+			fs.tok.Store(&t)
+		}
 		switch vw.state {
 		case stFresh:
 			c.waited(waitStart)
+			fs.answer = vw.e.Token
 			return vw.v, nil
 		case stStale:
 			c.waited(waitStart)
 			c.stats.staleServed.Add(1)
 			c.rec.StaleServed(c.name)
+			fs.answer = vw.e.Token
 			return vw.v, nil
 		case stNotFound:
 			c.waited(waitStart)
+			fs.answer = vw.e.Token
 			return zero, ErrNotFound
 		case stMiss:
 			continue // undecodable: acquire overwrites it next time
@@ -382,7 +492,8 @@ func (c *Cache[T]) waited(start time.Time) {
 // loadAndFill calls the loader while holding tok's lease and stores the
 // outcome: a value, a tombstone, or nothing (the lease is released; a
 // refreshing entry goes back to a plain value that lives for keep more).
-func (c *Cache[T]) loadAndFill(ctx context.Context, key, genKey string, gen envelope.Gen, load Loader[T], tok envelope.Token, keep time.Duration) (T, error) {
+// stored reports whether the outcome is now in Redis under tok.
+func (c *Cache[T]) loadAndFill(ctx context.Context, key, genKey string, gen envelope.Gen, load Loader[T], tok envelope.Token, keep time.Duration) (v T, stored bool, err error) {
 	var zero T
 	stopExtend := c.keepLease(ctx, key, tok)
 	v, took, err := c.callLoader(ctx, load)
@@ -397,18 +508,18 @@ func (c *Cache[T]) loadAndFill(ctx context.Context, key, genKey string, gen enve
 	if err != nil {
 		if !c.isNotFound(err) {
 			c.release(wctx, key, tok, keep)
-			return zero, err
+			return zero, false, err
 		}
 		if p.NoNegativeCache {
 			c.release(wctx, key, tok, 0)
-			return zero, ErrNotFound
+			return zero, false, ErrNotFound
 		}
 		ttl := p.jitter(p.NegativeTTL)
-		c.store(wctx, key, genKey, tok, envelope.Encode(&envelope.Entry{
+		stored = c.store(wctx, key, genKey, tok, envelope.Encode(&envelope.Entry{
 			Kind: envelope.NotFound, Format: c.opts.Codec.Format(), Token: tok, Gen: gen,
 			SoftExpiry: c.opts.Clock().Add(ttl).UnixMilli(),
 		}), ttl)
-		return zero, ErrNotFound
+		return zero, stored, ErrNotFound
 	}
 	entry, ttl, merr := c.encode(v, tok, gen, took)
 	if merr != nil {
@@ -416,10 +527,9 @@ func (c *Cache[T]) loadAndFill(ctx context.Context, key, genKey string, gen enve
 		c.rec.NotCached(c.name)
 		c.report(ctx, "encode", key, merr)
 		c.release(wctx, key, tok, keep)
-		return v, nil
+		return v, false, nil
 	}
-	c.store(wctx, key, genKey, tok, entry, ttl)
-	return v, nil
+	return v, c.store(wctx, key, genKey, tok, entry, ttl), nil
 }
 
 // encode builds the value entry for v and the lifetime to give it in
@@ -449,13 +559,15 @@ func (c *Cache[T]) encode(v T, tok envelope.Token, gen envelope.Gen, took time.D
 	}), life, nil
 }
 
-// store fills key with entry if tok's lease is still there.
-func (c *Cache[T]) store(ctx context.Context, key, genKey string, tok envelope.Token, entry []byte, ttl time.Duration) {
+// store fills key with entry if tok's lease is still there, and reports
+// whether it did.
+func (c *Cache[T]) store(ctx context.Context, key, genKey string, tok envelope.Token, entry []byte, ttl time.Duration) bool {
 	if h := c.hooks; h != nil && h.noTokenCheck {
 		if err := c.rdb.Set(ctx, key, entry, ttl).Err(); err != nil {
 			c.redisError(ctx, "fill", key, err)
+			return false
 		}
-		return
+		return true
 	}
 	ok, err := fill(ctx, c.rdb, key, genKey, tok, entry, ttl)
 	switch {
@@ -465,6 +577,7 @@ func (c *Cache[T]) store(ctx context.Context, key, genKey string, tok envelope.T
 		c.stats.fillsRejected.Add(1)
 		c.rec.FillRejected(c.name)
 	}
+	return ok && err == nil
 }
 
 func (c *Cache[T]) release(ctx context.Context, key string, tok envelope.Token, keep time.Duration) {

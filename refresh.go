@@ -171,7 +171,7 @@ func (c *Cache[T]) refreshAsync(parent context.Context, key, genKey string, load
 			c.endRefresh(key, false)
 			return
 		}
-		_, err = c.loadAndFill(ctx, key, genKey, e.Gen, load, tok, c.keepOnFailure(&e))
+		_, _, err = c.loadAndFill(ctx, key, genKey, e.Gen, load, tok, c.keepOnFailure(&e))
 		failed := err != nil && !errors.Is(err, ErrNotFound)
 		c.stats.refreshes.Add(1)
 		if failed {
