@@ -715,6 +715,7 @@ func (c *Cache[T]) Set(ctx context.Context, key string, v T) error {
 	} else {
 		err = c.rdb.Set(ctx, key, entry, ttl).Err()
 	}
+	c.group.Forget(key) // again: a load that started before the SET landed
 	if err != nil {
 		return c.redisError(ctx, "set", key, err)
 	}

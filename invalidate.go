@@ -33,10 +33,11 @@ func (c *Cache[T]) Invalidate(ctx context.Context, keys ...string) error {
 	if len(keys) == 0 {
 		return nil
 	}
-	for _, k := range keys {
-		c.group.Forget(k)
-	}
+	c.forget(keys)
 	n, err := unlink(ctx, c.rdb, keys)
+	// Again after the UNLINK: a load may have started, and read the old
+	// entry, between the first Forget and the UNLINK.
+	c.forget(keys)
 	c.counted(n)
 	if err != nil {
 		return c.redisError(ctx, "invalidate", keysLabel(keys), err)
@@ -66,6 +67,12 @@ func unlink(ctx context.Context, rdb interface {
 		}
 	}
 	return n, err
+}
+
+func (c *Cache[T]) forget(keys []string) {
+	for _, k := range keys {
+		c.group.Forget(k)
+	}
 }
 
 func (c *Cache[T]) counted(n int64) {
@@ -152,6 +159,7 @@ func (c *Cache[T]) InvalidatePrefix(ctx context.Context, prefix string) (int64, 
 	default:
 		err = node(ctx, c.rdb)
 	}
+	c.forgetPrefix(prefix) // again: loads that started during the scan
 	n := total.Load()
 	c.counted(n)
 	if err != nil {
@@ -195,7 +203,9 @@ func (c *Cache[T]) InvalidateNamespace(ctx context.Context, ns Namespace) error 
 	}
 	c.forgetPrefix(ns.Prefix())
 	g := newGen()
-	if err := c.rdb.Set(ctx, ns.genKey(), g[:], c.genTTL).Err(); err != nil {
+	err := c.rdb.Set(ctx, ns.genKey(), g[:], c.genTTL).Err()
+	c.forgetPrefix(ns.Prefix()) // again: loads that started before the SET landed
+	if err != nil {
 		return c.redisError(ctx, "invalidate-namespace", ns.genKey(), err)
 	}
 	c.stats.bumps.Add(1)

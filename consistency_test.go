@@ -1,0 +1,547 @@
+package cacheaside
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/alicebob/miniredis/v2"
+	"github.com/redis/go-redis/v9"
+)
+
+// TestConsistencyRandomized runs many short random histories of readers and
+// writers against a fake versioned database and several Cache instances
+// (separate "processes") on one Redis, with random delays where the lease
+// protocol races: after a miss, inside the load, before the fill, after the
+// replies of the acquire and fill scripts, and before an UNLINK. It checks,
+// per history:
+//
+//   - quiescence: once every goroutine is done, a Get of every key on every
+//     instance returns the database's current version;
+//   - no stale read: a Get that started after an invalidation returned never
+//     yields a version older than the one committed before that invalidation.
+//
+// One case is counted apart, not as stale: a Get that joins a load its own
+// process began before another process's invalidation gets that load's
+// value (Invalidate can forget in-flight loads only in its own process).
+//
+// It then runs the same harness with the token check switched off (fills
+// are plain SETs) and requires that it finds stale values there, so that a
+// pass means something.
+//
+// Replay one history with CACHEASIDE_CONSISTENCY_SEED=<seed> (printed for
+// every failing history): every history then uses that seed. Scheduling is
+// not deterministic, so a replay reruns the same script of operations and
+// delays, not necessarily the same interleaving; it runs many times.
+func TestConsistencyRandomized(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		leases, control := 10000, 1000
+		note := ""
+		if b.mr == nil {
+			leases, control = 2000, 1000
+			note = "; fewer histories on a real Redis"
+		}
+		if testing.Short() {
+			leases, control = leases/10, control/4
+			note += "; -short"
+		}
+		base, replay := consistencySeed(t)
+		// miniredis serializes every command, and its Lua under -race is
+		// slow: spread the histories over a few servers.
+		shards := []*backend{b}
+		for b.mr != nil && len(shards) < consShards {
+			mr := miniredis.RunT(t)
+			shards = append(shards, &backend{name: b.name, addr: mr.Addr(), mr: mr, prefix: b.prefix})
+		}
+
+		on := runConsistency(t, shards, consConfig{mode: "lease", histories: leases, seed: base, replay: replay})
+		t.Logf("consistency(%s): %d stale values in %d histories (%d Gets, %d invalidations, %d fills rejected; %v%s)",
+			b.name, on.stale.Load(), on.histories.Load(), on.gets.Load(), on.invals.Load(), on.rejected.Load(), on.took.Round(time.Millisecond), note)
+		if n := on.stale.Load(); n > 0 {
+			t.Errorf("consistency(%s): %d stale values with leases on, in %d of %d histories (base seed %d); see the histories logged above",
+				b.name, n, on.failed.Load(), on.histories.Load(), base)
+		}
+
+		off := runConsistency(t, shards, consConfig{mode: "ctrl", histories: control, seed: base + 1<<32, replay: replay, control: true})
+		t.Logf("consistency control (token check off, %s): %d stale values found in %d histories (%d of them after quiescence; %d Gets, %d invalidations; %v)",
+			b.name, off.stale.Load(), off.histories.Load(), off.quiescent.Load(), off.gets.Load(), off.invals.Load(), off.took.Round(time.Millisecond))
+		if off.stale.Load() == 0 {
+			t.Fatalf("consistency control (token check off, %s): no stale value in %d histories: the harness is too weak to show the lease check matters",
+				b.name, off.histories.Load())
+		}
+	})
+}
+
+// Shape of one history.
+const (
+	consCaches   = 2 // Cache instances ("processes") sharing one Redis
+	consReaders  = 3
+	consReadOps  = 3
+	consWriters  = 2
+	consWriteOps = 2
+	consParallel = 8 // histories run at once
+	consShards   = 2 // miniredis servers
+	consReport   = 3 // failing histories printed in full per run
+	consEnvSeed  = "CACHEASIDE_CONSISTENCY_SEED"
+	consMaxDelay = 2 * time.Millisecond
+)
+
+// consistencySeed returns the base seed and whether it was given to replay.
+func consistencySeed(t *testing.T) (uint64, bool) {
+	if s := os.Getenv(consEnvSeed); s != "" {
+		seed, err := strconv.ParseUint(s, 10, 64)
+		if err != nil {
+			t.Fatalf("%s=%q: %v", consEnvSeed, s, err)
+		}
+		t.Logf("replaying seed %d in every history", seed)
+		return seed, true
+	}
+	seed := rand.Uint64() >> 1
+	t.Logf("base seed %d (history i uses seed base+i; the control run base+2^32+i)", seed)
+	return seed, false
+}
+
+// consVal is a row as the cache stores it: its version. by names the Get
+// whose loader produced the value when it comes straight from a loader call
+// in this process (the caller's own load, or one it joined), and is empty
+// on values decoded from Redis: consCodec does not encode it.
+type consVal struct {
+	V  int64
+	by string
+}
+
+// consCodec stores a consVal as its decimal version: cheaper than JSON,
+// which matters under -race.
+type consCodec struct{}
+
+func (consCodec) Format() byte { return 200 }
+
+func (consCodec) Marshal(v consVal) ([]byte, error) { return strconv.AppendInt(nil, v.V, 10), nil }
+
+func (consCodec) Unmarshal(data []byte, v *consVal) error {
+	n, err := strconv.ParseInt(string(data), 10, 64)
+	*v = consVal{V: n}
+	return err
+}
+
+type consConfig struct {
+	mode      string // key prefix part: runs on one backend never share keys
+	histories int
+	seed      uint64
+	replay    bool
+	control   bool // switch the token check off on every instance
+}
+
+type consTotals struct {
+	histories atomic.Int64
+	gets      atomic.Int64
+	invals    atomic.Int64
+	rejected  atomic.Int64 // fills refused, summed over the instances
+	stale     atomic.Int64 // stale values the protocol promises to prevent
+	quiescent atomic.Int64 // of which found by the quiescence check
+	failed    atomic.Int64 // histories with a stale value
+	reported  atomic.Int64 // histories printed
+	took      time.Duration
+}
+
+// consRef locates a key of a running history, for the hooks.
+type consRef struct {
+	h *consHistory
+	j int
+}
+
+// runConsistency runs cfg.histories histories, consParallel at a time, on
+// consCaches new instances per shard (one Redis each).
+func runConsistency(t *testing.T, shards []*backend, cfg consConfig) *consTotals {
+	t.Helper()
+	var keys sync.Map // key → consRef, while its history runs
+	type shard struct {
+		b      *backend
+		caches []*Cache[consVal]
+		raw    *redis.Client // for cleanup, so that SCANs in later histories stay short
+	}
+	var all []shard
+	for _, b := range shards {
+		all = append(all, shard{b, newConsCaches(t, b, cfg, &keys), b.client(t)})
+	}
+
+	tot := &consTotals{}
+	start := time.Now()
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for w := range consParallel {
+		sh := all[w%len(all)]
+		b, caches, raw := sh.b, sh.caches, sh.raw
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := next.Add(1) - 1
+				if i >= int64(cfg.histories) || t.Failed() && tot.reported.Load() >= consReport {
+					return
+				}
+				seed := cfg.seed + uint64(i)
+				if cfg.replay {
+					seed = cfg.seed
+				}
+				h := newConsHistory(seed, b.key(fmt.Sprintf("%s:h%d:", cfg.mode, i)))
+				for j, k := range h.keys {
+					keys.Store(k, consRef{h, j})
+				}
+				h.run(t, caches, tot)
+				for _, k := range h.keys {
+					keys.Delete(k)
+				}
+				if err := raw.Unlink(context.Background(), h.keys...).Err(); err != nil {
+					t.Errorf("cleanup: %v", err)
+				}
+				tot.histories.Add(1)
+				if len(h.bad) > 0 {
+					tot.failed.Add(1)
+					if !cfg.control && tot.reported.Add(1) <= consReport {
+						t.Logf("%s", h.report())
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	tot.took = time.Since(start)
+	for _, sh := range all {
+		for _, c := range sh.caches {
+			tot.rejected.Add(int64(c.Stats().FillsRejected))
+		}
+	}
+	return tot
+}
+
+// newConsCaches returns consCaches new instances on b whose hooks pause the
+// history that owns the key.
+func newConsCaches(t *testing.T, b *backend, cfg consConfig, keys *sync.Map) []*Cache[consVal] {
+	caches := make([]*Cache[consVal], consCaches)
+	for x := range caches {
+		pause := func(point string) func(string) {
+			return func(key string) {
+				if r, ok := keys.Load(key); ok {
+					ref := r.(consRef)
+					ref.h.logf("c%d %s k%d", x, point, ref.j)
+					ref.h.pause()
+				}
+			}
+		}
+		c, err := New[consVal](&consRedis{Client: b.client(t), pause: pause}, &Options[consVal]{
+			Name:    fmt.Sprintf("c%d", x),
+			Codec:   consCodec{},
+			Policy:  Policy{TTL: time.Minute, NoJitter: true, NoEarlyRefresh: true},
+			PollMin: 2 * time.Millisecond,
+			PollMax: 8 * time.Millisecond,
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = c.Close() })
+		c.hooks = &testHooks{afterMiss: pause("afterMiss"), beforeFill: pause("beforeFill"), noTokenCheck: cfg.control, noExtend: true}
+		caches[x] = c
+	}
+	return caches
+}
+
+// consRedis is a client that may stall after Redis answered a lease script
+// (acquire or fill), or before an UNLINK, as a process descheduled around a
+// round trip would: delay points the testHooks do not reach.
+type consRedis struct {
+	*redis.Client
+	pause func(point string) func(key string)
+}
+
+func (r *consRedis) EvalSha(ctx context.Context, sha string, keys []string, args ...any) *redis.Cmd {
+	cmd := r.Client.EvalSha(ctx, sha, keys, args...)
+	r.stall(sha, keys)
+	return cmd
+}
+
+func (r *consRedis) Eval(ctx context.Context, script string, keys []string, args ...any) *redis.Cmd {
+	cmd := r.Client.Eval(ctx, script, keys, args...)
+	switch script {
+	case acquireLua:
+		r.stall(acquireScript.Hash(), keys)
+	case fillLua:
+		r.stall(fillScript.Hash(), keys)
+	}
+	return cmd
+}
+
+// Unlink may stall before it is sent, between Invalidate's in-process
+// Forget and the UNLINK itself.
+func (r *consRedis) Unlink(ctx context.Context, keys ...string) *redis.IntCmd {
+	if len(keys) > 0 {
+		r.pause("before UNLINK")(keys[0])
+	}
+	return r.Client.Unlink(ctx, keys...)
+}
+
+func (r *consRedis) stall(sha string, keys []string) {
+	if len(keys) == 0 {
+		return
+	}
+	switch sha {
+	case acquireScript.Hash():
+		r.pause("after acquire reply")(keys[0])
+	case fillScript.Hash():
+		r.pause("after fill reply")(keys[0])
+	}
+}
+
+// consHistory is one history: a few keys of a fake database, their floors,
+// and the record of what happened.
+type consHistory struct {
+	seed   uint64
+	prefix string
+	keys   []string
+	db     []atomic.Int64 // committed version per key
+	// floor[j] is the highest version of key j committed before an
+	// invalidation of j that has returned; local[x][j] the same for
+	// invalidations made through cache x. Writers raise them after the
+	// invalidation returns, Gets read them before they start.
+	floor []atomic.Int64
+	local [consCaches][]atomic.Int64
+
+	start  time.Time
+	mu     sync.Mutex
+	rng    *rand.Rand // delays at the hook points
+	events []consEvent
+	bad    []string
+}
+
+func newConsHistory(seed uint64, prefix string) *consHistory {
+	h := &consHistory{seed: seed, prefix: prefix, rng: rand.New(rand.NewPCG(seed, 0)), start: time.Now()}
+	n := 2 + h.rng.IntN(3)
+	for j := range n {
+		h.keys = append(h.keys, prefix+"k"+strconv.Itoa(j))
+	}
+	h.db = make([]atomic.Int64, n)
+	h.floor = make([]atomic.Int64, n)
+	for x := range h.local {
+		h.local[x] = make([]atomic.Int64, n)
+	}
+	return h
+}
+
+// pause is a random delay: none, a yield, or a sleep of up to consMaxDelay.
+func (h *consHistory) pause() {
+	h.mu.Lock()
+	r := h.rng.IntN(100)
+	d := rand.N(consMaxDelay)
+	h.mu.Unlock()
+	switch {
+	case r < 45:
+	case r < 70:
+		runtime.Gosched()
+	default:
+		time.Sleep(d)
+	}
+}
+
+// logf records an event; it is formatted only if the history is printed.
+func (h *consHistory) logf(format string, args ...any) {
+	at := time.Since(h.start)
+	h.mu.Lock()
+	h.events = append(h.events, consEvent{at, format, args})
+	h.mu.Unlock()
+}
+
+type consEvent struct {
+	at     time.Duration
+	format string
+	args   []any
+}
+
+func (h *consHistory) violation(format string, args ...any) {
+	msg := fmt.Sprintf(format, args...)
+	h.logf("STALE: %s", msg)
+	h.mu.Lock()
+	h.bad = append(h.bad, msg)
+	h.mu.Unlock()
+}
+
+func (h *consHistory) report() string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var s strings.Builder
+	fmt.Fprintf(&s, "history seed %d (%d keys): %d stale values:\n", h.seed, len(h.keys), len(h.bad))
+	for _, m := range h.bad {
+		fmt.Fprintf(&s, "  %s\n", m)
+	}
+	s.WriteString("  events:\n")
+	for _, e := range h.events {
+		fmt.Fprintf(&s, "    %8.3fms  %s\n", float64(e.at.Microseconds())/1000, fmt.Sprintf(e.format, e.args...))
+	}
+	return s.String()
+}
+
+func atomicMax(a *atomic.Int64, v int64) {
+	for {
+		cur := a.Load()
+		if v <= cur || a.CompareAndSwap(cur, v) {
+			return
+		}
+	}
+}
+
+// run plays the history on caches and checks it.
+func (h *consHistory) run(t *testing.T, caches []*Cache[consVal], tot *consTotals) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	// Start most keys warm (3 in 4): version 0, the database's first, written
+	// through with Set (which is also cheaper than a load on miniredis,
+	// whose scripts are slow). The others start cold.
+	rng := rand.New(rand.NewPCG(h.seed, 1000))
+	for j, key := range h.keys {
+		if rng.IntN(4) == 0 {
+			continue
+		}
+		x := rng.IntN(len(caches))
+		h.logf("Set k%d = v0 on c%d", j, x)
+		if err := caches[x].Set(ctx, key, consVal{V: 0}); err != nil {
+			t.Errorf("seed %d: Set k%d on c%d: %v", h.seed, j, x, err)
+		}
+	}
+	var wg sync.WaitGroup
+	for r := range consReaders {
+		rng := rand.New(rand.NewPCG(h.seed, uint64(1+r)))
+		wg.Go(func() {
+			for op := range consReadOps {
+				h.read(ctx, t, caches, tot, rng, fmt.Sprintf("R%d.%d", r, op))
+			}
+		})
+	}
+	for w := range consWriters {
+		rng := rand.New(rand.NewPCG(h.seed, uint64(100+w)))
+		wg.Go(func() {
+			for op := range consWriteOps {
+				h.write(ctx, t, caches, tot, rng, fmt.Sprintf("W%d.%d", w, op))
+			}
+		})
+	}
+	wg.Wait()
+
+	// Quiescence: the cache equals the database, on every instance.
+	for j, key := range h.keys {
+		want := h.db[j].Load()
+		for x, c := range caches {
+			got, err := c.Get(ctx, key, func(context.Context) (consVal, error) {
+				return consVal{V: h.db[j].Load()}, nil
+			})
+			tot.gets.Add(1)
+			if err != nil {
+				t.Errorf("seed %d: quiescent Get k%d on c%d: %v", h.seed, j, x, err)
+				continue
+			}
+			if got.V != want {
+				tot.stale.Add(1)
+				tot.quiescent.Add(1)
+				h.violation("after quiescence, Get k%d on c%d = v%d, database has v%d", j, x, got.V, want)
+			}
+		}
+	}
+}
+
+// read is one Get, checked against the floors it saw before it started.
+func (h *consHistory) read(ctx context.Context, t *testing.T, caches []*Cache[consVal], tot *consTotals, rng *rand.Rand, op string) {
+	j, x := rng.IntN(len(h.keys)), rng.IntN(len(caches))
+	if rng.IntN(3) == 0 {
+		h.pause()
+	}
+	floor, local := h.floor[j].Load(), h.local[x][j].Load()
+	h.logf("%s Get k%d on c%d: start (floor v%d, this process's floor v%d)", op, j, x, floor, local)
+	got, err := caches[x].Get(ctx, h.keys[j], func(context.Context) (consVal, error) {
+		v := h.db[j].Load()
+		h.logf("%s load k%d on c%d: read v%d", op, j, x, v)
+		h.pause()
+		return consVal{V: v, by: op}, nil
+	})
+	tot.gets.Add(1)
+	if err != nil {
+		t.Errorf("seed %d: %s Get k%d on c%d: %v", h.seed, op, j, x, err)
+		return
+	}
+	src := "from Redis"
+	joined := got.by != "" && got.by != op
+	switch {
+	case got.by == "":
+	case joined:
+		src = fmt.Sprintf("joined %s's load", got.by)
+	default:
+		src = "own load"
+	}
+	h.logf("%s Get k%d on c%d: returned v%d (%s)", op, j, x, got.V, src)
+	switch {
+	case got.V < local:
+		tot.stale.Add(1)
+		h.violation("%s Get k%d on c%d returned v%d (%s), but v%d was committed and invalidated through c%d before it started",
+			op, j, x, got.V, src, local, x)
+	case got.V < floor:
+		tot.stale.Add(1)
+		h.violation("%s Get k%d on c%d returned v%d (%s), but v%d was committed and invalidated before it started",
+			op, j, x, got.V, src, floor)
+	}
+}
+
+// write commits a new version of one key and invalidates it, by key or by
+// a prefix (the key itself, or the history's prefix, which covers every key).
+func (h *consHistory) write(ctx context.Context, t *testing.T, caches []*Cache[consVal], tot *consTotals, rng *rand.Rand, op string) {
+	j, x, how := rng.IntN(len(h.keys)), rng.IntN(len(caches)), rng.IntN(3)
+	if rng.IntN(3) == 0 {
+		h.pause()
+	}
+	v := h.db[j].Add(1)
+	h.logf("%s commit k%d = v%d", op, j, v)
+	if rng.IntN(2) == 0 {
+		h.pause()
+	}
+	covered := []int{j}
+	if how == 2 {
+		covered = covered[:0]
+		for jj := range h.keys {
+			covered = append(covered, jj)
+		}
+	}
+	// Every version committed by now is older than the UNLINK that comes.
+	snap := make([]int64, len(covered))
+	for i, jj := range covered {
+		snap[i] = h.db[jj].Load()
+	}
+	var err error
+	switch how {
+	case 0:
+		h.logf("%s Invalidate(k%d) on c%d: start", op, j, x)
+		err = caches[x].Invalidate(ctx, h.keys[j])
+	case 1:
+		h.logf("%s InvalidatePrefix(k%d) on c%d: start", op, j, x)
+		_, err = caches[x].InvalidatePrefix(ctx, h.keys[j])
+	default:
+		h.logf("%s InvalidatePrefix(history) on c%d: start", op, x)
+		_, err = caches[x].InvalidatePrefix(ctx, h.prefix)
+	}
+	tot.invals.Add(1)
+	if err != nil {
+		t.Errorf("seed %d: %s invalidate on c%d: %v", h.seed, op, x, err)
+		return
+	}
+	// local first: a Get that sees the raised floor also sees the raised
+	// local floor, so a violation is reported against the invalidation
+	// from its own process when there was one.
+	for i, jj := range covered {
+		atomicMax(&h.local[x][jj], snap[i])
+		atomicMax(&h.floor[jj], snap[i])
+	}
+	h.logf("%s invalidation on c%d returned (floors raised to %v)", op, x, snap)
+}
