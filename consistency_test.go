@@ -45,10 +45,7 @@ func TestConsistencyRandomized(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b *backend) {
 		leases, control := 10000, 1000
 		note := ""
-		if b.mr == nil {
-			leases, control = 2000, 1000
-			note = "; fewer histories on a real Redis"
-		}
+
 		if testing.Short() {
 			leases, control = leases/10, control/4
 			note += "; -short"
