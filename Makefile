@@ -21,6 +21,7 @@ bench:
 	    -test.benchmem -test.benchtime 1s | grep Benchmark >> /tmp/cacheaside-bench.txt; \
 	done
 	go run golang.org/x/perf/cmd/benchstat@v0.0.0-20260908200009-22c9c6c9d4da /tmp/cacheaside-bench.txt
+	CACHEASIDE_REDIS_ADDR=$(REDIS) /tmp/cacheaside.test -test.run '^$$' -test.bench 'HitVsRaw' -test.benchtime 3s -test.count 5
 
 # Prefix invalidation of 10,000 keys among 1,000,000, beside a namespace bump.
 bench-invalidate:
