@@ -515,10 +515,7 @@ func (c *Cache[T]) loadAndFill(ctx context.Context, key, genKey string, gen enve
 			return zero, false, ErrNotFound
 		}
 		ttl := p.jitter(p.NegativeTTL)
-		stored = c.store(wctx, key, genKey, tok, envelope.Encode(&envelope.Entry{
-			Kind: envelope.NotFound, Format: c.opts.Codec.Format(), Token: tok, Gen: gen,
-			SoftExpiry: c.opts.Clock().Add(ttl).UnixMilli(),
-		}), ttl)
+		stored = c.store(wctx, key, genKey, tok, tombstone(tok, c.opts.Codec.Format(), gen, c.opts.Clock().Add(ttl)), ttl)
 		return zero, stored, ErrNotFound
 	}
 	entry, ttl, merr := c.encode(v, tok, gen, took)

@@ -2,6 +2,7 @@ package cacheaside
 
 import (
 	"errors"
+	"time"
 
 	"github.com/seed-b4ec662f/cacheaside/internal/envelope"
 )
@@ -29,7 +30,8 @@ func (c *Cache[T]) isNotFound(err error) bool {
 	return errors.Is(err, ErrNotFound) || (c.opts.IsNotFound != nil && c.opts.IsNotFound(err))
 }
 
-// tombstone encodes the "not found" entry written under tok.
-func tombstone(tok envelope.Token, format byte) []byte {
-	return envelope.Encode(&envelope.Entry{Kind: envelope.NotFound, Format: format, Token: tok})
+// tombstone encodes the "not found" entry written under tok, in namespace
+// generation gen, expiring (by the cache's clock) at soft.
+func tombstone(tok envelope.Token, format byte, gen envelope.Gen, soft time.Time) []byte {
+	return envelope.Encode(&envelope.Entry{Kind: envelope.NotFound, Format: format, Token: tok, Gen: gen, SoftExpiry: soft.UnixMilli()})
 }
