@@ -1,0 +1,244 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"text/tabwriter"
+	"time"
+
+	"github.com/alicebob/miniredis/v2"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/seed-b4ec662f/cacheaside"
+)
+
+// runDemo reproduces the lecture's demos on the real service: its store
+// (SQLite or PostgreSQL) slowed down by -db-latency, its caches, and
+// Redis. Every number it prints is measured in this run.
+func runDemo(out io.Writer, args []string) error {
+	fs := flag.NewFlagSet("demo", flag.ContinueOnError)
+	latency := fs.Duration("db-latency", 50*time.Millisecond, "simulated database query time")
+	requests := fs.Int("requests", 200, "concurrent requests for one task (part 1)")
+	lookups := fs.Int("lookups", 1000, "lookups of a missing task (part 5.2)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *requests < 1 || *lookups < 1 || *latency < 0 {
+		return errors.New("demo: -requests and -lookups must be ≥ 1, -db-latency ≥ 0")
+	}
+	ctx := context.Background()
+	quiet := slog.New(slog.DiscardHandler)
+	a, err := newApp(ctx, readEnv(), quiet, *latency, "demo.")
+	if err != nil {
+		return err
+	}
+	defer a.Close()
+	var queries atomic.Int64
+	a.store.queries = func() { queries.Add(1) }
+	d := demo{out: out, app: a, queries: &queries}
+
+	fmt.Fprintf(out, "taskservice demo: database %s with %v added to every query, Redis %s\n",
+		a.store.dialect, *latency, redisLabel(readEnv().redisURL))
+	if err := d.part1(ctx, *requests); err != nil {
+		return err
+	}
+	if err := d.part52(ctx, *lookups); err != nil {
+		return err
+	}
+	return d.part53(ctx, *latency)
+}
+
+type demo struct {
+	out     io.Writer
+	app     *app
+	queries *atomic.Int64
+}
+
+// result is one row of a table.
+type result struct {
+	name     string
+	requests int
+	total    time.Duration
+	latency  time.Duration // mean per request
+	queries  int64
+	failed   int64
+}
+
+// burst runs n concurrent calls of get and measures them.
+func (d *demo) burst(name string, n int, get func(context.Context, int) error) result {
+	d.queries.Store(0)
+	var wg sync.WaitGroup
+	var failed, lat atomic.Int64
+	start := make(chan struct{})
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			t0 := time.Now()
+			if err := get(context.Background(), i); err != nil && !errors.Is(err, cacheaside.ErrNotFound) {
+				failed.Add(1)
+			}
+			lat.Add(int64(time.Since(t0)))
+		}()
+	}
+	t0 := time.Now()
+	close(start)
+	wg.Wait()
+	return result{name, n, time.Since(t0), time.Duration(lat.Load() / int64(n)), d.queries.Load(), failed.Load()}
+}
+
+func (d *demo) table(rows []result) {
+	w := tabwriter.NewWriter(d.out, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(w, "\tRequests\tTotal time\tAvg latency\tDB queries\tFailed\t")
+	for _, r := range rows {
+		fmt.Fprintf(w, "%s\t%d\t%v\t%v\t%d\t%d\t\n", r.name, r.requests, r.total.Round(100*time.Microsecond),
+			r.latency.Round(10*time.Microsecond), r.queries, r.failed)
+	}
+	w.Flush()
+}
+
+// naiveGet is the lecture's first cache-aside (3.3): GET; on a miss, query
+// and SET. No stampede control, no negative caching.
+func (d *demo) naiveGet(ctx context.Context, key string, id int64) error {
+	rdb := d.app.rdb
+	if b, err := rdb.Get(ctx, key).Bytes(); err == nil {
+		if string(b) == "null" {
+			return nil
+		}
+		var t Task
+		return json.Unmarshal(b, &t)
+	}
+	t, err := d.app.store.GetTask(ctx, id)
+	if err != nil {
+		return err // "not found" is not cached: every lookup queries again
+	}
+	b, _ := json.Marshal(t)
+	return rdb.Set(ctx, key, b, 5*time.Minute).Err()
+}
+
+// part1 is lecture 1.1 and 5.1: many concurrent requests for one task.
+func (d *demo) part1(ctx context.Context, n int) error {
+	const id = 42
+	svc := d.app.svc
+	naiveKey := "demo:naive:tasks:42"
+	d.app.rdb.Del(ctx, naiveKey, svc.taskKey(id))
+	rows := []result{
+		d.burst("No cache", n, func(ctx context.Context, _ int) error {
+			_, err := d.app.store.GetTask(ctx, id)
+			return err
+		}),
+		d.burst("Naive cache-aside (GET, miss → query + SET), cold", n, func(ctx context.Context, _ int) error {
+			return d.naiveGet(ctx, naiveKey, id)
+		}),
+		d.burst("cacheaside, cold key", n, func(ctx context.Context, _ int) error {
+			_, err := svc.GetTask(ctx, id)
+			return err
+		}),
+		d.burst("cacheaside, warm key", n, func(ctx context.Context, _ int) error {
+			_, err := svc.GetTask(ctx, id)
+			return err
+		}),
+	}
+	d.app.rdb.Del(ctx, naiveKey)
+	fmt.Fprintf(d.out, "\nPart 1 (lecture 1.1, 5.1): %d concurrent requests for task %d\n\n", n, id)
+	d.table(rows)
+	fmt.Fprintf(d.out, "\nThe naive cache misses on every request that arrives before the first SET: a cold\n"+
+		"popular key costs %d queries, not 1. cacheaside runs one load and the others wait for it.\n", rows[1].queries)
+	return nil
+}
+
+// part52 is lecture 5.2: lookups of an id that does not exist.
+func (d *demo) part52(ctx context.Context, n int) error {
+	const missing = 999999
+	naiveKey := "demo:naive:tasks:999999"
+	d.app.rdb.Del(ctx, naiveKey, d.app.svc.taskKey(missing))
+	sem := make(chan struct{}, 20) // 20 clients asking in a loop
+	limit := func(f func(context.Context, int) error) func(context.Context, int) error {
+		return func(ctx context.Context, i int) error {
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			return f(ctx, i)
+		}
+	}
+	rows := []result{
+		d.burst("Without negative caching", n, limit(func(ctx context.Context, _ int) error {
+			return d.naiveGet(ctx, naiveKey, missing)
+		})),
+		d.burst("With negative caching", n, limit(func(ctx context.Context, _ int) error {
+			_, err := d.app.svc.GetTask(ctx, missing)
+			return err
+		})),
+	}
+	fmt.Fprintf(d.out, "\nPart 5.2 (cache penetration): %d lookups of task %d, which does not exist, 20 at a time\n\n", n, missing)
+	d.table(rows)
+	return nil
+}
+
+// part53 is lecture 5.3: Redis stops in the middle of a run. It uses its
+// own embedded Redis, so the demo can stop it whatever REDIS_URL says.
+func (d *demo) part53(ctx context.Context, latency time.Duration) error {
+	mr, err := miniredis.Run()
+	if err != nil {
+		return err
+	}
+	defer mr.Close()
+	rdb := redis.NewClient(&redis.Options{Addr: mr.Addr(), ContextTimeoutEnabled: true, MaxRetries: -1,
+		DialTimeout: 100 * time.Millisecond, ReadTimeout: 100 * time.Millisecond, WriteTimeout: 100 * time.Millisecond})
+	defer rdb.Close()
+	ttls, _ := defaultTTLs.WithOverrides(readEnv().cacheTTLs)
+	svc, err := NewService(d.app.store, rdb, ttls, nil, slog.New(slog.DiscardHandler), "demo53.")
+	if err != nil {
+		return err
+	}
+	defer svc.Close()
+
+	const clients, perClient = 10, 40
+	ids := []int64{1, 2, 3, 4, 5, 6, 7, 8, 9, 10}
+	var served, failed, afterStop atomic.Int64
+	var stopped atomic.Bool
+	d.queries.Store(0)
+	var wg sync.WaitGroup
+	t0 := time.Now()
+	for c := 0; c < clients; c++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < perClient; i++ {
+				if c == 0 && i == perClient/2 {
+					mr.Close() // Redis goes away mid-run
+					stopped.Store(true)
+				}
+				if _, err := svc.GetTask(ctx, ids[(c+i)%len(ids)]); err != nil {
+					failed.Add(1)
+					continue
+				}
+				served.Add(1)
+				if stopped.Load() {
+					afterStop.Add(1)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(t0)
+	st := svc.tasks.Stats()
+	fmt.Fprintf(d.out, "\nPart 5.3 (graceful degradation): %d clients × %d requests over %d tasks; Redis stopped halfway\n\n", clients, perClient, len(ids))
+	w := tabwriter.NewWriter(d.out, 0, 0, 2, ' ', 0)
+	fmt.Fprintf(w, "Requests\t%d\t\n", clients*perClient)
+	fmt.Fprintf(w, "Served\t%d\t(%d after Redis stopped)\n", served.Load(), afterStop.Load())
+	fmt.Fprintf(w, "Failed\t%d\t\n", failed.Load())
+	fmt.Fprintf(w, "Cache hits / misses\t%d / %d\t\n", st.Hits, st.Misses)
+	fmt.Fprintf(w, "Redis errors absorbed\t%d\t(logged and counted; those requests were answered from the database, concurrent ones sharing a query)\n", st.RedisErrors)
+	fmt.Fprintf(w, "DB queries\t%d\t(%v each)\n", d.queries.Load(), latency)
+	fmt.Fprintf(w, "Total time\t%v\t\n", elapsed.Round(time.Millisecond))
+	w.Flush()
+	return nil
+}

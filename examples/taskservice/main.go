@@ -1,0 +1,207 @@
+// Command taskservice is the cacheaside reference app: a task-manager API
+// whose every endpoint shows one caching pattern of the lecture, and a demo
+// that reproduces the lecture's numbers.
+//
+//	taskservice            serve the API on :8080 (ADDR to change)
+//	taskservice demo       run the lecture's before/after demos and print the numbers
+//
+// Storage: PostgreSQL at DATABASE_URL, else an SQLite file in a temporary
+// directory. Redis: REDIS_URL, else an embedded in-memory Redis
+// (miniredis). TTLs: the table in service.go, overridden by CACHE_TTLS
+// (for example "task=2m,task_list=30s").
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/alicebob/miniredis/v2"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/redis/go-redis/v9"
+)
+
+// redisLog routes go-redis's own log lines (connection pool retries) to
+// slog at debug level: the cache already reports every Redis failure once.
+type redisLog struct{ log *slog.Logger }
+
+func (l redisLog) Printf(ctx context.Context, format string, v ...any) {
+	l.log.DebugContext(ctx, fmt.Sprintf(format, v...), "source", "go-redis")
+}
+
+func main() {
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	redis.SetLogger(redisLog{log})
+	args := os.Args[1:]
+	var err error
+	if len(args) > 0 && args[0] == "demo" {
+		err = runDemo(os.Stdout, args[1:])
+	} else {
+		err = serve(log, args)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "taskservice:", err)
+		os.Exit(1)
+	}
+}
+
+// env holds what the app reads from its environment.
+type env struct {
+	databaseURL string
+	redisURL    string
+	cacheTTLs   string
+	addr        string
+}
+
+func readEnv() env {
+	e := env{
+		databaseURL: os.Getenv("DATABASE_URL"),
+		redisURL:    os.Getenv("REDIS_URL"),
+		cacheTTLs:   os.Getenv("CACHE_TTLS"),
+		addr:        os.Getenv("ADDR"),
+	}
+	if e.addr == "" {
+		e.addr = "127.0.0.1:8080"
+	}
+	return e
+}
+
+// app is everything a running service owns.
+type app struct {
+	api     *API
+	svc     *Service
+	store   *Store
+	rdb     *redis.Client
+	mini    *miniredis.Miniredis // nil with REDIS_URL
+	tmpDir  string               // SQLite's directory, removed on close
+	Handler http.Handler
+}
+
+// newApp opens the database and Redis named by e and builds the service.
+// dbLatency slows every query down (for demos); prefix isolates the app's
+// keys (for tests that share a Redis).
+func newApp(ctx context.Context, e env, log *slog.Logger, dbLatency time.Duration, prefix string) (*app, error) {
+	a := &app{}
+	ok := false
+	defer func() {
+		if !ok {
+			a.Close()
+		}
+	}()
+	sqlitePath := ""
+	if e.databaseURL == "" {
+		dir, err := os.MkdirTemp("", "taskservice-")
+		if err != nil {
+			return nil, err
+		}
+		a.tmpDir = dir
+		sqlitePath = filepath.Join(dir, "tasks.db")
+	}
+	store, err := OpenStore(ctx, e.databaseURL, sqlitePath)
+	if err != nil {
+		return nil, err
+	}
+	store.latency = dbLatency
+	a.store = store
+
+	var opt *redis.Options
+	if e.redisURL != "" {
+		if opt, err = redis.ParseURL(e.redisURL); err != nil {
+			return nil, fmt.Errorf("REDIS_URL: %w", err)
+		}
+	} else {
+		if a.mini, err = miniredis.Run(); err != nil {
+			return nil, err
+		}
+		opt = &redis.Options{Addr: a.mini.Addr()}
+	}
+	// Fail fast when Redis is slow or gone, instead of holding requests
+	// (lecture 5.3): short timeouts, no retries, ctx deadlines on the socket.
+	opt.ContextTimeoutEnabled = true
+	opt.DialTimeout, opt.ReadTimeout, opt.WriteTimeout = 200*time.Millisecond, 200*time.Millisecond, 200*time.Millisecond
+	opt.MaxRetries = -1
+	a.rdb = redis.NewClient(opt)
+
+	ttls, err := defaultTTLs.WithOverrides(e.cacheTTLs)
+	if err != nil {
+		return nil, fmt.Errorf("CACHE_TTLS: %w", err)
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector())
+	rec := newPromRecorder(reg)
+	if a.svc, err = NewService(store, a.rdb, ttls, rec, log, prefix); err != nil {
+		return nil, err
+	}
+	a.api = &API{svc: a.svc, store: store, rdb: a.rdb, reg: reg, log: log}
+	a.Handler = a.api.Routes()
+	log.Info("taskservice ready", "database", store.dialect, "redis", redisLabel(e.redisURL), "ttls", describe(ttls))
+	ok = true
+	return a, nil
+}
+
+func redisLabel(url string) string {
+	if url == "" {
+		return "embedded (miniredis)"
+	}
+	return "REDIS_URL"
+}
+
+// Close releases everything, in the reverse order of newApp.
+func (a *app) Close() {
+	if a.svc != nil {
+		a.svc.Close()
+	}
+	if a.rdb != nil {
+		a.rdb.Close()
+	}
+	if a.mini != nil {
+		a.mini.Close()
+	}
+	if a.store != nil {
+		a.store.Close()
+	}
+	if a.tmpDir != "" {
+		os.RemoveAll(a.tmpDir)
+	}
+}
+
+func serve(log *slog.Logger, args []string) error {
+	fs := flag.NewFlagSet("taskservice", flag.ContinueOnError)
+	latency := fs.Duration("db-latency", 0, "extra time added to every database query")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	e := readEnv()
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	a, err := newApp(ctx, e, log, *latency, "")
+	if err != nil {
+		return err
+	}
+	defer a.Close()
+	srv := &http.Server{Addr: e.addr, Handler: a.Handler, ReadHeaderTimeout: 5 * time.Second}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.ListenAndServe() }()
+	log.Info("listening", "addr", "http://"+e.addr, "try", "curl http://"+e.addr+"/tasks/42")
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	log.Info("shutting down")
+	sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(sctx); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}

@@ -1,0 +1,182 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"time"
+
+	"github.com/seed-b4ec662f/cacheaside"
+)
+
+// The TTL table: every lifetime decision of the app in one place, from the
+// lecture's guidelines (4.2, 4.4), overridable with CACHE_TTLS, for example
+// CACHE_TTLS="task=2m,task_list=30s,org_stats.swr=1m".
+var defaultTTLs = cacheaside.MustTTLTable(map[string]cacheaside.Policy{
+	// Task details: 5 min + event-based invalidation on every write; a
+	// missing id is remembered for 60 s (lecture 5.2).
+	"task": {TTL: 5 * time.Minute, NegativeTTL: 60 * time.Second},
+	// Task lists: 60 s + event-based invalidation of the whole org.
+	"task_list": {TTL: 60 * time.Second, NegativeTTL: 10 * time.Second},
+	// Dashboard stats: 2 min, TTL only, no event invalidation. Served stale
+	// for another minute while one refresh runs, and for up to 10 minutes
+	// if the database is failing.
+	"org_stats": {TTL: 2 * time.Minute, StaleWhileRevalidate: time.Minute, StaleIfError: 10 * time.Minute},
+	// User permissions are NOT in this table: they are never cached.
+})
+
+// Service is the task API's logic: the store behind three caches.
+type Service struct {
+	store *Store
+	log   *slog.Logger
+
+	tasks *cacheaside.Cache[Task]     // one task by id
+	lists *cacheaside.Cache[TaskPage] // list pages, one namespace per org
+	stats *cacheaside.Cache[OrgStats] // org dashboards, TTL only
+
+	taskKeys  cacheaside.Keyspace
+	listKeys  cacheaside.Keyspace
+	statsKeys cacheaside.Keyspace
+}
+
+// NewService builds the caches on rdb with the policies of ttls. prefix,
+// normally empty, is prepended to every keyspace name so tests can share
+// one Redis.
+func NewService(store *Store, rdb cacheaside.Redis, ttls *cacheaside.TTLTable, rec cacheaside.Recorder, log *slog.Logger, prefix string) (*Service, error) {
+	s := &Service{store: store, log: log}
+	var err error
+	if s.tasks, err = cacheaside.New(rdb, &cacheaside.Options[Task]{Name: "task", Policy: ttls.Get("task"), Recorder: rec, Logger: log}); err != nil {
+		return nil, err
+	}
+	if s.lists, err = cacheaside.New(rdb, &cacheaside.Options[TaskPage]{Name: "task_list", Policy: ttls.Get("task_list"), Recorder: rec, Logger: log, Namespaced: true}); err != nil {
+		return nil, err
+	}
+	if s.stats, err = cacheaside.New(rdb, &cacheaside.Options[OrgStats]{Name: "org_stats", Policy: ttls.Get("org_stats"), Recorder: rec, Logger: log}); err != nil {
+		return nil, err
+	}
+	if s.taskKeys, err = cacheaside.NewKeyspace(prefix+"tasks", 1); err != nil {
+		return nil, err
+	}
+	s.listKeys = cacheaside.MustKeyspace(prefix+"task_lists", 1)
+	s.statsKeys = cacheaside.MustKeyspace(prefix+"org_stats", 1)
+	return s, nil
+}
+
+// Close stops the caches' background work.
+func (s *Service) Close() {
+	s.tasks.Close()
+	s.lists.Close()
+	s.stats.Close()
+}
+
+// Caches lists the caches, for /admin/cache-stats.
+func (s *Service) Caches() []interface {
+	Name() string
+	Stats() cacheaside.Stats
+} {
+	return []interface {
+		Name() string
+		Stats() cacheaside.Stats
+	}{s.tasks, s.lists, s.stats}
+}
+
+func (s *Service) taskKey(id int64) string { return s.taskKeys.Key(strconv.FormatInt(id, 10)) }
+
+// orgLists is the namespace of every cached list page of one org.
+func (s *Service) orgLists(org string) cacheaside.Namespace { return s.listKeys.Namespace("org", org) }
+
+// GetTask: cache-aside with negative caching (lecture 3.3, 5.1, 5.2).
+func (s *Service) GetTask(ctx context.Context, id int64) (Task, error) {
+	return s.tasks.Get(ctx, s.taskKey(id), func(ctx context.Context) (Task, error) {
+		return s.store.GetTask(ctx, id)
+	})
+}
+
+// ListTasks: a paginated list, every query parameter in the key, in the
+// org's namespace (lecture 3.2).
+func (s *Service) ListTasks(ctx context.Context, org, status string, page, size int) (TaskPage, error) {
+	st := status
+	if st == "" {
+		st = "any"
+	}
+	key := s.orgLists(org).Key("status", st, "page", strconv.Itoa(page), "size", strconv.Itoa(size))
+	p, err := s.lists.Get(ctx, key, func(ctx context.Context) (TaskPage, error) {
+		p, err := s.store.ListTasks(ctx, org, status, page, size)
+		if errors.Is(err, errNoOrg) {
+			return TaskPage{}, cacheaside.ErrNotFound
+		}
+		return p, err
+	})
+	return p, err
+}
+
+// OrgStats: TTL only (lecture 4.4): no write invalidates it.
+func (s *Service) OrgStats(ctx context.Context, org string) (OrgStats, error) {
+	return s.stats.Get(ctx, s.statsKeys.Key(org), func(ctx context.Context) (OrgStats, error) {
+		return s.store.OrgStats(ctx, org)
+	})
+}
+
+// Permissions are never cached: they decide what a user may do, so they
+// must come from the source of truth on every request. A revoked admin
+// whose role sat in a cache for five minutes would stay an admin for five
+// minutes (lecture 4.4).
+func (s *Service) Permissions(ctx context.Context, user int64) (Permissions, error) {
+	return s.store.UserPermissions(ctx, user)
+}
+
+// CreateTask writes, then invalidates (lecture 3.4, 4.3): the org's lists,
+// and the new id's key, which may hold a cached "not found" from someone
+// who asked for it before it existed.
+func (s *Service) CreateTask(ctx context.Context, in TaskInput) (Task, error) {
+	t, err := s.store.CreateTask(ctx, in)
+	if err != nil {
+		return Task{}, err
+	}
+	s.invalidate(ctx, t.ID, t.Org)
+	return t, nil
+}
+
+// UpdateTask writes, then invalidates the task and its org's lists.
+func (s *Service) UpdateTask(ctx context.Context, id int64, in TaskInput) (Task, error) {
+	t, err := s.store.UpdateTask(ctx, id, in)
+	if err != nil {
+		return Task{}, err
+	}
+	s.invalidate(ctx, t.ID, t.Org)
+	return t, nil
+}
+
+// DeleteTask deletes, then invalidates the task and its org's lists.
+func (s *Service) DeleteTask(ctx context.Context, id int64) error {
+	org, err := s.store.DeleteTask(ctx, id)
+	if err != nil {
+		return err
+	}
+	s.invalidate(ctx, id, org)
+	return nil
+}
+
+// invalidate runs after the database write has committed. If Redis is down
+// the write still succeeds; the stale entries then live until their TTL
+// (5 min for the task, 60 s for lists), and the failure is logged.
+func (s *Service) invalidate(ctx context.Context, id int64, org string) {
+	if err := s.tasks.Invalidate(ctx, s.taskKey(id)); err != nil {
+		s.log.Error("invalidate task", "id", id, "err", err)
+	}
+	if err := s.lists.InvalidateNamespace(ctx, s.orgLists(org)); err != nil {
+		s.log.Error("invalidate org lists", "org", org, "err", err)
+	}
+}
+
+// describe names the policy of each cache, for the startup log.
+func describe(ttls *cacheaside.TTLTable) string {
+	out := ""
+	for _, n := range ttls.Names() {
+		p := ttls.Get(n)
+		out += fmt.Sprintf("%s=%v ", n, p.TTL)
+	}
+	return out
+}

@@ -1,0 +1,421 @@
+package main
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"strings"
+	"time"
+
+	_ "github.com/jackc/pgx/v5/stdlib" // PostgreSQL driver "pgx"
+	_ "modernc.org/sqlite"             // pure-Go SQLite driver "sqlite"
+
+	"github.com/seed-b4ec662f/cacheaside"
+)
+
+// Task is a task row, as the API returns it and the cache stores it.
+type Task struct {
+	ID        int64     `json:"id"`
+	Org       string    `json:"org"`
+	Title     string    `json:"title"`
+	Status    string    `json:"status"`
+	Assignee  int64     `json:"assignee_id"`
+	Tags      []string  `json:"tags"`
+	UpdatedAt time.Time `json:"updated_at"`
+}
+
+// Statuses a task may have.
+var statuses = []string{"todo", "doing", "done"}
+
+func validStatus(s string) bool {
+	for _, v := range statuses {
+		if s == v {
+			return true
+		}
+	}
+	return false
+}
+
+// TaskPage is one page of a task list.
+type TaskPage struct {
+	Org    string `json:"org"`
+	Status string `json:"status,omitempty"`
+	Page   int    `json:"page"`
+	Size   int    `json:"size"`
+	Total  int    `json:"total"`
+	Tasks  []Task `json:"tasks"`
+}
+
+// OrgStats are the dashboard aggregates of one org.
+type OrgStats struct {
+	Org      string         `json:"org"`
+	Total    int            `json:"total"`
+	ByStatus map[string]int `json:"by_status"`
+	Computed time.Time      `json:"computed_at"`
+}
+
+// Store is the source of truth: PostgreSQL or SQLite through database/sql.
+// Latency, when set, is added to every query, to make the database as slow
+// as a real one under load for the demo.
+type Store struct {
+	db      *sql.DB
+	dialect string // "pgx" or "sqlite"
+	latency time.Duration
+	queries func() // counts queries; may be nil
+}
+
+// errNoOrg is returned when a request names an org that does not exist.
+var errNoOrg = errors.New("no such org")
+
+// OpenStore opens the database at url (a PostgreSQL URL), or an SQLite
+// database at path when url is empty, and creates and seeds the schema if
+// it is empty.
+func OpenStore(ctx context.Context, url, sqlitePath string) (*Store, error) {
+	s := &Store{dialect: "sqlite"}
+	var err error
+	if url != "" {
+		s.dialect = "pgx"
+		s.db, err = sql.Open("pgx", url)
+	} else {
+		s.db, err = sql.Open("sqlite", "file:"+sqlitePath+"?_pragma=busy_timeout(5000)&_pragma=journal_mode(WAL)")
+		if err == nil {
+			s.db.SetMaxOpenConns(1) // one writer; reads are cached anyway
+		}
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := s.db.PingContext(ctx); err != nil {
+		s.db.Close()
+		return nil, fmt.Errorf("database: %w", err)
+	}
+	if err := s.migrate(ctx); err != nil {
+		s.db.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+func (s *Store) Close() error { return s.db.Close() }
+
+func (s *Store) query() {
+	if s.queries != nil {
+		s.queries()
+	}
+}
+
+func (s *Store) sleep(ctx context.Context) error {
+	if s.latency <= 0 {
+		return nil
+	}
+	t := time.NewTimer(s.latency)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (s *Store) migrate(ctx context.Context) error {
+	serial := "INTEGER PRIMARY KEY AUTOINCREMENT"
+	if s.dialect == "pgx" {
+		serial = "BIGSERIAL PRIMARY KEY"
+	}
+	stmts := []string{
+		`CREATE TABLE IF NOT EXISTS orgs (slug TEXT PRIMARY KEY, name TEXT NOT NULL)`,
+		`CREATE TABLE IF NOT EXISTS users (id ` + serial + `, org TEXT NOT NULL REFERENCES orgs(slug), name TEXT NOT NULL, role TEXT NOT NULL)`,
+		`CREATE TABLE IF NOT EXISTS tasks (id ` + serial + `, org TEXT NOT NULL REFERENCES orgs(slug), title TEXT NOT NULL,
+			status TEXT NOT NULL, assignee BIGINT NOT NULL REFERENCES users(id), tags TEXT NOT NULL, updated_at TIMESTAMP NOT NULL)`,
+		`CREATE INDEX IF NOT EXISTS tasks_org_status ON tasks (org, status, id)`,
+	}
+	for _, q := range stmts {
+		if _, err := s.db.ExecContext(ctx, q); err != nil {
+			return fmt.Errorf("schema: %w", err)
+		}
+	}
+	var n int
+	if err := s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM orgs`).Scan(&n); err != nil {
+		return err
+	}
+	if n > 0 {
+		return nil
+	}
+	return s.seed(ctx)
+}
+
+// seed writes three orgs, a few users each and 1,000 tasks with tags.
+func (s *Store) seed(ctx context.Context) error {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	orgs := []struct{ slug, name string }{{"acme", "Acme Corp"}, {"globex", "Globex"}, {"initech", "Initech"}}
+	users := map[string][]int64{}
+	roles := []string{"admin", "member", "member", "viewer"}
+	names := []string{"Alice", "Bob", "Carol", "Dave"}
+	for _, o := range orgs {
+		if _, err := tx.ExecContext(ctx, `INSERT INTO orgs (slug, name) VALUES ($1, $2)`, o.slug, o.name); err != nil {
+			return err
+		}
+		for i, role := range roles {
+			var id int64
+			if err := tx.QueryRowContext(ctx, `INSERT INTO users (org, name, role) VALUES ($1, $2, $3) RETURNING id`,
+				o.slug, names[i]+" ("+o.name+")", role).Scan(&id); err != nil {
+				return err
+			}
+			users[o.slug] = append(users[o.slug], id)
+		}
+	}
+	rng := rand.New(rand.NewPCG(42, 42))
+	verbs := []string{"Design", "Review", "Ship", "Fix", "Measure", "Document"}
+	things := []string{"caching layer", "login page", "billing export", "search index", "dashboard", "rate limiter"}
+	tags := []string{"backend", "frontend", "performance", "security", "docs", "ops"}
+	now := time.Date(2026, 11, 1, 9, 0, 0, 0, time.UTC)
+	for i := 0; i < 1000; i++ {
+		o := orgs[i%len(orgs)].slug
+		tt, _ := json.Marshal([]string{tags[rng.IntN(len(tags))], tags[rng.IntN(len(tags))]})
+		if _, err := tx.ExecContext(ctx, `INSERT INTO tasks (org, title, status, assignee, tags, updated_at) VALUES ($1, $2, $3, $4, $5, $6)`,
+			o, verbs[rng.IntN(len(verbs))]+" "+things[rng.IntN(len(things))], statuses[rng.IntN(len(statuses))],
+			users[o][rng.IntN(len(users[o]))], string(tt), now.Add(time.Duration(i)*time.Minute)); err != nil {
+			return err
+		}
+	}
+	return tx.Commit()
+}
+
+const taskColumns = `id, org, title, status, assignee, tags, updated_at`
+
+func scanTask(row interface{ Scan(...any) error }) (Task, error) {
+	var t Task
+	var tags string
+	if err := row.Scan(&t.ID, &t.Org, &t.Title, &t.Status, &t.Assignee, &tags, &t.UpdatedAt); err != nil {
+		return Task{}, err
+	}
+	if err := json.Unmarshal([]byte(tags), &t.Tags); err != nil {
+		return Task{}, fmt.Errorf("task %d: tags: %w", t.ID, err)
+	}
+	t.UpdatedAt = t.UpdatedAt.UTC()
+	return t, nil
+}
+
+// GetTask returns one task, or cacheaside.ErrNotFound.
+func (s *Store) GetTask(ctx context.Context, id int64) (Task, error) {
+	s.query()
+	if err := s.sleep(ctx); err != nil {
+		return Task{}, err
+	}
+	t, err := scanTask(s.db.QueryRowContext(ctx, `SELECT `+taskColumns+` FROM tasks WHERE id = $1`, id))
+	if errors.Is(err, sql.ErrNoRows) {
+		return Task{}, cacheaside.ErrNotFound
+	}
+	return t, err
+}
+
+// ListTasks returns one page of an org's tasks, optionally of one status.
+func (s *Store) ListTasks(ctx context.Context, org, status string, page, size int) (TaskPage, error) {
+	s.query()
+	if err := s.sleep(ctx); err != nil {
+		return TaskPage{}, err
+	}
+	if ok, err := s.orgExists(ctx, org); err != nil || !ok {
+		if err == nil {
+			err = errNoOrg
+		}
+		return TaskPage{}, err
+	}
+	p := TaskPage{Org: org, Status: status, Page: page, Size: size, Tasks: []Task{}}
+	if err := s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM tasks WHERE org = $1 AND ($2 = '' OR status = $2)`,
+		org, status).Scan(&p.Total); err != nil {
+		return TaskPage{}, err
+	}
+	rows, err := s.db.QueryContext(ctx, `SELECT `+taskColumns+` FROM tasks WHERE org = $1 AND ($2 = '' OR status = $2)
+		ORDER BY id LIMIT $3 OFFSET $4`, org, status, size, (page-1)*size)
+	if err != nil {
+		return TaskPage{}, err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		t, err := scanTask(rows)
+		if err != nil {
+			return TaskPage{}, err
+		}
+		p.Tasks = append(p.Tasks, t)
+	}
+	return p, rows.Err()
+}
+
+func (s *Store) orgExists(ctx context.Context, org string) (bool, error) {
+	var n int
+	err := s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM orgs WHERE slug = $1`, org).Scan(&n)
+	return n > 0, err
+}
+
+// OrgStats computes the dashboard aggregates of one org.
+func (s *Store) OrgStats(ctx context.Context, org string) (OrgStats, error) {
+	s.query()
+	if err := s.sleep(ctx); err != nil {
+		return OrgStats{}, err
+	}
+	if ok, err := s.orgExists(ctx, org); err != nil || !ok {
+		if err == nil {
+			err = cacheaside.ErrNotFound
+		}
+		return OrgStats{}, err
+	}
+	st := OrgStats{Org: org, ByStatus: map[string]int{}, Computed: time.Now().UTC()}
+	rows, err := s.db.QueryContext(ctx, `SELECT status, COUNT(*) FROM tasks WHERE org = $1 GROUP BY status`, org)
+	if err != nil {
+		return OrgStats{}, err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var status string
+		var n int
+		if err := rows.Scan(&status, &n); err != nil {
+			return OrgStats{}, err
+		}
+		st.ByStatus[status] = n
+		st.Total += n
+	}
+	return st, rows.Err()
+}
+
+// TaskInput is the body of a create or update.
+type TaskInput struct {
+	Org      string   `json:"org"`
+	Title    string   `json:"title"`
+	Status   string   `json:"status"`
+	Assignee int64    `json:"assignee_id"`
+	Tags     []string `json:"tags"`
+}
+
+// errInvalid marks input the API rejects with 400.
+type errInvalid struct{ msg string }
+
+func (e errInvalid) Error() string { return e.msg }
+
+func invalidf(format string, args ...any) error { return errInvalid{fmt.Sprintf(format, args...)} }
+
+// validate checks a task body; org is required only on create.
+func (in *TaskInput) validate(create bool) error {
+	in.Title = strings.TrimSpace(in.Title)
+	switch {
+	case create && in.Org == "":
+		return invalidf("org is required")
+	case in.Title == "":
+		return invalidf("title is required")
+	case len(in.Title) > 200:
+		return invalidf("title is longer than 200 characters")
+	case !validStatus(in.Status):
+		return invalidf("status %q is not one of %s", in.Status, strings.Join(statuses, ", "))
+	case in.Assignee <= 0:
+		return invalidf("assignee_id is required")
+	case len(in.Tags) > 10:
+		return invalidf("at most 10 tags")
+	}
+	if in.Tags == nil {
+		in.Tags = []string{}
+	}
+	return nil
+}
+
+// CreateTask inserts a task and returns it.
+func (s *Store) CreateTask(ctx context.Context, in TaskInput) (Task, error) {
+	s.query()
+	if ok, err := s.userInOrg(ctx, in.Assignee, in.Org); err != nil || !ok {
+		if err == nil {
+			err = invalidf("assignee %d is not a user of org %q", in.Assignee, in.Org)
+		}
+		return Task{}, err
+	}
+	tags, _ := json.Marshal(in.Tags)
+	return scanTask(s.db.QueryRowContext(ctx, `INSERT INTO tasks (org, title, status, assignee, tags, updated_at)
+		VALUES ($1, $2, $3, $4, $5, $6) RETURNING `+taskColumns, in.Org, in.Title, in.Status, in.Assignee, string(tags), time.Now().UTC()))
+}
+
+// UpdateTask replaces a task's fields (not its org) and returns it, or
+// cacheaside.ErrNotFound.
+func (s *Store) UpdateTask(ctx context.Context, id int64, in TaskInput) (Task, error) {
+	s.query()
+	cur, err := scanTask(s.db.QueryRowContext(ctx, `SELECT `+taskColumns+` FROM tasks WHERE id = $1`, id))
+	if errors.Is(err, sql.ErrNoRows) {
+		return Task{}, cacheaside.ErrNotFound
+	}
+	if err != nil {
+		return Task{}, err
+	}
+	if in.Org != "" && in.Org != cur.Org {
+		return Task{}, invalidf("a task cannot move to another org")
+	}
+	if ok, err := s.userInOrg(ctx, in.Assignee, cur.Org); err != nil || !ok {
+		if err == nil {
+			err = invalidf("assignee %d is not a user of org %q", in.Assignee, cur.Org)
+		}
+		return Task{}, err
+	}
+	tags, _ := json.Marshal(in.Tags)
+	t, err := scanTask(s.db.QueryRowContext(ctx, `UPDATE tasks SET title = $1, status = $2, assignee = $3, tags = $4, updated_at = $5
+		WHERE id = $6 RETURNING `+taskColumns, in.Title, in.Status, in.Assignee, string(tags), time.Now().UTC(), id))
+	if errors.Is(err, sql.ErrNoRows) {
+		return Task{}, cacheaside.ErrNotFound
+	}
+	return t, err
+}
+
+// DeleteTask deletes a task and returns its org, or cacheaside.ErrNotFound.
+func (s *Store) DeleteTask(ctx context.Context, id int64) (string, error) {
+	s.query()
+	var org string
+	err := s.db.QueryRowContext(ctx, `DELETE FROM tasks WHERE id = $1 RETURNING org`, id).Scan(&org)
+	if errors.Is(err, sql.ErrNoRows) {
+		return "", cacheaside.ErrNotFound
+	}
+	return org, err
+}
+
+func (s *Store) userInOrg(ctx context.Context, user int64, org string) (bool, error) {
+	var n int
+	err := s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM users WHERE id = $1 AND org = $2`, user, org).Scan(&n)
+	return n > 0, err
+}
+
+// Permissions are what one user may do.
+type Permissions struct {
+	User  int64    `json:"user_id"`
+	Org   string   `json:"org"`
+	Role  string   `json:"role"`
+	Can   []string `json:"can"`
+	Fresh string   `json:"source"`
+}
+
+// UserPermissions reads a user's role and what it allows, or
+// cacheaside.ErrNotFound.
+func (s *Store) UserPermissions(ctx context.Context, user int64) (Permissions, error) {
+	s.query()
+	p := Permissions{User: user, Fresh: "database"}
+	err := s.db.QueryRowContext(ctx, `SELECT org, role FROM users WHERE id = $1`, user).Scan(&p.Org, &p.Role)
+	if errors.Is(err, sql.ErrNoRows) {
+		return Permissions{}, cacheaside.ErrNotFound
+	}
+	if err != nil {
+		return Permissions{}, err
+	}
+	switch p.Role {
+	case "admin":
+		p.Can = []string{"read", "write", "delete", "admin"}
+	case "member":
+		p.Can = []string{"read", "write"}
+	default:
+		p.Can = []string{"read"}
+	}
+	return p, nil
+}
+
+// Ping checks the database.
+func (s *Store) Ping(ctx context.Context) error { return s.db.PingContext(ctx) }
