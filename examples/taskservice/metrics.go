@@ -48,8 +48,10 @@ func newPromRecorder(reg prometheus.Registerer) *promRecorder {
 	return r
 }
 
-func (r *promRecorder) Hit(cache string)         { r.requests.WithLabelValues(cache, "hit").Inc() }
-func (r *promRecorder) NegativeHit(cache string) { r.requests.WithLabelValues(cache, "negative_hit").Inc() }
+func (r *promRecorder) Hit(cache string) { r.requests.WithLabelValues(cache, "hit").Inc() }
+func (r *promRecorder) NegativeHit(cache string) {
+	r.requests.WithLabelValues(cache, "negative_hit").Inc()
+}
 func (r *promRecorder) Miss(cache string)        { r.requests.WithLabelValues(cache, "miss").Inc() }
 func (r *promRecorder) Coalesced(cache string)   { r.coalesced.WithLabelValues(cache).Inc() }
 func (r *promRecorder) StaleServed(cache string) { r.stale.WithLabelValues(cache).Inc() }
