@@ -1,14 +1,16 @@
 REDIS ?= 127.0.0.1:6379
+DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test?sslmode=disable
 
 .PHONY: test race bench bench-invalidate lint fuzz ci
 
-# What a fresh machine with only Go runs: everything on miniredis.
+# What a fresh machine with only Go runs: everything on miniredis and SQLite.
 test:
-	go test ./...
+	go test ./... && go -C examples test ./...
 
 # The same suite with the race detector, also against the real Redis at $(REDIS).
 race:
 	CACHEASIDE_REDIS_ADDR=$(REDIS) go test -race -count=1 ./...
+	DATABASE_URL=$(DATABASE_URL) REDIS_URL=redis://$(REDIS)/0 go -C examples test -race -count=1 ./...
 
 # Hit path (fresh and stale-served) beside the raw go-redis GET +
 # json.Unmarshal baseline, on a real Redis. The two run interleaved, 8 rounds, so drift on the machine hits both
