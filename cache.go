@@ -29,6 +29,7 @@ type Cache[T any] struct {
 
 	group    flight.Group[answer[T]] // one in-process load per key
 	inflight sync.Map                // key → *flightState of its newest flight in group
+	flights  atomic.Uint64           // flights started, numbering them (flightState.seq)
 	stats    counters
 
 	refreshMu sync.Mutex           // protects refreshes
@@ -130,7 +131,7 @@ func (c *Cache[T]) Get(ctx context.Context, key string, load Loader[T]) (T, erro
 
 // maxRejoins bounds how often a Get that joined an in-process load it
 // could not trust starts over (see flightSeen.joinable).
-const maxRejoins = 2
+const maxRejoins = 1
 
 func (c *Cache[T]) get(ctx context.Context, key string, load Loader[T], attempt int) (T, error) {
 	var zero T
@@ -145,7 +146,8 @@ func (c *Cache[T]) get(ctx context.Context, key string, load Loader[T], attempt 
 		return zero, ErrClosed
 	}
 	// What the in-process load for key (if any) had observed before this
-	// Get's read: see joinable.
+	// Get's read, and how many loads had started: see joinable.
+	start := c.flights.Load()
 	var seen flightSeen
 	if f, ok := c.inflight.Load(key); ok {
 		seen = flightSeen{f.(*flightState), f.(*flightState).observing.Load()}
@@ -192,14 +194,14 @@ func (c *Cache[T]) get(ctx context.Context, key string, load Loader[T], attempt 
 		}
 		c.redisError(ctx, "get", key, err)
 		redisDown = true
-		return c.shared(ctx, key, genKey, load, vw, redisDown, seen, attempt)
+		return c.shared(ctx, key, genKey, load, vw, redisDown, seen, attempt, start)
 	}
 	c.stats.misses.Add(1)
 	c.rec.Miss(c.name)
 	if h := c.hooks; h != nil && h.afterMiss != nil {
 		h.afterMiss(key)
 	}
-	return c.shared(ctx, key, genKey, load, vw, redisDown, seen, attempt)
+	return c.shared(ctx, key, genKey, load, vw, redisDown, seen, attempt, start)
 }
 
 var errNilLoader = errors.New("cacheaside: Get with a nil Loader")
@@ -254,6 +256,7 @@ type flightState struct {
 	observing atomic.Bool                    // it has sent (or is sending) a lease script
 	tok       atomic.Pointer[envelope.Token] // token of the entry its answer rests on; nil while a reply is pending
 	answer    envelope.Token                 // set by the flight before it returns: the entry holding its answer (zero: none)
+	seq       uint64                         // this flight's number in Cache.flights
 }
 
 // answer is what a shared load delivers: the value, and the token of the
@@ -261,6 +264,7 @@ type flightState struct {
 type answer[T any] struct {
 	v   T
 	tok envelope.Token
+	fs  *flightState // the flight that produced it
 }
 
 // observe marks a lease script about to be sent: until its reply is
@@ -297,16 +301,20 @@ func (s flightSeen) joinable(tok *envelope.Token) bool {
 }
 
 // shared runs one load per key in this process and waits for it on ctx.
-func (c *Cache[T]) shared(ctx context.Context, key, genKey string, load Loader[T], vw view[T], redisDown bool, seen flightSeen, attempt int) (T, error) {
+//
+// start is how many flights had begun before the Get's read: a flight
+// numbered after it began after the Get did, so whatever it observes is
+// recent enough. Only an older flight needs joinable, or the check.
+func (c *Cache[T]) shared(ctx context.Context, key, genKey string, load Loader[T], vw view[T], redisDown bool, seen flightSeen, attempt int, start uint64) (T, error) {
 	var tok *envelope.Token
 	if vw.e.Token != (envelope.Token{}) {
 		tok = &vw.e.Token
 	}
-	verify := !seen.joinable(tok) && attempt < maxRejoins
+	trusted := seen.joinable(tok)
 	leader := false
 	ch := c.group.DoChan(key, func() (a answer[T], err error) {
 		leader = true
-		fs := new(flightState)
+		fs := &flightState{seq: c.flights.Add(1)}
 		c.inflight.Store(key, fs)
 		defer c.inflight.CompareAndDelete(key, fs)
 		// x/sync re-panics a DoChan panic where nobody can recover it, so
@@ -319,7 +327,7 @@ func (c *Cache[T]) shared(ctx context.Context, key, genKey string, load Loader[T
 			}
 		}()
 		v, err := c.run(ctx, key, genKey, load, vw, redisDown, fs)
-		return answer[T]{v, fs.answer}, err
+		return answer[T]{v, fs.answer, fs}, err
 	})
 	select {
 	case r := <-ch:
@@ -329,7 +337,8 @@ func (c *Cache[T]) shared(ctx context.Context, key, genKey string, load Loader[T
 		}
 		c.stats.coalesced.Add(1)
 		c.rec.Coalesced(c.name)
-		if verify && (r.Err == nil || errors.Is(r.Err, ErrNotFound)) && !c.holds(ctx, key, genKey, a.tok) {
+		older := a.fs != nil && a.fs.seq <= start && !(a.fs == seen.f && trusted)
+		if older && attempt < maxRejoins && (r.Err == nil || errors.Is(r.Err, ErrNotFound)) && !c.holds(ctx, key, genKey, a.tok) {
 			return c.get(ctx, key, load, attempt+1)
 		}
 		return a.v, r.Err
@@ -376,6 +385,7 @@ func (c *Cache[T]) run(parent context.Context, key, genKey string, load Loader[T
 	}()
 
 	if redisDown {
+		fs.observe() // the loader reads the source now, with no entry to vouch for it
 		return c.loadUncached(ctx, load)
 	}
 	tok := newToken()
@@ -391,12 +401,13 @@ func (c *Cache[T]) run(parent context.Context, key, genKey string, load Loader[T
 			// A value due for reload: take the lease on it in place,
 			// keeping it to serve if the reload fails.
 			fs.observe()
-			ok, err := refreshLease(ctx, c.rdb, key, genKey, vw.e.Token, tok, c.opts.LeaseTTL)
+			ok, err := refreshLease(ctx, c.rdb, key, genKey, vw.e.Token, tok, c.opts.LeaseTTL, c.genTTL)
 			if ok {
 				fs.tok.Store(&tok)
 			}
 			if err != nil {
-				return c.afterRedisError(ctx, "refresh", key, tok, load, err)
+				got, err := c.afterRedisError(ctx, "refresh", key, tok, load, err, c.keepOnFailure(&vw.e))
+				return c.orStale(got, err, &vw)
 			}
 			if ok {
 				c.waited(waitStart)
@@ -410,7 +421,7 @@ func (c *Cache[T]) run(parent context.Context, key, genKey string, load Loader[T
 		fs.observe()
 		held, gen, cur, err := acquire(ctx, c.rdb, key, genKey, lease, c.opts.LeaseTTL, replace, c.genTTL)
 		if err != nil {
-			return c.afterRedisError(ctx, "acquire", key, tok, load, err)
+			return c.afterRedisError(ctx, "acquire", key, tok, load, err, 0)
 		}
 		if held {
 			fs.tok.Store(&tok)
@@ -471,14 +482,16 @@ func (c *Cache[T]) run(parent context.Context, key, genKey string, load Loader[T
 // afterRedisError handles a failed lease script: Close's cancellation is
 // returned as is; anything else is reported, the lease the script may have
 // taken before its reply was lost is dropped, and the loader answers.
-func (c *Cache[T]) afterRedisError(ctx context.Context, op, key string, tok envelope.Token, load Loader[T], err error) (T, error) {
+// keep is how long a value the script may have turned into a refreshing
+// entry should live on once put back.
+func (c *Cache[T]) afterRedisError(ctx context.Context, op, key string, tok envelope.Token, load Loader[T], err error, keep time.Duration) (T, error) {
 	if cerr := ctx.Err(); cerr != nil {
 		var zero T
 		return zero, cerr
 	}
 	c.redisError(ctx, op, key, err)
 	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.opts.LeaseTTL)
-	_, _ = release(rctx, c.rdb, key, tok, 0)
+	_, _ = release(rctx, c.rdb, key, tok, keep)
 	cancel()
 	return c.loadUncached(ctx, load)
 }
@@ -566,7 +579,7 @@ func (c *Cache[T]) store(ctx context.Context, key, genKey string, tok envelope.T
 		}
 		return true
 	}
-	ok, err := fill(ctx, c.rdb, key, genKey, tok, entry, ttl)
+	ok, err := fill(ctx, c.rdb, key, genKey, tok, entry, ttl, c.genTTL)
 	switch {
 	case err != nil:
 		c.redisError(ctx, "fill", key, err)

@@ -296,12 +296,12 @@ func TestLeaseScriptsIdempotent(t *testing.T) {
 		}
 		entry := envelope.Encode(&envelope.Entry{Kind: envelope.Value, Format: FormatJSON, Token: tok, Payload: []byte(`1`)})
 		for i := 0; i < 2; i++ {
-			ok, err := fill(ctx, rdb, key, "", tok, entry, time.Minute)
+			ok, err := fill(ctx, rdb, key, "", tok, entry, time.Minute, time.Minute)
 			if err != nil || !ok {
 				t.Fatalf("fill #%d = %v, %v; want ok", i, ok, err)
 			}
 		}
-		if ok, _ := fill(ctx, rdb, key, "", other, entry, time.Minute); ok {
+		if ok, _ := fill(ctx, rdb, key, "", other, entry, time.Minute, time.Minute); ok {
 			t.Fatal("fill with a foreign token succeeded")
 		}
 		// Release and extend act only on a lease, never on the filled value.

@@ -174,9 +174,10 @@ func (ns Namespace) Key(parts ...string) string {
 	return Keyspace{base: ns.tag}.build(parts, false)
 }
 
-// Prefix returns the prefix every key of the namespace starts with, ending
-// in the separator, for InvalidatePrefix.
-func (ns Namespace) Prefix() string { return ns.tag + ":" }
+// Prefix returns the prefix every key of the namespace starts with (its
+// generation key too), for InvalidatePrefix: the tag itself, since no
+// other namespace's tag can start with it (parts escape '}').
+func (ns Namespace) Prefix() string { return ns.tag }
 
 // String returns the namespace's tag, such as "v1:task_lists:{org:acme}".
 func (ns Namespace) String() string { return ns.tag }

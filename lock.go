@@ -112,15 +112,15 @@ func acquire(ctx context.Context, rdb Redis, key, genKey string, lease []byte, t
 
 // fill runs fill.lua: write entry for ttl if key still holds tok's lease
 // (and, with genKey, if the namespace generation is still the entry's).
-func fill(ctx context.Context, rdb Redis, key, genKey string, tok envelope.Token, entry []byte, ttl time.Duration) (bool, error) {
-	n, err := fillScript.Run(ctx, rdb, entryKeys(key, genKey), tok[:], entry, millis(ttl)).Int64()
+func fill(ctx context.Context, rdb Redis, key, genKey string, tok envelope.Token, entry []byte, ttl, genTTL time.Duration) (bool, error) {
+	n, err := fillScript.Run(ctx, rdb, entryKeys(key, genKey), tok[:], entry, millis(ttl), millis(genTTL)).Int64()
 	return n == 1, err
 }
 
 // refreshLease runs refresh.lua: turn the value written under old into a
 // refreshing entry held by tok.
-func refreshLease(ctx context.Context, rdb Redis, key, genKey string, old, tok envelope.Token, ttl time.Duration) (bool, error) {
-	n, err := refreshScript.Run(ctx, rdb, entryKeys(key, genKey), old[:], tok[:], millis(ttl)).Int64()
+func refreshLease(ctx context.Context, rdb Redis, key, genKey string, old, tok envelope.Token, ttl, genTTL time.Duration) (bool, error) {
+	n, err := refreshScript.Run(ctx, rdb, entryKeys(key, genKey), old[:], tok[:], millis(ttl), millis(genTTL)).Int64()
 	return n == 1, err
 }
 

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"runtime/debug"
 	"time"
 
 	"github.com/seed-b4ec662f/cacheaside/internal/envelope"
@@ -67,7 +68,10 @@ func (c *Cache[T]) classify(ctx context.Context, key string, b []byte, gv genVie
 	payload := vw.e.Payload
 	vw.e.Payload = nil
 	if gv.namespaced && (!gv.known || vw.e.Gen != gv.gen) {
-		return vw // stamped with an older generation: a miss
+		// Stamped with an older generation: a miss, and its token says
+		// nothing about what is current (see flightSeen.joinable).
+		vw.e = envelope.Entry{}
+		return vw
 	}
 	switch vw.e.Kind {
 	case envelope.Lease:
@@ -155,15 +159,28 @@ func (c *Cache[T]) refreshAsync(parent context.Context, key, genKey string, load
 	}
 	go func() {
 		defer c.wg.Done()
+		defer func() {
+			// Loader panics are errors already (callLoader); this catches
+			// one in a codec or hook, which would otherwise end the process.
+			if r := recover(); r != nil {
+				c.report(parent, "refresh", key, &PanicError{Value: r, Stack: debug.Stack()})
+				c.endRefresh(key, true)
+			}
+		}()
 		ctx, cancel := context.WithCancel(context.WithoutCancel(parent))
 		defer cancel()
 		defer context.AfterFunc(c.stop, cancel)()
 		tok := newToken()
-		ok, err := refreshLease(ctx, c.rdb, key, genKey, e.Token, tok, c.opts.LeaseTTL)
+		ok, err := refreshLease(ctx, c.rdb, key, genKey, e.Token, tok, c.opts.LeaseTTL, c.genTTL)
 		if err != nil {
 			if ctx.Err() == nil {
 				c.redisError(ctx, "refresh", key, err)
 			}
+			// The script may have run and only its reply been lost: put the
+			// value back rather than leave it "refreshing" with nobody on it.
+			rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), c.opts.LeaseTTL)
+			_, _ = release(rctx, c.rdb, key, tok, c.keepOnFailure(&e))
+			rcancel()
 			c.endRefresh(key, true)
 			return
 		}

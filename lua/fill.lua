@@ -8,6 +8,7 @@
 -- ARGV[1]  the caller's 16-byte lease token
 -- ARGV[2]  the entry to write (value or tombstone, carrying its generation)
 -- ARGV[3]  its lifetime in milliseconds
+-- ARGV[4]  lifetime of the generation key in milliseconds (namespaced caches)
 -- Returns 1 when written (or already written by a retry of this call), else 0.
 local cur = redis.pcall('GET', KEYS[1])
 if type(cur) ~= 'string' or #cur < 40 or string.sub(cur, 1, 2) ~= string.sub(ARGV[2], 1, 2)
@@ -19,6 +20,7 @@ if #KEYS > 1 then
   if type(gen) ~= 'string' or gen ~= string.sub(ARGV[2], 33, 40) then
     return 0
   end
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
 end
 local kind = string.byte(cur, 3)
 if kind == 3 or kind == 4 then

@@ -7,6 +7,7 @@
 -- ARGV[1]  token of the value the caller read
 -- ARGV[2]  the caller's new 16-byte lease token
 -- ARGV[3]  lease lifetime in milliseconds
+-- ARGV[4]  lifetime of the generation key in milliseconds (namespaced caches)
 -- Returns 1 when the caller holds the refresh lease (including a retry), else 0.
 local cur = redis.pcall('GET', KEYS[1])
 if type(cur) ~= 'string' or #cur < 40 then
@@ -25,6 +26,7 @@ if #KEYS > 1 then
   if type(gen) ~= 'string' or gen ~= string.sub(cur, 33, 40) then
     return 0
   end
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
 end
 redis.call('SET', KEYS[1], string.sub(cur, 1, 2) .. '\4' .. string.sub(cur, 4, 4) .. ARGV[2] .. string.sub(cur, 21),
   'PX', ARGV[3])

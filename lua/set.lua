@@ -6,6 +6,10 @@
 -- ARGV[2]  its lifetime in milliseconds
 -- ARGV[3]  8 random bytes: the generation to create if the namespace has none
 -- ARGV[4]  lifetime of the generation key in milliseconds
+local cur = redis.pcall('GET', KEYS[1])
+if type(cur) == 'string' and #cur >= 40 and string.sub(cur, 5, 20) == string.sub(ARGV[1], 5, 20) then
+  return 1 -- a client retry of a call that already wrote: keep its generation
+end
 local gen = redis.pcall('GET', KEYS[2])
 if type(gen) ~= 'string' or #gen ~= 8 then
   gen = ARGV[3]
