@@ -21,7 +21,9 @@ import (
 // Cache is a typed cache-aside cache for values of type T stored in Redis.
 // It is safe for concurrent use. Build one with New and stop it with Close.
 type Cache[T any] struct {
-	rdb    Redis
+	rdb    Redis      // the client behind the operation budget and the breaker
+	raw    Redis      // the client as given to New
+	guard  *guarded   // rdb
 	opts   Options[T] // resolved: every default filled in
 	name   string     // opts.Name
 	rec    Recorder   // opts.Recorder
@@ -31,6 +33,8 @@ type Cache[T any] struct {
 	inflight sync.Map                // key → *flightState of its newest flight in group
 	flights  atomic.Uint64           // flights started, numbering them (flightState.seq)
 	stats    counters
+
+	loadSlots chan struct{} // MaxLoadsWhileDown slots for loads that bypass Redis
 
 	refreshMu sync.Mutex           // protects refreshes
 	refreshes map[string]time.Time // key → zero while a background refresh runs, else when the last one failed
@@ -61,12 +65,18 @@ func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &Cache[T]{rdb: rdb, opts: o, name: o.Name, rec: o.Recorder, refreshes: make(map[string]time.Time)}
+	c := &Cache[T]{raw: rdb, opts: o, name: o.Name, rec: o.Recorder, refreshes: make(map[string]time.Time),
+		loadSlots: make(chan struct{}, o.MaxLoadsWhileDown)}
+	c.guard = &guarded{rdb: rdb, budget: o.OpTimeout}
+	if !o.NoBreaker {
+		c.guard.cb = newBreaker(o.Name, o.BreakerFailures, o.BreakerCooldown, o.Logger, o.Recorder, &c.stats.breakerOpens)
+	}
+	c.rdb = c.guard
 	// A generation key outlives every entry stamped with it; if it expires
 	// anyway, a new random generation only turns old entries into misses.
 	c.genTTL = 2*(o.Policy.TTL+o.Policy.staleWindow()) + o.LeaseTTL
 	c.stop, c.cancel = context.WithCancel(context.Background())
-	warnClientOptions(rdb, o.Logger, o.Name)
+	warnClientOptions(c.raw, o.Logger, o.Name)
 	return c, nil
 }
 
@@ -92,7 +102,11 @@ func warnClientOptions(rdb Redis, log *slog.Logger, name string) {
 func (c *Cache[T]) Name() string { return c.name }
 
 // Stats returns a snapshot of the cache's counters.
-func (c *Cache[T]) Stats() Stats { return c.stats.snapshot() }
+func (c *Cache[T]) Stats() Stats {
+	s := c.stats.snapshot()
+	s.RedisSkipped = c.guard.skipped.Load()
+	return s
+}
 
 // Get returns the value for key, loading it with load on a miss.
 //
@@ -193,6 +207,9 @@ func (c *Cache[T]) get(ctx context.Context, key string, load Loader[T], attempt 
 			return zero, cerr // the caller's own deadline, not a Redis failure
 		}
 		c.redisError(ctx, "get", key, err)
+		if c.opts.OnRedisDown == FailClosed {
+			return zero, fmt.Errorf("%w: %w", ErrRedisUnavailable, err)
+		}
 		redisDown = true
 		return c.shared(ctx, key, genKey, load, vw, redisDown, seen, attempt, start)
 	}
@@ -493,6 +510,10 @@ func (c *Cache[T]) afterRedisError(ctx context.Context, op, key string, tok enve
 	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.opts.LeaseTTL)
 	_, _ = release(rctx, c.rdb, key, tok, keep)
 	cancel()
+	if c.opts.OnRedisDown == FailClosed {
+		var zero T
+		return zero, fmt.Errorf("%w: %w", ErrRedisUnavailable, err)
+	}
 	return c.loadUncached(ctx, load)
 }
 
@@ -631,8 +652,16 @@ func (c *Cache[T]) keepLease(ctx context.Context, key string, tok envelope.Token
 }
 
 // loadUncached calls the loader without touching Redis, for when Redis
-// failed: the caller still gets an answer.
+// failed: the caller still gets an answer, within MaxLoadsWhileDown.
 func (c *Cache[T]) loadUncached(ctx context.Context, load Loader[T]) (T, error) {
+	wctx, cancel := context.WithTimeout(ctx, c.opts.LoadTimeout)
+	done, err := c.loadSlot(wctx)
+	cancel()
+	if err != nil {
+		var zero T
+		return zero, err
+	}
+	defer done()
 	v, _, err := c.callLoader(ctx, load)
 	if err != nil && c.isNotFound(err) {
 		return v, ErrNotFound
@@ -777,10 +806,21 @@ func isWrongType(err error) bool {
 	return errors.As(err, &re) && strings.HasPrefix(re.Error(), "WRONGTYPE")
 }
 
-// redisError counts a failed Redis command and reports it.
+// redisError counts a failed Redis command and reports it. A command the
+// open breaker did not send is counted and passed to the Recorder and
+// OnError, but logged only at debug level: the breaker logged its opening,
+// and an outage must not flood the log with a line per request.
 func (c *Cache[T]) redisError(ctx context.Context, op, key string, err error) error {
 	c.stats.redisErrors.Add(1)
 	c.rec.RedisError(c.name, op, err)
+	if errors.Is(err, ErrRedisUnavailable) {
+		e := &OpError{Cache: c.name, Op: op, Key: key, Err: err}
+		c.opts.Logger.LogAttrs(ctx, slog.LevelDebug, "cacheaside: Redis skipped", slog.String("cache", c.name), slog.String("op", op))
+		if c.opts.OnError != nil {
+			c.opts.OnError(ctx, e)
+		}
+		return e
+	}
 	return c.report(ctx, op, key, err)
 }
 

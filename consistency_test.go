@@ -240,6 +240,9 @@ func newConsCaches(t *testing.T, b *backend, cfg consConfig, keys *sync.Map) []*
 			Policy:  Policy{TTL: time.Minute, NoJitter: true, NoEarlyRefresh: true},
 			PollMin: 2 * time.Millisecond,
 			PollMax: 8 * time.Millisecond,
+			// The test is about the protocol, not the budget: a command
+			// slowed by the injected pauses and -race must not time out.
+			OpTimeout: 5 * time.Second,
 		})
 		if err != nil {
 			t.Fatal(err)

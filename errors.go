@@ -22,6 +22,16 @@ var (
 	// validators return for a setting they refuse.
 	ErrInvalidOptions = errors.New("cacheaside: invalid options")
 
+	// ErrRedisUnavailable is matched by the errors of Redis commands the
+	// circuit breaker did not send, and by what Get returns under the
+	// FailClosed policy when Redis cannot be used.
+	ErrRedisUnavailable = errors.New("cacheaside: redis unavailable")
+
+	// ErrOverloaded is returned by Get when Redis cannot be used and
+	// MaxLoadsWhileDown loads are already running: at once with
+	// FailFastWhenCapped, else when the caller's context ends first.
+	ErrOverloaded = errors.New("cacheaside: too many loads while redis is unavailable")
+
 	// ErrClosed is returned by every method called after Close.
 	ErrClosed = errors.New("cacheaside: cache closed")
 

@@ -111,8 +111,18 @@ func (b *backend) raw(t *testing.T, key string) []byte {
 }
 
 // newCache builds a Cache on a new client of b and closes it at cleanup.
+//
+// Tests that are not about the operation budget get a generous one: 1,000
+// goroutines on one miniredis under -race can queue longer than the 50ms
+// default for a connection, and the test would measure the machine.
 func newCache[T any](t *testing.T, b *backend, o *Options[T]) *Cache[T] {
 	t.Helper()
+	if o == nil {
+		o = &Options[T]{}
+	}
+	if o.OpTimeout == 0 {
+		o.OpTimeout = 2 * time.Second
+	}
 	c, err := New[T](b.client(t), o)
 	if err != nil {
 		t.Fatalf("New: %v", err)

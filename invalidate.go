@@ -147,7 +147,7 @@ func (c *Cache[T]) InvalidatePrefix(ctx context.Context, prefix string) (int64, 
 		}
 	}
 	var err error
-	switch r := c.rdb.(type) {
+	switch r := c.raw.(type) { // per-node clients: not through the breaker, bounded by ctx
 	case interface {
 		ForEachMaster(context.Context, func(context.Context, *redis.Client) error) error
 	}:

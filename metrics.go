@@ -48,6 +48,9 @@ type Recorder interface {
 	// Refresh: a background refresh (early or stale-while-revalidate)
 	// ended with err (nil, ErrNotFound, or the failure).
 	Refresh(cache string, err error)
+	// BreakerState: the Redis circuit breaker moved to state ("closed",
+	// "open" or "half-open").
+	BreakerState(cache, state string)
 	// Invalidated: n keys were deleted by Invalidate or InvalidatePrefix,
 	// or a namespace was bumped (n = 1).
 	Invalidated(cache string, n int)
@@ -70,6 +73,7 @@ func (NopRecorder) DecodeError(string)                {}
 func (NopRecorder) RedisError(string, string, error)  {}
 func (NopRecorder) StaleServed(string)                {}
 func (NopRecorder) Refresh(string, error)             {}
+func (NopRecorder) BreakerState(string, string)       {}
 func (NopRecorder) Invalidated(string, int)           {}
 
 var _ Recorder = NopRecorder{}
@@ -95,6 +99,9 @@ type Stats struct {
 	RefreshErrors  uint64        // of those, the ones that failed
 	Invalidations  uint64        // keys deleted by Invalidate and InvalidatePrefix
 	NamespaceBumps uint64        // InvalidateNamespace calls that succeeded
+	BreakerOpens   uint64        // times the Redis circuit breaker opened
+	RedisSkipped   uint64        // Redis commands not sent because the breaker was open
+	Overloaded     uint64        // Gets refused with ErrOverloaded
 }
 
 // Requests is the number of Gets counted: Hits + NegativeHits + Misses.
@@ -120,6 +127,7 @@ type counters struct {
 	decodeErrors, redisErrors, invals atomic.Uint64
 	staleServed, staleIfError         atomic.Uint64
 	refreshes, refreshErrors, bumps   atomic.Uint64
+	breakerOpens, overloaded          atomic.Uint64
 }
 
 func (c *counters) snapshot() Stats {
@@ -142,5 +150,7 @@ func (c *counters) snapshot() Stats {
 		RefreshErrors:  c.refreshErrors.Load(),
 		Invalidations:  c.invals.Load(),
 		NamespaceBumps: c.bumps.Load(),
+		BreakerOpens:   c.breakerOpens.Load(),
+		Overloaded:     c.overloaded.Load(),
 	}
 }

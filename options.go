@@ -90,6 +90,38 @@ type Options[T any] struct {
 	// from Redis or the codec; err is an *OpError. Default nil.
 	OnError func(ctx context.Context, err error)
 
+	// OpTimeout bounds every Redis command the cache sends, within the
+	// caller's own deadline: a slow or unreachable Redis costs a Get at most
+	// this (per command) before it falls back. Invalidation batches get ten
+	// times as long, at least 1s. Default 50ms.
+	OpTimeout time.Duration
+
+	// BreakerFailures is how many consecutive Redis failures (transport
+	// errors, timeouts, LOADING-style replies; not misses, not the caller's
+	// own cancellation) open the circuit breaker. While it is open, Redis is
+	// skipped entirely. Default 5.
+	BreakerFailures int
+
+	// BreakerCooldown is how long the breaker stays open before one probe
+	// command is let through (half-open); success closes it. Default 1s.
+	BreakerCooldown time.Duration
+
+	// NoBreaker turns the circuit breaker off. Default false.
+	NoBreaker bool
+
+	// OnRedisDown says what Get does when Redis cannot be used: FailOpen
+	// (call the loader; default) or FailClosed (return ErrRedisUnavailable).
+	OnRedisDown RedisDownPolicy
+
+	// MaxLoadsWhileDown caps the loads running at once, in this cache, that
+	// bypass Redis because it failed, so a Redis outage cannot flood the
+	// source. Past the cap a Get waits for a slot on its own context, or,
+	// with FailFastWhenCapped, returns ErrOverloaded at once. Default 64.
+	MaxLoadsWhileDown int
+
+	// FailFastWhenCapped: see MaxLoadsWhileDown. Default false.
+	FailFastWhenCapped bool
+
 	// Clock tells the time for freshness decisions (soft expiry, stale
 	// windows, early refresh and the load durations it weighs) and for
 	// Stats.LoadTime; leases and TTLs use Redis's own clock, and waits and
@@ -106,6 +138,10 @@ const (
 	DefaultPollMax      = 25 * time.Millisecond
 	DefaultMaxValueSize = 1 << 20
 	DefaultMaxKeySize   = 1024
+	DefaultOpTimeout    = 50 * time.Millisecond
+	DefaultBreakerFails = 5
+	DefaultBreakerCool  = time.Second
+	DefaultMaxLoadsDown = 64
 	minLeaseTTL         = 10 * time.Millisecond
 )
 
@@ -138,6 +174,18 @@ func (o *Options[T]) resolve() (Options[T], error) {
 		return invalid("MaxKeySize %d is negative", r.MaxKeySize)
 	case len(r.Name) > 128:
 		return invalid("Name is %d bytes, at most 128", len(r.Name))
+	case r.OpTimeout < 0:
+		return invalid("OpTimeout %v is negative", r.OpTimeout)
+	case r.OpTimeout != 0 && r.OpTimeout < time.Millisecond:
+		return invalid("OpTimeout %v is below 1ms", r.OpTimeout)
+	case r.BreakerFailures < 0:
+		return invalid("BreakerFailures %d is negative", r.BreakerFailures)
+	case r.BreakerCooldown < 0:
+		return invalid("BreakerCooldown %v is negative", r.BreakerCooldown)
+	case r.OnRedisDown != FailOpen && r.OnRedisDown != FailClosed:
+		return invalid("OnRedisDown %v is not FailOpen or FailClosed", r.OnRedisDown)
+	case r.MaxLoadsWhileDown < 0:
+		return invalid("MaxLoadsWhileDown %d is negative", r.MaxLoadsWhileDown)
 	}
 	if r.Name == "" {
 		r.Name = DefaultName
@@ -175,6 +223,18 @@ func (o *Options[T]) resolve() (Options[T], error) {
 	}
 	if r.Clock == nil {
 		r.Clock = time.Now
+	}
+	if r.OpTimeout == 0 {
+		r.OpTimeout = DefaultOpTimeout
+	}
+	if r.BreakerFailures == 0 {
+		r.BreakerFailures = DefaultBreakerFails
+	}
+	if r.BreakerCooldown == 0 {
+		r.BreakerCooldown = DefaultBreakerCool
+	}
+	if r.MaxLoadsWhileDown == 0 {
+		r.MaxLoadsWhileDown = DefaultMaxLoadsDown
 	}
 	return r, nil
 }
