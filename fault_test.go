@@ -1,0 +1,402 @@
+package cacheaside
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os/exec"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/Shopify/toxiproxy/v2"
+	"github.com/Shopify/toxiproxy/v2/collectors"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/redis/go-redis/v9"
+	"github.com/rs/zerolog"
+)
+
+// The fault tests run against real redis-server processes that they start
+// on free loopback ports and stop by pid, with Toxiproxy (in this process)
+// in front when they need latency or a black hole. redis-server must be
+// installed; they fail, not skip, without it.
+
+// redisProc is a redis-server this test started.
+type redisProc struct {
+	t    *testing.T
+	port int
+	cmd  *exec.Cmd
+}
+
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+func startRedis(t *testing.T) *redisProc {
+	t.Helper()
+	p := &redisProc{t: t, port: freePort(t)}
+	p.start()
+	t.Cleanup(p.kill)
+	return p
+}
+
+func (p *redisProc) addr() string { return fmt.Sprintf("127.0.0.1:%d", p.port) }
+
+func (p *redisProc) start() {
+	p.t.Helper()
+	p.cmd = exec.Command("redis-server", "--port", fmt.Sprint(p.port), "--bind", "127.0.0.1",
+		"--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning")
+	if err := p.cmd.Start(); err != nil {
+		p.t.Fatalf("starting redis-server (it must be installed): %v", err)
+	}
+	rdb := redis.NewClient(&redis.Options{Addr: p.addr(), MaxRetries: -1})
+	defer rdb.Close()
+	deadline := time.Now().Add(10 * time.Second)
+	for rdb.Ping(context.Background()).Err() != nil {
+		if time.Now().After(deadline) {
+			p.t.Fatalf("redis-server on %s did not answer", p.addr())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// kill stops the server with SIGKILL and waits for it.
+func (p *redisProc) kill() {
+	if p.cmd != nil && p.cmd.Process != nil {
+		_ = p.cmd.Process.Kill()
+		_ = p.cmd.Wait()
+		p.cmd = nil
+	}
+}
+
+// newProxy starts a Toxiproxy proxy to upstream on a free loopback port.
+func newProxy(t *testing.T, upstream string) *toxiproxy.Proxy {
+	t.Helper()
+	srv := toxiproxy.NewServer(toxiproxy.NewMetricsContainer(prometheus.NewRegistry()), zerolog.Nop())
+	srv.Metrics.ProxyMetrics = collectors.NewProxyMetricCollectors()
+	p := toxiproxy.NewProxy(srv, "redis", "127.0.0.1:0", upstream)
+	if err := p.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.Stop)
+	return p
+}
+
+func addToxic(t *testing.T, p *toxiproxy.Proxy, json string) {
+	t.Helper()
+	if _, err := p.Toxics.AddToxicJson(strings.NewReader(json)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// faultClient is a go-redis client configured as the README recommends.
+func faultClient(t *testing.T, addr string) *redis.Client {
+	rdb := redis.NewClient(&redis.Options{Addr: addr, ContextTimeoutEnabled: true, MaxRetries: -1,
+		DialTimeout: 100 * time.Millisecond, ReadTimeout: 100 * time.Millisecond, WriteTimeout: 100 * time.Millisecond,
+		PoolSize: 32})
+	t.Cleanup(func() { rdb.Close() })
+	return rdb
+}
+
+// durations keeps latencies for percentiles.
+type durations struct {
+	mu sync.Mutex
+	d  []time.Duration
+}
+
+func (s *durations) add(d time.Duration) { s.mu.Lock(); s.d = append(s.d, d); s.mu.Unlock() }
+
+func (s *durations) pct(p float64) time.Duration {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	slices.Sort(s.d)
+	if len(s.d) == 0 {
+		return 0
+	}
+	return s.d[min(len(s.d)-1, int(float64(len(s.d))*p))]
+}
+
+// TestToxiLatency: Redis answers after 2s. A Get costs at most the budget
+// plus the loader, not the 2s, and the breaker soon skips Redis.
+func TestToxiLatency(t *testing.T) {
+	srv := startRedis(t)
+	proxy := newProxy(t, srv.addr())
+	const budget, loadTime = 50 * time.Millisecond, 5 * time.Millisecond
+	c, err := New[string](faultClient(t, proxy.Listen), &Options[string]{OpTimeout: budget, BreakerCooldown: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	addToxic(t, proxy, `{"name":"slow","type":"latency","stream":"downstream","attributes":{"latency":2000}}`)
+	var lat, bare durations
+	load := func(ctx context.Context) (string, error) { time.Sleep(loadTime); return "v", nil }
+	for i := 0; i < 40; i++ {
+		t0 := time.Now()
+		v, err := c.Get(context.Background(), fmt.Sprintf("k%d", i), load)
+		lat.add(time.Since(t0))
+		if err != nil || v != "v" {
+			t.Fatalf("Get %d = %q, %v", i, v, err)
+		}
+		t0 = time.Now()
+		_, _ = load(context.Background())
+		bare.add(time.Since(t0))
+	}
+	p99 := lat.pct(0.99)
+	t.Logf("latency toxic 2s: Get p50 %v p99 %v (budget %v + loader %v); no cache p99 %v; breaker opens %d",
+		lat.pct(0.5), p99, budget, loadTime, bare.pct(0.99), c.Stats().BreakerOpens)
+	// Not a speed goal: a bound that separates "waited for the budget" from
+	// "waited for Redis" (2s), with room for a loaded machine.
+	if p99 > budget+loadTime+200*time.Millisecond {
+		t.Fatalf("p99 %v: a Get waited for the slow Redis", p99)
+	}
+	if c.Stats().BreakerOpens == 0 {
+		t.Fatal("the breaker never opened")
+	}
+}
+
+// TestBreakerBlackHoleAndRecovery: Redis accepts connections and never
+// answers, then refuses them, then comes back. No Get fails (fail-open),
+// the breaker opens within BreakerFailures failures, half-opens after the
+// cooldown and closes once Redis answers again.
+func TestBreakerBlackHoleAndRecovery(t *testing.T) {
+	srv := startRedis(t)
+	proxy := newProxy(t, srv.addr())
+	var states []string
+	var mu sync.Mutex
+	rec := &stateRecorder{on: func(s string) { mu.Lock(); states = append(states, s); mu.Unlock() }}
+	const cooldown = 300 * time.Millisecond
+	c, err := New[string](faultClient(t, proxy.Listen), &Options[string]{
+		OpTimeout: 50 * time.Millisecond, BreakerFailures: 3, BreakerCooldown: cooldown, Recorder: rec})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	load := func(context.Context) (string, error) { return "v", nil }
+	get := func(i int) {
+		t.Helper()
+		if v, err := c.Get(context.Background(), fmt.Sprintf("k%d", i%5), load); err != nil || v != "v" {
+			t.Fatalf("Get = %q, %v", v, err)
+		}
+	}
+	for i := 0; i < 10; i++ {
+		get(i) // warm
+	}
+	addToxic(t, proxy, `{"name":"hole","type":"timeout","stream":"downstream","attributes":{"timeout":0}}`)
+	for i := 0; i < 10; i++ {
+		get(i)
+	}
+	if s := c.Stats(); s.BreakerOpens != 1 || s.RedisErrors < 3 {
+		t.Fatalf("black hole: %+v; want the breaker open after 3 failures", s)
+	}
+	skippedBefore := c.Stats().RedisSkipped
+	for i := 0; i < 20; i++ {
+		get(i)
+	}
+	if c.Stats().RedisSkipped <= skippedBefore {
+		t.Fatal("open breaker still sent commands")
+	}
+	// Refused connections instead of a black hole.
+	_ = proxy.Toxics.RemoveToxic(context.Background(), "hole")
+	proxy.Stop()
+	time.Sleep(cooldown + 50*time.Millisecond)
+	for i := 0; i < 10; i++ {
+		get(i) // the half-open probe fails: open again
+	}
+	// Redis back.
+	if err := proxy.Start(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(cooldown + 50*time.Millisecond)
+	for i := 0; i < 20; i++ {
+		get(i)
+	}
+	hitsBefore := c.Stats().Hits
+	for i := 0; i < 20; i++ {
+		get(i)
+	}
+	if c.Stats().Hits == hitsBefore {
+		t.Fatal("no hits after Redis came back")
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	t.Logf("breaker states: %v; stats %+v", states, c.Stats())
+	if len(states) < 4 || states[0] != "open" || states[len(states)-1] != "closed" || !slices.Contains(states, "half-open") {
+		t.Fatalf("breaker states %v; want open … half-open … closed", states)
+	}
+}
+
+type stateRecorder struct {
+	NopRecorder
+	on func(string)
+}
+
+func (r *stateRecorder) BreakerState(_, s string) { r.on(s) }
+
+// TestRedisKilledUnderLoad: the redis-server is killed for a while under
+// concurrent Gets: none fails, loads that bypass Redis never exceed the
+// cap, and hits resume after the restart.
+func TestRedisKilledUnderLoad(t *testing.T) {
+	srv := startRedis(t)
+	const capLoads = 4
+	c, err := New[string](faultClient(t, srv.addr()), &Options[string]{
+		OpTimeout: 50 * time.Millisecond, BreakerCooldown: 200 * time.Millisecond, MaxLoadsWhileDown: capLoads})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	// maxRunning is measured only while Redis is dead, when every load
+	// bypasses it; with Redis up, loads of different keys run side by side
+	// under their leases and no cap applies.
+	var running, maxRunning, failed, gets atomic.Int64
+	var outage atomic.Bool
+	load := func(ctx context.Context) (string, error) {
+		n := running.Add(1)
+		defer running.Add(-1)
+		for m := maxRunning.Load(); outage.Load() && n > m && !maxRunning.CompareAndSwap(m, n); m = maxRunning.Load() {
+		}
+		time.Sleep(5 * time.Millisecond)
+		return "v", nil
+	}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := 0; w < 16; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				v, err := c.Get(context.Background(), fmt.Sprintf("k%d", (w*7+i)%40), load)
+				gets.Add(1)
+				if err != nil || v != "v" {
+					failed.Add(1)
+				}
+			}
+		}()
+	}
+	time.Sleep(300 * time.Millisecond)
+	srv.kill()
+	time.Sleep(50 * time.Millisecond) // loads begun before the kill end
+	outage.Store(true)
+	time.Sleep(1450 * time.Millisecond)
+	outage.Store(false)
+	srv.start()
+	time.Sleep(1000 * time.Millisecond)
+	hitsBefore := c.Stats().Hits
+	time.Sleep(300 * time.Millisecond)
+	close(stop)
+	wg.Wait()
+	s := c.Stats()
+	t.Logf("killed for 1.5s under 16 workers: %d Gets, %d failed, max %d loads at once while down (cap %d), breaker opened %d times, %d Redis commands skipped",
+		gets.Load(), failed.Load(), maxRunning.Load(), capLoads, s.BreakerOpens, s.RedisSkipped)
+	if failed.Load() != 0 {
+		t.Fatalf("%d Gets failed", failed.Load())
+	}
+	if maxRunning.Load() > capLoads {
+		t.Fatalf("%d loads at once, cap %d", maxRunning.Load(), capLoads)
+	}
+	if s.Hits == hitsBefore {
+		t.Fatal("no hits after the restart")
+	}
+	if s.BreakerOpens == 0 {
+		t.Fatal("the breaker never opened")
+	}
+}
+
+// TestOutageFailClosed: with FailClosed, a Get returns ErrRedisUnavailable
+// within the budget and never calls the loader.
+func TestOutageFailClosed(t *testing.T) {
+	srv := startRedis(t)
+	proxy := newProxy(t, srv.addr())
+	const budget = 50 * time.Millisecond
+	c, err := New[string](faultClient(t, proxy.Listen), &Options[string]{OpTimeout: budget, OnRedisDown: FailClosed})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	addToxic(t, proxy, `{"name":"hole","type":"timeout","stream":"downstream","attributes":{"timeout":0}}`)
+	var calls atomic.Int64
+	var lat durations
+	for i := 0; i < 10; i++ {
+		t0 := time.Now()
+		_, err := c.Get(context.Background(), fmt.Sprintf("k%d", i), func(context.Context) (string, error) { calls.Add(1); return "v", nil })
+		lat.add(time.Since(t0))
+		if !errors.Is(err, ErrRedisUnavailable) {
+			t.Fatalf("Get = %v, want ErrRedisUnavailable", err)
+		}
+	}
+	if calls.Load() != 0 {
+		t.Fatalf("loader called %d times under FailClosed", calls.Load())
+	}
+	t.Logf("fail-closed, black hole: p99 %v (budget %v)", lat.pct(0.99), budget)
+	if p := lat.pct(0.99); p > budget+200*time.Millisecond {
+		t.Fatalf("fail-closed took %v, more than the budget", p)
+	}
+}
+
+// TestOutageOverloaded: past MaxLoadsWhileDown, FailFastWhenCapped returns
+// ErrOverloaded instead of adding load to the source.
+func TestOutageOverloaded(t *testing.T) {
+	rdb := faultClient(t, closedAddr(t))
+	c, err := New[string](rdb, &Options[string]{MaxLoadsWhileDown: 2, FailFastWhenCapped: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	release := make(chan struct{})
+	var wg sync.WaitGroup
+	var over, ok atomic.Int64
+	for i := 0; i < 6; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, err := c.Get(context.Background(), fmt.Sprintf("k%d", i), func(context.Context) (string, error) { <-release; return "v", nil })
+			switch {
+			case errors.Is(err, ErrOverloaded):
+				over.Add(1)
+			case err == nil:
+				ok.Add(1)
+			default:
+				t.Errorf("Get: %v", err)
+			}
+		}()
+	}
+	waitFor(t, "the other Gets to be refused", func() bool { return over.Load() == 4 })
+	close(release)
+	wg.Wait()
+	if ok.Load() != 2 || c.Stats().Overloaded != 4 {
+		t.Fatalf("served %d, overloaded %d; want 2 and 4", ok.Load(), c.Stats().Overloaded)
+	}
+}
+
+// TestOutageInvalidation: writes and invalidations return their error
+// during an outage.
+func TestOutageInvalidation(t *testing.T) {
+	c, err := New[string](faultClient(t, closedAddr(t)), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Invalidate(context.Background(), "k"); err == nil {
+		t.Fatal("Invalidate during an outage returned nil")
+	}
+	if err := c.Set(context.Background(), "k", "v"); err == nil {
+		t.Fatal("Set during an outage returned nil")
+	}
+	if _, err := c.InvalidatePrefix(context.Background(), "k"); err == nil {
+		t.Fatal("InvalidatePrefix during an outage returned nil")
+	}
+}
