@@ -3,8 +3,16 @@ package cacheaside
 import (
 	"context"
 	"encoding/json"
+	"github.com/Shopify/toxiproxy/v2"
+	"github.com/Shopify/toxiproxy/v2/collectors"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/rs/zerolog"
+	"log/slog"
+	"net"
 	"os"
+	"os/exec"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -296,4 +304,96 @@ func BenchmarkHitVsRaw(b *testing.B) {
 	b.ReportMetric(float64(raw.Nanoseconds())/float64(b.N), "raw-ns/op")
 	b.ReportMetric(float64(hit.Nanoseconds())/float64(b.N), "hit-ns/op")
 	b.ReportMetric(float64(hit)/float64(raw), "hit/raw")
+}
+
+// benchLoad stands in for a fast database query: 1ms.
+func benchLoad(context.Context) (benchTask, error) {
+	time.Sleep(time.Millisecond)
+	return benchValue, nil
+}
+
+// BenchmarkBareLoader is the loader alone: what the application would pay
+// with no cache at all.
+func BenchmarkBareLoader(b *testing.B) {
+	ctx := context.Background()
+	for b.Loop() {
+		_, _ = benchLoad(ctx)
+	}
+}
+
+// BenchmarkGetBreakerOpen is Get while Redis refuses connections and the
+// breaker is open: Redis is skipped and the loader answers.
+func BenchmarkGetBreakerOpen(b *testing.B) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	rdb := redis.NewClient(&redis.Options{Addr: addr, ContextTimeoutEnabled: true, MaxRetries: -1})
+	b.Cleanup(func() { rdb.Close() })
+	c, err := New[benchTask](rdb, &Options[benchTask]{BreakerCooldown: time.Hour, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = c.Close() })
+	ctx := context.Background()
+	for c.Stats().BreakerOpens == 0 {
+		_, _ = c.Get(ctx, "k", benchLoad)
+	}
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		i++
+		if _, err := c.Get(ctx, "k"+strconv.Itoa(i&63), benchLoad); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkGetBlackHoled is Get while Redis accepts connections and never
+// answers, with the breaker off, so every Get waits out the operation
+// budget (50ms) before the loader answers: the worst case before a breaker
+// opens. Needs redis-server installed.
+func BenchmarkGetBlackHoled(b *testing.B) {
+	port := 0
+	{
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			b.Fatal(err)
+		}
+		port = l.Addr().(*net.TCPAddr).Port
+		l.Close()
+	}
+	cmd := exec.Command("redis-server", "--port", strconv.Itoa(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no")
+	if err := cmd.Start(); err != nil {
+		b.Fatalf("redis-server: %v", err)
+	}
+	b.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	upstream := "127.0.0.1:" + strconv.Itoa(port)
+	srv := toxiproxy.NewServer(toxiproxy.NewMetricsContainer(prometheus.NewRegistry()), zerolog.Nop())
+	srv.Metrics.ProxyMetrics = collectors.NewProxyMetricCollectors()
+	proxy := toxiproxy.NewProxy(srv, "redis", "127.0.0.1:0", upstream)
+	if err := proxy.Start(); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(proxy.Stop)
+	if _, err := proxy.Toxics.AddToxicJson(strings.NewReader(`{"name":"hole","type":"timeout","stream":"downstream","attributes":{"timeout":0}}`)); err != nil {
+		b.Fatal(err)
+	}
+	rdb := redis.NewClient(&redis.Options{Addr: proxy.Listen, ContextTimeoutEnabled: true, MaxRetries: -1})
+	b.Cleanup(func() { rdb.Close() })
+	c, err := New[benchTask](rdb, &Options[benchTask]{NoBreaker: true, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = c.Close() })
+	ctx := context.Background()
+	i := 0
+	for b.Loop() {
+		i++
+		if _, err := c.Get(ctx, "k"+strconv.Itoa(i), benchLoad); err != nil {
+			b.Fatal(err)
+		}
+	}
 }

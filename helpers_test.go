@@ -16,8 +16,13 @@ import (
 )
 
 func TestMain(m *testing.M) {
+	redis.SetLogger(quietRedis{}) // go-redis's own dial-retry lines; the tests count errors themselves
 	goleak.VerifyTestMain(m)
 }
+
+type quietRedis struct{}
+
+func (quietRedis) Printf(context.Context, string, ...any) {}
 
 // envRedisAddr names the real Redis the suite also runs on when set.
 const envRedisAddr = "CACHEASIDE_REDIS_ADDR"
