@@ -1,7 +1,7 @@
 REDIS ?= 127.0.0.1:6379
 DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test?sslmode=disable
 
-.PHONY: test race bench bench-invalidate lint fuzz ci
+.PHONY: test race bench bench-invalidate bench-degrade lint fuzz ci
 
 # What a fresh machine with only Go runs: everything on miniredis and SQLite.
 test:
@@ -28,6 +28,10 @@ bench:
 # Prefix invalidation of 10,000 keys among 1,000,000, beside a namespace bump.
 bench-invalidate:
 	CACHEASIDE_REDIS_ADDR=$(REDIS) go test -run '^$$' -bench 'Invalidate(Prefix|Namespace)' -benchtime 10x -count 3 .
+
+# Get with Redis down (breaker open) and black-holed, beside the bare loader.
+bench-degrade:
+	go test -run '^$$' -bench 'BareLoader|BreakerOpen|BlackHoled' -benchtime 2s -count 3 .
 
 lint:
 	test -z "$$(gofmt -l .)"
