@@ -36,6 +36,10 @@ type Cache[T any] struct {
 
 	loadSlots chan struct{} // MaxLoadsWhileDown slots for loads that bypass Redis
 
+	retryMu  sync.Mutex         // protects retries and retrying
+	retries  map[string]retryOp // failed invalidations to retry, by what they invalidate
+	retrying bool               // the retry goroutine runs
+
 	refreshMu sync.Mutex           // protects refreshes
 	refreshes map[string]time.Time // key → zero while a background refresh runs, else when the last one failed
 
@@ -66,7 +70,7 @@ func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 		return nil, err
 	}
 	c := &Cache[T]{raw: rdb, opts: o, name: o.Name, rec: o.Recorder, refreshes: make(map[string]time.Time),
-		loadSlots: make(chan struct{}, o.MaxLoadsWhileDown)}
+		loadSlots: make(chan struct{}, o.MaxLoadsWhileDown), retries: make(map[string]retryOp)}
 	c.guard = &guarded{rdb: rdb, budget: o.OpTimeout}
 	if !o.NoBreaker {
 		c.guard.cb = newBreaker(o.Name, o.BreakerFailures, o.BreakerCooldown, o.Logger, o.Recorder, &c.stats.breakerOpens)

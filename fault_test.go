@@ -400,3 +400,39 @@ func TestOutageInvalidation(t *testing.T) {
 		t.Fatal("InvalidatePrefix during an outage returned nil")
 	}
 }
+
+// TestOutageInvalidationRetry: with RetryInvalidations, an invalidation
+// that failed during an outage is applied once Redis is back.
+func TestOutageInvalidationRetry(t *testing.T) {
+	srv := startRedis(t)
+	proxy := newProxy(t, srv.addr())
+	c, err := New[string](faultClient(t, proxy.Listen), &Options[string]{
+		OpTimeout: 50 * time.Millisecond, BreakerCooldown: 100 * time.Millisecond, RetryInvalidations: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx := context.Background()
+	if err := c.Set(ctx, "k", "old"); err != nil {
+		t.Fatal(err)
+	}
+	// Requests vanish on the way to Redis: the UNLINK never arrives.
+	addToxic(t, proxy, `{"name":"hole","type":"timeout","stream":"upstream","attributes":{"timeout":0}}`)
+	if err := c.Invalidate(ctx, "k"); err == nil {
+		t.Fatal("Invalidate into a black hole returned nil")
+	}
+	direct := faultClient(t, srv.addr())
+	time.Sleep(300 * time.Millisecond)
+	if direct.Exists(ctx, "k").Val() != 1 {
+		t.Fatal("the UNLINK reached Redis through the black hole")
+	}
+	_ = proxy.Toxics.RemoveToxic(ctx, "hole")
+	waitFor(t, "the retried invalidation", func() bool { return direct.Exists(ctx, "k").Val() == 0 })
+	waitFor(t, "the retry to be counted", func() bool { return c.Stats().RetriedInvals == 1 })
+	if s := c.Stats(); s.DroppedInvals != 0 {
+		t.Fatalf("stats %+v; want 1 retried invalidation", s)
+	}
+	if v, _ := c.Get(ctx, "k", func(context.Context) (string, error) { return "new", nil }); v != "new" {
+		t.Fatalf("Get after the retry = %q", v)
+	}
+}

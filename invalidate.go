@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strings"
 	"sync/atomic"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 )
@@ -40,6 +41,13 @@ func (c *Cache[T]) Invalidate(ctx context.Context, keys ...string) error {
 	c.forget(keys)
 	c.counted(n)
 	if err != nil {
+		for _, k := range keys {
+			c.retryLater("key:"+k, func(ctx context.Context) error {
+				n, err := unlink(ctx, c.rdb, []string{k})
+				c.counted(n)
+				return err
+			})
+		}
 		return c.redisError(ctx, "invalidate", keysLabel(keys), err)
 	}
 	return nil
@@ -166,6 +174,10 @@ func (c *Cache[T]) InvalidatePrefix(ctx context.Context, prefix string) (int64, 
 		if ctx.Err() != nil {
 			return n, ctx.Err()
 		}
+		c.retryLater("prefix:"+prefix, func(ctx context.Context) error {
+			_, err := c.InvalidatePrefix(ctx, prefix)
+			return err
+		})
 		return n, c.redisError(ctx, "invalidate-prefix", prefix, err)
 	}
 	return n, nil
@@ -206,6 +218,10 @@ func (c *Cache[T]) InvalidateNamespace(ctx context.Context, ns Namespace) error 
 	err := c.rdb.Set(ctx, ns.genKey(), g[:], c.genTTL).Err()
 	c.forgetPrefix(ns.Prefix()) // again: loads that started before the SET landed
 	if err != nil {
+		c.retryLater("ns:"+ns.tag, func(ctx context.Context) error {
+			g := newGen()
+			return c.rdb.Set(ctx, ns.genKey(), g[:], c.genTTL).Err()
+		})
 		return c.redisError(ctx, "invalidate-namespace", ns.genKey(), err)
 	}
 	c.stats.bumps.Add(1)
@@ -222,4 +238,85 @@ func (c *Cache[T]) forgetPrefix(prefix string) {
 		}
 		return true
 	})
+}
+
+// Retrying failed invalidations (Options.RetryInvalidations).
+
+// retryOp is one failed invalidation waiting to be retried.
+type retryOp struct {
+	run   func(context.Context) error
+	since time.Time // first failure
+}
+
+// maxRetries bounds the invalidations kept for retry.
+const maxRetries = 10000
+
+// retryLater queues op under id (one per key, prefix or namespace) and
+// makes sure the retry goroutine runs. It does nothing unless
+// RetryInvalidations is set.
+func (c *Cache[T]) retryLater(id string, op func(context.Context) error) {
+	if c.opts.RetryInvalidations <= 0 {
+		return
+	}
+	c.retryMu.Lock()
+	if _, ok := c.retries[id]; !ok {
+		if len(c.retries) >= maxRetries {
+			c.retryMu.Unlock()
+			c.stats.droppedInvals.Add(1)
+			return
+		}
+		c.retries[id] = retryOp{run: op, since: time.Now()}
+	}
+	start := !c.retrying && c.enter()
+	if start {
+		c.retrying = true
+	}
+	c.retryMu.Unlock()
+	if start {
+		go c.retryLoop()
+	}
+}
+
+// retryLoop retries queued invalidations with a growing pause (100ms to
+// 5s), until each succeeds or is older than RetryInvalidations, and ends
+// when the queue is empty or the cache closes.
+func (c *Cache[T]) retryLoop() {
+	defer c.wg.Done()
+	pause := 100 * time.Millisecond
+	for {
+		select {
+		case <-c.stop.Done():
+			return
+		case <-time.After(pause):
+		}
+		c.retryMu.Lock()
+		ops := make(map[string]retryOp, len(c.retries))
+		for id, op := range c.retries {
+			ops[id] = op
+		}
+		c.retryMu.Unlock()
+		for id, op := range ops {
+			done := false
+			if time.Since(op.since) > c.opts.RetryInvalidations {
+				c.stats.droppedInvals.Add(1)
+				done = true
+			} else if err := op.run(c.stop); err == nil {
+				c.stats.retriedInvals.Add(1)
+				done = true
+			}
+			if done {
+				c.retryMu.Lock()
+				delete(c.retries, id)
+				c.retryMu.Unlock()
+			}
+		}
+		c.retryMu.Lock()
+		if len(c.retries) == 0 {
+			c.retrying = false
+			c.retryMu.Unlock()
+			return
+		}
+		c.retryMu.Unlock()
+		pause = min(2*pause, 5*time.Second)
+	}
 }

@@ -102,6 +102,8 @@ type Stats struct {
 	BreakerOpens   uint64        // times the Redis circuit breaker opened
 	RedisSkipped   uint64        // Redis commands not sent because the breaker was open
 	Overloaded     uint64        // Gets refused with ErrOverloaded
+	RetriedInvals  uint64        // failed invalidations applied later by RetryInvalidations
+	DroppedInvals  uint64        // failed invalidations given up (too old, or the queue was full)
 }
 
 // Requests is the number of Gets counted: Hits + NegativeHits + Misses.
@@ -128,6 +130,7 @@ type counters struct {
 	staleServed, staleIfError         atomic.Uint64
 	refreshes, refreshErrors, bumps   atomic.Uint64
 	breakerOpens, overloaded          atomic.Uint64
+	retriedInvals, droppedInvals      atomic.Uint64
 }
 
 func (c *counters) snapshot() Stats {
@@ -152,5 +155,7 @@ func (c *counters) snapshot() Stats {
 		NamespaceBumps: c.bumps.Load(),
 		BreakerOpens:   c.breakerOpens.Load(),
 		Overloaded:     c.overloaded.Load(),
+		RetriedInvals:  c.retriedInvals.Load(),
+		DroppedInvals:  c.droppedInvals.Load(),
 	}
 }

@@ -122,6 +122,14 @@ type Options[T any] struct {
 	// FailFastWhenCapped: see MaxLoadsWhileDown. Default false.
 	FailFastWhenCapped bool
 
+	// RetryInvalidations, when positive, makes the cache keep retrying
+	// invalidations that failed (Invalidate, InvalidatePrefix,
+	// InvalidateNamespace) in the background, for up to this long after the
+	// first failure, so they take effect once Redis is back. The call still
+	// returns its error. At most 10,000 are kept; more are dropped and
+	// counted. Default 0: no retry (the TTL bounds the staleness).
+	RetryInvalidations time.Duration
+
 	// Clock tells the time for freshness decisions (soft expiry, stale
 	// windows, early refresh and the load durations it weighs) and for
 	// Stats.LoadTime; leases and TTLs use Redis's own clock, and waits and
@@ -186,6 +194,8 @@ func (o *Options[T]) resolve() (Options[T], error) {
 		return invalid("OnRedisDown %v is not FailOpen or FailClosed", r.OnRedisDown)
 	case r.MaxLoadsWhileDown < 0:
 		return invalid("MaxLoadsWhileDown %d is negative", r.MaxLoadsWhileDown)
+	case r.RetryInvalidations < 0:
+		return invalid("RetryInvalidations %v is negative", r.RetryInvalidations)
 	}
 	if r.Name == "" {
 		r.Name = DefaultName
