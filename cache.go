@@ -136,9 +136,14 @@ func (c *Cache[T]) Stats() Stats {
 //   - ErrInvalidKey (also for a key without a namespace in a namespaced
 //     cache), or an error for a nil load, before any I/O.
 //
-// Redis failures are never returned: Get falls back to load and reports
-// the failure to the logger, Recorder and OnError. Undecodable bytes under
-// key count as a miss and are overwritten.
+// Redis failures are not returned under the default FailOpen policy: Get
+// falls back to load (at most MaxLoadsWhileDown at a time, else
+// ErrOverloaded) and reports the failure to the logger, Recorder and
+// OnError. Under FailClosed it returns an error matching
+// ErrRedisUnavailable instead. Each Redis command gets Options.OpTimeout,
+// and never more than half of what remains of ctx's deadline, so the
+// loader keeps time to answer. Undecodable bytes under key count as a miss
+// and are overwritten.
 //
 // Callers that share one load receive the same T. If T holds slices, maps
 // or pointers, treat the result as read-only or copy it; a hit decodes a
@@ -212,7 +217,7 @@ func (c *Cache[T]) get(ctx context.Context, key string, load Loader[T], attempt 
 		}
 		c.redisError(ctx, "get", key, err)
 		if c.opts.OnRedisDown == FailClosed {
-			return zero, fmt.Errorf("%w: %w", ErrRedisUnavailable, err)
+			return zero, unavailable(err)
 		}
 		redisDown = true
 		return c.shared(ctx, key, genKey, load, vw, redisDown, seen, attempt, start)
@@ -511,14 +516,36 @@ func (c *Cache[T]) afterRedisError(ctx context.Context, op, key string, tok enve
 		return zero, cerr
 	}
 	c.redisError(ctx, op, key, err)
-	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.opts.LeaseTTL)
-	_, _ = release(rctx, c.rdb, key, tok, keep)
-	cancel()
+	c.releaseLater(key, tok, keep)
 	if c.opts.OnRedisDown == FailClosed {
 		var zero T
-		return zero, fmt.Errorf("%w: %w", ErrRedisUnavailable, err)
+		return zero, unavailable(err)
 	}
 	return c.loadUncached(ctx, load)
+}
+
+// unavailable is the FailClosed error for a Redis failure err.
+func unavailable(err error) error {
+	if errors.Is(err, ErrRedisUnavailable) {
+		return err
+	}
+	return fmt.Errorf("%w: %w", ErrRedisUnavailable, err)
+}
+
+// releaseLater drops tok's lease in the background (best effort, within
+// the budget), off the caller's path: a lease script whose reply was lost
+// may have taken it, or a fill failed and other processes would otherwise
+// wait for it to expire. Close waits for it.
+func (c *Cache[T]) releaseLater(key string, tok envelope.Token, keep time.Duration) {
+	if !c.enter() {
+		return
+	}
+	go func() {
+		defer c.wg.Done()
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(c.stop), c.opts.LeaseTTL)
+		defer cancel()
+		_, _ = release(ctx, c.rdb, key, tok, keep)
+	}()
 }
 
 func (c *Cache[T]) waited(start time.Time) {
@@ -608,6 +635,7 @@ func (c *Cache[T]) store(ctx context.Context, key, genKey string, tok envelope.T
 	switch {
 	case err != nil:
 		c.redisError(ctx, "fill", key, err)
+		c.releaseLater(key, tok, 0) // or other processes wait out the lease
 	case !ok:
 		c.stats.fillsRejected.Add(1)
 		c.rec.FillRejected(c.name)

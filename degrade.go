@@ -75,8 +75,8 @@ func breakerErr(caller context.Context, err error) error {
 	if err == nil || errors.Is(err, redis.Nil) {
 		return nil
 	}
-	if caller.Err() != nil {
-		return errExcluded
+	if errors.Is(caller.Err(), context.Canceled) {
+		return errExcluded // the caller gave up; Redis may be fine
 	}
 	var re redis.Error
 	if errors.As(err, &re) {
@@ -103,6 +103,11 @@ func (g *guarded) begin(ctx context.Context, budget time.Duration) (context.Cont
 			return nil, nil, errBreakerOpen
 		}
 		report = done
+	}
+	// Leave the caller at least half of its remaining time for the loader:
+	// a short request deadline must not be spent waiting on Redis alone.
+	if dl, ok := ctx.Deadline(); ok {
+		budget = max(min(budget, time.Until(dl)/2), time.Millisecond)
 	}
 	octx, cancel := context.WithTimeout(ctx, budget)
 	return octx, func(err error) {

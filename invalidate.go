@@ -2,6 +2,7 @@ package cacheaside
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"sync/atomic"
@@ -120,6 +121,12 @@ const scanBatch = 1000
 // size of the database, not of the prefix. For groups that are large or
 // invalidated often, use a Namespace.
 func (c *Cache[T]) InvalidatePrefix(ctx context.Context, prefix string) (int64, error) {
+	return c.invalidatePrefix(ctx, prefix, true)
+}
+
+// invalidatePrefix is InvalidatePrefix; retries made by the retry loop
+// pass first=false, so a failure is neither queued again nor reported again.
+func (c *Cache[T]) invalidatePrefix(ctx context.Context, prefix string, first bool) (int64, error) {
 	if prefix == "" {
 		return 0, fmt.Errorf("%w: empty prefix would invalidate everything", ErrInvalidKey)
 	}
@@ -171,13 +178,18 @@ func (c *Cache[T]) InvalidatePrefix(ctx context.Context, prefix string) (int64, 
 	n := total.Load()
 	c.counted(n)
 	if err != nil {
-		if ctx.Err() != nil {
-			return n, ctx.Err()
+		if !first {
+			return n, err
 		}
+		// Keys may remain whatever stopped the scan, the caller's deadline
+		// included.
 		c.retryLater("prefix:"+prefix, func(ctx context.Context) error {
-			_, err := c.InvalidatePrefix(ctx, prefix)
+			_, err := c.invalidatePrefix(ctx, prefix, false)
 			return err
 		})
+		if errors.Is(ctx.Err(), context.Canceled) {
+			return n, ctx.Err()
+		}
 		return n, c.redisError(ctx, "invalidate-prefix", prefix, err)
 	}
 	return n, nil
@@ -245,7 +257,8 @@ func (c *Cache[T]) forgetPrefix(prefix string) {
 // retryOp is one failed invalidation waiting to be retried.
 type retryOp struct {
 	run   func(context.Context) error
-	since time.Time // first failure
+	since time.Time // latest failure
+	seq   uint64    // bumped by each failure, so a retry in flight cannot retire a newer one
 }
 
 // maxRetries bounds the invalidations kept for retry.
@@ -259,14 +272,13 @@ func (c *Cache[T]) retryLater(id string, op func(context.Context) error) {
 		return
 	}
 	c.retryMu.Lock()
-	if _, ok := c.retries[id]; !ok {
-		if len(c.retries) >= maxRetries {
-			c.retryMu.Unlock()
-			c.stats.droppedInvals.Add(1)
-			return
-		}
-		c.retries[id] = retryOp{run: op, since: time.Now()}
+	old, ok := c.retries[id]
+	if !ok && len(c.retries) >= maxRetries {
+		c.retryMu.Unlock()
+		c.stats.droppedInvals.Add(1)
+		return
 	}
+	c.retries[id] = retryOp{run: op, since: time.Now(), seq: old.seq + 1}
 	start := !c.retrying && c.enter()
 	if start {
 		c.retrying = true
@@ -297,16 +309,25 @@ func (c *Cache[T]) retryLoop() {
 		c.retryMu.Unlock()
 		for id, op := range ops {
 			done := false
+			if c.stop.Err() != nil {
+				return
+			}
 			if time.Since(op.since) > c.opts.RetryInvalidations {
 				c.stats.droppedInvals.Add(1)
 				done = true
-			} else if err := op.run(c.stop); err == nil {
-				c.stats.retriedInvals.Add(1)
-				done = true
+			} else {
+				ctx, cancel := context.WithTimeout(c.stop, c.guard.bulkBudget())
+				if err := op.run(ctx); err == nil {
+					c.stats.retriedInvals.Add(1)
+					done = true
+				}
+				cancel()
 			}
 			if done {
 				c.retryMu.Lock()
-				delete(c.retries, id)
+				if cur, ok := c.retries[id]; ok && cur.seq == op.seq {
+					delete(c.retries, id)
+				}
 				c.retryMu.Unlock()
 			}
 		}

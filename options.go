@@ -90,10 +90,11 @@ type Options[T any] struct {
 	// from Redis or the codec; err is an *OpError. Default nil.
 	OnError func(ctx context.Context, err error)
 
-	// OpTimeout bounds every Redis command the cache sends, within the
-	// caller's own deadline: a slow or unreachable Redis costs a Get at most
-	// this (per command) before it falls back. Invalidation batches get ten
-	// times as long, at least 1s. Default 50ms.
+	// OpTimeout bounds every Redis command the cache sends, and a command
+	// never gets more than half of what remains of the caller's deadline:
+	// a slow or unreachable Redis costs a Get at most this (per command)
+	// before it falls back. Invalidation batches get ten times as long, at
+	// least 1s. Default 50ms.
 	OpTimeout time.Duration
 
 	// BreakerFailures is how many consecutive Redis failures (transport
@@ -115,8 +116,9 @@ type Options[T any] struct {
 
 	// MaxLoadsWhileDown caps the loads running at once, in this cache, that
 	// bypass Redis because it failed, so a Redis outage cannot flood the
-	// source. Past the cap a Get waits for a slot on its own context, or,
-	// with FailFastWhenCapped, returns ErrOverloaded at once. Default 64.
+	// source. Past the cap the shared load waits up to LoadTimeout for a
+	// slot (each caller still returns when its own context ends), or, with
+	// FailFastWhenCapped, the Get returns ErrOverloaded at once. Default 64.
 	MaxLoadsWhileDown int
 
 	// FailFastWhenCapped: see MaxLoadsWhileDown. Default false.
