@@ -245,17 +245,17 @@ func totalKeys(m map[string]int) int {
 
 // slotMap tells which master serves a key.
 type slotMap struct {
-	cc    *redis.ClusterClient
-	slots []redis.ClusterSlot
+	cc     *redis.ClusterClient
+	shards []redis.ClusterShard
 }
 
 func newSlotMap(t *testing.T, cc *redis.ClusterClient) *slotMap {
 	t.Helper()
-	slots, err := cc.ClusterSlots(context.Background()).Result()
+	shards, err := cc.ClusterShards(context.Background()).Result()
 	if err != nil {
-		t.Fatalf("CLUSTER SLOTS: %v", err)
+		t.Fatalf("CLUSTER SHARDS: %v", err)
 	}
-	return &slotMap{cc: cc, slots: slots}
+	return &slotMap{cc: cc, shards: shards}
 }
 
 func (s *slotMap) slot(t *testing.T, key string) int64 {
@@ -270,12 +270,18 @@ func (s *slotMap) slot(t *testing.T, key string) int64 {
 func (s *slotMap) master(t *testing.T, key string) string {
 	t.Helper()
 	slot := s.slot(t, key)
-	for _, r := range s.slots {
-		if int64(r.Start) <= slot && slot <= int64(r.End) && len(r.Nodes) > 0 {
-			return r.Nodes[0].Addr
+	for _, sh := range s.shards {
+		for _, r := range sh.Slots {
+			if r.Start <= slot && slot <= r.End {
+				for _, n := range sh.Nodes {
+					if n.Role == "master" {
+						return fmt.Sprintf("%s:%d", n.IP, n.Port)
+					}
+				}
+			}
 		}
 	}
-	t.Fatalf("slot %d of %s is served by no node", slot, key)
+	t.Fatalf("slot %d of %s is served by no master", slot, key)
 	return ""
 }
 
