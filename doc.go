@@ -35,11 +35,19 @@
 //
 // # Failures
 //
-// Get never returns a Redis error: when Redis fails it calls the loader and
+// Every Redis command runs under a small budget (Options.OpTimeout), and a
+// circuit breaker skips Redis while it is failing. By default Get then
+// calls the loader (at most Options.MaxLoadsWhileDown at a time) and
 // reports the failure to Options.Logger, Options.Recorder and
-// Options.OnError. Set and Invalidate return their errors. Loader errors
-// and panics are never cached; a panic reaches every caller sharing the
-// load as a *PanicError.
+// Options.OnError instead of returning it; with Options.OnRedisDown set to
+// FailClosed it returns ErrRedisUnavailable. Set and the invalidations
+// return their errors. Loader errors and panics are never cached; a panic
+// reaches every caller sharing the load as a *PanicError.
+//
+// Past its TTL a value can still be served while one caller refreshes it
+// (Policy.StaleWhileRevalidate, Policy.StaleIfError), and XFetch refreshes
+// hot values shortly before they expire. Namespaces invalidate whole
+// groups of keys with one command.
 //
 // # Links
 //
