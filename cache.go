@@ -184,24 +184,19 @@ func (c *Cache[T]) get(ctx context.Context, key string, load Loader[T], attempt 
 		vw = c.classify(ctx, key, b, gv, now)
 		switch vw.state {
 		case stFresh:
-			c.stats.hits.Add(1)
-			c.rec.Hit(c.name)
+			c.count(attempt, outHit)
 			if vw.e.Kind == envelope.Value && c.refreshEarly(&vw.e, now) {
 				c.refreshAsync(ctx, key, genKey, load, vw.e)
 			}
 			return vw.v, nil
 		case stStale:
-			c.stats.hits.Add(1)
-			c.rec.Hit(c.name)
-			c.stats.staleServed.Add(1)
-			c.rec.StaleServed(c.name)
+			c.count(attempt, outStale)
 			if vw.e.Kind == envelope.Value {
 				c.refreshAsync(ctx, key, genKey, load, vw.e)
 			}
 			return vw.v, nil
 		case stNotFound:
-			c.stats.negativeHits.Add(1)
-			c.rec.NegativeHit(c.name)
+			c.count(attempt, outNegative)
 			return zero, ErrNotFound
 		}
 		// Absent, being loaded, undecodable, of an older namespace
@@ -210,8 +205,7 @@ func (c *Cache[T]) get(ctx context.Context, key string, load Loader[T], attempt 
 		// Not a string: foreign data under our key. acquire.lua replaces it.
 		c.corrupt(ctx, key, nil, err)
 	default:
-		c.stats.misses.Add(1)
-		c.rec.Miss(c.name)
+		c.count(attempt, outMiss)
 		if cerr := ctx.Err(); cerr != nil {
 			return zero, cerr // the caller's own deadline, not a Redis failure
 		}
@@ -222,8 +216,7 @@ func (c *Cache[T]) get(ctx context.Context, key string, load Loader[T], attempt 
 		redisDown = true
 		return c.shared(ctx, key, genKey, load, vw, redisDown, seen, attempt, start)
 	}
-	c.stats.misses.Add(1)
-	c.rec.Miss(c.name)
+	c.count(attempt, outMiss)
 	if h := c.hooks; h != nil && h.afterMiss != nil {
 		h.afterMiss(key)
 	}
@@ -231,6 +224,40 @@ func (c *Cache[T]) get(ctx context.Context, key string, load Loader[T], attempt 
 }
 
 var errNilLoader = errors.New("cacheaside: Get with a nil Loader")
+
+// outcome is how a Get's first read went, for Stats and the Recorder.
+type outcome uint8
+
+const (
+	outHit outcome = iota
+	outStale
+	outNegative
+	outMiss
+)
+
+// count records the outcome of a Get's first read; the start-over of the
+// same Get (attempt > 0, see shared) is not counted again.
+func (c *Cache[T]) count(attempt int, o outcome) {
+	if attempt > 0 {
+		return
+	}
+	switch o {
+	case outHit:
+		c.stats.hits.Add(1)
+		c.rec.Hit(c.name)
+	case outStale:
+		c.stats.hits.Add(1)
+		c.rec.Hit(c.name)
+		c.stats.staleServed.Add(1)
+		c.rec.StaleServed(c.name)
+	case outNegative:
+		c.stats.negativeHits.Add(1)
+		c.rec.NegativeHit(c.name)
+	case outMiss:
+		c.stats.misses.Add(1)
+		c.rec.Miss(c.name)
+	}
+}
 
 // checkKey validates key and, for a namespaced cache, returns its
 // namespace's generation key.
@@ -363,7 +390,9 @@ func (c *Cache[T]) shared(ctx context.Context, key, genKey string, load Loader[T
 		}
 		c.stats.coalesced.Add(1)
 		c.rec.Coalesced(c.name)
-		older := a.fs != nil && a.fs.seq <= start && !(a.fs == seen.f && trusted)
+		// A Get whose own read failed cannot check anything in Redis
+		// either, and a start-over would only load again.
+		older := a.fs != nil && a.fs.seq <= start && !(a.fs == seen.f && trusted) && !redisDown
 		if older && attempt < maxRejoins && (r.Err == nil || errors.Is(r.Err, ErrNotFound)) && !c.holds(ctx, key, genKey, a.tok) {
 			return c.get(ctx, key, load, attempt+1)
 		}
