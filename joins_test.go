@@ -107,6 +107,11 @@ func TestJoinAfterInvalidateInOtherProcess(t *testing.T) {
 		if v := <-got; v != 2 {
 			t.Fatalf("Get = v%d, want v2", v)
 		}
+		// The second Get started over once; it still counts as one Get.
+		waitFor(t, "both Gets to be counted", func() bool { return p1.Stats().Requests() >= 2 })
+		if n := p1.Stats().Requests(); n != 2 {
+			t.Fatalf("Stats counted %d Gets, want 2", n)
+		}
 	})
 }
 
