@@ -82,11 +82,7 @@ func BenchmarkRawGet(b *testing.B) {
 func BenchmarkGetHit(b *testing.B) {
 	rdb := benchRedis(b)
 	ctx := context.Background()
-	c, err := New[benchTask](rdb, &Options[benchTask]{Name: "bench"})
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { _ = c.Close() })
+	c := benchCache[benchTask](b, rdb, &Options[benchTask]{Name: "bench"})
 	key := uniquePrefix() + "hit"
 	b.Cleanup(func() { rdb.Del(ctx, key) })
 	load := func(context.Context) (benchTask, error) { return benchValue, nil }
@@ -130,12 +126,8 @@ func BenchmarkGetStale(b *testing.B) {
 	rdb := benchRedis(b)
 	ctx := context.Background()
 	clock := newFakeClock()
-	c, err := New[benchTask](rdb, &Options[benchTask]{Name: "bench", Clock: clock.Now,
+	c := benchCache[benchTask](b, rdb, &Options[benchTask]{Name: "bench", Clock: clock.Now,
 		Policy: Policy{TTL: time.Minute, StaleWhileRevalidate: time.Hour, NoEarlyRefresh: true}})
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { _ = c.Close() })
 	key := uniquePrefix() + "stale"
 	b.Cleanup(func() { rdb.Del(ctx, key) })
 	first := true
@@ -211,11 +203,7 @@ func BenchmarkInvalidatePrefix(b *testing.B) {
 	ctx := context.Background()
 	prefix := uniquePrefix()
 	prefixBenchSetup(b, rdb, prefix, total, group)
-	c, err := New[string](rdb, nil)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { _ = c.Close() })
+	c := benchCache[string](b, rdb, nil)
 	orgPrefix := prefix + "org:acme:"
 	var deleted int64
 	for b.Loop() {
@@ -246,11 +234,7 @@ func BenchmarkInvalidateNamespace(b *testing.B) {
 	}
 	rdb := benchRedis(b)
 	ctx := context.Background()
-	c, err := New[string](rdb, &Options[string]{Namespaced: true})
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { _ = c.Close() })
+	c := benchCache[string](b, rdb, &Options[string]{Namespaced: true})
 	ns := MustKeyspace("bench", 1).Namespace(uniquePrefix(), "acme")
 	b.Cleanup(func() { rdb.Del(ctx, ns.genKey()) })
 	b.ReportAllocs()
@@ -269,11 +253,7 @@ func BenchmarkInvalidateNamespace(b *testing.B) {
 func BenchmarkHitVsRaw(b *testing.B) {
 	rdb := benchRedis(b)
 	ctx := context.Background()
-	c, err := New[benchTask](rdb, &Options[benchTask]{Name: "bench"})
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { _ = c.Close() })
+	c := benchCache[benchTask](b, rdb, &Options[benchTask]{Name: "bench"})
 	prefix := uniquePrefix()
 	rawKey, hitKey := prefix+"raw", prefix+"hit"
 	b.Cleanup(func() { rdb.Del(ctx, rawKey, hitKey) })
@@ -332,11 +312,7 @@ func BenchmarkGetBreakerOpen(b *testing.B) {
 	l.Close()
 	rdb := redis.NewClient(&redis.Options{Addr: addr, ContextTimeoutEnabled: true, MaxRetries: -1})
 	b.Cleanup(func() { rdb.Close() })
-	c, err := New[benchTask](rdb, &Options[benchTask]{BreakerCooldown: time.Hour, Logger: slog.New(slog.DiscardHandler)})
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { _ = c.Close() })
+	c := benchCache[benchTask](b, rdb, &Options[benchTask]{BreakerCooldown: time.Hour, Logger: slog.New(slog.DiscardHandler)})
 	ctx := context.Background()
 	for c.Stats().BreakerOpens == 0 {
 		_, _ = c.Get(ctx, "k", benchLoad)
@@ -383,11 +359,7 @@ func BenchmarkGetBlackHoled(b *testing.B) {
 	}
 	rdb := redis.NewClient(&redis.Options{Addr: proxy.Listen, ContextTimeoutEnabled: true, MaxRetries: -1})
 	b.Cleanup(func() { rdb.Close() })
-	c, err := New[benchTask](rdb, &Options[benchTask]{NoBreaker: true, Logger: slog.New(slog.DiscardHandler)})
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { _ = c.Close() })
+	c := benchCache[benchTask](b, rdb, &Options[benchTask]{NoBreaker: true, Logger: slog.New(slog.DiscardHandler)})
 	ctx := context.Background()
 	i := 0
 	for b.Loop() {
@@ -396,4 +368,15 @@ func BenchmarkGetBlackHoled(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+}
+
+// benchCache builds a Cache for a benchmark and closes it at cleanup.
+func benchCache[T any](b *testing.B, rdb Redis, o *Options[T]) *Cache[T] {
+	b.Helper()
+	c, err := New[T](rdb, o)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = c.Close() })
+	return c
 }
