@@ -10,7 +10,7 @@ test:
 # The same suite with the race detector, also against the real Redis at $(REDIS)
 # and a 3-master Redis Cluster the tests start themselves (redis-server, redis-cli).
 race:
-	CACHEASIDE_REDIS_ADDR=$(REDIS) CACHEASIDE_REDIS_CLUSTER=1 go test -race -count=1 ./...
+	CACHEASIDE_REDIS_ADDR=$(REDIS) CACHEASIDE_REDIS_FAULTS=1 CACHEASIDE_REDIS_CLUSTER=1 go test -race -count=1 ./...
 	DATABASE_URL=$(DATABASE_URL) REDIS_URL=redis://$(REDIS)/0 go -C examples test -race -count=1 ./...
 
 # Hit path (fresh and stale-served) beside the raw go-redis GET +
@@ -32,7 +32,7 @@ bench-invalidate:
 
 # Get with Redis down (breaker open) and black-holed, beside the bare loader.
 bench-degrade:
-	go test -run '^$$' -bench 'BareLoader|BreakerOpen|BlackHoled' -benchtime 2s -count 3 .
+	CACHEASIDE_REDIS_FAULTS=1 go test -run '^$$' -bench 'BareLoader|BreakerOpen|BlackHoled' -benchtime 2s -count 3 .
 
 lint:
 	test -z "$$(gofmt -l .)"

@@ -332,6 +332,9 @@ func BenchmarkGetBreakerOpen(b *testing.B) {
 // budget (50ms) before the loader answers: the worst case before a breaker
 // opens. Needs redis-server installed.
 func BenchmarkGetBlackHoled(b *testing.B) {
+	if os.Getenv(envFaults) == "" {
+		b.Skipf("starts redis-server: set %s=1", envFaults)
+	}
 	port := 0
 	{
 		l, err := net.Listen("tcp", "127.0.0.1:0")
