@@ -55,6 +55,7 @@ type guarded struct {
 	budget  time.Duration
 	cb      *gobreaker.TwoStepCircuitBreaker[struct{}] // nil: no breaker
 	skipped atomic.Uint64                              // commands not sent because the breaker was open
+	healthy atomic.Bool                                // the last command went through (false until one does)
 }
 
 // errBreakerOpen is the error of every command the open breaker skips.
@@ -91,78 +92,126 @@ func breakerErr(caller context.Context, err error) error {
 	return err
 }
 
-// begin admits one command: it returns the context to run it on and the
-// function to call with its error, or ErrRedisUnavailable if the breaker is
-// open.
-func (g *guarded) begin(ctx context.Context, budget time.Duration) (context.Context, func(error), error) {
-	var report func(error)
+// op is one admitted command: the context to run it on, and what to do
+// when it returns.
+type op struct {
+	g      *guarded
+	caller context.Context
+	ctx    context.Context
+	cancel context.CancelFunc // nil for a deadline-only context
+	report func(error)        // the breaker's; nil without one
+}
+
+// end releases the command's context and tells the breaker how it went.
+func (o op) end(err error) {
+	if o.cancel != nil {
+		o.cancel()
+	}
+	berr := breakerErr(o.caller, err)
+	if berr != errExcluded {
+		o.g.healthy.Store(berr == nil)
+	}
+	if o.report != nil {
+		o.report(berr)
+	}
+}
+
+// deadlineCtx carries a deadline without a timer. The hit path uses it:
+// with ContextTimeoutEnabled, go-redis turns the deadline into the socket
+// deadline of the read and write, which is what the budget must bound, and
+// it costs one allocation instead of context.WithTimeout's five. Its Done
+// is the caller's, so what waits on it rather than on the socket (a dial
+// and its retries, a wait for a free pooled connection) is not cut at the
+// budget: it is used only while the last command went through, when
+// connections are open and a dead Redis shows as a failed read or write.
+type deadlineCtx struct {
+	context.Context
+	at time.Time
+}
+
+func (d *deadlineCtx) Deadline() (time.Time, bool) { return d.at, true }
+
+func (d *deadlineCtx) Err() error {
+	if err := d.Context.Err(); err != nil {
+		return err
+	}
+	if !time.Now().Before(d.at) {
+		return context.DeadlineExceeded
+	}
+	return nil
+}
+
+// begin admits one command, or returns ErrRedisUnavailable if the breaker
+// is open. light asks for the timer-free deadline context, which is used
+// only while Redis is healthy.
+func (g *guarded) begin(ctx context.Context, budget time.Duration, light bool) (op, error) {
+	o := op{g: g, caller: ctx}
 	if g.cb != nil {
 		done, err := g.cb.Allow()
 		if err != nil {
 			g.skipped.Add(1)
-			return nil, nil, errBreakerOpen
+			return o, errBreakerOpen
 		}
-		report = done
+		o.report = done
 	}
 	// Leave the caller at least half of its remaining time for the loader:
 	// a short request deadline must not be spent waiting on Redis alone.
 	if dl, ok := ctx.Deadline(); ok {
 		budget = max(min(budget, time.Until(dl)/2), time.Millisecond)
 	}
-	octx, cancel := context.WithTimeout(ctx, budget)
-	return octx, func(err error) {
-		cancel()
-		if report != nil {
-			report(breakerErr(ctx, err))
-		}
-	}, nil
+	if light && g.healthy.Load() {
+		o.ctx = &deadlineCtx{Context: ctx, at: time.Now().Add(budget)}
+	} else {
+		o.ctx, o.cancel = context.WithTimeout(ctx, budget)
+	}
+	return o, nil
 }
 
 func (g *guarded) Get(ctx context.Context, key string) *redis.StringCmd {
-	octx, end, err := g.begin(ctx, g.budget)
+	o, err := g.begin(ctx, g.budget, true)
 	if err != nil {
 		cmd := redis.NewStringCmd(ctx, "get", key)
 		cmd.SetErr(err)
 		return cmd
 	}
-	cmd := g.rdb.Get(octx, key)
-	end(cmd.Err())
+	cmd := g.rdb.Get(o.ctx, key)
+	o.end(cmd.Err())
 	return cmd
 }
 
 func (g *guarded) MGet(ctx context.Context, keys ...string) *redis.SliceCmd {
-	octx, end, err := g.begin(ctx, g.budget)
+	o, err := g.begin(ctx, g.budget, true)
 	if err != nil {
 		cmd := redis.NewSliceCmd(ctx, "mget")
 		cmd.SetErr(err)
 		return cmd
 	}
-	cmd := g.rdb.MGet(octx, keys...)
-	end(cmd.Err())
+	cmd := g.rdb.MGet(o.ctx, keys...)
+	o.end(cmd.Err())
 	return cmd
 }
 
 func (g *guarded) Set(ctx context.Context, key string, value any, expiration time.Duration) *redis.StatusCmd {
-	octx, end, err := g.begin(ctx, g.budget)
+	o, err := g.begin(ctx, g.budget, false)
 	if err != nil {
 		cmd := redis.NewStatusCmd(ctx, "set", key)
 		cmd.SetErr(err)
 		return cmd
 	}
-	cmd := g.rdb.Set(octx, key, value, expiration)
-	end(cmd.Err())
+	cmd := g.rdb.Set(o.ctx, key, value, expiration)
+	o.end(cmd.Err())
 	return cmd
 }
 
 func (g *guarded) Unlink(ctx context.Context, keys ...string) *redis.IntCmd {
-	octx, end, err := g.begin(ctx, g.budget)
+	o, err := g.begin(ctx, g.budget, false)
 	if err != nil {
 		cmd := redis.NewIntCmd(ctx, "unlink")
 		cmd.SetErr(err)
 		return cmd
 	}
-	cmd := g.rdb.Unlink(octx, keys...)
-	end(cmd.Err())
+	cmd := g.rdb.Unlink(o.ctx, keys...)
+	o.end(cmd.Err())
 	return cmd
 }
 
@@ -171,36 +220,36 @@ func (g *guarded) Unlink(ctx context.Context, keys ...string) *redis.IntCmd {
 func (g *guarded) bulkBudget() time.Duration { return max(10*g.budget, time.Second) }
 
 func (g *guarded) Scan(ctx context.Context, cursor uint64, match string, count int64) *redis.ScanCmd {
-	octx, end, err := g.begin(ctx, g.bulkBudget())
+	o, err := g.begin(ctx, g.bulkBudget(), false)
 	if err != nil {
 		cmd := redis.NewScanCmd(ctx, nil, "scan")
 		cmd.SetErr(err)
 		return cmd
 	}
-	cmd := g.rdb.Scan(octx, cursor, match, count)
-	end(cmd.Err())
+	cmd := g.rdb.Scan(o.ctx, cursor, match, count)
+	o.end(cmd.Err())
 	return cmd
 }
 
 func (g *guarded) Pipelined(ctx context.Context, fn func(redis.Pipeliner) error) ([]redis.Cmder, error) {
-	octx, end, err := g.begin(ctx, g.bulkBudget())
+	o, err := g.begin(ctx, g.bulkBudget(), false)
 	if err != nil {
 		return nil, err
 	}
-	cmds, err := g.rdb.Pipelined(octx, fn)
-	end(err)
+	cmds, err := g.rdb.Pipelined(o.ctx, fn)
+	o.end(err)
 	return cmds, err
 }
 
 func (g *guarded) script(ctx context.Context, run func(context.Context) *redis.Cmd) *redis.Cmd {
-	octx, end, err := g.begin(ctx, g.budget)
+	o, err := g.begin(ctx, g.budget, false)
 	if err != nil {
 		cmd := redis.NewCmd(ctx)
 		cmd.SetErr(err)
 		return cmd
 	}
-	cmd := run(octx)
-	end(cmd.Err())
+	cmd := run(o.ctx)
+	o.end(cmd.Err())
 	return cmd
 }
 
