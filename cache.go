@@ -29,9 +29,11 @@ type Cache[T any] struct {
 	rec    Recorder   // opts.Recorder
 	genTTL time.Duration
 
-	group    flight.Group[answer[T]] // one in-process load per key
+	group    flight.Group[answer[T]] // one in-process load per key (GetMany's keys too)
 	inflight sync.Map                // key → *flightState of its newest flight in group
 	flights  atomic.Uint64           // flights started, numbering them (flightState.seq)
+
+	splitReads atomic.Bool // multi-key reads may cross slots: GetMany reads per key
 	stats    counters
 
 	loadSlots chan struct{} // MaxLoadsWhileDown slots for loads that bypass Redis
@@ -76,6 +78,10 @@ func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 		c.guard.cb = newBreaker(o.Name, o.BreakerFailures, o.BreakerCooldown, o.Logger, o.Recorder, &c.stats.breakerOpens)
 	}
 	c.rdb = c.guard
+	switch rdb.(type) {
+	case *redis.ClusterClient, *redis.Ring:
+		c.splitReads.Store(true)
+	}
 	// A generation key outlives every entry stamped with it; if it expires
 	// anyway, a new random generation only turns old entries into misses.
 	c.genTTL = 2*(o.Policy.TTL+o.Policy.staleWindow()) + o.LeaseTTL
@@ -364,43 +370,62 @@ func (c *Cache[T]) shared(ctx context.Context, key, genKey string, load Loader[T
 		tok = &vw.e.Token
 	}
 	trusted := seen.joinable(tok)
-	leader := false
-	ch := c.group.DoChan(key, func() (a answer[T], err error) {
-		leader = true
-		fs := &flightState{seq: c.flights.Add(1)}
-		c.inflight.Store(key, fs)
-		defer c.inflight.CompareAndDelete(key, fs)
-		// x/sync re-panics a DoChan panic where nobody can recover it, so
-		// a panic anywhere in the flight (a codec, a hook, a Recorder)
-		// becomes an error for its callers instead. Loader panics are
-		// caught closer, in callLoader, where the lease is released.
-		defer func() {
-			if r := recover(); r != nil {
-				err = &PanicError{Value: r, Stack: debug.Stack()}
-			}
-		}()
-		v, err := c.run(ctx, key, genKey, load, vw, redisDown, fs)
-		return answer[T]{v, fs.answer, fs}, err
+	call, leader := c.group.Do(key, func() (answer[T], error) {
+		fs := c.startFlight(key)
+		defer c.endFlight(key, fs)
+		return c.runFlight(ctx, key, genKey, load, vw, redisDown, fs)
 	})
 	select {
-	case r := <-ch:
-		a := flight.Value[answer[T]](r)
+	case <-call.Done():
+		a, err := call.Result()
 		if leader {
-			return a.v, r.Err
+			return a.v, err
 		}
-		c.stats.coalesced.Add(1)
-		c.rec.Coalesced(c.name)
-		// A Get whose own read failed cannot check anything in Redis
-		// either, and a start-over would only load again.
-		older := a.fs != nil && a.fs.seq <= start && !(a.fs == seen.f && trusted) && !redisDown
-		if older && attempt < maxRejoins && (r.Err == nil || errors.Is(r.Err, ErrNotFound)) && !c.holds(ctx, key, genKey, a.tok) {
-			return c.get(ctx, key, load, attempt+1)
-		}
-		return a.v, r.Err
+		return c.joined(ctx, key, genKey, load, a, err, seen, trusted, redisDown, attempt, start)
 	case <-ctx.Done():
 		var zero T
 		return zero, ctx.Err()
 	}
+}
+
+// runFlight runs one in-process flight for key and returns its answer. A
+// panic anywhere in it (a codec, a hook, a Recorder) would end the process
+// on the flight's goroutine; it becomes an error for its callers instead.
+// Loader panics are caught closer, in callLoader, where the lease is
+// released.
+func (c *Cache[T]) runFlight(parent context.Context, key, genKey string, load Loader[T], vw view[T], redisDown bool, fs *flightState) (a answer[T], err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			a, err = answer[T]{fs: fs}, &PanicError{Value: r, Stack: debug.Stack()}
+		}
+	}()
+	v, err := c.run(parent, key, genKey, load, vw, redisDown, fs)
+	return answer[T]{v, fs.answer, fs}, err
+}
+
+// startFlight publishes the flight that is about to load key.
+func (c *Cache[T]) startFlight(key string) *flightState {
+	fs := &flightState{seq: c.flights.Add(1)}
+	c.inflight.Store(key, fs)
+	return fs
+}
+
+func (c *Cache[T]) endFlight(key string, fs *flightState) { c.inflight.CompareAndDelete(key, fs) }
+
+// joined is what a Get that joined another caller's flight returns: that
+// flight's answer, unless the flight is older than the Get and the entry
+// holding its answer is gone from Redis, when the Get starts over once
+// (see flightSeen.joinable).
+func (c *Cache[T]) joined(ctx context.Context, key, genKey string, load Loader[T], a answer[T], err error, seen flightSeen, trusted, redisDown bool, attempt int, start uint64) (T, error) {
+	c.stats.coalesced.Add(1)
+	c.rec.Coalesced(c.name)
+	// A Get whose own read failed cannot check anything in Redis either,
+	// and a start-over would only load again.
+	older := a.fs != nil && a.fs.seq <= start && !(a.fs == seen.f && trusted) && !redisDown
+	if older && attempt < maxRejoins && (err == nil || errors.Is(err, ErrNotFound)) && !c.holds(ctx, key, genKey, a.tok) {
+		return c.get(ctx, key, load, attempt+1)
+	}
+	return a.v, err
 }
 
 // holds reports whether key still holds the entry written under tok, in
@@ -737,14 +762,35 @@ func (c *Cache[T]) loadUncached(ctx context.Context, load Loader[T]) (T, error) 
 // abandoned at that point: it keeps running until it returns, but nobody
 // waits for it and its result is dropped.
 func (c *Cache[T]) callLoader(ctx context.Context, load Loader[T]) (v T, took time.Duration, err error) {
-	ctx, cancel := context.WithTimeout(ctx, c.opts.LoadTimeout)
+	start := c.opts.Clock() // load time feeds XFetch, a freshness decision
+	v, err = callFn(ctx, c.opts.LoadTimeout, load)
+	took = c.opts.Clock().Sub(start)
+	c.loaded(took, err)
+	return v, took, err
+}
+
+// loaded counts one loader call.
+func (c *Cache[T]) loaded(took time.Duration, err error) {
+	if err != nil && !c.isNotFound(err) {
+		c.stats.loadErrors.Add(1)
+	} else {
+		c.stats.loads.Add(1)
+	}
+	c.stats.loadNanos.Add(uint64(took))
+	c.rec.Load(c.name, took, err)
+}
+
+// callFn is callLoader's guard for any loader: fn on its own goroutine
+// under timeout, with panics, Goexit and an ignored context turned into
+// errors.
+func callFn[R any](ctx context.Context, timeout time.Duration, fn func(context.Context) (R, error)) (R, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	type result struct {
-		v   T
+		v   R
 		err error
 	}
 	done := make(chan result, 1)
-	start := c.opts.Clock() // load time feeds XFetch, a freshness decision
 	go func() {
 		normal := false
 		defer func() {
@@ -757,25 +803,17 @@ func (c *Cache[T]) callLoader(ctx context.Context, load Loader[T]) (v T, took ti
 			}
 			done <- result{err: errLoaderExited}
 		}()
-		v, err := load(ctx)
+		v, err := fn(ctx)
 		normal = true
 		done <- result{v, err}
 	}()
 	select {
 	case r := <-done:
-		v, err = r.v, r.err
+		return r.v, r.err
 	case <-ctx.Done():
-		err = fmt.Errorf("cacheaside: loader did not return within its context: %w", ctx.Err())
+		var zero R
+		return zero, fmt.Errorf("cacheaside: loader did not return within its context: %w", ctx.Err())
 	}
-	took = c.opts.Clock().Sub(start)
-	if err != nil && !c.isNotFound(err) {
-		c.stats.loadErrors.Add(1)
-	} else {
-		c.stats.loads.Add(1)
-	}
-	c.stats.loadNanos.Add(uint64(took))
-	c.rec.Load(c.name, took, err)
-	return v, took, err
 }
 
 // errLoaderExited is returned to the callers of a load whose loader called

@@ -241,6 +241,29 @@ func (g *guarded) Pipelined(ctx context.Context, fn func(redis.Pipeliner) error)
 	return cmds, err
 }
 
+// pipe runs a pipeline under budget, like a single command: the breaker
+// hears the first error other than a miss (a pipeline of GETs reports
+// redis.Nil for any absent key). The returned error is go-redis's.
+func (g *guarded) pipe(ctx context.Context, budget time.Duration, fn func(redis.Pipeliner) error) ([]redis.Cmder, error) {
+	o, err := g.begin(ctx, budget, false)
+	if err != nil {
+		return nil, err
+	}
+	cmds, err := g.rdb.Pipelined(o.ctx, fn)
+	var first error
+	for _, cmd := range cmds {
+		if e := cmd.Err(); e != nil && !errors.Is(e, redis.Nil) {
+			first = e
+			break
+		}
+	}
+	if first == nil && err != nil && !errors.Is(err, redis.Nil) {
+		first = err
+	}
+	o.end(first)
+	return cmds, err
+}
+
 func (g *guarded) script(ctx context.Context, run func(context.Context) *redis.Cmd) *redis.Cmd {
 	o, err := g.begin(ctx, g.budget, false)
 	if err != nil {

@@ -81,13 +81,32 @@ func entryKeys(key, genKey string) []string {
 	return []string{key, genKey}
 }
 
+// scriptCall is one run of a lease script: alone (run) or in a pipeline
+// with others (Cache.evalMany).
+type scriptCall struct {
+	s    *redis.Script
+	keys []string
+	args []any
+}
+
+func (sc scriptCall) run(ctx context.Context, rdb Redis) *redis.Cmd {
+	return sc.s.Run(ctx, rdb, sc.keys, sc.args...)
+}
+
 // acquire runs acquire.lua. It reports whether the caller now holds the
 // lease and the namespace generation the lease was taken under; if the
 // caller does not hold it, cur is the entry found in its place. replace is
 // the token (or nil) of an undecodable entry the caller may overwrite.
 func acquire(ctx context.Context, rdb Redis, key, genKey string, lease []byte, ttl time.Duration, replace []byte, genTTL time.Duration) (held bool, gen envelope.Gen, cur []byte, err error) {
+	return acquireReply(acquireCall(key, genKey, lease, ttl, replace, genTTL).run(ctx, rdb).Slice())
+}
+
+func acquireCall(key, genKey string, lease []byte, ttl time.Duration, replace []byte, genTTL time.Duration) scriptCall {
 	fresh := newGen()
-	res, err := acquireScript.Run(ctx, rdb, entryKeys(key, genKey), lease, millis(ttl), replace, fresh[:], millis(genTTL)).Slice()
+	return scriptCall{acquireScript, entryKeys(key, genKey), []any{lease, millis(ttl), replace, fresh[:], millis(genTTL)}}
+}
+
+func acquireReply(res []any, err error) (held bool, gen envelope.Gen, cur []byte, _ error) {
 	if err != nil {
 		return false, gen, nil, err
 	}
@@ -113,32 +132,48 @@ func acquire(ctx context.Context, rdb Redis, key, genKey string, lease []byte, t
 // fill runs fill.lua: write entry for ttl if key still holds tok's lease
 // (and, with genKey, if the namespace generation is still the entry's).
 func fill(ctx context.Context, rdb Redis, key, genKey string, tok envelope.Token, entry []byte, ttl, genTTL time.Duration) (bool, error) {
-	n, err := fillScript.Run(ctx, rdb, entryKeys(key, genKey), tok[:], entry, millis(ttl), millis(genTTL)).Int64()
+	n, err := fillCall(key, genKey, tok, entry, ttl, genTTL).run(ctx, rdb).Int64()
 	return n == 1, err
+}
+
+func fillCall(key, genKey string, tok envelope.Token, entry []byte, ttl, genTTL time.Duration) scriptCall {
+	return scriptCall{fillScript, entryKeys(key, genKey), []any{tok[:], entry, millis(ttl), millis(genTTL)}}
 }
 
 // refreshLease runs refresh.lua: turn the value written under old into a
 // refreshing entry held by tok.
 func refreshLease(ctx context.Context, rdb Redis, key, genKey string, old, tok envelope.Token, ttl, genTTL time.Duration) (bool, error) {
-	n, err := refreshScript.Run(ctx, rdb, entryKeys(key, genKey), old[:], tok[:], millis(ttl), millis(genTTL)).Int64()
+	n, err := refreshCall(key, genKey, old, tok, ttl, genTTL).run(ctx, rdb).Int64()
 	return n == 1, err
+}
+
+func refreshCall(key, genKey string, old, tok envelope.Token, ttl, genTTL time.Duration) scriptCall {
+	return scriptCall{refreshScript, entryKeys(key, genKey), []any{old[:], tok[:], millis(ttl), millis(genTTL)}}
 }
 
 // release runs release.lua: delete tok's lease, or turn tok's refreshing
 // entry back into a value that lives for keep more (keep ≤ 0 deletes it).
 func release(ctx context.Context, rdb Redis, key string, tok envelope.Token, keep time.Duration) (bool, error) {
+	n, err := releaseCall(key, tok, keep).run(ctx, rdb).Int64()
+	return n == 1, err
+}
+
+func releaseCall(key string, tok envelope.Token, keep time.Duration) scriptCall {
 	ms := int64(0)
 	if keep > 0 {
 		ms = millis(keep)
 	}
-	n, err := releaseScript.Run(ctx, rdb, []string{key}, tok[:], ms).Int64()
-	return n == 1, err
+	return scriptCall{releaseScript, []string{key}, []any{tok[:], ms}}
 }
 
 // extend runs extend.lua: renew tok's lease on key for ttl.
 func extend(ctx context.Context, rdb Redis, key string, tok envelope.Token, ttl time.Duration) (bool, error) {
-	n, err := extendScript.Run(ctx, rdb, []string{key}, tok[:], millis(ttl)).Int64()
+	n, err := extendCall(key, tok, ttl).run(ctx, rdb).Int64()
 	return n == 1, err
+}
+
+func extendCall(key string, tok envelope.Token, ttl time.Duration) scriptCall {
+	return scriptCall{extendScript, []string{key}, []any{tok[:], millis(ttl)}}
 }
 
 // setInNamespace runs set.lua: write entry stamped with the namespace's

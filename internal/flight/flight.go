@@ -1,32 +1,93 @@
-// Package flight is a typed wrapper around golang.org/x/sync/singleflight.
-//
-// Callers must not let fn panic: x/sync re-panics a DoChan panic on a fresh
-// goroutine, which ends the process. The cacheaside load path recovers loader
-// panics itself and returns them as errors.
+// Package flight deduplicates concurrent work by key, like
+// golang.org/x/sync/singleflight, with one thing that package cannot do:
+// Join tells the caller at once whether it leads a new flight or joined a
+// running one. A batch needs that to know, before it calls its loader,
+// which keys are its own to load and which it waits for, without ever
+// waiting on a flight that waits on it.
 package flight
 
-import "golang.org/x/sync/singleflight"
+import (
+	"errors"
+	"sync"
+)
 
 // Group deduplicates concurrent calls by key. The zero value is ready to use.
 type Group[T any] struct {
-	g singleflight.Group
+	mu sync.Mutex
+	m  map[string]*Call[T]
 }
 
-// Result is what one flight produced.
-type Result = singleflight.Result
-
-// DoChan runs fn once for all concurrent callers with the same key. The
-// returned channel is buffered, so a caller that stops listening never
-// blocks the flight. Read the value with [Value].
-func (g *Group[T]) DoChan(key string, fn func() (T, error)) <-chan Result {
-	return g.g.DoChan(key, func() (any, error) { return fn() })
+// Call is one flight. Its result is readable once Done is closed.
+type Call[T any] struct {
+	done chan struct{}
+	val  T
+	err  error
 }
 
-// Value returns the typed value of r.
-func Value[T any](r Result) T {
-	v, _ := r.Val.(T)
-	return v
+// Done is closed when the flight has finished.
+func (c *Call[T]) Done() <-chan struct{} { return c.done }
+
+// Result returns what the flight produced; call it after Done is closed.
+func (c *Call[T]) Result() (T, error) { return c.val, c.err }
+
+// Join returns the running flight for key, or starts one and returns it
+// with leader true. A leader must call Finish exactly once.
+func (g *Group[T]) Join(key string) (c *Call[T], leader bool) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if c, ok := g.m[key]; ok {
+		return c, false
+	}
+	if g.m == nil {
+		g.m = make(map[string]*Call[T])
+	}
+	c = &Call[T]{done: make(chan struct{})}
+	g.m[key] = c
+	return c, true
 }
 
-// Forget makes the next call for key start a new flight.
-func (g *Group[T]) Forget(key string) { g.g.Forget(key) }
+// Finish records the result of the flight c for key and wakes everyone
+// waiting on it. Later Joins for key start a new flight.
+func (g *Group[T]) Finish(key string, c *Call[T], v T, err error) {
+	g.mu.Lock()
+	if g.m[key] == c {
+		delete(g.m, key)
+	}
+	g.mu.Unlock()
+	c.val, c.err = v, err
+	close(c.done)
+}
+
+// ErrPanicked is the result of a DoChan flight whose fn panicked; the
+// panic itself goes on up fn's goroutine.
+var ErrPanicked = errors.New("flight: fn panicked")
+
+// Do joins the flight for key, or starts one that runs fn on a new
+// goroutine. leader reports whether this call started it.
+func (g *Group[T]) Do(key string, fn func() (T, error)) (c *Call[T], leader bool) {
+	c, leader = g.Join(key)
+	if !leader {
+		return c, false
+	}
+	go func() {
+		finished := false
+		defer func() {
+			if !finished {
+				var zero T
+				g.Finish(key, c, zero, ErrPanicked)
+			}
+		}()
+		v, err := fn()
+		finished = true
+		g.Finish(key, c, v, err)
+	}()
+	return c, true
+}
+
+// Forget makes the next call for key start a new flight; callers of the
+// current one still get its result.
+func (g *Group[T]) Forget(key string) {
+	g.mu.Lock()
+	delete(g.m, key)
+	g.mu.Unlock()
+}
