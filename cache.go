@@ -34,7 +34,7 @@ type Cache[T any] struct {
 	flights  atomic.Uint64           // flights started, numbering them (flightState.seq)
 
 	splitReads atomic.Bool // multi-key reads may cross slots: GetMany reads per key
-	stats    counters
+	stats      counters
 
 	loadSlots chan struct{} // MaxLoadsWhileDown slots for loads that bypass Redis
 

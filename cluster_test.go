@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -802,5 +803,69 @@ func TestClusterNamespace(t *testing.T) {
 	}
 	if s := c.Stats(); s.RedisErrors != 0 {
 		t.Fatalf("Redis errors on the cluster: %+v", s)
+	}
+}
+
+// TestClusterGetMany: batches whose keys live on every master read in one
+// pipeline, load their misses with one loader call, and across four
+// instances each id is loaded once; ids the loader leaves out are cached
+// as tombstones on whichever master owns them.
+func TestClusterGetMany(t *testing.T) {
+	addrs := clusterAddrs(t)
+	ctx := context.Background()
+	p := uniquePrefix()
+	key := func(id int) string { return fmt.Sprintf("%sitem:%d", p, id) }
+	caches := make([]*Cache[string], 4)
+	for i := range caches {
+		caches[i] = clusterCache[string](t, clusterClient(t, addrs), nil)
+	}
+	const n = 90
+	perID := make([]atomic.Int64, n)
+	var calls atomic.Int64
+	load := func(_ context.Context, ids []int) (map[int]string, error) {
+		calls.Add(1)
+		time.Sleep(20 * time.Millisecond)
+		m := make(map[int]string, len(ids))
+		for _, id := range ids {
+			perID[id].Add(1)
+			if id%10 != 9 { // ids ending in 9 do not exist
+				m[id] = fmt.Sprint("v", id)
+			}
+		}
+		return m, nil
+	}
+	var wg sync.WaitGroup
+	for _, c := range caches {
+		for g := range 4 {
+			wg.Go(func() {
+				batch := ids(n)
+				rand.Shuffle(len(batch), func(i, j int) { batch[i], batch[j] = batch[j], batch[i] })
+				got, err := GetMany(ctx, c, batch[:60+g*10], key, load)
+				if err != nil {
+					t.Errorf("GetMany: %v", err)
+					return
+				}
+				for _, id := range batch[:60+g*10] {
+					if v, ok := got[id]; ok != (id%10 != 9) || (ok && v != fmt.Sprint("v", id)) {
+						t.Errorf("id %d: %q, %v", id, v, ok)
+					}
+				}
+			})
+		}
+	}
+	wg.Wait()
+	for id := range perID {
+		if c := perID[id].Load(); c != 1 {
+			t.Errorf("id %d loaded %d times, want once across 16 batches on 4 instances", id, c)
+		}
+	}
+	onEveryMaster(t, "cached entries", keysPerMaster(t, clusterClient(t, addrs), EscapeGlob(p)+"*"))
+	before := calls.Load()
+	got, err := GetMany(ctx, caches[0], ids(n), key, load)
+	if err != nil || len(got) != n-n/10 || calls.Load() != before {
+		t.Fatalf("all-hit batch: %d values, %v, %d more loader calls", len(got), err, calls.Load()-before)
+	}
+	if s := caches[0].Stats(); s.RedisErrors != 0 {
+		t.Fatalf("stats %+v: Redis errors on the cluster", s)
 	}
 }

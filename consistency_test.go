@@ -454,8 +454,13 @@ func (h *consHistory) run(t *testing.T, caches []*Cache[consVal], tot *consTotal
 	}
 }
 
-// read is one Get, checked against the floors it saw before it started.
+// read is one Get, or (one time in four) one GetMany, checked against the
+// floors it saw before it started.
 func (h *consHistory) read(ctx context.Context, t *testing.T, caches []*Cache[consVal], tot *consTotals, rng *rand.Rand, op string) {
+	if rng.IntN(4) == 0 {
+		h.readMany(ctx, t, caches, tot, rng, op)
+		return
+	}
 	j, x := rng.IntN(len(h.keys)), rng.IntN(len(caches))
 	if rng.IntN(3) == 0 {
 		h.pause()
@@ -492,6 +497,58 @@ func (h *consHistory) read(ctx context.Context, t *testing.T, caches []*Cache[co
 		tot.stale.Add(1)
 		h.violation("%s Get k%d on c%d returned v%d (%s), but v%d was committed and invalidated before it started",
 			op, j, x, got.V, src, floor)
+	}
+}
+
+// readMany is one GetMany of a random subset of the keys.
+func (h *consHistory) readMany(ctx context.Context, t *testing.T, caches []*Cache[consVal], tot *consTotals, rng *rand.Rand, op string) {
+	x := rng.IntN(len(caches))
+	var js []int
+	for j := range h.keys {
+		if rng.IntN(2) == 0 {
+			js = append(js, j)
+		}
+	}
+	if len(js) == 0 {
+		js = append(js, rng.IntN(len(h.keys)))
+	}
+	if rng.IntN(3) == 0 {
+		h.pause()
+	}
+	floor, local := make([]int64, len(h.keys)), make([]int64, len(h.keys))
+	for _, j := range js {
+		floor[j], local[j] = h.floor[j].Load(), h.local[x][j].Load()
+	}
+	h.logf("%s GetMany %v on c%d: start (floors %v, this process's %v)", op, js, x, floor, local)
+	got, err := GetMany(ctx, caches[x], js, func(j int) string { return h.keys[j] }, func(_ context.Context, ids []int) (map[int]consVal, error) {
+		m := make(map[int]consVal, len(ids))
+		for _, j := range ids {
+			m[j] = consVal{V: h.db[j].Load(), by: op}
+		}
+		h.logf("%s batch load %v on c%d: read %v", op, ids, x, m)
+		h.pause()
+		return m, nil
+	})
+	tot.gets.Add(int64(len(js)))
+	if err != nil {
+		t.Errorf("seed %d: %s GetMany on c%d: %v", h.seed, op, x, err)
+		return
+	}
+	for _, j := range js {
+		v, ok := got[j]
+		if !ok {
+			t.Errorf("seed %d: %s GetMany on c%d: no value for k%d", h.seed, op, x, j)
+			continue
+		}
+		h.logf("%s GetMany k%d on c%d: returned v%d (by %q)", op, j, x, v.V, v.by)
+		switch {
+		case v.V < local[j]:
+			tot.stale.Add(1)
+			h.violation("%s GetMany k%d on c%d returned v%d, but v%d was committed and invalidated through c%d before it started", op, j, x, v.V, local[j], x)
+		case v.V < floor[j]:
+			tot.stale.Add(1)
+			h.violation("%s GetMany k%d on c%d returned v%d, but v%d was committed and invalidated before it started", op, j, x, v.V, floor[j])
+		}
 	}
 }
 

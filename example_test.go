@@ -247,3 +247,45 @@ func ExamplePolicy_staleWhileRevalidate() {
 	// stale, served at once: 1
 	// after the background refresh: 2
 }
+
+// GetMany reads many ids in one round trip and loads all the misses with
+// one call; ids the loader leaves out are cached as "not found".
+func ExampleGetMany() {
+	rdb, stop := exampleRedis()
+	defer stop()
+	ctx := context.Background()
+	tasks, err := cacheaside.New[Task](rdb, nil)
+	if err != nil {
+		panic(err)
+	}
+	defer tasks.Close()
+	keys := cacheaside.MustKeyspace("tasks", 1)
+	key := func(id int64) string { return keys.Key(fmt.Sprint(id)) }
+
+	db := map[int64]Task{1: {1, "Write docs"}, 2: {2, "Ship it"}, 3: {3, "Celebrate"}}
+	load := func(ctx context.Context, ids []int64) (map[int64]Task, error) {
+		fmt.Println("query ids", ids) // SELECT ... WHERE id = ANY($1)
+		found := make(map[int64]Task)
+		for _, id := range ids {
+			if t, ok := db[id]; ok {
+				found[id] = t
+			}
+		}
+		return found, nil
+	}
+	if _, err := cacheaside.GetMany(ctx, tasks, []int64{1, 2}, key, load); err != nil {
+		panic(err)
+	}
+	got, err := cacheaside.GetMany(ctx, tasks, []int64{1, 2, 3, 4}, key, load)
+	if err != nil {
+		panic(err)
+	}
+	fmt.Println(len(got), got[3].Title)
+	_, err = cacheaside.GetMany(ctx, tasks, []int64{1, 2, 3, 4}, key, load) // all cached, 4 as "not found"
+	fmt.Println(err)
+	// Output:
+	// query ids [1 2]
+	// query ids [3 4]
+	// 3 Celebrate
+	// <nil>
+}

@@ -158,6 +158,11 @@ func GetMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 	if len(misses) == 0 {
 		return out, errors.Join(errs...)
 	}
+	if h := c.hooks; h != nil && h.afterMiss != nil {
+		for _, it := range misses {
+			h.afterMiss(it.key)
+		}
+	}
 
 	// Join the in-process flight of each missing key, or start one; the
 	// flights this batch leads are loaded together.
@@ -664,6 +669,16 @@ func fillBatch[K comparable, T any](ctx context.Context, c *Cache[T], held []*ba
 			calls[i], fills[i] = fillCall(it.key, it.genKey, it.tok, entry, ttl, c.genTTL), true
 		}
 	}
+	if h := c.hooks; h != nil {
+		for i, it := range held {
+			if h.beforeFill != nil {
+				h.beforeFill(it.key)
+			}
+			if h.noTokenCheck && fills[i] {
+				calls[i] = scriptCall{plainFillScript, calls[i].keys[:1], calls[i].args}
+			}
+		}
+	}
 	cmds := c.evalMany(wctx, calls)
 	for i, it := range held {
 		n, err := cmds[i].Int64()
@@ -714,3 +729,7 @@ func (c *Cache[T]) keepLeases(ctx context.Context, calls []scriptCall) (stop fun
 	}()
 	return func() { cancel(); <-done }
 }
+
+// plainFillScript fills without checking the lease: the broken protocol
+// of testHooks.noTokenCheck.
+var plainFillScript = redis.NewScript(`redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1`)
