@@ -51,6 +51,8 @@ type Cache[T any] struct {
 	stop   context.Context
 	cancel context.CancelFunc
 
+	local *localTier[T] // nil without Options.Local
+
 	hooks *testHooks // nil outside tests
 }
 
@@ -62,7 +64,9 @@ type Cache[T any] struct {
 type Loader[T any] func(ctx context.Context) (T, error)
 
 // New returns a Cache on rdb. It validates opts (nil means all defaults)
-// and never talks to Redis, so it works while Redis is down.
+// and never waits for Redis, so it works while Redis is down. With
+// Options.Local it starts one goroutine that subscribes to the
+// invalidation bus; Close stops it.
 func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 	if rdb == nil {
 		return nil, fmt.Errorf("%w: nil Redis client", ErrInvalidOptions)
@@ -86,6 +90,21 @@ func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 	// anyway, a new random generation only turns old entries into misses.
 	c.genTTL = 2*(o.Policy.TTL+o.Policy.staleWindow()) + o.LeaseTTL
 	c.stop, c.cancel = context.WithCancel(context.Background())
+	if o.Local != nil {
+		bus, ok := rdb.(Bus)
+		if !ok {
+			return nil, fmt.Errorf("%w: Options.Local needs a client with Publish and Subscribe (the Bus interface); %T has not", ErrInvalidOptions, rdb)
+		}
+		lo, err := o.Local.resolve(o.Name)
+		if err != nil {
+			return nil, err
+		}
+		if c.local, err = newLocalTier[T](lo, bus); err != nil {
+			return nil, err
+		}
+		c.wg.Add(1)
+		go c.listen()
+	}
 	warnClientOptions(c.raw, o.Logger, o.Name)
 	return c, nil
 }
@@ -115,6 +134,10 @@ func (c *Cache[T]) Name() string { return c.name }
 func (c *Cache[T]) Stats() Stats {
 	s := c.stats.snapshot()
 	s.RedisSkipped = c.guard.skipped.Load()
+	if l := c.local; l != nil {
+		s.LocalFlushes = l.flushes.Load()
+		s.BusMessages = l.messages.Load()
+	}
 	return s
 }
 
@@ -174,6 +197,20 @@ func (c *Cache[T]) get(ctx context.Context, key string, load Loader[T], attempt 
 	if c.closed.Load() {
 		return zero, ErrClosed
 	}
+	var snap localSnap
+	if l := c.local; l != nil {
+		if it, ok := l.lookup(key, c.opts.Clock().UnixNano()); ok {
+			if attempt == 0 {
+				c.stats.localHits.Add(1)
+				c.rec.Hit(c.name)
+			}
+			if it.notFound {
+				return zero, ErrNotFound
+			}
+			return it.v, nil
+		}
+		snap = l.snap(key)
+	}
 	// What the in-process load for key (if any) had observed before this
 	// Get's read, and how many loads had started: see joinable.
 	start := c.flights.Load()
@@ -182,6 +219,9 @@ func (c *Cache[T]) get(ctx context.Context, key string, load Loader[T], attempt 
 		seen = flightSeen{f.(*flightState), f.(*flightState).observing.Load()}
 	}
 	b, gv, err := c.read(ctx, key, genKey)
+	if h := c.hooks; h != nil && h.afterRead != nil {
+		h.afterRead(key)
+	}
 	var vw view[T]
 	redisDown := false
 	switch {
@@ -191,6 +231,7 @@ func (c *Cache[T]) get(ctx context.Context, key string, load Loader[T], attempt 
 		switch vw.state {
 		case stFresh:
 			c.count(attempt, outHit)
+			c.keepLocal(key, &vw, now, snap)
 			if vw.e.Kind == envelope.Value && c.refreshEarly(&vw.e, now) {
 				c.refreshAsync(ctx, key, genKey, load, vw.e)
 			}
@@ -203,6 +244,7 @@ func (c *Cache[T]) get(ctx context.Context, key string, load Loader[T], attempt 
 			return vw.v, nil
 		case stNotFound:
 			c.count(attempt, outNegative)
+			c.keepLocal(key, &vw, now, snap)
 			return zero, ErrNotFound
 		}
 		// Absent, being loaded, undecodable, of an older namespace
@@ -614,6 +656,10 @@ func (c *Cache[T]) waited(start time.Time) {
 // stored reports whether the outcome is now in Redis under tok.
 func (c *Cache[T]) loadAndFill(ctx context.Context, key, genKey string, gen envelope.Gen, load Loader[T], tok envelope.Token, keep time.Duration) (v T, stored bool, err error) {
 	var zero T
+	var snap localSnap
+	if c.local != nil {
+		snap = c.local.snap(key)
+	}
 	stopExtend := c.keepLease(ctx, key, tok)
 	v, took, err := c.callLoader(ctx, load)
 	stopExtend()
@@ -634,7 +680,11 @@ func (c *Cache[T]) loadAndFill(ctx context.Context, key, genKey string, gen enve
 			return zero, false, ErrNotFound
 		}
 		ttl := p.jitter(p.NegativeTTL)
-		stored = c.store(wctx, key, genKey, tok, tombstone(tok, c.opts.Codec.Format(), gen, c.opts.Clock().Add(ttl)), ttl)
+		soft := c.opts.Clock().Add(ttl)
+		stored = c.store(wctx, key, genKey, tok, tombstone(tok, c.opts.Codec.Format(), gen, soft), ttl)
+		if stored {
+			c.putLocal(key, zero, true, soft.UnixMilli(), snap)
+		}
 		return zero, stored, ErrNotFound
 	}
 	entry, ttl, merr := c.encode(v, tok, gen, took)
@@ -645,7 +695,37 @@ func (c *Cache[T]) loadAndFill(ctx context.Context, key, genKey string, gen enve
 		c.release(wctx, key, tok, keep)
 		return v, false, nil
 	}
-	return v, c.store(wctx, key, genKey, tok, entry, ttl), nil
+	stored = c.store(wctx, key, genKey, tok, entry, ttl)
+	if stored {
+		c.putLocal(key, v, false, softExpiry(entry), snap)
+	}
+	return v, stored, nil
+}
+
+// softExpiry reads the soft expiry back from an encoded entry.
+func softExpiry(entry []byte) int64 {
+	var e envelope.Entry
+	if envelope.Decode(entry, &e) != nil {
+		return 0
+	}
+	return e.SoftExpiry
+}
+
+// keepLocal stores what a read found (a fresh value or a tombstone) in the
+// local tier, if there is one.
+func (c *Cache[T]) keepLocal(key string, vw *view[T], now time.Time, snap localSnap) {
+	if c.local == nil {
+		return
+	}
+	c.local.put(key, &localItem[T]{v: vw.v, notFound: vw.state == stNotFound, exp: c.local.expiry(now.UnixNano(), vw.e.SoftExpiry)}, snap)
+}
+
+// putLocal stores a value (or "not found") this process just filled.
+func (c *Cache[T]) putLocal(key string, v T, notFound bool, soft int64, snap localSnap) {
+	if c.local == nil {
+		return
+	}
+	c.local.put(key, &localItem[T]{v: v, notFound: notFound, exp: c.local.expiry(c.opts.Clock().UnixNano(), soft)}, snap)
 }
 
 // encode builds the value entry for v and the lifetime to give it in
@@ -855,9 +935,9 @@ func (c *Cache[T]) Set(ctx context.Context, key string, v T) error {
 	}
 	c.group.Forget(key) // again: a load that started before the SET landed
 	if err != nil {
-		return c.redisError(ctx, "set", key, err)
+		return errors.Join(c.redisError(ctx, "set", key, err), c.invalidated(ctx, []string{key}))
 	}
-	return nil
+	return c.invalidated(ctx, []string{key})
 }
 
 // Close stops the cache: later calls return ErrClosed, loads and background
@@ -954,6 +1034,7 @@ func sleep(ctx context.Context, d time.Duration) error {
 // testHooks let tests in this package stop the protocol at chosen points
 // and switch off parts of it to show that the tests can fail.
 type testHooks struct {
+	afterRead    func(key string) // after the first read returned
 	afterMiss    func(key string) // after the first read missed, before the shared load
 	beforeFill   func(key string) // after the loader returned, before the fill
 	noTokenCheck bool             // fill with a plain SET (a broken protocol, for control tests)

@@ -264,6 +264,17 @@ func (g *guarded) pipe(ctx context.Context, budget time.Duration, fn func(redis.
 	return cmds, err
 }
 
+// publish sends one PUBLISH under the budget and through the breaker.
+func (g *guarded) publish(ctx context.Context, bus Bus, channel string, msg []byte) error {
+	o, err := g.begin(ctx, g.budget, false)
+	if err != nil {
+		return err
+	}
+	err = bus.Publish(o.ctx, channel, msg).Err()
+	o.end(err)
+	return err
+}
+
 func (g *guarded) script(ctx context.Context, run func(context.Context) *redis.Cmd) *redis.Cmd {
 	o, err := g.begin(ctx, g.budget, false)
 	if err != nil {

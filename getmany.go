@@ -81,6 +81,9 @@ func GetMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 		k := key(id)
 		if it, dup := byKey[k]; dup {
 			it.ids = append(it.ids, id)
+			if it.local != nil && !it.local.notFound {
+				out[id] = it.local.v
+			}
 			continue
 		}
 		genKey, err := c.checkKey(k)
@@ -91,6 +94,18 @@ func GetMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 		}
 		it := &batchItem[K, T]{ids: []K{id}, key: k, genKey: genKey}
 		byKey[k] = it
+		if l := c.local; l != nil {
+			if li, ok := l.lookup(k, c.opts.Clock().UnixNano()); ok {
+				c.stats.localHits.Add(1)
+				c.rec.Hit(c.name)
+				if !li.notFound {
+					out[id] = li.v
+				}
+				it.local = li
+				continue
+			}
+			it.snap = l.snap(k)
+		}
 		items = append(items, it)
 	}
 	if len(items) == 0 {
@@ -136,6 +151,7 @@ func GetMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 		switch it.vw.state {
 		case stFresh:
 			c.count(0, outHit)
+			c.keepLocal(it.key, &it.vw, now, it.snap)
 			it.put(out, it.vw.v)
 			if it.vw.e.Kind == envelope.Value && c.refreshEarly(&it.vw.e, now) {
 				c.refreshAsync(ctx, it.key, it.genKey, one(load, it.ids[0]), it.vw.e)
@@ -150,6 +166,7 @@ func GetMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 			continue
 		case stNotFound:
 			c.count(0, outNegative)
+			c.keepLocal(it.key, &it.vw, now, it.snap)
 			continue
 		}
 		c.count(0, outMiss)
@@ -217,6 +234,8 @@ type batchItem[K comparable, T any] struct {
 	ids    []K // the ids that map to key; loaded as ids[0]
 	key    string
 	genKey string
+	local  *localItem[T] // found in the local tier
+	snap   localSnap     // the local tier's epochs before the read
 
 	// the read
 	b    []byte
@@ -614,6 +633,11 @@ func fillBatch[K comparable, T any](ctx context.Context, c *Cache[T], held []*ba
 	for i, it := range held {
 		extends[i] = extendCall(it.key, it.tok, c.opts.LeaseTTL)
 	}
+	for _, it := range held {
+		if c.local != nil {
+			it.snap = c.local.snap(it.key) // before the loader reads the source
+		}
+	}
 	stop := c.keepLeases(ctx, extends)
 	m, took, err := callBatch(ctx, c, held, load)
 	stop()
@@ -645,6 +669,7 @@ func fillBatch[K comparable, T any](ctx context.Context, c *Cache[T], held []*ba
 	results := make([]result, len(held))
 	calls := make([]scriptCall, len(held))
 	fills := make([]bool, len(held))
+	softs := make([]int64, len(held))
 	for i, it := range held {
 		v, ok := m[it.ids[0]]
 		switch {
@@ -658,15 +683,16 @@ func fillBatch[K comparable, T any](ctx context.Context, c *Cache[T], held []*ba
 				calls[i] = releaseCall(it.key, it.tok, it.keep(c))
 				continue
 			}
-			calls[i], fills[i] = fillCall(it.key, it.genKey, it.tok, entry, ttl, c.genTTL), true
+			calls[i], fills[i], softs[i] = fillCall(it.key, it.genKey, it.tok, entry, ttl, c.genTTL), true, softExpiry(entry)
 		case p.NoNegativeCache:
 			results[i].err = ErrNotFound
 			calls[i] = releaseCall(it.key, it.tok, 0)
 		default:
 			results[i].err = ErrNotFound
 			ttl := p.jitter(p.NegativeTTL)
-			entry := tombstone(it.tok, c.opts.Codec.Format(), it.gen, c.opts.Clock().Add(ttl))
-			calls[i], fills[i] = fillCall(it.key, it.genKey, it.tok, entry, ttl, c.genTTL), true
+			soft := c.opts.Clock().Add(ttl)
+			entry := tombstone(it.tok, c.opts.Codec.Format(), it.gen, soft)
+			calls[i], fills[i], softs[i] = fillCall(it.key, it.genKey, it.tok, entry, ttl, c.genTTL), true, soft.UnixMilli()
 		}
 	}
 	if h := c.hooks; h != nil {
@@ -693,6 +719,7 @@ func fillBatch[K comparable, T any](ctx context.Context, c *Cache[T], held []*ba
 			c.redisError(wctx, op, it.key, err)
 		case fills[i] && n == 1:
 			tok = it.tok
+			c.putLocal(it.key, results[i].v, results[i].err != nil, softs[i], it.snap)
 		case fills[i]:
 			c.stats.fillsRejected.Add(1)
 			c.rec.FillRejected(c.name)

@@ -41,6 +41,7 @@ func (c *Cache[T]) Invalidate(ctx context.Context, keys ...string) error {
 	// entry, between the first Forget and the UNLINK.
 	c.forget(keys)
 	c.counted(n)
+	perr := c.invalidated(ctx, keys)
 	if err != nil {
 		for _, k := range keys {
 			c.retryLater("key:"+k, func(ctx context.Context) error {
@@ -49,9 +50,9 @@ func (c *Cache[T]) Invalidate(ctx context.Context, keys ...string) error {
 				return err
 			})
 		}
-		return c.redisError(ctx, "invalidate", keysLabel(keys), err)
+		return errors.Join(c.redisError(ctx, "invalidate", keysLabel(keys), err), perr)
 	}
-	return nil
+	return perr
 }
 
 // unlink deletes keys, one UNLINK per key in a pipeline (Redis Cluster
@@ -177,6 +178,9 @@ func (c *Cache[T]) invalidatePrefix(ctx context.Context, prefix string, first bo
 	c.forgetPrefix(prefix) // again: loads that started during the scan
 	n := total.Load()
 	c.counted(n)
+	if perr := c.invalidatedPrefix(ctx, prefix); perr != nil && err == nil {
+		return n, perr
+	}
 	if err != nil {
 		if !first {
 			return n, err
@@ -229,16 +233,17 @@ func (c *Cache[T]) InvalidateNamespace(ctx context.Context, ns Namespace) error 
 	g := newGen()
 	err := c.rdb.Set(ctx, ns.genKey(), g[:], c.genTTL).Err()
 	c.forgetPrefix(ns.Prefix()) // again: loads that started before the SET landed
+	perr := c.invalidatedPrefix(ctx, ns.Prefix())
 	if err != nil {
 		c.retryLater("ns:"+ns.tag, func(ctx context.Context) error {
 			g := newGen()
 			return c.rdb.Set(ctx, ns.genKey(), g[:], c.genTTL).Err()
 		})
-		return c.redisError(ctx, "invalidate-namespace", ns.genKey(), err)
+		return errors.Join(c.redisError(ctx, "invalidate-namespace", ns.genKey(), err), perr)
 	}
 	c.stats.bumps.Add(1)
 	c.rec.Invalidated(c.name, 1)
-	return nil
+	return perr
 }
 
 // forgetPrefix makes later Gets of keys under prefix start new loads

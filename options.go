@@ -41,6 +41,12 @@ type Options[T any] struct {
 	// the whole namespace with one command. Default false.
 	Namespaced bool
 
+	// Local turns on the in-process tier in front of Redis: decoded values
+	// served from memory for up to Local.TTL, kept coherent across
+	// processes by an invalidation bus on Redis pub/sub (see LocalOptions).
+	// The client must also implement Bus. Default nil: no local tier.
+	Local *LocalOptions
+
 	// Codec encodes values. Default JSON[T]().
 	Codec Codec[T]
 

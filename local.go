@@ -1,0 +1,392 @@
+package cacheaside
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/maphash"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/maypok86/otter/v2"
+	"github.com/redis/go-redis/v9"
+)
+
+// The local tier. With Options.Local set, a Cache keeps decoded values in
+// process memory (a bounded github.com/maypok86/otter/v2 cache) in front of
+// Redis, so a hot key is served without a round trip. What keeps the tiers
+// of several processes coherent is an invalidation bus on Redis pub/sub:
+//
+//   - Invalidate, InvalidatePrefix, InvalidateNamespace and Set publish
+//     what they invalidated on LocalOptions.Channel, after Redis has
+//     applied it; every Cache subscribed to the channel drops the matching
+//     local entries when the message arrives;
+//   - a local entry lives at most LocalOptions.TTL, and never past the
+//     soft expiry of the Redis entry it was read from, so a lost message
+//     costs at most that;
+//   - while the subscription is not confirmed (at start, after any error,
+//     or when a health-check PING goes unanswered) the local tier is empty
+//     and bypassed: Gets read Redis as without it;
+//   - a value read from Redis (or loaded) is stored locally only if no
+//     invalidation of its key arrived between the start of that read and
+//     the store (epochs, below), so a message that overtakes a slow read
+//     cannot be undone by it.
+//
+// Redis 6's server-assisted client-side caching, as go-redis implements
+// it, was the other candidate. It works only on standalone clients with
+// RESP3, caches reply bytes (so every hit still decodes the envelope and
+// the value), and applies invalidations asynchronously with no bound the
+// application sets. The bus works on Cluster and Ring too, holds decoded
+// values, and its staleness bound is an option; the README compares both.
+
+// LocalOptions configures the local tier. The zero value of each field
+// means the default written beside it.
+type LocalOptions struct {
+	// MaxEntries bounds the number of keys held in memory; the least
+	// valuable are evicted (otter's S3-FIFO policy). Default 10,000.
+	MaxEntries int
+
+	// TTL is the longest a value is served from memory without reading
+	// Redis again: the staleness bound when an invalidation message is
+	// lost. A value is never served locally past its own TTL either.
+	// Default 1s.
+	TTL time.Duration
+
+	// Channel is the pub/sub channel invalidations travel on. Every Cache
+	// that shares keys with this one, in any process, must use the same
+	// channel (and enable Local, even a Cache that only writes). Default
+	// "cacheaside:invalidate:" + Options.Name.
+	Channel string
+
+	// HealthCheck is how long the subscription may stay silent before it
+	// is probed with a PING; if the PONG does not come within another
+	// HealthCheck, the local tier is flushed and bypassed until a new
+	// subscription is confirmed. Default 1s.
+	HealthCheck time.Duration
+}
+
+// Default values of LocalOptions.
+const (
+	DefaultLocalMaxEntries  = 10_000
+	DefaultLocalTTL         = time.Second
+	DefaultLocalHealthCheck = time.Second
+	DefaultLocalChannel     = "cacheaside:invalidate:" // + Options.Name
+)
+
+// Bus is what the local tier needs from the Redis client besides Redis:
+// pub/sub. *redis.Client, *redis.ClusterClient and *redis.Ring have it.
+type Bus interface {
+	Publish(ctx context.Context, channel string, message any) *redis.IntCmd
+	Subscribe(ctx context.Context, channels ...string) *redis.PubSub
+}
+
+func (o *LocalOptions) resolve(name string) (LocalOptions, error) {
+	r := *o
+	switch {
+	case r.MaxEntries < 0:
+		return r, fmt.Errorf("%w: Local.MaxEntries %d is negative", ErrInvalidOptions, r.MaxEntries)
+	case r.TTL < 0:
+		return r, fmt.Errorf("%w: Local.TTL %v is negative", ErrInvalidOptions, r.TTL)
+	case r.HealthCheck < 0:
+		return r, fmt.Errorf("%w: Local.HealthCheck %v is negative", ErrInvalidOptions, r.HealthCheck)
+	case r.TTL != 0 && r.TTL < time.Millisecond:
+		return r, fmt.Errorf("%w: Local.TTL %v is below 1ms", ErrInvalidOptions, r.TTL)
+	case r.HealthCheck != 0 && r.HealthCheck < 10*time.Millisecond:
+		return r, fmt.Errorf("%w: Local.HealthCheck %v is below 10ms", ErrInvalidOptions, r.HealthCheck)
+	}
+	if r.MaxEntries == 0 {
+		r.MaxEntries = DefaultLocalMaxEntries
+	}
+	if r.TTL == 0 {
+		r.TTL = DefaultLocalTTL
+	}
+	if r.HealthCheck == 0 {
+		r.HealthCheck = DefaultLocalHealthCheck
+	}
+	if r.Channel == "" {
+		r.Channel = DefaultLocalChannel + name
+	}
+	return r, nil
+}
+
+// localStripes is the number of per-key epoch counters.
+const localStripes = 256
+
+// localTier is the in-memory tier of one Cache.
+type localTier[T any] struct {
+	opts LocalOptions
+	m    *otter.Cache[string, *localItem[T]]
+	bus  Bus
+	seed maphash.Seed
+
+	live atomic.Bool // the subscription is confirmed: the tier may be used
+
+	// Epochs. A store records the epochs before its read and is undone if
+	// they moved: global moves on every flush and prefix invalidation,
+	// stripe[i] on every key invalidation of a key in stripe i.
+	global atomic.Uint64
+	stripe [localStripes]atomic.Uint64
+
+	flushes, messages atomic.Uint64
+
+	mu sync.Mutex     // protects ps
+	ps *redis.PubSub // the current subscription, closed by Close
+}
+
+// localItem is one value (or "not found") held locally.
+type localItem[T any] struct {
+	v        T
+	notFound bool
+	exp      int64 // Unix nanoseconds, by Options.Clock
+}
+
+// localSnap is the epochs a read started under.
+type localSnap struct {
+	g, s uint64
+	i    uint32
+}
+
+func newLocalTier[T any](o LocalOptions, bus Bus) (*localTier[T], error) {
+	m, err := otter.New(&otter.Options[string, *localItem[T]]{MaximumSize: o.MaxEntries})
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrInvalidOptions, err)
+	}
+	return &localTier[T]{opts: o, m: m, bus: bus, seed: maphash.MakeSeed()}, nil
+}
+
+// lookup returns key's local item if the tier is live and the item has
+// not expired at now.
+func (l *localTier[T]) lookup(key string, now int64) (*localItem[T], bool) {
+	if !l.live.Load() {
+		return nil, false
+	}
+	it, ok := l.m.GetIfPresent(key)
+	if !ok || now >= it.exp {
+		return nil, false
+	}
+	return it, true
+}
+
+// snap records the epochs for key before a read whose result may be stored.
+func (l *localTier[T]) snap(key string) localSnap {
+	i := uint32(maphash.String(l.seed, key) % localStripes)
+	return localSnap{g: l.global.Load(), s: l.stripe[i].Load(), i: i}
+}
+
+// put stores it under key unless an invalidation that may cover key came
+// after s was taken. The check follows the store, and invalidations move
+// the epoch before they delete, so either the check sees the move and the
+// store is undone, or the deletion comes after the store and removes it.
+func (l *localTier[T]) put(key string, it *localItem[T], s localSnap) {
+	if !l.live.Load() {
+		return
+	}
+	l.m.Set(key, it)
+	if l.global.Load() != s.g || l.stripe[s.i].Load() != s.s {
+		l.m.ComputeIfPresent(key, func(old *localItem[T]) (*localItem[T], otter.ComputeOp) {
+			if old == it {
+				return nil, otter.InvalidateOp
+			}
+			return old, otter.CancelOp
+		})
+	}
+}
+
+// expiry is when a local copy of an entry whose soft expiry (Unix ms) is
+// soft, stored at now (Unix ns), stops being served.
+func (l *localTier[T]) expiry(now int64, soft int64) int64 {
+	exp := now + int64(l.opts.TTL)
+	if soft > 0 {
+		exp = min(exp, soft*int64(time.Millisecond))
+	}
+	return exp
+}
+
+func (l *localTier[T]) dropKeys(keys []string) {
+	for _, k := range keys {
+		l.stripe[maphash.String(l.seed, k)%localStripes].Add(1)
+		l.m.Invalidate(k)
+	}
+}
+
+func (l *localTier[T]) dropPrefix(prefix string) {
+	l.global.Add(1)
+	for k := range l.m.Keys() {
+		if strings.HasPrefix(k, prefix) {
+			l.m.Invalidate(k)
+		}
+	}
+}
+
+func (l *localTier[T]) flush() {
+	l.global.Add(1)
+	l.flushes.Add(1)
+	l.m.InvalidateAll()
+}
+
+// Bus messages: a kind byte, then for msgKeys each key as a uvarint length
+// and its bytes, for msgPrefix the prefix.
+const (
+	msgKeys   = 'k'
+	msgPrefix = 'p'
+)
+
+func keysMessage(keys []string) []byte {
+	n := 1
+	for _, k := range keys {
+		n += binary.MaxVarintLen64 + len(k)
+	}
+	b := make([]byte, 1, n)
+	b[0] = msgKeys
+	for _, k := range keys {
+		b = binary.AppendUvarint(b, uint64(len(k)))
+		b = append(b, k...)
+	}
+	return b
+}
+
+func prefixMessage(prefix string) []byte { return append([]byte{msgPrefix}, prefix...) }
+
+// apply carries out one bus message. A message it cannot parse flushes the
+// tier: something invalidated, and it cannot tell what.
+func (l *localTier[T]) apply(msg string) error {
+	l.messages.Add(1)
+	if msg == "" {
+		l.flush()
+		return errors.New("empty message")
+	}
+	switch msg[0] {
+	case msgPrefix:
+		l.dropPrefix(msg[1:])
+		return nil
+	case msgKeys:
+		rest := msg[1:]
+		var keys []string
+		for len(rest) > 0 {
+			n, w := binary.Uvarint([]byte(rest[:min(len(rest), binary.MaxVarintLen64)]))
+			if w <= 0 || uint64(len(rest)-w) < n {
+				l.flush()
+				return errors.New("truncated key list")
+			}
+			keys = append(keys, rest[w:w+int(n)])
+			rest = rest[w+int(n):]
+		}
+		l.dropKeys(keys)
+		return nil
+	}
+	l.flush()
+	return fmt.Errorf("unknown message kind %q", msg[0])
+}
+
+// publish tells every Cache on the channel (this one included) what was
+// invalidated, after Redis applied it.
+func (c *Cache[T]) publish(ctx context.Context, msg []byte, what string) error {
+	if err := c.guard.publish(ctx, c.local.bus, c.local.opts.Channel, msg); err != nil {
+		return c.redisError(ctx, "publish", what, err)
+	}
+	return nil
+}
+
+// invalidated drops keys from this process's local tier and publishes them
+// to the others. It is a no-op without a local tier.
+func (c *Cache[T]) invalidated(ctx context.Context, keys []string) error {
+	if c.local == nil {
+		return nil
+	}
+	c.local.dropKeys(keys)
+	return c.publish(ctx, keysMessage(keys), keysLabel(keys))
+}
+
+// invalidatedPrefix is invalidated for every key starting with prefix.
+func (c *Cache[T]) invalidatedPrefix(ctx context.Context, prefix string) error {
+	if c.local == nil {
+		return nil
+	}
+	c.local.dropPrefix(prefix)
+	return c.publish(ctx, prefixMessage(prefix), prefix)
+}
+
+// listen keeps the subscription to the bus until Close, applying each
+// message. Whenever the subscription may have missed a message (it failed,
+// or stayed silent through a health check) the tier is flushed and stays
+// bypassed until a new subscription is confirmed.
+func (c *Cache[T]) listen() {
+	defer c.wg.Done()
+	l := c.local
+	stopClose := context.AfterFunc(c.stop, func() {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		if l.ps != nil {
+			_ = l.ps.Close()
+		}
+	})
+	defer stopClose()
+	backoff := 10 * time.Millisecond
+	for c.stop.Err() == nil {
+		err := c.subscription()
+		l.live.Store(false)
+		l.flush()
+		if c.stop.Err() != nil {
+			return
+		}
+		c.opts.Logger.LogAttrs(c.stop, slog.LevelWarn, "cacheaside: invalidation bus lost; local tier bypassed until it is back",
+			slog.String("cache", c.name), slog.String("channel", l.opts.Channel), slog.Any("err", err))
+		c.rec.RedisError(c.name, "subscribe", err)
+		if sleep(c.stop, jitter(backoff)) != nil {
+			return
+		}
+		backoff = min(2*backoff, l.opts.HealthCheck)
+	}
+}
+
+// subscription runs one subscription until it fails, and returns why.
+func (c *Cache[T]) subscription() error {
+	l := c.local
+	ps := l.bus.Subscribe(c.stop, l.opts.Channel)
+	l.mu.Lock()
+	if c.stop.Err() != nil {
+		l.mu.Unlock()
+		_ = ps.Close()
+		return c.stop.Err()
+	}
+	l.ps = ps
+	l.mu.Unlock()
+	defer func() { _ = ps.Close() }()
+	pinged := false
+	for {
+		msg, err := ps.ReceiveTimeout(c.stop, l.opts.HealthCheck)
+		if err != nil {
+			var ne net.Error
+			if !pinged && errors.As(err, &ne) && ne.Timeout() && c.stop.Err() == nil {
+				pinged = true
+				if err := ps.Ping(c.stop); err != nil {
+					return err
+				}
+				continue
+			}
+			if pinged {
+				return fmt.Errorf("no PONG within %v: %w", l.opts.HealthCheck, err)
+			}
+			return err
+		}
+		pinged = false
+		switch m := msg.(type) {
+		case *redis.Subscription:
+			if m.Kind == "subscribe" && m.Channel == l.opts.Channel {
+				// Whatever was published before this point is lost to us:
+				// start from an empty tier.
+				l.flush()
+				l.live.Store(true)
+			}
+		case *redis.Message:
+			if err := l.apply(m.Payload); err != nil {
+				c.report(c.stop, "bus", m.Channel, fmt.Errorf("invalidation message: %w; local tier flushed", err))
+			}
+		}
+	}
+}

@@ -1,0 +1,312 @@
+package cacheaside
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strconv"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// localCache builds a Cache with a local tier on b and waits until its
+// bus subscription is confirmed.
+func localCache[T any](t *testing.T, b *backend, o *Options[T]) *Cache[T] {
+	t.Helper()
+	if o == nil {
+		o = &Options[T]{}
+	}
+	if o.Local == nil {
+		o.Local = &LocalOptions{}
+	}
+	if o.Local.Channel == "" {
+		o.Local.Channel = b.key("bus")
+	}
+	c := newCache(t, b, o)
+	waitFor(t, "the bus subscription", c.local.live.Load)
+	return c
+}
+
+func TestLocalTierServesFromMemory(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := context.Background()
+		clk := newFakeClock()
+		c := localCache(t, b, &Options[string]{Clock: clk.Now, Local: &LocalOptions{TTL: time.Second}})
+		key := b.key("k")
+		var n counter
+		for range 3 {
+			if v, err := c.Get(ctx, key, n.load("v1", 0)); err != nil || v != "v1" {
+				t.Fatalf("Get = %q, %v", v, err)
+			}
+		}
+		if s := c.Stats(); s.LocalHits != 2 || s.Hits != 2 || s.Misses != 1 || n.calls.Load() != 1 {
+			t.Fatalf("stats %+v, %d loads; want 2 local hits after one load", s, n.calls.Load())
+		}
+		// Delete the entry behind the cache's back (no bus message): the
+		// local copy is served until its local TTL ends, then Redis is read.
+		if err := b.client(t).Del(ctx, key).Err(); err != nil {
+			t.Fatal(err)
+		}
+		if v, _ := c.Get(ctx, key, n.load("v2", 0)); v != "v1" {
+			t.Fatalf("within the local TTL: %q, want v1 from memory", v)
+		}
+		clk.Advance(time.Second)
+		if v, _ := c.Get(ctx, key, n.load("v2", 0)); v != "v2" {
+			t.Fatalf("after the local TTL: %q, want v2", v)
+		}
+		// "Not found" is kept locally too.
+		missing := b.key("missing")
+		for range 2 {
+			if _, err := c.Get(ctx, missing, func(context.Context) (string, error) { n.calls.Add(1); return "", ErrNotFound }); !errors.Is(err, ErrNotFound) {
+				t.Fatalf("missing: %v", err)
+			}
+		}
+		if s := c.Stats(); s.LocalHits != 4 || n.calls.Load() != 3 {
+			t.Fatalf("stats %+v, %d loads", s, n.calls.Load())
+		}
+	})
+}
+
+// A local copy never outlives the Redis entry's own TTL.
+func TestLocalTierCappedByRedisTTL(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := context.Background()
+		clk := newFakeClock()
+		c := localCache(t, b, &Options[string]{Clock: clk.Now, Local: &LocalOptions{TTL: time.Hour},
+			Policy: Policy{TTL: time.Minute, NoJitter: true, NoEarlyRefresh: true}})
+		key := b.key("k")
+		var n counter
+		if _, err := c.Get(ctx, key, n.load("v1", 0)); err != nil {
+			t.Fatal(err)
+		}
+		clk.Advance(59 * time.Second)
+		if _, err := c.Get(ctx, key, n.load("v1", 0)); err != nil || c.Stats().LocalHits != 1 {
+			t.Fatalf("before the Redis TTL: %v, stats %+v", err, c.Stats())
+		}
+		clk.Advance(2 * time.Second)
+		if v, err := c.Get(ctx, key, n.load("v2", 0)); err != nil || v != "v2" || c.Stats().LocalHits != 1 {
+			t.Fatalf("past the Redis TTL: %q %v, stats %+v; want a reload", v, err, c.Stats())
+		}
+	})
+}
+
+// Every kind of invalidation made on one instance reaches the other's
+// local tier.
+func TestLocalTierCoherentAcrossInstances(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := context.Background()
+		o := func() *Options[string] {
+			return &Options[string]{Namespaced: false, Local: &LocalOptions{TTL: time.Hour}}
+		}
+		c1, c2 := localCache(t, b, o()), localCache(t, b, o())
+		version := map[string]int{}
+		load := func(key string) Loader[string] {
+			return func(context.Context) (string, error) { return fmt.Sprint(key, "@", version[key]), nil }
+		}
+		key := b.key("item:1")
+		warm := func(keys ...string) {
+			t.Helper()
+			for _, k := range keys {
+				for range 2 {
+					if _, err := c2.Get(ctx, k, load(k)); err != nil {
+						t.Fatal(err)
+					}
+				}
+			}
+		}
+		sees := func(what, k string) {
+			t.Helper()
+			want := fmt.Sprint(k, "@", version[k])
+			waitFor(t, what+" to reach the other instance", func() bool {
+				v, err := c2.Get(ctx, k, load(k))
+				return err == nil && v == want
+			})
+		}
+
+		warm(key)
+		version[key]++
+		if err := c1.Invalidate(ctx, key); err != nil {
+			t.Fatal(err)
+		}
+		sees("Invalidate", key)
+
+		warm(key)
+		version[key]++
+		if err := c1.Set(ctx, key, fmt.Sprint(key, "@", version[key])); err != nil {
+			t.Fatal(err)
+		}
+		sees("Set", key)
+
+		k2, k3 := b.key("list:a:1"), b.key("list:a:2")
+		warm(k2, k3)
+		version[k2]++
+		version[k3]++
+		if _, err := c1.InvalidatePrefix(ctx, b.key("list:a:")); err != nil {
+			t.Fatal(err)
+		}
+		sees("InvalidatePrefix", k2)
+		sees("InvalidatePrefix", k3)
+		if s := c2.Stats(); s.LocalHits == 0 || s.BusMessages < 3 {
+			t.Fatalf("stats %+v: the local tier was never used, or no message came", s)
+		}
+	})
+}
+
+func TestLocalTierNamespaceBump(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := context.Background()
+		o := func() *Options[string] {
+			return &Options[string]{Namespaced: true, Local: &LocalOptions{TTL: time.Hour}}
+		}
+		c1, c2 := localCache(t, b, o()), localCache(t, b, o())
+		ns := MustKeyspace("lists", 1).Namespace(b.prefix+"org", "acme")
+		key := ns.Key("page", "1")
+		gen := 0
+		load := func(context.Context) (string, error) { return strconv.Itoa(gen), nil }
+		for range 2 {
+			if _, err := c2.Get(ctx, key, load); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if c2.Stats().LocalHits != 1 {
+			t.Fatalf("stats %+v", c2.Stats())
+		}
+		gen++
+		if err := c1.InvalidateNamespace(ctx, ns); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, "the bump to reach the other instance", func() bool {
+			v, err := c2.Get(ctx, key, load)
+			return err == nil && v == "1"
+		})
+	})
+}
+
+// When the subscription drops, the local tier is emptied and bypassed
+// until a new subscription is confirmed, so nothing published meanwhile
+// can be missed.
+func TestLocalTierFlushedWhenBusDrops(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := context.Background()
+		c := localCache(t, b, &Options[string]{Local: &LocalOptions{TTL: time.Hour, HealthCheck: 50 * time.Millisecond}})
+		key := b.key("k")
+		var n counter
+		for range 2 {
+			if _, err := c.Get(ctx, key, n.load("v1", 0)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		flushes := c.Stats().LocalFlushes
+		// Change Redis behind the bus's back, then cut the subscription.
+		if err := b.client(t).Del(ctx, key).Err(); err != nil {
+			t.Fatal(err)
+		}
+		if b.mr != nil {
+			b.mr.Close()
+			if err := b.mr.Restart(); err != nil {
+				t.Fatal(err)
+			}
+		} else {
+			if err := b.client(t).Do(ctx, "CLIENT", "KILL", "TYPE", "pubsub").Err(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		waitFor(t, "the local tier to be flushed", func() bool { return c.Stats().LocalFlushes > flushes })
+		if v, err := c.Get(ctx, key, n.load("v2", 0)); err != nil || v != "v2" {
+			t.Fatalf("after the bus dropped: %q %v, want v2 from a reload", v, err)
+		}
+		waitFor(t, "the bus to come back", c.local.live.Load)
+		if _, err := c.Get(ctx, key, n.load("v3", 0)); err != nil {
+			t.Fatal(err)
+		}
+		before := c.Stats().LocalHits
+		if v, _ := c.Get(ctx, key, n.load("v3", 0)); v != "v2" || c.Stats().LocalHits != before+1 {
+			t.Fatalf("local tier not used again after the bus came back: %q %+v", v, c.Stats())
+		}
+	})
+}
+
+// An invalidation that arrives while a read is on its way must win: the
+// read's older value is not stored locally afterwards.
+func TestLocalTierReadRacingInvalidation(t *testing.T) {
+	mr := miniredisRun(t)
+	b := &backend{name: "miniredis", addr: mr.Addr(), mr: mr, prefix: uniquePrefix()}
+	c := localCache(t, b, &Options[string]{Local: &LocalOptions{TTL: time.Hour}})
+	key := b.key("k")
+	var n counter
+	if _, err := c.Get(ctx0, key, n.load("old", 0)); err != nil {
+		t.Fatal(err)
+	}
+	c.local.flush() // as after a bus reconnect: the next Get reads Redis ("old")
+	var once atomic.Bool
+	c.hooks = &testHooks{afterRead: func(k string) {
+		if once.CompareAndSwap(false, true) {
+			c.local.apply(string(keysMessage([]string{k}))) // the message overtakes the read
+		}
+	}}
+	if v, _ := c.Get(ctx0, key, n.load("new", 0)); v != "old" {
+		t.Fatalf("got %q", v)
+	}
+	if _, ok := c.local.lookup(key, time.Now().UnixNano()); ok {
+		t.Fatal("the read stored its value locally after an invalidation that came during it")
+	}
+	c.hooks = nil
+	if _, err := c.Get(ctx0, key, n.load("new", 0)); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := c.local.lookup(key, time.Now().UnixNano()); !ok {
+		t.Fatal("a read with no invalidation during it was not stored locally")
+	}
+}
+
+var ctx0 = context.Background()
+
+func TestLocalTierOptions(t *testing.T) {
+	mr := miniredisRun(t)
+	rdb := redis.NewClient(&redis.Options{Addr: mr.Addr()})
+	defer rdb.Close()
+	for _, lo := range []LocalOptions{{MaxEntries: -1}, {TTL: -time.Second}, {TTL: time.Microsecond}, {HealthCheck: time.Millisecond}} {
+		if _, err := New(rdb, &Options[string]{Local: &lo}); !errors.Is(err, ErrInvalidOptions) {
+			t.Errorf("%+v: %v, want ErrInvalidOptions", lo, err)
+		}
+	}
+	noBus := struct{ Redis }{rdb}
+	if _, err := New[string](noBus, &Options[string]{Local: &LocalOptions{}}); !errors.Is(err, ErrInvalidOptions) {
+		t.Errorf("client without pub/sub: %v, want ErrInvalidOptions", err)
+	}
+}
+
+// A message the tier cannot read flushes it rather than being ignored.
+func TestLocalTierBadMessageFlushes(t *testing.T) {
+	mr := miniredisRun(t)
+	b := &backend{name: "miniredis", addr: mr.Addr(), mr: mr, prefix: uniquePrefix()}
+	c := localCache[string](t, b, nil)
+	for _, msg := range []string{"", "x", "k\x05ab"} {
+		before := c.Stats().LocalFlushes
+		if err := c.local.apply(msg); err == nil {
+			t.Errorf("%q: no error", msg)
+		}
+		if c.Stats().LocalFlushes != before+1 {
+			t.Errorf("%q: not flushed", msg)
+		}
+	}
+	keys := []string{"a", "", "ü:{x}", string(make([]byte, 300))}
+	msg := keysMessage(keys)
+	var got []string
+	rest := msg[1:]
+	for len(rest) > 0 {
+		n, w := int(rest[0]), 1
+		if n >= 0x80 {
+			n, w = int(rest[0]&0x7f)|int(rest[1])<<7, 2
+		}
+		got = append(got, string(rest[w:w+n]))
+		rest = rest[w+n:]
+	}
+	if !slices.Equal(got, keys) {
+		t.Fatalf("keys message round trip: %q", got)
+	}
+}
