@@ -134,7 +134,7 @@ type localTier[T any] struct {
 
 	flushes, messages atomic.Uint64
 
-	mu sync.Mutex     // protects ps
+	mu sync.Mutex    // protects ps
 	ps *redis.PubSub // the current subscription, closed by Close
 }
 
