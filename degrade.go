@@ -215,6 +215,12 @@ func (g *guarded) Unlink(ctx context.Context, keys ...string) *redis.IntCmd {
 	return cmd
 }
 
+// batchBudget bounds a pipeline of n commands on a reader's path: one
+// command's budget per 50 commands, up to bulkBudget.
+func (g *guarded) batchBudget(n int) time.Duration {
+	return min(g.budget*time.Duration(1+n/50), g.bulkBudget())
+}
+
 // bulkBudget bounds the commands of invalidations, which may carry
 // thousands of keys and are not on a reader's path.
 func (g *guarded) bulkBudget() time.Duration { return max(10*g.budget, time.Second) }

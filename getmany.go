@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"runtime/debug"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -128,6 +129,7 @@ func GetMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 
 	now := c.opts.Clock()
 	var misses []*batchItem[K, T]
+	var failed errorOnce
 	for _, it := range items {
 		if it.err != nil {
 			if isWrongType(it.err) {
@@ -137,7 +139,7 @@ func GetMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 				continue
 			}
 			c.count(0, outMiss)
-			c.redisError(ctx, "get", it.key, it.err)
+			failed.add(it.key, it.err)
 			if c.opts.OnRedisDown == FailClosed {
 				errs = append(errs, &KeyError{Key: it.key, Err: unavailable(it.err)})
 				continue
@@ -172,6 +174,7 @@ func GetMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 		c.count(0, outMiss)
 		misses = append(misses, it)
 	}
+	failed.report(ctx, c, "get")
 	if len(misses) == 0 {
 		return out, errors.Join(errs...)
 	}
@@ -322,7 +325,7 @@ func (c *Cache[T]) readKeys(ctx context.Context, keys []string) ([][]byte, []err
 	vals := make([][]byte, len(keys))
 	errs := make([]error, len(keys))
 	split := c.splitReads.Load()
-	if !split && len(keys) <= maxMGet {
+	if !split && len(keys) <= 50 { // one command's budget is enough
 		res, err := c.rdb.MGet(ctx, keys...).Result()
 		if isCrossSlot(err) {
 			// A client that shards (a wrapped Cluster client, say): read
@@ -335,7 +338,7 @@ func (c *Cache[T]) readKeys(ctx context.Context, keys []string) ([][]byte, []err
 		}
 	}
 	var cmds []redis.Cmder
-	_, err := c.guard.pipe(ctx, c.guard.budget, func(p redis.Pipeliner) error {
+	_, err := c.guard.pipe(ctx, c.guard.batchBudget(len(keys)), func(p redis.Pipeliner) error {
 		if split {
 			for _, k := range keys {
 				cmds = append(cmds, p.Get(ctx, k))
@@ -352,6 +355,14 @@ func (c *Cache[T]) readKeys(ctx context.Context, keys []string) ([][]byte, []err
 			errs[i] = err
 		}
 		return vals, errs
+	}
+	if !split {
+		for _, cmd := range cmds {
+			if isCrossSlot(cmd.Err()) {
+				c.splitReads.Store(true)
+				return c.readKeys(ctx, keys)
+			}
+		}
 	}
 	for i, cmd := range cmds {
 		switch cmd := cmd.(type) {
@@ -400,7 +411,7 @@ func isCrossSlot(err error) bool {
 func (c *Cache[T]) evalMany(ctx context.Context, calls []scriptCall) []*redis.Cmd {
 	cmds := make([]*redis.Cmd, len(calls))
 	send := func(idx []int, byEval bool) {
-		_, err := c.guard.pipe(ctx, c.guard.budget, func(p redis.Pipeliner) error {
+		_, err := c.guard.pipe(ctx, c.guard.batchBudget(len(idx)), func(p redis.Pipeliner) error {
 			for _, i := range idx {
 				sc := calls[i]
 				if byEval {
@@ -444,12 +455,14 @@ func finish[K comparable, T any](c *Cache[T], it *batchItem[K, T], a answer[T], 
 	c.group.Finish(it.key, it.call, a, err)
 }
 
-// loadBatch runs the flights a GetMany leads: lease scripts for all of
-// them in one pipeline, one loader call for the keys whose leases it got,
-// fills in one pipeline. A key another process is loading is handed to
-// the single-key protocol (run), which waits for that fill. Like run, it
-// works on a context detached from the caller's cancellation, and every
-// flight it leads ends, whatever happens.
+// loadBatch runs the flights a GetMany leads, in rounds: one pipeline of
+// lease scripts for every key still open, then, together, one loader call
+// for the keys whose leases it got (filled in one pipeline) and one for
+// the keys Redis failed on (not cached). Keys another process holds the
+// lease on are polled again in the next round, with the backoff Get uses,
+// so however many of them there are, each round makes at most one call of
+// each kind. Like run, it works on a context detached from the caller's
+// cancellation, and every flight it leads ends, whatever happens.
 func loadBatch[K comparable, T any](parent context.Context, c *Cache[T], owned []*batchItem[K, T], load BatchLoader[K, T]) {
 	defer c.wg.Done()
 	ctx, cancel := context.WithCancel(context.WithoutCancel(parent))
@@ -461,128 +474,211 @@ func loadBatch[K comparable, T any](parent context.Context, c *Cache[T], owned [
 		}
 		return err
 	}
+	var mu sync.Mutex // the down loads finish items from their own goroutine
 	defer func() {
 		var err error = errors.New("cacheaside: batch load ended without an answer")
 		if r := recover(); r != nil {
 			err = &PanicError{Value: r, Stack: debug.Stack()}
 		}
+		mu.Lock()
+		defer mu.Unlock()
 		for _, it := range owned {
 			if !it.done {
+				if it.held {
+					c.releaseLater(it.key, it.tok, it.keep(c))
+				}
 				finish(c, it, answer[T]{}, err)
 			}
 		}
 	}()
 
-	var down, live []*batchItem[K, T]
+	var down, open []*batchItem[K, T]
 	for _, it := range owned {
+		it.tok = newToken()
 		if it.down {
 			it.fs.observe() // the loader reads the source now, with no entry to vouch for it
 			down = append(down, it)
 		} else {
-			live = append(live, it)
+			open = append(open, it)
 		}
 	}
-
-	var held []*batchItem[K, T]
-	if len(live) > 0 {
-		calls := make([]scriptCall, len(live))
-		for i, it := range live {
-			it.tok = newToken()
-			it.fs.observe()
-			if it.reload() {
-				it.gen = it.vw.e.Gen
-				calls[i] = refreshCall(it.key, it.genKey, it.vw.e.Token, it.tok, c.opts.LeaseTTL, c.genTTL)
-			} else {
-				calls[i] = acquireCall(it.key, it.genKey, leaseEntry(it.tok, c.opts.Codec.Format()), c.opts.LeaseTTL, it.vw.replace, c.genTTL)
-			}
+	var (
+		waitStart time.Time
+		delay     = c.opts.PollMin
+		waitCap   = c.opts.LoadTimeout + c.opts.LeaseTTL
+	)
+	for {
+		var held []*batchItem[K, T]
+		if len(open) > 0 {
+			var failed []*batchItem[K, T]
+			held, open, failed = leaseRound(ctx, c, open, fail)
+			down = append(down, failed...)
 		}
-		cmds := c.evalMany(ctx, calls)
-		for i, it := range live {
-			var (
-				ok  bool
-				cur []byte
-				err error
-			)
-			if it.reload() {
-				var n int64
-				n, err = cmds[i].Int64()
-				ok = n == 1
-			} else {
-				ok, it.gen, cur, err = acquireReply(cmds[i].Slice())
-			}
-			switch {
-			case err != nil:
-				if cerr := ctx.Err(); cerr != nil {
-					finish(c, it, answer[T]{}, fail(cerr))
-					continue
-				}
-				c.redisError(ctx, "acquire", it.key, err)
-				c.releaseLater(it.key, it.tok, it.keep(c))
-				if c.opts.OnRedisDown == FailClosed {
-					finish(c, it, answer[T]{}, unavailable(err))
-					continue
-				}
-				down = append(down, it)
-			case ok:
-				it.held = true
-				tok := it.tok
-				it.fs.tok.Store(&tok)
-				held = append(held, it)
-			case it.reload():
-				// The value changed since the read: the single-key
-				// protocol looks again.
-				handOff(parent, c, it, load, it.vw)
-			default:
-				vw := c.classify(ctx, it.key, cur, genView{namespaced: it.genKey != "", known: true, gen: it.gen}, c.opts.Clock())
-				if vw.e.Token != (envelope.Token{}) {
-					t := vw.e.Token
-					it.fs.tok.Store(&t)
-				}
-				switch vw.state {
-				case stFresh:
-					finish(c, it, answer[T]{v: vw.v, tok: vw.e.Token}, nil)
-				case stStale:
-					c.stats.staleServed.Add(1)
-					c.rec.StaleServed(c.name)
-					finish(c, it, answer[T]{v: vw.v, tok: vw.e.Token}, nil)
-				case stNotFound:
-					finish(c, it, answer[T]{tok: vw.e.Token}, ErrNotFound)
-				default:
-					handOff(parent, c, it, load, vw) // being loaded elsewhere: wait as Get waits
-				}
-			}
+		var wg sync.WaitGroup
+		if len(down) > 0 {
+			items := down
+			down = nil
+			wg.Go(func() { loadDown(ctx, c, items, load, fail, &mu) })
 		}
-	}
-
-	if len(down) > 0 {
-		wctx, wcancel := context.WithTimeout(ctx, c.opts.LoadTimeout)
-		done, err := c.loadSlot(wctx)
-		wcancel()
-		if err != nil {
-			for _, it := range down {
-				v, err := c.orStale(it.vw.v, err, &it.vw)
+		if len(held) > 0 {
+			fillBatch(ctx, c, held, load, fail)
+		}
+		wg.Wait()
+		if len(open) == 0 {
+			return
+		}
+		// Other processes hold leases on the rest: wait for their fills.
+		if waitStart.IsZero() {
+			waitStart = time.Now()
+			c.stats.leaseContended.Add(uint64(len(open)))
+			c.rec.LeaseContended(c.name)
+		} else if time.Since(waitStart) > waitCap {
+			// The holders neither filled nor let their leases lapse in the
+			// time a load may take: answer from the source.
+			c.waited(waitStart)
+			down, open = open, nil
+			continue
+		}
+		if err := sleep(ctx, jitter(delay)); err != nil {
+			for _, it := range open {
+				v, err := c.orStale(it.vw.v, fail(err), &it.vw)
 				finish(c, it, answer[T]{v: v}, err)
 			}
+			return
+		}
+		delay = min(2*delay, c.opts.PollMax)
+	}
+}
+
+// leaseRound sends the lease scripts of items in one pipeline. It finishes
+// the items whose key turned out to hold an answer, and returns those it
+// now holds the lease on, those still being loaded elsewhere, and those
+// Redis failed on (to load without Redis).
+func leaseRound[K comparable, T any](ctx context.Context, c *Cache[T], items []*batchItem[K, T], fail func(error) error) (held, open, failed []*batchItem[K, T]) {
+	calls := make([]scriptCall, len(items))
+	for i, it := range items {
+		it.fs.observe()
+		if it.reload() {
+			it.gen = it.vw.e.Gen
+			calls[i] = refreshCall(it.key, it.genKey, it.vw.e.Token, it.tok, c.opts.LeaseTTL, c.genTTL)
 		} else {
-			m, _, err := callBatch(ctx, c, down, load)
-			done()
-			for _, it := range down {
-				v, ok := m[it.ids[0]]
-				switch {
-				case err != nil:
-					v, err := c.orStale(v, fail(err), &it.vw)
-					finish(c, it, answer[T]{v: v}, err)
-				case !ok:
-					finish(c, it, answer[T]{}, ErrNotFound)
-				default:
-					finish(c, it, answer[T]{v: v}, nil)
+			calls[i] = acquireCall(it.key, it.genKey, leaseEntry(it.tok, c.opts.Codec.Format()), c.opts.LeaseTTL, it.vw.replace, c.genTTL)
+		}
+	}
+	cmds := c.evalMany(ctx, calls)
+	var failedOnce errorOnce
+	for i, it := range items {
+		var (
+			ok  bool
+			cur []byte
+			err error
+		)
+		reload := it.reload()
+		if reload {
+			var n int64
+			n, err = cmds[i].Int64()
+			ok = n == 1
+		} else {
+			ok, it.gen, cur, err = acquireReply(cmds[i].Slice())
+		}
+		switch {
+		case err != nil:
+			if cerr := ctx.Err(); cerr != nil {
+				v, err := c.orStale(it.vw.v, fail(cerr), &it.vw)
+				finish(c, it, answer[T]{v: v}, err)
+				continue
+			}
+			failedOnce.add(it.key, err)
+			c.releaseLater(it.key, it.tok, it.keep(c)) // the script may have run, its reply lost
+			if c.opts.OnRedisDown == FailClosed {
+				v, err := c.orStale(it.vw.v, unavailable(err), &it.vw)
+				finish(c, it, answer[T]{v: v}, err)
+				continue
+			}
+			failed = append(failed, it)
+		case ok:
+			it.held = true
+			tok := it.tok
+			it.fs.tok.Store(&tok)
+			held = append(held, it)
+		case reload:
+			// The value changed since it was read: look again, by acquire.
+			it.vw = view[T]{staleOK: it.vw.staleOK, v: it.vw.v}
+			open = append(open, it)
+		default:
+			vw := c.classify(ctx, it.key, cur, genView{namespaced: it.genKey != "", known: true, gen: it.gen}, c.opts.Clock())
+			if vw.e.Token != (envelope.Token{}) {
+				t := vw.e.Token
+				it.fs.tok.Store(&t)
+			}
+			switch vw.state {
+			case stFresh:
+				finish(c, it, answer[T]{v: vw.v, tok: vw.e.Token}, nil)
+			case stStale:
+				c.stats.staleServed.Add(1)
+				c.rec.StaleServed(c.name)
+				finish(c, it, answer[T]{v: vw.v, tok: vw.e.Token}, nil)
+			case stNotFound:
+				finish(c, it, answer[T]{tok: vw.e.Token}, ErrNotFound)
+			default:
+				// Being loaded elsewhere, undecodable (replace names it),
+				// or a value due for reload (refreshed next round).
+				if vw.state == stLease {
+					vw.v, vw.staleOK = it.vw.v, it.vw.staleOK
 				}
+				it.vw = vw
+				open = append(open, it)
 			}
 		}
 	}
+	failedOnce.report(ctx, c, "acquire")
+	return held, open, failed
+}
 
-	if len(held) > 0 {
-		fillBatch(ctx, c, held, load, fail)
+// loadDown loads items without Redis (it failed on them), in one loader
+// call within one MaxLoadsWhileDown slot, and finishes them.
+func loadDown[K comparable, T any](ctx context.Context, c *Cache[T], items []*batchItem[K, T], load BatchLoader[K, T], fail func(error) error, mu *sync.Mutex) {
+	end := func(it *batchItem[K, T], v T, err error) {
+		mu.Lock()
+		defer mu.Unlock()
+		if it.done { // loadBatch gave up on it after a panic
+			return
+		}
+		v, err = c.orStale(v, fail(err), &it.vw)
+		finish(c, it, answer[T]{v: v}, err)
+	}
+	defer func() {
+		if r := recover(); r != nil { // a Recorder or IsNotFound that panicked
+			err := &PanicError{Value: r, Stack: debug.Stack()}
+			for _, it := range items {
+				end(it, *new(T), err)
+			}
+		}
+	}()
+	wctx, wcancel := context.WithTimeout(ctx, c.opts.LoadTimeout)
+	done, err := c.loadSlot(wctx)
+	wcancel()
+	if err != nil {
+		if errors.Is(err, ErrOverloaded) && c.stop.Err() != nil {
+			err = ErrClosed
+		}
+		for _, it := range items {
+			end(it, *new(T), err)
+		}
+		return
+	}
+	defer done()
+	m, _, err := callBatch(ctx, c, items, load)
+	for _, it := range items {
+		v, ok := m[it.ids[0]]
+		switch {
+		case err != nil:
+			end(it, v, err)
+		case !ok:
+			end(it, v, ErrNotFound)
+		default:
+			end(it, v, nil)
+		}
 	}
 }
 
@@ -598,18 +694,6 @@ func (it *batchItem[K, T]) keep(c *Cache[T]) time.Duration {
 		return c.keepOnFailure(&it.vw.e)
 	}
 	return 0
-}
-
-// handOff finishes the item's flight with the single-key protocol, on its
-// own goroutine.
-func handOff[K comparable, T any](parent context.Context, c *Cache[T], it *batchItem[K, T], load BatchLoader[K, T], vw view[T]) {
-	it.done = true
-	fs, call := it.fs, it.call
-	go func() {
-		a, err := c.runFlight(parent, it.key, it.genKey, one(load, it.ids[0]), vw, false, fs)
-		c.endFlight(it.key, fs)
-		c.group.Finish(it.key, call, a, err)
-	}()
 }
 
 // callBatch calls load once for the items' ids, counted as one load.
@@ -650,11 +734,13 @@ func fillBatch[K comparable, T any](ctx context.Context, c *Cache[T], held []*ba
 		for i, it := range held {
 			calls[i] = releaseCall(it.key, it.tok, it.keep(c))
 		}
+		var failed errorOnce
 		for i, cmd := range c.evalMany(wctx, calls) {
 			if err := cmd.Err(); err != nil {
-				c.redisError(wctx, "release", held[i].key, err)
+				failed.add(held[i].key, err)
 			}
 		}
+		failed.report(wctx, c, "release")
 		err = fail(err)
 		for _, it := range held {
 			v, err := c.orStale(it.vw.v, err, &it.vw)
@@ -706,17 +792,16 @@ func fillBatch[K comparable, T any](ctx context.Context, c *Cache[T], held []*ba
 		}
 	}
 	cmds := c.evalMany(wctx, calls)
+	var failed errorOnce
 	for i, it := range held {
 		n, err := cmds[i].Int64()
 		var tok envelope.Token
 		switch {
 		case err != nil:
-			op := "release"
 			if fills[i] {
-				op = "fill"
 				c.releaseLater(it.key, it.tok, 0) // or other processes wait out the lease
 			}
-			c.redisError(wctx, op, it.key, err)
+			failed.add(it.key, err)
 		case fills[i] && n == 1:
 			tok = it.tok
 			c.putLocal(it.key, results[i].v, results[i].err != nil, softs[i], it.snap)
@@ -726,6 +811,31 @@ func fillBatch[K comparable, T any](ctx context.Context, c *Cache[T], held []*ba
 		}
 		it.fs.answer = tok
 		finish(c, it, answer[T]{v: results[i].v, tok: tok}, results[i].err)
+	}
+	failed.report(wctx, c, "fill")
+}
+
+// errorOnce gathers the failures of the commands of one round trip, which
+// usually share one cause, to report them once rather than once per key.
+type errorOnce struct {
+	keys  []string
+	first error
+}
+
+func (e *errorOnce) add(key string, err error) {
+	if e.first == nil {
+		e.first = err
+	}
+	e.keys = append(e.keys, key)
+}
+
+// report counts and reports the first failure, labelled with every key
+// that failed.
+func (e *errorOnce) report(ctx context.Context, c interface {
+	redisError(context.Context, string, string, error) error
+}, op string) {
+	if e.first != nil {
+		c.redisError(ctx, op, keysLabel(e.keys), e.first)
 	}
 }
 
@@ -747,11 +857,13 @@ func (c *Cache[T]) keepLeases(ctx context.Context, calls []scriptCall) (stop fun
 				return
 			case <-t.C:
 			}
+			var failed errorOnce
 			for i, cmd := range c.evalMany(ctx, calls) {
 				if err := cmd.Err(); err != nil && ctx.Err() == nil {
-					c.redisError(ctx, "extend", calls[i].keys[0], err)
+					failed.add(calls[i].keys[0], err)
 				}
 			}
+			failed.report(ctx, c, "extend")
 		}
 	}()
 	return func() { cancel(); <-done }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"slices"
 	"strconv"
 	"sync/atomic"
@@ -309,4 +310,67 @@ func TestLocalTierBadMessageFlushes(t *testing.T) {
 	if !slices.Equal(got, keys) {
 		t.Fatalf("keys message round trip: %q", got)
 	}
+}
+
+// TestLocalTierStaleness measures how long after an Invalidate on one
+// instance returns the other instance, holding the old value in its local
+// tier, serves the new one: 10,000 trials. The bound it must never break
+// is LocalOptions.TTL (what a lost message would cost); the figure it
+// reports is the distribution, which is what the bus delivers.
+func TestLocalTierStaleness(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		trials := 10000
+		if testing.Short() {
+			trials = 1000
+		}
+		ctx := context.Background()
+		const bound = time.Second
+		o := func() *Options[int64] { return &Options[int64]{Local: &LocalOptions{TTL: bound}} }
+		writer, reader := localCache(t, b, o()), localCache(t, b, o())
+		key := b.key("staleness")
+		var db atomic.Int64
+		load := func(context.Context) (int64, error) { return db.Load(), nil }
+		lat := make([]time.Duration, trials)
+		staleReads := 0
+		for i := range trials {
+			want := int64(i)
+			// The reader holds the current version in memory.
+			for range 2 {
+				if v, err := reader.Get(ctx, key, load); err != nil || v != want-1 && i > 0 {
+					t.Fatalf("trial %d: warm-up Get = %d, %v", i, v, err)
+				}
+			}
+			db.Store(want)
+			if err := writer.Invalidate(ctx, key); err != nil {
+				t.Fatal(err)
+			}
+			start := time.Now()
+			for {
+				v, err := reader.Get(ctx, key, load)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if v == want {
+					break
+				}
+				staleReads++
+				// A reader that never yields would keep the bus goroutine
+				// off the CPU on this 2-core machine; a request handler
+				// yields at its own I/O.
+				runtime.Gosched()
+				if time.Since(start) > bound {
+					t.Fatalf("trial %d: the reader still served %d %v after Invalidate returned", i, v, time.Since(start))
+				}
+			}
+			lat[i] = time.Since(start)
+		}
+		slices.Sort(lat)
+		q := func(p float64) time.Duration { return lat[int(p*float64(trials-1))] }
+		s := reader.Stats()
+		t.Logf("local tier staleness (%s): %d trials; new value served after Invalidate returned: p50 %v, p99 %v, max %v; %d stale reads in all (bound %v); reader: %d local hits, %d bus messages, %d flushes",
+			b.name, trials, q(0.5).Round(time.Microsecond), q(0.99).Round(time.Microsecond), lat[trials-1].Round(time.Microsecond), staleReads, bound, s.LocalHits, s.BusMessages, s.LocalFlushes)
+		if s.LocalHits < uint64(trials) {
+			t.Fatalf("only %d local hits in %d trials: the reader was not serving from memory", s.LocalHits, trials)
+		}
+	})
 }
