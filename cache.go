@@ -52,6 +52,7 @@ type Cache[T any] struct {
 	cancel context.CancelFunc
 
 	local *localTier[T] // nil without Options.Local
+	reads *coalescer    // nil with Options.NoReadCoalescing or a sharding client
 
 	hooks *testHooks // nil outside tests
 }
@@ -104,6 +105,14 @@ func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 		}
 		c.wg.Add(1)
 		go c.listen()
+	}
+	if !o.NoReadCoalescing && !c.splitReads.Load() {
+		c.reads = newCoalescer()
+		c.wg.Add(1)
+		go func() {
+			defer c.wg.Done()
+			c.reads.run(c.stop, c.rdb)
+		}()
 	}
 	warnClientOptions(c.raw, o.Logger, o.Name)
 	return c, nil
@@ -326,6 +335,17 @@ func (c *Cache[T]) checkKey(key string) (genKey string, err error) {
 // read fetches the bytes under key (nil when absent) and, for a namespaced
 // cache, the namespace generation, in one round trip.
 func (c *Cache[T]) read(ctx context.Context, key, genKey string) (b []byte, gv genView, err error) {
+	if c.reads != nil && !c.splitReads.Load() {
+		if !c.reads.begin() {
+			b, gv, err = c.readCoalesced(ctx, key, genKey)
+			if !isCrossSlot(err) {
+				return b, gv, err
+			}
+			c.splitReads.Store(true) // a client that shards: read alone from now on
+		} else {
+			defer c.reads.end()
+		}
+	}
 	if genKey == "" {
 		b, err = c.rdb.Get(ctx, key).Bytes()
 		if errors.Is(err, redis.Nil) {

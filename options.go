@@ -47,6 +47,14 @@ type Options[T any] struct {
 	// The client must also implement Bus. Default nil: no local tier.
 	Local *LocalOptions
 
+	// NoReadCoalescing sends every Get's read as its own command. By
+	// default, when more than two reads are already on the wire, further
+	// Gets queue their reads and one goroutine sends all that are queued as
+	// one MGET (see coalesce.go), which multiplies throughput under
+	// concurrency. Reads on Redis Cluster and Ring are never coalesced.
+	// Default false.
+	NoReadCoalescing bool
+
 	// Codec encodes values. Default JSON[T]().
 	Codec Codec[T]
 

@@ -1,0 +1,188 @@
+package cacheaside
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+)
+
+// Read coalescing. Under concurrency, a Cache sends the reads of many Gets
+// as one MGET: a Get whose read finds directReads reads already on the
+// wire queues its keys, and one goroutine sends everything queued in one
+// MGET (the same key once), then hands each Get its bytes to decode on its
+// own goroutine. One round trip and one command replace dozens, for the
+// client and for Redis, and a lone Get still sends its own GET at once.
+// Each queued Get waits at most its operation budget. Reads that would
+// cross Cluster slots (splitReads) are never coalesced.
+
+// directReads is how many reads may be on the wire, each alone, before
+// further reads are coalesced.
+const directReads = 2
+
+// maxCoalesced is the most keys one coalesced MGET carries.
+const maxCoalesced = 256
+
+type coalescer struct {
+	mu     sync.Mutex
+	direct int        // reads on the wire alone
+	queue  []*readReq // reads waiting for the next MGET
+	wake   chan struct{}
+}
+
+// readReq is one Get's read waiting in the queue.
+type readReq struct {
+	keys []string // the entry, and its namespace generation key if any
+	vals []any    // MGET's answers for keys
+	err  error
+	done chan struct{}
+}
+
+func newCoalescer() *coalescer { return &coalescer{wake: make(chan struct{}, 1)} }
+
+// errReadQueued is the error of a queued read whose budget ran out first.
+var errReadQueued = errors.New("coalesced read: budget spent waiting in the queue")
+
+// begin reports whether a read may go on the wire alone; if so, the
+// caller must call end after it.
+func (q *coalescer) begin() bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.direct < directReads {
+		q.direct++
+		return true
+	}
+	return false
+}
+
+func (q *coalescer) end() {
+	q.mu.Lock()
+	q.direct--
+	q.mu.Unlock()
+}
+
+// wait queues keys for the next MGET and waits for its answer, for at
+// most budget (less if ctx ends sooner).
+func (q *coalescer) wait(ctx context.Context, budget time.Duration, keys ...string) ([]any, error) {
+	r := &readReq{keys: keys, done: make(chan struct{})}
+	q.mu.Lock()
+	q.queue = append(q.queue, r)
+	q.mu.Unlock()
+	select {
+	case q.wake <- struct{}{}:
+	default:
+	}
+	if dl, ok := ctx.Deadline(); ok {
+		budget = max(min(budget, time.Until(dl)/2), time.Millisecond)
+	}
+	t := time.NewTimer(budget)
+	defer t.Stop()
+	select {
+	case <-r.done:
+		return r.vals, r.err
+	case <-t.C:
+		return nil, fmt.Errorf("%w: %w", context.DeadlineExceeded, errReadQueued)
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// run sends what is queued, one MGET at a time, until stop ends.
+func (q *coalescer) run(stop context.Context, rdb Redis) {
+	for {
+		select {
+		case <-stop.Done():
+			q.fail(ErrClosed)
+			return
+		case <-q.wake:
+		}
+		for {
+			q.mu.Lock()
+			batch := q.queue
+			n := 0
+			for i, r := range batch {
+				if n+len(r.keys) > maxCoalesced && i > 0 {
+					batch = batch[:i]
+					break
+				}
+				n += len(r.keys)
+			}
+			q.queue = q.queue[len(batch):]
+			if len(q.queue) == 0 {
+				q.queue = nil
+			}
+			q.mu.Unlock()
+			if len(batch) == 0 {
+				break
+			}
+			q.send(stop, rdb, batch)
+		}
+	}
+}
+
+// send answers batch with one MGET of its distinct keys.
+func (q *coalescer) send(stop context.Context, rdb Redis, batch []*readReq) {
+	index := make(map[string]int, len(batch))
+	keys := make([]string, 0, len(batch))
+	for _, r := range batch {
+		for _, k := range r.keys {
+			if _, ok := index[k]; !ok {
+				index[k] = len(keys)
+				keys = append(keys, k)
+			}
+		}
+	}
+	vals, err := rdb.MGet(stop, keys...).Result()
+	if err == nil && len(vals) != len(keys) {
+		err = fmt.Errorf("MGET returned %d values", len(vals))
+	}
+	for _, r := range batch {
+		if err != nil {
+			r.err = err
+		} else {
+			r.vals = make([]any, len(r.keys))
+			for i, k := range r.keys {
+				r.vals[i] = vals[index[k]]
+			}
+		}
+		close(r.done)
+	}
+}
+
+// fail answers everything queued with err.
+func (q *coalescer) fail(err error) {
+	q.mu.Lock()
+	batch := q.queue
+	q.queue = nil
+	q.mu.Unlock()
+	for _, r := range batch {
+		r.err = err
+		close(r.done)
+	}
+}
+
+// readCoalesced is Cache.read through the coalescer: the bytes under key
+// and, for a namespaced cache, the generation under genKey.
+func (c *Cache[T]) readCoalesced(ctx context.Context, key, genKey string) (b []byte, gv genView, err error) {
+	var vals []any
+	if genKey == "" {
+		vals, err = c.reads.wait(ctx, c.guard.budget, key)
+	} else {
+		gv.namespaced = true
+		vals, err = c.reads.wait(ctx, c.guard.budget, key, genKey)
+	}
+	if err != nil {
+		return nil, gv, err
+	}
+	if s, ok := vals[0].(string); ok {
+		b = []byte(s)
+	}
+	if genKey != "" {
+		if s, ok := vals[1].(string); ok && len(s) == len(gv.gen) {
+			copy(gv.gen[:], s)
+			gv.known = true
+		}
+	}
+	return b, gv, nil
+}
