@@ -104,7 +104,9 @@ func TestReadCoalescingBudget(t *testing.T) {
 	defer c.Close()
 	var held sync.WaitGroup
 	for i := range 2 {
-		held.Go(func() { _, _ = c.Get(ctx, b.key(fmt.Sprint("held", i)), func(context.Context) (string, error) { return "x", nil }) })
+		held.Go(func() {
+			_, _ = c.Get(ctx, b.key(fmt.Sprint("held", i)), func(context.Context) (string, error) { return "x", nil })
+		})
 	}
 	waitFor(t, "two direct reads", func() bool { return rdb.gets.Load() == 2 })
 	start := time.Now()
