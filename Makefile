@@ -1,7 +1,7 @@
 REDIS ?= 127.0.0.1:6379
 DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test?sslmode=disable
 
-.PHONY: test race bench bench-many bench-invalidate bench-degrade lint fuzz ci
+.PHONY: test race bench bench-local bench-many bench-invalidate bench-degrade lint fuzz ci
 
 # What a fresh machine with only Go runs: everything on miniredis and SQLite.
 test:
@@ -25,6 +25,11 @@ bench:
 	done
 	go run golang.org/x/perf/cmd/benchstat@v0.0.0-20260908200009-22c9c6c9d4da /tmp/cacheaside-bench.txt
 	CACHEASIDE_REDIS_ADDR=$(REDIS) /tmp/cacheaside.test -test.run '^$$' -test.bench 'HitVsRaw' -test.benchtime 3s -test.count 5
+
+# Local-tier hits (serial, parallel), the Redis tier at 64 goroutines beside
+# raw go-redis, and go-redis client-side caching for comparison.
+bench-local:
+	CACHEASIDE_REDIS_ADDR=$(REDIS) go test -run '^$$' -bench 'LocalHit|RedisTier64|ClientSideCachingHit' -benchmem -count 3 .
 
 # GetMany of 100 warm keys beside a raw MGET and beside 100 single Gets.
 bench-many:
