@@ -209,10 +209,7 @@ func (c *Cache[T]) get(ctx context.Context, key string, load Loader[T], attempt 
 	var snap localSnap
 	if l := c.local; l != nil {
 		if it, ok := l.lookup(key, c.opts.Clock().UnixNano()); ok {
-			if attempt == 0 {
-				c.stats.localHits.Add(1)
-				c.rec.Hit(c.name)
-			}
+			c.countLocal(attempt, it.notFound)
 			if it.notFound {
 				return zero, ErrNotFound
 			}
@@ -314,6 +311,21 @@ func (c *Cache[T]) count(attempt int, o outcome) {
 		c.stats.misses.Add(1)
 		c.rec.Miss(c.name)
 	}
+}
+
+// countLocal counts a Get the local tier answered, as a hit or a
+// negative hit.
+func (c *Cache[T]) countLocal(attempt int, notFound bool) {
+	if attempt > 0 {
+		return
+	}
+	if notFound {
+		c.stats.localNegHits.Add(1)
+		c.rec.NegativeHit(c.name)
+		return
+	}
+	c.stats.localHits.Add(1)
+	c.rec.Hit(c.name)
 }
 
 // checkKey validates key and, for a namespaced cache, returns its

@@ -97,8 +97,7 @@ func GetMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 		byKey[k] = it
 		if l := c.local; l != nil {
 			if li, ok := l.lookup(k, c.opts.Clock().UnixNano()); ok {
-				c.stats.localHits.Add(1)
-				c.rec.Hit(c.name)
+				c.countLocal(0, li.notFound)
 				if !li.notFound {
 					out[id] = li.v
 				}

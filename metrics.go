@@ -82,7 +82,7 @@ var _ Recorder = NopRecorder{}
 // Cache.Stats. Every Get counts exactly once as a Hit, NegativeHit or Miss.
 type Stats struct {
 	Hits           uint64        // first read found a value (in Redis or, with a local tier, in memory)
-	LocalHits      uint64        // of those, the ones the local tier answered
+	LocalHits      uint64        // Hits and NegativeHits the local tier answered
 	LocalFlushes   uint64        // times the local tier was emptied (bus lost or regained, unreadable message)
 	BusMessages    uint64        // invalidation messages received from the bus
 	NegativeHits   uint64        // first read found a "not found" tombstone
@@ -126,7 +126,7 @@ func (s Stats) HitRate() float64 {
 // counters are the live values behind Stats.
 type counters struct {
 	hits, negativeHits, misses        atomic.Uint64
-	localHits                         atomic.Uint64
+	localHits, localNegHits           atomic.Uint64
 	loads, loadErrors, loadNanos      atomic.Uint64
 	coalesced, leaseContended         atomic.Uint64
 	fillsRejected, notCached          atomic.Uint64
@@ -140,8 +140,8 @@ type counters struct {
 func (c *counters) snapshot() Stats {
 	return Stats{
 		Hits:           c.hits.Load() + c.localHits.Load(),
-		LocalHits:      c.localHits.Load(),
-		NegativeHits:   c.negativeHits.Load(),
+		LocalHits:      c.localHits.Load() + c.localNegHits.Load(),
+		NegativeHits:   c.negativeHits.Load() + c.localNegHits.Load(),
 		Misses:         c.misses.Load(),
 		Loads:          c.loads.Load(),
 		LoadErrors:     c.loadErrors.Load(),

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -32,6 +33,7 @@ type API struct {
 func (a *API) Routes() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /tasks/{id}", a.getTask)                                   // 3.1, 3.3 cache-aside; 5.1 stampede; 5.2 negative caching
+	mux.HandleFunc("GET /tasks/batch", a.getTasks)                                 // scale: GetMany, one Redis read and one query for a batch
 	mux.HandleFunc("GET /tasks", a.listTasks)                                      // 3.2 key design: every query parameter in the key
 	mux.HandleFunc("POST /tasks", a.createTask)                                    // 3.4, 4.3 write, then invalidate
 	mux.HandleFunc("PUT /tasks/{id}", a.updateTask)                                // 3.4, 4.3
@@ -91,6 +93,59 @@ func (a *API) getTask(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, t)
+}
+
+// maxBatch is the most ids GET /tasks/batch accepts.
+const maxBatch = 100
+
+// TaskBatch is the answer of GET /tasks/batch: the tasks found, in the
+// order asked, and the ids that do not exist.
+type TaskBatch struct {
+	Tasks   []Task  `json:"tasks"`
+	Missing []int64 `json:"missing"`
+}
+
+func (a *API) getTasks(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	for k := range q {
+		if k != "ids" {
+			a.fail(w, r, invalidf("unknown query parameter %q (want ids)", k))
+			return
+		}
+	}
+	parts := strings.Split(q.Get("ids"), ",")
+	if len(parts) > maxBatch {
+		a.fail(w, r, invalidf("%d ids, at most %d", len(parts), maxBatch))
+		return
+	}
+	ids := make([]int64, 0, len(parts))
+	for _, p := range parts {
+		id, err := strconv.ParseInt(strings.TrimSpace(p), 10, 64)
+		if err != nil || id <= 0 {
+			a.fail(w, r, invalidf("ids: %q is not a positive integer", p))
+			return
+		}
+		ids = append(ids, id)
+	}
+	found, err := a.svc.GetTasks(r.Context(), ids)
+	if err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	out := TaskBatch{Tasks: []Task{}, Missing: []int64{}}
+	seen := map[int64]bool{}
+	for _, id := range ids {
+		if seen[id] {
+			continue
+		}
+		seen[id] = true
+		if t, ok := found[id]; ok {
+			out.Tasks = append(out.Tasks, t)
+		} else {
+			out.Missing = append(out.Missing, id)
+		}
+	}
+	writeJSON(w, http.StatusOK, out)
 }
 
 // Page sizes the list endpoint accepts.

@@ -83,8 +83,13 @@ type app struct {
 	rdb     *redis.Client
 	mini    *miniredis.Miniredis // nil with REDIS_URL
 	tmpDir  string               // SQLite's directory, removed on close
+	prefix  string               // of every keyspace and bus channel
 	Handler http.Handler
 }
+
+// localTaskTTL is how long the task cache's local tier may serve a task
+// from memory (the bound if an invalidation message is lost).
+const localTaskTTL = time.Second
 
 // newApp opens the database and Redis named by e and builds the service.
 // dbLatency slows every query down (for demos); prefix isolates the app's
@@ -138,7 +143,8 @@ func newApp(ctx context.Context, e env, log *slog.Logger, dbLatency time.Duratio
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector())
 	rec := newPromRecorder(reg)
-	if a.svc, err = NewService(store, a.rdb, ttls, rec, log, prefix); err != nil {
+	a.prefix = prefix
+	if a.svc, err = NewService(store, a.rdb, ttls, rec, log, prefix, localTaskTTL); err != nil {
 		return nil, err
 	}
 	a.api = &API{svc: a.svc, store: store, rdb: a.rdb, reg: reg, log: log}

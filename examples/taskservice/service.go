@@ -43,11 +43,18 @@ type Service struct {
 
 // NewService builds the caches on rdb with the policies of ttls. prefix,
 // normally empty, is prepended to every keyspace name so tests can share
-// one Redis.
-func NewService(store *Store, rdb cacheaside.Redis, ttls *cacheaside.TTLTable, rec cacheaside.Recorder, log *slog.Logger, prefix string) (*Service, error) {
+// one Redis. localTTL > 0 gives the task cache a local tier.
+func NewService(store *Store, rdb cacheaside.Redis, ttls *cacheaside.TTLTable, rec cacheaside.Recorder, log *slog.Logger, prefix string, localTTL time.Duration) (*Service, error) {
 	s := &Service{store: store, log: log}
 	var err error
-	if s.tasks, err = cacheaside.New(rdb, &cacheaside.Options[Task]{Name: "task", Policy: ttls.Get("task"), Recorder: rec, Logger: log}); err != nil {
+	// Tasks are the hottest reads: a local tier answers repeated reads of a
+	// task from memory for up to localTTL, and every write reaches every
+	// instance's local tier through the invalidation bus.
+	var local *cacheaside.LocalOptions
+	if localTTL > 0 {
+		local = &cacheaside.LocalOptions{TTL: localTTL, Channel: cacheaside.DefaultLocalChannel + prefix + "task"}
+	}
+	if s.tasks, err = cacheaside.New(rdb, &cacheaside.Options[Task]{Name: "task", Policy: ttls.Get("task"), Recorder: rec, Logger: log, Local: local}); err != nil {
 		return nil, err
 	}
 	if s.lists, err = cacheaside.New(rdb, &cacheaside.Options[TaskPage]{Name: "task_list", Policy: ttls.Get("task_list"), Recorder: rec, Logger: log, Namespaced: true}); err != nil {
@@ -92,6 +99,13 @@ func (s *Service) GetTask(ctx context.Context, id int64) (Task, error) {
 	return s.tasks.Get(ctx, s.taskKey(id), func(ctx context.Context) (Task, error) {
 		return s.store.GetTask(ctx, id)
 	})
+}
+
+// GetTasks: many tasks by id with one Redis read, and one query for all
+// the ids Redis does not have. Missing ids are cached as "not found" like
+// GetTask's, and left out of the result.
+func (s *Service) GetTasks(ctx context.Context, ids []int64) (map[int64]Task, error) {
+	return cacheaside.GetMany(ctx, s.tasks, ids, s.taskKey, s.store.GetTasks)
 }
 
 // ListTasks: a paginated list, every query parameter in the key, in the

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"strconv"
 	"strings"
 	"time"
 
@@ -215,6 +216,37 @@ func (s *Store) GetTask(ctx context.Context, id int64) (Task, error) {
 		return Task{}, cacheaside.ErrNotFound
 	}
 	return t, err
+}
+
+// GetTasks returns the tasks with the given ids that exist, in one query.
+func (s *Store) GetTasks(ctx context.Context, ids []int64) (map[int64]Task, error) {
+	s.query()
+	if err := s.sleep(ctx); err != nil {
+		return nil, err
+	}
+	if len(ids) == 0 {
+		return map[int64]Task{}, nil
+	}
+	args := make([]any, len(ids))
+	marks := make([]string, len(ids))
+	for i, id := range ids {
+		args[i] = id
+		marks[i] = "$" + strconv.Itoa(i+1)
+	}
+	rows, err := s.db.QueryContext(ctx, `SELECT `+taskColumns+` FROM tasks WHERE id IN (`+strings.Join(marks, ", ")+`)`, args...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	out := make(map[int64]Task, len(ids))
+	for rows.Next() {
+		t, err := scanTask(rows)
+		if err != nil {
+			return nil, err
+		}
+		out[t.ID] = t
+	}
+	return out, rows.Err()
 }
 
 // ListTasks returns one page of an org's tasks, optionally of one status.

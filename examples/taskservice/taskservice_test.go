@@ -20,6 +20,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/seed-b4ec662f/cacheaside"
 )
 
 // The tests run on SQLite and an embedded Redis by default, and on the
@@ -434,5 +436,77 @@ func TestDemo(t *testing.T) {
 	m := regexp.MustCompile(`Naive cache-aside.*cold\s+40\s+\S+\s+\S+\s+(\d+)\s+0`).FindStringSubmatch(s)
 	if m == nil || m[1] == "1" || len(m[1]) < 2 {
 		t.Errorf("naive cache-aside row: %v, want ten or more queries for a cold key:\n%s", m, s)
+	}
+}
+
+// TestBatch: GET /tasks/batch answers many ids with one query for the
+// misses, and none once they are cached; unknown ids are listed as missing
+// and cached as "not found" too.
+func TestBatch(t *testing.T) {
+	ta := newTestApp(t, nil)
+	ta.getJSON(t, "/tasks/3", 200, nil) // one already cached
+	before := ta.queries.Load()
+	var b TaskBatch
+	ta.getJSON(t, "/tasks/batch?ids=1,2,3,4,999999,2", 200, &b)
+	if len(b.Tasks) != 4 || b.Tasks[0].ID != 1 || b.Tasks[3].ID != 4 || len(b.Missing) != 1 || b.Missing[0] != 999999 {
+		t.Fatalf("batch = %+v", b)
+	}
+	if n := ta.queries.Load() - before; n != 1 {
+		t.Fatalf("a batch with 4 misses cost %d queries, want 1", n)
+	}
+	ta.getJSON(t, "/tasks/batch?ids=1,2,3,4,999999", 200, &b)
+	ta.getJSON(t, "/tasks/999999", 404, nil)
+	if n := ta.queries.Load() - before; n != 1 {
+		t.Fatalf("the cached batch cost %d more queries, want 0", n-1)
+	}
+	for _, bad := range []string{"/tasks/batch?ids=", "/tasks/batch?ids=1,x", "/tasks/batch?ids=0", "/tasks/batch?ids=1&org=a",
+		"/tasks/batch?ids=" + strings.Repeat("1,", maxBatch) + "1"} {
+		if code, body := ta.do(t, "GET", bad, ""); code != 400 {
+			t.Errorf("GET %s = %d %s, want 400", bad, code, body)
+		}
+	}
+}
+
+// TestLocalTierAcrossInstances: a second instance of the service on the
+// same database and Redis serves task 7 from its local tier; a PUT through
+// the first instance reaches it through the invalidation bus.
+func TestLocalTierAcrossInstances(t *testing.T) {
+	ta := newTestApp(t, nil)
+	other, err := NewService(ta.store, ta.rdb, defaultTTLs, cacheaside.NopRecorder{}, slog.New(slog.DiscardHandler), ta.prefix, localTaskTTL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	ctx := context.Background()
+	read := func() Task {
+		t.Helper()
+		task, err := other.GetTask(ctx, 7)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return task
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for other.tasks.Stats().LocalHits == 0 { // until its bus subscription is up
+		if time.Now().After(deadline) {
+			t.Fatal("the second instance never served from its local tier")
+		}
+		read()
+		time.Sleep(time.Millisecond)
+	}
+	task := read()
+	body := fmt.Sprintf(`{"title":"Seen everywhere","status":%q,"assignee_id":%d,"tags":["x"]}`, task.Status, task.Assignee)
+	if code, b := ta.do(t, "PUT", "/tasks/7", body); code != 200 {
+		t.Fatalf("PUT = %d %s", code, b)
+	}
+	start := time.Now()
+	for read().Title != "Seen everywhere" {
+		if time.Since(start) > time.Second { // LocalOptions.TTL: the bound even without the bus
+			t.Fatal("the second instance still serves the old title after its local TTL")
+		}
+		time.Sleep(100 * time.Microsecond)
+	}
+	if s := other.tasks.Stats(); s.BusMessages == 0 {
+		t.Fatalf("stats %+v: the PUT's invalidation did not arrive on the bus", s)
 	}
 }
