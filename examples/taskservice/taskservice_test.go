@@ -421,7 +421,8 @@ func TestDemo(t *testing.T) {
 	for _, re := range []string{
 		`No cache\s+40\s+\S+\s+\S+\s+40\s+0`,
 		`cacheaside, cold key\s+40\s+\S+\s+\S+\s+1\s+0`,
-		`cacheaside, warm key\s+40\s+\S+\s+\S+\s+0\s+0`,
+		`cacheaside, warm key, Redis tier\s+40\s+\S+\s+\S+\s+0\s+0`,
+		`cacheaside, warm key, local tier\s+40\s+\S+\s+\S+\s+0\s+0`,
 		`Without negative caching\s+60\s+\S+\s+\S+\s+60\s+0`,
 		`With negative caching\s+60\s+\S+\s+\S+\s+1\s+0`,
 		`Served\s+400\s`,
