@@ -49,6 +49,16 @@
 // hot values shortly before they expire. Namespaces invalidate whole
 // groups of keys with one command.
 //
+// # Scale
+//
+// GetMany reads a batch of ids with one MGET (one pipeline per node on
+// Redis Cluster), loads every miss with one BatchLoader call, and shares
+// per-key leases and in-process loads with Get. Options.Local adds an
+// in-process tier of decoded values in front of Redis, kept coherent
+// across processes by an invalidation bus on Redis pub/sub, with a
+// staleness bound set by LocalOptions.TTL. Under concurrency, Gets' reads
+// are coalesced into one MGET (Options.NoReadCoalescing turns that off).
+//
 // # Links
 //
 //   - The load path, step by step, with the Redis commands it sends: README.md
