@@ -47,7 +47,10 @@ func (c *Cache[T]) Invalidate(ctx context.Context, keys ...string) error {
 			c.retryLater("key:"+k, func(ctx context.Context) error {
 				n, err := unlink(ctx, c.rdb, []string{k})
 				c.counted(n)
-				return err
+				if err != nil {
+					return err
+				}
+				return c.invalidated(ctx, []string{k})
 			})
 		}
 		return errors.Join(c.redisError(ctx, "invalidate", keysLabel(keys), err), perr)
@@ -237,7 +240,10 @@ func (c *Cache[T]) InvalidateNamespace(ctx context.Context, ns Namespace) error 
 	if err != nil {
 		c.retryLater("ns:"+ns.tag, func(ctx context.Context) error {
 			g := newGen()
-			return c.rdb.Set(ctx, ns.genKey(), g[:], c.genTTL).Err()
+			if err := c.rdb.Set(ctx, ns.genKey(), g[:], c.genTTL).Err(); err != nil {
+				return err
+			}
+			return c.invalidatedPrefix(ctx, ns.Prefix())
 		})
 		return errors.Join(c.redisError(ctx, "invalidate-namespace", ns.genKey(), err), perr)
 	}
