@@ -92,6 +92,9 @@ func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 	c.genTTL = 2*(o.Policy.TTL+o.Policy.staleWindow()) + o.LeaseTTL
 	c.stop, c.cancel = context.WithCancel(context.Background())
 	if o.Local != nil {
+		if _, ring := rdb.(*redis.Ring); ring {
+			return nil, fmt.Errorf("%w: Options.Local does not work on a *redis.Ring: its pub/sub follows the live shards, so the invalidation bus can split without an error; use a Client or ClusterClient", ErrInvalidOptions)
+		}
 		bus, ok := rdb.(Bus)
 		if !ok {
 			return nil, fmt.Errorf("%w: Options.Local needs a client with Publish and Subscribe (the Bus interface); %T has not", ErrInvalidOptions, rdb)
@@ -183,9 +186,10 @@ func (c *Cache[T]) Stats() Stats {
 // loader keeps time to answer. Undecodable bytes under key count as a miss
 // and are overwritten.
 //
-// Callers that share one load receive the same T. If T holds slices, maps
-// or pointers, treat the result as read-only or copy it; a hit decodes a
-// fresh T for each caller.
+// Callers that share one load receive the same T, and so do all callers a
+// local tier (Options.Local) answers while it holds the value. If T holds
+// slices, maps or pointers, treat the result as read-only or copy it; a
+// Redis hit decodes a fresh T for each caller.
 func (c *Cache[T]) Get(ctx context.Context, key string, load Loader[T]) (T, error) {
 	return c.get(ctx, key, load, 0)
 }

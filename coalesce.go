@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime/debug"
 	"sync"
 	"time"
 )
@@ -14,12 +15,17 @@ import (
 // MGET (the same key once), then hands each Get its bytes to decode on its
 // own goroutine. One round trip and one command replace dozens, for the
 // client and for Redis, and a lone Get still sends its own GET at once.
-// Each queued Get waits at most its operation budget. Reads that would
+// Up to maxSends MGETs are on the wire at once; each queued Get waits at
+// most twice its operation budget (a free slot, then the MGET). Reads that would
 // cross Cluster slots (splitReads) are never coalesced.
 
 // directReads is how many reads may be on the wire, each alone, before
 // further reads are coalesced.
 const directReads = 2
+
+// maxSends is how many coalesced MGETs may be on the wire at once, so a
+// slow reply does not hold every queued read behind it.
+const maxSends = 4
 
 // maxCoalesced is the most keys one coalesced MGET carries.
 const maxCoalesced = 256
@@ -29,6 +35,8 @@ type coalescer struct {
 	direct int        // reads on the wire alone
 	queue  []*readReq // reads waiting for the next MGET
 	wake   chan struct{}
+	sends  chan struct{} // maxSends slots for MGETs on the wire
+	wg     sync.WaitGroup
 }
 
 // readReq is one Get's read waiting in the queue.
@@ -39,7 +47,9 @@ type readReq struct {
 	done chan struct{}
 }
 
-func newCoalescer() *coalescer { return &coalescer{wake: make(chan struct{}, 1)} }
+func newCoalescer() *coalescer {
+	return &coalescer{wake: make(chan struct{}, 1), sends: make(chan struct{}, maxSends)}
+}
 
 // errReadQueued is the error of a queued read whose budget ran out first.
 var errReadQueued = errors.New("coalesced read: budget spent waiting in the queue")
@@ -62,8 +72,9 @@ func (q *coalescer) end() {
 	q.mu.Unlock()
 }
 
-// wait queues keys for the next MGET and waits for its answer, for at
-// most budget (less if ctx ends sooner).
+// wait queues keys for the next MGET and waits for its answer: at most
+// twice budget (a free slot to send, then the MGET's own budget), and
+// never more than half of what remains of ctx's deadline.
 func (q *coalescer) wait(ctx context.Context, budget time.Duration, keys ...string) ([]any, error) {
 	r := &readReq{keys: keys, done: make(chan struct{})}
 	q.mu.Lock()
@@ -73,10 +84,11 @@ func (q *coalescer) wait(ctx context.Context, budget time.Duration, keys ...stri
 	case q.wake <- struct{}{}:
 	default:
 	}
+	wait := 2 * budget
 	if dl, ok := ctx.Deadline(); ok {
-		budget = max(min(budget, time.Until(dl)/2), time.Millisecond)
+		wait = max(min(wait, time.Until(dl)/2), time.Millisecond)
 	}
-	t := time.NewTimer(budget)
+	t := time.NewTimer(wait)
 	defer t.Stop()
 	select {
 	case <-r.done:
@@ -88,8 +100,10 @@ func (q *coalescer) wait(ctx context.Context, budget time.Duration, keys ...stri
 	}
 }
 
-// run sends what is queued, one MGET at a time, until stop ends.
+// run sends what is queued, up to maxSends MGETs at a time, until stop
+// ends.
 func (q *coalescer) run(stop context.Context, rdb Redis) {
+	defer q.wg.Wait()
 	for {
 		select {
 		case <-stop.Done():
@@ -116,13 +130,37 @@ func (q *coalescer) run(stop context.Context, rdb Redis) {
 			if len(batch) == 0 {
 				break
 			}
-			q.send(stop, rdb, batch)
+			select {
+			case q.sends <- struct{}{}:
+			case <-stop.Done():
+				for _, r := range batch {
+					r.err = ErrClosed
+					close(r.done)
+				}
+				q.fail(ErrClosed)
+				return
+			}
+			q.wg.Go(func() {
+				defer func() { <-q.sends }()
+				q.send(stop, rdb, batch)
+			})
 		}
 	}
 }
 
-// send answers batch with one MGET of its distinct keys.
+// send answers batch with one MGET of its distinct keys. A panic on the
+// way (a Recorder called by the breaker, say) fails the batch instead of
+// the process.
 func (q *coalescer) send(stop context.Context, rdb Redis, batch []*readReq) {
+	answered := false
+	defer func() {
+		if r := recover(); r != nil && !answered {
+			for _, req := range batch {
+				req.err = &PanicError{Value: r, Stack: debug.Stack()}
+				close(req.done)
+			}
+		}
+	}()
 	index := make(map[string]int, len(batch))
 	keys := make([]string, 0, len(batch))
 	for _, r := range batch {
@@ -137,6 +175,7 @@ func (q *coalescer) send(stop context.Context, rdb Redis, batch []*readReq) {
 	if err == nil && len(vals) != len(keys) {
 		err = fmt.Errorf("MGET returned %d values", len(vals))
 	}
+	answered = true
 	for _, r := range batch {
 		if err != nil {
 			r.err = err

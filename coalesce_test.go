@@ -90,8 +90,8 @@ func TestReadCoalescing(t *testing.T) {
 	})
 }
 
-// A queued read waits at most the operation budget; then the Get answers
-// from the loader, as for any failed read.
+// A queued read waits at most twice the operation budget; then the Get
+// answers from the loader, as for any failed read.
 func TestReadCoalescingBudget(t *testing.T) {
 	mr := miniredisRun(t)
 	b := &backend{name: "miniredis", addr: mr.Addr(), mr: mr, prefix: uniquePrefix()}
@@ -118,7 +118,7 @@ func TestReadCoalescingBudget(t *testing.T) {
 	if s := c.Stats(); s.RedisErrors == 0 {
 		t.Fatalf("stats %+v: the spent budget was not counted as a Redis failure", s)
 	}
-	t.Logf("queued Get answered from the loader after %v (budget 50ms)", took)
+	t.Logf("queued Get answered from the loader after %v (budget 50ms, queued reads wait at most 2x)", took)
 	close(rdb.gate)
 	close(rdb.mgate)
 	held.Wait()

@@ -8,6 +8,7 @@ import (
 	"hash/maphash"
 	"log/slog"
 	"net"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -40,9 +41,9 @@ import (
 // Redis 6's server-assisted client-side caching, as go-redis implements
 // it, was the other candidate. It works only on standalone clients with
 // RESP3, caches reply bytes (so every hit still decodes the envelope and
-// the value), and applies invalidations asynchronously with no bound the
-// application sets. The bus works on Cluster and Ring too, holds decoded
-// values, and its staleness bound is an option; the README compares both.
+// the value), and applies invalidations asynchronously, milliseconds
+// later. The bus works on Cluster too, holds decoded values, and its
+// staleness bound is an option; the README compares both.
 
 // LocalOptions configures the local tier. The zero value of each field
 // means the default written beside it.
@@ -79,7 +80,11 @@ const (
 )
 
 // Bus is what the local tier needs from the Redis client besides Redis:
-// pub/sub. *redis.Client, *redis.ClusterClient and *redis.Ring have it.
+// pub/sub. *redis.Client (including failover clients) and
+// *redis.ClusterClient have it. *redis.Ring is refused: it routes a
+// channel to the shard its name hashes to among the live shards, so after
+// a shard comes back, publishers and existing subscribers can sit on
+// different shards without either side seeing an error.
 type Bus interface {
 	Publish(ctx context.Context, channel string, message any) *redis.IntCmd
 	Subscribe(ctx context.Context, channels ...string) *redis.PubSub
@@ -326,17 +331,19 @@ func (c *Cache[T]) listen() {
 		}
 	})
 	defer stopClose()
-	backoff := 10 * time.Millisecond
+	const firstBackoff = 10 * time.Millisecond
+	backoff := firstBackoff
 	for c.stop.Err() == nil {
-		err := c.subscription()
+		confirmed, err := c.subscriptionSafe()
 		l.live.Store(false)
 		l.flush()
 		if c.stop.Err() != nil {
 			return
 		}
-		c.opts.Logger.LogAttrs(c.stop, slog.LevelWarn, "cacheaside: invalidation bus lost; local tier bypassed until it is back",
-			slog.String("cache", c.name), slog.String("channel", l.opts.Channel), slog.Any("err", err))
-		c.rec.RedisError(c.name, "subscribe", err)
+		if confirmed {
+			backoff = firstBackoff
+		}
+		c.busLost(err)
 		if sleep(c.stop, jitter(backoff)) != nil {
 			return
 		}
@@ -344,35 +351,67 @@ func (c *Cache[T]) listen() {
 	}
 }
 
-// subscription runs one subscription until it fails, and returns why.
-func (c *Cache[T]) subscription() error {
+// busLost reports a lost subscription. A panicking Recorder or logger must
+// not end the process from this goroutine.
+func (c *Cache[T]) busLost(err error) {
+	defer func() { _ = recover() }()
+	c.opts.Logger.LogAttrs(c.stop, slog.LevelWarn, "cacheaside: invalidation bus lost; local tier bypassed until it is back",
+		slog.String("cache", c.name), slog.String("channel", c.local.opts.Channel), slog.Any("err", err))
+	c.rec.RedisError(c.name, "subscribe", err)
+}
+
+// subscriptionSafe is subscription with a panic (go-redis's Ring panics on
+// Subscribe when no shard is up; a Recorder or OnError may panic too)
+// turned into an error.
+func (c *Cache[T]) subscriptionSafe() (confirmed bool, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = &PanicError{Value: r, Stack: debug.Stack()}
+		}
+	}()
+	return c.subscription()
+}
+
+// subscription runs one subscription until it fails, and returns why and
+// whether it had been confirmed. Every call that may dial gets a deadline
+// (with ContextTimeoutEnabled, go-redis puts it on the socket), so a Redis
+// that accepts connections but never answers cannot hold Close.
+func (c *Cache[T]) subscription() (confirmed bool, _ error) {
 	l := c.local
-	ps := l.bus.Subscribe(c.stop, l.opts.Channel)
+	hc := l.opts.HealthCheck
+	ctx, cancel := context.WithTimeout(c.stop, hc)
+	ps := l.bus.Subscribe(ctx, l.opts.Channel)
+	cancel()
 	l.mu.Lock()
 	if c.stop.Err() != nil {
 		l.mu.Unlock()
 		_ = ps.Close()
-		return c.stop.Err()
+		return false, c.stop.Err()
 	}
 	l.ps = ps
 	l.mu.Unlock()
 	defer func() { _ = ps.Close() }()
 	pinged := false
 	for {
-		msg, err := ps.ReceiveTimeout(c.stop, l.opts.HealthCheck)
+		ctx, cancel := context.WithTimeout(c.stop, 2*hc)
+		msg, err := ps.ReceiveTimeout(ctx, hc)
+		cancel()
 		if err != nil {
 			var ne net.Error
 			if !pinged && errors.As(err, &ne) && ne.Timeout() && c.stop.Err() == nil {
 				pinged = true
-				if err := ps.Ping(c.stop); err != nil {
-					return err
+				ctx, cancel := context.WithTimeout(c.stop, hc)
+				err := ps.Ping(ctx)
+				cancel()
+				if err != nil {
+					return confirmed, err
 				}
 				continue
 			}
 			if pinged {
-				return fmt.Errorf("no PONG within %v: %w", l.opts.HealthCheck, err)
+				return confirmed, fmt.Errorf("no PONG within %v: %w", hc, err)
 			}
-			return err
+			return confirmed, err
 		}
 		pinged = false
 		switch m := msg.(type) {
@@ -382,6 +421,7 @@ func (c *Cache[T]) subscription() error {
 				// start from an empty tier.
 				l.flush()
 				l.live.Store(true)
+				confirmed = true
 			}
 		case *redis.Message:
 			if err := l.apply(m.Payload); err != nil {

@@ -274,6 +274,11 @@ func TestLocalTierOptions(t *testing.T) {
 			t.Errorf("%+v: %v, want ErrInvalidOptions", lo, err)
 		}
 	}
+	ring := redis.NewRing(&redis.RingOptions{Addrs: map[string]string{"a": mr.Addr()}})
+	defer ring.Close()
+	if _, err := New(ring, &Options[string]{Local: &LocalOptions{}}); !errors.Is(err, ErrInvalidOptions) {
+		t.Errorf("Ring: %v, want ErrInvalidOptions", err)
+	}
 	noBus := struct{ Redis }{rdb}
 	if _, err := New[string](noBus, &Options[string]{Local: &LocalOptions{}}); !errors.Is(err, ErrInvalidOptions) {
 		t.Errorf("client without pub/sub: %v, want ErrInvalidOptions", err)

@@ -48,11 +48,11 @@ type Options[T any] struct {
 	Local *LocalOptions
 
 	// NoReadCoalescing sends every Get's read as its own command. By
-	// default, when more than two reads are already on the wire, further
-	// Gets queue their reads and one goroutine sends all that are queued as
-	// one MGET (see coalesce.go), which multiplies throughput under
-	// concurrency. Reads on Redis Cluster and Ring are never coalesced.
-	// Default false.
+	// default, when two reads are already on the wire, further Gets queue
+	// their reads and all that are queued go out as one MGET (up to four
+	// MGETs at a time; see coalesce.go), which raises throughput under
+	// concurrency. A queued read waits at most twice OpTimeout. Reads on
+	// Redis Cluster and Ring are never coalesced. Default false.
 	NoReadCoalescing bool
 
 	// Codec encodes values. Default JSON[T]().
