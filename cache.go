@@ -822,6 +822,23 @@ func (c *Cache[T]) release(ctx context.Context, key string, tok envelope.Token, 
 // keepLease renews tok's lease every LeaseTTL/3 until the returned stop is
 // called (it waits for the renewing goroutine to end) or the lease is gone.
 func (c *Cache[T]) keepLease(ctx context.Context, key string, tok envelope.Token) (stop func()) {
+	return c.renewing(ctx, func(ctx context.Context) bool {
+		ok, err := extend(ctx, c.rdb, key, tok, c.opts.LeaseTTL)
+		if err != nil {
+			if ctx.Err() != nil {
+				return false
+			}
+			c.redisError(ctx, "extend", key, err)
+			return true
+		}
+		return ok // false: revoked, and the fill will be refused too
+	})
+}
+
+// renewing runs renew every LeaseTTL/3 on its own goroutine, until renew
+// returns false or the returned stop is called (stop waits for the
+// goroutine to end).
+func (c *Cache[T]) renewing(ctx context.Context, renew func(context.Context) bool) (stop func()) {
 	if h := c.hooks; h != nil && h.noExtend {
 		return func() {}
 	}
@@ -837,16 +854,8 @@ func (c *Cache[T]) keepLease(ctx context.Context, key string, tok envelope.Token
 				return
 			case <-t.C:
 			}
-			ok, err := extend(ctx, c.rdb, key, tok, c.opts.LeaseTTL)
-			if err != nil {
-				if ctx.Err() != nil {
-					return
-				}
-				c.redisError(ctx, "extend", key, err)
-				continue
-			}
-			if !ok {
-				return // revoked: the fill will be refused too
+			if !renew(ctx) {
+				return
 			}
 		}
 	}()

@@ -838,34 +838,19 @@ func (e *errorOnce) report(ctx context.Context, c interface {
 	}
 }
 
-// keepLeases renews the items' leases every LeaseTTL/3, in one pipeline,
+// keepLeases renews the batch's leases every LeaseTTL/3, in one pipeline,
 // until the returned stop is called (it waits for the renewing goroutine).
 func (c *Cache[T]) keepLeases(ctx context.Context, calls []scriptCall) (stop func()) {
-	if h := c.hooks; h != nil && h.noExtend {
-		return func() {}
-	}
-	ctx, cancel := context.WithCancel(ctx)
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		t := time.NewTicker(c.opts.LeaseTTL / 3)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-t.C:
+	return c.renewing(ctx, func(ctx context.Context) bool {
+		var failed errorOnce
+		for i, cmd := range c.evalMany(ctx, calls) {
+			if err := cmd.Err(); err != nil && ctx.Err() == nil {
+				failed.add(calls[i].keys[0], err)
 			}
-			var failed errorOnce
-			for i, cmd := range c.evalMany(ctx, calls) {
-				if err := cmd.Err(); err != nil && ctx.Err() == nil {
-					failed.add(calls[i].keys[0], err)
-				}
-			}
-			failed.report(ctx, c, "extend")
 		}
-	}()
-	return func() { cancel(); <-done }
+		failed.report(ctx, c, "extend")
+		return true
+	})
 }
 
 // plainFillScript fills without checking the lease: the broken protocol
