@@ -869,3 +869,56 @@ func TestClusterGetMany(t *testing.T) {
 		t.Fatalf("stats %+v: Redis errors on the cluster", s)
 	}
 }
+
+// TestClusterLocalTier: the local tier's bus works through a cluster
+// client: an Invalidate, a Set and a prefix invalidation on one instance
+// reach the other's local tier.
+func TestClusterLocalTier(t *testing.T) {
+	addrs := clusterAddrs(t)
+	ctx := context.Background()
+	p := uniquePrefix()
+	o := func() *Options[string] {
+		return &Options[string]{Local: &LocalOptions{TTL: time.Hour, Channel: p + "bus"}}
+	}
+	c1 := clusterCache(t, clusterClient(t, addrs), o())
+	c2 := clusterCache(t, clusterClient(t, addrs), o())
+	waitFor(t, "both subscriptions", func() bool { return c1.local.live.Load() && c2.local.live.Load() })
+	version := 0
+	load := func(context.Context) (string, error) { return fmt.Sprint("v", version), nil }
+	keys := []string{p + "item:1", p + "item:2", p + "item:3"}
+	warm := func() {
+		t.Helper()
+		for _, k := range keys {
+			for range 2 {
+				if _, err := c2.Get(ctx, k, load); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+	}
+	sees := func(what, k, want string) {
+		t.Helper()
+		waitFor(t, what+" to reach the other instance", func() bool {
+			v, err := c2.Get(ctx, k, load)
+			return err == nil && v == want
+		})
+	}
+	warm()
+	version++
+	if err := c1.Invalidate(ctx, keys[0]); err != nil {
+		t.Fatal(err)
+	}
+	sees("Invalidate", keys[0], "v1")
+	if err := c1.Set(ctx, keys[1], "set"); err != nil {
+		t.Fatal(err)
+	}
+	sees("Set", keys[1], "set")
+	version++
+	if _, err := c1.InvalidatePrefix(ctx, p+"item:"); err != nil {
+		t.Fatal(err)
+	}
+	sees("InvalidatePrefix", keys[2], "v2")
+	if s := c2.Stats(); s.LocalHits == 0 || s.BusMessages < 3 {
+		t.Fatalf("stats %+v: no local hits or too few bus messages", s)
+	}
+}
