@@ -411,3 +411,39 @@ func measureStaleness(t *testing.T, name string, writer, reader *Cache[int64], k
 	t.Logf("staleness (%s): %d trials; new value served after Invalidate returned: p50 %v, p99 %v, max %v; %d stale reads in all (bound %v)",
 		name, trials, q(0.5).Round(time.Microsecond), q(0.99).Round(time.Microsecond), lat[trials-1].Round(time.Microsecond), staleReads, bound)
 }
+
+// GetMany uses the local tier too: a second batch is answered from memory
+// (values and "not found"), and an invalidation on another instance
+// reaches it.
+func TestLocalTierGetMany(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := context.Background()
+		o := func() *Options[string] { return &Options[string]{Local: &LocalOptions{TTL: time.Hour}} }
+		c1, c2 := localCache(t, b, o()), localCache(t, b, o())
+		key := func(id int) string { return b.key(fmt.Sprint("item:", id)) }
+		bl := &batchCounter{absent: map[int]bool{3: true}}
+		for range 2 {
+			got, err := GetMany(ctx, c2, []int{0, 1, 2, 3, 1}, key, bl.load)
+			if err != nil || len(got) != 3 {
+				t.Fatalf("GetMany: %v %v", got, err)
+			}
+		}
+		if s := c2.Stats(); s.LocalHits != 4 || s.Hits != 3 || s.NegativeHits != 1 || s.Misses != 4 {
+			t.Fatalf("stats %+v: want the second batch answered by the local tier", s)
+		}
+		if calls, _ := bl.stats(); calls != 1 {
+			t.Fatalf("%d loader calls, want 1", calls)
+		}
+		bl2 := &batchCounter{}
+		if err := c1.Invalidate(ctx, key(3)); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, "the invalidation to reach the batch", func() bool {
+			got, err := GetMany(ctx, c2, []int{0, 3}, key, bl2.load)
+			return err == nil && got[3] == "v3"
+		})
+		if _, asked := bl2.stats(); !slices.Equal(asked[len(asked)-1], []int{3}) {
+			t.Fatalf("asked %v, want only the invalidated id", asked)
+		}
+	})
+}
