@@ -219,7 +219,7 @@ func (c *Cache[T]) get(ctx context.Context, key string, load Loader[T], attempt 
 			}
 			return it.v, nil
 		}
-		snap = l.snap(key)
+		snap = l.snap(key, genKey)
 	}
 	// What the in-process load for key (if any) had observed before this
 	// Get's read, and how many loads had started: see joinable.
@@ -694,7 +694,7 @@ func (c *Cache[T]) loadAndFill(ctx context.Context, key, genKey string, gen enve
 	var zero T
 	var snap localSnap
 	if c.local != nil {
-		snap = c.local.snap(key)
+		snap = c.local.snap(key, genKey)
 	}
 	stopExtend := c.keepLease(ctx, key, tok)
 	v, took, err := c.callLoader(ctx, load)

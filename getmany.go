@@ -104,7 +104,7 @@ func GetMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 				it.local = li
 				continue
 			}
-			it.snap = l.snap(k)
+			it.snap = l.snap(k, genKey)
 		}
 		items = append(items, it)
 	}
@@ -718,7 +718,7 @@ func fillBatch[K comparable, T any](ctx context.Context, c *Cache[T], held []*ba
 	}
 	for _, it := range held {
 		if c.local != nil {
-			it.snap = c.local.snap(it.key) // before the loader reads the source
+			it.snap = c.local.snap(it.key, it.genKey) // before the loader reads the source
 		}
 	}
 	stop := c.keepLeases(ctx, extends)

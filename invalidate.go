@@ -236,14 +236,14 @@ func (c *Cache[T]) InvalidateNamespace(ctx context.Context, ns Namespace) error 
 	g := newGen()
 	err := c.rdb.Set(ctx, ns.genKey(), g[:], c.genTTL).Err()
 	c.forgetPrefix(ns.Prefix()) // again: loads that started before the SET landed
-	perr := c.invalidatedPrefix(ctx, ns.Prefix())
+	perr := c.invalidatedNamespace(ctx, ns.genKey())
 	if err != nil {
 		c.retryLater("ns:"+ns.tag, func(ctx context.Context) error {
 			g := newGen()
 			if err := c.rdb.Set(ctx, ns.genKey(), g[:], c.genTTL).Err(); err != nil {
 				return err
 			}
-			return c.invalidatedPrefix(ctx, ns.Prefix())
+			return c.invalidatedNamespace(ctx, ns.genKey())
 		})
 		return errors.Join(c.redisError(ctx, "invalidate-namespace", ns.genKey(), err), perr)
 	}

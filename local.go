@@ -136,6 +136,11 @@ type localTier[T any] struct {
 	// stripe[i] on every key invalidation of a key in stripe i.
 	global atomic.Uint64
 	stripe [localStripes]atomic.Uint64
+	// ns[i] moves on every bump of a namespace whose generation key hashes
+	// to i. An item remembers its namespace's epoch from before its read,
+	// and lookup refuses it once that epoch moved, so a bump costs O(1)
+	// instead of a walk over the tier.
+	ns [localStripes]atomic.Uint64
 
 	flushes, messages atomic.Uint64
 
@@ -147,13 +152,17 @@ type localTier[T any] struct {
 type localItem[T any] struct {
 	v        T
 	notFound bool
-	exp      int64 // Unix nanoseconds, by Options.Clock
+	exp      int64  // Unix nanoseconds, by Options.Clock
+	nsi      int32  // its namespace's stripe in localTier.ns, or -1
+	ns       uint64 // that stripe's epoch before the read
 }
 
 // localSnap is the epochs a read started under.
 type localSnap struct {
 	g, s uint64
 	i    uint32
+	nsi  int32 // -1 outside namespaces
+	ns   uint64
 }
 
 func newLocalTier[T any](o LocalOptions, bus Bus) (*localTier[T], error) {
@@ -171,16 +180,22 @@ func (l *localTier[T]) lookup(key string, now int64) (*localItem[T], bool) {
 		return nil, false
 	}
 	it, ok := l.m.GetIfPresent(key)
-	if !ok || now >= it.exp {
+	if !ok || now >= it.exp || it.nsi >= 0 && l.ns[it.nsi].Load() != it.ns {
 		return nil, false
 	}
 	return it, true
 }
 
-// snap records the epochs for key before a read whose result may be stored.
-func (l *localTier[T]) snap(key string) localSnap {
+// snap records the epochs for key (of the namespace whose generation key
+// is genKey, if any) before a read whose result may be stored.
+func (l *localTier[T]) snap(key, genKey string) localSnap {
 	i := uint32(maphash.String(l.seed, key) % localStripes)
-	return localSnap{g: l.global.Load(), s: l.stripe[i].Load(), i: i}
+	sn := localSnap{g: l.global.Load(), s: l.stripe[i].Load(), i: i, nsi: -1}
+	if genKey != "" {
+		sn.nsi = int32(maphash.String(l.seed, genKey) % localStripes)
+		sn.ns = l.ns[sn.nsi].Load()
+	}
+	return sn
 }
 
 // put stores it under key unless an invalidation that may cover key came
@@ -191,6 +206,7 @@ func (l *localTier[T]) put(key string, it *localItem[T], s localSnap) {
 	if !l.live.Load() {
 		return
 	}
+	it.nsi, it.ns = s.nsi, s.ns
 	l.m.Set(key, it)
 	if l.global.Load() != s.g || l.stripe[s.i].Load() != s.s {
 		l.m.ComputeIfPresent(key, func(old *localItem[T]) (*localItem[T], otter.ComputeOp) {
@@ -228,6 +244,12 @@ func (l *localTier[T]) dropPrefix(prefix string) {
 	}
 }
 
+// bump invalidates every local item of the namespace whose generation
+// key is genKey (and, rarely, of namespaces sharing its stripe).
+func (l *localTier[T]) bump(genKey string) {
+	l.ns[maphash.String(l.seed, genKey)%localStripes].Add(1)
+}
+
 func (l *localTier[T]) flush() {
 	l.global.Add(1)
 	l.flushes.Add(1)
@@ -237,8 +259,9 @@ func (l *localTier[T]) flush() {
 // Bus messages: a kind byte, then for msgKeys each key as a uvarint length
 // and its bytes, for msgPrefix the prefix.
 const (
-	msgKeys   = 'k'
-	msgPrefix = 'p'
+	msgKeys      = 'k'
+	msgPrefix    = 'p'
+	msgNamespace = 'n' // followed by the namespace's generation key
 )
 
 func keysMessage(keys []string) []byte {
@@ -268,6 +291,9 @@ func (l *localTier[T]) apply(msg string) error {
 	switch msg[0] {
 	case msgPrefix:
 		l.dropPrefix(msg[1:])
+		return nil
+	case msgNamespace:
+		l.bump(msg[1:])
 		return nil
 	case msgKeys:
 		rest := msg[1:]
@@ -305,6 +331,16 @@ func (c *Cache[T]) invalidated(ctx context.Context, keys []string) error {
 	}
 	c.local.dropKeys(keys)
 	return c.publish(ctx, keysMessage(keys), keysLabel(keys))
+}
+
+// invalidatedNamespace is invalidated for every key of the namespace
+// whose generation key is genKey.
+func (c *Cache[T]) invalidatedNamespace(ctx context.Context, genKey string) error {
+	if c.local == nil {
+		return nil
+	}
+	c.local.bump(genKey)
+	return c.publish(ctx, append([]byte{msgNamespace}, genKey...), genKey)
 }
 
 // invalidatedPrefix is invalidated for every key starting with prefix.

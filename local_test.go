@@ -176,6 +176,7 @@ func TestLocalTierNamespaceBump(t *testing.T) {
 			t.Fatalf("stats %+v", c2.Stats())
 		}
 		gen++
+		global := c2.local.global.Load()
 		if err := c1.InvalidateNamespace(ctx, ns); err != nil {
 			t.Fatal(err)
 		}
@@ -183,6 +184,9 @@ func TestLocalTierNamespaceBump(t *testing.T) {
 			v, err := c2.Get(ctx, key, load)
 			return err == nil && v == "1"
 		})
+		if c2.local.global.Load() != global {
+			t.Fatal("a namespace bump walked the local tier (moved the global epoch) instead of moving its namespace's epoch")
+		}
 	})
 }
 
@@ -446,4 +450,38 @@ func TestLocalTierGetMany(t *testing.T) {
 			t.Fatalf("asked %v, want only the invalidated id", asked)
 		}
 	})
+}
+
+// A namespace bump that arrives while a read is on its way: the value the
+// read stores is never served locally.
+func TestLocalTierReadRacingNamespaceBump(t *testing.T) {
+	mr := miniredisRun(t)
+	b := &backend{name: "miniredis", addr: mr.Addr(), mr: mr, prefix: uniquePrefix()}
+	c := localCache(t, b, &Options[string]{Namespaced: true, Local: &LocalOptions{TTL: time.Hour}})
+	ns := MustKeyspace("lists", 1).Namespace(b.prefix+"org", "acme")
+	key := ns.Key("page", "1")
+	var n counter
+	if _, err := c.Get(ctx0, key, n.load("old", 0)); err != nil {
+		t.Fatal(err)
+	}
+	c.local.flush() // the next Get reads Redis ("old")
+	var once atomic.Bool
+	c.hooks = &testHooks{afterRead: func(string) {
+		if once.CompareAndSwap(false, true) {
+			_ = c.local.apply(string(append([]byte{msgNamespace}, ns.genKey()...)))
+		}
+	}}
+	if v, _ := c.Get(ctx0, key, n.load("new", 0)); v != "old" {
+		t.Fatalf("got %q", v)
+	}
+	if _, ok := c.local.lookup(key, time.Now().UnixNano()); ok {
+		t.Fatal("a value read before a namespace bump is served locally after it")
+	}
+	c.hooks = nil
+	if _, err := c.Get(ctx0, key, n.load("new", 0)); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := c.local.lookup(key, time.Now().UnixNano()); !ok {
+		t.Fatal("a read after the bump was not kept locally")
+	}
 }
