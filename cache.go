@@ -377,6 +377,14 @@ func (c *Cache[T]) read(ctx context.Context, key, genKey string) (b []byte, gv g
 	if len(vals) != 2 {
 		return nil, gv, fmt.Errorf("MGET returned %d values", len(vals))
 	}
+	b, gv = namespacedRead(vals)
+	return b, gv, nil
+}
+
+// namespacedRead decodes the reply to MGET of an entry and its namespace
+// generation key.
+func namespacedRead(vals []any) (b []byte, gv genView) {
+	gv.namespaced = true
 	if s, ok := vals[0].(string); ok {
 		b = []byte(s)
 	}
@@ -384,7 +392,7 @@ func (c *Cache[T]) read(ctx context.Context, key, genKey string) (b []byte, gv g
 		copy(gv.gen[:], s)
 		gv.known = true
 	}
-	return b, gv, nil
+	return b, gv
 }
 
 // flightState is what an in-process load has observed in Redis, published
@@ -536,11 +544,7 @@ func (c *Cache[T]) run(parent context.Context, key, genKey string, load Loader[T
 	ctx, cancel := context.WithCancel(context.WithoutCancel(parent))
 	defer cancel()
 	defer context.AfterFunc(c.stop, cancel)()
-	defer func() {
-		if err != nil && c.stop.Err() != nil && errors.Is(err, context.Canceled) {
-			err = ErrClosed
-		}
-	}()
+	defer func() { err = c.closedErr(err) }()
 
 	if redisDown {
 		fs.observe() // the loader reads the source now, with no entry to vouch for it
@@ -635,6 +639,14 @@ func (c *Cache[T]) run(parent context.Context, key, genKey string, load Loader[T
 		}
 		delay = min(2*delay, c.opts.PollMax)
 	}
+}
+
+// closedErr turns the cancellation Close causes into ErrClosed.
+func (c *Cache[T]) closedErr(err error) error {
+	if err != nil && c.stop.Err() != nil && errors.Is(err, context.Canceled) {
+		return ErrClosed
+	}
+	return err
 }
 
 // afterRedisError handles a failed lease script: Close's cancellation is

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -31,12 +32,13 @@ const maxSends = 4
 const maxCoalesced = 256
 
 type coalescer struct {
-	mu     sync.Mutex
-	direct int        // reads on the wire alone
-	queue  []*readReq // reads waiting for the next MGET
-	wake   chan struct{}
-	sends  chan struct{} // maxSends slots for MGETs on the wire
-	wg     sync.WaitGroup
+	direct atomic.Int32 // reads on the wire alone
+
+	mu    sync.Mutex
+	queue []*readReq // reads waiting for the next MGET
+	wake  chan struct{}
+	sends chan struct{} // maxSends slots for MGETs on the wire
+	wg    sync.WaitGroup
 }
 
 // readReq is one Get's read waiting in the queue.
@@ -57,20 +59,14 @@ var errReadQueued = errors.New("coalesced read: budget spent waiting in the queu
 // begin reports whether a read may go on the wire alone; if so, the
 // caller must call end after it.
 func (q *coalescer) begin() bool {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	if q.direct < directReads {
-		q.direct++
+	if q.direct.Add(1) <= directReads {
 		return true
 	}
+	q.direct.Add(-1)
 	return false
 }
 
-func (q *coalescer) end() {
-	q.mu.Lock()
-	q.direct--
-	q.mu.Unlock()
-}
+func (q *coalescer) end() { q.direct.Add(-1) }
 
 // wait queues keys for the next MGET and waits for its answer: at most
 // twice budget (a free slot to send, then the MGET's own budget), and
@@ -214,14 +210,10 @@ func (c *Cache[T]) readCoalesced(ctx context.Context, key, genKey string) (b []b
 	if err != nil {
 		return nil, gv, err
 	}
-	if s, ok := vals[0].(string); ok {
-		b = []byte(s)
-	}
 	if genKey != "" {
-		if s, ok := vals[1].(string); ok && len(s) == len(gv.gen) {
-			copy(gv.gen[:], s)
-			gv.known = true
-		}
+		b, gv = namespacedRead(vals)
+	} else if s, ok := vals[0].(string); ok {
+		b = []byte(s)
 	}
 	return b, gv, nil
 }

@@ -467,12 +467,7 @@ func loadBatch[K comparable, T any](parent context.Context, c *Cache[T], owned [
 	ctx, cancel := context.WithCancel(context.WithoutCancel(parent))
 	defer cancel()
 	defer context.AfterFunc(c.stop, cancel)()
-	fail := func(err error) error {
-		if err != nil && c.stop.Err() != nil && errors.Is(err, context.Canceled) {
-			return ErrClosed
-		}
-		return err
-	}
+	fail := c.closedErr
 	var mu sync.Mutex // the down loads finish items from their own goroutine
 	defer func() {
 		var err error = errors.New("cacheaside: batch load ended without an answer")
