@@ -595,3 +595,51 @@ func BenchmarkClientSideCachingHit(b *testing.B) {
 		}
 	})
 }
+
+// BenchmarkGetMiss is Get on a cold key: the read that misses, the lease,
+// one loader call (instant) and the fill. Beside it, in the same loop, the
+// raw go-redis GET + decode, so the ratio says how many round trips a miss
+// costs.
+func BenchmarkGetMiss(b *testing.B) {
+	rdb := benchRedis(b)
+	ctx := context.Background()
+	c := benchCache[benchTask](b, rdb, &Options[benchTask]{Name: "bench"})
+	prefix := uniquePrefix()
+	rawKey := prefix + "raw"
+	payload, _ := json.Marshal(benchValue)
+	rdb.Set(ctx, rawKey, payload, time.Hour)
+	var loads int
+	load := func(context.Context) (benchTask, error) { loads++; return benchValue, nil }
+	var raw, miss time.Duration
+	i := 0
+	b.ReportAllocs()
+	for b.Loop() {
+		i++
+		t0 := time.Now()
+		bs, err := rdb.Get(ctx, rawKey).Bytes()
+		if err != nil {
+			b.Fatal(err)
+		}
+		var v benchTask
+		if err := json.Unmarshal(bs, &v); err != nil {
+			b.Fatal(err)
+		}
+		t1 := time.Now()
+		if _, err := c.Get(ctx, prefix+"miss:"+strconv.Itoa(i), load); err != nil {
+			b.Fatal(err)
+		}
+		miss += time.Since(t1)
+		raw += t1.Sub(t0)
+	}
+	b.ReportMetric(float64(miss.Nanoseconds())/float64(b.N), "miss-ns/op")
+	b.ReportMetric(float64(miss)/float64(raw), "miss/raw")
+	if loads != b.N {
+		b.Fatalf("%d loads for %d cold Gets", loads, b.N)
+	}
+	b.Cleanup(func() {
+		iter := rdb.Scan(ctx, 0, EscapeGlob(prefix)+"*", 1000).Iterator()
+		for iter.Next(ctx) {
+			rdb.Unlink(ctx, iter.Val())
+		}
+	})
+}
