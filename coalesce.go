@@ -1,3 +1,5 @@
+// Read coalescing: concurrent Gets' reads sent as one MGET.
+
 package cacheaside
 
 import (

@@ -1,3 +1,5 @@
+// Codecs: how a value becomes the payload of an entry (JSON, msgpack).
+
 package cacheaside
 
 import (

@@ -1,3 +1,5 @@
+// Errors: every sentinel and error type the package returns.
+
 package cacheaside
 
 import (
@@ -89,3 +91,21 @@ func (e *OpError) Error() string {
 }
 
 func (e *OpError) Unwrap() error { return e.Err }
+
+var errNilLoader = errors.New("cacheaside: Get with a nil Loader")
+
+// errLoaderExited is returned to the callers of a load whose loader called
+// runtime.Goexit (for example t.FailNow in a test).
+var errLoaderExited = errors.New("cacheaside: loader called runtime.Goexit")
+
+// KeyError is the error of one key of a GetMany. GetMany joins them.
+type KeyError struct {
+	Key string
+	Err error
+}
+
+func (e *KeyError) Error() string { return fmt.Sprintf("cacheaside: key %q: %v", e.Key, e.Err) }
+
+func (e *KeyError) Unwrap() error { return e.Err }
+
+var errNilBatch = errors.New("cacheaside: GetMany with a nil Cache, key function or BatchLoader")

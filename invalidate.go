@@ -1,3 +1,5 @@
+// Invalidation: by key, by prefix, by namespace, and retries of failed ones.
+
 package cacheaside
 
 import (

@@ -1,3 +1,5 @@
+// Keys: versioned keyspaces, escaping, namespaces.
+
 package cacheaside
 
 import (

@@ -1,3 +1,6 @@
+// The local tier: decoded values in memory, kept coherent by an
+// invalidation bus on Redis pub/sub.
+
 package cacheaside
 
 import (

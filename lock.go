@@ -1,3 +1,5 @@
+// The lease scripts (lua/) and how they are sent: alone or pipelined.
+
 package cacheaside
 
 import (
@@ -5,6 +7,7 @@ import (
 	"crypto/rand"
 	_ "embed"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -181,4 +184,47 @@ func extendCall(key string, tok envelope.Token, ttl time.Duration) scriptCall {
 func setInNamespace(ctx context.Context, rdb Redis, key, genKey string, entry []byte, ttl, genTTL time.Duration) error {
 	fresh := newGen()
 	return setScript.Run(ctx, rdb, []string{key, genKey}, entry, millis(ttl), fresh[:], millis(genTTL)).Err()
+}
+
+// evalMany runs the script calls in one pipeline (one round trip per node)
+// and returns each call's reply. Scripts go by EVALSHA; any the server
+// does not have yet (NOSCRIPT) are sent again by EVAL. Every script is
+// safe to run twice, so this is safe however the first round went.
+func (c *Cache[T]) evalMany(ctx context.Context, calls []scriptCall) []*redis.Cmd {
+	cmds := make([]*redis.Cmd, len(calls))
+	send := func(idx []int, byEval bool) {
+		_, err := c.guard.pipe(ctx, c.guard.batchBudget(len(idx)), func(p redis.Pipeliner) error {
+			for _, i := range idx {
+				sc := calls[i]
+				if byEval {
+					cmds[i] = sc.s.Eval(ctx, p, sc.keys, sc.args...)
+				} else {
+					cmds[i] = sc.s.EvalSha(ctx, p, sc.keys, sc.args...)
+				}
+			}
+			return nil
+		})
+		for _, i := range idx {
+			if cmds[i] == nil { // not sent
+				cmds[i] = redis.NewCmd(ctx)
+				cmds[i].SetErr(err)
+			}
+		}
+	}
+	all := make([]int, len(calls))
+	for i := range all {
+		all[i] = i
+	}
+	send(all, false)
+	var again []int
+	for i, cmd := range cmds {
+		if err := cmd.Err(); err != nil && strings.HasPrefix(err.Error(), "NOSCRIPT") {
+			cmds[i] = nil
+			again = append(again, i)
+		}
+	}
+	if len(again) > 0 {
+		send(again, true)
+	}
+	return cmds
 }

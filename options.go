@@ -1,3 +1,5 @@
+// Options: every setting of a Cache, its default and its validation.
+
 package cacheaside
 
 import (

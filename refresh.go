@@ -1,9 +1,11 @@
+// Freshness: soft expiry, stale windows, XFetch early refresh and
+// background refreshes.
+
 package cacheaside
 
 import (
 	"context"
 	"errors"
-	"fmt"
 	"math"
 	"math/rand/v2"
 	"runtime/debug"
@@ -26,85 +28,6 @@ import (
 // into a "refreshing" entry that readers still serve), so across processes
 // one caller reloads and everyone else keeps reading. Clocks only decide
 // freshness; the lease token, not the time, decides which fill may write.
-
-// state is what a read found under a key, as far as Get is concerned.
-type state uint8
-
-const (
-	stMiss     state = iota // absent, undecodable, or of an older namespace generation
-	stLease                 // being loaded, nothing to serve
-	stFresh                 // a value inside its TTL
-	stStale                 // past its TTL, inside the stale-while-revalidate window
-	stReload                // past every serving window: reload now
-	stNotFound              // a "not found" tombstone
-)
-
-// view is one read, decoded.
-type view[T any] struct {
-	state   state
-	v       T              // the value, for stFresh, stStale and stReload
-	e       envelope.Entry // its header; e.Payload is not kept
-	staleOK bool           // stReload: still inside the stale-if-error window
-	replace []byte         // stMiss: token acquire.lua may overwrite, if undecodable
-}
-
-// genView is the namespace generation a read saw.
-type genView struct {
-	namespaced bool         // the cache uses namespaces
-	known      bool         // the namespace has a generation; without one nothing is current
-	gen        envelope.Gen // the current generation
-}
-
-// classify decodes the bytes b read under key (nil: absent) at time now.
-// Undecodable bytes are counted and reported here.
-func (c *Cache[T]) classify(ctx context.Context, key string, b []byte, gv genView, now time.Time) (vw view[T]) {
-	if b == nil {
-		return vw
-	}
-	if err := envelope.Decode(b, &vw.e); err != nil {
-		vw.replace = c.corrupt(ctx, key, b, err)
-		return vw
-	}
-	payload := vw.e.Payload
-	vw.e.Payload = nil
-	if gv.namespaced && (!gv.known || vw.e.Gen != gv.gen) {
-		// Stamped with an older generation: a miss, and its token says
-		// nothing about what is current (see flightSeen.joinable).
-		vw.e = envelope.Entry{}
-		return vw
-	}
-	switch vw.e.Kind {
-	case envelope.Lease:
-		vw.state = stLease
-		return vw
-	case envelope.NotFound:
-		vw.state = stNotFound
-		return vw
-	}
-	if vw.e.Format != c.opts.Codec.Format() {
-		vw.replace = c.corrupt(ctx, key, b, fmt.Errorf("codec format %d, this cache uses %d", vw.e.Format, c.opts.Codec.Format()))
-		return vw
-	}
-	var v T // decoded apart from vw, so only v (not all of vw) escapes to the heap
-	if err := c.opts.Codec.Unmarshal(payload, &v); err != nil {
-		vw.replace = c.corrupt(ctx, key, b, err)
-		return vw
-	}
-	vw.v = v
-	p := &c.opts.Policy
-	ms := now.UnixMilli()
-	soft := vw.e.SoftExpiry
-	switch {
-	case soft == 0 || ms < soft:
-		vw.state = stFresh
-	case ms < soft+p.StaleWhileRevalidate.Milliseconds():
-		vw.state = stStale
-	default:
-		vw.state = stReload
-		vw.staleOK = ms < soft+p.StaleIfError.Milliseconds()
-	}
-	return vw
-}
 
 // refreshEarly is XFetch (Vattani, Chierichetti, Lowenstein, "Optimal
 // Probabilistic Cache Stampede Prevention", VLDB 2015): refresh a fresh

@@ -1,3 +1,5 @@
+// Negative caching: the "not found" tombstone.
+
 package cacheaside
 
 import (

@@ -1,3 +1,5 @@
+// TTL policies and the TTL table.
+
 package cacheaside
 
 import (

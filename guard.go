@@ -1,3 +1,6 @@
+// The Redis guard: per-command budgets, the circuit breaker, the cap on
+// loads while Redis is down.
+
 package cacheaside
 
 import (

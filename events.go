@@ -1,6 +1,11 @@
+// Events: the Recorder, Stats and the counters behind them.
+
 package cacheaside
 
 import (
+	"context"
+	"errors"
+	"log/slog"
 	"sync/atomic"
 	"time"
 )
@@ -162,5 +167,118 @@ func (c *counters) snapshot() Stats {
 		Overloaded:     c.overloaded.Load(),
 		RetriedInvals:  c.retriedInvals.Load(),
 		DroppedInvals:  c.droppedInvals.Load(),
+	}
+}
+
+// outcome is how a Get's first read went, for Stats and the Recorder.
+type outcome uint8
+
+const (
+	outHit outcome = iota
+	outStale
+	outNegative
+	outMiss
+)
+
+// count records the outcome of a Get's first read; the start-over of the
+// same Get (attempt > 0, see shared) is not counted again.
+func (c *Cache[T]) count(attempt int, o outcome) {
+	if attempt > 0 {
+		return
+	}
+	switch o {
+	case outHit:
+		c.stats.hits.Add(1)
+		c.rec.Hit(c.name)
+	case outStale:
+		c.stats.hits.Add(1)
+		c.rec.Hit(c.name)
+		c.stats.staleServed.Add(1)
+		c.rec.StaleServed(c.name)
+	case outNegative:
+		c.stats.negativeHits.Add(1)
+		c.rec.NegativeHit(c.name)
+	case outMiss:
+		c.stats.misses.Add(1)
+		c.rec.Miss(c.name)
+	}
+}
+
+// countLocal counts a Get the local tier answered, as a hit or a
+// negative hit.
+func (c *Cache[T]) countLocal(attempt int, notFound bool) {
+	if attempt > 0 {
+		return
+	}
+	if notFound {
+		c.stats.localNegHits.Add(1)
+		c.rec.NegativeHit(c.name)
+		return
+	}
+	c.stats.localHits.Add(1)
+	c.rec.Hit(c.name)
+}
+
+// loaded counts one loader call.
+func (c *Cache[T]) loaded(took time.Duration, err error) {
+	if err != nil && !c.isNotFound(err) {
+		c.stats.loadErrors.Add(1)
+	} else {
+		c.stats.loads.Add(1)
+	}
+	c.stats.loadNanos.Add(uint64(took))
+	c.rec.Load(c.name, took, err)
+}
+
+// redisError counts a failed Redis command and reports it. A command the
+// open breaker did not send is counted and passed to the Recorder and
+// OnError, but logged only at debug level: the breaker logged its opening,
+// and an outage must not flood the log with a line per request.
+func (c *Cache[T]) redisError(ctx context.Context, op, key string, err error) error {
+	c.stats.redisErrors.Add(1)
+	c.rec.RedisError(c.name, op, err)
+	if errors.Is(err, ErrRedisUnavailable) {
+		e := &OpError{Cache: c.name, Op: op, Key: key, Err: err}
+		c.opts.Logger.LogAttrs(ctx, slog.LevelDebug, "cacheaside: Redis skipped", slog.String("cache", c.name), slog.String("op", op))
+		if c.opts.OnError != nil {
+			c.opts.OnError(ctx, e)
+		}
+		return e
+	}
+	return c.report(ctx, op, key, err)
+}
+
+// report sends err to the logger and OnError and returns it as an *OpError.
+func (c *Cache[T]) report(ctx context.Context, op, key string, err error) error {
+	e := &OpError{Cache: c.name, Op: op, Key: key, Err: err}
+	c.opts.Logger.LogAttrs(ctx, slog.LevelWarn, "cacheaside: suppressed error",
+		slog.String("cache", c.name), slog.String("op", op), slog.String("key", key), slog.Any("err", err))
+	if c.opts.OnError != nil {
+		c.opts.OnError(ctx, e)
+	}
+	return e
+}
+
+// errorOnce gathers the failures of the commands of one round trip, which
+// usually share one cause, to report them once rather than once per key.
+type errorOnce struct {
+	keys  []string
+	first error
+}
+
+func (e *errorOnce) add(key string, err error) {
+	if e.first == nil {
+		e.first = err
+	}
+	e.keys = append(e.keys, key)
+}
+
+// report counts and reports the first failure, labelled with every key
+// that failed.
+func (e *errorOnce) report(ctx context.Context, c interface {
+	redisError(context.Context, string, string, error) error
+}, op string) {
+	if e.first != nil {
+		c.redisError(ctx, op, keysLabel(e.keys), e.first)
 	}
 }

@@ -1,0 +1,284 @@
+// Reads and classification: GET, MGET and pipelined reads, and what an
+// entry means (fresh, stale, tombstone, lease, miss).
+
+package cacheaside
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/seed-b4ec662f/cacheaside/internal/envelope"
+)
+
+// read fetches the bytes under key (nil when absent) and, for a namespaced
+// cache, the namespace generation, in one round trip.
+func (c *Cache[T]) read(ctx context.Context, key, genKey string) (b []byte, gv genView, err error) {
+	if c.reads != nil && !c.splitReads.Load() {
+		if !c.reads.begin() {
+			b, gv, err = c.readCoalesced(ctx, key, genKey)
+			if !isCrossSlot(err) {
+				return b, gv, err
+			}
+			c.splitReads.Store(true) // a client that shards: read alone from now on
+		} else {
+			defer c.reads.end()
+		}
+	}
+	if genKey == "" {
+		b, err = c.rdb.Get(ctx, key).Bytes()
+		if errors.Is(err, redis.Nil) {
+			return nil, gv, nil
+		}
+		return b, gv, err
+	}
+	gv.namespaced = true
+	vals, err := c.rdb.MGet(ctx, key, genKey).Result()
+	if err != nil {
+		return nil, gv, err
+	}
+	if len(vals) != 2 {
+		return nil, gv, fmt.Errorf("MGET returned %d values", len(vals))
+	}
+	b, gv = namespacedRead(vals)
+	return b, gv, nil
+}
+
+// namespacedRead decodes the reply to MGET of an entry and its namespace
+// generation key.
+func namespacedRead(vals []any) (b []byte, gv genView) {
+	gv.namespaced = true
+	if s, ok := vals[0].(string); ok {
+		b = []byte(s)
+	}
+	if s, ok := vals[1].(string); ok && len(s) == envelope.GenSize {
+		copy(gv.gen[:], s)
+		gv.known = true
+	}
+	return b, gv
+}
+
+// corrupt counts and reports undecodable bytes under key and returns the
+// token the load may use to overwrite them (nil when the header itself is
+// foreign, which acquire.lua overwrites on its own).
+func (c *Cache[T]) corrupt(ctx context.Context, key string, b []byte, err error) []byte {
+	c.stats.decodeErrors.Add(1)
+	c.rec.DecodeError(c.name)
+	c.report(ctx, "decode", key, fmt.Errorf("%w: %w", ErrCorruptEntry, err))
+	if len(b) >= envelope.HeaderSize && b[0] == envelope.Magic && b[1] == envelope.Version {
+		return b[envelope.TokenOffset : envelope.TokenOffset+envelope.TokenSize]
+	}
+	return nil
+}
+
+// isWrongType reports a WRONGTYPE reply: the key holds a non-string.
+func isWrongType(err error) bool {
+	var re redis.Error
+	return errors.As(err, &re) && strings.HasPrefix(re.Error(), "WRONGTYPE")
+}
+
+// maxMGet is the most keys one MGET carries; a larger batch sends several
+// in one pipeline.
+const maxMGet = 1000
+
+// readMany reads the entries of items, and their namespace generations,
+// in one round trip: one MGET, or one GET per key in a pipeline where a
+// multi-key command would cross slots.
+func readMany[K comparable, T any](ctx context.Context, c *Cache[T], items []*batchItem[K, T]) {
+	keys := make([]string, 0, len(items))
+	gens := map[string]int{}
+	for _, it := range items {
+		keys = append(keys, it.key)
+	}
+	for _, it := range items {
+		if it.genKey != "" {
+			if _, ok := gens[it.genKey]; !ok {
+				gens[it.genKey] = len(keys)
+				keys = append(keys, it.genKey)
+			}
+		}
+	}
+	vals, errs := c.readKeys(ctx, keys)
+	for i, it := range items {
+		it.b, it.err = vals[i], errs[i]
+		if it.genKey == "" {
+			continue
+		}
+		j := gens[it.genKey]
+		it.gv.namespaced = true
+		if it.err == nil {
+			it.err = errs[j]
+		}
+		if g := vals[j]; len(g) == envelope.GenSize {
+			copy(it.gv.gen[:], g)
+			it.gv.known = true
+		}
+	}
+}
+
+// readKeys reads keys in one round trip and returns, for each, its bytes
+// (nil when absent or not a string) or the error of its read.
+func (c *Cache[T]) readKeys(ctx context.Context, keys []string) ([][]byte, []error) {
+	vals := make([][]byte, len(keys))
+	errs := make([]error, len(keys))
+	split := c.splitReads.Load()
+	if !split && len(keys) <= 50 { // one command's budget is enough
+		res, err := c.rdb.MGet(ctx, keys...).Result()
+		if isCrossSlot(err) {
+			// A client that shards (a wrapped Cluster client, say): read
+			// per key from now on.
+			c.splitReads.Store(true)
+			split = true
+		} else {
+			mgetInto(vals, errs, 0, res, err)
+			return vals, errs
+		}
+	}
+	var cmds []redis.Cmder
+	_, err := c.guard.pipe(ctx, c.guard.batchBudget(len(keys)), func(p redis.Pipeliner) error {
+		if split {
+			for _, k := range keys {
+				cmds = append(cmds, p.Get(ctx, k))
+			}
+			return nil
+		}
+		for i := 0; i < len(keys); i += maxMGet {
+			cmds = append(cmds, p.MGet(ctx, keys[i:min(i+maxMGet, len(keys))]...))
+		}
+		return nil
+	})
+	if cmds == nil { // not sent: the breaker is open
+		for i := range errs {
+			errs[i] = err
+		}
+		return vals, errs
+	}
+	if !split {
+		for _, cmd := range cmds {
+			if isCrossSlot(cmd.Err()) {
+				c.splitReads.Store(true)
+				return c.readKeys(ctx, keys)
+			}
+		}
+	}
+	for i, cmd := range cmds {
+		switch cmd := cmd.(type) {
+		case *redis.StringCmd:
+			b, err := cmd.Bytes()
+			if err == nil {
+				vals[i] = b
+			} else if !errors.Is(err, redis.Nil) {
+				errs[i] = err
+			}
+		case *redis.SliceCmd:
+			res, err := cmd.Result()
+			mgetInto(vals, errs, i*maxMGet, res, err)
+		}
+	}
+	return vals, errs
+}
+
+// mgetInto stores the reply of an MGET of the keys from off on.
+func mgetInto(vals [][]byte, errs []error, off int, res []any, err error) {
+	if err == nil && len(res) != min(len(vals)-off, maxMGet) {
+		err = fmt.Errorf("MGET returned %d values", len(res))
+	}
+	if err != nil {
+		for i := off; i < min(off+maxMGet, len(vals)); i++ {
+			errs[i] = err
+		}
+		return
+	}
+	for i, r := range res {
+		if s, ok := r.(string); ok {
+			vals[off+i] = []byte(s)
+		}
+	}
+}
+
+func isCrossSlot(err error) bool {
+	var re redis.Error
+	return errors.As(err, &re) && strings.HasPrefix(re.Error(), "CROSSSLOT")
+}
+
+// state is what a read found under a key, as far as Get is concerned.
+type state uint8
+
+const (
+	stMiss     state = iota // absent, undecodable, or of an older namespace generation
+	stLease                 // being loaded, nothing to serve
+	stFresh                 // a value inside its TTL
+	stStale                 // past its TTL, inside the stale-while-revalidate window
+	stReload                // past every serving window: reload now
+	stNotFound              // a "not found" tombstone
+)
+
+// view is one read, decoded.
+type view[T any] struct {
+	state   state
+	v       T              // the value, for stFresh, stStale and stReload
+	e       envelope.Entry // its header; e.Payload is not kept
+	staleOK bool           // stReload: still inside the stale-if-error window
+	replace []byte         // stMiss: token acquire.lua may overwrite, if undecodable
+}
+
+// genView is the namespace generation a read saw.
+type genView struct {
+	namespaced bool         // the cache uses namespaces
+	known      bool         // the namespace has a generation; without one nothing is current
+	gen        envelope.Gen // the current generation
+}
+
+// classify decodes the bytes b read under key (nil: absent) at time now.
+// Undecodable bytes are counted and reported here.
+func (c *Cache[T]) classify(ctx context.Context, key string, b []byte, gv genView, now time.Time) (vw view[T]) {
+	if b == nil {
+		return vw
+	}
+	if err := envelope.Decode(b, &vw.e); err != nil {
+		vw.replace = c.corrupt(ctx, key, b, err)
+		return vw
+	}
+	payload := vw.e.Payload
+	vw.e.Payload = nil
+	if gv.namespaced && (!gv.known || vw.e.Gen != gv.gen) {
+		// Stamped with an older generation: a miss, and its token says
+		// nothing about what is current (see flightSeen.joinable).
+		vw.e = envelope.Entry{}
+		return vw
+	}
+	switch vw.e.Kind {
+	case envelope.Lease:
+		vw.state = stLease
+		return vw
+	case envelope.NotFound:
+		vw.state = stNotFound
+		return vw
+	}
+	if vw.e.Format != c.opts.Codec.Format() {
+		vw.replace = c.corrupt(ctx, key, b, fmt.Errorf("codec format %d, this cache uses %d", vw.e.Format, c.opts.Codec.Format()))
+		return vw
+	}
+	var v T // decoded apart from vw, so only v (not all of vw) escapes to the heap
+	if err := c.opts.Codec.Unmarshal(payload, &v); err != nil {
+		vw.replace = c.corrupt(ctx, key, b, err)
+		return vw
+	}
+	vw.v = v
+	p := &c.opts.Policy
+	ms := now.UnixMilli()
+	soft := vw.e.SoftExpiry
+	switch {
+	case soft == 0 || ms < soft:
+		vw.state = stFresh
+	case ms < soft+p.StaleWhileRevalidate.Milliseconds():
+		vw.state = stStale
+	default:
+		vw.state = stReload
+		vw.staleOK = ms < soft+p.StaleIfError.Milliseconds()
+	}
+	return vw
+}
