@@ -26,7 +26,7 @@ type Cache[T any] struct {
 	guard  *guarded   // rdb
 	opts   Options[T] // resolved: every default filled in
 	name   string     // opts.Name
-	rec    Recorder   // opts.Recorder
+	ev     *events    // every counted event: Stats and the Recorder
 	genTTL time.Duration
 
 	group    flight.Group[answer[T]] // one in-process load per key (GetMany's keys too)
@@ -34,7 +34,6 @@ type Cache[T any] struct {
 	flights  atomic.Uint64           // flights started, numbering them (flightState.seq)
 
 	splitReads atomic.Bool // multi-key reads may cross slots: GetMany reads per key
-	stats      counters
 
 	loadSlots chan struct{} // MaxLoadsWhileDown slots for loads that bypass Redis
 
@@ -76,11 +75,11 @@ func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &Cache[T]{raw: rdb, opts: o, name: o.Name, rec: o.Recorder, refreshes: make(map[string]time.Time),
+	c := &Cache[T]{raw: rdb, opts: o, name: o.Name, ev: newEvents(o.Name, o.Recorder), refreshes: make(map[string]time.Time),
 		loadSlots: make(chan struct{}, o.MaxLoadsWhileDown), retries: make(map[string]retryOp)}
-	c.guard = &guarded{rdb: rdb, budget: o.OpTimeout}
+	c.guard = &guarded{rdb: rdb, budget: o.OpTimeout, ev: c.ev}
 	if !o.NoBreaker {
-		c.guard.cb = newBreaker(o.Name, o.BreakerFailures, o.BreakerCooldown, o.Logger, o.Recorder, &c.stats.breakerOpens)
+		c.guard.cb = newBreaker(o.Name, o.BreakerFailures, o.BreakerCooldown, o.Logger, c.ev)
 	}
 	c.rdb = c.guard
 	switch rdb.(type) {
@@ -103,7 +102,7 @@ func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 		if err != nil {
 			return nil, err
 		}
-		if c.local, err = newLocalTier[T](lo, bus); err != nil {
+		if c.local, err = newLocalTier[T](lo, bus, c.ev); err != nil {
 			return nil, err
 		}
 		c.wg.Add(1)
@@ -143,15 +142,7 @@ func warnClientOptions(rdb Redis, log *slog.Logger, name string) {
 func (c *Cache[T]) Name() string { return c.name }
 
 // Stats returns a snapshot of the cache's counters.
-func (c *Cache[T]) Stats() Stats {
-	s := c.stats.snapshot()
-	s.RedisSkipped = c.guard.skipped.Load()
-	if l := c.local; l != nil {
-		s.LocalFlushes = l.flushes.Load()
-		s.BusMessages = l.messages.Load()
-	}
-	return s
-}
+func (c *Cache[T]) Stats() Stats { return c.ev.snapshot() }
 
 // Get returns the value for key, loading it with load on a miss.
 //
@@ -191,90 +182,62 @@ func (c *Cache[T]) Stats() Stats {
 // slices, maps or pointers, treat the result as read-only or copy it; a
 // Redis hit decodes a fresh T for each caller.
 func (c *Cache[T]) Get(ctx context.Context, key string, load Loader[T]) (T, error) {
-	return c.get(ctx, key, load, 0)
+	return c.one(ctx, key, 0, source[T]{one: load}, 0)
 }
 
-func (c *Cache[T]) get(ctx context.Context, key string, load Loader[T], attempt int) (T, error) {
+// one is Get for one key: the body of Get, and the start-over of a key
+// (of a Get or a GetMany) whose joined answer could not be trusted
+// (attempt 1, not counted again). idx is the key's position for src.
+func (c *Cache[T]) one(ctx context.Context, key string, idx int, src source[T], attempt int) (T, error) {
 	var zero T
 	genKey, err := c.checkKey(key)
 	if err != nil {
 		return zero, err
 	}
-	if load == nil {
+	if src.one == nil && src.many == nil {
 		return zero, errNilLoader
 	}
 	if c.closed.Load() {
 		return zero, ErrClosed
 	}
-	var snap localSnap
+	op := keyOp[T]{key: key, genKey: genKey, idx: idx, attempt: attempt}
 	if l := c.local; l != nil {
-		if it, ok := l.lookup(key, c.opts.Clock().UnixNano()); ok {
-			c.countLocal(attempt, it.notFound)
+		if it, ok := l.lookup(key, c.localNow()); ok {
+			if attempt == 0 {
+				c.ev.localHit(it.notFound)
+			}
 			if it.notFound {
 				return zero, ErrNotFound
 			}
 			return it.v, nil
 		}
-		snap = l.snap(key, genKey)
+		op.snap = l.snap(key, genKey)
 	}
-	// What the in-process load for key (if any) had observed before this
-	// Get's read, and how many loads had started: see joinable.
-	start := c.flights.Load()
-	var seen flightSeen
-	if f, ok := c.inflight.Load(key); ok {
-		seen = flightSeen{f.(*flightState), f.(*flightState).observing.Load()}
-	}
-	b, gv, err := c.read(ctx, key, genKey)
+	op.start = c.flights.Load()
+	op.seen = c.seenFlight(key)
+	op.b, op.gv, op.rerr = c.read(ctx, key, genKey)
 	if h := c.hooks; h != nil && h.afterRead != nil {
 		h.afterRead(key)
 	}
-	var vw view[T]
-	redisDown := false
-	switch {
-	case err == nil:
-		now := c.opts.Clock()
-		vw = c.classify(ctx, key, b, gv, now)
-		switch vw.state {
-		case stFresh:
-			c.count(attempt, outHit)
-			c.keepLocal(key, &vw, now, snap)
-			if vw.e.Kind == envelope.Value && c.refreshEarly(&vw.e, now) {
-				c.refreshAsync(ctx, key, genKey, load, vw.e)
-			}
-			return vw.v, nil
-		case stStale:
-			c.count(attempt, outStale)
-			if vw.e.Kind == envelope.Value {
-				c.refreshAsync(ctx, key, genKey, load, vw.e)
-			}
-			return vw.v, nil
-		case stNotFound:
-			c.count(attempt, outNegative)
-			c.keepLocal(key, &vw, now, snap)
-			return zero, ErrNotFound
+	var errs errorOnce
+	n, refresh, err := c.settle(ctx, &op, attempt == 0, &errs)
+	errs.report(ctx, c, "get")
+	switch n {
+	case serve:
+		if refresh {
+			c.refreshAsync(ctx, &op, src)
 		}
-		// Absent, being loaded, undecodable, of an older namespace
-		// generation, or due for a reload: the shared load sorts it out.
-	case isWrongType(err):
-		// Not a string: foreign data under our key. acquire.lua replaces it.
-		c.corrupt(ctx, key, nil, err)
-	default:
-		c.count(attempt, outMiss)
-		if cerr := ctx.Err(); cerr != nil {
-			return zero, cerr // the caller's own deadline, not a Redis failure
-		}
-		c.redisError(ctx, "get", key, err)
-		if c.opts.OnRedisDown == FailClosed {
-			return zero, unavailable(err)
-		}
-		redisDown = true
-		return c.shared(ctx, key, genKey, load, vw, redisDown, seen, attempt, start)
+		return op.vw.v, err
+	case failed:
+		return zero, err
 	}
-	c.count(attempt, outMiss)
 	if h := c.hooks; h != nil && h.afterMiss != nil {
 		h.afterMiss(key)
 	}
-	return c.shared(ctx, key, genKey, load, vw, redisDown, seen, attempt, start)
+	m := new(keyOp[T])
+	*m = op
+	c.join(ctx, []*keyOp[T]{m}, src)
+	return c.await(ctx, m, src)
 }
 
 // checkKey validates key and, for a namespaced cache, returns its
@@ -310,8 +273,7 @@ func (c *Cache[T]) Set(ctx context.Context, key string, v T) error {
 	}
 	entry, ttl, err := c.encode(v, newToken(), envelope.Gen{}, 0)
 	if err != nil {
-		c.stats.notCached.Add(1)
-		c.rec.NotCached(c.name)
+		c.ev.notCached()
 		operr := c.report(ctx, "encode", key, err)
 		if derr := c.Invalidate(ctx, key); derr != nil {
 			return errors.Join(operr, derr)
@@ -362,9 +324,9 @@ func (c *Cache[T]) enter() bool {
 // testHooks let tests in this package stop the protocol at chosen points
 // and switch off parts of it to show that the tests can fail.
 type testHooks struct {
-	afterRead    func(key string) // after the first read returned
-	afterMiss    func(key string) // after the first read missed, before the shared load
-	beforeFill   func(key string) // after the loader returned, before the fill
-	noTokenCheck bool             // fill with a plain SET (a broken protocol, for control tests)
-	noExtend     bool             // do not renew leases
+	afterRead  func(key string)               // after the first read returned
+	afterMiss  func(key string)               // after the first read missed, before the engine
+	beforeFill func(key string)               // after the loader returned, before the fill
+	fill       func(sc scriptCall) scriptCall // replaces a fill script (a broken protocol, for control tests)
+	noExtend   bool                           // do not renew leases
 }

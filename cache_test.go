@@ -167,7 +167,7 @@ func TestStaleSetRace(t *testing.T) {
 				key := b.key("row")
 				reader := newCache[int64](t, b, nil)
 				writer := newCache[int64](t, b, nil)
-				reader.hooks = &testHooks{noTokenCheck: v.control}
+				reader.hooks = &testHooks{fill: noTokenCheck(v.control)}
 
 				inLoad := make(chan struct{})
 				resume := make(chan struct{})
@@ -231,7 +231,7 @@ func TestStaleSetRaceLeaseExpired(t *testing.T) {
 				key := b.key("row")
 				opts := &Options[int64]{LeaseTTL: 50 * time.Millisecond}
 				slow := newCache(t, b, opts)
-				slow.hooks = &testHooks{noExtend: true, noTokenCheck: control} // a holder stalled past its lease
+				slow.hooks = &testHooks{noExtend: true, fill: noTokenCheck(control)} // a holder stalled past its lease
 				other := newCache(t, b, opts)
 
 				inLoad := make(chan struct{})

@@ -499,7 +499,7 @@ func clusterStaleSetRace(t *testing.T, addrs []string, control bool) {
 	ctx := context.Background()
 	cc := clusterClient(t, addrs)
 	reader := clusterCache[int64](t, cc, nil)
-	reader.hooks = &testHooks{noTokenCheck: control}
+	reader.hooks = &testHooks{fill: noTokenCheck(control)}
 	writer := clusterCache[int64](t, clusterClient(t, addrs), nil)
 	p := uniquePrefix()
 	name := func(i int) string { return fmt.Sprintf("%srow:%d", p, i) }

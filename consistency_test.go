@@ -248,7 +248,7 @@ func newConsCaches(t *testing.T, b *backend, cfg consConfig, keys *sync.Map) []*
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { _ = c.Close() })
-		c.hooks = &testHooks{afterMiss: pause("afterMiss"), beforeFill: pause("beforeFill"), noTokenCheck: cfg.control, noExtend: true}
+		c.hooks = &testHooks{afterMiss: pause("afterMiss"), beforeFill: pause("beforeFill"), fill: noTokenCheck(cfg.control), noExtend: true}
 		caches[x] = c
 	}
 	return caches

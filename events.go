@@ -6,6 +6,8 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"math/rand/v2"
+	"runtime"
 	"sync/atomic"
 	"time"
 )
@@ -15,24 +17,35 @@ import (
 // Options.Name; raw keys are never passed, so labels stay low-cardinality.
 // Methods are called on the request path and must be fast and safe for
 // concurrent use. Embed NopRecorder to implement only some of them.
+//
+// Every field of Stats has its Recorder method, called from the same place
+// that counts it, so the two never disagree; the exceptions are derived:
+// Loads, LoadErrors and LoadTime come from Load, Refreshes and
+// RefreshErrors from Refresh, BreakerOpens from BreakerState("open").
 type Recorder interface {
-	// Hit: the first read found a value.
+	// Hit: the first read found a value (in Redis, or in the local tier,
+	// when LocalHit follows).
 	Hit(cache string)
-	// NegativeHit: the first read found a "not found" tombstone.
+	// NegativeHit: the first read found a "not found" tombstone (in Redis,
+	// or in the local tier, when LocalHit follows).
 	NegativeHit(cache string)
+	// LocalHit: the local tier answered a Get (after Hit or NegativeHit).
+	LocalHit(cache string)
 	// Miss: the first read found no usable entry (absent, being loaded,
 	// corrupt, or Redis failed).
 	Miss(cache string)
 	// Load: the loader returned after d with err: nil, the loader's own
 	// error as returned (including its "not found" error, before mapping to
-	// ErrNotFound), a *PanicError, or a timeout.
+	// ErrNotFound), a *PanicError, or a timeout. A GetMany's batch loader
+	// counts as one load.
 	Load(cache string, d time.Duration, err error)
 	// Coalesced: this Get shared an in-process load started by another Get.
 	Coalesced(cache string)
-	// LeaseContended: another caller (usually another process) held the
-	// lease, so this Get waited for its fill instead of loading.
-	LeaseContended(cache string)
-	// Waited: a wait for another holder's fill ended after d.
+	// LeaseContended: keys that another caller (usually another process)
+	// held the lease on, so this Get or GetMany waited for their fills
+	// instead of loading them.
+	LeaseContended(cache string, keys int)
+	// Waited: a wait for other holders' fills ended after d.
 	Waited(cache string, d time.Duration)
 	// FillRejected: a fill found its lease gone (invalidated, overwritten
 	// or expired and re-taken) and wrote nothing.
@@ -43,22 +56,42 @@ type Recorder interface {
 	// DecodeError: the bytes under a key could not be decoded; the key is
 	// treated as a miss and overwritten.
 	DecodeError(cache string)
-	// RedisError: a Redis command failed. op names the step ("get",
-	// "acquire", "fill", ...).
+	// RedisError: a Redis command failed, or was not sent because the
+	// breaker is open (err matches ErrRedisUnavailable). op names the step
+	// ("get", "acquire", "fill", ...).
 	RedisError(cache, op string, err error)
-	// StaleServed: a value past its TTL was returned, inside the
-	// stale-while-revalidate window or because a reload failed inside the
-	// stale-if-error window.
+	// RedisSkipped: the open breaker kept a command from being sent.
+	RedisSkipped(cache string)
+	// StaleServed: a value past its TTL was returned from inside the
+	// stale-while-revalidate window.
 	StaleServed(cache string)
+	// StaleIfError: a value past its TTL was returned because its reload
+	// failed inside the stale-if-error window.
+	StaleIfError(cache string)
 	// Refresh: a background refresh (early or stale-while-revalidate)
 	// ended with err (nil, ErrNotFound, or the failure).
 	Refresh(cache string, err error)
 	// BreakerState: the Redis circuit breaker moved to state ("closed",
 	// "open" or "half-open").
 	BreakerState(cache, state string)
-	// Invalidated: n keys were deleted by Invalidate or InvalidatePrefix,
-	// or a namespace was bumped (n = 1).
+	// Invalidated: n keys were deleted by Invalidate or InvalidatePrefix.
 	Invalidated(cache string, n int)
+	// NamespaceBumped: InvalidateNamespace gave a namespace a new
+	// generation.
+	NamespaceBumped(cache string)
+	// InvalidationRetried: a failed invalidation was applied by a retry
+	// (Options.RetryInvalidations).
+	InvalidationRetried(cache string)
+	// InvalidationDropped: a failed invalidation was given up (too old, or
+	// the retry queue was full).
+	InvalidationDropped(cache string)
+	// Overloaded: a Get was refused with ErrOverloaded.
+	Overloaded(cache string)
+	// LocalFlushed: the local tier was emptied (bus lost or regained, an
+	// unreadable message).
+	LocalFlushed(cache string)
+	// BusMessage: an invalidation message arrived from the bus.
+	BusMessage(cache string)
 }
 
 // NopRecorder does nothing. It is the default Recorder, and embedding it
@@ -67,24 +100,34 @@ type NopRecorder struct{}
 
 func (NopRecorder) Hit(string)                        {}
 func (NopRecorder) NegativeHit(string)                {}
+func (NopRecorder) LocalHit(string)                   {}
 func (NopRecorder) Miss(string)                       {}
 func (NopRecorder) Load(string, time.Duration, error) {}
 func (NopRecorder) Coalesced(string)                  {}
-func (NopRecorder) LeaseContended(string)             {}
+func (NopRecorder) LeaseContended(string, int)        {}
 func (NopRecorder) Waited(string, time.Duration)      {}
 func (NopRecorder) FillRejected(string)               {}
 func (NopRecorder) NotCached(string)                  {}
 func (NopRecorder) DecodeError(string)                {}
 func (NopRecorder) RedisError(string, string, error)  {}
+func (NopRecorder) RedisSkipped(string)               {}
 func (NopRecorder) StaleServed(string)                {}
+func (NopRecorder) StaleIfError(string)               {}
 func (NopRecorder) Refresh(string, error)             {}
 func (NopRecorder) BreakerState(string, string)       {}
 func (NopRecorder) Invalidated(string, int)           {}
+func (NopRecorder) NamespaceBumped(string)            {}
+func (NopRecorder) InvalidationRetried(string)        {}
+func (NopRecorder) InvalidationDropped(string)        {}
+func (NopRecorder) Overloaded(string)                 {}
+func (NopRecorder) LocalFlushed(string)               {}
+func (NopRecorder) BusMessage(string)                 {}
 
 var _ Recorder = NopRecorder{}
 
 // Stats is a snapshot of one Cache's counters since New, returned by
-// Cache.Stats. Every Get counts exactly once as a Hit, NegativeHit or Miss.
+// Cache.Stats. Every Get counts exactly once as a Hit, NegativeHit or
+// Miss; a GetMany counts once per distinct key.
 type Stats struct {
 	Hits           uint64        // first read found a value (in Redis or, with a local tier, in memory)
 	LocalHits      uint64        // Hits and NegativeHits the local tier answered
@@ -96,13 +139,13 @@ type Stats struct {
 	LoadErrors     uint64        // loader calls that failed (errors, panics, timeouts)
 	LoadTime       time.Duration // total time spent in the loader
 	Coalesced      uint64        // Gets that shared another Get's in-process load
-	LeaseContended uint64        // loads that waited for another holder's fill
+	LeaseContended uint64        // keys whose load waited for another holder's fill
 	FillsRejected  uint64        // fills refused because the lease was gone
 	NotCached      uint64        // values returned but too large or unencodable to cache
 	DecodeErrors   uint64        // entries that could not be decoded
-	RedisErrors    uint64        // failed Redis commands
-	StaleServed    uint64        // Gets answered with a value past its TTL, inside the stale-while-revalidate window (counted in Hits too)
-	StaleIfError   uint64        // Gets answered with the old value because its reload failed
+	RedisErrors    uint64        // failed Redis commands, and commands the open breaker skipped
+	StaleServed    uint64        // answers with a value past its TTL, inside the stale-while-revalidate window (a first read's counts in Hits too)
+	StaleIfError   uint64        // answers with the old value because its reload failed
 	Refreshes      uint64        // background refreshes that ran their loader
 	RefreshErrors  uint64        // of those, the ones that failed
 	Invalidations  uint64        // keys deleted by Invalidate and InvalidatePrefix
@@ -128,115 +171,224 @@ func (s Stats) HitRate() float64 {
 	return float64(s.Hits+s.NegativeHits) / float64(n)
 }
 
-// counters are the live values behind Stats.
-type counters struct {
-	hits, negativeHits, misses        atomic.Uint64
-	localHits, localNegHits           atomic.Uint64
-	loads, loadErrors, loadNanos      atomic.Uint64
-	coalesced, leaseContended         atomic.Uint64
-	fillsRejected, notCached          atomic.Uint64
-	decodeErrors, redisErrors, invals atomic.Uint64
-	staleServed, staleIfError         atomic.Uint64
-	refreshes, refreshErrors, bumps   atomic.Uint64
-	breakerOpens, overloaded          atomic.Uint64
-	retriedInvals, droppedInvals      atomic.Uint64
-}
-
-func (c *counters) snapshot() Stats {
-	return Stats{
-		Hits:           c.hits.Load() + c.localHits.Load(),
-		LocalHits:      c.localHits.Load() + c.localNegHits.Load(),
-		NegativeHits:   c.negativeHits.Load() + c.localNegHits.Load(),
-		Misses:         c.misses.Load(),
-		Loads:          c.loads.Load(),
-		LoadErrors:     c.loadErrors.Load(),
-		LoadTime:       time.Duration(c.loadNanos.Load()),
-		Coalesced:      c.coalesced.Load(),
-		LeaseContended: c.leaseContended.Load(),
-		FillsRejected:  c.fillsRejected.Load(),
-		NotCached:      c.notCached.Load(),
-		DecodeErrors:   c.decodeErrors.Load(),
-		RedisErrors:    c.redisErrors.Load(),
-		StaleServed:    c.staleServed.Load(),
-		StaleIfError:   c.staleIfError.Load(),
-		Refreshes:      c.refreshes.Load(),
-		RefreshErrors:  c.refreshErrors.Load(),
-		Invalidations:  c.invals.Load(),
-		NamespaceBumps: c.bumps.Load(),
-		BreakerOpens:   c.breakerOpens.Load(),
-		Overloaded:     c.overloaded.Load(),
-		RetriedInvals:  c.retriedInvals.Load(),
-		DroppedInvals:  c.droppedInvals.Load(),
-	}
-}
-
-// outcome is how a Get's first read went, for Stats and the Recorder.
-type outcome uint8
+// stat names one of the counters behind Stats.
+type stat uint8
 
 const (
-	outHit outcome = iota
-	outStale
-	outNegative
-	outMiss
+	nHits stat = iota // Redis hits, stale ones included
+	nLocalHits
+	nLocalNegHits
+	nNegHits // Redis tombstone hits
+	nMisses
+	nLoads
+	nLoadErrors
+	nLoadNanos
+	nCoalesced
+	nLeaseContended
+	nFillsRejected
+	nNotCached
+	nDecodeErrors
+	nRedisErrors
+	nRedisSkipped
+	nStaleServed
+	nStaleIfError
+	nRefreshes
+	nRefreshErrors
+	nInvals
+	nBumps
+	nBreakerOpens
+	nOverloaded
+	nRetriedInvals
+	nDroppedInvals
+	nLocalFlushes
+	nBusMessages
+	numCounters
 )
 
-// count records the outcome of a Get's first read; the start-over of the
-// same Get (attempt > 0, see shared) is not counted again.
-func (c *Cache[T]) count(attempt int, o outcome) {
-	if attempt > 0 {
-		return
+// stripe is one copy of every counter. Each update goes to a random
+// stripe, so cores rarely write the same cache line; the padding keeps
+// neighbouring stripes off each other's lines.
+type stripe struct {
+	n [numCounters]atomic.Uint64
+	_ [64]byte
+}
+
+// events is the one sink every counted event goes through: it updates the
+// counters behind Stats and calls the Recorder, in one place.
+type events struct {
+	name    string
+	rec     Recorder
+	nop     bool // rec is the NopRecorder: skip the calls
+	stripes []stripe
+	mask    uint32
+}
+
+func newEvents(name string, rec Recorder) *events {
+	n := 1
+	for n < 4*runtime.GOMAXPROCS(0) && n < 64 {
+		n *= 2
 	}
-	switch o {
-	case outHit:
-		c.stats.hits.Add(1)
-		c.rec.Hit(c.name)
-	case outStale:
-		c.stats.hits.Add(1)
-		c.rec.Hit(c.name)
-		c.stats.staleServed.Add(1)
-		c.rec.StaleServed(c.name)
-	case outNegative:
-		c.stats.negativeHits.Add(1)
-		c.rec.NegativeHit(c.name)
-	case outMiss:
-		c.stats.misses.Add(1)
-		c.rec.Miss(c.name)
+	_, nop := rec.(NopRecorder)
+	return &events{name: name, rec: rec, nop: nop, stripes: make([]stripe, n), mask: uint32(n - 1)}
+}
+
+func (e *events) add(i stat, n uint64) {
+	e.stripes[rand.Uint32()&e.mask].n[i].Add(n)
+}
+
+func (e *events) snapshot() Stats {
+	var n [numCounters]uint64
+	for j := range e.stripes {
+		for i := range n {
+			n[i] += e.stripes[j].n[i].Load()
+		}
+	}
+	return Stats{
+		Hits:           n[nHits] + n[nLocalHits],
+		LocalHits:      n[nLocalHits] + n[nLocalNegHits],
+		LocalFlushes:   n[nLocalFlushes],
+		BusMessages:    n[nBusMessages],
+		NegativeHits:   n[nNegHits] + n[nLocalNegHits],
+		Misses:         n[nMisses],
+		Loads:          n[nLoads],
+		LoadErrors:     n[nLoadErrors],
+		LoadTime:       time.Duration(n[nLoadNanos]),
+		Coalesced:      n[nCoalesced],
+		LeaseContended: n[nLeaseContended],
+		FillsRejected:  n[nFillsRejected],
+		NotCached:      n[nNotCached],
+		DecodeErrors:   n[nDecodeErrors],
+		RedisErrors:    n[nRedisErrors],
+		StaleServed:    n[nStaleServed],
+		StaleIfError:   n[nStaleIfError],
+		Refreshes:      n[nRefreshes],
+		RefreshErrors:  n[nRefreshErrors],
+		Invalidations:  n[nInvals],
+		NamespaceBumps: n[nBumps],
+		BreakerOpens:   n[nBreakerOpens],
+		RedisSkipped:   n[nRedisSkipped],
+		Overloaded:     n[nOverloaded],
+		RetriedInvals:  n[nRetriedInvals],
+		DroppedInvals:  n[nDroppedInvals],
 	}
 }
 
-// countLocal counts a Get the local tier answered, as a hit or a
-// negative hit.
-func (c *Cache[T]) countLocal(attempt int, notFound bool) {
-	if attempt > 0 {
+// The events, each counted and recorded here and nowhere else.
+
+func (e *events) hit() {
+	e.add(nHits, 1)
+	if !e.nop {
+		e.rec.Hit(e.name)
+	}
+}
+
+func (e *events) staleHit() {
+	e.add(nHits, 1)
+	e.add(nStaleServed, 1)
+	if !e.nop {
+		e.rec.Hit(e.name)
+		e.rec.StaleServed(e.name)
+	}
+}
+
+func (e *events) negativeHit() {
+	e.add(nNegHits, 1)
+	if !e.nop {
+		e.rec.NegativeHit(e.name)
+	}
+}
+
+func (e *events) localHit(notFound bool) {
+	if notFound {
+		e.add(nLocalNegHits, 1)
+	} else {
+		e.add(nLocalHits, 1)
+	}
+	if e.nop {
 		return
 	}
 	if notFound {
-		c.stats.localNegHits.Add(1)
-		c.rec.NegativeHit(c.name)
-		return
+		e.rec.NegativeHit(e.name)
+	} else {
+		e.rec.Hit(e.name)
 	}
-	c.stats.localHits.Add(1)
-	c.rec.Hit(c.name)
+	e.rec.LocalHit(e.name)
 }
 
-// loaded counts one loader call.
-func (c *Cache[T]) loaded(took time.Duration, err error) {
-	if err != nil && !c.isNotFound(err) {
-		c.stats.loadErrors.Add(1)
-	} else {
-		c.stats.loads.Add(1)
+func (e *events) miss() {
+	e.add(nMisses, 1)
+	if !e.nop {
+		e.rec.Miss(e.name)
 	}
-	c.stats.loadNanos.Add(uint64(took))
-	c.rec.Load(c.name, took, err)
 }
+
+// loaded counts one loader call; notFound says err means "does not exist".
+func (e *events) loaded(took time.Duration, err error, notFound bool) {
+	if err != nil && !notFound {
+		e.add(nLoadErrors, 1)
+	} else {
+		e.add(nLoads, 1)
+	}
+	e.add(nLoadNanos, uint64(took))
+	e.rec.Load(e.name, took, err)
+}
+
+func (e *events) coalesced() { e.add(nCoalesced, 1); e.rec.Coalesced(e.name) }
+
+func (e *events) leaseContended(keys int) {
+	e.add(nLeaseContended, uint64(keys))
+	e.rec.LeaseContended(e.name, keys)
+}
+
+func (e *events) waited(d time.Duration) { e.rec.Waited(e.name, d) }
+func (e *events) fillRejected()          { e.add(nFillsRejected, 1); e.rec.FillRejected(e.name) }
+func (e *events) notCached()             { e.add(nNotCached, 1); e.rec.NotCached(e.name) }
+func (e *events) decodeError()           { e.add(nDecodeErrors, 1); e.rec.DecodeError(e.name) }
+func (e *events) staleServed()           { e.add(nStaleServed, 1); e.rec.StaleServed(e.name) }
+func (e *events) staleIfError()          { e.add(nStaleIfError, 1); e.rec.StaleIfError(e.name) }
+
+func (e *events) redisError(op string, err error) {
+	e.add(nRedisErrors, 1)
+	e.rec.RedisError(e.name, op, err)
+}
+
+func (e *events) redisSkipped() { e.add(nRedisSkipped, 1); e.rec.RedisSkipped(e.name) }
+
+func (e *events) refreshed(err error, failed bool) {
+	e.add(nRefreshes, 1)
+	if failed {
+		e.add(nRefreshErrors, 1)
+	}
+	e.rec.Refresh(e.name, err)
+}
+
+func (e *events) breakerState(state string, open bool) {
+	if open {
+		e.add(nBreakerOpens, 1)
+	}
+	e.rec.BreakerState(e.name, state)
+}
+
+func (e *events) invalidated(n int64) {
+	if n > 0 {
+		e.add(nInvals, uint64(n))
+		e.rec.Invalidated(e.name, int(n))
+	}
+}
+
+func (e *events) bumped()       { e.add(nBumps, 1); e.rec.NamespaceBumped(e.name) }
+func (e *events) retried()      { e.add(nRetriedInvals, 1); e.rec.InvalidationRetried(e.name) }
+func (e *events) dropped()      { e.add(nDroppedInvals, 1); e.rec.InvalidationDropped(e.name) }
+func (e *events) overloaded()   { e.add(nOverloaded, 1); e.rec.Overloaded(e.name) }
+func (e *events) localFlushed() { e.add(nLocalFlushes, 1); e.rec.LocalFlushed(e.name) }
+func (e *events) busMessage()   { e.add(nBusMessages, 1); e.rec.BusMessage(e.name) }
 
 // redisError counts a failed Redis command and reports it. A command the
 // open breaker did not send is counted and passed to the Recorder and
 // OnError, but logged only at debug level: the breaker logged its opening,
 // and an outage must not flood the log with a line per request.
 func (c *Cache[T]) redisError(ctx context.Context, op, key string, err error) error {
-	c.stats.redisErrors.Add(1)
-	c.rec.RedisError(c.name, op, err)
+	c.ev.redisError(op, err)
 	if errors.Is(err, ErrRedisUnavailable) {
 		e := &OpError{Cache: c.name, Op: op, Key: key, Err: err}
 		c.opts.Logger.LogAttrs(ctx, slog.LevelDebug, "cacheaside: Redis skipped", slog.String("cache", c.name), slog.String("op", op))

@@ -5,9 +5,6 @@ package cacheaside
 import (
 	"context"
 	"errors"
-
-	"github.com/seed-b4ec662f/cacheaside/internal/envelope"
-	"github.com/seed-b4ec662f/cacheaside/internal/flight"
 )
 
 // Batches. GetMany is Get for many ids at once, with the same entry
@@ -53,211 +50,118 @@ func GetMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 	if c.closed.Load() {
 		return nil, ErrClosed
 	}
-	out := make(map[K]T, len(ids))
-	var errs []error
-	items := make([]*batchItem[K, T], 0, len(ids))
-	byKey := make(map[string]*batchItem[K, T], len(ids))
+	var (
+		errs  []error
+		items []*batchItem[K, T] // one per distinct valid key; ops[i].idx == i
+		ops   []*keyOp[T]        // the keys the local tier did not answer
+		byKey = make(map[string]*batchItem[K, T], len(ids))
+	)
 	for _, id := range ids {
 		k := key(id)
 		if it, dup := byKey[k]; dup {
 			it.ids = append(it.ids, id)
-			if it.local != nil && !it.local.notFound {
-				out[id] = it.local.v
-			}
 			continue
 		}
+		it := &batchItem[K, T]{ids: []K{id}}
+		byKey[k] = it
 		genKey, err := c.checkKey(k)
 		if err != nil {
 			errs = append(errs, &KeyError{Key: k, Err: err})
-			byKey[k] = &batchItem[K, T]{key: k}
 			continue
 		}
-		it := &batchItem[K, T]{ids: []K{id}, key: k, genKey: genKey}
-		byKey[k] = it
-		if l := c.local; l != nil {
-			if li, ok := l.lookup(k, c.opts.Clock().UnixNano()); ok {
-				c.countLocal(0, li.notFound)
-				if !li.notFound {
-					out[id] = li.v
-				}
-				it.local = li
-				continue
-			}
-			it.snap = l.snap(k, genKey)
-		}
+		op := &keyOp[T]{key: k, genKey: genKey, idx: len(items)}
+		it.op = op
 		items = append(items, it)
-	}
-	if len(items) == 0 {
-		return out, errors.Join(errs...)
-	}
-
-	start := c.flights.Load()
-	for _, it := range items {
-		if f, ok := c.inflight.Load(it.key); ok {
-			it.seen = flightSeen{f.(*flightState), f.(*flightState).observing.Load()}
-		}
-	}
-	readMany(ctx, c, items)
-	if cerr := ctx.Err(); cerr != nil {
-		for _, it := range items {
-			errs = append(errs, &KeyError{Key: it.key, Err: cerr})
-		}
-		return out, errors.Join(errs...)
-	}
-
-	now := c.opts.Clock()
-	var misses []*batchItem[K, T]
-	var failed errorOnce
-	for _, it := range items {
-		if it.err != nil {
-			if isWrongType(it.err) {
-				c.corrupt(ctx, it.key, nil, it.err)
-				c.count(0, outMiss)
-				misses = append(misses, it)
+		if l := c.local; l != nil {
+			if li, ok := l.lookup(k, c.localNow()); ok {
+				c.ev.localHit(li.notFound)
+				it.set(li.v, notFoundErr(li.notFound))
 				continue
 			}
-			c.count(0, outMiss)
-			failed.add(it.key, it.err)
-			if c.opts.OnRedisDown == FailClosed {
-				errs = append(errs, &KeyError{Key: it.key, Err: unavailable(it.err)})
-				continue
-			}
-			it.down = true
-			misses = append(misses, it)
-			continue
+			op.snap = l.snap(k, genKey)
 		}
-		it.vw = c.classify(ctx, it.key, it.b, it.gv, now)
-		it.b = nil
-		switch it.vw.state {
-		case stFresh:
-			c.count(0, outHit)
-			c.keepLocal(it.key, &it.vw, now, it.snap)
-			it.put(out, it.vw.v)
-			if it.vw.e.Kind == envelope.Value && c.refreshEarly(&it.vw.e, now) {
-				c.refreshAsync(ctx, it.key, it.genKey, one(load, it.ids[0]), it.vw.e)
-			}
-			continue
-		case stStale:
-			c.count(0, outStale)
-			it.put(out, it.vw.v)
-			if it.vw.e.Kind == envelope.Value {
-				c.refreshAsync(ctx, it.key, it.genKey, one(load, it.ids[0]), it.vw.e)
-			}
-			continue
-		case stNotFound:
-			c.count(0, outNegative)
-			c.keepLocal(it.key, &it.vw, now, it.snap)
-			continue
+		ops = append(ops, op)
+	}
+	src := source[T]{many: func(ctx context.Context, idx []int) ([]T, []bool, error) {
+		want := make([]K, len(idx))
+		for i, j := range idx {
+			want[i] = items[j].ids[0]
 		}
-		c.count(0, outMiss)
-		misses = append(misses, it)
-	}
-	failed.report(ctx, c, "get")
-	if len(misses) == 0 {
-		return out, errors.Join(errs...)
-	}
-	if h := c.hooks; h != nil && h.afterMiss != nil {
-		for _, it := range misses {
-			h.afterMiss(it.key)
+		m, err := load(ctx, want)
+		if err != nil {
+			return nil, nil, err
+		}
+		vals, found := make([]T, len(idx)), make([]bool, len(idx))
+		for i, id := range want {
+			vals[i], found[i] = m[id]
+		}
+		return vals, found, nil
+	}}
+
+	if len(ops) > 0 {
+		start := c.flights.Load()
+		for _, op := range ops {
+			op.start = start
+			op.seen = c.seenFlight(op.key)
+		}
+		c.readMany(ctx, ops)
+		var misses []*keyOp[T]
+		var readErrs errorOnce
+		for _, op := range ops {
+			n, refresh, err := c.settle(ctx, op, true, &readErrs)
+			switch n {
+			case serve:
+				items[op.idx].set(op.vw.v, err)
+				if refresh {
+					c.refreshAsync(ctx, op, src)
+				}
+			case failed:
+				items[op.idx].set(op.vw.v, err)
+			default:
+				misses = append(misses, op)
+			}
+		}
+		readErrs.report(ctx, c, "get")
+		if h := c.hooks; h != nil && h.afterMiss != nil {
+			for _, op := range misses {
+				h.afterMiss(op.key)
+			}
+		}
+		c.join(ctx, misses, src)
+		for _, op := range misses {
+			items[op.idx].set(c.await(ctx, op, src))
 		}
 	}
 
-	// Join the in-process flight of each missing key, or start one; the
-	// flights this batch leads are loaded together.
-	var owned []*batchItem[K, T]
-	for _, it := range misses {
-		var tok *envelope.Token
-		if it.vw.e.Token != (envelope.Token{}) {
-			tok = &it.vw.e.Token
-		}
-		it.trusted = it.seen.joinable(tok)
-		it.call, it.leader = c.group.Join(it.key)
-		if it.leader {
-			it.fs = c.startFlight(it.key)
-			owned = append(owned, it)
-		}
-	}
-	if len(owned) > 0 {
-		if c.enter() {
-			go loadBatch(ctx, c, owned, load)
-		} else {
-			for _, it := range owned {
-				finish(c, it, answer[T]{}, ErrClosed)
-			}
-		}
-	}
-
-	for _, it := range misses {
-		select {
-		case <-it.call.Done():
-		case <-ctx.Done():
-			errs = append(errs, &KeyError{Key: it.key, Err: ctx.Err()})
-			continue
-		}
-		a, err := it.call.Result()
-		v := a.v
-		if !it.leader {
-			v, err = c.joined(ctx, it.key, it.genKey, one(load, it.ids[0]), a, err, it.seen, it.trusted, it.down, 0, start)
-		}
+	out := make(map[K]T, len(ids))
+	for _, it := range items {
 		switch {
-		case err == nil:
-			it.put(out, v)
-		case errors.Is(err, ErrNotFound):
-		default:
-			errs = append(errs, &KeyError{Key: it.key, Err: err})
+		case it.err == nil:
+			for _, id := range it.ids {
+				out[id] = it.v
+			}
+		case !errors.Is(it.err, ErrNotFound):
+			errs = append(errs, &KeyError{Key: it.op.key, Err: it.err})
 		}
 	}
 	return out, errors.Join(errs...)
 }
 
-// batchItem is one distinct key of a GetMany.
+// batchItem is one distinct key of a GetMany: the ids that map to it
+// (loaded as ids[0]) and its outcome.
 type batchItem[K comparable, T any] struct {
-	ids    []K // the ids that map to key; loaded as ids[0]
-	key    string
-	genKey string
-	local  *localItem[T] // found in the local tier
-	snap   localSnap     // the local tier's epochs before the read
-
-	// the read
-	b    []byte
-	gv   genView
-	err  error
-	vw   view[T]
-	down bool // the read failed: load without Redis
-
-	// the in-process flight
-	seen    flightSeen
-	trusted bool
-	call    *flight.Call[answer[T]]
-	leader  bool
-	fs      *flightState // when leader
-
-	// the load (loadBatch)
-	tok  envelope.Token
-	gen  envelope.Gen
-	held bool
-	done bool
+	ids []K
+	op  *keyOp[T]
+	v   T
+	err error
 }
 
-func (it *batchItem[K, T]) put(out map[K]T, v T) {
-	for _, id := range it.ids {
-		out[id] = v
-	}
-}
+func (it *batchItem[K, T]) set(v T, err error) { it.v, it.err = v, err }
 
-// one turns a batch loader into the Loader of a single id, for what runs
-// per key: background refreshes, and a key another process is loading.
-func one[K comparable, T any](load BatchLoader[K, T], id K) Loader[T] {
-	return func(ctx context.Context) (T, error) {
-		m, err := load(ctx, []K{id})
-		if err != nil {
-			var zero T
-			return zero, err
-		}
-		v, ok := m[id]
-		if !ok {
-			return v, ErrNotFound
-		}
-		return v, nil
+// notFoundErr is ErrNotFound when notFound holds, else nil.
+func notFoundErr(notFound bool) error {
+	if notFound {
+		return ErrNotFound
 	}
+	return nil
 }

@@ -57,7 +57,7 @@ type guarded struct {
 	rdb     Redis
 	budget  time.Duration
 	cb      *gobreaker.TwoStepCircuitBreaker[struct{}] // nil: no breaker
-	skipped atomic.Uint64                              // commands not sent because the breaker was open
+	ev      *events                                    // counts commands the open breaker skips
 	healthy atomic.Bool                                // the last command went through (false until one does)
 }
 
@@ -152,7 +152,7 @@ func (g *guarded) begin(ctx context.Context, budget time.Duration, light bool) (
 	if g.cb != nil {
 		done, err := g.cb.Allow()
 		if err != nil {
-			g.skipped.Add(1)
+			g.ev.redisSkipped()
 			return o, errBreakerOpen
 		}
 		o.report = done
@@ -323,8 +323,8 @@ func (g *guarded) ScriptLoad(ctx context.Context, script string) *redis.StringCm
 var _ Redis = (*guarded)(nil)
 
 // newBreaker builds the circuit breaker of a cache, reporting its state
-// changes to the logger and the Recorder.
-func newBreaker(name string, failures int, cooldown time.Duration, log *slog.Logger, rec Recorder, opens *atomic.Uint64) *gobreaker.TwoStepCircuitBreaker[struct{}] {
+// changes to the logger and the event sink.
+func newBreaker(name string, failures int, cooldown time.Duration, log *slog.Logger, ev *events) *gobreaker.TwoStepCircuitBreaker[struct{}] {
 	return gobreaker.NewTwoStepCircuitBreaker[struct{}](gobreaker.Settings{
 		Name:        name,
 		MaxRequests: 1, // half-open: one probe at a time
@@ -335,11 +335,10 @@ func newBreaker(name string, failures int, cooldown time.Duration, log *slog.Log
 			level := slog.LevelInfo
 			if to == gobreaker.StateOpen {
 				level = slog.LevelWarn
-				opens.Add(1)
 			}
 			log.Log(context.Background(), level, "cacheaside: Redis circuit breaker "+to.String(),
 				slog.String("cache", name), slog.String("from", from.String()))
-			rec.BreakerState(name, to.String())
+			ev.breakerState(to.String(), to == gobreaker.StateOpen)
 		},
 	})
 }
@@ -354,14 +353,14 @@ func (c *Cache[T]) loadSlot(ctx context.Context) (func(), error) {
 	default:
 	}
 	if c.opts.FailFastWhenCapped {
-		c.stats.overloaded.Add(1)
+		c.ev.overloaded()
 		return nil, ErrOverloaded
 	}
 	select {
 	case c.loadSlots <- struct{}{}:
 		return func() { <-c.loadSlots }, nil
 	case <-ctx.Done():
-		c.stats.overloaded.Add(1)
+		c.ev.overloaded()
 		return nil, fmt.Errorf("%w: %w", ErrOverloaded, ctx.Err())
 	}
 }

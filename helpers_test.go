@@ -195,3 +195,16 @@ func newFakeClock() *fakeClock {
 
 func (c *fakeClock) Now() time.Time          { return time.Unix(0, c.ns.Load()) }
 func (c *fakeClock) Advance(d time.Duration) { c.ns.Add(int64(d)) }
+
+// plainFillScript fills without checking the lease: the broken protocol
+// the control runs use to show that the tests can fail.
+var plainFillScript = redis.NewScript(`redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1`)
+
+// noTokenCheck returns the testHooks.fill that replaces every fill by a
+// plain SET when on, and nil (the real fill) when not.
+func noTokenCheck(on bool) func(scriptCall) scriptCall {
+	if !on {
+		return nil
+	}
+	return func(sc scriptCall) scriptCall { return scriptCall{plainFillScript, sc.keys[:1], sc.args} }
+}

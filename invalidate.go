@@ -90,12 +90,7 @@ func (c *Cache[T]) forget(keys []string) {
 	}
 }
 
-func (c *Cache[T]) counted(n int64) {
-	if n > 0 {
-		c.stats.invals.Add(uint64(n))
-		c.rec.Invalidated(c.name, int(n))
-	}
-}
+func (c *Cache[T]) counted(n int64) { c.ev.invalidated(n) }
 
 func keysLabel(keys []string) string {
 	if len(keys) == 1 {
@@ -249,8 +244,7 @@ func (c *Cache[T]) InvalidateNamespace(ctx context.Context, ns Namespace) error 
 		})
 		return errors.Join(c.redisError(ctx, "invalidate-namespace", ns.genKey(), err), perr)
 	}
-	c.stats.bumps.Add(1)
-	c.rec.Invalidated(c.name, 1)
+	c.ev.bumped()
 	return perr
 }
 
@@ -288,7 +282,7 @@ func (c *Cache[T]) retryLater(id string, op func(context.Context) error) {
 	old, ok := c.retries[id]
 	if !ok && len(c.retries) >= maxRetries {
 		c.retryMu.Unlock()
-		c.stats.droppedInvals.Add(1)
+		c.ev.dropped()
 		return
 	}
 	c.retries[id] = retryOp{run: op, since: time.Now(), seq: old.seq + 1}
@@ -326,12 +320,12 @@ func (c *Cache[T]) retryLoop() {
 				return
 			}
 			if time.Since(op.since) > c.opts.RetryInvalidations {
-				c.stats.droppedInvals.Add(1)
+				c.ev.dropped()
 				done = true
 			} else {
 				ctx, cancel := context.WithTimeout(c.stop, c.guard.bulkBudget())
 				if err := op.run(ctx); err == nil {
-					c.stats.retriedInvals.Add(1)
+					c.ev.retried()
 					done = true
 				}
 				cancel()

@@ -6,7 +6,6 @@ package cacheaside
 import (
 	"context"
 	"errors"
-	"runtime/debug"
 	"sync/atomic"
 
 	"github.com/seed-b4ec662f/cacheaside/internal/envelope"
@@ -21,7 +20,6 @@ const maxRejoins = 1
 type flightState struct {
 	observing atomic.Bool                    // it has sent (or is sending) a lease script
 	tok       atomic.Pointer[envelope.Token] // token of the entry its answer rests on; nil while a reply is pending
-	answer    envelope.Token                 // set by the flight before it returns: the entry holding its answer (zero: none)
 	seq       uint64                         // this flight's number in Cache.flights
 }
 
@@ -66,48 +64,51 @@ func (s flightSeen) joinable(tok *envelope.Token) bool {
 	return pub != nil && tok != nil && *pub == *tok
 }
 
-// shared runs one load per key in this process and waits for it on ctx.
-//
-// start is how many flights had begun before the Get's read: a flight
-// numbered after it began after the Get did, so whatever it observes is
-// recent enough. Only an older flight needs joinable, or the check.
-func (c *Cache[T]) shared(ctx context.Context, key, genKey string, load Loader[T], vw view[T], redisDown bool, seen flightSeen, attempt int, start uint64) (T, error) {
-	var tok *envelope.Token
-	if vw.e.Token != (envelope.Token{}) {
-		tok = &vw.e.Token
+// seenFlight returns the in-process load of key, if any, as a Get finds
+// it before its own read.
+func (c *Cache[T]) seenFlight(key string) flightSeen {
+	if f, ok := c.inflight.Load(key); ok {
+		fs := f.(*flightState)
+		return flightSeen{fs, fs.observing.Load()}
 	}
-	trusted := seen.joinable(tok)
-	call, leader := c.group.Do(key, func() (answer[T], error) {
-		fs := c.startFlight(key)
-		defer c.endFlight(key, fs)
-		return c.runFlight(ctx, key, genKey, load, vw, redisDown, fs)
-	})
-	select {
-	case <-call.Done():
-		a, err := call.Result()
-		if leader {
-			return a.v, err
+	return flightSeen{}
+}
+
+// join joins the in-process flight of each op's key, or starts one, and
+// hands the flights this caller leads to the engine, all in one run.
+func (c *Cache[T]) join(ctx context.Context, ops []*keyOp[T], src source[T]) {
+	var owned []*keyOp[T]
+	for _, op := range ops {
+		var tok *envelope.Token
+		if op.vw.e.Token != (envelope.Token{}) {
+			tok = &op.vw.e.Token
 		}
-		return c.joined(ctx, key, genKey, load, a, err, seen, trusted, redisDown, attempt, start)
+		op.trusted = op.seen.joinable(tok)
+		op.call, op.leader = c.group.Join(op.key)
+		if op.leader {
+			op.fs = c.startFlight(op.key)
+			owned = append(owned, op)
+		}
+	}
+	if len(owned) > 0 {
+		c.start(ctx, owned, src)
+	}
+}
+
+// await waits on ctx for op's flight and returns its answer: the leader's
+// as it is, a joiner's after the check of joined.
+func (c *Cache[T]) await(ctx context.Context, op *keyOp[T], src source[T]) (T, error) {
+	select {
+	case <-op.call.Done():
 	case <-ctx.Done():
 		var zero T
 		return zero, ctx.Err()
 	}
-}
-
-// runFlight runs one in-process flight for key and returns its answer. A
-// panic anywhere in it (a codec, a hook, a Recorder) would end the process
-// on the flight's goroutine; it becomes an error for its callers instead.
-// Loader panics are caught closer, in callLoader, where the lease is
-// released.
-func (c *Cache[T]) runFlight(parent context.Context, key, genKey string, load Loader[T], vw view[T], redisDown bool, fs *flightState) (a answer[T], err error) {
-	defer func() {
-		if r := recover(); r != nil {
-			a, err = answer[T]{fs: fs}, &PanicError{Value: r, Stack: debug.Stack()}
-		}
-	}()
-	v, err := c.run(parent, key, genKey, load, vw, redisDown, fs)
-	return answer[T]{v, fs.answer, fs}, err
+	a, err := op.call.Result()
+	if op.leader {
+		return a.v, err
+	}
+	return c.joined(ctx, op, a, err, src)
 }
 
 // startFlight publishes the flight that is about to load key.
@@ -123,14 +124,17 @@ func (c *Cache[T]) endFlight(key string, fs *flightState) { c.inflight.CompareAn
 // flight's answer, unless the flight is older than the Get and the entry
 // holding its answer is gone from Redis, when the Get starts over once
 // (see flightSeen.joinable).
-func (c *Cache[T]) joined(ctx context.Context, key, genKey string, load Loader[T], a answer[T], err error, seen flightSeen, trusted, redisDown bool, attempt int, start uint64) (T, error) {
-	c.stats.coalesced.Add(1)
-	c.rec.Coalesced(c.name)
+//
+// op.start is how many flights had begun before the Get's read: a flight
+// numbered after it began after the Get did, so whatever it observes is
+// recent enough. Only an older flight needs joinable, or the check.
+func (c *Cache[T]) joined(ctx context.Context, op *keyOp[T], a answer[T], err error, src source[T]) (T, error) {
+	c.ev.coalesced()
 	// A Get whose own read failed cannot check anything in Redis either,
 	// and a start-over would only load again.
-	older := a.fs != nil && a.fs.seq <= start && !(a.fs == seen.f && trusted) && !redisDown
-	if older && attempt < maxRejoins && (err == nil || errors.Is(err, ErrNotFound)) && !c.holds(ctx, key, genKey, a.tok) {
-		return c.get(ctx, key, load, attempt+1)
+	older := a.fs != nil && a.fs.seq <= op.start && !(a.fs == op.seen.f && op.trusted) && !op.down
+	if older && op.attempt < maxRejoins && (err == nil || errors.Is(err, ErrNotFound)) && !c.holds(ctx, op.key, op.genKey, a.tok) {
+		return c.one(ctx, op.key, op.idx, src, op.attempt+1)
 	}
 	return a.v, err
 }

@@ -145,7 +145,7 @@ type localTier[T any] struct {
 	// instead of a walk over the tier.
 	ns [localStripes]atomic.Uint64
 
-	flushes, messages atomic.Uint64
+	ev *events // counts flushes and bus messages
 
 	mu sync.Mutex    // protects ps
 	ps *redis.PubSub // the current subscription, closed by Close
@@ -168,12 +168,12 @@ type localSnap struct {
 	ns   uint64
 }
 
-func newLocalTier[T any](o LocalOptions, bus Bus) (*localTier[T], error) {
+func newLocalTier[T any](o LocalOptions, bus Bus, ev *events) (*localTier[T], error) {
 	m, err := otter.New(&otter.Options[string, *localItem[T]]{MaximumSize: o.MaxEntries})
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalidOptions, err)
 	}
-	return &localTier[T]{opts: o, m: m, bus: bus, seed: maphash.MakeSeed()}, nil
+	return &localTier[T]{opts: o, m: m, bus: bus, seed: maphash.MakeSeed(), ev: ev}, nil
 }
 
 // lookup returns key's local item if the tier is live and the item has
@@ -255,7 +255,7 @@ func (l *localTier[T]) bump(genKey string) {
 
 func (l *localTier[T]) flush() {
 	l.global.Add(1)
-	l.flushes.Add(1)
+	l.ev.localFlushed()
 	l.m.InvalidateAll()
 }
 
@@ -286,7 +286,7 @@ func prefixMessage(prefix string) []byte { return append([]byte{msgPrefix}, pref
 // apply carries out one bus message. A message it cannot parse flushes the
 // tier: something invalidated, and it cannot tell what.
 func (l *localTier[T]) apply(msg string) error {
-	l.messages.Add(1)
+	l.ev.busMessage()
 	if msg == "" {
 		l.flush()
 		return errors.New("empty message")
@@ -396,7 +396,7 @@ func (c *Cache[T]) busLost(err error) {
 	defer func() { _ = recover() }()
 	c.opts.Logger.LogAttrs(c.stop, slog.LevelWarn, "cacheaside: invalidation bus lost; local tier bypassed until it is back",
 		slog.String("cache", c.name), slog.String("channel", c.local.opts.Channel), slog.Any("err", err))
-	c.rec.RedisError(c.name, "subscribe", err)
+	c.ev.redisError("subscribe", err)
 }
 
 // subscriptionSafe is subscription with a panic (go-redis's Ring panics on
@@ -469,3 +469,24 @@ func (c *Cache[T]) subscription() (confirmed bool, _ error) {
 		}
 	}
 }
+
+// keepLocal stores what a read found (a fresh value or a tombstone) in the
+// local tier, if there is one.
+func (c *Cache[T]) keepLocal(key string, vw *view[T], now time.Time, snap localSnap) {
+	if c.local == nil {
+		return
+	}
+	c.local.put(key, &localItem[T]{v: vw.v, notFound: vw.state == stNotFound, exp: c.local.expiry(now.UnixNano(), vw.e.SoftExpiry)}, snap)
+}
+
+// putLocal stores a value (or "not found") this process just filled.
+func (c *Cache[T]) putLocal(key string, v T, notFound bool, soft int64, snap localSnap) {
+	if c.local == nil {
+		return
+	}
+	c.local.put(key, &localItem[T]{v: v, notFound: notFound, exp: c.local.expiry(c.opts.Clock().UnixNano(), soft)}, snap)
+}
+
+// localNow is the time, in Unix nanoseconds by Options.Clock, that local
+// expiry is checked against.
+func (c *Cache[T]) localNow() int64 { return c.opts.Clock().UnixNano() }

@@ -191,6 +191,9 @@ func setInNamespace(ctx context.Context, rdb Redis, key, genKey string, entry []
 // does not have yet (NOSCRIPT) are sent again by EVAL. Every script is
 // safe to run twice, so this is safe however the first round went.
 func (c *Cache[T]) evalMany(ctx context.Context, calls []scriptCall) []*redis.Cmd {
+	if len(calls) == 1 { // one key (a Get): the script alone, no pipeline
+		return []*redis.Cmd{calls[0].run(ctx, c.rdb)}
+	}
 	cmds := make([]*redis.Cmd, len(calls))
 	send := func(idx []int, byEval bool) {
 		_, err := c.guard.pipe(ctx, c.guard.batchBudget(len(idx)), func(p redis.Pipeliner) error {

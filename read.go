@@ -65,8 +65,7 @@ func namespacedRead(vals []any) (b []byte, gv genView) {
 // token the load may use to overwrite them (nil when the header itself is
 // foreign, which acquire.lua overwrites on its own).
 func (c *Cache[T]) corrupt(ctx context.Context, key string, b []byte, err error) []byte {
-	c.stats.decodeErrors.Add(1)
-	c.rec.DecodeError(c.name)
+	c.ev.decodeError()
 	c.report(ctx, "decode", key, fmt.Errorf("%w: %w", ErrCorruptEntry, err))
 	if len(b) >= envelope.HeaderSize && b[0] == envelope.Magic && b[1] == envelope.Version {
 		return b[envelope.TokenOffset : envelope.TokenOffset+envelope.TokenSize]
@@ -84,16 +83,16 @@ func isWrongType(err error) bool {
 // in one pipeline.
 const maxMGet = 1000
 
-// readMany reads the entries of items, and their namespace generations,
+// readMany reads the entries of ops, and their namespace generations,
 // in one round trip: one MGET, or one GET per key in a pipeline where a
 // multi-key command would cross slots.
-func readMany[K comparable, T any](ctx context.Context, c *Cache[T], items []*batchItem[K, T]) {
-	keys := make([]string, 0, len(items))
+func (c *Cache[T]) readMany(ctx context.Context, ops []*keyOp[T]) {
+	keys := make([]string, 0, len(ops))
 	gens := map[string]int{}
-	for _, it := range items {
+	for _, it := range ops {
 		keys = append(keys, it.key)
 	}
-	for _, it := range items {
+	for _, it := range ops {
 		if it.genKey != "" {
 			if _, ok := gens[it.genKey]; !ok {
 				gens[it.genKey] = len(keys)
@@ -102,15 +101,15 @@ func readMany[K comparable, T any](ctx context.Context, c *Cache[T], items []*ba
 		}
 	}
 	vals, errs := c.readKeys(ctx, keys)
-	for i, it := range items {
-		it.b, it.err = vals[i], errs[i]
+	for i, it := range ops {
+		it.b, it.rerr = vals[i], errs[i]
 		if it.genKey == "" {
 			continue
 		}
 		j := gens[it.genKey]
 		it.gv.namespaced = true
-		if it.err == nil {
-			it.err = errs[j]
+		if it.rerr == nil {
+			it.rerr = errs[j]
 		}
 		if g := vals[j]; len(g) == envelope.GenSize {
 			copy(it.gv.gen[:], g)
@@ -281,4 +280,69 @@ func (c *Cache[T]) classify(ctx context.Context, key string, b []byte, gv genVie
 		vw.staleOK = ms < soft+p.StaleIfError.Milliseconds()
 	}
 	return vw
+}
+
+// next is what a door does with one key after its first read.
+type next uint8
+
+const (
+	serve  next = iota // the read answered: the value, or ErrNotFound for a tombstone
+	miss               // the engine loads it (op.down: without Redis)
+	failed             // the door returns the error
+)
+
+// settle classifies op's first read (op.b and op.gv, or op.rerr), counts
+// it (unless count is false: a Get starting over), keeps a fresh answer in
+// the local tier, and says what comes next. refresh reports a served value
+// a background refresh should reload. Read failures go to errs, which the
+// door reports once for all its keys. Get and GetMany both settle every
+// read here.
+func (c *Cache[T]) settle(ctx context.Context, op *keyOp[T], count bool, errs *errorOnce) (n next, refresh bool, err error) {
+	if op.rerr != nil {
+		if count {
+			c.ev.miss()
+		}
+		if isWrongType(op.rerr) {
+			// Not a string: foreign data under our key. acquire.lua replaces it.
+			c.corrupt(ctx, op.key, nil, op.rerr)
+			return miss, false, nil
+		}
+		if cerr := ctx.Err(); cerr != nil {
+			return failed, false, cerr // the caller's own deadline, not a Redis failure
+		}
+		errs.add(op.key, op.rerr)
+		if c.opts.OnRedisDown == FailClosed {
+			return failed, false, unavailable(op.rerr)
+		}
+		op.down = true
+		return miss, false, nil
+	}
+	now := c.opts.Clock()
+	op.see(c.classify(ctx, op.key, op.b, op.gv, now))
+	op.b = nil
+	switch op.vw.state {
+	case stFresh:
+		if count {
+			c.ev.hit()
+		}
+		c.keepLocal(op.key, &op.vw, now, op.snap)
+		return serve, op.vw.e.Kind == envelope.Value && c.refreshEarly(&op.vw.e, now), nil
+	case stStale:
+		if count {
+			c.ev.staleHit()
+		}
+		return serve, op.vw.e.Kind == envelope.Value, nil
+	case stNotFound:
+		if count {
+			c.ev.negativeHit()
+		}
+		c.keepLocal(op.key, &op.vw, now, op.snap)
+		return serve, false, ErrNotFound
+	}
+	// Absent, being loaded, undecodable, of an older namespace generation,
+	// or due for a reload: the engine sorts it out.
+	if count {
+		c.ev.miss()
+	}
+	return miss, false, nil
 }

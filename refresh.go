@@ -57,22 +57,13 @@ func (c *Cache[T]) keepOnFailure(e *envelope.Entry) time.Duration {
 	return end.Sub(c.opts.Clock())
 }
 
-// orStale returns the result of a reload, or the old value when the reload
-// failed inside the stale-if-error window.
-func (c *Cache[T]) orStale(v T, err error, old *view[T]) (T, error) {
-	if err == nil || errors.Is(err, ErrNotFound) || errors.Is(err, ErrClosed) || !old.staleOK {
-		return v, err
-	}
-	c.stats.staleIfError.Add(1)
-	c.rec.StaleServed(c.name)
-	return old.v, nil
-}
-
-// refreshAsync reloads the value e in the background under a refresh
-// lease, unless this process is already refreshing key or its last refresh
-// failed less than refreshRetry ago. The goroutine belongs to the cache:
-// Close cancels and waits for it.
-func (c *Cache[T]) refreshAsync(parent context.Context, key, genKey string, load Loader[T], e envelope.Entry) {
+// refreshAsync reloads the value op read, in the background, under a
+// refresh lease, unless this process is already refreshing the key or its
+// last refresh failed less than refreshRetry ago. It goes through the
+// engine's fill like any load. The goroutine belongs to the cache: Close
+// cancels and waits for it.
+func (c *Cache[T]) refreshAsync(parent context.Context, op *keyOp[T], src source[T]) {
+	key, genKey := op.key, op.genKey
 	if !c.startRefresh(key) {
 		return
 	}
@@ -80,11 +71,13 @@ func (c *Cache[T]) refreshAsync(parent context.Context, key, genKey string, load
 		c.endRefresh(key, false)
 		return
 	}
+	e := op.vw.e
+	rop := &keyOp[T]{key: key, genKey: genKey, idx: op.idx, vw: view[T]{state: stReload, e: e}, gen: e.Gen, tok: newToken()}
 	go func() {
 		defer c.wg.Done()
 		defer func() {
-			// Loader panics are errors already (callLoader); this catches
-			// one in a codec or hook, which would otherwise end the process.
+			// Loader panics are errors already (callFn); this catches one
+			// in a codec or hook, which would otherwise end the process.
 			if r := recover(); r != nil {
 				c.report(parent, "refresh", key, &PanicError{Value: r, Stack: debug.Stack()})
 				c.endRefresh(key, true)
@@ -93,8 +86,7 @@ func (c *Cache[T]) refreshAsync(parent context.Context, key, genKey string, load
 		ctx, cancel := context.WithCancel(context.WithoutCancel(parent))
 		defer cancel()
 		defer context.AfterFunc(c.stop, cancel)()
-		tok := newToken()
-		ok, err := refreshLease(ctx, c.rdb, key, genKey, e.Token, tok, c.opts.LeaseTTL, c.genTTL)
+		ok, err := refreshLease(ctx, c.rdb, key, genKey, e.Token, rop.tok, c.opts.LeaseTTL, c.genTTL)
 		if err != nil {
 			if ctx.Err() == nil {
 				c.redisError(ctx, "refresh", key, err)
@@ -102,7 +94,7 @@ func (c *Cache[T]) refreshAsync(parent context.Context, key, genKey string, load
 			// The script may have run and only its reply been lost: put the
 			// value back rather than leave it "refreshing" with nobody on it.
 			rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), c.opts.LeaseTTL)
-			_, _ = release(rctx, c.rdb, key, tok, c.keepOnFailure(&e))
+			_, _ = release(rctx, c.rdb, key, rop.tok, c.keepOnFailure(&e))
 			rcancel()
 			c.endRefresh(key, true)
 			return
@@ -111,13 +103,11 @@ func (c *Cache[T]) refreshAsync(parent context.Context, key, genKey string, load
 			c.endRefresh(key, false)
 			return
 		}
-		_, _, err = c.loadAndFill(ctx, key, genKey, e.Gen, load, tok, c.keepOnFailure(&e))
-		failed := err != nil && !errors.Is(err, ErrNotFound)
-		c.stats.refreshes.Add(1)
-		if failed {
-			c.stats.refreshErrors.Add(1)
-		}
-		c.rec.Refresh(c.name, err)
+		rop.held = true
+		r := &missRun[T]{c: c, ctx: ctx, src: src, ops: []*keyOp[T]{rop}}
+		r.loadAndFill(r.ops)
+		failed := rop.err != nil && !errors.Is(rop.err, ErrNotFound)
+		c.ev.refreshed(rop.err, failed)
 		c.endRefresh(key, failed)
 	}()
 }

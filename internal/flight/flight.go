@@ -7,7 +7,6 @@
 package flight
 
 import (
-	"errors"
 	"sync"
 )
 
@@ -56,32 +55,6 @@ func (g *Group[T]) Finish(key string, c *Call[T], v T, err error) {
 	g.mu.Unlock()
 	c.val, c.err = v, err
 	close(c.done)
-}
-
-// ErrPanicked is the result of a DoChan flight whose fn panicked; the
-// panic itself goes on up fn's goroutine.
-var ErrPanicked = errors.New("flight: fn panicked")
-
-// Do joins the flight for key, or starts one that runs fn on a new
-// goroutine. leader reports whether this call started it.
-func (g *Group[T]) Do(key string, fn func() (T, error)) (c *Call[T], leader bool) {
-	c, leader = g.Join(key)
-	if !leader {
-		return c, false
-	}
-	go func() {
-		finished := false
-		defer func() {
-			if !finished {
-				var zero T
-				g.Finish(key, c, zero, ErrPanicked)
-			}
-		}()
-		v, err := fn()
-		finished = true
-		g.Finish(key, c, v, err)
-	}()
-	return c, true
 }
 
 // Forget makes the next call for key start a new flight; callers of the

@@ -1,7 +1,6 @@
 package flight
 
 import (
-	"sync"
 	"testing"
 )
 
@@ -39,27 +38,4 @@ func TestForgetStartsNewFlightKeepsOld(t *testing.T) {
 	if v, _ := old.Result(); v != 1 {
 		t.Fatalf("the forgotten flight's callers got %d", v)
 	}
-}
-
-func TestDoRunsOnce(t *testing.T) {
-	var g Group[int]
-	release := make(chan struct{})
-	var runs int
-	var mu sync.Mutex
-	fn := func() (int, error) {
-		mu.Lock()
-		runs++
-		mu.Unlock()
-		<-release
-		return 42, nil
-	}
-	c1, lead1 := g.Do("k", fn)
-	c2, lead2 := g.Do("k", fn)
-	close(release)
-	<-c1.Done()
-	<-c2.Done()
-	if v, _ := c2.Result(); !lead1 || lead2 || v != 42 || runs != 1 {
-		t.Fatalf("leads %v %v, value %d, runs %d", lead1, lead2, v, runs)
-	}
-
 }
