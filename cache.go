@@ -102,7 +102,11 @@ func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 		if err != nil {
 			return nil, err
 		}
-		if c.local, err = newLocalTier[T](lo, bus, c.ev); err != nil {
+		var clock func() time.Time // nil: the tier's coarse clock
+		if opts != nil && opts.Clock != nil {
+			clock = o.Clock
+		}
+		if c.local, err = newLocalTier[T](lo, bus, c.ev, clock); err != nil {
 			return nil, err
 		}
 		c.wg.Add(1)
@@ -200,9 +204,8 @@ func (c *Cache[T]) one(ctx context.Context, key string, idx int, src source[T], 
 	if c.closed.Load() {
 		return zero, ErrClosed
 	}
-	op := keyOp[T]{key: key, genKey: genKey, idx: idx, attempt: attempt}
 	if l := c.local; l != nil {
-		if it, ok := l.lookup(key, c.localNow()); ok {
+		if it, ok := l.lookup(key, l.now()); ok {
 			if attempt == 0 {
 				c.ev.localHit(it.notFound)
 			}
@@ -211,6 +214,9 @@ func (c *Cache[T]) one(ctx context.Context, key string, idx int, src source[T], 
 			}
 			return it.v, nil
 		}
+	}
+	op := keyOp[T]{key: key, genKey: genKey, idx: idx, attempt: attempt}
+	if l := c.local; l != nil {
 		op.snap = l.snap(key, genKey)
 	}
 	op.start = c.flights.Load()
@@ -307,6 +313,9 @@ func (c *Cache[T]) Close() error {
 		c.cancel()
 	}
 	c.wg.Wait()
+	if c.local != nil {
+		c.local.close()
+	}
 	return nil
 }
 

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"runtime"
+	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -205,8 +206,8 @@ const (
 	numCounters
 )
 
-// stripe is one copy of every counter. Each update goes to a random
-// stripe, so cores rarely write the same cache line; the padding keeps
+// stripe is one copy of every counter. Each core updates its own stripe
+// (see add), so cores rarely write the same cache line; the padding keeps
 // neighbouring stripes off each other's lines.
 type stripe struct {
 	n [numCounters]atomic.Uint64
@@ -232,9 +233,35 @@ func newEvents(name string, rec Recorder) *events {
 	return &events{name: name, rec: rec, nop: nop, stripes: make([]stripe, n), mask: uint32(n - 1)}
 }
 
+// add adds n to counter i in the stripe of the caller's token. Tokens
+// live in a sync.Pool, whose per-P caches give each core a stripe of its
+// own; a failed compare-and-swap (another core on the same stripe) moves
+// the token to another stripe, as Java's LongAdder does. A random stripe
+// per update would not do: half the updates would find their line last
+// written by the other core.
 func (e *events) add(i stat, n uint64) {
-	e.stripes[rand.Uint32()&e.mask].n[i].Add(n)
+	t, _ := stripeTokens.Get().(*stripeToken)
+	if t == nil {
+		t = &stripeToken{idx: rand.Uint32()}
+	}
+	for {
+		c := &e.stripes[t.idx&e.mask].n[i]
+		v := c.Load()
+		if c.CompareAndSwap(v, v+n) {
+			break
+		}
+		t.idx = rand.Uint32()
+	}
+	stripeTokens.Put(t)
 }
+
+// stripeToken is a core's current stripe index, shared by every cache.
+type stripeToken struct {
+	idx uint32
+	_   [60]byte
+}
+
+var stripeTokens sync.Pool
 
 func (e *events) snapshot() Stats {
 	var n [numCounters]uint64
