@@ -314,7 +314,7 @@ func BenchmarkGetBreakerOpen(b *testing.B) {
 	l.Close()
 	rdb := redis.NewClient(&redis.Options{Addr: addr, ContextTimeoutEnabled: true, MaxRetries: -1})
 	b.Cleanup(func() { rdb.Close() })
-	c := benchCache[benchTask](b, rdb, &Options[benchTask]{BreakerCooldown: time.Hour, Logger: slog.New(slog.DiscardHandler)})
+	c := benchCache[benchTask](b, rdb, &Options[benchTask]{Logger: slog.New(slog.DiscardHandler), Degradation: Degradation{BreakerCooldown: time.Hour}})
 	ctx := context.Background()
 	for c.Stats().BreakerOpens == 0 {
 		_, _ = c.Get(ctx, "k", benchLoad)
@@ -364,7 +364,7 @@ func BenchmarkGetBlackHoled(b *testing.B) {
 	}
 	rdb := redis.NewClient(&redis.Options{Addr: proxy.Listen, ContextTimeoutEnabled: true, MaxRetries: -1})
 	b.Cleanup(func() { rdb.Close() })
-	c := benchCache[benchTask](b, rdb, &Options[benchTask]{NoBreaker: true, Logger: slog.New(slog.DiscardHandler)})
+	c := benchCache[benchTask](b, rdb, &Options[benchTask]{Logger: slog.New(slog.DiscardHandler), Degradation: Degradation{NoBreaker: true}})
 	ctx := context.Background()
 	i := 0
 	for b.Loop() {

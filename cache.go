@@ -76,10 +76,10 @@ func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 		return nil, err
 	}
 	c := &Cache[T]{raw: rdb, opts: o, name: o.Name, ev: newEvents(o.Name, o.Recorder), refreshes: make(map[string]time.Time),
-		loadSlots: make(chan struct{}, o.MaxLoadsWhileDown), retries: make(map[string]retryOp)}
-	c.guard = &guarded{rdb: rdb, budget: o.OpTimeout, ev: c.ev}
-	if !o.NoBreaker {
-		c.guard.cb = newBreaker(o.Name, o.BreakerFailures, o.BreakerCooldown, o.Logger, c.ev)
+		loadSlots: make(chan struct{}, o.Degradation.MaxLoadsWhileDown), retries: make(map[string]retryOp)}
+	c.guard = &guarded{rdb: rdb, budget: o.Degradation.OpTimeout, ev: c.ev}
+	if !o.Degradation.NoBreaker {
+		c.guard.cb = newBreaker(o.Name, o.Degradation.BreakerFailures, o.Degradation.BreakerCooldown, o.Logger, c.ev)
 	}
 	c.rdb = c.guard
 	switch rdb.(type) {
@@ -176,7 +176,7 @@ func (c *Cache[T]) Stats() Stats { return c.ev.snapshot() }
 // falls back to load (at most MaxLoadsWhileDown at a time, else
 // ErrOverloaded) and reports the failure to the logger, Recorder and
 // OnError. Under FailClosed it returns an error matching
-// ErrRedisUnavailable instead. Each Redis command gets Options.OpTimeout,
+// ErrRedisUnavailable instead. Each Redis command gets Degradation.OpTimeout,
 // and never more than half of what remains of ctx's deadline, so the
 // loader keeps time to answer. Undecodable bytes under key count as a miss
 // and are overwritten.

@@ -654,7 +654,7 @@ func TestRedisUnavailable(t *testing.T) {
 		var hooked atomic.Int64
 		// The breaker would open after five failures and skip Redis for a
 		// second; this test is about the fallback itself.
-		c := newCache(t, b, &Options[string]{NoBreaker: true, OnError: func(context.Context, error) { hooked.Add(1) }})
+		c := newCache(t, b, &Options[string]{OnError: func(context.Context, error) { hooked.Add(1) }, Degradation: Degradation{NoBreaker: true}})
 		mr.SetError("LOADING Redis is loading the dataset in memory")
 		var n counter
 		for i := 0; i < 3; i++ {

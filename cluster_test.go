@@ -186,7 +186,7 @@ func clusterCache[T any](t *testing.T, cc *redis.ClusterClient, o *Options[T]) *
 	if o == nil {
 		o = &Options[T]{}
 	}
-	o.OpTimeout = 2 * time.Second
+	o.Degradation.OpTimeout = 2 * time.Second
 	c, err := New[T](cc, o)
 	if err != nil {
 		t.Fatalf("New: %v", err)

@@ -48,7 +48,7 @@ func TestReadCoalescing(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b *backend) {
 		ctx := context.Background()
 		rdb := &gatedRedis{Client: b.client(t)}
-		c, err := New[string](rdb, &Options[string]{OpTimeout: 2 * time.Second})
+		c, err := New[string](rdb, &Options[string]{Degradation: Degradation{OpTimeout: 2 * time.Second}})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -97,7 +97,7 @@ func TestReadCoalescingBudget(t *testing.T) {
 	b := &backend{name: "miniredis", addr: mr.Addr(), mr: mr, prefix: uniquePrefix()}
 	ctx := context.Background()
 	rdb := &gatedRedis{Client: b.client(t), gate: make(chan struct{}), mgate: make(chan struct{})}
-	c, err := New[string](rdb, &Options[string]{OpTimeout: 50 * time.Millisecond, NoBreaker: true})
+	c, err := New[string](rdb, &Options[string]{Degradation: Degradation{OpTimeout: 50 * time.Millisecond, NoBreaker: true}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -129,7 +129,7 @@ func TestNoReadCoalescing(t *testing.T) {
 	b := &backend{name: "miniredis", addr: mr.Addr(), mr: mr, prefix: uniquePrefix()}
 	ctx := context.Background()
 	rdb := &gatedRedis{Client: b.client(t)}
-	c, err := New[string](rdb, &Options[string]{NoReadCoalescing: true, OpTimeout: 2 * time.Second})
+	c, err := New[string](rdb, &Options[string]{NoReadCoalescing: true, Degradation: Degradation{OpTimeout: 2 * time.Second}})
 	if err != nil {
 		t.Fatal(err)
 	}

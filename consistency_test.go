@@ -242,7 +242,7 @@ func newConsCaches(t *testing.T, b *backend, cfg consConfig, keys *sync.Map) []*
 			PollMax: 8 * time.Millisecond,
 			// The test is about the protocol, not the budget: a command
 			// slowed by the injected pauses and -race must not time out.
-			OpTimeout: 5 * time.Second,
+			Degradation: Degradation{OpTimeout: 5 * time.Second},
 		})
 		if err != nil {
 			t.Fatal(err)

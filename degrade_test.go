@@ -52,7 +52,7 @@ func TestFaultScriptsBlackHoledWithinBudget(t *testing.T) {
 	const budget = 50 * time.Millisecond
 	for _, pol := range []RedisDownPolicy{FailOpen, FailClosed} {
 		w := &ctlRedis{Redis: faultClient(t, srv.addr()), script: hole}
-		c, err := New[string](w, &Options[string]{OpTimeout: budget, NoBreaker: true, OnRedisDown: pol})
+		c, err := New[string](w, &Options[string]{Degradation: Degradation{OpTimeout: budget, NoBreaker: true, OnRedisDown: pol}})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -72,7 +72,7 @@ func TestFaultScriptsBlackHoledWithinBudget(t *testing.T) {
 func TestFaultShortCallerDeadline(t *testing.T) {
 	srv := startRedis(t)
 	proxy := newProxy(t, srv.addr())
-	c, err := New[string](faultClient(t, proxy.Listen), &Options[string]{OpTimeout: 50 * time.Millisecond})
+	c, err := New[string](faultClient(t, proxy.Listen), &Options[string]{Degradation: Degradation{OpTimeout: 50 * time.Millisecond}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -99,7 +99,7 @@ func TestOutagePrefixRetryAfterDeadline(t *testing.T) {
 	srv := startRedis(t)
 	proxy := newProxy(t, srv.addr())
 	c, err := New[string](faultClient(t, proxy.Listen), &Options[string]{
-		OpTimeout: 50 * time.Millisecond, BreakerCooldown: 100 * time.Millisecond, RetryInvalidations: time.Minute})
+		Degradation: Degradation{OpTimeout: 50 * time.Millisecond, BreakerCooldown: 100 * time.Millisecond, RetryInvalidations: time.Minute}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -144,7 +144,7 @@ func TestOutageRetryKeepsLaterInvalidation(t *testing.T) {
 		}
 		return base.Unlink(ctx, keys...)
 	}
-	c, err := New[string](w, &Options[string]{RetryInvalidations: time.Minute})
+	c, err := New[string](w, &Options[string]{Degradation: Degradation{RetryInvalidations: time.Minute}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -182,7 +182,7 @@ func TestFaultRefusedShortDeadline(t *testing.T) {
 	t0 = time.Now()
 	err = rdb.Get(context.Background(), "x").Err()
 	t.Logf("raw GET to a refused port again: %v after %v", err, time.Since(t0))
-	c, err := New[string](rdb, &Options[string]{OpTimeout: 50 * time.Millisecond})
+	c, err := New[string](rdb, &Options[string]{Degradation: Degradation{OpTimeout: 50 * time.Millisecond}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -225,7 +225,7 @@ func TestOutagePrefixRetryDoesNotHoldClose(t *testing.T) {
 	proxy := newProxy(t, srv.addr())
 	node := redis.NewClient(&redis.Options{Addr: proxy.Listen, ContextTimeoutEnabled: true, MaxRetries: -1, ReadTimeout: 3 * time.Second})
 	defer node.Close()
-	c, err := New[string](&masterRedis{Redis: node, node: node}, &Options[string]{RetryInvalidations: time.Minute})
+	c, err := New[string](&masterRedis{Redis: node, node: node}, &Options[string]{Degradation: Degradation{RetryInvalidations: time.Minute}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -35,11 +35,11 @@
 //
 // # Failures
 //
-// Every Redis command runs under a small budget (Options.OpTimeout), and a
+// Every Redis command runs under a small budget (Degradation.OpTimeout), and a
 // circuit breaker skips Redis while it is failing. By default Get then
-// calls the loader (at most Options.MaxLoadsWhileDown at a time) and
+// calls the loader (at most Degradation.MaxLoadsWhileDown at a time) and
 // reports the failure to Options.Logger, Options.Recorder and
-// Options.OnError instead of returning it; with Options.OnRedisDown set to
+// Options.OnError instead of returning it; with Degradation.OnRedisDown set to
 // FailClosed it returns ErrRedisUnavailable. Set and the invalidations
 // return their errors. Loader errors and panics are never cached; a panic
 // reaches every caller sharing the load as a *PanicError.

@@ -266,7 +266,7 @@ func (r *missRun[T]) leaseRound(ops []*keyOp[T]) (held, open, failed []*keyOp[T]
 				acquireFailed.add(op.key, err)
 			}
 			c.releaseLater(op.key, op.tok, op.keep(c)) // the script may have run, its reply lost
-			if c.opts.OnRedisDown == FailClosed {
+			if c.opts.Degradation.OnRedisDown == FailClosed {
 				r.fail(op, unavailable(err))
 				continue
 			}

@@ -81,7 +81,7 @@ type Recorder interface {
 	// generation.
 	NamespaceBumped(cache string)
 	// InvalidationRetried: a failed invalidation was applied by a retry
-	// (Options.RetryInvalidations).
+	// (Degradation.RetryInvalidations).
 	InvalidationRetried(cache string)
 	// InvalidationDropped: a failed invalidation was given up (too old, or
 	// the retry queue was full).

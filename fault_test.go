@@ -147,7 +147,7 @@ func TestToxiLatency(t *testing.T) {
 	srv := startRedis(t)
 	proxy := newProxy(t, srv.addr())
 	const budget, loadTime = 50 * time.Millisecond, 5 * time.Millisecond
-	c, err := New[string](faultClient(t, proxy.Listen), &Options[string]{OpTimeout: budget, BreakerCooldown: time.Hour})
+	c, err := New[string](faultClient(t, proxy.Listen), &Options[string]{Degradation: Degradation{OpTimeout: budget, BreakerCooldown: time.Hour}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -190,8 +190,8 @@ func TestBreakerBlackHoleAndRecovery(t *testing.T) {
 	var mu sync.Mutex
 	rec := &stateRecorder{on: func(s string) { mu.Lock(); states = append(states, s); mu.Unlock() }}
 	const cooldown = 300 * time.Millisecond
-	c, err := New[string](faultClient(t, proxy.Listen), &Options[string]{
-		OpTimeout: 50 * time.Millisecond, BreakerFailures: 3, BreakerCooldown: cooldown, Recorder: rec})
+	c, err := New[string](faultClient(t, proxy.Listen), &Options[string]{Recorder: rec,
+		Degradation: Degradation{OpTimeout: 50 * time.Millisecond, BreakerFailures: 3, BreakerCooldown: cooldown}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -264,7 +264,7 @@ func TestRedisKilledUnderLoad(t *testing.T) {
 	srv := startRedis(t)
 	const capLoads = 4
 	c, err := New[string](faultClient(t, srv.addr()), &Options[string]{
-		OpTimeout: 50 * time.Millisecond, BreakerCooldown: 200 * time.Millisecond, MaxLoadsWhileDown: capLoads})
+		Degradation: Degradation{OpTimeout: 50 * time.Millisecond, BreakerCooldown: 200 * time.Millisecond, MaxLoadsWhileDown: capLoads}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -337,7 +337,7 @@ func TestOutageFailClosed(t *testing.T) {
 	srv := startRedis(t)
 	proxy := newProxy(t, srv.addr())
 	const budget = 50 * time.Millisecond
-	c, err := New[string](faultClient(t, proxy.Listen), &Options[string]{OpTimeout: budget, OnRedisDown: FailClosed})
+	c, err := New[string](faultClient(t, proxy.Listen), &Options[string]{Degradation: Degradation{OpTimeout: budget, OnRedisDown: FailClosed}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -366,7 +366,7 @@ func TestOutageFailClosed(t *testing.T) {
 // ErrOverloaded instead of adding load to the source.
 func TestOutageOverloaded(t *testing.T) {
 	rdb := faultClient(t, closedAddr(t))
-	c, err := New[string](rdb, &Options[string]{MaxLoadsWhileDown: 2, FailFastWhenCapped: true})
+	c, err := New[string](rdb, &Options[string]{Degradation: Degradation{MaxLoadsWhileDown: 2, FailFastWhenCapped: true}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -422,7 +422,7 @@ func TestOutageInvalidationRetry(t *testing.T) {
 	srv := startRedis(t)
 	proxy := newProxy(t, srv.addr())
 	c, err := New[string](faultClient(t, proxy.Listen), &Options[string]{
-		OpTimeout: 50 * time.Millisecond, BreakerCooldown: 100 * time.Millisecond, RetryInvalidations: time.Minute})
+		Degradation: Degradation{OpTimeout: 50 * time.Millisecond, BreakerCooldown: 100 * time.Millisecond, RetryInvalidations: time.Minute}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -379,7 +379,7 @@ func TestGetManyRedisDown(t *testing.T) {
 		t.Run(policy.String(), func(t *testing.T) {
 			rdb := redis.NewClient(&redis.Options{Addr: closedAddr(t), MaxRetries: -1, ContextTimeoutEnabled: true})
 			defer rdb.Close()
-			c, err := New(rdb, &Options[string]{OnRedisDown: policy, Logger: slog.New(slog.DiscardHandler)})
+			c, err := New(rdb, &Options[string]{Logger: slog.New(slog.DiscardHandler), Degradation: Degradation{OnRedisDown: policy}})
 			if err != nil {
 				t.Fatal(err)
 			}

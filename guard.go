@@ -19,7 +19,7 @@ import (
 // Degradation. The cache must never make the application slower or less
 // available than no cache at all. Three things see to it:
 //
-//   - a budget: every Redis command runs under Options.OpTimeout (or the
+//   - a budget: every Redis command runs under Degradation.OpTimeout (or the
 //     caller's deadline, if sooner), so a slow or black-holed Redis costs a
 //     Get at most that before it falls back to the loader;
 //   - a circuit breaker (github.com/sony/gobreaker/v2): after
@@ -29,6 +29,97 @@ import (
 //   - a policy for Redis being unavailable: fail open (call the loader,
 //     at most MaxLoadsWhileDown at a time, so the database is shielded) or
 //     fail closed (return ErrRedisUnavailable).
+
+// Degradation configures how a Cache behaves when Redis is slow or down
+// (Options.Degradation). The zero value of each field means the default
+// written beside it.
+type Degradation struct {
+	// OpTimeout bounds every Redis command the cache sends, and a command
+	// never gets more than half of what remains of the caller's deadline:
+	// a slow or unreachable Redis costs a Get at most this (per command)
+	// before it falls back. Invalidation batches get ten times as long, at
+	// least 1s. Default 50ms; at least 1ms.
+	OpTimeout time.Duration
+
+	// BreakerFailures is how many consecutive Redis failures (transport
+	// errors, timeouts, LOADING-style replies; not misses, not the caller's
+	// own cancellation) open the circuit breaker. While it is open, Redis is
+	// skipped entirely. Default 5.
+	BreakerFailures int
+
+	// BreakerCooldown is how long the breaker stays open before one probe
+	// command is let through (half-open); success closes it. Default 1s.
+	BreakerCooldown time.Duration
+
+	// NoBreaker turns the circuit breaker off. Default false.
+	NoBreaker bool
+
+	// OnRedisDown says what Get does when Redis cannot be used: FailOpen
+	// (call the loader; default) or FailClosed (return ErrRedisUnavailable).
+	OnRedisDown RedisDownPolicy
+
+	// MaxLoadsWhileDown caps the loads running at once, in this cache, that
+	// bypass Redis because it failed, so a Redis outage cannot flood the
+	// source. Past the cap the shared load waits up to LoadTimeout for a
+	// slot (each caller still returns when its own context ends), or, with
+	// FailFastWhenCapped, the Get returns ErrOverloaded at once. Default 64.
+	MaxLoadsWhileDown int
+
+	// FailFastWhenCapped: see MaxLoadsWhileDown. Default false.
+	FailFastWhenCapped bool
+
+	// RetryInvalidations, when positive, makes the cache keep retrying
+	// invalidations that failed (Invalidate, InvalidatePrefix,
+	// InvalidateNamespace) in the background, for up to this long after the
+	// first failure, so they take effect once Redis is back. The call still
+	// returns its error. At most 10,000 are kept; more are dropped and
+	// counted. Default 0: no retry (the TTL bounds the staleness).
+	RetryInvalidations time.Duration
+}
+
+// Defaults of Degradation, named after the fields they fill in.
+const (
+	DefaultOpTimeout         = 50 * time.Millisecond
+	DefaultBreakerFailures   = 5
+	DefaultBreakerCooldown   = time.Second
+	DefaultMaxLoadsWhileDown = 64
+)
+
+// resolve validates d and returns it with every default filled in.
+func (d Degradation) resolve() (Degradation, error) {
+	invalid := func(format string, args ...any) (Degradation, error) {
+		return Degradation{}, fmt.Errorf("%w: Degradation.%s", ErrInvalidOptions, fmt.Sprintf(format, args...))
+	}
+	switch {
+	case d.OpTimeout < 0:
+		return invalid("OpTimeout %v is negative", d.OpTimeout)
+	case d.OpTimeout != 0 && d.OpTimeout < time.Millisecond:
+		return invalid("OpTimeout %v is below 1ms", d.OpTimeout)
+	case d.BreakerFailures < 0:
+		return invalid("BreakerFailures %d is negative", d.BreakerFailures)
+	case d.BreakerCooldown < 0:
+		return invalid("BreakerCooldown %v is negative", d.BreakerCooldown)
+	case d.OnRedisDown != FailOpen && d.OnRedisDown != FailClosed:
+		return invalid("OnRedisDown %v is not FailOpen or FailClosed", d.OnRedisDown)
+	case d.MaxLoadsWhileDown < 0:
+		return invalid("MaxLoadsWhileDown %d is negative", d.MaxLoadsWhileDown)
+	case d.RetryInvalidations < 0:
+		return invalid("RetryInvalidations %v is negative", d.RetryInvalidations)
+	}
+	if d.OpTimeout == 0 {
+		d.OpTimeout = DefaultOpTimeout
+	}
+	if d.BreakerFailures == 0 {
+		d.BreakerFailures = DefaultBreakerFailures
+	}
+	if d.BreakerCooldown == 0 {
+		d.BreakerCooldown = DefaultBreakerCooldown
+	}
+	if d.MaxLoadsWhileDown == 0 {
+		d.MaxLoadsWhileDown = DefaultMaxLoadsWhileDown
+	}
+	return d, nil
+}
 
 // RedisDownPolicy says what Get does when Redis cannot be used.
 type RedisDownPolicy int
@@ -352,7 +443,7 @@ func (c *Cache[T]) loadSlot(ctx context.Context) (func(), error) {
 		return func() { <-c.loadSlots }, nil
 	default:
 	}
-	if c.opts.FailFastWhenCapped {
+	if c.opts.Degradation.FailFastWhenCapped {
 		c.ev.overloaded()
 		return nil, ErrOverloaded
 	}

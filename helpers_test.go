@@ -125,8 +125,8 @@ func newCache[T any](t *testing.T, b *backend, o *Options[T]) *Cache[T] {
 	if o == nil {
 		o = &Options[T]{}
 	}
-	if o.OpTimeout == 0 {
-		o.OpTimeout = 2 * time.Second
+	if o.Degradation.OpTimeout == 0 {
+		o.Degradation.OpTimeout = 2 * time.Second
 	}
 	c, err := New[T](b.client(t), o)
 	if err != nil {

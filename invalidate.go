@@ -259,7 +259,7 @@ func (c *Cache[T]) forgetPrefix(prefix string) {
 	})
 }
 
-// Retrying failed invalidations (Options.RetryInvalidations).
+// Retrying failed invalidations (Degradation.RetryInvalidations).
 
 // retryOp is one failed invalidation waiting to be retried.
 type retryOp struct {
@@ -275,7 +275,7 @@ const maxRetries = 10000
 // makes sure the retry goroutine runs. It does nothing unless
 // RetryInvalidations is set.
 func (c *Cache[T]) retryLater(id string, op func(context.Context) error) {
-	if c.opts.RetryInvalidations <= 0 {
+	if c.opts.Degradation.RetryInvalidations <= 0 {
 		return
 	}
 	c.retryMu.Lock()
@@ -319,7 +319,7 @@ func (c *Cache[T]) retryLoop() {
 			if c.stop.Err() != nil {
 				return
 			}
-			if time.Since(op.since) > c.opts.RetryInvalidations {
+			if time.Since(op.since) > c.opts.Degradation.RetryInvalidations {
 				c.ev.dropped()
 				done = true
 			} else {

@@ -76,10 +76,10 @@ type LocalOptions struct {
 
 // Default values of LocalOptions.
 const (
-	DefaultLocalMaxEntries  = 10_000
-	DefaultLocalTTL         = time.Second
-	DefaultLocalHealthCheck = time.Second
-	DefaultLocalChannel     = "cacheaside:invalidate:" // + Options.Name
+	DefaultLocalMaxEntries    = 10_000
+	DefaultLocalTTL           = time.Second
+	DefaultLocalHealthCheck   = time.Second
+	DefaultLocalChannelPrefix = "cacheaside:invalidate:" // + Options.Name
 )
 
 // Bus is what the local tier needs from the Redis client besides Redis:
@@ -117,7 +117,7 @@ func (o *LocalOptions) resolve(name string) (LocalOptions, error) {
 		r.HealthCheck = DefaultLocalHealthCheck
 	}
 	if r.Channel == "" {
-		r.Channel = DefaultLocalChannel + name
+		r.Channel = DefaultLocalChannelPrefix + name
 	}
 	return r, nil
 }

@@ -348,7 +348,7 @@ func TestClientSideCachingStaleness(t *testing.T) {
 			csc := redis.NewClient(&redis.Options{Addr: b.addr, Protocol: 3, ContextTimeoutEnabled: true,
 				ClientSideCacheConfig: &redis.ClientSideCacheConfig{MaxEntries: 10000}})
 			defer csc.Close()
-			reader, err := New[int64](csc, &Options[int64]{OpTimeout: 2 * time.Second})
+			reader, err := New[int64](csc, &Options[int64]{Degradation: Degradation{OpTimeout: 2 * time.Second}})
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -106,47 +106,11 @@ type Options[T any] struct {
 	// from Redis or the codec; err is an *OpError. Default nil.
 	OnError func(ctx context.Context, err error)
 
-	// OpTimeout bounds every Redis command the cache sends, and a command
-	// never gets more than half of what remains of the caller's deadline:
-	// a slow or unreachable Redis costs a Get at most this (per command)
-	// before it falls back. Invalidation batches get ten times as long, at
-	// least 1s. Default 50ms.
-	OpTimeout time.Duration
-
-	// BreakerFailures is how many consecutive Redis failures (transport
-	// errors, timeouts, LOADING-style replies; not misses, not the caller's
-	// own cancellation) open the circuit breaker. While it is open, Redis is
-	// skipped entirely. Default 5.
-	BreakerFailures int
-
-	// BreakerCooldown is how long the breaker stays open before one probe
-	// command is let through (half-open); success closes it. Default 1s.
-	BreakerCooldown time.Duration
-
-	// NoBreaker turns the circuit breaker off. Default false.
-	NoBreaker bool
-
-	// OnRedisDown says what Get does when Redis cannot be used: FailOpen
-	// (call the loader; default) or FailClosed (return ErrRedisUnavailable).
-	OnRedisDown RedisDownPolicy
-
-	// MaxLoadsWhileDown caps the loads running at once, in this cache, that
-	// bypass Redis because it failed, so a Redis outage cannot flood the
-	// source. Past the cap the shared load waits up to LoadTimeout for a
-	// slot (each caller still returns when its own context ends), or, with
-	// FailFastWhenCapped, the Get returns ErrOverloaded at once. Default 64.
-	MaxLoadsWhileDown int
-
-	// FailFastWhenCapped: see MaxLoadsWhileDown. Default false.
-	FailFastWhenCapped bool
-
-	// RetryInvalidations, when positive, makes the cache keep retrying
-	// invalidations that failed (Invalidate, InvalidatePrefix,
-	// InvalidateNamespace) in the background, for up to this long after the
-	// first failure, so they take effect once Redis is back. The call still
-	// returns its error. At most 10,000 are kept; more are dropped and
-	// counted. Default 0: no retry (the TTL bounds the staleness).
-	RetryInvalidations time.Duration
+	// Degradation says how the cache behaves when Redis is slow or down:
+	// the per-command budget, the circuit breaker, fail-open or
+	// fail-closed, the cap on loads that bypass Redis, and retries of
+	// failed invalidations. The zero value means its documented defaults.
+	Degradation Degradation
 
 	// Clock tells the time for freshness decisions (soft expiry, stale
 	// windows, early refresh and the load durations it weighs) and for
@@ -155,7 +119,7 @@ type Options[T any] struct {
 	Clock func() time.Time
 }
 
-// Defaults of Options.
+// Defaults of Options, named after the fields they fill in.
 const (
 	DefaultName         = "default"
 	DefaultLoadTimeout  = 5 * time.Second
@@ -164,10 +128,6 @@ const (
 	DefaultPollMax      = 25 * time.Millisecond
 	DefaultMaxValueSize = 1 << 20
 	DefaultMaxKeySize   = 1024
-	DefaultOpTimeout    = 50 * time.Millisecond
-	DefaultBreakerFails = 5
-	DefaultBreakerCool  = time.Second
-	DefaultMaxLoadsDown = 64
 	minLeaseTTL         = 10 * time.Millisecond
 )
 
@@ -200,20 +160,10 @@ func (o *Options[T]) resolve() (Options[T], error) {
 		return invalid("MaxKeySize %d is negative", r.MaxKeySize)
 	case len(r.Name) > 128:
 		return invalid("Name is %d bytes, at most 128", len(r.Name))
-	case r.OpTimeout < 0:
-		return invalid("OpTimeout %v is negative", r.OpTimeout)
-	case r.OpTimeout != 0 && r.OpTimeout < time.Millisecond:
-		return invalid("OpTimeout %v is below 1ms", r.OpTimeout)
-	case r.BreakerFailures < 0:
-		return invalid("BreakerFailures %d is negative", r.BreakerFailures)
-	case r.BreakerCooldown < 0:
-		return invalid("BreakerCooldown %v is negative", r.BreakerCooldown)
-	case r.OnRedisDown != FailOpen && r.OnRedisDown != FailClosed:
-		return invalid("OnRedisDown %v is not FailOpen or FailClosed", r.OnRedisDown)
-	case r.MaxLoadsWhileDown < 0:
-		return invalid("MaxLoadsWhileDown %d is negative", r.MaxLoadsWhileDown)
-	case r.RetryInvalidations < 0:
-		return invalid("RetryInvalidations %v is negative", r.RetryInvalidations)
+	}
+	var err error
+	if r.Degradation, err = r.Degradation.resolve(); err != nil {
+		return Options[T]{}, err
 	}
 	if r.Name == "" {
 		r.Name = DefaultName
@@ -251,18 +201,6 @@ func (o *Options[T]) resolve() (Options[T], error) {
 	}
 	if r.Clock == nil {
 		r.Clock = time.Now
-	}
-	if r.OpTimeout == 0 {
-		r.OpTimeout = DefaultOpTimeout
-	}
-	if r.BreakerFailures == 0 {
-		r.BreakerFailures = DefaultBreakerFails
-	}
-	if r.BreakerCooldown == 0 {
-		r.BreakerCooldown = DefaultBreakerCool
-	}
-	if r.MaxLoadsWhileDown == 0 {
-		r.MaxLoadsWhileDown = DefaultMaxLoadsDown
 	}
 	return r, nil
 }

@@ -311,7 +311,7 @@ func (c *Cache[T]) settle(ctx context.Context, op *keyOp[T], count bool, errs *e
 			return failed, false, cerr // the caller's own deadline, not a Redis failure
 		}
 		errs.add(op.key, op.rerr)
-		if c.opts.OnRedisDown == FailClosed {
+		if c.opts.Degradation.OnRedisDown == FailClosed {
 			return failed, false, unavailable(op.rerr)
 		}
 		op.down = true

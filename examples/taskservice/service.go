@@ -52,7 +52,7 @@ func NewService(store *Store, rdb cacheaside.Redis, ttls *cacheaside.TTLTable, r
 	// instance's local tier through the invalidation bus.
 	var local *cacheaside.LocalOptions
 	if localTTL > 0 {
-		local = &cacheaside.LocalOptions{TTL: localTTL, Channel: cacheaside.DefaultLocalChannel + prefix + "task"}
+		local = &cacheaside.LocalOptions{TTL: localTTL, Channel: cacheaside.DefaultLocalChannelPrefix + prefix + "task"}
 	}
 	if s.tasks, err = cacheaside.New(rdb, &cacheaside.Options[Task]{Name: "task", Policy: ttls.Get("task"), Recorder: rec, Logger: log, Local: local}); err != nil {
 		return nil, err
