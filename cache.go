@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"reflect"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -34,6 +35,7 @@ type Cache[T any] struct {
 	flights  atomic.Uint64           // flights started, numbering them (flightState.seq)
 
 	splitReads atomic.Bool // multi-key reads may cross slots: GetMany reads per key
+	scanOne    bool        // a wrapper without ForEachMaster/ForEachShard: InvalidatePrefix scans the node it reaches
 
 	loadSlots chan struct{} // MaxLoadsWhileDown slots for loads that bypass Redis
 
@@ -70,6 +72,9 @@ type Loader[T any] func(ctx context.Context) (T, error)
 func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 	if rdb == nil {
 		return nil, fmt.Errorf("%w: nil Redis client", ErrInvalidOptions)
+	}
+	if v := reflect.ValueOf(rdb); v.Kind() == reflect.Pointer && v.IsNil() {
+		return nil, fmt.Errorf("%w: nil %T", ErrInvalidOptions, rdb)
 	}
 	o, err := opts.resolve()
 	if err != nil {
@@ -120,8 +125,28 @@ func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 			c.reads.run(c.stop, c.rdb)
 		}()
 	}
+	c.scanOne = scansOneNode(rdb)
+	if c.scanOne {
+		o.Logger.Warn("cacheaside: the client is a wrapper without ForEachMaster or ForEachShard, so InvalidatePrefix scans only the node it reaches; on a sharded client it returns an error once a CROSSSLOT reply shows the sharding",
+			slog.String("cache", o.Name), slog.String("client", fmt.Sprintf("%T", rdb)))
+	}
 	warnClientOptions(c.raw, o.Logger, o.Name)
 	return c, nil
+}
+
+// scansOneNode reports whether InvalidatePrefix can reach only one node of
+// rdb: a client that is neither go-redis's own single-node client nor has
+// a way to visit every node.
+func scansOneNode(rdb Redis) bool {
+	switch rdb.(type) {
+	case *redis.Client, interface {
+		ForEachMaster(context.Context, func(context.Context, *redis.Client) error) error
+	}, interface {
+		ForEachShard(context.Context, func(context.Context, *redis.Client) error) error
+	}:
+		return false
+	}
+	return true
 }
 
 // warnClientOptions logs once, at New, when a go-redis client will not put
@@ -335,6 +360,7 @@ func (c *Cache[T]) enter() bool {
 type testHooks struct {
 	afterRead  func(key string)               // after the first read returned
 	afterMiss  func(key string)               // after the first read missed, before the engine
+	joined     func(key string)               // after joining (or starting) the key's in-process flight
 	beforeFill func(key string)               // after the loader returned, before the fill
 	fill       func(sc scriptCall) scriptCall // replaces a fill script (a broken protocol, for control tests)
 	noExtend   bool                           // do not renew leases

@@ -478,6 +478,8 @@ func TestLoaderPanic(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b *backend) {
 		c := newCache[string](t, b, nil)
 		key := b.key("p")
+		var joins atomic.Int64
+		c.hooks = &testHooks{joined: func(string) { joins.Add(1) }}
 		var wg sync.WaitGroup
 		errs := make(chan error, 20)
 		release := make(chan struct{})
@@ -494,8 +496,7 @@ func TestLoaderPanic(t *testing.T) {
 				errs <- err
 			}()
 		}
-		waitFor(t, "the load", func() bool { return calls.Load() == 1 })
-		time.Sleep(10 * time.Millisecond) // let the others join the flight
+		waitFor(t, "every Get to join the flight", func() bool { return calls.Load() == 1 && joins.Load() == 20 })
 		close(release)
 		wg.Wait()
 		close(errs)

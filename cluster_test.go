@@ -649,7 +649,30 @@ func TestClusterInvalidatePrefix(t *testing.T) {
 	if v, err := c.Get(ctx, inside[0], cnt.load("reloaded", 0)); err != nil || v != "reloaded" || cnt.calls.Load() != 1 {
 		t.Fatalf("Get under the prefix = %q, %v, %d loads; want a reload", v, err, cnt.calls.Load())
 	}
+
+	// A wrapper that hides ForEachMaster: once a CROSSSLOT reply shows that
+	// it shards, InvalidatePrefix refuses instead of scanning one node.
+	w, err := New[string](hideNodes{cc}, &Options[string]{Degradation: Degradation{OpTimeout: 2 * time.Second}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	if _, err := GetMany(ctx, w, []int{0, 1, 2, 3}, func(i int) string { return inside[i] }, func(_ context.Context, ids []int) (map[int]string, error) {
+		return map[int]string{}, nil
+	}); err != nil {
+		t.Fatalf("GetMany through the wrapper: %v", err)
+	}
+	if !w.splitReads.Load() {
+		t.Fatal("GetMany across slots through the wrapper did not see CROSSSLOT")
+	}
+	if _, err := w.InvalidatePrefix(ctx, prefix); !errors.Is(err, errShardedScan) {
+		t.Fatalf("InvalidatePrefix through a sharding wrapper = %v, want errShardedScan", err)
+	}
 }
+
+// hideNodes is a user's wrapper of a cluster client that exposes only the
+// Redis interface.
+type hideNodes struct{ Redis }
 
 // TestClusterNamespace: a namespaced cache on a cluster. Every key of a
 // namespace and its generation key share one slot, so the Get's MGET (and

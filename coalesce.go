@@ -171,7 +171,7 @@ func (q *coalescer) send(stop context.Context, rdb Redis, batch []*readReq) {
 	}
 	vals, err := rdb.MGet(stop, keys...).Result()
 	if err == nil && len(vals) != len(keys) {
-		err = fmt.Errorf("MGET returned %d values", len(vals))
+		err = errReplyLength("MGET", len(vals), len(keys))
 	}
 	answered = true
 	for _, r := range batch {

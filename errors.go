@@ -109,3 +109,14 @@ func (e *KeyError) Error() string { return fmt.Sprintf("cacheaside: key %q: %v",
 func (e *KeyError) Unwrap() error { return e.Err }
 
 var errNilBatch = errors.New("cacheaside: GetMany with a nil Cache, key function or BatchLoader")
+
+// errReplyLength is the error of a multi-key reply (MGET) whose length
+// is not the number of keys asked for.
+func errReplyLength(cmd string, got, want int) error {
+	return fmt.Errorf("cacheaside: %s returned %d values for %d keys", cmd, got, want)
+}
+
+// errShardedScan is returned by InvalidatePrefix on a client that shards
+// keys across nodes (it answered CROSSSLOT) but offers no way to visit
+// every node.
+var errShardedScan = errors.New("cacheaside: InvalidatePrefix needs every node, and this client shards keys without ForEachMaster or ForEachShard; pass the *redis.ClusterClient or *redis.Ring itself, or give the wrapper one of those methods")

@@ -236,6 +236,8 @@ func TestGetManySharesLoadsWithGet(t *testing.T) {
 			batchDone <- got
 		}()
 		waitFor(t, "the batch load", func() bool { n, _ := bl.stats(); return n == 1 })
+		var joins atomic.Int64
+		c.hooks = &testHooks{joined: func(string) { joins.Add(1) }}
 		var wg sync.WaitGroup
 		for _, id := range []int{10, 12} {
 			wg.Go(func() {
@@ -248,7 +250,7 @@ func TestGetManySharesLoadsWithGet(t *testing.T) {
 				}
 			})
 		}
-		time.Sleep(20 * time.Millisecond) // let the Gets reach the flight
+		waitFor(t, "the Gets to join the batch's flights", func() bool { return joins.Load() == 2 })
 		close(bl.gate)
 		wg.Wait()
 		<-batchDone
@@ -285,7 +287,7 @@ func TestGetManyAcrossInstances(t *testing.T) {
 			res <- got
 		}()
 		waitFor(t, "the second batch", func() bool { n, _ := bl2.stats(); return n == 1 })
-		time.Sleep(20 * time.Millisecond)
+		waitFor(t, "the second batch to wait for the first's leases", func() bool { return c2.Stats().LeaseContended == 4 })
 		close(bl1.gate)
 		got := <-res
 		<-done

@@ -173,6 +173,10 @@ func (c *Cache[T]) invalidatePrefix(ctx context.Context, prefix string, first bo
 	}:
 		err = r.ForEachShard(ctx, func(ctx context.Context, cl *redis.Client) error { return node(ctx, cl) })
 	default:
+		if c.splitReads.Load() && c.scanOne {
+			// A wrapper that shards: one node's SCAN would miss the rest.
+			return 0, errShardedScan
+		}
 		err = node(ctx, c.rdb)
 	}
 	c.forgetPrefix(prefix) // again: loads that started during the scan

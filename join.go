@@ -89,6 +89,9 @@ func (c *Cache[T]) join(ctx context.Context, ops []*keyOp[T], src source[T]) {
 			op.fs = c.startFlight(op.key)
 			owned = append(owned, op)
 		}
+		if h := c.hooks; h != nil && h.joined != nil {
+			h.joined(op.key)
+		}
 	}
 	if len(owned) > 0 {
 		c.start(ctx, owned, src)

@@ -28,10 +28,10 @@ func TestJoinAfterNamespaceBumpInOtherProcess(t *testing.T) {
 		var db atomic.Int64
 		db.Store(1)
 		inLoad, resume := make(chan struct{}), make(chan struct{})
-		missed := make(chan struct{})
+		missed := make(chan struct{}) // closed when the second Get has joined
 		var armed atomic.Bool
 		var once sync.Once
-		p1.hooks = &testHooks{afterMiss: func(string) {
+		p1.hooks = &testHooks{joined: func(string) {
 			if armed.Load() {
 				once.Do(func() { close(missed) })
 			}
@@ -55,8 +55,7 @@ func TestJoinAfterNamespaceBumpInOtherProcess(t *testing.T) {
 		got := make(chan int64, 1)
 		armed.Store(true)
 		go func() { v, _ := p1.Get(ctx, key, load); got <- v }()
-		<-missed
-		time.Sleep(20 * time.Millisecond) // let it reach DoChan
+		<-missed // it joined the load in flight
 		close(resume)
 		if v := <-got; v != 2 {
 			t.Fatalf("Get started after InvalidateNamespace returned = v%d, want v2", v)
@@ -75,10 +74,10 @@ func TestJoinAfterInvalidateInOtherProcess(t *testing.T) {
 		var db atomic.Int64
 		db.Store(1)
 		inLoad, resume := make(chan struct{}), make(chan struct{})
-		missed := make(chan struct{})
+		missed := make(chan struct{}) // closed when the second Get has joined
 		var armed atomic.Bool
 		var once sync.Once
-		p1.hooks = &testHooks{afterMiss: func(string) {
+		p1.hooks = &testHooks{joined: func(string) {
 			if armed.Load() {
 				once.Do(func() { close(missed) })
 			}
@@ -101,8 +100,7 @@ func TestJoinAfterInvalidateInOtherProcess(t *testing.T) {
 		got := make(chan int64, 1)
 		armed.Store(true)
 		go func() { v, _ := p1.Get(ctx, key, load); got <- v }()
-		<-missed
-		time.Sleep(20 * time.Millisecond) // let it reach DoChan
+		<-missed // it joined the load in flight
 		close(resume)
 		if v := <-got; v != 2 {
 			t.Fatalf("Get = v%d, want v2", v)
@@ -191,8 +189,11 @@ func TestJoinOfLoadStartedAfterRedisError(t *testing.T) {
 			t.Fatal(err)
 		}
 		got := make(chan int64, 1)
+		reached := make(chan struct{})
+		var once sync.Once
+		p1.hooks = &testHooks{joined: func(string) { once.Do(func() { close(reached) }) }}
 		go func() { v, _ := p1.Get(ctx, key, load); got <- v }()
-		time.Sleep(20 * time.Millisecond)
+		<-reached // it joined the load in flight, or started its own
 		close(resume)
 		if v := <-got; v != 2 {
 			t.Fatalf("Get started after Invalidate returned = v%d, want v2", v)
@@ -242,8 +243,11 @@ func TestNamespaceTagKeySameProcess(t *testing.T) {
 			t.Fatal(err)
 		}
 		got := make(chan int64, 1)
+		reached := make(chan struct{})
+		var once sync.Once
+		p1.hooks = &testHooks{joined: func(string) { once.Do(func() { close(reached) }) }}
 		go func() { v, _ := p1.Get(ctx, key, load); got <- v }()
-		time.Sleep(20 * time.Millisecond)
+		<-reached // it joined the load in flight, or started its own
 		close(resume)
 		if v := <-got; v != 2 {
 			t.Fatalf("same-process Get after InvalidateNamespace = v%d, want v2", v)

@@ -17,6 +17,14 @@ func TestNewValidatesOptions(t *testing.T) {
 	if _, err := New[string](nil, nil); !errors.Is(err, ErrInvalidOptions) {
 		t.Fatalf("nil client: %v", err)
 	}
+	var nilClient *redis.Client
+	var nilCluster *redis.ClusterClient
+	var nilRing *redis.Ring
+	for _, r := range []Redis{nilClient, nilCluster, nilRing} {
+		if _, err := New[string](r, nil); !errors.Is(err, ErrInvalidOptions) {
+			t.Fatalf("typed nil %T: New = %v, want ErrInvalidOptions", r, err)
+		}
+	}
 	c, err := New[string](rdb, nil)
 	if err != nil {
 		t.Fatalf("nil options: %v", err)

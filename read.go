@@ -41,7 +41,7 @@ func (c *Cache[T]) read(ctx context.Context, key, genKey string) (b []byte, gv g
 		return nil, gv, err
 	}
 	if len(vals) != 2 {
-		return nil, gv, fmt.Errorf("MGET returned %d values", len(vals))
+		return nil, gv, errReplyLength("MGET", len(vals), 2)
 	}
 	b, gv = namespacedRead(vals)
 	return b, gv, nil
@@ -183,7 +183,7 @@ func (c *Cache[T]) readKeys(ctx context.Context, keys []string) ([][]byte, []err
 // mgetInto stores the reply of an MGET of the keys from off on.
 func mgetInto(vals [][]byte, errs []error, off int, res []any, err error) {
 	if err == nil && len(res) != min(len(vals)-off, maxMGet) {
-		err = fmt.Errorf("MGET returned %d values", len(res))
+		err = errReplyLength("MGET", len(res), min(len(vals)-off, maxMGet))
 	}
 	if err != nil {
 		for i := off; i < min(off+maxMGet, len(vals)); i++ {
