@@ -182,7 +182,7 @@ func TestJoinOfLoadStartedAfterRedisError(t *testing.T) {
 			return v, nil
 		}
 		rdb.fail.Store(true)
-		go func() { _, _ = p1.Get(ctx, key, load) }() // its GET fails: loadUncached
+		go func() { _, _ = p1.Get(ctx, key, load) }() // its GET fails: the engine loads without Redis
 		<-inLoad
 		db.Store(2)
 		if err := p2.Invalidate(ctx, key); err != nil {
