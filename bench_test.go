@@ -3,10 +3,6 @@ package cacheaside
 import (
 	"context"
 	"encoding/json"
-	"github.com/Shopify/toxiproxy/v2"
-	"github.com/Shopify/toxiproxy/v2/collectors"
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/rs/zerolog"
 	"log/slog"
 	"math/rand/v2"
 	"net"
@@ -17,6 +13,11 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/Shopify/toxiproxy/v2"
+	"github.com/Shopify/toxiproxy/v2/collectors"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/rs/zerolog"
 
 	"github.com/alicebob/miniredis/v2"
 	"github.com/redis/go-redis/v9"

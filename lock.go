@@ -231,3 +231,56 @@ func (c *Cache[T]) evalMany(ctx context.Context, calls []scriptCall) []*redis.Cm
 	}
 	return cmds
 }
+
+// releaseLater drops tok's lease in the background (best effort, within
+// the budget), off the caller's path: a lease script whose reply was lost
+// may have taken it, or a fill failed and other processes would otherwise
+// wait for it to expire. keep is how long a value the script may have
+// turned into a refreshing entry should live on once put back. Close
+// waits for it.
+func (c *Cache[T]) releaseLater(key string, tok envelope.Token, keep time.Duration) {
+	if !c.enter() {
+		return
+	}
+	go func() {
+		defer c.wg.Done()
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(c.stop), c.opts.LeaseTTL)
+		defer cancel()
+		_, _ = release(ctx, c.rdb, key, tok, keep)
+	}()
+}
+
+// keepLeases renews the leases of ops every LeaseTTL/3 (one round trip
+// each time) until the returned stop is called; stop waits for the
+// renewing goroutine to end.
+func (c *Cache[T]) keepLeases(ctx context.Context, ops []*keyOp[T]) (stop func()) {
+	if h := c.hooks; h != nil && h.noExtend {
+		return func() {}
+	}
+	calls := make([]scriptCall, len(ops))
+	for i, op := range ops {
+		calls[i] = extendCall(op.key, op.tok, c.opts.LeaseTTL)
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		t := time.NewTicker(c.opts.LeaseTTL / 3)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			var failed errorOnce
+			for i, cmd := range c.evalMany(ctx, calls) {
+				if err := cmd.Err(); err != nil && ctx.Err() == nil {
+					failed.add(calls[i].keys[0], err)
+				}
+			}
+			failed.report(ctx, c, "extend")
+		}
+	}()
+	return func() { cancel(); <-done }
+}

@@ -1,0 +1,142 @@
+// Fills: a loaded value or "not found" encoded and written under the lease, or
+// the lease released.
+
+package cacheaside
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/seed-b4ec662f/cacheaside/internal/envelope"
+)
+
+// loadAndFill calls the loader for the ops whose leases the run holds,
+// renewing the leases meanwhile, and stores each outcome in one round
+// trip: a value, a tombstone for an id the loader left out, or nothing
+// (the lease is released; a refreshing entry goes back to a plain value
+// that lives for op.keep more).
+func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
+	c := r.c
+	if c.local != nil {
+		for _, op := range held {
+			op.snap = c.local.snap(op.key, op.genKey) // before the loader reads the source
+		}
+	}
+	stop := c.keepLeases(r.ctx, held)
+	vals, found, took, err := r.call(held)
+	stop()
+	if h := c.hooks; h != nil && h.beforeFill != nil {
+		for _, op := range held {
+			h.beforeFill(op.key)
+		}
+	}
+	// Fill and release must happen even if Close cancelled the run.
+	wctx, cancel := context.WithTimeout(context.WithoutCancel(r.ctx), c.opts.LeaseTTL)
+	defer cancel()
+	calls := make([]scriptCall, len(held))
+	if err != nil {
+		for i, op := range held {
+			calls[i] = releaseCall(op.key, op.tok, op.keep(c))
+		}
+		var failed errorOnce
+		for i, cmd := range c.evalMany(wctx, calls) {
+			if err := cmd.Err(); err != nil {
+				failed.add(held[i].key, err)
+			}
+		}
+		failed.report(wctx, c, "release")
+		for _, op := range held {
+			op.held = false
+			r.fail(op, err)
+		}
+		return
+	}
+	p := c.opts.Policy
+	fills := make([]bool, len(held))
+	softs := make([]int64, len(held))
+	for i, op := range held {
+		switch {
+		case found[i]:
+			entry, ttl, merr := c.encode(vals[i], op.tok, op.gen, took)
+			if merr != nil {
+				c.ev.notCached()
+				c.report(r.ctx, "encode", op.key, merr)
+				calls[i] = releaseCall(op.key, op.tok, op.keep(c))
+				continue
+			}
+			calls[i], fills[i], softs[i] = fillCall(op.key, op.genKey, op.tok, entry, ttl, c.genTTL), true, softExpiry(entry)
+		case p.NoNegativeCache:
+			calls[i] = releaseCall(op.key, op.tok, 0)
+		default:
+			ttl := p.jitter(p.NegativeTTL)
+			soft := c.opts.Clock().Add(ttl)
+			entry := tombstone(op.tok, c.opts.Codec.Format(), op.gen, soft)
+			calls[i], fills[i], softs[i] = fillCall(op.key, op.genKey, op.tok, entry, ttl, c.genTTL), true, soft.UnixMilli()
+		}
+		if h := c.hooks; h != nil && h.fill != nil && fills[i] {
+			calls[i] = h.fill(calls[i])
+		}
+	}
+	cmds := c.evalMany(wctx, calls)
+	var failed errorOnce
+	for i, op := range held {
+		n, err := cmds[i].Int64()
+		var tok envelope.Token
+		switch {
+		case err != nil:
+			if fills[i] {
+				c.releaseLater(op.key, op.tok, 0) // or other processes wait out the lease
+			}
+			failed.add(op.key, err)
+		case fills[i] && n == 1:
+			tok = op.tok
+			c.putLocal(op.key, vals[i], !found[i], softs[i], op.snap)
+		case fills[i]:
+			c.ev.fillRejected()
+		}
+		op.held = false
+		if found[i] {
+			r.finish(op, answer[T]{v: vals[i], tok: tok}, nil)
+		} else {
+			r.finish(op, answer[T]{tok: tok}, ErrNotFound)
+		}
+	}
+	failed.report(wctx, c, "fill")
+}
+
+// encode builds the value entry for v and the lifetime to give it in
+// Redis: the jittered TTL plus the jittered stale window.
+func (c *Cache[T]) encode(v T, tok envelope.Token, gen envelope.Gen, took time.Duration) ([]byte, time.Duration, error) {
+	payload, err := c.opts.Codec.Marshal(v)
+	if err == nil && len(payload) > c.opts.MaxValueSize {
+		err = fmt.Errorf("%w: %d bytes, MaxValueSize %d", ErrValueTooLarge, len(payload), c.opts.MaxValueSize)
+	}
+	if err != nil {
+		return nil, 0, err
+	}
+	p := c.opts.Policy
+	ttl := p.jitter(p.TTL)
+	life := ttl
+	if w := p.staleWindow(); w > 0 {
+		life += p.jitter(w)
+	}
+	return envelope.Encode(&envelope.Entry{
+		Kind:       envelope.Value,
+		Format:     c.opts.Codec.Format(),
+		Token:      tok,
+		SoftExpiry: c.opts.Clock().Add(ttl).UnixMilli(),
+		LoadMillis: uint32(min(took.Milliseconds(), 1<<32-1)),
+		Gen:        gen,
+		Payload:    payload,
+	}), life, nil
+}
+
+// softExpiry reads the soft expiry back from an encoded entry.
+func softExpiry(entry []byte) int64 {
+	var e envelope.Entry
+	if envelope.Decode(entry, &e) != nil {
+		return 0
+	}
+	return e.SoftExpiry
+}

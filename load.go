@@ -1,0 +1,137 @@
+// Loader calls: the source a door loads with (Get's loader or GetMany's batch
+// loader), the guarded call (timeout, panics, Goexit), and loads without Redis.
+
+package cacheaside
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"runtime/debug"
+	"time"
+)
+
+// source is what a door loads with: Get's loader, or GetMany's batch
+// loader, which takes the positions (keyOp.idx) of its ids.
+type source[T any] struct {
+	one  Loader[T]
+	many func(ctx context.Context, idx []int) (vals []T, found []bool, err error)
+}
+
+// load calls the loader once for ops. found[i] is false for an id the
+// loader left out; err is the loader's own error, "not found" included.
+func (s source[T]) load(ctx context.Context, ops []*keyOp[T]) (vals []T, found []bool, err error) {
+	if s.one != nil {
+		v, err := s.one(ctx)
+		if err != nil {
+			return nil, nil, err
+		}
+		return []T{v}, []bool{true}, nil
+	}
+	idx := make([]int, len(ops))
+	for i, op := range ops {
+		idx[i] = op.idx
+	}
+	return s.many(ctx, idx)
+}
+
+// call calls the loader once for ops, on its own goroutine under the load
+// timeout (see callFn), and counts it. A "not found" error means none of
+// the ids exist.
+func (r *missRun[T]) call(ops []*keyOp[T]) (vals []T, found []bool, took time.Duration, err error) {
+	type loaded struct {
+		vals  []T
+		found []bool
+	}
+	start := r.c.opts.Clock() // load time feeds XFetch, a freshness decision
+	res, err := callFn(r.ctx, r.c.opts.LoadTimeout, func(ctx context.Context) (loaded, error) {
+		v, f, err := r.src.load(ctx, ops)
+		return loaded{v, f}, err
+	})
+	took = r.c.opts.Clock().Sub(start)
+	r.c.ev.loaded(took, err, r.c.isNotFound(err))
+	switch {
+	case err != nil && r.c.isNotFound(err):
+		return make([]T, len(ops)), make([]bool, len(ops)), took, nil
+	case err != nil:
+		return nil, nil, took, err
+	}
+	return res.vals, res.found, took, nil
+}
+
+// loadDown loads ops without Redis (it failed on them, or their holders
+// never answered), in one loader call within one MaxLoadsWhileDown slot.
+func (r *missRun[T]) loadDown(ops []*keyOp[T]) {
+	c := r.c
+	defer func() {
+		if p := recover(); p != nil { // a Recorder or IsNotFound that panicked
+			err := &PanicError{Value: p, Stack: debug.Stack()}
+			for _, op := range ops {
+				r.fail(op, err)
+			}
+		}
+	}()
+	wctx, wcancel := context.WithTimeout(r.ctx, c.opts.LoadTimeout)
+	done, err := c.loadSlot(wctx)
+	wcancel()
+	if err != nil {
+		if errors.Is(err, ErrOverloaded) && c.stop.Err() != nil {
+			err = ErrClosed
+		}
+		for _, op := range ops {
+			r.fail(op, err)
+		}
+		return
+	}
+	defer done()
+	vals, found, _, err := r.call(ops)
+	for i, op := range ops {
+		switch {
+		case err != nil:
+			r.fail(op, err)
+		case !found[i]:
+			r.finish(op, answer[T]{}, ErrNotFound)
+		default:
+			r.finish(op, answer[T]{v: vals[i]}, nil)
+		}
+	}
+}
+
+// callFn runs fn on its own goroutine under timeout and returns what it
+// returned, or a *PanicError if it panicked, or errLoaderExited if it
+// called runtime.Goexit, or the context's error if the timeout (or Close)
+// came first. A loader that ignores its context is abandoned at that
+// point: it keeps running until it returns, but nobody waits for it and
+// its result is dropped.
+func callFn[R any](ctx context.Context, timeout time.Duration, fn func(context.Context) (R, error)) (R, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	type result struct {
+		v   R
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		normal := false
+		defer func() {
+			if normal {
+				return
+			}
+			if r := recover(); r != nil {
+				done <- result{err: &PanicError{Value: r, Stack: debug.Stack()}}
+				return
+			}
+			done <- result{err: errLoaderExited}
+		}()
+		v, err := fn(ctx)
+		normal = true
+		done <- result{v, err}
+	}()
+	select {
+	case r := <-done:
+		return r.v, r.err
+	case <-ctx.Done():
+		var zero R
+		return zero, fmt.Errorf("cacheaside: loader did not return within its context: %w", ctx.Err())
+	}
+}
