@@ -33,6 +33,13 @@
 //
 // A hit is one GET; the scripts run only on misses.
 //
+// Get and GetMany are two doors into one miss engine: each key is a
+// keyOp, a first read is classified in one place (read.go), and one
+// engine (engine.go) takes leases for a round of keys, waits for keys held
+// elsewhere (wait.go), loads (load.go) and fills (fill.go), whether the
+// round holds one key or a hundred. Every counted event goes through one
+// sink (events.go) that updates Stats and calls the Recorder together.
+//
 // # Failures
 //
 // Every Redis command runs under a small budget (Degradation.OpTimeout), and a

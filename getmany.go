@@ -17,8 +17,10 @@ import (
 // BatchLoader loads the values for ids from the source of truth in one
 // call. Ids missing from the returned map do not exist: GetMany caches a
 // tombstone for each (within the policy's NegativeTTL) and leaves them out
-// of its result. An error fails every id of the call and is cached for
-// none. ctx follows the same rules as a Loader's.
+// of its result. ErrNotFound (or an error Options.IsNotFound accepts) says
+// that none of the ids exist, and each gets a tombstone. Any other error
+// fails every id of the call and is cached for none. ctx follows the same
+// rules as a Loader's.
 type BatchLoader[K comparable, T any] func(ctx context.Context, ids []K) (map[K]T, error)
 
 // GetMany returns the values for ids, loading the ones Redis does not have
@@ -52,40 +54,41 @@ func GetMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 	}
 	var (
 		errs  []error
-		items []*batchItem[K, T] // one per distinct valid key; ops[i].idx == i
-		ops   []*keyOp[T]        // the keys the local tier did not answer
-		byKey = make(map[string]*batchItem[K, T], len(ids))
+		items = make([]batchItem[K, T], 0, len(ids)) // one per distinct valid key; never grows past len(ids), so pointers into it hold
+		ops   []*keyOp[T]                            // the keys the local tier did not answer; op.idx indexes items
+		byKey = make(map[string]int, len(ids))       // index in items, or -1 for an invalid key
 	)
 	for _, id := range ids {
 		k := key(id)
-		if it, dup := byKey[k]; dup {
-			it.ids = append(it.ids, id)
+		if i, dup := byKey[k]; dup {
+			if i >= 0 {
+				items[i].more = append(items[i].more, id)
+			}
 			continue
 		}
-		it := &batchItem[K, T]{ids: []K{id}}
-		byKey[k] = it
 		genKey, err := c.checkKey(k)
 		if err != nil {
+			byKey[k] = -1
 			errs = append(errs, &KeyError{Key: k, Err: err})
 			continue
 		}
-		op := &keyOp[T]{key: k, genKey: genKey, idx: len(items)}
-		it.op = op
-		items = append(items, it)
+		byKey[k] = len(items)
+		items = append(items, batchItem[K, T]{id: id, op: keyOp[T]{key: k, genKey: genKey, idx: len(items)}})
+		it := &items[len(items)-1]
 		if l := c.local; l != nil {
-			if li, ok := l.lookup(k, c.localNow()); ok {
+			if li, ok := l.lookup(k, l.now()); ok {
 				c.ev.localHit(li.notFound)
 				it.set(li.v, notFoundErr(li.notFound))
 				continue
 			}
-			op.snap = l.snap(k, genKey)
+			it.op.snap = l.snap(k, genKey)
 		}
-		ops = append(ops, op)
+		ops = append(ops, &it.op)
 	}
 	src := source[T]{many: func(ctx context.Context, idx []int) ([]T, []bool, error) {
 		want := make([]K, len(idx))
 		for i, j := range idx {
-			want[i] = items[j].ids[0]
+			want[i] = items[j].id
 		}
 		m, err := load(ctx, want)
 		if err != nil {
@@ -134,10 +137,12 @@ func GetMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 	}
 
 	out := make(map[K]T, len(ids))
-	for _, it := range items {
+	for i := range items {
+		it := &items[i]
 		switch {
 		case it.err == nil:
-			for _, id := range it.ids {
+			out[it.id] = it.v
+			for _, id := range it.more {
 				out[id] = it.v
 			}
 		case !errors.Is(it.err, ErrNotFound):
@@ -148,12 +153,13 @@ func GetMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 }
 
 // batchItem is one distinct key of a GetMany: the ids that map to it
-// (loaded as ids[0]) and its outcome.
+// (loaded as id), its way through the engine, and its outcome.
 type batchItem[K comparable, T any] struct {
-	ids []K
-	op  *keyOp[T]
-	v   T
-	err error
+	id   K
+	more []K // duplicate ids with the same key
+	op   keyOp[T]
+	v    T
+	err  error
 }
 
 func (it *batchItem[K, T]) set(v T, err error) { it.v, it.err = v, err }
