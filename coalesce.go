@@ -4,7 +4,6 @@ package cacheaside
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"runtime/debug"
 	"sync"
@@ -54,9 +53,6 @@ type readReq struct {
 func newCoalescer() *coalescer {
 	return &coalescer{wake: make(chan struct{}, 1), sends: make(chan struct{}, maxSends)}
 }
-
-// errReadQueued is the error of a queued read whose budget ran out first.
-var errReadQueued = errors.New("coalesced read: budget spent waiting in the queue")
 
 // begin reports whether a read may go on the wire alone; if so, the
 // caller must call end after it.

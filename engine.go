@@ -180,7 +180,7 @@ func (r *missRun[T]) run(parent context.Context) {
 // panic (in a codec, a hook, a Recorder) or a bug: the callers get an
 // error, held leases are released, and the process goes on.
 func (r *missRun[T]) settleAll() {
-	var err error = errors.New("cacheaside: load ended without an answer")
+	var err error = errNoAnswer
 	if p := recover(); p != nil {
 		err = &PanicError{Value: p, Stack: debug.Stack()}
 	}

@@ -120,3 +120,20 @@ func errReplyLength(cmd string, got, want int) error {
 // keys across nodes (it answered CROSSSLOT) but offers no way to visit
 // every node.
 var errShardedScan = errors.New("cacheaside: InvalidatePrefix needs every node, and this client shards keys without ForEachMaster or ForEachShard; pass the *redis.ClusterClient or *redis.Ring itself, or give the wrapper one of those methods")
+
+// errReadQueued is the error of a queued read whose budget ran out first.
+var errReadQueued = errors.New("cacheaside: coalesced read: budget spent waiting in the queue")
+
+// errBreakerOpen is the error of every command the open breaker skips.
+var errBreakerOpen = fmt.Errorf("%w: circuit breaker open", ErrRedisUnavailable)
+
+// errExcluded marks a result that must not move the breaker: the caller's
+// own cancellation.
+var errExcluded = errors.New("excluded")
+
+// errWaitedOut ends a wait that reached its bound.
+var errWaitedOut = errors.New("cacheaside: lease holders neither filled nor expired in time")
+
+// errNoAnswer ends a flight an engine run left open without an answer,
+// which only a bug would do (a panic ends them with a *PanicError).
+var errNoAnswer = errors.New("cacheaside: load ended without an answer")

@@ -152,13 +152,6 @@ type guarded struct {
 	healthy atomic.Bool                                // the last command went through (false until one does)
 }
 
-// errBreakerOpen is the error of every command the open breaker skips.
-var errBreakerOpen = fmt.Errorf("%w: circuit breaker open", ErrRedisUnavailable)
-
-// errExcluded marks a result that must not move the breaker: the caller's
-// own cancellation.
-var errExcluded = errors.New("excluded")
-
 // transient server replies that mean "Redis cannot serve now".
 var unavailablePrefixes = []string{"LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "BUSY", "READONLY"}
 

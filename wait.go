@@ -5,7 +5,6 @@ package cacheaside
 
 import (
 	"context"
-	"errors"
 	"time"
 )
 
@@ -22,9 +21,6 @@ type waiter struct {
 	deadAt  time.Duration // the whole wait's bound
 	waiting bool
 }
-
-// errWaitedOut ends a wait that reached its bound.
-var errWaitedOut = errors.New("cacheaside: lease holders neither filled nor expired in time")
 
 func (c *Cache[T]) newWaiter() *waiter {
 	return &waiter{ev: c.ev, delay: c.opts.PollMin, max: c.opts.PollMax, deadAt: c.opts.LoadTimeout + c.opts.LeaseTTL}
