@@ -298,7 +298,3 @@ func (c *Cache[T]) putLocal(key string, v T, notFound bool, soft int64, snap loc
 	}
 	c.local.put(key, &localItem[T]{v: v, notFound: notFound, exp: c.local.expiry(c.opts.Clock().UnixNano(), soft)}, snap)
 }
-
-// localNow is the time, in Unix nanoseconds by Options.Clock, that local
-// expiry is checked against.
-func (c *Cache[T]) localNow() int64 { return c.local.now() }
