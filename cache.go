@@ -39,9 +39,11 @@ type Cache[T any] struct {
 
 	loadSlots chan struct{} // MaxLoadsWhileDown slots for loads that bypass Redis
 
-	retryMu  sync.Mutex         // protects retries and retrying
-	retries  map[string]retryOp // failed invalidations to retry, by what they invalidate
-	retrying bool               // the retry goroutine runs
+	retryMu         sync.Mutex         // protects retries, pendingPrefixes and retrying
+	retries         map[string]retryOp // failed invalidations to retry, by kind and what they invalidate (retry.go)
+	pendingPrefixes int                // prefixes among retries
+	retrying        bool               // the retry goroutine runs
+	pending         atomic.Int64       // len(retries): Gets check the pending set only when it is not 0
 
 	refreshMu sync.Mutex           // protects refreshes
 	refreshes map[string]time.Time // key → zero while a background refresh runs, else when the last one failed
@@ -82,7 +84,7 @@ func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 	}
 	c := &Cache[T]{raw: rdb, opts: o, name: o.Name, ev: newEvents(o.Name, o.Recorder), refreshes: make(map[string]time.Time),
 		loadSlots: make(chan struct{}, o.Degradation.MaxLoadsWhileDown), retries: make(map[string]retryOp)}
-	c.guard = &guarded{rdb: rdb, budget: o.Degradation.OpTimeout, ev: c.ev}
+	c.guard = &guarded{rdb: rdb, budget: o.Degradation.OpTimeout, write: o.Degradation.WriteTimeout, ev: c.ev}
 	if !o.Degradation.NoBreaker {
 		c.guard.cb = newBreaker(o.Name, o.Degradation.BreakerFailures, o.Degradation.BreakerCooldown, o.Logger, c.ev)
 	}
@@ -171,7 +173,11 @@ func warnClientOptions(rdb Redis, log *slog.Logger, name string) {
 func (c *Cache[T]) Name() string { return c.name }
 
 // Stats returns a snapshot of the cache's counters.
-func (c *Cache[T]) Stats() Stats { return c.ev.snapshot() }
+func (c *Cache[T]) Stats() Stats {
+	s := c.ev.snapshot()
+	s.PendingInvals = uint64(max(c.pending.Load(), 0))
+	return s
+}
 
 // Get returns the value for key, loading it with load on a miss.
 //
@@ -228,6 +234,16 @@ func (c *Cache[T]) one(ctx context.Context, key string, idx int, src source[T], 
 	}
 	if c.closed.Load() {
 		return zero, ErrClosed
+	}
+	if c.pending.Load() > 0 && c.pendingFor(key, genKey) {
+		// A write's invalidation of key waits for its retry: the cached
+		// entry may be older than the write, so load from the source.
+		if attempt == 0 {
+			c.ev.miss()
+		}
+		op := &keyOp[T]{key: key, genKey: genKey, idx: idx}
+		c.bypass(ctx, []*keyOp[T]{op}, src)
+		return op.res, op.err
 	}
 	if l := c.local; l != nil {
 		if it, ok := l.lookup(key, l.now()); ok {
@@ -292,8 +308,9 @@ func (c *Cache[T]) checkKey(key string) (genKey string, err error) {
 // the key held, including a lease, so a load in flight cannot overwrite v
 // with what it read before. Errors are returned (and reported): an encoding
 // error or a value over MaxValueSize deletes the key instead, so no older
-// value outlives the write; a Redis error leaves the old entry to expire by
-// its TTL.
+// value outlives the write; a Redis error queues the key's invalidation for
+// retry, and until it lands this process's Gets of key load from the source
+// (see Invalidate).
 func (c *Cache[T]) Set(ctx context.Context, key string, v T) error {
 	genKey, err := c.checkKey(key)
 	if err != nil {
@@ -321,6 +338,10 @@ func (c *Cache[T]) Set(ctx context.Context, key string, v T) error {
 	}
 	c.group.Forget(key) // again: a load that started before the SET landed
 	if err != nil {
+		// The old entry is still there: delete it as a failed
+		// invalidation would be, and keep this process off it meanwhile.
+		c.retryLater(retryKey, key)
+		c.group.Forget(key)
 		return errors.Join(c.redisError(ctx, "set", key, err), c.invalidated(ctx, []string{key}))
 	}
 	return c.invalidated(ctx, []string{key})

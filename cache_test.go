@@ -674,6 +674,9 @@ func TestRedisUnavailable(t *testing.T) {
 			t.Fatal("Set during an outage returned nil")
 		}
 		mr.SetError("")
+		// The failed Invalidate and Set were queued; until their retry lands
+		// this process's Gets of k load from the source.
+		waitFor(t, "the queued invalidation to land", func() bool { return c.Stats().PendingInvals == 0 })
 		if v, err := c.Get(context.Background(), "k", n.load("v", 0)); err != nil || v != "v" {
 			t.Fatal(err)
 		}

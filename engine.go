@@ -52,7 +52,9 @@ type keyOp[T any] struct {
 	done bool
 	now  bool // the next lease round should not wait (see leaseRound)
 
-	// a background refresh's outcome (call == nil)
+	// the outcome when no flight carries it (call == nil): a background
+	// refresh, or a load that bypasses the cache
+	res T
 	err error
 }
 
@@ -312,7 +314,7 @@ func (r *missRun[T]) finishLocked(op *keyOp[T], a answer[T], err error) {
 		return
 	}
 	op.done = true
-	op.err = err
+	op.res, op.err = a.v, err
 	if op.call == nil {
 		return
 	}
@@ -340,4 +342,13 @@ func unavailable(err error) error {
 // jitter returns d scaled by a random factor in [0.5, 1.5).
 func jitter(d time.Duration) time.Duration {
 	return time.Duration(float64(d) * (0.5 + rand.Float64()))
+}
+
+// bypass loads ops from the source on the caller's goroutine, without
+// Redis and without a flight: their keys have an invalidation pending
+// (retry.go), so neither the cache nor a load that began before the write
+// may answer them. Each op's outcome is in op.res and op.err.
+func (c *Cache[T]) bypass(ctx context.Context, ops []*keyOp[T], src source[T]) {
+	r := &missRun[T]{c: c, ctx: ctx, src: src, ops: ops}
+	r.loadDown(ops)
 }

@@ -22,7 +22,8 @@ import (
 // Every field of Stats has its Recorder method, called from the same place
 // that counts it, so the two never disagree; the exceptions are derived:
 // Loads, LoadErrors and LoadTime come from Load, Refreshes and
-// RefreshErrors from Refresh, BreakerOpens from BreakerState("open").
+// RefreshErrors from Refresh, BreakerOpens from BreakerState("open"), and
+// PendingInvals is a gauge (queued less retried and dropped).
 type Recorder interface {
 	// Hit: the first read found a value (in Redis, or in the local tier,
 	// when LocalHit follows).
@@ -80,8 +81,10 @@ type Recorder interface {
 	// NamespaceBumped: InvalidateNamespace gave a namespace a new
 	// generation.
 	NamespaceBumped(cache string)
-	// InvalidationRetried: a failed invalidation was applied by a retry
-	// (Degradation.RetryInvalidations).
+	// InvalidationQueued: an invalidation failed and was queued for retry
+	// (see Degradation.RetryInvalidations).
+	InvalidationQueued(cache string)
+	// InvalidationRetried: a failed invalidation was applied by a retry.
 	InvalidationRetried(cache string)
 	// InvalidationDropped: a failed invalidation was given up (too old, or
 	// the retry queue was full).
@@ -118,6 +121,7 @@ func (NopRecorder) Refresh(string, error)             {}
 func (NopRecorder) BreakerState(string, string)       {}
 func (NopRecorder) Invalidated(string, int)           {}
 func (NopRecorder) NamespaceBumped(string)            {}
+func (NopRecorder) InvalidationQueued(string)         {}
 func (NopRecorder) InvalidationRetried(string)        {}
 func (NopRecorder) InvalidationDropped(string)        {}
 func (NopRecorder) Overloaded(string)                 {}
@@ -154,7 +158,9 @@ type Stats struct {
 	BreakerOpens   uint64        // times the Redis circuit breaker opened
 	RedisSkipped   uint64        // Redis commands not sent because the breaker was open
 	Overloaded     uint64        // Gets refused with ErrOverloaded
-	RetriedInvals  uint64        // failed invalidations applied later by RetryInvalidations
+	QueuedInvals   uint64        // failed invalidations queued for retry
+	PendingInvals  uint64        // of those, the ones still waiting now (a gauge; this process's Gets of their keys load from the source)
+	RetriedInvals  uint64        // failed invalidations applied later by a retry
 	DroppedInvals  uint64        // failed invalidations given up (too old, or the queue was full)
 }
 
@@ -199,6 +205,7 @@ const (
 	nBumps
 	nBreakerOpens
 	nOverloaded
+	nQueuedInvals
 	nRetriedInvals
 	nDroppedInvals
 	nLocalFlushes
@@ -295,6 +302,7 @@ func (e *events) snapshot() Stats {
 		BreakerOpens:   n[nBreakerOpens],
 		RedisSkipped:   n[nRedisSkipped],
 		Overloaded:     n[nOverloaded],
+		QueuedInvals:   n[nQueuedInvals],
 		RetriedInvals:  n[nRetriedInvals],
 		DroppedInvals:  n[nDroppedInvals],
 	}
@@ -404,6 +412,7 @@ func (e *events) invalidated(n int64) {
 }
 
 func (e *events) bumped()       { e.add(nBumps, 1); e.rec.NamespaceBumped(e.name) }
+func (e *events) queued()       { e.add(nQueuedInvals, 1); e.rec.InvalidationQueued(e.name) }
 func (e *events) retried()      { e.add(nRetriedInvals, 1); e.rec.InvalidationRetried(e.name) }
 func (e *events) dropped()      { e.add(nDroppedInvals, 1); e.rec.InvalidationDropped(e.name) }
 func (e *events) overloaded()   { e.add(nOverloaded, 1); e.rec.Overloaded(e.name) }

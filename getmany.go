@@ -53,10 +53,11 @@ func GetMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 		return nil, ErrClosed
 	}
 	var (
-		errs  []error
-		items = make([]batchItem[K, T], 0, len(ids)) // one per distinct valid key; never grows past len(ids), so pointers into it hold
-		ops   []*keyOp[T]                            // the keys the local tier did not answer; op.idx indexes items
-		byKey = make(map[string]int, len(ids))       // index in items, or -1 for an invalid key
+		errs   []error
+		items  = make([]batchItem[K, T], 0, len(ids)) // one per distinct valid key; never grows past len(ids), so pointers into it hold
+		ops    []*keyOp[T]                            // the keys the local tier did not answer; op.idx indexes items
+		bypass []*keyOp[T]                            // the keys whose invalidation is pending (retry.go)
+		byKey  = make(map[string]int, len(ids))       // index in items, or -1 for an invalid key
 	)
 	for _, id := range ids {
 		k := key(id)
@@ -75,6 +76,11 @@ func GetMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 		byKey[k] = len(items)
 		items = append(items, batchItem[K, T]{id: id, op: keyOp[T]{key: k, genKey: genKey, idx: len(items)}})
 		it := &items[len(items)-1]
+		if c.pending.Load() > 0 && c.pendingFor(k, genKey) {
+			c.ev.miss() // an invalidation of k waits for its retry: load it from the source
+			bypass = append(bypass, &it.op)
+			continue
+		}
 		if l := c.local; l != nil {
 			if li, ok := l.lookup(k, l.now()); ok {
 				c.ev.localHit(li.notFound)
@@ -133,6 +139,13 @@ func GetMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 		c.join(ctx, misses, src)
 		for _, op := range misses {
 			items[op.idx].set(c.await(ctx, op, src))
+		}
+	}
+
+	if len(bypass) > 0 {
+		c.bypass(ctx, bypass, src)
+		for _, op := range bypass {
+			items[op.idx].set(op.res, op.err)
 		}
 	}
 

@@ -68,13 +68,26 @@ type Degradation struct {
 	// FailFastWhenCapped: see MaxLoadsWhileDown. Default false.
 	FailFastWhenCapped bool
 
-	// RetryInvalidations, when positive, makes the cache keep retrying
-	// invalidations that failed (Invalidate, InvalidatePrefix,
-	// InvalidateNamespace) in the background, for up to this long after the
-	// first failure, so they take effect once Redis is back. The call still
-	// returns its error. At most 10,000 are kept; more are dropped and
-	// counted. Default 0: no retry (the TTL bounds the staleness).
+	// WriteTimeout bounds each Redis write whose loss would leave a stale
+	// entry behind: Invalidate (one key or a batch alike), each UNLINK
+	// batch of InvalidatePrefix, InvalidateNamespace and Set. Default
+	// 5 × OpTimeout (250ms), plus as much again per 1,000 keys of a batch.
+	WriteTimeout time.Duration
+
+	// RetryInvalidations is how long an invalidation that failed
+	// (Invalidate, InvalidatePrefix, InvalidateNamespace, a failed Set) is
+	// retried in the background; while it waits, this process's Gets of
+	// the keys it covers load from the source instead of the cache (see
+	// retry.go). The call still returns its error. At most 10,000 are kept;
+	// more are dropped and counted. Default: the longest lifetime the cache
+	// gives an entry (the policy's TTL plus its stale windows, or its
+	// NegativeTTL, plus LeaseTTL), after which the stale entry is gone anyway.
 	RetryInvalidations time.Duration
+
+	// NoRetryInvalidations turns the retries (and the bypass of pending
+	// keys) off: a failed invalidation's entries then live until their TTL
+	// ends, in this process too. Default false.
+	NoRetryInvalidations bool
 }
 
 // Defaults of Degradation, named after the fields they fill in.
@@ -105,6 +118,10 @@ func (d Degradation) resolve() (Degradation, error) {
 		return invalid("MaxLoadsWhileDown %d is negative", d.MaxLoadsWhileDown)
 	case d.RetryInvalidations < 0:
 		return invalid("RetryInvalidations %v is negative", d.RetryInvalidations)
+	case d.WriteTimeout < 0:
+		return invalid("WriteTimeout %v is negative", d.WriteTimeout)
+	case d.WriteTimeout != 0 && d.WriteTimeout < time.Millisecond:
+		return invalid("WriteTimeout %v is below 1ms", d.WriteTimeout)
 	}
 	if d.OpTimeout == 0 {
 		d.OpTimeout = DefaultOpTimeout
@@ -117,6 +134,9 @@ func (d Degradation) resolve() (Degradation, error) {
 	}
 	if d.MaxLoadsWhileDown == 0 {
 		d.MaxLoadsWhileDown = DefaultMaxLoadsWhileDown
+	}
+	if d.WriteTimeout == 0 {
+		d.WriteTimeout = 5 * d.OpTimeout
 	}
 	return d, nil
 }
@@ -146,7 +166,8 @@ func (p RedisDownPolicy) String() string {
 // budget and through the circuit breaker.
 type guarded struct {
 	rdb     Redis
-	budget  time.Duration
+	budget  time.Duration                              // Degradation.OpTimeout
+	write   time.Duration                              // Degradation.WriteTimeout
 	cb      *gobreaker.TwoStepCircuitBreaker[struct{}] // nil: no breaker
 	ev      *events                                    // counts commands the open breaker skips
 	healthy atomic.Bool                                // the last command went through (false until one does)
@@ -279,7 +300,7 @@ func (g *guarded) MGet(ctx context.Context, keys ...string) *redis.SliceCmd {
 }
 
 func (g *guarded) Set(ctx context.Context, key string, value any, expiration time.Duration) *redis.StatusCmd {
-	o, err := g.begin(ctx, g.budget, false)
+	o, err := g.begin(ctx, g.writeBudget(1), false) // Set and namespace bumps: writes that matter
 	if err != nil {
 		cmd := redis.NewStatusCmd(ctx, "set", key)
 		cmd.SetErr(err)
@@ -291,7 +312,7 @@ func (g *guarded) Set(ctx context.Context, key string, value any, expiration tim
 }
 
 func (g *guarded) Unlink(ctx context.Context, keys ...string) *redis.IntCmd {
-	o, err := g.begin(ctx, g.budget, false)
+	o, err := g.begin(ctx, g.writeBudget(len(keys)), false)
 	if err != nil {
 		cmd := redis.NewIntCmd(ctx, "unlink")
 		cmd.SetErr(err)
@@ -306,6 +327,12 @@ func (g *guarded) Unlink(ctx context.Context, keys ...string) *redis.IntCmd {
 // command's budget per 50 commands, up to bulkBudget.
 func (g *guarded) batchBudget(n int) time.Duration {
 	return min(g.budget*time.Duration(1+n/50), g.bulkBudget())
+}
+
+// writeBudget bounds a write of n keys that must not be lost: the write
+// budget, and as much again per 1,000 keys.
+func (g *guarded) writeBudget(n int) time.Duration {
+	return g.write * time.Duration(1+n/1000)
 }
 
 // bulkBudget bounds the commands of invalidations, which may carry

@@ -3,12 +3,12 @@
 package cacheaside
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"strings"
 	"sync/atomic"
-	"time"
 
 	"github.com/redis/go-redis/v9"
 )
@@ -23,8 +23,15 @@ import (
 // them: a load that started before the call cannot fill afterwards. Call it
 // after the write to the source of truth has committed. All keys are
 // validated before anything is sent; several keys go in one pipeline (one
-// round trip per node on Redis Cluster). A Redis error is returned (and
-// reported): the entries then live until their TTL ends.
+// round trip per node on Redis Cluster), under Degradation.WriteTimeout
+// whatever their number.
+//
+// A Redis error (the breaker's skip included) is returned and reported,
+// and the invalidation is queued: it is retried until it lands, and until
+// then this process's Gets of keys bypass the cache and load from the
+// source, so the writer reads its own write (see retry.go;
+// Degradation.NoRetryInvalidations turns this off, and the entries then
+// live until their TTL ends).
 func (c *Cache[T]) Invalidate(ctx context.Context, keys ...string) error {
 	for _, k := range keys {
 		if _, err := c.checkKey(k); err != nil {
@@ -38,31 +45,54 @@ func (c *Cache[T]) Invalidate(ctx context.Context, keys ...string) error {
 		return nil
 	}
 	c.forget(keys)
-	n, err := unlink(ctx, c.rdb, keys)
-	// Again after the UNLINK: a load may have started, and read the old
-	// entry, between the first Forget and the UNLINK.
+	n, err := c.unlink(ctx, keys)
+	if err != nil {
+		for _, k := range keys {
+			c.retryLater(retryKey, k)
+		}
+	}
+	// Again after the UNLINK (and after a failure is queued): a load may
+	// have started, and read the old entry, between the first Forget and now.
 	c.forget(keys)
 	c.counted(n)
 	perr := c.invalidated(ctx, keys)
 	if err != nil {
-		for _, k := range keys {
-			c.retryLater("key:"+k, func(ctx context.Context) error {
-				n, err := unlink(ctx, c.rdb, []string{k})
-				c.counted(n)
-				if err != nil {
-					return err
-				}
-				return c.invalidated(ctx, []string{k})
-			})
-		}
 		return errors.Join(c.redisError(ctx, "invalidate", keysLabel(keys), err), perr)
 	}
 	return perr
 }
 
-// unlink deletes keys, one UNLINK per key in a pipeline (Redis Cluster
-// refuses multi-key commands across slots), and counts those that existed.
-func unlink(ctx context.Context, rdb interface {
+// unlink deletes keys through the guard, one UNLINK per key in one
+// pipeline, under the write budget, and counts those that existed.
+func (c *Cache[T]) unlink(ctx context.Context, keys []string) (int64, error) {
+	if len(keys) == 1 {
+		return c.rdb.Unlink(ctx, keys[0]).Result() // the guard gives it the write budget too
+	}
+	var n int64
+	cmds, err := c.guard.pipe(ctx, c.guard.writeBudget(len(keys)), func(p redis.Pipeliner) error {
+		for _, k := range keys {
+			p.Unlink(ctx, k)
+		}
+		return nil
+	})
+	for _, cmd := range cmds {
+		ic, ok := cmd.(*redis.IntCmd)
+		if !ok {
+			continue
+		}
+		if cerr := ic.Err(); cerr != nil {
+			err = cmp.Or(err, cerr)
+			continue
+		}
+		n += ic.Val()
+	}
+	return n, err
+}
+
+// unlinkOn deletes keys on one node, one UNLINK per key in a pipeline
+// (Redis Cluster refuses multi-key commands across slots), and counts
+// those that existed.
+func unlinkOn(ctx context.Context, rdb interface {
 	Unlink(ctx context.Context, keys ...string) *redis.IntCmd
 	Pipelined(ctx context.Context, fn func(redis.Pipeliner) error) ([]redis.Cmder, error)
 }, keys []string) (int64, error) {
@@ -116,7 +146,9 @@ const scanBatch = 1000
 // a value filled by such a load; a fill from a load that started earlier
 // needs the lease it took before the SCAN reached its key, and deleting
 // the key revoked that. On error (Redis, or ctx ending), the keys deleted so
-// far are counted and the error is returned; call it again to finish.
+// far are counted, the error is returned, and the prefix is queued for
+// retry like a failed Invalidate: until the retry finishes the scan, this
+// process's Gets of keys under prefix load from the source.
 //
 // SCAN visits the whole keyspace of each node, so the cost grows with the
 // size of the database, not of the prefix. For groups that are large or
@@ -151,7 +183,7 @@ func (c *Cache[T]) invalidatePrefix(ctx context.Context, prefix string, first bo
 				return err
 			}
 			if len(keys) > 0 {
-				d, err := unlink(ctx, n, keys)
+				d, err := unlinkOn(ctx, n, keys)
 				total.Add(d)
 				if err != nil {
 					return err
@@ -191,10 +223,7 @@ func (c *Cache[T]) invalidatePrefix(ctx context.Context, prefix string, first bo
 		}
 		// Keys may remain whatever stopped the scan, the caller's deadline
 		// included.
-		c.retryLater("prefix:"+prefix, func(ctx context.Context) error {
-			_, err := c.invalidatePrefix(ctx, prefix, false)
-			return err
-		})
+		c.retryLater(retryPrefix, prefix)
 		if errors.Is(ctx.Err(), context.Canceled) {
 			return n, ctx.Err()
 		}
@@ -216,8 +245,9 @@ type scanner interface {
 // with an older one reads as a miss from then on and is overwritten by the
 // next load, or expires by its TTL. Loads in flight in the namespace are
 // revoked too: their fills check the generation. The cache must have
-// Options.Namespaced set. A Redis error is returned (and reported); the
-// entries then live until their TTL ends.
+// Options.Namespaced set. A Redis error is returned (and reported), and
+// the bump is queued for retry like a failed Invalidate: until it lands,
+// this process's Gets in the namespace load from the source.
 //
 // Generations are random rather than counted up with INCR so that a lost
 // generation key (evicted, or expired for lack of reads) yields a new
@@ -234,22 +264,27 @@ func (c *Cache[T]) InvalidateNamespace(ctx context.Context, ns Namespace) error 
 		return ErrClosed
 	}
 	c.forgetPrefix(ns.Prefix())
-	g := newGen()
-	err := c.rdb.Set(ctx, ns.genKey(), g[:], c.genTTL).Err()
+	err := c.bumpGen(ctx, ns.genKey())
+	if err != nil {
+		c.retryLater(retryNS, ns.genKey())
+	}
 	c.forgetPrefix(ns.Prefix()) // again: loads that started before the SET landed
 	perr := c.invalidatedNamespace(ctx, ns.genKey())
 	if err != nil {
-		c.retryLater("ns:"+ns.tag, func(ctx context.Context) error {
-			g := newGen()
-			if err := c.rdb.Set(ctx, ns.genKey(), g[:], c.genTTL).Err(); err != nil {
-				return err
-			}
-			return c.invalidatedNamespace(ctx, ns.genKey())
-		})
 		return errors.Join(c.redisError(ctx, "invalidate-namespace", ns.genKey(), err), perr)
 	}
-	c.ev.bumped()
 	return perr
+}
+
+// bumpGen gives the namespace whose generation key is genKey a new random
+// generation (one SET, under the write budget).
+func (c *Cache[T]) bumpGen(ctx context.Context, genKey string) error {
+	g := newGen()
+	if err := c.rdb.Set(ctx, genKey, g[:], c.genTTL).Err(); err != nil {
+		return err
+	}
+	c.ev.bumped()
+	return nil
 }
 
 // forgetPrefix makes later Gets of keys under prefix start new loads
@@ -261,94 +296,4 @@ func (c *Cache[T]) forgetPrefix(prefix string) {
 		}
 		return true
 	})
-}
-
-// Retrying failed invalidations (Degradation.RetryInvalidations).
-
-// retryOp is one failed invalidation waiting to be retried.
-type retryOp struct {
-	run   func(context.Context) error
-	since time.Time // latest failure
-	seq   uint64    // bumped by each failure, so a retry in flight cannot retire a newer one
-}
-
-// maxRetries bounds the invalidations kept for retry.
-const maxRetries = 10000
-
-// retryLater queues op under id (one per key, prefix or namespace) and
-// makes sure the retry goroutine runs. It does nothing unless
-// RetryInvalidations is set.
-func (c *Cache[T]) retryLater(id string, op func(context.Context) error) {
-	if c.opts.Degradation.RetryInvalidations <= 0 {
-		return
-	}
-	c.retryMu.Lock()
-	old, ok := c.retries[id]
-	if !ok && len(c.retries) >= maxRetries {
-		c.retryMu.Unlock()
-		c.ev.dropped()
-		return
-	}
-	c.retries[id] = retryOp{run: op, since: time.Now(), seq: old.seq + 1}
-	start := !c.retrying && c.enter()
-	if start {
-		c.retrying = true
-	}
-	c.retryMu.Unlock()
-	if start {
-		go c.retryLoop()
-	}
-}
-
-// retryLoop retries queued invalidations with a growing pause (100ms to
-// 5s), until each succeeds or is older than RetryInvalidations, and ends
-// when the queue is empty or the cache closes.
-func (c *Cache[T]) retryLoop() {
-	defer c.wg.Done()
-	pause := 100 * time.Millisecond
-	for {
-		select {
-		case <-c.stop.Done():
-			return
-		case <-time.After(pause):
-		}
-		c.retryMu.Lock()
-		ops := make(map[string]retryOp, len(c.retries))
-		for id, op := range c.retries {
-			ops[id] = op
-		}
-		c.retryMu.Unlock()
-		for id, op := range ops {
-			done := false
-			if c.stop.Err() != nil {
-				return
-			}
-			if time.Since(op.since) > c.opts.Degradation.RetryInvalidations {
-				c.ev.dropped()
-				done = true
-			} else {
-				ctx, cancel := context.WithTimeout(c.stop, c.guard.bulkBudget())
-				if err := op.run(ctx); err == nil {
-					c.ev.retried()
-					done = true
-				}
-				cancel()
-			}
-			if done {
-				c.retryMu.Lock()
-				if cur, ok := c.retries[id]; ok && cur.seq == op.seq {
-					delete(c.retries, id)
-				}
-				c.retryMu.Unlock()
-			}
-		}
-		c.retryMu.Lock()
-		if len(c.retries) == 0 {
-			c.retrying = false
-			c.retryMu.Unlock()
-			return
-		}
-		c.retryMu.Unlock()
-		pause = min(2*pause, 5*time.Second)
-	}
 }

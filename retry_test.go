@@ -1,0 +1,382 @@
+package cacheaside
+
+import (
+	"context"
+	"errors"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// failWrites is a client whose writes (pipelines, SET, UNLINK) and, with
+// reads on, GETs fail while fail is set: Redis refusing writes, as seen by
+// one process.
+type failWrites struct {
+	*redis.Client
+	fail, reads atomic.Bool
+}
+
+var errWritesDown = errors.New("i/o timeout (injected)")
+
+func (f *failWrites) Pipelined(ctx context.Context, fn func(redis.Pipeliner) error) ([]redis.Cmder, error) {
+	if f.fail.Load() {
+		return nil, errWritesDown
+	}
+	return f.Client.Pipelined(ctx, fn)
+}
+
+func (f *failWrites) Set(ctx context.Context, key string, v any, ttl time.Duration) *redis.StatusCmd {
+	if f.fail.Load() {
+		cmd := redis.NewStatusCmd(ctx, "set", key)
+		cmd.SetErr(errWritesDown)
+		return cmd
+	}
+	return f.Client.Set(ctx, key, v, ttl)
+}
+
+func (f *failWrites) Unlink(ctx context.Context, keys ...string) *redis.IntCmd {
+	if f.fail.Load() {
+		cmd := redis.NewIntCmd(ctx, "unlink")
+		cmd.SetErr(errWritesDown)
+		return cmd
+	}
+	return f.Client.Unlink(ctx, keys...)
+}
+
+func (f *failWrites) Get(ctx context.Context, key string) *redis.StringCmd {
+	if f.fail.Load() && f.reads.Load() {
+		cmd := redis.NewStringCmd(ctx, "get", key)
+		cmd.SetErr(errWritesDown)
+		return cmd
+	}
+	return f.Client.Get(ctx, key)
+}
+
+// db is a versioned row the loaders read, counting their calls.
+type db struct {
+	v     atomic.Int64
+	loads atomic.Int64
+}
+
+func (d *db) load(context.Context) (int64, error) { d.loads.Add(1); return d.v.Load(), nil }
+
+func (d *db) loadMany(_ context.Context, ids []int) (map[int]int64, error) {
+	d.loads.Add(1)
+	m := make(map[int]int64, len(ids))
+	for _, id := range ids {
+		m[id] = d.v.Load()
+	}
+	return m, nil
+}
+
+// TestOutageInvalidationReadsOwnWrite: an Invalidate that fails is queued;
+// until its retry lands, the writer's Gets (and GetManys) of the key load
+// from the source, while another process still serves the old entry; once
+// Redis takes writes again, the retry deletes the key for everyone and the
+// writer is back on the cache.
+func TestOutageInvalidationReadsOwnWrite(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := context.Background()
+		fw := &failWrites{Client: b.client(t)}
+		writer, err := New[int64](fw, &Options[int64]{Degradation: Degradation{OpTimeout: 2 * time.Second}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = writer.Close() })
+		other := newCache[int64](t, b, nil)
+		key := b.key("task:1")
+		var d db
+		d.v.Store(1)
+		for _, c := range []*Cache[int64]{writer, other} {
+			if v, err := c.Get(ctx, key, d.load); err != nil || v != 1 {
+				t.Fatalf("warm-up Get = %d, %v", v, err)
+			}
+		}
+
+		d.v.Store(2) // the write commits
+		fw.fail.Store(true)
+		if err := writer.Invalidate(ctx, key); err == nil {
+			t.Fatal("Invalidate with writes failing returned nil")
+		}
+		if s := writer.Stats(); s.QueuedInvals != 1 || s.PendingInvals != 1 {
+			t.Fatalf("after the failed Invalidate: QueuedInvals %d, PendingInvals %d; want 1, 1", s.QueuedInvals, s.PendingInvals)
+		}
+		loads := d.loads.Load()
+		for range 3 {
+			if v, err := writer.Get(ctx, key, d.load); err != nil || v != 2 {
+				t.Fatalf("writer's Get while its invalidation is pending = %d, %v; want its own write, 2", v, err)
+			}
+		}
+		got, err := GetMany(ctx, writer, []int{1}, func(int) string { return key }, d.loadMany)
+		if err != nil || got[1] != 2 {
+			t.Fatalf("writer's GetMany while its invalidation is pending = %v, %v; want 2", got, err)
+		}
+		if n := d.loads.Load() - loads; n != 4 {
+			t.Fatalf("%d loads for 4 reads of a pending key; each must load from the source", n)
+		}
+		if v, _ := other.Get(ctx, key, d.load); v != 1 {
+			t.Fatalf("the other process read %d before the retry; the old entry is still in Redis, want 1", v)
+		}
+
+		fw.fail.Store(false) // Redis takes writes again
+		waitFor(t, "the retry to land", func() bool { return writer.Stats().PendingInvals == 0 })
+		if s := writer.Stats(); s.RetriedInvals != 1 || s.DroppedInvals != 0 {
+			t.Fatalf("RetriedInvals %d, DroppedInvals %d; want 1, 0", s.RetriedInvals, s.DroppedInvals)
+		}
+		if raw := b.raw(t, key); raw != nil {
+			t.Fatalf("the key is still in Redis after the retry: %q", raw)
+		}
+		if v, _ := other.Get(ctx, key, d.load); v != 2 {
+			t.Fatalf("the other process read %d after the retry, want 2", v)
+		}
+		loads = d.loads.Load()
+		if v, _ := writer.Get(ctx, key, d.load); v != 2 || d.loads.Load() != loads {
+			t.Fatalf("writer's Get after the retry = %d with %d loads; want a hit on 2", v, d.loads.Load()-loads)
+		}
+	})
+}
+
+// TestOutageInvalidationBreakerOpen: with the breaker open, an Invalidate
+// is not sent; it is not a silent no-op either: it returns
+// ErrRedisUnavailable, is queued and counted, and lands after the breaker
+// closes.
+func TestOutageInvalidationBreakerOpen(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := context.Background()
+		fw := &failWrites{Client: b.client(t)}
+		fw.reads.Store(true)
+		c, err := New[int64](fw, &Options[int64]{Degradation: Degradation{OpTimeout: 2 * time.Second, BreakerFailures: 1, BreakerCooldown: 100 * time.Millisecond}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = c.Close() })
+		key := b.key("task:2")
+		var d db
+		d.v.Store(1)
+		if _, err := c.Get(ctx, key, d.load); err != nil {
+			t.Fatal(err)
+		}
+		fw.fail.Store(true)
+		if _, err := c.Get(ctx, b.key("other"), d.load); err != nil { // its GET fails: the breaker opens
+			t.Fatal(err)
+		}
+		if c.Stats().BreakerOpens != 1 {
+			t.Fatalf("breaker opens = %d, want 1", c.Stats().BreakerOpens)
+		}
+		d.v.Store(2)
+		err = c.Invalidate(ctx, key)
+		if !errors.Is(err, ErrRedisUnavailable) {
+			t.Fatalf("Invalidate with the breaker open = %v, want ErrRedisUnavailable", err)
+		}
+		if s := c.Stats(); s.QueuedInvals != 1 || s.PendingInvals != 1 {
+			t.Fatalf("QueuedInvals %d, PendingInvals %d; want 1, 1", s.QueuedInvals, s.PendingInvals)
+		}
+		if v, _ := c.Get(ctx, key, d.load); v != 2 {
+			t.Fatalf("Get while the invalidation is pending = %d, want 2", v)
+		}
+		fw.fail.Store(false)
+		waitFor(t, "the retry to land", func() bool { return c.Stats().PendingInvals == 0 })
+		if raw := b.raw(t, key); raw != nil {
+			t.Fatalf("the key survived the retry: %q", raw)
+		}
+	})
+}
+
+// TestOutageSetFailureQueued: a Set that cannot write leaves the old entry
+// in Redis; it is deleted by a retry, and the writer reads its own write
+// meanwhile.
+func TestOutageSetFailureQueued(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := context.Background()
+		fw := &failWrites{Client: b.client(t)}
+		c, err := New[int64](fw, &Options[int64]{Degradation: Degradation{OpTimeout: 2 * time.Second}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = c.Close() })
+		key := b.key("task:3")
+		var d db
+		d.v.Store(1)
+		if _, err := c.Get(ctx, key, d.load); err != nil {
+			t.Fatal(err)
+		}
+		d.v.Store(2)
+		fw.fail.Store(true)
+		if err := c.Set(ctx, key, 2); err == nil {
+			t.Fatal("Set with writes failing returned nil")
+		}
+		if v, _ := c.Get(ctx, key, d.load); v != 2 {
+			t.Fatalf("Get after the failed Set = %d, want 2", v)
+		}
+		fw.fail.Store(false)
+		waitFor(t, "the retry to land", func() bool { return c.Stats().PendingInvals == 0 })
+		if v, _ := c.Get(ctx, key, d.load); v != 2 {
+			t.Fatalf("Get after the retry = %d, want 2", v)
+		}
+	})
+}
+
+// TestOutageNoRetryInvalidations: with retries off, a failed invalidation
+// is neither queued nor pending.
+func TestOutageNoRetryInvalidations(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := context.Background()
+		fw := &failWrites{Client: b.client(t)}
+		c, err := New[int64](fw, &Options[int64]{Degradation: Degradation{OpTimeout: 2 * time.Second, NoRetryInvalidations: true}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = c.Close() })
+		key := b.key("task:4")
+		var d db
+		d.v.Store(1)
+		if _, err := c.Get(ctx, key, d.load); err != nil {
+			t.Fatal(err)
+		}
+		d.v.Store(2)
+		fw.fail.Store(true)
+		if err := c.Invalidate(ctx, key); err == nil {
+			t.Fatal("Invalidate with writes failing returned nil")
+		}
+		if s := c.Stats(); s.QueuedInvals != 0 || s.PendingInvals != 0 {
+			t.Fatalf("QueuedInvals %d, PendingInvals %d with retries off; want 0, 0", s.QueuedInvals, s.PendingInvals)
+		}
+		if v, _ := c.Get(ctx, key, d.load); v != 1 {
+			t.Fatalf("Get with retries off = %d; the old entry is served until its TTL, want 1", v)
+		}
+	})
+}
+
+// TestOutageInvalidationWritePause: Redis stops taking writes for 500 ms
+// (CLIENT PAUSE … WRITE) while a write's Invalidate runs. The call returns
+// its error within the write budget; the writer's next Gets return the new
+// value; another process serves the old entry only until the pause ends:
+// within 1 s of Redis taking writes again the key is gone for everyone.
+func TestOutageInvalidationWritePause(t *testing.T) {
+	srv := startRedis(t)
+	ctx := context.Background()
+	client := func() *redis.Client {
+		rdb := redis.NewClient(&redis.Options{Addr: srv.addr(), ContextTimeoutEnabled: true})
+		t.Cleanup(func() { _ = rdb.Close() })
+		return rdb
+	}
+	newC := func() *Cache[int64] {
+		c, err := New[int64](client(), nil) // default budgets: OpTimeout 50ms, WriteTimeout 250ms
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = c.Close() })
+		return c
+	}
+	writer, other := newC(), newC()
+	admin := client()
+	for round := range 5 {
+		key := "task:" + string(rune('a'+round))
+		var d db
+		d.v.Store(1)
+		for _, c := range []*Cache[int64]{writer, other} {
+			if v, err := c.Get(ctx, key, d.load); err != nil || v != 1 {
+				t.Fatalf("warm-up Get = %d, %v", v, err)
+			}
+		}
+		d.v.Store(2)
+		if err := admin.Do(ctx, "CLIENT", "PAUSE", "500", "WRITE").Err(); err != nil {
+			t.Fatal(err)
+		}
+		paused := time.Now()
+		start := time.Now()
+		err := writer.Invalidate(ctx, key)
+		took := time.Since(start)
+		if err == nil {
+			t.Fatalf("round %d: Invalidate during a 500ms write pause returned nil after %v", round, took)
+		}
+		if took > 400*time.Millisecond {
+			t.Fatalf("round %d: Invalidate took %v; the write budget is 250ms", round, took)
+		}
+		if v, err := writer.Get(ctx, key, d.load); err != nil || v != 2 {
+			t.Fatalf("round %d: writer's Get after its failed Invalidate = %d, %v; want 2", round, v, err)
+		}
+		if v, _ := other.Get(ctx, key, d.load); v != 1 && time.Since(paused) < 450*time.Millisecond {
+			t.Fatalf("round %d: the other process read %d during the pause; the old entry is still in Redis", round, v)
+		}
+		resumed := paused.Add(500 * time.Millisecond)
+		for {
+			if v, _ := other.Get(ctx, key, d.load); v == 2 {
+				break
+			}
+			if time.Since(resumed) > time.Second {
+				t.Fatalf("round %d: the other process still reads 1 more than 1s after Redis took writes again (stats %+v)", round, writer.Stats())
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		t.Logf("round %d: Invalidate failed after %v; key gone for every process %v after the pause ended", round, took.Round(time.Millisecond), time.Since(resumed).Round(time.Millisecond))
+		waitFor(t, "the retry to be counted", func() bool { return writer.Stats().PendingInvals == 0 })
+	}
+}
+
+// TestOutagePrefixAndNamespacePending: a failed InvalidatePrefix or
+// InvalidateNamespace makes every key it covers pending, in this process,
+// until its retry lands.
+func TestOutagePrefixAndNamespacePending(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := context.Background()
+		fw := &failWrites{Client: b.client(t)}
+		plain, err := New[int64](fw, &Options[int64]{Degradation: Degradation{OpTimeout: 2 * time.Second}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = plain.Close() })
+		spaced, err := New[int64](fw, &Options[int64]{Namespaced: true, Degradation: Degradation{OpTimeout: 2 * time.Second}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = spaced.Close() })
+		ns := MustKeyspace("lists", 1).Namespace(b.prefix+"org", "acme")
+		under, outside, inNS := b.key("org:acme:1"), b.key("org:zeta:1"), ns.Key("page", "1")
+		var d db
+		d.v.Store(1)
+		for _, k := range []string{under, outside} {
+			if _, err := plain.Get(ctx, k, d.load); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if _, err := spaced.Get(ctx, inNS, d.load); err != nil {
+			t.Fatal(err)
+		}
+		d.v.Store(2)
+		fw.fail.Store(true)
+		if _, err := plain.InvalidatePrefix(ctx, b.key("org:acme:")); err == nil {
+			t.Fatal("InvalidatePrefix with writes failing returned nil")
+		}
+		if err := spaced.InvalidateNamespace(ctx, ns); err == nil {
+			t.Fatal("InvalidateNamespace with writes failing returned nil")
+		}
+		if v, _ := plain.Get(ctx, under, d.load); v != 2 {
+			t.Fatalf("Get under the pending prefix = %d, want 2", v)
+		}
+		if v, _ := plain.Get(ctx, outside, d.load); v != 1 {
+			t.Fatalf("Get outside the pending prefix = %d, want the cached 1", v)
+		}
+		if v, _ := spaced.Get(ctx, inNS, d.load); v != 2 {
+			t.Fatalf("Get in the pending namespace = %d, want 2", v)
+		}
+		fw.fail.Store(false)
+		waitFor(t, "the retries to land", func() bool {
+			return plain.Stats().PendingInvals == 0 && spaced.Stats().PendingInvals == 0
+		})
+		loads := d.loads.Load()
+		for _, c := range []struct {
+			c   *Cache[int64]
+			key string
+		}{{plain, under}, {spaced, inNS}} {
+			if v, _ := c.c.Get(ctx, c.key, d.load); v != 2 {
+				t.Fatalf("Get of %s after the retry = %d, want 2", c.key, v)
+			}
+		}
+		if n := d.loads.Load() - loads; n != 2 {
+			t.Fatalf("%d loads after the retries; the entries were dropped, want 2 reloads", n)
+		}
+	})
+}
