@@ -224,34 +224,10 @@ func (o op) end(err error) {
 	}
 }
 
-// deadlineCtx carries a deadline without a timer. The hit path uses it:
-// with ContextTimeoutEnabled, go-redis turns the deadline into the socket
-// deadline of the read and write, which is what the budget must bound, and
-// it costs one allocation instead of context.WithTimeout's five. Its Done
-// is the caller's, so what waits on it rather than on the socket (a dial
-// and its retries, a wait for a free pooled connection) is not cut at the
-// budget: it is used only while the last command went through, when
-// connections are open and a dead Redis shows as a failed read or write.
-type deadlineCtx struct {
-	context.Context
-	at time.Time
-}
-
-func (d *deadlineCtx) Deadline() (time.Time, bool) { return d.at, true }
-
-func (d *deadlineCtx) Err() error {
-	if err := d.Context.Err(); err != nil {
-		return err
-	}
-	if !time.Now().Before(d.at) {
-		return context.DeadlineExceeded
-	}
-	return nil
-}
-
 // begin admits one command, or returns ErrRedisUnavailable if the breaker
-// is open. light asks for the timer-free deadline context, which is used
-// only while Redis is healthy.
+// is open. light asks for the timer-free budget context (budget.go), which
+// is used only while Redis is healthy; otherwise the command gets a
+// context.WithTimeout of the caller's.
 func (g *guarded) begin(ctx context.Context, budget time.Duration, light bool) (op, error) {
 	o := op{g: g, caller: ctx}
 	if g.cb != nil {
@@ -268,7 +244,13 @@ func (g *guarded) begin(ctx context.Context, budget time.Duration, light bool) (
 		budget = max(min(budget, time.Until(dl)/2), time.Millisecond)
 	}
 	if light && g.healthy.Load() {
-		o.ctx = &deadlineCtx{Context: ctx, at: time.Now().Add(budget)}
+		if err := ctx.Err(); err != nil {
+			if o.report != nil {
+				o.report(errExcluded)
+			}
+			return o, err // the caller gave up: send nothing
+		}
+		o.ctx = newBudgetCtx(ctx, time.Now().Add(budget))
 	} else {
 		o.ctx, o.cancel = context.WithTimeout(ctx, budget)
 	}
