@@ -555,6 +555,38 @@ func TestLeaseHolderGone(t *testing.T) {
 	})
 }
 
+// TestFaultLeaseWithoutTTL: a lease entry with no lifetime (written by
+// hand, or by a crash mid-script) does not poison its key: the first Get
+// takes it over and loads, well within a short caller deadline.
+func TestFaultLeaseWithoutTTL(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := context.Background()
+		for _, kind := range []string{"lease", "refreshing"} {
+			key := b.key("no-ttl-" + kind)
+			entry := leaseEntry(newToken(), FormatJSON)
+			if kind == "refreshing" {
+				e := envelope.Entry{Kind: envelope.Refreshing, Format: FormatJSON, Token: newToken(), SoftExpiry: time.Now().Add(-time.Hour).UnixMilli(), Payload: []byte(`"old"`)}
+				entry = envelope.Encode(&e)
+			}
+			if err := b.client(t).Set(ctx, key, entry, 0).Err(); err != nil { // no PX
+				t.Fatal(err)
+			}
+			c := newCache[string](t, b, nil)
+			var n counter
+			gctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
+			start := time.Now()
+			v, err := c.Get(gctx, key, n.load("v", 0))
+			cancel()
+			if err != nil || v != "v" || n.calls.Load() != 1 {
+				t.Fatalf("%s without a TTL: Get = %q, %v after %v with %d loads; want the loader's value", kind, v, err, time.Since(start), n.calls.Load())
+			}
+			if ttl := b.client(t).PTTL(ctx, key).Val(); ttl <= 0 {
+				t.Fatalf("%s without a TTL: the filled entry has PTTL %v", kind, ttl)
+			}
+		}
+	})
+}
+
 // TestLeaseRenewedDuringLongLoad: a load longer than LeaseTTL keeps its
 // lease, so nobody else loads meanwhile.
 func TestLeaseRenewedDuringLongLoad(t *testing.T) {

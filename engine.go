@@ -215,7 +215,7 @@ func (r *missRun[T]) leaseRound(ops []*keyOp[T]) (held, open, failed []*keyOp[T]
 			calls[i] = acquireCall(op.key, op.genKey, leaseEntry(op.tok, c.opts.Codec.Format()), c.opts.LeaseTTL, op.vw.replace, c.genTTL)
 		}
 	}
-	cmds := c.evalMany(r.ctx, calls)
+	cmds := c.evalMany(r.ctx, false, calls)
 	var acquireFailed, refreshFailed errorOnce
 	now := c.opts.Clock()
 	for i, op := range ops {

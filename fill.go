@@ -40,7 +40,7 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 			calls[i] = releaseCall(op.key, op.tok, op.keep(c))
 		}
 		var failed errorOnce
-		for i, cmd := range c.evalMany(wctx, calls) {
+		for i, cmd := range c.evalMany(wctx, true, calls) {
 			if err := cmd.Err(); err != nil {
 				failed.add(held[i].key, err)
 			}
@@ -78,7 +78,7 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 			calls[i] = h.fill(calls[i])
 		}
 	}
-	cmds := c.evalMany(wctx, calls)
+	cmds := c.evalMany(wctx, true, calls)
 	var failed errorOnce
 	for i, op := range held {
 		n, err := cmds[i].Int64()

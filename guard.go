@@ -69,8 +69,9 @@ type Degradation struct {
 	FailFastWhenCapped bool
 
 	// WriteTimeout bounds each Redis write whose loss would leave a stale
-	// entry behind: Invalidate (one key or a batch alike), each UNLINK
-	// batch of InvalidatePrefix, InvalidateNamespace and Set. Default
+	// entry behind or other processes waiting: Invalidate (one key or a
+	// batch alike), each UNLINK batch of InvalidatePrefix,
+	// InvalidateNamespace, Set, and a lease holder's fill and release. Default
 	// 5 × OpTimeout (250ms), plus as much again per 1,000 keys of a batch.
 	WriteTimeout time.Duration
 
@@ -385,6 +386,20 @@ func (g *guarded) script(ctx context.Context, run func(context.Context) *redis.C
 		return cmd
 	}
 	cmd := run(o.ctx)
+	o.end(cmd.Err())
+	return cmd
+}
+
+// runScript runs one lease script under budget, through the breaker: by
+// EVALSHA, and by EVAL if the server does not have it yet.
+func (g *guarded) runScript(ctx context.Context, budget time.Duration, sc scriptCall) *redis.Cmd {
+	o, err := g.begin(ctx, budget, false)
+	if err != nil {
+		cmd := redis.NewCmd(ctx)
+		cmd.SetErr(err)
+		return cmd
+	}
+	cmd := sc.s.Run(o.ctx, g.rdb, sc.keys, sc.args...)
 	o.end(cmd.Err())
 	return cmd
 }

@@ -3,6 +3,7 @@ package cacheaside
 import (
 	"context"
 	"fmt"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -68,4 +69,86 @@ func TestFaultKilledDefaultClient(t *testing.T) {
 			t.Logf("slowest of 50 Gets after the kill: %v; stats %+v", worst, c.Stats())
 		})
 	}
+}
+
+// slowScripts delays the scripts it names by d before sending them, as a
+// starved CPU or a slow network would, and fails them when the command's
+// budget ran out meanwhile.
+type slowScripts struct {
+	*redis.Client
+	slow map[string]bool // SHA → delayed
+	d    time.Duration
+}
+
+func (s *slowScripts) delay(ctx context.Context, sha string) error {
+	if !s.slow[sha] {
+		return nil
+	}
+	select {
+	case <-time.After(s.d):
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (s *slowScripts) EvalSha(ctx context.Context, sha string, keys []string, args ...any) *redis.Cmd {
+	if err := s.delay(ctx, sha); err != nil {
+		cmd := redis.NewCmd(ctx)
+		cmd.SetErr(err)
+		return cmd
+	}
+	return s.Client.EvalSha(ctx, sha, keys, args...)
+}
+
+// TestFaultSlowFillDoesNotStrandWaiters: the holder's fill and release take
+// 120ms to reach Redis, past the 50ms read budget. They are writes that
+// matter and get the write budget (250ms), so the fill lands and a waiter
+// in another process gets the value at once, instead of waiting out the
+// lease (3s) and loading again.
+func TestFaultSlowFillDoesNotStrandWaiters(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := context.Background()
+		slow := &slowScripts{Client: b.client(t), d: 120 * time.Millisecond,
+			slow: map[string]bool{fillScript.Hash(): true, releaseScript.Hash(): true}}
+		if err := b.client(t).ScriptLoad(ctx, fillLua).Err(); err != nil { // EVALSHA finds it
+			t.Fatal(err)
+		}
+		holder, err := New[string](slow, nil) // default budgets
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = holder.Close() })
+		waiter := newCache[string](t, b, nil)
+		key := b.key("slow-fill")
+		var loads atomic.Int64
+		inLoad, gate := make(chan struct{}), make(chan struct{})
+		go func() {
+			_, _ = holder.Get(ctx, key, func(context.Context) (string, error) {
+				loads.Add(1)
+				close(inLoad)
+				<-gate
+				return "v", nil
+			})
+		}()
+		<-inLoad
+		type res struct {
+			v    string
+			err  error
+			took time.Duration
+		}
+		out := make(chan res, 1)
+		go func() {
+			start := time.Now()
+			v, err := waiter.Get(ctx, key, func(context.Context) (string, error) { loads.Add(1); return "w", nil })
+			out <- res{v, err, time.Since(start)}
+		}()
+		waitFor(t, "the waiter to meet the lease", func() bool { return waiter.Stats().LeaseContended == 1 })
+		close(gate)
+		r := <-out
+		if r.err != nil || r.v != "v" || loads.Load() != 1 || r.took > time.Second {
+			t.Fatalf("waiter got %q, %v after %v with %d loads; want the holder's v at once and 1 load", r.v, r.err, r.took, loads.Load())
+		}
+		t.Logf("waiter answered after %v", r.took.Round(time.Millisecond))
+	})
 }

@@ -190,13 +190,20 @@ func setInNamespace(ctx context.Context, rdb Redis, key, genKey string, entry []
 // and returns each call's reply. Scripts go by EVALSHA; any the server
 // does not have yet (NOSCRIPT) are sent again by EVAL. Every script is
 // safe to run twice, so this is safe however the first round went.
-func (c *Cache[T]) evalMany(ctx context.Context, calls []scriptCall) []*redis.Cmd {
+//
+// write says the calls are writes that must not be lost (fills, releases):
+// they get the write budget; lease rounds and renewals get a read's.
+func (c *Cache[T]) evalMany(ctx context.Context, write bool, calls []scriptCall) []*redis.Cmd {
+	budget := c.guard.batchBudget
+	if write {
+		budget = c.guard.writeBudget
+	}
 	if len(calls) == 1 { // one key (a Get): the script alone, no pipeline
-		return []*redis.Cmd{calls[0].run(ctx, c.rdb)}
+		return []*redis.Cmd{c.guard.runScript(ctx, budget(1), calls[0])}
 	}
 	cmds := make([]*redis.Cmd, len(calls))
 	send := func(idx []int, byEval bool) {
-		_, err := c.guard.pipe(ctx, c.guard.batchBudget(len(idx)), func(p redis.Pipeliner) error {
+		_, err := c.guard.pipe(ctx, budget(len(idx)), func(p redis.Pipeliner) error {
 			for _, i := range idx {
 				sc := calls[i]
 				if byEval {
@@ -232,8 +239,8 @@ func (c *Cache[T]) evalMany(ctx context.Context, calls []scriptCall) []*redis.Cm
 	return cmds
 }
 
-// releaseLater drops tok's lease in the background (best effort, within
-// the budget), off the caller's path: a lease script whose reply was lost
+// releaseLater drops tok's lease in the background, off the caller's path,
+// under the write budget and with retries: a lease script whose reply was lost
 // may have taken it, or a fill failed and other processes would otherwise
 // wait for it to expire. keep is how long a value the script may have
 // turned into a refreshing entry should live on once put back. Close
@@ -244,9 +251,20 @@ func (c *Cache[T]) releaseLater(key string, tok envelope.Token, keep time.Durati
 	}
 	go func() {
 		defer c.wg.Done()
+		// Retried (10ms, doubling to 200ms) for up to LeaseTTL, or once more
+		// after Close: a lease left behind makes other processes wait for it
+		// to expire.
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(c.stop), c.opts.LeaseTTL)
 		defer cancel()
-		_, _ = release(ctx, c.rdb, key, tok, keep)
+		call := releaseCall(key, tok, keep)
+		for pause := 10 * time.Millisecond; ; pause = min(2*pause, 200*time.Millisecond) {
+			if err := c.guard.runScript(ctx, c.guard.writeBudget(1), call).Err(); err == nil || ctx.Err() != nil || c.stop.Err() != nil {
+				return
+			}
+			if sleep(ctx, jitter(pause)) != nil {
+				return
+			}
+		}
 	}()
 }
 
@@ -274,7 +292,7 @@ func (c *Cache[T]) keepLeases(ctx context.Context, ops []*keyOp[T]) (stop func()
 			case <-t.C:
 			}
 			var failed errorOnce
-			for i, cmd := range c.evalMany(ctx, calls) {
+			for i, cmd := range c.evalMany(ctx, false, calls) {
 				if err := cmd.Err(); err != nil && ctx.Err() == nil {
 					failed.add(calls[i].keys[0], err)
 				}

@@ -32,13 +32,19 @@ if type(cur) == 'string' then
     if tok == string.sub(lease, 5, 20) and string.byte(cur, 3) == 3 then
       return {1, gen}
     end
-    if ARGV[3] == '' or tok ~= ARGV[3] then
+    local kind = string.byte(cur, 3)
+    -- Another caller's lease with no lifetime (written by hand, or left by
+    -- a crash between a SET and its PEXPIRE) would hold every reader until
+    -- it is deleted: a lease whose lifetime cannot be established counts as
+    -- expired, and is taken over below.
+    local orphan = (kind == 3 or kind == 4) and redis.call('PTTL', KEYS[1]) == -1
+    if not orphan and (ARGV[3] == '' or tok ~= ARGV[3]) then
       return {0, gen, cur}
     end
   end
 end
 -- absent, foreign bytes, another format version, a non-string type, an
--- entry of an older namespace generation, or the undecodable entry the
--- caller named: take it over.
+-- entry of an older namespace generation, a lease without a lifetime, or
+-- the undecodable entry the caller named: take it over.
 redis.call('SET', KEYS[1], lease, 'PX', ARGV[2])
 return {1, gen}
