@@ -28,6 +28,7 @@ type Cache[T any] struct {
 	opts   Options[T] // resolved: every default filled in
 	name   string     // opts.Name
 	ev     *events    // every counted event: Stats and the Recorder
+	logs   *logGate   // what of it reaches the logger (logs.go)
 	genTTL time.Duration
 
 	group    flight.Group[answer[T]] // one in-process load per key (GetMany's keys too)
@@ -82,11 +83,11 @@ func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &Cache[T]{raw: rdb, opts: o, name: o.Name, ev: newEvents(o.Name, o.Recorder), refreshes: make(map[string]time.Time),
+	c := &Cache[T]{raw: rdb, opts: o, name: o.Name, ev: newEvents(o.Name, o.Recorder), logs: &logGate{}, refreshes: make(map[string]time.Time),
 		loadSlots: make(chan struct{}, o.Degradation.MaxLoadsWhileDown), retries: make(map[string]retryOp)}
 	c.guard = &guarded{rdb: rdb, budget: o.Degradation.OpTimeout, write: o.Degradation.WriteTimeout, ev: c.ev}
 	if !o.Degradation.NoBreaker {
-		c.guard.cb = newBreaker(o.Name, o.Degradation.BreakerFailures, o.Degradation.BreakerCooldown, o.Logger, c.ev)
+		c.guard.cb = newBreaker(o.Name, o.Degradation.BreakerFailures, o.Degradation.BreakerCooldown, o.Logger, c.ev, c.logs)
 	}
 	c.rdb = c.guard
 	switch rdb.(type) {

@@ -421,8 +421,7 @@ func (e *events) busMessage()   { e.add(nBusMessages, 1); e.rec.BusMessage(e.nam
 
 // redisError counts a failed Redis command and reports it. A command the
 // open breaker did not send is counted and passed to the Recorder and
-// OnError, but logged only at debug level: the breaker logged its opening,
-// and an outage must not flood the log with a line per request.
+// OnError, but logged only at debug level: the breaker logged its opening.
 func (c *Cache[T]) redisError(ctx context.Context, op, key string, err error) error {
 	c.ev.redisError(op, err)
 	if errors.Is(err, ErrRedisUnavailable) {
@@ -436,11 +435,16 @@ func (c *Cache[T]) redisError(ctx context.Context, op, key string, err error) er
 	return c.report(ctx, op, key, err)
 }
 
-// report sends err to the logger and OnError and returns it as an *OpError.
+// report sends err to OnError and, within the log gate (logs.go), to the
+// logger, and returns it as an *OpError.
 func (c *Cache[T]) report(ctx context.Context, op, key string, err error) error {
 	e := &OpError{Cache: c.name, Op: op, Key: key, Err: err}
-	c.opts.Logger.LogAttrs(ctx, slog.LevelWarn, "cacheaside: suppressed error",
-		slog.String("cache", c.name), slog.String("op", op), slog.String("key", key), slog.Any("err", err))
+	log, summary, since := c.logs.admit(op, time.Now())
+	logSummary(ctx, c.opts.Logger, c.name, "errors suppressed without a log line", summary, since)
+	if log {
+		c.opts.Logger.LogAttrs(ctx, slog.LevelWarn, "cacheaside: suppressed error",
+			slog.String("cache", c.name), slog.String("op", op), slog.String("key", key), slog.Any("err", err))
+	}
 	if c.opts.OnError != nil {
 		c.opts.OnError(ctx, e)
 	}

@@ -431,8 +431,12 @@ func (g *guarded) ScriptLoad(ctx context.Context, script string) *redis.StringCm
 var _ Redis = (*guarded)(nil)
 
 // newBreaker builds the circuit breaker of a cache, reporting its state
-// changes to the logger and the event sink.
-func newBreaker(name string, failures int, cooldown time.Duration, log *slog.Logger, ev *events) *gobreaker.TwoStepCircuitBreaker[struct{}] {
+// changes to the event sink, and to the logger the ones a person needs:
+// Redis down (closed to open) and recovered (to closed, with the summary of
+// what was suppressed meanwhile). The probes of an outage (open to
+// half-open and back) log at debug level only.
+func newBreaker(name string, failures int, cooldown time.Duration, log *slog.Logger, ev *events, logs *logGate) *gobreaker.TwoStepCircuitBreaker[struct{}] {
+	var downSince time.Time
 	return gobreaker.NewTwoStepCircuitBreaker[struct{}](gobreaker.Settings{
 		Name:        name,
 		MaxRequests: 1, // half-open: one probe at a time
@@ -440,12 +444,21 @@ func newBreaker(name string, failures int, cooldown time.Duration, log *slog.Log
 		ReadyToTrip: func(c gobreaker.Counts) bool { return c.ConsecutiveFailures >= uint32(failures) },
 		IsExcluded:  func(err error) bool { return errors.Is(err, errExcluded) },
 		OnStateChange: func(_ string, from, to gobreaker.State) {
-			level := slog.LevelInfo
-			if to == gobreaker.StateOpen {
-				level = slog.LevelWarn
+			ctx := context.Background()
+			switch {
+			case from == gobreaker.StateClosed && to == gobreaker.StateOpen:
+				downSince = time.Now()
+				log.LogAttrs(ctx, slog.LevelWarn, "cacheaside: Redis down: circuit breaker open; loads bypass Redis",
+					slog.String("cache", name), slog.Duration("probe_every", cooldown))
+			case to == gobreaker.StateClosed:
+				counts, since := logs.flush(time.Now())
+				log.LogAttrs(ctx, slog.LevelInfo, "cacheaside: Redis recovered: circuit breaker closed",
+					slog.String("cache", name), slog.Duration("down_for", time.Since(downSince).Round(time.Millisecond)))
+				logSummary(ctx, log, name, "errors suppressed without a log line during the outage", counts, since)
+			default:
+				log.LogAttrs(ctx, slog.LevelDebug, "cacheaside: Redis circuit breaker "+to.String(),
+					slog.String("cache", name), slog.String("from", from.String()))
 			}
-			log.Log(context.Background(), level, "cacheaside: Redis circuit breaker "+to.String(),
-				slog.String("cache", name), slog.String("from", from.String()))
 			ev.breakerState(to.String(), to == gobreaker.StateOpen)
 		},
 	})

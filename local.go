@@ -128,6 +128,7 @@ type localTier[T any] struct {
 	seed maphash.Seed
 
 	live atomic.Bool // the subscription is confirmed: the tier may be used
+	lost atomic.Bool // a loss was logged: log the return
 
 	// Epochs. A store records the epochs before its read and is undone if
 	// they moved: global moves on every flush and prefix invalidation,

@@ -129,6 +129,7 @@ func (c *Cache[T]) listen() {
 	defer stopClose()
 	const firstBackoff = 10 * time.Millisecond
 	backoff := firstBackoff
+	first := true
 	for c.stop.Err() == nil {
 		confirmed, err := c.subscriptionSafe()
 		l.live.Store(false)
@@ -139,7 +140,8 @@ func (c *Cache[T]) listen() {
 		if confirmed {
 			backoff = firstBackoff
 		}
-		c.busLost(err)
+		c.busLost(err, confirmed || first)
+		first = false
 		if sleep(c.stop, jitter(backoff)) != nil {
 			return
 		}
@@ -147,12 +149,18 @@ func (c *Cache[T]) listen() {
 	}
 }
 
-// busLost reports a lost subscription. A panicking Recorder or logger must
-// not end the process from this goroutine.
-func (c *Cache[T]) busLost(err error) {
+// busLost reports a lost subscription: to the logger when it had been
+// confirmed (or never was: the first try), otherwise only to the Recorder
+// and Stats, so an outage logs the loss once and the return once. A
+// panicking Recorder or logger must not end the process from this
+// goroutine.
+func (c *Cache[T]) busLost(err error, log bool) {
 	defer func() { _ = recover() }()
-	c.opts.Logger.LogAttrs(c.stop, slog.LevelWarn, "cacheaside: invalidation bus lost; local tier bypassed until it is back",
-		slog.String("cache", c.name), slog.String("channel", c.local.opts.Channel), slog.Any("err", err))
+	if log {
+		c.local.lost.Store(true)
+		c.opts.Logger.LogAttrs(c.stop, slog.LevelWarn, "cacheaside: invalidation bus lost; local tier bypassed until it is back",
+			slog.String("cache", c.name), slog.String("channel", c.local.opts.Channel), slog.Any("err", err))
+	}
 	c.ev.redisError("subscribe", err)
 }
 
@@ -218,6 +226,10 @@ func (c *Cache[T]) subscription() (confirmed bool, _ error) {
 				l.flush()
 				l.live.Store(true)
 				confirmed = true
+				if l.lost.Swap(false) {
+					c.opts.Logger.LogAttrs(c.stop, slog.LevelInfo, "cacheaside: invalidation bus back; local tier in use again",
+						slog.String("cache", c.name), slog.String("channel", l.opts.Channel))
+				}
 			}
 		case *redis.Message:
 			if err := l.apply(m.Payload); err != nil {

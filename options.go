@@ -94,8 +94,10 @@ type Options[T any] struct {
 	// accept; longer or empty keys give ErrInvalidKey. Default 1024.
 	MaxKeySize int
 
-	// Logger receives every error the cache suppresses (at Warn) and
-	// configuration warnings. Default: discard.
+	// Logger receives configuration warnings, state changes (Redis down and
+	// recovered, the invalidation bus lost and back) and suppressed errors,
+	// bounded: the first of each kind per 10s at Warn, then a summary line
+	// with counts (see logs.go). Default: discard.
 	Logger *slog.Logger
 
 	// Recorder receives counters for export. Default NopRecorder.
