@@ -1,5 +1,6 @@
-// Command budgets on the hit path: a context whose deadline and Done both
-// end at the budget, without a timer of its own.
+// Command budgets: on the hit path, a context whose deadline and Done both
+// end at the budget without a timer of its own; on the miss path, the
+// account of the Redis time a whole Get may spend.
 
 package cacheaside
 
@@ -93,4 +94,18 @@ func closeAt(ms int64) <-chan struct{} {
 	ch := make(chan struct{})
 	time.AfterFunc(time.Until(time.UnixMilli(ms)), func() { close(ch) })
 	return ch
+}
+
+// redisTime is what one Get or GetMany may still spend on Redis
+// (Degradation.RedisTimePerGet), in nanoseconds. The engine's context
+// carries it; every command it sends is charged (see guarded.begin).
+type redisTime struct{ left atomic.Int64 }
+
+type redisTimeKey struct{}
+
+// withRedisTime returns ctx carrying an account of left Redis time.
+func withRedisTime(ctx context.Context, left time.Duration) context.Context {
+	t := &redisTime{}
+	t.left.Store(int64(left))
+	return context.WithValue(ctx, redisTimeKey{}, t)
 }

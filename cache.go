@@ -263,6 +263,7 @@ func (c *Cache[T]) one(ctx context.Context, key string, idx int, src source[T], 
 	}
 	op.start = c.flights.Load()
 	op.seen = c.seenFlight(key)
+	t0 := time.Now()
 	op.b, op.gv, op.rerr = c.read(ctx, key, genKey)
 	if h := c.hooks; h != nil && h.afterRead != nil {
 		h.afterRead(key)
@@ -279,6 +280,7 @@ func (c *Cache[T]) one(ctx context.Context, key string, idx int, src source[T], 
 	case failed:
 		return zero, err
 	}
+	op.spent = time.Since(t0)
 	if h := c.hooks; h != nil && h.afterMiss != nil {
 		h.afterMiss(key)
 	}

@@ -27,9 +27,10 @@ type keyOp[T any] struct {
 	snap   localSnap
 
 	// the first read (GetMany reads every key at once)
-	b    []byte
-	gv   genView
-	rerr error
+	b     []byte
+	gv    genView
+	rerr  error
+	spent time.Duration // Redis time the door spent before the engine (RedisTimePerGet)
 
 	vw       view[T] // what the last read or lease script showed
 	down     bool    // Redis failed on the first read: load without it
@@ -116,6 +117,11 @@ func (r *missRun[T]) run(parent context.Context) {
 	ctx, cancel := context.WithCancel(context.WithoutCancel(parent))
 	defer cancel()
 	defer context.AfterFunc(c.stop, cancel)()
+	var spent time.Duration
+	for _, op := range r.ops {
+		spent = max(spent, op.spent)
+	}
+	ctx = withRedisTime(ctx, c.opts.Degradation.RedisTimePerGet-spent)
 	r.ctx = ctx
 	w := c.newWaiter()
 	defer w.end()

@@ -137,3 +137,7 @@ var errWaitedOut = errors.New("cacheaside: lease holders neither filled nor expi
 // errNoAnswer ends a flight an engine run left open without an answer,
 // which only a bug would do (a panic ends them with a *PanicError).
 var errNoAnswer = errors.New("cacheaside: load ended without an answer")
+
+// errRedisTimeSpent is the error of a command a Get did not send because
+// its Redis time (Degradation.RedisTimePerGet) was spent.
+var errRedisTimeSpent = fmt.Errorf("%w: the Get's Redis time (Degradation.RedisTimePerGet) is spent", ErrRedisUnavailable)

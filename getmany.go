@@ -5,6 +5,7 @@ package cacheaside
 import (
 	"context"
 	"errors"
+	"time"
 )
 
 // Batches. GetMany is Get for many ids at once, with the same entry
@@ -113,6 +114,7 @@ func GetMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 			op.start = start
 			op.seen = c.seenFlight(op.key)
 		}
+		t0 := time.Now()
 		c.readMany(ctx, ops)
 		var misses []*keyOp[T]
 		var readErrs errorOnce
@@ -127,6 +129,7 @@ func GetMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 			case failed:
 				items[op.idx].set(op.vw.v, err)
 			default:
+				op.spent = time.Since(t0)
 				misses = append(misses, op)
 			}
 		}

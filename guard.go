@@ -34,6 +34,24 @@ import (
 // (Options.Degradation). The zero value of each field means the default
 // written beside it.
 type Degradation struct {
+	// RedisTimePerGet bounds the time one Get or GetMany spends on Redis
+	// in all: its read, its lease rounds, its polls while another holder
+	// loads, and its fill (not the loader's time, nor the pauses between
+	// polls). Each command gets the smaller of OpTimeout and what is left;
+	// once it is spent, the Get goes on without Redis, as if Redis were
+	// down (the loader answers, uncached; FailClosed: ErrRedisUnavailable).
+	// So a Redis that answers every command just under OpTimeout cannot
+	// stack command after command on a miss. The worst case of a Get:
+	//
+	//	RedisTimePerGet + LoadTimeout (its load, or the one it shares)
+	//	  + LoadTimeout + LeaseTTL while another process holds the lease
+	//	  + LoadTimeout for a load slot while Redis is down and
+	//	    MaxLoadsWhileDown loads run
+	//
+	// each of the last two terms only in that case. Default 4 × OpTimeout
+	// (200ms); at least OpTimeout.
+	RedisTimePerGet time.Duration
+
 	// OpTimeout bounds every Redis command the cache sends, and a command
 	// never gets more than half of what remains of the caller's deadline:
 	// a slow or unreachable Redis costs a Get at most this (per command)
@@ -119,6 +137,8 @@ func (d Degradation) resolve() (Degradation, error) {
 		return invalid("MaxLoadsWhileDown %d is negative", d.MaxLoadsWhileDown)
 	case d.RetryInvalidations < 0:
 		return invalid("RetryInvalidations %v is negative", d.RetryInvalidations)
+	case d.RedisTimePerGet < 0:
+		return invalid("RedisTimePerGet %v is negative", d.RedisTimePerGet)
 	case d.WriteTimeout < 0:
 		return invalid("WriteTimeout %v is negative", d.WriteTimeout)
 	case d.WriteTimeout != 0 && d.WriteTimeout < time.Millisecond:
@@ -138,6 +158,12 @@ func (d Degradation) resolve() (Degradation, error) {
 	}
 	if d.WriteTimeout == 0 {
 		d.WriteTimeout = 5 * d.OpTimeout
+	}
+	if d.RedisTimePerGet == 0 {
+		d.RedisTimePerGet = 4 * d.OpTimeout
+	}
+	if d.RedisTimePerGet < d.OpTimeout {
+		return invalid("RedisTimePerGet %v is below OpTimeout %v", d.RedisTimePerGet, d.OpTimeout)
 	}
 	return d, nil
 }
@@ -209,12 +235,17 @@ type op struct {
 	ctx    context.Context
 	cancel context.CancelFunc // nil for a deadline-only context
 	report func(error)        // the breaker's; nil without one
+	spend  *redisTime         // the Get's Redis time, charged at end; nil off the miss path
+	start  time.Time          // when the command began, with spend
 }
 
 // end releases the command's context and tells the breaker how it went.
 func (o op) end(err error) {
 	if o.cancel != nil {
 		o.cancel()
+	}
+	if o.spend != nil {
+		o.spend.left.Add(-int64(time.Since(o.start)))
 	}
 	berr := breakerErr(o.caller, err)
 	if berr != errExcluded {
@@ -231,6 +262,16 @@ func (o op) end(err error) {
 // context.WithTimeout of the caller's.
 func (g *guarded) begin(ctx context.Context, budget time.Duration, light bool) (op, error) {
 	o := op{g: g, caller: ctx}
+	if !light { // the hit path's reads never carry a Redis-time account
+		if t, ok := ctx.Value(redisTimeKey{}).(*redisTime); ok {
+			left := time.Duration(t.left.Load())
+			if left <= 0 {
+				return o, errRedisTimeSpent
+			}
+			budget = min(budget, left)
+			o.spend, o.start = t, time.Now()
+		}
+	}
 	if g.cb != nil {
 		done, err := g.cb.Allow()
 		if err != nil {

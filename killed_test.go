@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+	"github.com/seed-b4ec662f/cacheaside/internal/envelope"
 )
 
 // TestFaultKilledDefaultClient: a client made as most people make it (go-redis
@@ -150,5 +151,47 @@ func TestFaultSlowFillDoesNotStrandWaiters(t *testing.T) {
 			t.Fatalf("waiter got %q, %v after %v with %d loads; want the holder's v at once and 1 load", r.v, r.err, r.took, loads.Load())
 		}
 		t.Logf("waiter answered after %v", r.took.Round(time.Millisecond))
+	})
+}
+
+// TestFaultRedisTimePerGet: Redis answers every lease script just under the
+// command budget (45ms of 50ms) and another process holds the key's lease
+// without ever filling it. Without a bound on the whole Get's Redis time,
+// the Get would poll until the lease holder's time ran out (LoadTimeout +
+// LeaseTTL, 8s). With RedisTimePerGet (default 4 × OpTimeout) it stops
+// using Redis once 200ms of Redis time are spent and answers from the
+// loader, uncached.
+func TestFaultRedisTimePerGet(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := context.Background()
+		key := b.key("slow-polls")
+		if held, _, _, err := acquire(ctx, b.client(t), key, "", leaseEntry(newToken(), FormatJSON), time.Minute, nil, time.Minute); err != nil || !held {
+			t.Fatalf("the other holder's lease: %v %v", held, err)
+		}
+		if err := b.client(t).ScriptLoad(ctx, acquireLua).Err(); err != nil {
+			t.Fatal(err)
+		}
+		slow := &slowScripts{Client: b.client(t), d: 45 * time.Millisecond, slow: map[string]bool{acquireScript.Hash(): true}}
+		c, err := New[string](slow, nil) // OpTimeout 50ms, RedisTimePerGet 200ms
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = c.Close() })
+		var n counter
+		start := time.Now()
+		v, err := c.Get(ctx, key, n.load("v", 5*time.Millisecond))
+		took := time.Since(start)
+		bound := DefaultOpTimeout*4 + 5*time.Millisecond + 100*time.Millisecond // Redis time + loader + the pauses between polls
+		if raceEnabled {
+			bound += 100 * time.Millisecond
+		}
+		if err != nil || v != "v" || n.calls.Load() != 1 || took > bound {
+			t.Fatalf("Get = %q, %v after %v with %d loads; want the loader's value within %v", v, err, took, n.calls.Load(), bound)
+		}
+		t.Logf("Get answered after %v (Redis time spent, then the loader)", took.Round(time.Millisecond))
+		var e envelope.Entry
+		if raw := b.raw(t, key); raw == nil || envelope.Decode(raw, &e) != nil || e.Kind != envelope.Lease {
+			t.Fatalf("the other holder's lease was replaced: %q", raw)
+		}
 	})
 }
