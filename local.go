@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"hash/maphash"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -145,9 +144,6 @@ type localTier[T any] struct {
 
 	now    func() int64       // Unix ns that local expiry is checked against
 	coarse *otter.CoarseClock // behind now, unless Options.Clock is set; Close stops it
-
-	mu sync.Mutex    // protects ps
-	ps *redis.PubSub // the current subscription, closed by Close
 }
 
 // localItem is one value (or "not found") held locally.

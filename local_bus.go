@@ -9,11 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
-	"runtime/debug"
-	"time"
-
-	"github.com/redis/go-redis/v9"
 )
 
 // Bus messages: a kind byte, then for msgKeys each key as a uvarint length
@@ -119,34 +114,33 @@ func (c *Cache[T]) invalidatedPrefix(ctx context.Context, prefix string) error {
 func (c *Cache[T]) listen() {
 	defer c.wg.Done()
 	l := c.local
-	stopClose := context.AfterFunc(c.stop, func() {
-		l.mu.Lock()
-		defer l.mu.Unlock()
-		if l.ps != nil {
-			_ = l.ps.Close()
-		}
-	})
-	defer stopClose()
-	const firstBackoff = 10 * time.Millisecond
-	backoff := firstBackoff
 	first := true
-	for c.stop.Err() == nil {
-		confirmed, err := c.subscriptionSafe()
-		l.live.Store(false)
-		l.flush()
-		if c.stop.Err() != nil {
-			return
-		}
-		if confirmed {
-			backoff = firstBackoff
-		}
-		c.busLost(err, confirmed || first)
-		first = false
-		if sleep(c.stop, jitter(backoff)) != nil {
-			return
-		}
-		backoff = min(2*backoff, l.opts.HealthCheck)
+	s := &subscriber{bus: l.bus, channel: l.opts.Channel, hc: l.opts.HealthCheck,
+		up: func() {
+			// Whatever was published before this point is lost to us:
+			// start from an empty tier.
+			l.flush()
+			l.live.Store(true)
+			if l.lost.Swap(false) {
+				c.opts.Logger.LogAttrs(c.stop, slog.LevelInfo, "cacheaside: invalidation bus back; local tier in use again",
+					slog.String("cache", c.name), slog.String("channel", l.opts.Channel))
+			}
+		},
+		down: func(err error, confirmed bool) {
+			l.live.Store(false)
+			l.flush()
+			c.busLost(err, confirmed || first)
+			first = false
+		},
+		message: func(payload string) {
+			if err := l.apply(payload); err != nil {
+				c.report(c.stop, "bus", l.opts.Channel, fmt.Errorf("invalidation message: %w; local tier flushed", err))
+			}
+		},
 	}
+	s.run(c.stop)
+	l.live.Store(false)
+	l.flush()
 }
 
 // busLost reports a lost subscription: to the logger when it had been
@@ -162,79 +156,4 @@ func (c *Cache[T]) busLost(err error, log bool) {
 			slog.String("cache", c.name), slog.String("channel", c.local.opts.Channel), slog.Any("err", err))
 	}
 	c.ev.redisError("subscribe", err)
-}
-
-// subscriptionSafe is subscription with a panic (go-redis's Ring panics on
-// Subscribe when no shard is up; a Recorder or OnError may panic too)
-// turned into an error.
-func (c *Cache[T]) subscriptionSafe() (confirmed bool, err error) {
-	defer func() {
-		if r := recover(); r != nil {
-			err = &PanicError{Value: r, Stack: debug.Stack()}
-		}
-	}()
-	return c.subscription()
-}
-
-// subscription runs one subscription until it fails, and returns why and
-// whether it had been confirmed. Every call that may dial gets a deadline
-// (with ContextTimeoutEnabled, go-redis puts it on the socket), so a Redis
-// that accepts connections but never answers cannot hold Close.
-func (c *Cache[T]) subscription() (confirmed bool, _ error) {
-	l := c.local
-	hc := l.opts.HealthCheck
-	ctx, cancel := context.WithTimeout(c.stop, hc)
-	ps := l.bus.Subscribe(ctx, l.opts.Channel)
-	cancel()
-	l.mu.Lock()
-	if c.stop.Err() != nil {
-		l.mu.Unlock()
-		_ = ps.Close()
-		return false, c.stop.Err()
-	}
-	l.ps = ps
-	l.mu.Unlock()
-	defer func() { _ = ps.Close() }()
-	pinged := false
-	for {
-		ctx, cancel := context.WithTimeout(c.stop, 2*hc)
-		msg, err := ps.ReceiveTimeout(ctx, hc)
-		cancel()
-		if err != nil {
-			var ne net.Error
-			if !pinged && errors.As(err, &ne) && ne.Timeout() && c.stop.Err() == nil {
-				pinged = true
-				ctx, cancel := context.WithTimeout(c.stop, hc)
-				err := ps.Ping(ctx)
-				cancel()
-				if err != nil {
-					return confirmed, err
-				}
-				continue
-			}
-			if pinged {
-				return confirmed, fmt.Errorf("no PONG within %v: %w", hc, err)
-			}
-			return confirmed, err
-		}
-		pinged = false
-		switch m := msg.(type) {
-		case *redis.Subscription:
-			if m.Kind == "subscribe" && m.Channel == l.opts.Channel {
-				// Whatever was published before this point is lost to us:
-				// start from an empty tier.
-				l.flush()
-				l.live.Store(true)
-				confirmed = true
-				if l.lost.Swap(false) {
-					c.opts.Logger.LogAttrs(c.stop, slog.LevelInfo, "cacheaside: invalidation bus back; local tier in use again",
-						slog.String("cache", c.name), slog.String("channel", l.opts.Channel))
-				}
-			}
-		case *redis.Message:
-			if err := l.apply(m.Payload); err != nil {
-				c.report(c.stop, "bus", m.Channel, fmt.Errorf("invalidation message: %w; local tier flushed", err))
-			}
-		}
-	}
 }
