@@ -56,6 +56,7 @@ type Cache[T any] struct {
 	cancel context.CancelFunc
 
 	local *localTier[T] // nil without Options.Local
+	wake  *waker        // nil for a client without pub/sub, or a Ring
 	reads *coalescer    // nil with Options.NoReadCoalescing or a sharding client
 
 	hooks *testHooks // nil outside tests
@@ -119,6 +120,13 @@ func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 		}
 		c.wg.Add(1)
 		go c.listen()
+	}
+	if bus, ok := rdb.(Bus); ok {
+		if _, ring := rdb.(*redis.Ring); !ring { // a Ring's pub/sub follows the live shards: poll only
+			c.wake = newWaker(WakeChannelPrefix + o.Name)
+			c.wg.Add(1)
+			go c.listenWake(bus)
+		}
 	}
 	if !o.NoReadCoalescing && !c.splitReads.Load() {
 		c.reads = newCoalescer()

@@ -105,6 +105,7 @@ func TestStampedeAcrossInstances(t *testing.T) {
 		caches := make([]*Cache[string], 4)
 		for i := range caches {
 			caches[i] = newCache[string](t, b, nil)
+			waitFor(t, "the wake channel", caches[i].wake.live.Load)
 		}
 		var (
 			wg      sync.WaitGroup

@@ -168,7 +168,17 @@ func (r *missRun[T]) run(parent context.Context) {
 		if now {
 			continue // nothing to wait for: an entry to overwrite or a value to refresh in place
 		}
-		switch err := w.wait(ctx, len(open)); {
+		keys := make([]string, len(open))
+		for i, op := range open {
+			keys[i] = op.key
+		}
+		err := w.wait(ctx, keys)
+		if err == nil {
+			if open = r.delivered(open, w.delivered()); len(open) == 0 {
+				return
+			}
+		}
+		switch {
 		case errors.Is(err, errWaitedOut):
 			// The holders neither filled nor let their leases lapse in the
 			// time a load may take: answer from the source.
@@ -182,6 +192,40 @@ func (r *missRun[T]) run(parent context.Context) {
 			return
 		}
 	}
+}
+
+// delivered ends the flights whose fills the wake channel delivered (as
+// the next lease round would have found them) and returns the ops still
+// open. got maps keys to entries; a key without an entry (a released
+// lease, a large value) stays open for the next round.
+func (r *missRun[T]) delivered(open []*keyOp[T], got map[string][]byte) []*keyOp[T] {
+	if len(got) == 0 {
+		return open
+	}
+	c := r.c
+	now := c.opts.Clock()
+	rest := open[:0]
+	for _, op := range open {
+		entry := got[op.key]
+		if entry == nil {
+			rest = append(rest, op)
+			continue
+		}
+		vw := c.classify(r.ctx, op.key, entry, genView{namespaced: op.genKey != "", known: true, gen: op.gen}, now)
+		switch vw.state {
+		case stFresh, stNotFound:
+			t := vw.e.Token
+			op.fs.tok.Store(&t)
+			if vw.state == stNotFound {
+				r.finish(op, answer[T]{tok: vw.e.Token}, ErrNotFound)
+			} else {
+				r.finish(op, answer[T]{v: vw.v, tok: vw.e.Token}, nil)
+			}
+		default:
+			rest = append(rest, op) // not for this generation, or not what we can serve: look again
+		}
+	}
+	return rest
 }
 
 // settleAll ends every flight the run leads that is still open, after a

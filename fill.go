@@ -37,7 +37,7 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 	calls := make([]scriptCall, len(held))
 	if err != nil {
 		for i, op := range held {
-			calls[i] = releaseCall(op.key, op.tok, op.keep(c))
+			calls[i] = releaseCall(op.key, op.tok, op.keep(c), c.wakeChannel())
 		}
 		var failed errorOnce
 		for i, cmd := range c.evalMany(wctx, true, calls) {
@@ -62,17 +62,17 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 			if merr != nil {
 				c.ev.notCached()
 				c.report(r.ctx, "encode", op.key, merr)
-				calls[i] = releaseCall(op.key, op.tok, op.keep(c))
+				calls[i] = releaseCall(op.key, op.tok, op.keep(c), c.wakeChannel())
 				continue
 			}
-			calls[i], fills[i], softs[i] = fillCall(op.key, op.genKey, op.tok, entry, ttl, c.genTTL), true, softExpiry(entry)
+			calls[i], fills[i], softs[i] = fillCall(op.key, op.genKey, op.tok, entry, ttl, c.genTTL, c.wakeChannel()), true, softExpiry(entry)
 		case p.NoNegativeCache:
-			calls[i] = releaseCall(op.key, op.tok, 0)
+			calls[i] = releaseCall(op.key, op.tok, 0, c.wakeChannel())
 		default:
 			ttl := p.jitter(p.NegativeTTL)
 			soft := c.opts.Clock().Add(ttl)
 			entry := tombstone(op.tok, c.opts.Codec.Format(), op.gen, soft)
-			calls[i], fills[i], softs[i] = fillCall(op.key, op.genKey, op.tok, entry, ttl, c.genTTL), true, soft.UnixMilli()
+			calls[i], fills[i], softs[i] = fillCall(op.key, op.genKey, op.tok, entry, ttl, c.genTTL, c.wakeChannel()), true, soft.UnixMilli()
 		}
 		if h := c.hooks; h != nil && h.fill != nil && fills[i] {
 			calls[i] = h.fill(calls[i])

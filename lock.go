@@ -135,12 +135,14 @@ func acquireReply(res []any, err error) (held bool, gen envelope.Gen, cur []byte
 // fill runs fill.lua: write entry for ttl if key still holds tok's lease
 // (and, with genKey, if the namespace generation is still the entry's).
 func fill(ctx context.Context, rdb Redis, key, genKey string, tok envelope.Token, entry []byte, ttl, genTTL time.Duration) (bool, error) {
-	n, err := fillCall(key, genKey, tok, entry, ttl, genTTL).run(ctx, rdb).Int64()
+	n, err := fillCall(key, genKey, tok, entry, ttl, genTTL, "").run(ctx, rdb).Int64()
 	return n == 1, err
 }
 
-func fillCall(key, genKey string, tok envelope.Token, entry []byte, ttl, genTTL time.Duration) scriptCall {
-	return scriptCall{fillScript, entryKeys(key, genKey), []any{tok[:], entry, millis(ttl), millis(genTTL)}}
+// fillCall is fill.lua's call; a nonempty wake is the channel a contended
+// lease's waiters listen on.
+func fillCall(key, genKey string, tok envelope.Token, entry []byte, ttl, genTTL time.Duration, wake string) scriptCall {
+	return scriptCall{fillScript, entryKeys(key, genKey), []any{tok[:], entry, millis(ttl), millis(genTTL), wake}}
 }
 
 // refreshLease runs refresh.lua: turn the value written under old into a
@@ -157,16 +159,17 @@ func refreshCall(key, genKey string, old, tok envelope.Token, ttl, genTTL time.D
 // release runs release.lua: delete tok's lease, or turn tok's refreshing
 // entry back into a value that lives for keep more (keep ≤ 0 deletes it).
 func release(ctx context.Context, rdb Redis, key string, tok envelope.Token, keep time.Duration) (bool, error) {
-	n, err := releaseCall(key, tok, keep).run(ctx, rdb).Int64()
+	n, err := releaseCall(key, tok, keep, "").run(ctx, rdb).Int64()
 	return n == 1, err
 }
 
-func releaseCall(key string, tok envelope.Token, keep time.Duration) scriptCall {
+// releaseCall is release.lua's call; wake as for fillCall.
+func releaseCall(key string, tok envelope.Token, keep time.Duration, wake string) scriptCall {
 	ms := int64(0)
 	if keep > 0 {
 		ms = millis(keep)
 	}
-	return scriptCall{releaseScript, []string{key}, []any{tok[:], ms}}
+	return scriptCall{releaseScript, []string{key}, []any{tok[:], ms, wake}}
 }
 
 // extend runs extend.lua: renew tok's lease on key for ttl.
@@ -256,7 +259,7 @@ func (c *Cache[T]) releaseLater(key string, tok envelope.Token, keep time.Durati
 		// to expire.
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(c.stop), c.opts.LeaseTTL)
 		defer cancel()
-		call := releaseCall(key, tok, keep)
+		call := releaseCall(key, tok, keep, c.wakeChannel())
 		for pause := 10 * time.Millisecond; ; pause = min(2*pause, 200*time.Millisecond) {
 			if err := c.guard.runScript(ctx, c.guard.writeBudget(1), call).Err(); err == nil || ctx.Err() != nil || c.stop.Err() != nil {
 				return

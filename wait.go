@@ -1,21 +1,172 @@
-// Waiting for other holders: the backoff a Get or GetMany waits with while
-// another caller (usually another process) holds the lease on its keys.
+// Waiting for other holders: how a Get or GetMany waits while another
+// caller (usually another process) holds the lease on its keys: woken by the
+// holder's fill, with polling as the fallback.
 
 package cacheaside
 
 import (
 	"context"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 )
 
+// Waking. When a caller finds another's lease, acquire.lua marks the lease
+// contended. The holder's fill (or release, if its load failed) then
+// publishes the key on the cache's wake channel, inside the same script, so
+// an uncontended miss costs nothing more and a hit never sees any of it.
+// Every Cache keeps one subscription to that channel (WakeChannelPrefix +
+// Options.Name; Cluster broadcasts PUBLISH to every node) and wakes the
+// runs waiting for that key at once. Polling stays, slower, for what a
+// message cannot cover: a holder that died (its lease expires), a message
+// lost while the subscription was down, a lease another build of the
+// library holds.
+
+// WakeChannelPrefix + Options.Name is the channel fills of contended leases
+// are published on. Every process that shares a cache's keys must use the
+// same Name.
+const WakeChannelPrefix = "cacheaside:filled:"
+
+// waker dispatches the wake channel's messages to the runs waiting for
+// their keys.
+type waker struct {
+	channel string
+	live    atomic.Bool // the subscription is confirmed: waits may rely on it
+
+	mu      sync.Mutex
+	watches map[string]map[*watch]struct{} // key → runs waiting for it
+}
+
+// watch is one engine run's interest in its keys.
+type watch struct {
+	keys []string
+	ch   chan struct{}     // one pending wake-up
+	got  map[string][]byte // key → the entry its fill published (nil: only the key), under waker.mu
+}
+
+func newWaker(channel string) *waker {
+	return &waker{channel: channel, watches: make(map[string]map[*watch]struct{})}
+}
+
+// watch registers interest in keys.
+func (w *waker) watch(keys []string) *watch {
+	wt := &watch{keys: keys, ch: make(chan struct{}, 1)}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for _, k := range keys {
+		m := w.watches[k]
+		if m == nil {
+			m = make(map[*watch]struct{})
+			w.watches[k] = m
+		}
+		m[wt] = struct{}{}
+	}
+	return wt
+}
+
+func (w *waker) unwatch(wt *watch) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for _, k := range wt.keys {
+		if m := w.watches[k]; m != nil {
+			delete(m, wt)
+			if len(m) == 0 {
+				delete(w.watches, k)
+			}
+		}
+	}
+}
+
+// wake handles one message: "<len(key)>:<key><entry>", the entry
+// optional. It wakes every run waiting for key, handing it the entry.
+func (w *waker) wake(msg string) {
+	key, entry, ok := parseWake(msg)
+	if !ok {
+		return
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for wt := range w.watches[key] {
+		if wt.got == nil {
+			wt.got = make(map[string][]byte)
+		}
+		wt.got[key] = entry
+		select {
+		case wt.ch <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// parseWake splits a wake message into its key and entry (nil when the
+// message carries none).
+func parseWake(msg string) (key string, entry []byte, ok bool) {
+	i := strings.IndexByte(msg, ':')
+	if i <= 0 {
+		return "", nil, false
+	}
+	n, err := strconv.Atoi(msg[:i])
+	if err != nil || n < 0 || len(msg)-i-1 < n {
+		return "", nil, false
+	}
+	key = msg[i+1 : i+1+n]
+	if rest := msg[i+1+n:]; rest != "" {
+		entry = []byte(rest)
+	}
+	return key, entry, true
+}
+
+// delivered takes the entries fills published for the watch's keys since
+// the last call.
+func (w *waker) delivered(wt *watch) map[string][]byte {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	got := wt.got
+	wt.got = nil
+	return got
+}
+
+// wakeChannel is the channel fills publish on for this cache, or "" when it
+// has no waker (a client without pub/sub, or a Ring).
+func (c *Cache[T]) wakeChannel() string {
+	if c.wake == nil {
+		return ""
+	}
+	return c.wake.channel
+}
+
+// listenWake keeps the wake channel subscribed until Close.
+func (c *Cache[T]) listenWake(bus Bus) {
+	defer c.wg.Done()
+	w := c.wake
+	s := &subscriber{bus: bus, channel: w.channel, hc: time.Second,
+		up: func() { w.live.Store(true) },
+		down: func(error, bool) {
+			// Not counted as a Redis error: waits fall back to polling,
+			// and the commands that matter report their own failures.
+			w.live.Store(false)
+		},
+		message: w.wake,
+	}
+	s.run(c.stop)
+	w.live.Store(false)
+}
+
 // waiter paces the lease rounds of one engine run whose keys other
-// holders are loading: a jittered exponential backoff from PollMin to
-// PollMax, for at most LoadTimeout + LeaseTTL in all (a live holder
-// renews its lease while it loads, so a longer wait means a holder stuck
-// without failing), after which the run loads from the source itself.
+// holders are loading. While the wake channel is live, it waits for a
+// fill's message, polling every 4 × PollMax (jittered) as the fallback;
+// otherwise it polls with a jittered exponential backoff from PollMin to
+// PollMax. Either way it waits at most LoadTimeout + LeaseTTL in all (a
+// live holder renews its lease while it loads, so a longer wait means a
+// holder stuck without failing), after which the run loads from the source
+// itself.
 type waiter struct {
 	ev      *events
-	start   time.Time // zero until the first wait
+	wk      *waker // nil: poll only
+	wt      *watch // while registered
+	start   time.Time
 	delay   time.Duration
 	max     time.Duration
 	deadAt  time.Duration // the whole wait's bound
@@ -23,19 +174,37 @@ type waiter struct {
 }
 
 func (c *Cache[T]) newWaiter() *waiter {
-	return &waiter{ev: c.ev, delay: c.opts.PollMin, max: c.opts.PollMax, deadAt: c.opts.LoadTimeout + c.opts.LeaseTTL}
+	return &waiter{ev: c.ev, wk: c.wake, delay: c.opts.PollMin, max: c.opts.PollMax, deadAt: c.opts.LoadTimeout + c.opts.LeaseTTL}
 }
 
-// wait sleeps before the next lease round for keys held elsewhere. It
-// returns errWaitedOut once the whole wait has reached its bound, or
-// ctx's error when ctx ends first.
-func (w *waiter) wait(ctx context.Context, keys int) error {
+// wait waits before the next lease round for the keys of open, held
+// elsewhere. It returns errWaitedOut once the whole wait has reached its
+// bound, or ctx's error when ctx ends first.
+func (w *waiter) wait(ctx context.Context, open []string) error {
 	if !w.waiting {
 		w.waiting = true
 		w.start = time.Now()
-		w.ev.leaseContended(keys)
+		w.ev.leaseContended(len(open))
+		if w.wk != nil && w.wk.live.Load() {
+			// Watch first, then look once more at once: a fill that landed
+			// between the last round and the watch sent its message to
+			// nobody, but the next round sees its value.
+			w.wt = w.wk.watch(open)
+			return nil
+		}
 	} else if time.Since(w.start) > w.deadAt {
 		return errWaitedOut
+	}
+	if w.wt != nil && w.wk.live.Load() {
+		t := time.NewTimer(jitter(4 * w.max))
+		defer t.Stop()
+		select {
+		case <-w.wt.ch:
+		case <-t.C:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		return nil
 	}
 	if err := sleep(ctx, jitter(w.delay)); err != nil {
 		return err
@@ -44,8 +213,20 @@ func (w *waiter) wait(ctx context.Context, keys int) error {
 	return nil
 }
 
-// end records how long the run waited, if it did.
+// delivered returns the entries fills published for the keys being waited
+// for since the last call (nil without a watch).
+func (w *waiter) delivered() map[string][]byte {
+	if w.wt == nil {
+		return nil
+	}
+	return w.wk.delivered(w.wt)
+}
+
+// end records how long the run waited, if it did, and drops its watch.
 func (w *waiter) end() {
+	if w.wt != nil {
+		w.wk.unwatch(w.wt)
+	}
 	if w.waiting {
 		w.ev.waited(time.Since(w.start))
 	}

@@ -39,6 +39,11 @@ if type(cur) == 'string' then
     -- expired, and is taken over below.
     local orphan = (kind == 3 or kind == 4) and redis.call('PTTL', KEYS[1]) == -1
     if not orphan and (ARGV[3] == '' or tok ~= ARGV[3]) then
+      if kind == 3 and string.sub(cur, 29, 32) == '\0\0\0\0' then
+        -- Someone now waits for this lease: mark it contended (the load
+        -- time field of a lease), so its fill or release wakes the waiters.
+        redis.call('SETRANGE', KEYS[1], 28, '\0\0\0\1')
+      end
       return {0, gen, cur}
     end
   end

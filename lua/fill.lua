@@ -9,6 +9,10 @@
 -- ARGV[2]  the entry to write (value or tombstone, carrying its generation)
 -- ARGV[3]  its lifetime in milliseconds
 -- ARGV[4]  lifetime of the generation key in milliseconds (namespaced caches)
+-- ARGV[5]  the channel that wakes waiters, or "": when the lease was marked
+--          contended (acquire.lua), "<len(key)>:<key><entry>" is published
+--          there after the write (the entry left out past 64 KiB), so the
+--          waiters have their answer without another round trip
 -- Returns 1 when written (or already written by a retry of this call), else 0.
 local cur = redis.pcall('GET', KEYS[1])
 if type(cur) ~= 'string' or #cur < 40 or string.sub(cur, 1, 2) ~= string.sub(ARGV[2], 1, 2)
@@ -25,6 +29,13 @@ end
 local kind = string.byte(cur, 3)
 if kind == 3 or kind == 4 then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  if kind == 3 and ARGV[5] ~= '' and string.sub(cur, 29, 32) ~= '\0\0\0\0' then
+    local msg = #KEYS[1] .. ':' .. KEYS[1]
+    if #ARGV[2] <= 65536 then
+      msg = msg .. ARGV[2]
+    end
+    redis.call('PUBLISH', ARGV[5], msg)
+  end
   return 1
 end
 if cur == ARGV[2] then
