@@ -2,6 +2,7 @@ package cacheaside
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -65,6 +66,18 @@ func TestConsistencyRandomized(t *testing.T) {
 		if n := on.stale.Load(); n > 0 {
 			t.Errorf("consistency(%s): %d stale values with leases on, in %d of %d histories (base seed %d); see the histories logged above",
 				b.name, n, on.failed.Load(), on.histories.Load(), base)
+		}
+
+		faulty := leases / 5
+		flt := runConsistency(t, shards, consConfig{mode: "fault", histories: faulty, seed: base + 2<<32, replay: replay, faults: true})
+		t.Logf("consistency with invalidation faults (%s): %d stale values in %d histories (%d Gets, %d invalidations, %d of them failed and retried; %v%s)",
+			b.name, flt.stale.Load(), flt.histories.Load(), flt.gets.Load(), flt.invals.Load(), flt.failedInvals.Load(), flt.took.Round(time.Millisecond), note)
+		if n := flt.stale.Load(); n > 0 {
+			t.Errorf("consistency with invalidation faults (%s): %d stale values in %d of %d histories (base seed %d)",
+				b.name, n, flt.failed.Load(), flt.histories.Load(), base+2<<32)
+		}
+		if flt.failedInvals.Load() == 0 {
+			t.Errorf("consistency with invalidation faults (%s): no invalidation failed; the fault injection is broken", b.name)
 		}
 
 		off := runConsistency(t, shards, consConfig{mode: "ctrl", histories: control, seed: base + 1<<32, replay: replay, control: true})
@@ -135,18 +148,20 @@ type consConfig struct {
 	seed      uint64
 	replay    bool
 	control   bool // switch the token check off on every instance
+	faults    bool // one single-key UNLINK in four fails: invalidations are queued and retried
 }
 
 type consTotals struct {
-	histories atomic.Int64
-	gets      atomic.Int64
-	invals    atomic.Int64
-	rejected  atomic.Int64 // fills refused, summed over the instances
-	stale     atomic.Int64 // stale values the protocol promises to prevent
-	quiescent atomic.Int64 // of which found by the quiescence check
-	failed    atomic.Int64 // histories with a stale value
-	reported  atomic.Int64 // histories printed
-	took      time.Duration
+	histories    atomic.Int64
+	gets         atomic.Int64
+	invals       atomic.Int64
+	rejected     atomic.Int64 // fills refused, summed over the instances
+	stale        atomic.Int64 // stale values the protocol promises to prevent
+	quiescent    atomic.Int64 // of which found by the quiescence check
+	failed       atomic.Int64 // histories with a stale value
+	failedInvals atomic.Int64 // invalidations the fault injection failed
+	reported     atomic.Int64 // histories printed
+	took         time.Duration
 }
 
 // consRef locates a key of a running history, for the hooks.
@@ -190,6 +205,7 @@ func runConsistency(t *testing.T, shards []*backend, cfg consConfig) *consTotals
 					seed = cfg.seed
 				}
 				h := newConsHistory(seed, b.key(fmt.Sprintf("%s:h%d:", cfg.mode, i)))
+				h.faults = cfg.faults
 				for j, k := range h.keys {
 					keys.Store(k, consRef{h, j})
 				}
@@ -262,6 +278,10 @@ type consRedis struct {
 	pause func(point string) func(key string)
 }
 
+// consFailUnlink marks the context of an invalidation whose UNLINKs fail
+// (faults mode); the retries run on the cache's own context and succeed.
+type consFailUnlink struct{}
+
 func (r *consRedis) EvalSha(ctx context.Context, sha string, keys []string, args ...any) *redis.Cmd {
 	cmd := r.Client.EvalSha(ctx, sha, keys, args...)
 	r.stall(sha, keys)
@@ -284,6 +304,11 @@ func (r *consRedis) Eval(ctx context.Context, script string, keys []string, args
 func (r *consRedis) Unlink(ctx context.Context, keys ...string) *redis.IntCmd {
 	if len(keys) > 0 {
 		r.pause("before UNLINK")(keys[0])
+		if ctx.Value(consFailUnlink{}) != nil {
+			cmd := redis.NewIntCmd(ctx, "unlink", keys[0])
+			cmd.SetErr(errors.New("i/o timeout (injected)"))
+			return cmd
+		}
 	}
 	return r.Client.Unlink(ctx, keys...)
 }
@@ -313,6 +338,9 @@ type consHistory struct {
 	// invalidation returns, Gets read them before they start.
 	floor []atomic.Int64
 	local [consCaches][]atomic.Int64
+
+	faults  bool           // inject invalidation failures (consConfig.faults)
+	retries sync.WaitGroup // waits for failed invalidations' retries to land
 
 	start  time.Time
 	mu     sync.Mutex
@@ -432,6 +460,7 @@ func (h *consHistory) run(t *testing.T, caches []*Cache[consVal], tot *consTotal
 		})
 	}
 	wg.Wait()
+	h.retries.Wait()
 
 	// Quiescence: the cache equals the database, on every instance.
 	for j, key := range h.keys {
@@ -576,19 +605,49 @@ func (h *consHistory) write(ctx context.Context, t *testing.T, caches []*Cache[c
 	for i, jj := range covered {
 		snap[i] = h.db[jj].Load()
 	}
+	// With faults, one single-key invalidation in four fails at its UNLINK:
+	// the writer's process must still read its own write, and every
+	// process once the retry has landed.
+	fault := h.faults && how != 2 && rng.IntN(4) == 0
+	ictx := ctx
+	if fault {
+		ictx = context.WithValue(ctx, consFailUnlink{}, true)
+	}
 	var err error
 	switch how {
 	case 0:
 		h.logf("%s Invalidate(k%d) on c%d: start", op, j, x)
-		err = caches[x].Invalidate(ctx, h.keys[j])
+		err = caches[x].Invalidate(ictx, h.keys[j])
 	case 1:
 		h.logf("%s InvalidatePrefix(k%d) on c%d: start", op, j, x)
-		_, err = caches[x].InvalidatePrefix(ctx, h.keys[j])
+		_, err = caches[x].InvalidatePrefix(ictx, h.keys[j])
 	default:
 		h.logf("%s InvalidatePrefix(history) on c%d: start", op, x)
 		_, err = caches[x].InvalidatePrefix(ctx, h.prefix)
 	}
 	tot.invals.Add(1)
+	if err != nil && fault {
+		tot.failedInvals.Add(1)
+		for i, jj := range covered {
+			atomicMax(&h.local[x][jj], snap[i])
+		}
+		h.logf("%s invalidation on c%d failed (injected): this process's floor raised to %v; the others' when the retry lands", op, x, snap)
+		h.retries.Go(func() {
+			deadline := time.Now().Add(10 * time.Second)
+			for caches[x].pendingFor(h.keys[j], "") {
+				if time.Now().After(deadline) {
+					t.Errorf("seed %d: %s: the retry of k%d's invalidation did not land in 10s", h.seed, op, j)
+					return
+				}
+				time.Sleep(time.Millisecond)
+			}
+			for i, jj := range covered {
+				atomicMax(&h.floor[jj], snap[i])
+			}
+			h.logf("%s retry of the invalidation on c%d landed (floors raised to %v)", op, x, snap)
+		})
+		return
+	}
 	if err != nil {
 		t.Errorf("seed %d: %s invalidate on c%d: %v", h.seed, op, x, err)
 		return
