@@ -70,9 +70,10 @@ func (op *keyOp[T]) see(vw view[T]) {
 
 // reload reports whether the key holds a value due for reload, whose
 // lease is taken in place (refresh.lua) so the value can be served if the
-// reload fails.
+// reload fails: a plain value, or one being refreshed, whose holder may
+// have died (refresh.lua takes it over only past the lease's deadline).
 func (op *keyOp[T]) reload() bool {
-	return op.vw.state == stReload && op.vw.e.Kind == envelope.Value
+	return op.vw.state == stReload && (op.vw.e.Kind == envelope.Value || op.vw.e.Kind == envelope.Refreshing)
 }
 
 // keep is how long the value may live on if its reload fails.
@@ -328,7 +329,7 @@ func (r *missRun[T]) leaseRound(ops []*keyOp[T]) (held, open, failed []*keyOp[T]
 				// names it: overwrite it now), or a value due for reload
 				// (refresh it now).
 				op.see(vw)
-				op.now = vw.state == stMiss || op.reload()
+				op.now = vw.state == stMiss || op.reload() && vw.e.Kind == envelope.Value
 				open = append(open, op)
 			}
 		}

@@ -331,7 +331,7 @@ func (c *Cache[T]) settle(ctx context.Context, op *keyOp[T], count bool, errs *e
 		if count {
 			c.ev.staleHit()
 		}
-		return serve, op.vw.e.Kind == envelope.Value, nil
+		return serve, op.vw.e.Kind == envelope.Value || holderGone(&op.vw.e), nil
 	case stNotFound:
 		if count {
 			c.ev.negativeHit()
@@ -345,4 +345,12 @@ func (c *Cache[T]) settle(ctx context.Context, op *keyOp[T], count bool, errs *e
 		c.ev.miss()
 	}
 	return miss, false, nil
+}
+
+// holderGone reports whether a refreshing entry's lease deadline (server
+// time, milliseconds mod 2^32, in the load-time field; see refresh.lua)
+// looks past by this machine's clock. It is only a hint for when to try
+// taking the refresh over; refresh.lua decides by Redis's clock.
+func holderGone(e *envelope.Entry) bool {
+	return e.Kind == envelope.Refreshing && int32(uint32(time.Now().UnixMilli())-e.LoadMillis) > 0
 }

@@ -100,7 +100,9 @@ func (c *Cache[T]) refreshAsync(parent context.Context, op *keyOp[T], src source
 			return
 		}
 		if !ok { // someone else is refreshing it, or it changed
-			c.endRefresh(key, false)
+			// A refresh holder still alive by Redis's clock: leave the key
+			// alone for refreshRetry, however the clocks disagree.
+			c.endRefresh(key, e.Kind == envelope.Refreshing)
 			return
 		}
 		rop.held = true

@@ -3,10 +3,13 @@ package cacheaside
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/seed-b4ec662f/cacheaside/internal/envelope"
 )
 
 // gatedLoader returns version n on its n-th call; calls after the first
@@ -227,6 +230,52 @@ func TestStaleWindowJitter(t *testing.T) {
 		seen.Range(func(any, any) bool { n++; return true })
 		if n < 2 {
 			t.Fatal("lifetimes were not spread by jitter")
+		}
+	})
+}
+
+// TestRefreshHolderDies: the process refreshing a stale value dies (its
+// refresh lease is never renewed, filled or released). Readers keep getting
+// the stale value, past the lease's lifetime too, and once the lease's
+// deadline has passed by Redis's clock, one of them takes the refresh over.
+func TestRefreshHolderDies(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := context.Background()
+		clock := newFakeClock()
+		const leaseTTL = 100 * time.Millisecond
+		c := newCache(t, b, &Options[string]{Clock: clock.Now, LeaseTTL: leaseTTL,
+			Policy: Policy{TTL: time.Minute, StaleWhileRevalidate: time.Hour, NoEarlyRefresh: true, NoJitter: true}})
+		key := b.key("refreshed")
+		var calls atomic.Int64
+		load := func(context.Context) (string, error) { return fmt.Sprintf("v%d", calls.Add(1)), nil }
+		if v, err := c.Get(ctx, key, load); err != nil || v != "v1" {
+			t.Fatalf("first Get = %q, %v", v, err)
+		}
+		clock.Advance(2 * time.Minute) // stale, inside stale-while-revalidate
+		var e envelope.Entry
+		if err := envelope.Decode(b.raw(t, key), &e); err != nil {
+			t.Fatal(err)
+		}
+		dead := newToken()
+		if ok, err := refreshLease(ctx, b.client(t), key, "", e.Token, dead, leaseTTL, time.Minute); err != nil || !ok {
+			t.Fatalf("the doomed holder's refresh lease: %v %v", ok, err)
+		}
+		// The holder is gone. Past its lease's lifetime the value is still
+		// there and still served, without a load while the deadline is ahead.
+		b.advance(2 * leaseTTL)
+		if ttl := b.client(t).PTTL(ctx, key).Val(); ttl <= 0 {
+			t.Fatalf("the refreshing entry has PTTL %v after its holder died; the value must outlive the lease", ttl)
+		}
+		waitFor(t, "a reader to take the refresh over", func() bool {
+			v, err := c.Get(ctx, key, load)
+			if err != nil || (v != "v1" && v != "v2") {
+				t.Fatalf("Get while the holder is dead = %q, %v; want the stale v1 (or the refreshed v2)", v, err)
+			}
+			var cur envelope.Entry
+			return calls.Load() == 2 && envelope.Decode(b.raw(t, key), &cur) == nil && cur.Kind == envelope.Value && string(cur.Payload) == `"v2"`
+		})
+		if s := c.Stats(); s.Misses != 1 {
+			t.Fatalf("Misses = %d; every Get after the first must have been served", s.Misses)
 		}
 	})
 }

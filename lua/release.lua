@@ -22,7 +22,8 @@ if kind == 3 or (kind == 4 and tonumber(ARGV[2]) <= 0) then
   return 1
 end
 if kind == 4 then
-  redis.call('SET', KEYS[1], string.sub(cur, 1, 2) .. '\1' .. string.sub(cur, 4), 'PX', ARGV[2])
+  -- back to a plain value; the lease deadline in the load-time field goes
+  redis.call('SET', KEYS[1], string.sub(cur, 1, 2) .. '\1' .. string.sub(cur, 4, 28) .. '\0\0\0\0' .. string.sub(cur, 33), 'PX', ARGV[2])
   return 1
 end
 return 0

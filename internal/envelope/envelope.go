@@ -10,8 +10,10 @@
 //	4      16   token: the lease token of a lease or refreshing entry, or
 //	            the token of the write that stored a value or tombstone
 //	20     8    soft expiry, Unix milliseconds (0: none)
-//	28     4    load duration, milliseconds (in a Lease: nonzero once
-//	            another caller waits for it, so its fill wakes the waiters)
+//	28     4    load duration, milliseconds; in a Lease: nonzero once
+//	            another caller waits for it, so its fill wakes the waiters;
+//	            in a Refreshing entry: the refresh lease's deadline, Redis
+//	            server time in milliseconds mod 2^32
 //	32     8    namespace generation the entry was loaded under (zero
 //	            outside namespaces)
 //	40     ...  payload (codec bytes; empty for NotFound and Lease)
