@@ -128,12 +128,12 @@ func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 			go c.listenWake(bus)
 		}
 	}
-	if !o.NoReadCoalescing && !c.splitReads.Load() {
+	if !o.NoReadCoalescing {
 		c.reads = newCoalescer()
 		c.wg.Add(1)
 		go func() {
 			defer c.wg.Done()
-			c.reads.run(c.stop, c.rdb)
+			c.reads.run(c.stop, c.readKeys)
 		}()
 	}
 	c.scanOne = scansOneNode(rdb)

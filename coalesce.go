@@ -9,6 +9,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/seed-b4ec662f/cacheaside/internal/envelope"
 )
 
 // Read coalescing. Under concurrency, a Cache sends the reads of many Gets
@@ -18,8 +20,9 @@ import (
 // own goroutine. One round trip and one command replace dozens, for the
 // client and for Redis, and a lone Get still sends its own GET at once.
 // Up to maxSends MGETs are on the wire at once; each queued Get waits at
-// most twice its operation budget (a free slot, then the MGET). Reads that would
-// cross Cluster slots (splitReads) are never coalesced.
+// most twice its operation budget (a free slot, then the MGET). On a client
+// that shards (Cluster, Ring), the queued reads go out as one pipeline of
+// GETs instead, which go-redis sends as one round trip per node.
 
 // directReads is how many reads may be on the wire, each alone, before
 // further reads are coalesced.
@@ -45,7 +48,7 @@ type coalescer struct {
 // readReq is one Get's read waiting in the queue.
 type readReq struct {
 	keys []string // the entry, and its namespace generation key if any
-	vals []any    // MGET's answers for keys
+	vals [][]byte // the bytes under keys (nil: absent)
 	err  error
 	done chan struct{}
 }
@@ -69,7 +72,7 @@ func (q *coalescer) end() { q.direct.Add(-1) }
 // wait queues keys for the next MGET and waits for its answer: at most
 // twice budget (a free slot to send, then the MGET's own budget), and
 // never more than half of what remains of ctx's deadline.
-func (q *coalescer) wait(ctx context.Context, budget time.Duration, keys ...string) ([]any, error) {
+func (q *coalescer) wait(ctx context.Context, budget time.Duration, keys ...string) ([][]byte, error) {
 	r := &readReq{keys: keys, done: make(chan struct{})}
 	q.mu.Lock()
 	q.queue = append(q.queue, r)
@@ -94,9 +97,13 @@ func (q *coalescer) wait(ctx context.Context, budget time.Duration, keys ...stri
 	}
 }
 
-// run sends what is queued, up to maxSends MGETs at a time, until stop
+// readFn reads keys in one round trip (Cache.readKeys: one MGET, or a
+// pipeline of GETs on a client that shards).
+type readFn func(ctx context.Context, keys []string) ([][]byte, []error)
+
+// run sends what is queued, up to maxSends reads at a time, until stop
 // ends.
-func (q *coalescer) run(stop context.Context, rdb Redis) {
+func (q *coalescer) run(stop context.Context, read readFn) {
 	defer q.wg.Wait()
 	for {
 		select {
@@ -136,16 +143,16 @@ func (q *coalescer) run(stop context.Context, rdb Redis) {
 			}
 			q.wg.Go(func() {
 				defer func() { <-q.sends }()
-				q.send(stop, rdb, batch)
+				q.send(stop, read, batch)
 			})
 		}
 	}
 }
 
-// send answers batch with one MGET of its distinct keys. A panic on the
+// send answers batch with one read of its distinct keys. A panic on the
 // way (a Recorder called by the breaker, say) fails the batch instead of
 // the process.
-func (q *coalescer) send(stop context.Context, rdb Redis, batch []*readReq) {
+func (q *coalescer) send(stop context.Context, read readFn, batch []*readReq) {
 	answered := false
 	defer func() {
 		if r := recover(); r != nil && !answered {
@@ -165,18 +172,15 @@ func (q *coalescer) send(stop context.Context, rdb Redis, batch []*readReq) {
 			}
 		}
 	}
-	vals, err := rdb.MGet(stop, keys...).Result()
-	if err == nil && len(vals) != len(keys) {
-		err = errReplyLength("MGET", len(vals), len(keys))
-	}
+	vals, errs := read(stop, keys)
 	answered = true
 	for _, r := range batch {
-		if err != nil {
-			r.err = err
-		} else {
-			r.vals = make([]any, len(r.keys))
-			for i, k := range r.keys {
-				r.vals[i] = vals[index[k]]
+		r.vals = make([][]byte, len(r.keys))
+		for i, k := range r.keys {
+			j := index[k]
+			r.vals[i] = vals[j]
+			if r.err == nil && errs[j] != nil {
+				r.err = errs[j]
 			}
 		}
 		close(r.done)
@@ -198,7 +202,7 @@ func (q *coalescer) fail(err error) {
 // readCoalesced is Cache.read through the coalescer: the bytes under key
 // and, for a namespaced cache, the generation under genKey.
 func (c *Cache[T]) readCoalesced(ctx context.Context, key, genKey string) (b []byte, gv genView, err error) {
-	var vals []any
+	var vals [][]byte
 	if genKey == "" {
 		vals, err = c.reads.wait(ctx, c.guard.budget, key)
 	} else {
@@ -208,10 +212,10 @@ func (c *Cache[T]) readCoalesced(ctx context.Context, key, genKey string) (b []b
 	if err != nil {
 		return nil, gv, err
 	}
-	if genKey != "" {
-		b, gv = namespacedRead(vals)
-	} else if s, ok := vals[0].(string); ok {
-		b = []byte(s)
+	b = vals[0]
+	if genKey != "" && len(vals[1]) == envelope.GenSize {
+		copy(gv.gen[:], vals[1])
+		gv.known = true
 	}
 	return b, gv, nil
 }

@@ -53,8 +53,9 @@ type Options[T any] struct {
 	// default, when two reads are already on the wire, further Gets queue
 	// their reads and all that are queued go out as one MGET (up to four
 	// MGETs at a time; see coalesce.go), which raises throughput under
-	// concurrency. A queued read waits at most twice OpTimeout. Reads on
-	// Redis Cluster and Ring are never coalesced. Default false.
+	// concurrency. A queued read waits at most twice OpTimeout. On Redis
+	// Cluster and Ring the queued reads go out as one pipeline of GETs
+	// (one round trip per node) instead of an MGET. Default false.
 	NoReadCoalescing bool
 
 	// Codec encodes values. Default JSON[T]().

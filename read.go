@@ -17,16 +17,11 @@ import (
 // read fetches the bytes under key (nil when absent) and, for a namespaced
 // cache, the namespace generation, in one round trip.
 func (c *Cache[T]) read(ctx context.Context, key, genKey string) (b []byte, gv genView, err error) {
-	if c.reads != nil && !c.splitReads.Load() {
+	if c.reads != nil {
 		if !c.reads.begin() {
-			b, gv, err = c.readCoalesced(ctx, key, genKey)
-			if !isCrossSlot(err) {
-				return b, gv, err
-			}
-			c.splitReads.Store(true) // a client that shards: read alone from now on
-		} else {
-			defer c.reads.end()
+			return c.readCoalesced(ctx, key, genKey)
 		}
+		defer c.reads.end()
 	}
 	if genKey == "" {
 		b, err = c.rdb.Get(ctx, key).Bytes()
