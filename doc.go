@@ -47,8 +47,13 @@
 // calls the loader (at most Degradation.MaxLoadsWhileDown at a time) and
 // reports the failure to Options.Logger, Options.Recorder and
 // Options.OnError instead of returning it; with Degradation.OnRedisDown set to
-// FailClosed it returns ErrRedisUnavailable. Set and the invalidations
-// return their errors. Loader errors and panics are never cached; a panic
+// FailClosed it returns ErrRedisUnavailable. Degradation.RedisTimePerGet
+// bounds the Redis time of a whole Get, so commands that each stay under
+// the budget cannot stack. Set and the invalidations return their errors,
+// and a failed invalidation is queued and retried; until it lands, this
+// process's Gets of its keys load from the source, so a writer reads its
+// own write. Waiters for another process's load are woken by its fill
+// (a message on the cache's wake channel), with polling as the fallback. Loader errors and panics are never cached; a panic
 // reaches every caller sharing the load as a *PanicError.
 //
 // Past its TTL a value can still be served while one caller refreshes it

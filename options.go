@@ -80,9 +80,12 @@ type Options[T any] struct {
 	LeaseTTL time.Duration
 
 	// PollMin and PollMax bound the jittered exponential backoff with which
-	// a Get waits for another holder's fill: the first check comes after
-	// about PollMin, each later one after twice the previous delay, capped at
-	// PollMax. Defaults 2ms and 25ms.
+	// a Get polls for another holder's fill when the wake channel is not
+	// live (a client without pub/sub, a Ring, a lost subscription): the
+	// first check comes after about PollMin, each later one after twice the
+	// previous delay, capped at PollMax. While the wake channel is live, the
+	// fill's message wakes the Get and it polls only every 4 × PollMax
+	// (jittered) as the fallback (see wait.go). Defaults 2ms and 25ms.
 	PollMin time.Duration
 	PollMax time.Duration
 
