@@ -71,6 +71,34 @@ func (d *db) loadMany(_ context.Context, ids []int) (map[int]int64, error) {
 	return m, nil
 }
 
+// writeFailer returns a cache on a client whose writes fail while its
+// failWrites is set, closed at cleanup.
+func writeFailer(t *testing.T, b *backend, d Degradation) (*Cache[int64], *failWrites) {
+	t.Helper()
+	fw := &failWrites{Client: b.client(t)}
+	if d.OpTimeout == 0 {
+		d.OpTimeout = 2 * time.Second
+	}
+	c, err := New[int64](fw, &Options[int64]{Degradation: d})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	return c, fw
+}
+
+// warmThenWrite reads key at version 1 through c, then commits version 2
+// and turns writes off: the state a failed invalidation leaves.
+func warmThenWrite(t *testing.T, c *Cache[int64], fw *failWrites, key string, d *db) {
+	t.Helper()
+	d.v.Store(1)
+	if _, err := c.Get(context.Background(), key, d.load); err != nil {
+		t.Fatal(err)
+	}
+	d.v.Store(2)
+	fw.fail.Store(true)
+}
+
 // TestOutageInvalidationReadsOwnWrite: an Invalidate that fails is queued;
 // until its retry lands, the writer's Gets (and GetManys) of the key load
 // from the source, while another process still serves the old entry; once
@@ -190,20 +218,10 @@ func TestOutageInvalidationBreakerOpen(t *testing.T) {
 func TestOutageSetFailureQueued(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b *backend) {
 		ctx := context.Background()
-		fw := &failWrites{Client: b.client(t)}
-		c, err := New[int64](fw, &Options[int64]{Degradation: Degradation{OpTimeout: 2 * time.Second}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = c.Close() })
+		c, fw := writeFailer(t, b, Degradation{})
 		key := b.key("task:3")
 		var d db
-		d.v.Store(1)
-		if _, err := c.Get(ctx, key, d.load); err != nil {
-			t.Fatal(err)
-		}
-		d.v.Store(2)
-		fw.fail.Store(true)
+		warmThenWrite(t, c, fw, key, &d)
 		if err := c.Set(ctx, key, 2); err == nil {
 			t.Fatal("Set with writes failing returned nil")
 		}
@@ -223,20 +241,10 @@ func TestOutageSetFailureQueued(t *testing.T) {
 func TestOutageNoRetryInvalidations(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b *backend) {
 		ctx := context.Background()
-		fw := &failWrites{Client: b.client(t)}
-		c, err := New[int64](fw, &Options[int64]{Degradation: Degradation{OpTimeout: 2 * time.Second, NoRetryInvalidations: true}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = c.Close() })
+		c, fw := writeFailer(t, b, Degradation{NoRetryInvalidations: true})
 		key := b.key("task:4")
 		var d db
-		d.v.Store(1)
-		if _, err := c.Get(ctx, key, d.load); err != nil {
-			t.Fatal(err)
-		}
-		d.v.Store(2)
-		fw.fail.Store(true)
+		warmThenWrite(t, c, fw, key, &d)
 		if err := c.Invalidate(ctx, key); err == nil {
 			t.Fatal("Invalidate with writes failing returned nil")
 		}
