@@ -662,7 +662,7 @@ func BenchmarkStampede4x250(b *testing.B) {
 	}
 	caches := make([]*Cache[string], 4)
 	for i := range caches {
-		rdb := redis.NewClient(&redis.Options{Addr: addr, ContextTimeoutEnabled: true, PoolSize: 64})
+		rdb := redis.NewClient(&redis.Options{Addr: addr, ContextTimeoutEnabled: true}) // go-redis defaults otherwise
 		b.Cleanup(func() { _ = rdb.Close() })
 		caches[i] = benchCache[string](b, rdb, &Options[string]{Name: "stampede"})
 		for !caches[i].wake.live.Load() {

@@ -109,3 +109,8 @@ func withRedisTime(ctx context.Context, left time.Duration) context.Context {
 	t.left.Store(int64(left))
 	return context.WithValue(ctx, redisTimeKey{}, t)
 }
+
+// withoutRedisTime returns ctx with no account of Redis time.
+func withoutRedisTime(ctx context.Context) context.Context {
+	return context.WithValue(ctx, redisTimeKey{}, (*redisTime)(nil))
+}

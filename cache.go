@@ -229,6 +229,36 @@ func (c *Cache[T]) Get(ctx context.Context, key string, load Loader[T]) (T, erro
 	return c.one(ctx, key, 0, source[T]{one: load}, 0)
 }
 
+// ahead is what a door does with a key before its Redis read.
+type ahead uint8
+
+const (
+	fromRedis  ahead = iota // read it
+	fromSource              // an invalidation of it is pending (retry.go): load from the source, bypassing the cache
+	fromLocal               // the local tier answered
+)
+
+// before decides key (genKey: its namespace's generation key) before its
+// Redis read, and counts what it decided unless count is false. Get and
+// GetMany both ask it first.
+func (c *Cache[T]) before(key, genKey string, count bool) (ahead, *localItem[T]) {
+	if c.pending.Load() > 0 && c.pendingFor(key, genKey) {
+		if count {
+			c.ev.miss()
+		}
+		return fromSource, nil
+	}
+	if l := c.local; l != nil {
+		if it, ok := l.lookup(key, l.now()); ok {
+			if count {
+				c.ev.localHit(it.notFound)
+			}
+			return fromLocal, it
+		}
+	}
+	return fromRedis, nil
+}
+
 // one is Get for one key: the body of Get, and the start-over of a key
 // (of a Get or a GetMany) whose joined answer could not be trusted
 // (attempt 1, not counted again). idx is the key's position for src.
@@ -244,26 +274,16 @@ func (c *Cache[T]) one(ctx context.Context, key string, idx int, src source[T], 
 	if c.closed.Load() {
 		return zero, ErrClosed
 	}
-	if c.pending.Load() > 0 && c.pendingFor(key, genKey) {
-		// A write's invalidation of key waits for its retry: the cached
-		// entry may be older than the write, so load from the source.
-		if attempt == 0 {
-			c.ev.miss()
-		}
+	switch pre, it := c.before(key, genKey, attempt == 0); pre {
+	case fromSource:
 		op := &keyOp[T]{key: key, genKey: genKey, idx: idx}
 		c.bypass(ctx, []*keyOp[T]{op}, src)
 		return op.res, op.err
-	}
-	if l := c.local; l != nil {
-		if it, ok := l.lookup(key, l.now()); ok {
-			if attempt == 0 {
-				c.ev.localHit(it.notFound)
-			}
-			if it.notFound {
-				return zero, ErrNotFound
-			}
-			return it.v, nil
+	case fromLocal:
+		if it.notFound {
+			return zero, ErrNotFound
 		}
+		return it.v, nil
 	}
 	op := keyOp[T]{key: key, genKey: genKey, idx: idx, attempt: attempt}
 	if l := c.local; l != nil {

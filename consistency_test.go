@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"os"
 	"runtime"
 	"strconv"
 	"strings"
@@ -106,11 +105,7 @@ const (
 
 // consistencySeed returns the base seed and whether it was given to replay.
 func consistencySeed(t *testing.T) (uint64, bool) {
-	if s := os.Getenv(consEnvSeed); s != "" {
-		seed, err := strconv.ParseUint(s, 10, 64)
-		if err != nil {
-			t.Fatalf("%s=%q: %v", consEnvSeed, s, err)
-		}
+	if seed, ok := envSeed(t, consEnvSeed); ok {
 		t.Logf("replaying seed %d in every history", seed)
 		return seed, true
 	}

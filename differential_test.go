@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"maps"
 	"math/rand/v2"
-	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -211,20 +210,13 @@ const (
 // diffSeed returns the base seed (schedule i uses base+i) and whether one
 // schedule's seed was given to replay.
 func diffSeed(t *testing.T) (uint64, bool) {
-	if s := os.Getenv(diffEnvSeed); s != "" {
-		seed, err := strconv.ParseUint(s, 10, 64)
-		if err != nil {
-			t.Fatalf("%s=%q: %v", diffEnvSeed, s, err)
-		}
+	if seed, ok := envSeed(t, diffEnvSeed); ok {
 		t.Logf("replaying schedule %d", seed)
 		return seed, true
 	}
 	seed := rand.Uint64() >> 2
-	if s := os.Getenv(diffEnvBase); s != "" {
-		var err error
-		if seed, err = strconv.ParseUint(s, 10, 64); err != nil {
-			t.Fatalf("%s=%q: %v", diffEnvBase, s, err)
-		}
+	if base, ok := envSeed(t, diffEnvBase); ok {
+		seed = base
 	}
 	t.Logf("base seed %d (schedule i uses seed base+i; replay one with %s=<seed>, rerun all with %s=<base>)", seed, diffEnvSeed, diffEnvBase)
 	return seed, false

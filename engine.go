@@ -213,20 +213,34 @@ func (r *missRun[T]) delivered(open []*keyOp[T], got map[string][]byte) []*keyOp
 			continue
 		}
 		vw := c.classify(r.ctx, op.key, entry, genView{namespaced: op.genKey != "", known: true, gen: op.gen}, now)
-		switch vw.state {
-		case stFresh, stNotFound:
-			t := vw.e.Token
-			op.fs.tok.Store(&t)
-			if vw.state == stNotFound {
-				r.finish(op, answer[T]{tok: vw.e.Token}, ErrNotFound)
-			} else {
-				r.finish(op, answer[T]{v: vw.v, tok: vw.e.Token}, nil)
-			}
-		default:
+		if !r.answered(op, vw) {
 			rest = append(rest, op) // not for this generation, or not what we can serve: look again
 		}
 	}
 	return rest
+}
+
+// answered ends op's flight with what the key was found to hold (by a
+// lease round, or a fill's wake-up message), if that is an answer: a
+// fresh or stale value, or "not found". The entry's token is published
+// for the Gets that may join (see flightSeen.joinable).
+func (r *missRun[T]) answered(op *keyOp[T], vw view[T]) bool {
+	if vw.e.Token != (envelope.Token{}) {
+		t := vw.e.Token
+		op.fs.tok.Store(&t)
+	}
+	switch vw.state {
+	case stFresh:
+		r.finish(op, answer[T]{v: vw.v, tok: vw.e.Token}, nil)
+	case stStale:
+		r.c.ev.staleServed()
+		r.finish(op, answer[T]{v: vw.v, tok: vw.e.Token}, nil)
+	case stNotFound:
+		r.finish(op, answer[T]{tok: vw.e.Token}, ErrNotFound)
+	default:
+		return false
+	}
+	return true
 }
 
 // settleAll ends every flight the run leads that is still open, after a
@@ -294,7 +308,9 @@ func (r *missRun[T]) leaseRound(ops []*keyOp[T]) (held, open, failed []*keyOp[T]
 			} else {
 				acquireFailed.add(op.key, err)
 			}
-			c.releaseLater(op.key, op.tok, op.keep(c)) // the script may have run, its reply lost
+			if !errors.Is(err, ErrRedisUnavailable) { // not sent (breaker, Redis time spent): nothing to release
+				c.releaseLater(op.key, op.tok, op.keep(c)) // the script may have run, its reply lost
+			}
 			if c.opts.Degradation.OnRedisDown == FailClosed {
 				r.fail(op, unavailable(err))
 				continue
@@ -312,19 +328,7 @@ func (r *missRun[T]) leaseRound(ops []*keyOp[T]) (held, open, failed []*keyOp[T]
 			open = append(open, op)
 		default:
 			vw := c.classify(r.ctx, op.key, cur, genView{namespaced: op.genKey != "", known: true, gen: op.gen}, now)
-			if vw.e.Token != (envelope.Token{}) {
-				t := vw.e.Token
-				op.fs.tok.Store(&t)
-			}
-			switch vw.state {
-			case stFresh:
-				r.finish(op, answer[T]{v: vw.v, tok: vw.e.Token}, nil)
-			case stStale:
-				c.ev.staleServed()
-				r.finish(op, answer[T]{v: vw.v, tok: vw.e.Token}, nil)
-			case stNotFound:
-				r.finish(op, answer[T]{tok: vw.e.Token}, ErrNotFound)
-			default:
+			if !r.answered(op, vw) {
 				// Being loaded elsewhere (wait), undecodable (replace
 				// names it: overwrite it now), or a value due for reload
 				// (refresh it now).

@@ -43,6 +43,7 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 		for i, cmd := range c.evalMany(wctx, true, calls) {
 			if err := cmd.Err(); err != nil {
 				failed.add(held[i].key, err)
+				c.releaseLater(held[i].key, held[i].tok, held[i].keep(c)) // or other processes wait out the lease
 			}
 		}
 		failed.report(wctx, c, "release")
@@ -85,9 +86,10 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 		var tok envelope.Token
 		switch {
 		case err != nil:
-			if fills[i] {
-				c.releaseLater(op.key, op.tok, 0) // or other processes wait out the lease
-			}
+			// A fill or a release that failed: release in the background,
+			// with retries, or other processes wait out the lease. A fill
+			// that did land makes the release a no-op.
+			c.releaseLater(op.key, op.tok, op.keep(c))
 			failed.add(op.key, err)
 		case fills[i] && n == 1:
 			tok = op.tok

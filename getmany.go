@@ -77,17 +77,15 @@ func GetMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 		byKey[k] = len(items)
 		items = append(items, batchItem[K, T]{id: id, op: keyOp[T]{key: k, genKey: genKey, idx: len(items)}})
 		it := &items[len(items)-1]
-		if c.pending.Load() > 0 && c.pendingFor(k, genKey) {
-			c.ev.miss() // an invalidation of k waits for its retry: load it from the source
+		switch pre, li := c.before(k, genKey, true); pre {
+		case fromSource:
 			bypass = append(bypass, &it.op)
+			continue
+		case fromLocal:
+			it.set(li.v, notFoundErr(li.notFound))
 			continue
 		}
 		if l := c.local; l != nil {
-			if li, ok := l.lookup(k, l.now()); ok {
-				c.ev.localHit(li.notFound)
-				it.set(li.v, notFoundErr(li.notFound))
-				continue
-			}
 			it.op.snap = l.snap(k, genKey)
 		}
 		ops = append(ops, &it.op)

@@ -263,7 +263,7 @@ func (o op) end(err error) {
 func (g *guarded) begin(ctx context.Context, budget time.Duration, light bool) (op, error) {
 	o := op{g: g, caller: ctx}
 	if !light { // the hit path's reads never carry a Redis-time account
-		if t, ok := ctx.Value(redisTimeKey{}).(*redisTime); ok {
+		if t, _ := ctx.Value(redisTimeKey{}).(*redisTime); t != nil {
 			left := time.Duration(t.left.Load())
 			if left <= 0 {
 				return o, errRedisTimeSpent
@@ -375,8 +375,10 @@ func (g *guarded) Scan(ctx context.Context, cursor uint64, match string, count i
 	return cmd
 }
 
+// Pipelined is used by InvalidatePrefix for its UNLINK batches (up to
+// scanBatch keys): writes that must not be lost.
 func (g *guarded) Pipelined(ctx context.Context, fn func(redis.Pipeliner) error) ([]redis.Cmder, error) {
-	o, err := g.begin(ctx, g.bulkBudget(), false)
+	o, err := g.begin(ctx, g.writeBudget(scanBatch), false)
 	if err != nil {
 		return nil, err
 	}

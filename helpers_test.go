@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"net"
 	"os"
+	"strconv"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -207,4 +208,18 @@ func noTokenCheck(on bool) func(scriptCall) scriptCall {
 		return nil
 	}
 	return func(sc scriptCall) scriptCall { return scriptCall{plainFillScript, sc.keys[:1], sc.args} }
+}
+
+// envSeed returns the seed in the environment variable name, if it is set.
+func envSeed(t *testing.T, name string) (uint64, bool) {
+	t.Helper()
+	s := os.Getenv(name)
+	if s == "" {
+		return 0, false
+	}
+	seed, err := strconv.ParseUint(s, 10, 64)
+	if err != nil {
+		t.Fatalf("%s=%q: %v", name, s, err)
+	}
+	return seed, true
 }

@@ -6,6 +6,7 @@ import (
 	"context"
 	"crypto/rand"
 	_ "embed"
+	"errors"
 	"fmt"
 	"strings"
 	"time"
@@ -261,7 +262,11 @@ func (c *Cache[T]) releaseLater(key string, tok envelope.Token, keep time.Durati
 		defer cancel()
 		call := releaseCall(key, tok, keep, c.wakeChannel())
 		for pause := 10 * time.Millisecond; ; pause = min(2*pause, 200*time.Millisecond) {
-			if err := c.guard.runScript(ctx, c.guard.writeBudget(1), call).Err(); err == nil || ctx.Err() != nil || c.stop.Err() != nil {
+			err := c.guard.runScript(ctx, c.guard.writeBudget(1), call).Err()
+			// Done, or out of time, or the breaker is open (Redis is down:
+			// the lease expires by itself within LeaseTTL, as the retries
+			// would have).
+			if err == nil || ctx.Err() != nil || c.stop.Err() != nil || errors.Is(err, ErrRedisUnavailable) {
 				return
 			}
 			if sleep(ctx, jitter(pause)) != nil {
@@ -282,7 +287,9 @@ func (c *Cache[T]) keepLeases(ctx context.Context, ops []*keyOp[T]) (stop func()
 	for i, op := range ops {
 		calls[i] = extendCall(op.key, op.tok, c.opts.LeaseTTL)
 	}
-	ctx, cancel := context.WithCancel(ctx)
+	// Renewals are the holder's obligation, not the caller's wait: they are
+	// not charged to the Get's Redis time.
+	ctx, cancel := context.WithCancel(withoutRedisTime(ctx))
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
