@@ -84,7 +84,7 @@ func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &Cache[T]{raw: rdb, opts: o, name: o.Name, ev: newEvents(o.Name, o.Recorder), logs: &logGate{}, refreshes: make(map[string]time.Time),
+	c := &Cache[T]{raw: rdb, opts: o, name: o.Name, ev: newEvents(o.Name, o.Recorder, o.Tracer), logs: &logGate{}, refreshes: make(map[string]time.Time),
 		loadSlots: make(chan struct{}, o.Degradation.MaxLoadsWhileDown), retries: make(map[string]retryOp)}
 	c.guard = &guarded{rdb: rdb, budget: o.Degradation.OpTimeout, write: o.Degradation.WriteTimeout, ev: c.ev}
 	if !o.Degradation.NoBreaker {
@@ -136,12 +136,18 @@ func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 			c.reads.run(c.stop, c.readKeys)
 		}()
 	}
+	// Configuration warnings are not bounded by the log gate and go to
+	// slog.Default() when no Logger was given: they break promises.
+	warn := o.Logger
+	if opts == nil || opts.Logger == nil {
+		warn = slog.Default()
+	}
 	c.scanOne = scansOneNode(rdb)
 	if c.scanOne {
-		o.Logger.Warn("cacheaside: the client is a wrapper without ForEachMaster or ForEachShard, so InvalidatePrefix scans only the node it reaches; on a sharded client it returns an error once a CROSSSLOT reply shows the sharding",
+		warn.Warn("cacheaside: the client is a wrapper without ForEachMaster or ForEachShard, so InvalidatePrefix scans only the node it reaches; on a sharded client it returns an error once a CROSSSLOT reply shows the sharding",
 			slog.String("cache", o.Name), slog.String("client", fmt.Sprintf("%T", rdb)))
 	}
-	warnClientOptions(c.raw, o.Logger, o.Name)
+	warnClientOptions(c.raw, warn, o.Name)
 	return c, nil
 }
 
@@ -180,6 +186,36 @@ func warnClientOptions(rdb Redis, log *slog.Logger, name string) {
 
 // Name returns Options.Name.
 func (c *Cache[T]) Name() string { return c.name }
+
+// LocalLive reports whether the local tier (Options.Local) is in use: its
+// invalidation-bus subscription is confirmed. It is false without a local
+// tier, before the first confirmation, and whenever the bus is lost (Gets
+// then read Redis). A health check can report it; tests that expect local
+// hits wait for it with WaitLocal.
+func (c *Cache[T]) LocalLive() bool { return c.local != nil && c.local.live.Load() }
+
+// WaitLocal waits until the local tier is live (see LocalLive), polling
+// every millisecond or so, and returns nil then, ctx's error if ctx ends
+// first, ErrClosed after Close, or an error matching ErrInvalidOptions for
+// a cache without Options.Local.
+func (c *Cache[T]) WaitLocal(ctx context.Context) error {
+	if c.local == nil {
+		return fmt.Errorf("%w: cache %q has no local tier (Options.Local)", ErrInvalidOptions, c.name)
+	}
+	t := time.NewTicker(time.Millisecond)
+	defer t.Stop()
+	for !c.local.live.Load() {
+		if c.closed.Load() {
+			return ErrClosed
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
+	return nil
+}
 
 // Stats returns a snapshot of the cache's counters.
 func (c *Cache[T]) Stats() Stats {
@@ -226,7 +262,14 @@ func (c *Cache[T]) Stats() Stats {
 // slices, maps or pointers, treat the result as read-only or copy it; a
 // Redis hit decodes a fresh T for each caller.
 func (c *Cache[T]) Get(ctx context.Context, key string, load Loader[T]) (T, error) {
-	return c.one(ctx, key, 0, source[T]{one: load}, 0)
+	if c.opts.Tracer == nil {
+		return c.one(ctx, key, 0, source[T]{one: load}, 0)
+	}
+	call := Call{Kind: CallGet, Cache: c.name, Key: key, Keys: 1}
+	ctx = c.opts.Tracer.Start(ctx, call)
+	v, err := c.one(ctx, key, 0, source[T]{one: load}, 0)
+	c.opts.Tracer.End(ctx, call, err)
+	return v, err
 }
 
 // ahead is what a door does with a key before its Redis read.
@@ -241,17 +284,17 @@ const (
 // before decides key (genKey: its namespace's generation key) before its
 // Redis read, and counts what it decided unless count is false. Get and
 // GetMany both ask it first.
-func (c *Cache[T]) before(key, genKey string, count bool) (ahead, *localItem[T]) {
+func (c *Cache[T]) before(ctx context.Context, key, genKey string, count bool) (ahead, *localItem[T]) {
 	if c.pending.Load() > 0 && c.pendingFor(key, genKey) {
 		if count {
-			c.ev.miss()
+			c.ev.miss(ctx)
 		}
 		return fromSource, nil
 	}
 	if l := c.local; l != nil {
 		if it, ok := l.lookup(key, l.now()); ok {
 			if count {
-				c.ev.localHit(it.notFound)
+				c.ev.localHit(ctx, it.notFound)
 			}
 			return fromLocal, it
 		}
@@ -274,7 +317,7 @@ func (c *Cache[T]) one(ctx context.Context, key string, idx int, src source[T], 
 	if c.closed.Load() {
 		return zero, ErrClosed
 	}
-	switch pre, it := c.before(key, genKey, attempt == 0); pre {
+	switch pre, it := c.before(ctx, key, genKey, attempt == 0); pre {
 	case fromSource:
 		op := &keyOp[T]{key: key, genKey: genKey, idx: idx}
 		c.bypass(ctx, []*keyOp[T]{op}, src)

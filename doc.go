@@ -38,7 +38,17 @@
 // engine (engine.go) takes leases for a round of keys, waits for keys held
 // elsewhere (wait.go), loads (load.go) and fills (fill.go), whether the
 // round holds one key or a hundred. Every counted event goes through one
-// sink (events.go) that updates Stats and calls the Recorder together.
+// sink (events.go) that updates Stats and calls the Recorder together,
+// and passes the event with the caller's context to the Tracer, if one is
+// set (recorder.go).
+//
+// # Observability
+//
+// Stats is a snapshot of counters, cheap enough to read at every scrape;
+// the cacheprometheus and cacheotel modules (under extra/) export it. A
+// Recorder sees each event as it is counted; a Tracer sees each Get,
+// GetMany and loader call with its context, for spans. Configuration
+// warnings go to slog.Default() unless Options.Logger is set.
 //
 // # Failures
 //

@@ -233,7 +233,7 @@ func (r *missRun[T]) answered(op *keyOp[T], vw view[T]) bool {
 	case stFresh:
 		r.finish(op, answer[T]{v: vw.v, tok: vw.e.Token}, nil)
 	case stStale:
-		r.c.ev.staleServed()
+		r.c.ev.staleServed(r.ctx)
 		r.finish(op, answer[T]{v: vw.v, tok: vw.e.Token}, nil)
 	case stNotFound:
 		r.finish(op, answer[T]{tok: vw.e.Token}, ErrNotFound)
@@ -349,7 +349,7 @@ func (r *missRun[T]) leaseRound(ops []*keyOp[T]) (held, open, failed []*keyOp[T]
 func (r *missRun[T]) fail(op *keyOp[T], err error) {
 	err = r.c.closedErr(err)
 	if op.staleOK && !errors.Is(err, ErrNotFound) && !errors.Is(err, ErrClosed) {
-		r.c.ev.staleIfError()
+		r.c.ev.staleIfError(r.ctx)
 		r.finish(op, answer[T]{v: op.fallback}, nil)
 		return
 	}

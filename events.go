@@ -1,4 +1,5 @@
-// Events: the Recorder, Stats and the counters behind them.
+// Events: Stats, the counters behind them, and the one sink that counts,
+// records and traces each event.
 
 package cacheaside
 
@@ -13,169 +14,73 @@ import (
 	"time"
 )
 
-// Recorder receives every event a Cache counts, for export to a metrics
-// system (the reference app has a Prometheus adapter). cache is
-// Options.Name; raw keys are never passed, so labels stay low-cardinality.
-// Methods are called on the request path and must be fast and safe for
-// concurrent use. Embed NopRecorder to implement only some of them.
-//
-// Every field of Stats has its Recorder method, called from the same place
-// that counts it, so the two never disagree; the exceptions are derived:
-// Loads, LoadErrors and LoadTime come from Load, Refreshes and
-// RefreshErrors from Refresh, BreakerOpens from BreakerState("open"), and
-// PendingInvals is a gauge (queued less retried and dropped).
-type Recorder interface {
-	// Hit: the first read found a value (in Redis, or in the local tier,
-	// when LocalHit follows).
-	Hit(cache string)
-	// NegativeHit: the first read found a "not found" tombstone (in Redis,
-	// or in the local tier, when LocalHit follows).
-	NegativeHit(cache string)
-	// LocalHit: the local tier answered a Get (after Hit or NegativeHit).
-	LocalHit(cache string)
-	// Miss: the first read found no usable entry (absent, being loaded,
-	// corrupt, or Redis failed).
-	Miss(cache string)
-	// Load: the loader returned after d with err: nil, the loader's own
-	// error as returned (including its "not found" error, before mapping to
-	// ErrNotFound), a *PanicError, or a timeout. A GetMany's batch loader
-	// counts as one load.
-	Load(cache string, d time.Duration, err error)
-	// Coalesced: this Get shared an in-process load started by another Get.
-	Coalesced(cache string)
-	// LeaseContended: keys that another caller (usually another process)
-	// held the lease on, so this Get or GetMany waited for their fills
-	// instead of loading them.
-	LeaseContended(cache string, keys int)
-	// Waited: a wait for other holders' fills ended after d.
-	Waited(cache string, d time.Duration)
-	// FillRejected: a fill found its lease gone (invalidated, overwritten
-	// or expired and re-taken) and wrote nothing.
-	FillRejected(cache string)
-	// NotCached: a loaded value was returned but not cached because it
-	// encoded to more than Options.MaxValueSize or could not be encoded.
-	NotCached(cache string)
-	// DecodeError: the bytes under a key could not be decoded; the key is
-	// treated as a miss and overwritten.
-	DecodeError(cache string)
-	// RedisError: a Redis command failed, or was not sent because the
-	// breaker is open (err matches ErrRedisUnavailable). op names the step
-	// ("get", "acquire", "fill", ...).
-	RedisError(cache, op string, err error)
-	// RedisSkipped: the open breaker kept a command from being sent.
-	RedisSkipped(cache string)
-	// StaleServed: a value past its TTL was returned from inside the
-	// stale-while-revalidate window.
-	StaleServed(cache string)
-	// StaleIfError: a value past its TTL was returned because its reload
-	// failed inside the stale-if-error window.
-	StaleIfError(cache string)
-	// Refresh: a background refresh (early or stale-while-revalidate)
-	// ended with err (nil, ErrNotFound, or the failure).
-	Refresh(cache string, err error)
-	// BreakerState: the Redis circuit breaker moved to state ("closed",
-	// "open" or "half-open").
-	BreakerState(cache, state string)
-	// Invalidated: n keys were deleted by Invalidate or InvalidatePrefix.
-	Invalidated(cache string, n int)
-	// NamespaceBumped: InvalidateNamespace gave a namespace a new
-	// generation.
-	NamespaceBumped(cache string)
-	// InvalidationQueued: an invalidation failed and was queued for retry
-	// (see Degradation.RetryInvalidations).
-	InvalidationQueued(cache string)
-	// InvalidationRetried: a failed invalidation was applied by a retry.
-	InvalidationRetried(cache string)
-	// InvalidationDropped: a failed invalidation was given up (too old, or
-	// the retry queue was full).
-	InvalidationDropped(cache string)
-	// Overloaded: a Get was refused with ErrOverloaded.
-	Overloaded(cache string)
-	// LocalFlushed: the local tier was emptied (bus lost or regained, an
-	// unreadable message).
-	LocalFlushed(cache string)
-	// BusMessage: an invalidation message arrived from the bus.
-	BusMessage(cache string)
-}
-
-// NopRecorder does nothing. It is the default Recorder, and embedding it
-// lets a type implement only the Recorder methods it cares about.
-type NopRecorder struct{}
-
-func (NopRecorder) Hit(string)                        {}
-func (NopRecorder) NegativeHit(string)                {}
-func (NopRecorder) LocalHit(string)                   {}
-func (NopRecorder) Miss(string)                       {}
-func (NopRecorder) Load(string, time.Duration, error) {}
-func (NopRecorder) Coalesced(string)                  {}
-func (NopRecorder) LeaseContended(string, int)        {}
-func (NopRecorder) Waited(string, time.Duration)      {}
-func (NopRecorder) FillRejected(string)               {}
-func (NopRecorder) NotCached(string)                  {}
-func (NopRecorder) DecodeError(string)                {}
-func (NopRecorder) RedisError(string, string, error)  {}
-func (NopRecorder) RedisSkipped(string)               {}
-func (NopRecorder) StaleServed(string)                {}
-func (NopRecorder) StaleIfError(string)               {}
-func (NopRecorder) Refresh(string, error)             {}
-func (NopRecorder) BreakerState(string, string)       {}
-func (NopRecorder) Invalidated(string, int)           {}
-func (NopRecorder) NamespaceBumped(string)            {}
-func (NopRecorder) InvalidationQueued(string)         {}
-func (NopRecorder) InvalidationRetried(string)        {}
-func (NopRecorder) InvalidationDropped(string)        {}
-func (NopRecorder) Overloaded(string)                 {}
-func (NopRecorder) LocalFlushed(string)               {}
-func (NopRecorder) BusMessage(string)                 {}
-
-var _ Recorder = NopRecorder{}
-
 // Stats is a snapshot of one Cache's counters since New, returned by
 // Cache.Stats. Every Get counts exactly once as a Hit, NegativeHit or
-// Miss; a GetMany counts once per distinct key.
+// Miss; a GetMany counts once per distinct key. The Local counts are
+// parts of the counts they follow: LocalHits ≤ Hits and
+// LocalNegativeHits ≤ NegativeHits.
 type Stats struct {
-	Hits           uint64        // first read found a value (in Redis or, with a local tier, in memory)
-	LocalHits      uint64        // Hits and NegativeHits the local tier answered
-	LocalFlushes   uint64        // times the local tier was emptied (bus lost or regained, unreadable message)
-	BusMessages    uint64        // invalidation messages received from the bus
-	NegativeHits   uint64        // first read found a "not found" tombstone
-	Misses         uint64        // first read found nothing usable
-	Loads          uint64        // loader calls that returned a value or ErrNotFound
-	LoadErrors     uint64        // loader calls that failed (errors, panics, timeouts)
-	LoadTime       time.Duration // total time spent in the loader
-	Coalesced      uint64        // Gets that shared another Get's in-process load
-	LeaseContended uint64        // keys whose load waited for another holder's fill
-	FillsRejected  uint64        // fills refused because the lease was gone
-	NotCached      uint64        // values returned but too large or unencodable to cache
-	DecodeErrors   uint64        // entries that could not be decoded
-	RedisErrors    uint64        // failed Redis commands, and commands the open breaker skipped
-	StaleServed    uint64        // answers with a value past its TTL, inside the stale-while-revalidate window (a first read's counts in Hits too)
-	StaleIfError   uint64        // answers with the old value because its reload failed
-	Refreshes      uint64        // background refreshes that ran their loader
-	RefreshErrors  uint64        // of those, the ones that failed
-	Invalidations  uint64        // keys deleted by Invalidate and InvalidatePrefix
-	NamespaceBumps uint64        // InvalidateNamespace calls that succeeded
-	BreakerOpens   uint64        // times the Redis circuit breaker opened
-	RedisSkipped   uint64        // Redis commands not sent because the breaker was open
-	Overloaded     uint64        // Gets refused with ErrOverloaded
-	QueuedInvals   uint64        // failed invalidations queued for retry
-	PendingInvals  uint64        // of those, the ones still waiting now (a gauge; this process's Gets of their keys load from the source)
-	RetriedInvals  uint64        // failed invalidations applied later by a retry
-	DroppedInvals  uint64        // failed invalidations given up (too old, or the queue was full)
+	Hits              uint64        // first read found a value (in Redis or, with a local tier, in memory)
+	LocalHits         uint64        // of the Hits, those the local tier answered
+	NegativeHits      uint64        // first read found a "not found" tombstone (in Redis or in memory)
+	LocalNegativeHits uint64        // of the NegativeHits, those the local tier answered
+	LocalFlushes      uint64        // times the local tier was emptied (bus lost or regained, unreadable message)
+	BusMessages       uint64        // invalidation messages received from the bus
+	Misses            uint64        // first read found nothing usable
+	Loads             uint64        // loader calls that returned a value or ErrNotFound
+	LoadErrors        uint64        // loader calls that failed (errors, panics, timeouts)
+	LoadTime          time.Duration // total time spent in the loader
+	// LoadsWithin[i] counts the loader calls (Loads and LoadErrors) that
+	// returned within LoadBucket(i), cumulative like a Prometheus
+	// histogram's buckets; Loads + LoadErrors is the count of all.
+	LoadsWithin    [NumLoadBuckets]uint64
+	Coalesced      uint64 // Gets that shared another Get's in-process load
+	LeaseContended uint64 // keys whose load waited for another holder's fill
+	FillsRejected  uint64 // fills refused because the lease was gone
+	NotCached      uint64 // values returned but too large or unencodable to cache
+	DecodeErrors   uint64 // entries that could not be decoded
+	RedisErrors    uint64 // Redis commands sent that failed (error replies, timeouts, broken connections)
+	StaleServed    uint64 // answers with a value past its TTL, inside the stale-while-revalidate window (a first read's counts in Hits too)
+	StaleIfError   uint64 // answers with the old value because its reload failed
+	Refreshes      uint64 // background refreshes that ran their loader
+	RefreshErrors  uint64 // of those, the ones that failed
+	Invalidations  uint64 // keys deleted by Invalidate and InvalidatePrefix
+	NamespaceBumps uint64 // InvalidateNamespace calls that succeeded
+	BreakerOpens   uint64 // times the Redis circuit breaker opened
+	RedisSkipped   uint64 // Redis commands not sent: the breaker was open, or the Get's RedisTimePerGet was spent
+	Overloaded     uint64 // Gets refused with ErrOverloaded
+	QueuedInvals   uint64 // failed invalidations queued for retry
+	PendingInvals  uint64 // of those, the ones still waiting now (a gauge; this process's Gets of their keys load from the source)
+	RetriedInvals  uint64 // failed invalidations applied later by a retry
+	DroppedInvals  uint64 // failed invalidations given up (too old, or the queue was full)
 }
 
 // Requests is the number of Gets counted: Hits + NegativeHits + Misses.
 func (s Stats) Requests() uint64 { return s.Hits + s.NegativeHits + s.Misses }
 
-// HitRate is the fraction of Gets answered from Redis without a load, in
-// [0, 1]; tombstone hits count as hits because they spared the loader too.
-// It is 0 before the first Get.
-func (s Stats) HitRate() float64 {
-	n := s.Requests()
-	if n == 0 {
+// HitRate is Hits / Requests: the fraction of Gets answered with a value
+// from the cache (Redis or the local tier), in [0, 1], and 0 before the
+// first Get. "Not found" answers from tombstones are not hits here, so
+// traffic for missing items (404s) cannot raise it; NegativeHitRate counts
+// those, and HitRate + NegativeHitRate is the share of Gets that spared
+// the loader.
+//
+// As a rule of thumb for read-heavy data: above 0.9 the cache is working
+// well, 0.7–0.9 is normal for varied access, 0.5–0.7 asks for a look at
+// TTLs and key design, below 0.5 the wrong things are cached or TTLs are
+// too short, and near 0 something is broken (keys that never repeat, a
+// version bump on every write, invalidation of everything).
+func (s Stats) HitRate() float64 { return ratio(s.Hits, s.Requests()) }
+
+// NegativeHitRate is NegativeHits / Requests: the fraction of Gets
+// answered "not found" by a tombstone, without the loader.
+func (s Stats) NegativeHitRate() float64 { return ratio(s.NegativeHits, s.Requests()) }
+
+func ratio(a, b uint64) float64 {
+	if b == 0 {
 		return 0
 	}
-	return float64(s.Hits+s.NegativeHits) / float64(n)
+	return float64(a) / float64(b)
 }
 
 // stat names one of the counters behind Stats.
@@ -210,7 +115,8 @@ const (
 	nDroppedInvals
 	nLocalFlushes
 	nBusMessages
-	numCounters
+	nLoadsWithin // NumLoadBuckets counters, one per bucket (not cumulative)
+	numCounters  = nLoadsWithin + NumLoadBuckets
 )
 
 // stripe is one copy of every counter. Each core updates its own stripe
@@ -226,18 +132,19 @@ type stripe struct {
 type events struct {
 	name    string
 	rec     Recorder
-	nop     bool // rec is the NopRecorder: skip the calls
+	nop     bool   // rec is the NopRecorder: skip the calls
+	tr      Tracer // nil: no tracing
 	stripes []stripe
 	mask    uint32
 }
 
-func newEvents(name string, rec Recorder) *events {
+func newEvents(name string, rec Recorder, tr Tracer) *events {
 	n := 1
 	for n < 4*runtime.GOMAXPROCS(0) && n < 64 {
 		n *= 2
 	}
 	_, nop := rec.(NopRecorder)
-	return &events{name: name, rec: rec, nop: nop, stripes: make([]stripe, n), mask: uint32(n - 1)}
+	return &events{name: name, rec: rec, nop: nop, tr: tr, stripes: make([]stripe, n), mask: uint32(n - 1)}
 }
 
 // add adds n to counter i in the stripe of the caller's token. Tokens
@@ -277,84 +184,105 @@ func (e *events) snapshot() Stats {
 			n[i] += e.stripes[j].n[i].Load()
 		}
 	}
+	var within [NumLoadBuckets]uint64
+	var sum uint64
+	for i := range within {
+		sum += n[nLoadsWithin+stat(i)]
+		within[i] = sum
+	}
 	return Stats{
-		Hits:           n[nHits] + n[nLocalHits],
-		LocalHits:      n[nLocalHits] + n[nLocalNegHits],
-		LocalFlushes:   n[nLocalFlushes],
-		BusMessages:    n[nBusMessages],
-		NegativeHits:   n[nNegHits] + n[nLocalNegHits],
-		Misses:         n[nMisses],
-		Loads:          n[nLoads],
-		LoadErrors:     n[nLoadErrors],
-		LoadTime:       time.Duration(n[nLoadNanos]),
-		Coalesced:      n[nCoalesced],
-		LeaseContended: n[nLeaseContended],
-		FillsRejected:  n[nFillsRejected],
-		NotCached:      n[nNotCached],
-		DecodeErrors:   n[nDecodeErrors],
-		RedisErrors:    n[nRedisErrors],
-		StaleServed:    n[nStaleServed],
-		StaleIfError:   n[nStaleIfError],
-		Refreshes:      n[nRefreshes],
-		RefreshErrors:  n[nRefreshErrors],
-		Invalidations:  n[nInvals],
-		NamespaceBumps: n[nBumps],
-		BreakerOpens:   n[nBreakerOpens],
-		RedisSkipped:   n[nRedisSkipped],
-		Overloaded:     n[nOverloaded],
-		QueuedInvals:   n[nQueuedInvals],
-		RetriedInvals:  n[nRetriedInvals],
-		DroppedInvals:  n[nDroppedInvals],
+		Hits:              n[nHits] + n[nLocalHits],
+		LocalHits:         n[nLocalHits],
+		NegativeHits:      n[nNegHits] + n[nLocalNegHits],
+		LocalNegativeHits: n[nLocalNegHits],
+		LoadsWithin:       within,
+		LocalFlushes:      n[nLocalFlushes],
+		BusMessages:       n[nBusMessages],
+		Misses:            n[nMisses],
+		Loads:             n[nLoads],
+		LoadErrors:        n[nLoadErrors],
+		LoadTime:          time.Duration(n[nLoadNanos]),
+		Coalesced:         n[nCoalesced],
+		LeaseContended:    n[nLeaseContended],
+		FillsRejected:     n[nFillsRejected],
+		NotCached:         n[nNotCached],
+		DecodeErrors:      n[nDecodeErrors],
+		RedisErrors:       n[nRedisErrors],
+		StaleServed:       n[nStaleServed],
+		StaleIfError:      n[nStaleIfError],
+		Refreshes:         n[nRefreshes],
+		RefreshErrors:     n[nRefreshErrors],
+		Invalidations:     n[nInvals],
+		NamespaceBumps:    n[nBumps],
+		BreakerOpens:      n[nBreakerOpens],
+		RedisSkipped:      n[nRedisSkipped],
+		Overloaded:        n[nOverloaded],
+		QueuedInvals:      n[nQueuedInvals],
+		RetriedInvals:     n[nRetriedInvals],
+		DroppedInvals:     n[nDroppedInvals],
 	}
 }
 
 // The events, each counted and recorded here and nowhere else.
 
-func (e *events) hit() {
+// trace passes ev to the Tracer, if there is one, with the context of the
+// call it belongs to.
+func (e *events) trace(ctx context.Context, ev Event) {
+	if e.tr != nil {
+		e.tr.Event(ctx, ev)
+	}
+}
+
+func (e *events) hit(ctx context.Context) {
 	e.add(nHits, 1)
 	if !e.nop {
 		e.rec.Hit(e.name)
 	}
+	e.trace(ctx, Event{Kind: EventHit})
 }
 
-func (e *events) staleHit() {
+func (e *events) staleHit(ctx context.Context) {
 	e.add(nHits, 1)
 	e.add(nStaleServed, 1)
 	if !e.nop {
 		e.rec.Hit(e.name)
 		e.rec.StaleServed(e.name)
 	}
+	e.trace(ctx, Event{Kind: EventStale})
 }
 
-func (e *events) negativeHit() {
+func (e *events) negativeHit(ctx context.Context) {
 	e.add(nNegHits, 1)
 	if !e.nop {
 		e.rec.NegativeHit(e.name)
 	}
+	e.trace(ctx, Event{Kind: EventNegativeHit})
 }
 
-func (e *events) localHit(notFound bool) {
+func (e *events) localHit(ctx context.Context, notFound bool) {
 	if notFound {
 		e.add(nLocalNegHits, 1)
-	} else {
-		e.add(nLocalHits, 1)
-	}
-	if e.nop {
+		if !e.nop {
+			e.rec.NegativeHit(e.name)
+			e.rec.LocalNegativeHit(e.name)
+		}
+		e.trace(ctx, Event{Kind: EventLocalNegativeHit})
 		return
 	}
-	if notFound {
-		e.rec.NegativeHit(e.name)
-	} else {
+	e.add(nLocalHits, 1)
+	if !e.nop {
 		e.rec.Hit(e.name)
+		e.rec.LocalHit(e.name)
 	}
-	e.rec.LocalHit(e.name)
+	e.trace(ctx, Event{Kind: EventLocalHit})
 }
 
-func (e *events) miss() {
+func (e *events) miss(ctx context.Context) {
 	e.add(nMisses, 1)
 	if !e.nop {
 		e.rec.Miss(e.name)
 	}
+	e.trace(ctx, Event{Kind: EventMiss})
 }
 
 // loaded counts one loader call; notFound says err means "does not exist".
@@ -365,26 +293,52 @@ func (e *events) loaded(took time.Duration, err error, notFound bool) {
 		e.add(nLoads, 1)
 	}
 	e.add(nLoadNanos, uint64(took))
+	if b := loadBucket(took); b < NumLoadBuckets {
+		e.add(nLoadsWithin+b, 1)
+	}
 	e.rec.Load(e.name, took, err)
 }
 
-func (e *events) coalesced() { e.add(nCoalesced, 1); e.rec.Coalesced(e.name) }
+func (e *events) coalesced(ctx context.Context) {
+	e.add(nCoalesced, 1)
+	e.rec.Coalesced(e.name)
+	e.trace(ctx, Event{Kind: EventCoalesced})
+}
 
-func (e *events) leaseContended(keys int) {
+func (e *events) leaseContended(ctx context.Context, keys int) {
 	e.add(nLeaseContended, uint64(keys))
 	e.rec.LeaseContended(e.name, keys)
+	e.trace(ctx, Event{Kind: EventLeaseWait, Keys: keys})
 }
 
 func (e *events) waited(d time.Duration) { e.rec.Waited(e.name, d) }
 func (e *events) fillRejected()          { e.add(nFillsRejected, 1); e.rec.FillRejected(e.name) }
 func (e *events) notCached()             { e.add(nNotCached, 1); e.rec.NotCached(e.name) }
 func (e *events) decodeError()           { e.add(nDecodeErrors, 1); e.rec.DecodeError(e.name) }
-func (e *events) staleServed()           { e.add(nStaleServed, 1); e.rec.StaleServed(e.name) }
-func (e *events) staleIfError()          { e.add(nStaleIfError, 1); e.rec.StaleIfError(e.name) }
 
-func (e *events) redisError(op string, err error) {
+func (e *events) staleServed(ctx context.Context) {
+	e.add(nStaleServed, 1)
+	e.rec.StaleServed(e.name)
+	e.trace(ctx, Event{Kind: EventStale})
+}
+
+func (e *events) staleIfError(ctx context.Context) {
+	e.add(nStaleIfError, 1)
+	e.rec.StaleIfError(e.name)
+	e.trace(ctx, Event{Kind: EventStaleIfError})
+}
+
+// redisError counts a command that was sent and failed; a command that was
+// not sent (err matches ErrRedisUnavailable) was counted as skipped where
+// it was refused, and only reaches the Tracer here.
+func (e *events) redisError(ctx context.Context, op string, err error) {
+	if errors.Is(err, ErrRedisUnavailable) {
+		e.trace(ctx, Event{Kind: EventRedisSkipped, Op: op, Err: err})
+		return
+	}
 	e.add(nRedisErrors, 1)
 	e.rec.RedisError(e.name, op, err)
+	e.trace(ctx, Event{Kind: EventRedisError, Op: op, Err: err})
 }
 
 func (e *events) redisSkipped() { e.add(nRedisSkipped, 1); e.rec.RedisSkipped(e.name) }
@@ -411,11 +365,16 @@ func (e *events) invalidated(n int64) {
 	}
 }
 
-func (e *events) bumped()       { e.add(nBumps, 1); e.rec.NamespaceBumped(e.name) }
-func (e *events) queued()       { e.add(nQueuedInvals, 1); e.rec.InvalidationQueued(e.name) }
-func (e *events) retried()      { e.add(nRetriedInvals, 1); e.rec.InvalidationRetried(e.name) }
-func (e *events) dropped()      { e.add(nDroppedInvals, 1); e.rec.InvalidationDropped(e.name) }
-func (e *events) overloaded()   { e.add(nOverloaded, 1); e.rec.Overloaded(e.name) }
+func (e *events) bumped()  { e.add(nBumps, 1); e.rec.NamespaceBumped(e.name) }
+func (e *events) queued()  { e.add(nQueuedInvals, 1); e.rec.InvalidationQueued(e.name) }
+func (e *events) retried() { e.add(nRetriedInvals, 1); e.rec.InvalidationRetried(e.name) }
+func (e *events) dropped() { e.add(nDroppedInvals, 1); e.rec.InvalidationDropped(e.name) }
+func (e *events) overloaded(ctx context.Context) {
+	e.add(nOverloaded, 1)
+	e.rec.Overloaded(e.name)
+	e.trace(ctx, Event{Kind: EventOverloaded})
+}
+
 func (e *events) localFlushed() { e.add(nLocalFlushes, 1); e.rec.LocalFlushed(e.name) }
 func (e *events) busMessage()   { e.add(nBusMessages, 1); e.rec.BusMessage(e.name) }
 
@@ -423,7 +382,7 @@ func (e *events) busMessage()   { e.add(nBusMessages, 1); e.rec.BusMessage(e.nam
 // open breaker did not send is counted and passed to the Recorder and
 // OnError, but logged only at debug level: the breaker logged its opening.
 func (c *Cache[T]) redisError(ctx context.Context, op, key string, err error) error {
-	c.ev.redisError(op, err)
+	c.ev.redisError(ctx, op, err)
 	if errors.Is(err, ErrRedisUnavailable) {
 		e := &OpError{Cache: c.name, Op: op, Key: key, Err: err}
 		c.opts.Logger.LogAttrs(ctx, slog.LevelDebug, "cacheaside: Redis skipped", slog.String("cache", c.name), slog.String("op", op))
@@ -473,4 +432,32 @@ func (e *errorOnce) report(ctx context.Context, c interface {
 	if e.first != nil {
 		c.redisError(ctx, op, keysLabel(e.keys), e.first)
 	}
+}
+
+// NumLoadBuckets is the number of load-time buckets in Stats.LoadsWithin.
+const NumLoadBuckets = 14
+
+// loadBounds are the buckets' upper bounds: from 1ms to 30s, about ×2.5
+// apart, covering a fast key lookup to a loader at a generous LoadTimeout.
+var loadBounds = [NumLoadBuckets]time.Duration{
+	time.Millisecond, 2500 * time.Microsecond, 5 * time.Millisecond, 10 * time.Millisecond,
+	25 * time.Millisecond, 50 * time.Millisecond, 100 * time.Millisecond, 250 * time.Millisecond,
+	500 * time.Millisecond, time.Second, 2500 * time.Millisecond, 5 * time.Second,
+	10 * time.Second, 30 * time.Second,
+}
+
+// LoadBucket returns the upper bound of Stats.LoadsWithin[i], for
+// 0 ≤ i < NumLoadBuckets.
+func LoadBucket(i int) time.Duration { return loadBounds[i] }
+
+// loadBucket is the counter of the first bucket d fits in; a load longer
+// than the last bound counts in no bucket, only in Loads or LoadErrors
+// (the +Inf bucket).
+func loadBucket(d time.Duration) stat {
+	for i, b := range loadBounds {
+		if d <= b {
+			return stat(i)
+		}
+	}
+	return NumLoadBuckets
 }

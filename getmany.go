@@ -50,6 +50,17 @@ func GetMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 	if c == nil || key == nil || load == nil {
 		return nil, errNilBatch
 	}
+	if c.opts.Tracer == nil {
+		return getMany(ctx, c, ids, key, load)
+	}
+	call := Call{Kind: CallGetMany, Cache: c.name, Keys: len(ids)}
+	ctx = c.opts.Tracer.Start(ctx, call)
+	m, err := getMany(ctx, c, ids, key, load)
+	c.opts.Tracer.End(ctx, call, err)
+	return m, err
+}
+
+func getMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key func(K) string, load BatchLoader[K, T]) (map[K]T, error) {
 	if c.closed.Load() {
 		return nil, ErrClosed
 	}
@@ -77,7 +88,7 @@ func GetMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 		byKey[k] = len(items)
 		items = append(items, batchItem[K, T]{id: id, op: keyOp[T]{key: k, genKey: genKey, idx: len(items)}})
 		it := &items[len(items)-1]
-		switch pre, li := c.before(k, genKey, true); pre {
+		switch pre, li := c.before(ctx, k, genKey, true); pre {
 		case fromSource:
 			bypass = append(bypass, &it.op)
 			continue

@@ -266,6 +266,7 @@ func (g *guarded) begin(ctx context.Context, budget time.Duration, light bool) (
 		if t, _ := ctx.Value(redisTimeKey{}).(*redisTime); t != nil {
 			left := time.Duration(t.left.Load())
 			if left <= 0 {
+				g.ev.redisSkipped()
 				return o, errRedisTimeSpent
 			}
 			budget = min(budget, left)
@@ -517,14 +518,14 @@ func (c *Cache[T]) loadSlot(ctx context.Context) (func(), error) {
 	default:
 	}
 	if c.opts.Degradation.FailFastWhenCapped {
-		c.ev.overloaded()
+		c.ev.overloaded(ctx)
 		return nil, ErrOverloaded
 	}
 	select {
 	case c.loadSlots <- struct{}{}:
 		return func() { <-c.loadSlots }, nil
 	case <-ctx.Done():
-		c.ev.overloaded()
+		c.ev.overloaded(ctx)
 		return nil, fmt.Errorf("%w: %w", ErrOverloaded, ctx.Err())
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"log/slog"
 	"net"
 	"os"
 	"strconv"
@@ -18,6 +19,9 @@ import (
 
 func TestMain(m *testing.M) {
 	redis.SetLogger(quietRedis{}) // go-redis's own dial-retry lines; the tests count errors themselves
+	// Configuration warnings go to slog.Default when a cache has no
+	// Logger: the suite's wrapper clients would log one per cache.
+	slog.SetDefault(slog.New(slog.DiscardHandler))
 	goleak.VerifyTestMain(m)
 }
 

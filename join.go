@@ -132,7 +132,7 @@ func (c *Cache[T]) endFlight(key string, fs *flightState) { c.inflight.CompareAn
 // numbered after it began after the Get did, so whatever it observes is
 // recent enough. Only an older flight needs joinable, or the check.
 func (c *Cache[T]) joined(ctx context.Context, op *keyOp[T], a answer[T], err error, src source[T]) (T, error) {
-	c.ev.coalesced()
+	c.ev.coalesced(ctx)
 	// A Get whose own read failed cannot check anything in Redis either,
 	// and a start-over would only load again.
 	older := a.fs != nil && a.fs.seq <= op.start && !(a.fs == op.seen.f && op.trusted) && !op.down

@@ -43,8 +43,17 @@ func (r *missRun[T]) call(ops []*keyOp[T]) (vals []T, found []bool, took time.Du
 		vals  []T
 		found []bool
 	}
+	ctx := r.ctx
+	if tr := r.c.opts.Tracer; tr != nil {
+		span := Call{Kind: CallLoad, Cache: r.c.name, Keys: len(ops)}
+		if len(ops) == 1 {
+			span.Key = ops[0].key
+		}
+		ctx = tr.Start(ctx, span)
+		defer func() { tr.End(ctx, span, err) }()
+	}
 	start := r.c.opts.Clock() // load time feeds XFetch, a freshness decision
-	res, err := callFn(r.ctx, r.c.opts.LoadTimeout, func(ctx context.Context) (loaded, error) {
+	res, err := callFn(ctx, r.c.opts.LoadTimeout, func(ctx context.Context) (loaded, error) {
 		v, f, err := r.src.load(ctx, ops)
 		return loaded{v, f}, err
 	})

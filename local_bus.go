@@ -155,5 +155,5 @@ func (c *Cache[T]) busLost(err error, log bool) {
 		c.opts.Logger.LogAttrs(c.stop, slog.LevelWarn, "cacheaside: invalidation bus lost; local tier bypassed until it is back",
 			slog.String("cache", c.name), slog.String("channel", c.local.opts.Channel), slog.Any("err", err))
 	}
-	c.ev.redisError("subscribe", err)
+	c.ev.redisError(c.stop, "subscribe", err)
 }

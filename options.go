@@ -101,12 +101,22 @@ type Options[T any] struct {
 	// Logger receives configuration warnings, state changes (Redis down and
 	// recovered, the invalidation bus lost and back) and suppressed errors,
 	// bounded: the first of each kind per 10s at Warn, then a summary line
-	// with counts (see logs.go). Default: discard.
+	// with counts (see logs.go). Default: nil, which discards everything
+	// except the configuration warnings New logs (a client setting that
+	// breaks the cache's time bounds, say): those go to slog.Default(), so
+	// a misconfiguration is visible without configuring anything. Set
+	// Logger to slog.New(slog.DiscardHandler) to silence them too.
 	Logger *slog.Logger
 
 	// Recorder receives counters for export. Default NopRecorder.
-	// Cache.Stats works regardless.
+	// Cache.Stats works regardless; the cacheprometheus module exports
+	// Stats without a Recorder.
 	Recorder Recorder
+
+	// Tracer follows each Get, GetMany and loader call with the caller's
+	// context (see Tracer; the cacheotel module makes OpenTelemetry spans
+	// with it). Default nil: no tracing, and no cost.
+	Tracer Tracer
 
 	// OnError is called with every error the cache suppresses or returns
 	// from Redis or the codec; err is an *OpError. Default nil.

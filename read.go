@@ -295,7 +295,7 @@ const (
 func (c *Cache[T]) settle(ctx context.Context, op *keyOp[T], count bool, errs *errorOnce) (n next, refresh bool, err error) {
 	if op.rerr != nil {
 		if count {
-			c.ev.miss()
+			c.ev.miss(ctx)
 		}
 		if isWrongType(op.rerr) {
 			// Not a string: foreign data under our key. acquire.lua replaces it.
@@ -318,18 +318,18 @@ func (c *Cache[T]) settle(ctx context.Context, op *keyOp[T], count bool, errs *e
 	switch op.vw.state {
 	case stFresh:
 		if count {
-			c.ev.hit()
+			c.ev.hit(ctx)
 		}
 		c.keepLocal(op.key, &op.vw, now, op.snap)
 		return serve, op.vw.e.Kind == envelope.Value && c.refreshEarly(&op.vw.e, now), nil
 	case stStale:
 		if count {
-			c.ev.staleHit()
+			c.ev.staleHit(ctx)
 		}
 		return serve, op.vw.e.Kind == envelope.Value || holderGone(&op.vw.e), nil
 	case stNotFound:
 		if count {
-			c.ev.negativeHit()
+			c.ev.negativeHit(ctx)
 		}
 		c.keepLocal(op.key, &op.vw, now, op.snap)
 		return serve, false, ErrNotFound
@@ -337,7 +337,7 @@ func (c *Cache[T]) settle(ctx context.Context, op *keyOp[T], count bool, errs *e
 	// Absent, being loaded, undecodable, of an older namespace generation,
 	// or due for a reload: the engine sorts it out.
 	if count {
-		c.ev.miss()
+		c.ev.miss(ctx)
 	}
 	return miss, false, nil
 }

@@ -184,7 +184,7 @@ func (w *waiter) wait(ctx context.Context, open []string) error {
 	if !w.waiting {
 		w.waiting = true
 		w.start = time.Now()
-		w.ev.leaseContended(len(open))
+		w.ev.leaseContended(ctx, len(open))
 		if w.wk != nil && w.wk.live.Load() {
 			// Watch first, then look once more at once: a fill that landed
 			// between the last round and the watch sent its message to

@@ -299,7 +299,8 @@ type cacheStat struct {
 	NegativeHits uint64 `json:"negative_hits"`
 	Misses       uint64 `json:"misses"`
 	Total        uint64 `json:"total"`
-	HitRate      string `json:"hit_rate"`
+	HitRate      string `json:"hit_rate"`          // hits / total: found in the cache
+	NegHitRate   string `json:"negative_hit_rate"` // negative hits / total: "not found" answered by the cache
 	Loads        uint64 `json:"db_loads"`
 	StaleServed  uint64 `json:"stale_served"`
 	RedisErrors  uint64 `json:"redis_errors"`
@@ -311,7 +312,7 @@ func (a *API) cacheStats(w http.ResponseWriter, r *http.Request) {
 		s := c.Stats()
 		out[c.Name()] = cacheStat{
 			Hits: s.Hits, NegativeHits: s.NegativeHits, Misses: s.Misses, Total: s.Requests(),
-			HitRate: fmt.Sprintf("%.1f%%", 100*s.HitRate()), Loads: s.Loads, StaleServed: s.StaleServed, RedisErrors: s.RedisErrors,
+			HitRate: fmt.Sprintf("%.1f%%", 100*s.HitRate()), NegHitRate: fmt.Sprintf("%.1f%%", 100*s.NegativeHitRate()), Loads: s.Loads, StaleServed: s.StaleServed, RedisErrors: s.RedisErrors,
 		}
 	}
 	writeJSON(w, http.StatusOK, out)
