@@ -221,6 +221,14 @@ func (c *Cache[T]) WaitLocal(ctx context.Context) error {
 func (c *Cache[T]) Stats() Stats {
 	s := c.ev.snapshot()
 	s.PendingInvals = uint64(max(c.pending.Load(), 0))
+	s.Breaker = "disabled"
+	if cb := c.guard.cb; cb != nil {
+		s.Breaker = cb.State().String()
+	}
+	if l := c.local; l != nil {
+		s.LocalLive = l.live.Load()
+		s.LocalEntries = uint64(max(l.m.EstimatedSize(), 0))
+	}
 	return s
 }
 

@@ -53,6 +53,11 @@ type Stats struct {
 	PendingInvals  uint64 // of those, the ones still waiting now (a gauge; this process's Gets of their keys load from the source)
 	RetriedInvals  uint64 // failed invalidations applied later by a retry
 	DroppedInvals  uint64 // failed invalidations given up (too old, or the queue was full)
+
+	// State now, not counts:
+	Breaker      string // the circuit breaker: "closed", "open", "half-open", or "disabled" (Degradation.NoBreaker)
+	LocalLive    bool   // the local tier is in use (Cache.LocalLive); false without one
+	LocalEntries uint64 // entries the local tier holds (an estimate); 0 without one
 }
 
 // Requests is the number of Gets counted: Hits + NegativeHits + Misses.

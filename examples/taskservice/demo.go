@@ -224,7 +224,7 @@ func (d *demo) part53(ctx context.Context, latency time.Duration) error {
 	// No local tier here: this part is about every read going to a Redis
 	// that fails (a local tier would answer from memory until its bus
 	// noticed the outage).
-	svc, err := NewService(d.app.store, rdb, ttls, nil, slog.New(slog.DiscardHandler), "demo53.", 0)
+	svc, err := NewService(d.app.store, rdb, ttls, slog.New(slog.DiscardHandler), "demo53.", 0)
 	if err != nil {
 		return err
 	}

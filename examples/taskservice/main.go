@@ -28,6 +28,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/redis/go-redis/v9"
+
+	"github.com/seed-b4ec662f/cacheaside/extra/cacheprometheus"
 )
 
 // redisLog routes go-redis's own log lines (connection pool retries) to
@@ -142,11 +144,12 @@ func newApp(ctx context.Context, e env, log *slog.Logger, dbLatency time.Duratio
 	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector())
-	rec := newPromRecorder(reg)
 	a.prefix = prefix
-	if a.svc, err = NewService(store, a.rdb, ttls, rec, log, prefix, localTaskTTL); err != nil {
+	if a.svc, err = NewService(store, a.rdb, ttls, log, prefix, localTaskTTL); err != nil {
 		return nil, err
 	}
+	// 5.4: every cache's Stats, read at each scrape (no cost per request).
+	reg.MustRegister(cacheprometheus.NewCollector("", a.svc.Caches()...))
 	a.api = &API{svc: a.svc, store: store, rdb: a.rdb, reg: reg, log: log}
 	a.Handler = a.api.Routes()
 	log.Info("taskservice ready", "database", store.dialect, "redis", redisLabel(e.redisURL), "ttls", describe(ttls))

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/seed-b4ec662f/cacheaside"
+	"github.com/seed-b4ec662f/cacheaside/extra/cacheprometheus"
 )
 
 // The TTL table: every lifetime decision of the app in one place, from the
@@ -44,7 +45,7 @@ type Service struct {
 // NewService builds the caches on rdb with the policies of ttls. prefix,
 // normally empty, is prepended to every keyspace name so tests can share
 // one Redis. localTTL > 0 gives the task cache a local tier.
-func NewService(store *Store, rdb cacheaside.Redis, ttls *cacheaside.TTLTable, rec cacheaside.Recorder, log *slog.Logger, prefix string, localTTL time.Duration) (*Service, error) {
+func NewService(store *Store, rdb cacheaside.Redis, ttls *cacheaside.TTLTable, log *slog.Logger, prefix string, localTTL time.Duration) (*Service, error) {
 	s := &Service{store: store, log: log}
 	var err error
 	// Tasks are the hottest reads: a local tier answers repeated reads of a
@@ -54,13 +55,13 @@ func NewService(store *Store, rdb cacheaside.Redis, ttls *cacheaside.TTLTable, r
 	if localTTL > 0 {
 		local = &cacheaside.LocalOptions{TTL: localTTL, Channel: cacheaside.DefaultLocalChannelPrefix + prefix + "task"}
 	}
-	if s.tasks, err = cacheaside.New(rdb, &cacheaside.Options[Task]{Name: "task", Policy: ttls.Get("task"), Recorder: rec, Logger: log, Local: local}); err != nil {
+	if s.tasks, err = cacheaside.New(rdb, &cacheaside.Options[Task]{Name: "task", Policy: ttls.Get("task"), Logger: log, Local: local}); err != nil {
 		return nil, err
 	}
-	if s.lists, err = cacheaside.New(rdb, &cacheaside.Options[TaskPage]{Name: "task_list", Policy: ttls.Get("task_list"), Recorder: rec, Logger: log, Namespaced: true}); err != nil {
+	if s.lists, err = cacheaside.New(rdb, &cacheaside.Options[TaskPage]{Name: "task_list", Policy: ttls.Get("task_list"), Logger: log, Namespaced: true}); err != nil {
 		return nil, err
 	}
-	if s.stats, err = cacheaside.New(rdb, &cacheaside.Options[OrgStats]{Name: "org_stats", Policy: ttls.Get("org_stats"), Recorder: rec, Logger: log}); err != nil {
+	if s.stats, err = cacheaside.New(rdb, &cacheaside.Options[OrgStats]{Name: "org_stats", Policy: ttls.Get("org_stats"), Logger: log}); err != nil {
 		return nil, err
 	}
 	if s.taskKeys, err = cacheaside.NewKeyspace(prefix+"tasks", 1); err != nil {
@@ -79,14 +80,8 @@ func (s *Service) Close() {
 }
 
 // Caches lists the caches, for /admin/cache-stats.
-func (s *Service) Caches() []interface {
-	Name() string
-	Stats() cacheaside.Stats
-} {
-	return []interface {
-		Name() string
-		Stats() cacheaside.Stats
-	}{s.tasks, s.lists, s.stats}
+func (s *Service) Caches() []cacheprometheus.Source {
+	return []cacheprometheus.Source{s.tasks, s.lists, s.stats}
 }
 
 func (s *Service) taskKey(id int64) string { return s.taskKeys.Key(strconv.FormatInt(id, 10)) }

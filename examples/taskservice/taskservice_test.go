@@ -21,7 +21,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/seed-b4ec662f/cacheaside"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/seed-b4ec662f/cacheaside/extra/cacheprometheus"
 )
 
 // The tests run on SQLite and an embedded Redis by default, and on the
@@ -393,13 +394,35 @@ func TestMetricsAndHealth(t *testing.T) {
 		t.Fatal(code)
 	}
 	for _, want := range []string{
-		`cache_requests_total{cache="task",result="hit"} 1`,
-		`cache_requests_total{cache="task",result="miss"} 1`,
-		`cache_load_seconds_count{cache="task",result="ok"} 1`,
+		`cacheaside_requests_total{cache="task",result="hit"} 1`,
+		`cacheaside_requests_total{cache="task",result="miss"} 1`,
+		`cacheaside_loads_total{cache="task",result="ok"} 1`,
+		`cacheaside_load_duration_seconds_count{cache="task"} 1`,
+		`cacheaside_breaker_state{cache="task",state="closed"} 1`,
+		`cacheaside_local_live{cache="task"} 1`,
+		`go_goroutines `,
 	} {
 		if !bytes.Contains(b, []byte(want)) {
 			t.Errorf("/metrics lacks %s", want)
 		}
+	}
+	// Every series the collector describes is there for every cache.
+	descs := make(chan *prometheus.Desc, 100)
+	cacheprometheus.NewCollector("").Describe(descs)
+	close(descs)
+	nameRE := regexp.MustCompile(`fqName: "([^"]+)"`)
+	n := 0
+	for d := range descs {
+		name := nameRE.FindStringSubmatch(d.String())[1]
+		for _, c := range ta.app.svc.Caches() {
+			if !bytes.Contains(b, []byte(name+`{cache="`+c.Name()+`"`)) && !bytes.Contains(b, []byte(name+`_count{cache="`+c.Name()+`"`)) {
+				t.Errorf("/metrics lacks %s for cache %s", name, c.Name())
+			}
+		}
+		n++
+	}
+	if n < 25 {
+		t.Fatalf("the collector describes %d families", n)
 	}
 	var h map[string]string
 	ta.getJSON(t, "/healthz", 200, &h)
@@ -473,7 +496,7 @@ func TestBatch(t *testing.T) {
 // the first instance reaches it through the invalidation bus.
 func TestLocalTierAcrossInstances(t *testing.T) {
 	ta := newTestApp(t, nil)
-	other, err := NewService(ta.store, ta.rdb, defaultTTLs, cacheaside.NopRecorder{}, slog.New(slog.DiscardHandler), ta.prefix, localTaskTTL)
+	other, err := NewService(ta.store, ta.rdb, defaultTTLs, slog.New(slog.DiscardHandler), ta.prefix, localTaskTTL)
 	if err != nil {
 		t.Fatal(err)
 	}
