@@ -186,11 +186,19 @@ func (ns Namespace) String() string { return ns.tag }
 
 // genKey is where the namespace's current generation lives. Parts escape
 // '#', so no entry key can equal it.
-func (ns Namespace) genKey() string { return ns.tag + ":#gen" }
+func (ns Namespace) genKey() string { return ns.tag + GenerationSuffix }
 
-// namespaceGenKey returns the generation key of the namespace key belongs
-// to: the key must contain a hash tag "{...}" followed by the end of the
-// key or a separator, as Namespace.Key builds them.
+// GenerationKey returns the key of the generation counter of the namespace
+// key belongs to, and false for a key outside any namespace. A namespaced
+// key contains a hash tag "{...}" followed by the end of the key or a
+// separator, as Namespace.Key builds them; the generation key is
+// everything up to the tag, then ":#gen". Tools that read entries (the
+// cacheaside command) use it to find the generation a Get compares with.
+func GenerationKey(key string) (string, bool) { return namespaceGenKey(key) }
+
+// GenerationSuffix ends every namespace generation key.
+const GenerationSuffix = ":#gen"
+
 func namespaceGenKey(key string) (string, bool) {
 	open := strings.IndexByte(key, '{')
 	if open < 0 {
@@ -204,7 +212,7 @@ func namespaceGenKey(key string) (string, bool) {
 	if end+1 < len(key) && key[end+1] != ':' {
 		return "", false
 	}
-	return key[:end+1] + ":#gen", true
+	return key[:end+1] + GenerationSuffix, true
 }
 
 // EscapeGlob escapes the Redis glob characters * ? [ ] \ in s with a

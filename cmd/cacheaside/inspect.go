@@ -1,0 +1,292 @@
+package main
+
+import (
+	"context"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/seed-b4ec662f/cacheaside/internal/envelope"
+)
+
+// inspection is what inspect reports about one key; --json prints it as
+// it is.
+type inspection struct {
+	Key             string          `json:"key"`
+	Kind            string          `json:"kind"`                       // value, tombstone, lease, refreshing, generation
+	Codec           string          `json:"codec,omitempty"`            // json, msgpack, custom
+	CodecID         byte            `json:"codec_id,omitempty"`         // the format byte
+	Token           string          `json:"token,omitempty"`            // 32 hex digits
+	SoftExpiry      *instant        `json:"soft_expiry,omitempty"`      // absent: none
+	PTTLMillis      int64           `json:"pttl_ms"`                    // -1: no expiry
+	LoadMillis      *uint32         `json:"load_ms,omitempty"`          // value and tombstone
+	Contended       *bool           `json:"contended,omitempty"`        // lease: another caller waits for its fill
+	RefreshDeadline *instant        `json:"refresh_deadline,omitempty"` // refreshing: when its holder's lease runs out
+	Namespace       *nsInfo         `json:"namespace"`                  // null: not namespaced
+	Generation      string          `json:"generation,omitempty"`       // a generation key's value
+	Size            int             `json:"size"`                       // bytes under the key
+	PayloadSize     int             `json:"payload_size"`               // of which the codec's payload
+	Value           json.RawMessage `json:"value,omitempty"`            // json and msgpack payloads
+	ValueHex        string          `json:"value_hex,omitempty"`        // other payloads: the first 64 bytes
+	ValueError      string          `json:"value_error,omitempty"`      // a payload its codec cannot read
+}
+
+// instant is a point in time and how far it is from now.
+type instant struct {
+	At     time.Time `json:"at"`
+	UnixMs int64     `json:"unix_ms"`
+	InMs   int64     `json:"in_ms"` // negative: past
+}
+
+func instantAt(unixMs int64, now time.Time) *instant {
+	at := time.UnixMilli(unixMs).UTC()
+	return &instant{At: at, UnixMs: unixMs, InMs: at.Sub(now).Milliseconds()}
+}
+
+// nsInfo is the namespace of a key and how its entry's generation compares
+// with the namespace's current one.
+type nsInfo struct {
+	Namespace  string  `json:"namespace"`
+	GenKey     string  `json:"generation_key"`
+	EntryGen   *string `json:"entry_generation"`   // null: the entry carries none (a lease)
+	CurrentGen *string `json:"current_generation"` // null: the namespace has no generation now
+	Current    *bool   `json:"current"`            // entry_generation == current_generation; null for a lease
+}
+
+func cmdInspect(ctx context.Context, cfg *config, args []string, stdout, stderr io.Writer) error {
+	rest, err := parseFlags("inspect", cfg, args, stderr, nil)
+	if err != nil {
+		return err
+	}
+	if len(rest) != 1 || rest[0] == "" {
+		return usagef("inspect takes one KEY (got %d arguments)", len(rest))
+	}
+	ctx, cancel := withTimeout(ctx, cfg)
+	defer cancel()
+	rdb, err := connect(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer rdb.Close()
+	in, err := inspect(ctx, rdb, rest[0])
+	if err != nil {
+		return describeRedisErr(ctx, cfg, err)
+	}
+	if cfg.json {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(in)
+	}
+	return printInspection(stdout, in)
+}
+
+// errWrongType is a key of another Redis type than string.
+type errWrongType struct{ key, typ string }
+
+func (e *errWrongType) Error() string {
+	return fmt.Sprintf("%s: holds a Redis %s, not a string: not a cacheaside entry", e.key, e.typ)
+}
+
+func isWrongType(err error) bool {
+	return err != nil && strings.HasPrefix(err.Error(), "WRONGTYPE")
+}
+
+// inspect reads key (entry and PTTL in one pipeline, then the namespace's
+// generation) and decodes it.
+func inspect(ctx context.Context, rdb redis.UniversalClient, key string) (*inspection, error) {
+	var get *redis.StringCmd
+	var ttl *redis.DurationCmd
+	_, _ = rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		get = p.Get(ctx, key)
+		ttl = p.PTTL(ctx, key)
+		return nil
+	})
+	b, err := get.Bytes()
+	switch {
+	case errors.Is(err, redis.Nil):
+		return nil, fmt.Errorf("%s: no such key", key)
+	case isWrongType(err):
+		typ, terr := rdb.Type(ctx, key).Result()
+		if terr != nil {
+			typ = "non-string type"
+		}
+		return nil, &errWrongType{key: key, typ: typ}
+	case err != nil:
+		return nil, err
+	case ttl.Err() != nil:
+		return nil, ttl.Err()
+	}
+	in := &inspection{Key: key, Size: len(b), PTTLMillis: pttlMillis(ttl.Val())}
+	if isGenKey(key, int64(len(b))) {
+		ns, _, _ := namespaceOf(key)
+		in.Kind = kindGeneration
+		in.Namespace = &nsInfo{Namespace: ns, GenKey: key}
+		in.Generation = hex.EncodeToString(b)
+		return in, nil
+	}
+	e, err := decodeEntry(key, b)
+	if err != nil {
+		return nil, err
+	}
+	now := time.Now()
+	in.Kind = kindName(e.Kind)
+	in.Codec, in.CodecID = codecName(e.Format), e.Format
+	in.Token = hex.EncodeToString(e.Token[:])
+	in.PayloadSize = len(e.Payload)
+	if e.SoftExpiry != 0 {
+		in.SoftExpiry = instantAt(e.SoftExpiry, now)
+	}
+	switch e.Kind {
+	case envelope.Value, envelope.NotFound:
+		in.LoadMillis = &e.LoadMillis
+	case envelope.Lease:
+		c := e.LoadMillis != 0
+		in.Contended = &c
+	case envelope.Refreshing:
+		in.RefreshDeadline = refreshDeadline(ctx, rdb, e.LoadMillis, now)
+	}
+	if e.Kind == envelope.Value || e.Kind == envelope.Refreshing {
+		v, verr := renderValue(e.Format, e.Payload)
+		switch {
+		case verr != nil:
+			in.ValueError = verr.Error()
+			in.ValueHex = hexStart(e.Payload, 64)
+		case v != nil:
+			in.Value = v
+		default:
+			in.ValueHex = hexStart(e.Payload, 64)
+		}
+	}
+	if ns, gk, ok := namespaceOf(key); ok && (e.Gen != envelope.Gen{} || e.Kind == envelope.Lease) {
+		info, err := namespaceInfo(ctx, rdb, ns, gk, e)
+		if err != nil {
+			return nil, err
+		}
+		in.Namespace = info
+	}
+	return in, nil
+}
+
+// refreshDeadline turns a refreshing entry's lease deadline (Redis server
+// time in milliseconds mod 2^32) into an instant, using Redis's clock
+// (this machine's if TIME fails).
+func refreshDeadline(ctx context.Context, rdb redis.UniversalClient, deadline uint32, now time.Time) *instant {
+	server := now
+	if t, err := rdb.Time(ctx).Result(); err == nil {
+		server = t
+	}
+	left := time.Duration(int32(deadline-uint32(server.UnixMilli()))) * time.Millisecond
+	return instantAt(now.Add(left).UnixMilli(), now)
+}
+
+// namespaceInfo reads the namespace's generation key, as a namespaced Get
+// does, and compares it with the entry's generation. Like the library, it
+// counts a missing or unreadable generation key as "nothing is current".
+func namespaceInfo(ctx context.Context, rdb redis.UniversalClient, ns, genKey string, e envelope.Entry) (*nsInfo, error) {
+	info := &nsInfo{Namespace: ns, GenKey: genKey}
+	cur, err := rdb.Get(ctx, genKey).Bytes()
+	switch {
+	case errors.Is(err, redis.Nil) || isWrongType(err):
+	case err != nil:
+		return nil, err
+	case len(cur) == envelope.GenSize:
+		s := hex.EncodeToString(cur)
+		info.CurrentGen = &s
+	}
+	if e.Kind == envelope.Lease {
+		return info, nil
+	}
+	s := hex.EncodeToString(e.Gen[:])
+	info.EntryGen = &s
+	current := info.CurrentGen != nil && *info.CurrentGen == s
+	info.Current = &current
+	return info, nil
+}
+
+// printInspection writes in as aligned "field  value" lines.
+func printInspection(w io.Writer, in *inspection) error {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	line := func(k, format string, args ...any) { fmt.Fprintf(tw, "%s\t%s\n", k, fmt.Sprintf(format, args...)) }
+	line("key", "%s", in.Key)
+	line("kind", "%s", in.Kind)
+	if in.Kind == kindGeneration {
+		line("namespace", "%s", in.Namespace.Namespace)
+		line("generation", "%s", in.Generation)
+		line("redis ttl", "%s", fmtPTTL(in.PTTLMillis))
+		return tw.Flush()
+	}
+	line("codec", "%s (%d)", in.Codec, in.CodecID)
+	line("token", "%s", in.Token)
+	if in.SoftExpiry == nil {
+		line("soft expiry", "none")
+	} else {
+		line("soft expiry", "%s (%s)", in.SoftExpiry.At.Format(time.RFC3339Nano), relative(in.SoftExpiry.InMs))
+	}
+	line("redis ttl", "%s", fmtPTTL(in.PTTLMillis))
+	switch {
+	case in.LoadMillis != nil:
+		if *in.LoadMillis == 0 {
+			line("load time", "under 1ms")
+		} else {
+			line("load time", "%s", fmtDur(time.Duration(*in.LoadMillis)*time.Millisecond))
+		}
+	case in.Contended != nil && *in.Contended:
+		line("contended", "yes: other callers wait for this lease's fill")
+	case in.Contended != nil:
+		line("contended", "no")
+	case in.RefreshDeadline != nil:
+		line("refresh lease", "%s (%s; Redis clock)", in.RefreshDeadline.At.Format(time.RFC3339Nano), relative(in.RefreshDeadline.InMs))
+	}
+	printNamespace(line, in.Namespace)
+	line("size", "%d bytes (%d header, %d payload)", in.Size, in.Size-in.PayloadSize, in.PayloadSize)
+	switch {
+	case in.Kind == kindTombstone:
+		line("value", "none: the loader said the item does not exist")
+	case in.Kind == kindLease:
+		line("value", "none yet: a load is in progress")
+	case in.Value != nil:
+		line("value", "%s", in.Value)
+	case in.ValueError != "":
+		line("value", "%s; hex %s", in.ValueError, in.ValueHex)
+	default:
+		line("value", "%d bytes of codec %d, hex %s", in.PayloadSize, in.CodecID, in.ValueHex)
+	}
+	return tw.Flush()
+}
+
+func printNamespace(line func(k, format string, args ...any), ns *nsInfo) {
+	if ns == nil {
+		line("namespace", "not namespaced")
+		return
+	}
+	line("namespace", "%s", ns.Namespace)
+	cur := "the namespace has no generation now"
+	if ns.CurrentGen != nil {
+		cur = "the namespace is at " + *ns.CurrentGen
+	}
+	switch {
+	case ns.EntryGen == nil:
+		line("generation", "none: a lease carries no generation (%s)", cur)
+	case *ns.Current:
+		line("generation", "%s (current: true)", *ns.EntryGen)
+	default:
+		line("generation", "%s (current: false; %s)", *ns.EntryGen, cur)
+	}
+}
+
+// relative prints the time left until an instant, negative once past:
+// "4m59.9s left" or "-4.5s left, past".
+func relative(ms int64) string {
+	d := time.Duration(ms) * time.Millisecond
+	if d < 0 {
+		return fmtDur(d) + " left, past"
+	}
+	return fmtDur(d) + " left"
+}

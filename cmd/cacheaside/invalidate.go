@@ -1,0 +1,233 @@
+package main
+
+import (
+	"context"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/seed-b4ec662f/cacheaside"
+)
+
+// invalidateFlags are the flags of invalidate: who must hear of it.
+type invalidateFlags struct {
+	cache   string        // Options.Name of the caches
+	channel string        // their LocalOptions.Channel, if not the default
+	ttl     time.Duration // their Policy.TTL (plus stale window): the generation key's lifetime
+}
+
+func (f *invalidateFlags) channelName() string {
+	if f.channel != "" {
+		return f.channel
+	}
+	return cacheaside.DefaultLocalChannelPrefix + f.cache
+}
+
+// invalidateResult is what invalidate reports; --json prints it.
+type invalidateResult struct {
+	Op            string   `json:"op"` // key, prefix, namespace
+	Keys          []string `json:"keys,omitempty"`
+	Prefix        string   `json:"prefix,omitempty"`
+	Deleted       *int64   `json:"deleted,omitempty"` // keys that existed and were deleted
+	Namespace     string   `json:"namespace,omitempty"`
+	GenerationKey string   `json:"generation_key,omitempty"`
+	OldGeneration *string  `json:"old_generation,omitempty"` // absent: there was none
+	NewGeneration string   `json:"new_generation,omitempty"`
+	Channel       string   `json:"channel"` // where the bus message went
+}
+
+func cmdInvalidate(ctx context.Context, cfg *config, args []string, stdout, stderr io.Writer) error {
+	f := &invalidateFlags{cache: cacheaside.DefaultName, ttl: cacheaside.DefaultTTL}
+	rest, err := parseFlags("invalidate", cfg, args, stderr, func(fs *flag.FlagSet) {
+		fs.StringVar(&f.cache, "cache", f.cache, "Options.Name of the caches to tell")
+		fs.StringVar(&f.channel, "channel", f.channel, "their LocalOptions.Channel, if set")
+		fs.DurationVar(&f.ttl, "ttl", f.ttl, "their Policy.TTL plus stale window")
+	})
+	if err != nil {
+		return err
+	}
+	if len(rest) == 0 {
+		return usagef("invalidate needs key KEY..., prefix PREFIX or namespace NS")
+	}
+	if f.cache == "" {
+		return usagef("--cache must not be empty")
+	}
+	if f.ttl <= 0 {
+		return usagef("--ttl must be positive, not %v", f.ttl)
+	}
+	op, targets := rest[0], rest[1:]
+	res := &invalidateResult{Op: op, Channel: f.channelName()}
+	var ns cacheaside.Namespace
+	switch op {
+	case "key", "keys":
+		res.Op = "key"
+		if len(targets) == 0 {
+			return usagef("invalidate key needs at least one KEY")
+		}
+		for _, k := range targets {
+			if k == "" {
+				return usagef("invalidate key: empty KEY")
+			}
+		}
+		res.Keys = targets
+	case "prefix":
+		if len(targets) != 1 || targets[0] == "" {
+			return usagef("invalidate prefix takes one non-empty PREFIX")
+		}
+		res.Prefix = targets[0]
+	case "namespace", "ns":
+		res.Op = "namespace"
+		if len(targets) != 1 {
+			return usagef("invalidate namespace takes one NS")
+		}
+		if ns, err = parseNamespace(targets[0]); err != nil {
+			return &usageError{msg: err.Error()}
+		}
+		res.Namespace, res.GenerationKey = ns.String(), ns.String()+cacheaside.GenerationSuffix
+	default:
+		return usagef("invalidate %q: want key, prefix or namespace", op)
+	}
+
+	ctx, cancel := withTimeout(ctx, cfg)
+	defer cancel()
+	rdb, err := connect(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer rdb.Close()
+	c, err := cacheaside.New[json.RawMessage](rdb, &cacheaside.Options[json.RawMessage]{
+		Name:       f.cache,
+		Namespaced: res.Op == "namespace",
+		Policy:     cacheaside.Policy{TTL: f.ttl},
+		// Local makes the library publish on the bus, as every writer
+		// sharing keys with a local tier must; this process's own tier is
+		// never read.
+		Local:            &cacheaside.LocalOptions{Channel: f.channel},
+		NoReadCoalescing: true,
+		Logger:           quietLogger,
+		Degradation: cacheaside.Degradation{
+			OpTimeout:            cfg.timeout,
+			WriteTimeout:         cfg.timeout,
+			NoBreaker:            true,
+			NoRetryInvalidations: true, // the process exits: say it failed, do not queue it
+		},
+	})
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+
+	switch res.Op {
+	case "key":
+		err = c.Invalidate(ctx, res.Keys...)
+		n := int64(c.Stats().Invalidations)
+		res.Deleted = &n
+	case "prefix":
+		var n int64
+		n, err = c.InvalidatePrefix(ctx, res.Prefix)
+		res.Deleted = &n
+	case "namespace":
+		err = bumpNamespace(ctx, rdb, c, ns, res)
+	}
+	if err != nil {
+		if res.Deleted != nil && *res.Deleted > 0 {
+			err = fmt.Errorf("%w (%d keys were deleted before it)", err, *res.Deleted)
+		}
+		return describeRedisErr(ctx, cfg, err)
+	}
+	if cfg.json {
+		return json.NewEncoder(stdout).Encode(res)
+	}
+	printInvalidate(stdout, res)
+	return nil
+}
+
+// bumpNamespace reads the old generation, calls InvalidateNamespace, and
+// reads the new one.
+func bumpNamespace(ctx context.Context, rdb redis.UniversalClient, c *cacheaside.Cache[json.RawMessage], ns cacheaside.Namespace, res *invalidateResult) error {
+	old, err := rdb.Get(ctx, res.GenerationKey).Bytes()
+	switch {
+	case err == nil:
+		s := hex.EncodeToString(old)
+		res.OldGeneration = &s
+	case !errors.Is(err, redis.Nil):
+		return err
+	}
+	if err := c.InvalidateNamespace(ctx, ns); err != nil {
+		return err
+	}
+	cur, err := rdb.Get(ctx, res.GenerationKey).Bytes()
+	if err != nil {
+		return fmt.Errorf("the namespace was bumped, but reading its new generation failed: %w", err)
+	}
+	res.NewGeneration = hex.EncodeToString(cur)
+	return nil
+}
+
+func printInvalidate(w io.Writer, res *invalidateResult) {
+	switch res.Op {
+	case "key":
+		fmt.Fprintf(w, "deleted %d of %s\n", *res.Deleted, keysWord(int64(len(res.Keys))))
+	case "prefix":
+		fmt.Fprintf(w, "deleted %s under %s\n", keysWord(*res.Deleted), strconv.Quote(res.Prefix))
+	case "namespace":
+		old := "none"
+		if res.OldGeneration != nil {
+			old = *res.OldGeneration
+		}
+		fmt.Fprintf(w, "namespace %s: generation %s -> %s\n", res.Namespace, old, res.NewGeneration)
+	}
+	fmt.Fprintf(w, "published on %s\n", res.Channel)
+}
+
+func keysWord(n int64) string {
+	if n == 1 {
+		return "1 key"
+	}
+	return strconv.FormatInt(n, 10) + " keys"
+}
+
+// parseNamespace turns a namespace's string form, as Namespace.String
+// prints it ("v1:task_lists:{org:acme}"), or its generation key, back into
+// the Namespace: it must be exactly what Keyspace.Namespace builds.
+func parseNamespace(s string) (cacheaside.Namespace, error) {
+	bad := func(why string) (cacheaside.Namespace, error) {
+		return cacheaside.Namespace{}, fmt.Errorf("%q is not a namespace: %s; a namespace looks like v1:task_lists:{org:acme}", s, why)
+	}
+	tag := strings.TrimSuffix(s, cacheaside.GenerationSuffix)
+	ver, rest, ok := strings.Cut(tag, ":")
+	if !ok || len(ver) < 2 || ver[0] != 'v' {
+		return bad("it does not start with v<version>:")
+	}
+	version, err := strconv.Atoi(ver[1:])
+	if err != nil {
+		return bad("bad version " + strconv.Quote(ver))
+	}
+	name, inner, _ := strings.Cut(rest, ":")
+	if len(inner) < 3 || inner[0] != '{' || inner[len(inner)-1] != '}' {
+		return bad("no {...} after the keyspace name")
+	}
+	ks, err := cacheaside.NewKeyspace(name, version)
+	if err != nil {
+		return bad(err.Error())
+	}
+	parts := strings.Split(inner[1:len(inner)-1], ":")
+	for i, p := range parts {
+		if parts[i], err = cacheaside.UnescapePart(p); err != nil {
+			return bad(err.Error())
+		}
+	}
+	ns := ks.Namespace(parts...)
+	if ns.String() != tag {
+		return bad("Keyspace.Namespace would spell it " + strconv.Quote(ns.String()))
+	}
+	return ns, nil
+}
