@@ -5,7 +5,7 @@ DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test?sslmode=disable
 
 # What a fresh machine with only Go runs: everything on miniredis and SQLite.
 test:
-	go test ./... && go -C examples test ./... && go -C extra/cacheprometheus test ./...
+	go test ./... && go -C examples test ./... && go -C extra/cacheprometheus test ./... && go -C extra/cacheotel test ./...
 
 # The same suite with the race detector, also against the real Redis at $(REDIS)
 # and a 3-master Redis Cluster the tests start themselves (redis-server, redis-cli).

@@ -1,0 +1,270 @@
+// Package cacheotel instruments cacheaside caches with OpenTelemetry:
+// spans for Get, GetMany and loader calls, and metrics from Stats.
+//
+// # Tracing
+//
+// NewTracer returns a cacheaside.Tracer; give it to each cache:
+//
+//	tracer := cacheotel.NewTracer() // the global TracerProvider, or WithTracerProvider
+//	tasks, _ := cacheaside.New[Task](rdb, &cacheaside.Options[Task]{Name: "tasks", Tracer: tracer})
+//
+// Each Get is a span named "cacheaside.Get" (a GetMany "cacheaside.GetMany")
+// in the caller's trace, with these attributes:
+//
+//   - cacheaside.cache: the cache's Options.Name;
+//   - cacheaside.outcome: what the first read found: "hit" (a value in
+//     Redis), "local" (a value in the local tier), "stale" (a value past
+//     its TTL, served while it is refreshed), "negative" (a "not found"
+//     tombstone) or "miss";
+//   - cacheaside.loaded: this call ran the loader; cacheaside.waited: it
+//     waited for a load another caller ran (in this process or, through
+//     the Redis lease, in another);
+//   - for a GetMany, cacheaside.keys (the ids asked for) and the count of
+//     each outcome (cacheaside.hits, cacheaside.local_hits,
+//     cacheaside.stale_hits, cacheaside.negative_hits, cacheaside.misses);
+//   - cacheaside.key, the raw key, only with WithKeys(true): keys often
+//     hold ids that should not leave the process.
+//
+// A loader call is a child span, "cacheaside.Load", so a slow database
+// shows under the cache, and the loader's own spans (from its context)
+// nest below it. Redis failures are span events: "cacheaside.redis_error"
+// for a command that failed, "cacheaside.redis_skipped" for one the open
+// circuit breaker did not send, with the step (cacheaside.op: "get",
+// "acquire", "fill", ...) and the error. Waits for another process's lease
+// ("cacheaside.lease_wait"), answers from stale-if-error and refusals with
+// ErrOverloaded are events too. A Get that returns an error other than
+// ErrNotFound ends with status Error and the error recorded.
+//
+// The cost: with a tracer that does not record (the global provider when
+// none is installed, or a no-op one), a Get hit costs the one context
+// allocation of the tracer's Start; with no Tracer set, nothing. The
+// module's BenchmarkInstrumentation measures both tiers.
+//
+// # Metrics
+//
+// NewMetrics registers observable instruments that read Cache.Stats of the
+// caches added to it at each collection, and a load-duration histogram fed
+// by its Recorder:
+//
+//	m, _ := cacheotel.NewMetrics() // the global MeterProvider, or WithMeterProvider
+//	tasks, _ := cacheaside.New[Task](rdb, &cacheaside.Options[Task]{Name: "tasks", Recorder: m})
+//	_ = m.Add(tasks)
+//
+// See NewMetrics for the instruments.
+//
+// The module is separate from the cacheaside module, as go-redis keeps
+// redisotel under extra/, so a cache without OpenTelemetry does not depend
+// on it.
+package cacheotel
+
+import (
+	"context"
+	"errors"
+	"sync"
+
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/seed-b4ec662f/cacheaside"
+)
+
+// ScopeName is the instrumentation scope of the tracer and the meter.
+const ScopeName = "github.com/seed-b4ec662f/cacheaside/extra/cacheotel"
+
+// Option configures NewTracer and NewMetrics.
+type Option func(*config)
+
+type config struct {
+	tp       trace.TracerProvider
+	mp       meterProvider
+	withKeys bool
+	attrs    []attribute.KeyValue
+}
+
+// WithTracerProvider sets the TracerProvider (default: otel's global one).
+func WithTracerProvider(tp trace.TracerProvider) Option { return func(c *config) { c.tp = tp } }
+
+// WithKeys puts each Get's raw key on its span as cacheaside.key (and a
+// one-key load's on its span). Off by default: keys often hold ids.
+func WithKeys(on bool) Option { return func(c *config) { c.withKeys = on } }
+
+// WithAttributes adds attributes to every span and every metric point.
+func WithAttributes(attrs ...attribute.KeyValue) Option {
+	return func(c *config) { c.attrs = append(c.attrs, attrs...) }
+}
+
+func newConfig(opts []Option) *config {
+	c := &config{}
+	for _, o := range opts {
+		o(c)
+	}
+	if c.tp == nil {
+		c.tp = otel.GetTracerProvider()
+	}
+	if c.mp == nil {
+		c.mp = otel.GetMeterProvider()
+	}
+	return c
+}
+
+// Tracer is a cacheaside.Tracer that makes OpenTelemetry spans.
+type Tracer struct {
+	tracer   trace.Tracer
+	withKeys bool
+	attrs    []attribute.KeyValue
+	start    []trace.SpanStartOption // built once: passing them costs nothing per call
+}
+
+var _ cacheaside.Tracer = (*Tracer)(nil)
+
+// NewTracer returns a Tracer for Options.Tracer. One Tracer may serve any
+// number of caches.
+func NewTracer(opts ...Option) *Tracer {
+	c := newConfig(opts)
+	return &Tracer{
+		tracer:   c.tp.Tracer(ScopeName),
+		withKeys: c.withKeys,
+		attrs:    c.attrs,
+		start:    []trace.SpanStartOption{trace.WithSpanKind(trace.SpanKindInternal)},
+	}
+}
+
+var spanNames = [...]string{
+	cacheaside.CallGet:     "cacheaside.Get",
+	cacheaside.CallGetMany: "cacheaside.GetMany",
+	cacheaside.CallLoad:    "cacheaside.Load",
+}
+
+func spanName(k cacheaside.CallKind) string {
+	if int(k) < len(spanNames) && spanNames[k] != "" {
+		return spanNames[k]
+	}
+	return "cacheaside." + k.String()
+}
+
+// stateKey holds a recording span's *callState in its context.
+type stateKey struct{}
+
+// callState gathers what a recording call's events said, for End.
+type callState struct {
+	mu      sync.Mutex
+	span    trace.Span
+	kind    cacheaside.CallKind
+	outcome string
+	counts  map[string]int64 // GetMany: per outcome
+	loaded  bool
+	waited  bool
+	ended   bool
+}
+
+// Start begins the call's span. Only a recording span gets attributes and
+// a state of its own; a non-recording one costs the tracer's Start alone.
+func (t *Tracer) Start(ctx context.Context, call cacheaside.Call) context.Context {
+	parent, _ := ctx.Value(stateKey{}).(*callState)
+	ctx, span := t.tracer.Start(ctx, spanName(call.Kind), t.start...)
+	if !span.IsRecording() {
+		return ctx
+	}
+	if call.Kind == cacheaside.CallLoad && parent != nil {
+		parent.mu.Lock()
+		parent.loaded = true
+		parent.mu.Unlock()
+	}
+	span.SetAttributes(attribute.String("cacheaside.cache", call.Cache))
+	if len(t.attrs) > 0 {
+		span.SetAttributes(t.attrs...)
+	}
+	if call.Kind != cacheaside.CallGet {
+		span.SetAttributes(attribute.Int("cacheaside.keys", call.Keys))
+	}
+	if t.withKeys && call.Key != "" {
+		span.SetAttributes(attribute.String("cacheaside.key", call.Key))
+	}
+	st := &callState{span: span, kind: call.Kind}
+	if call.Kind == cacheaside.CallGetMany {
+		st.counts = map[string]int64{}
+	}
+	return context.WithValue(ctx, stateKey{}, st)
+}
+
+// outcomes maps first-read events to cacheaside.outcome.
+var outcomes = map[cacheaside.EventKind]string{
+	cacheaside.EventHit:              "hit",
+	cacheaside.EventLocalHit:         "local",
+	cacheaside.EventStale:            "stale",
+	cacheaside.EventNegativeHit:      "negative",
+	cacheaside.EventLocalNegativeHit: "negative",
+	cacheaside.EventMiss:             "miss",
+}
+
+// countNames are a GetMany's per-outcome count attributes.
+var countNames = map[string]string{
+	"hit": "cacheaside.hits", "local": "cacheaside.local_hits", "stale": "cacheaside.stale_hits",
+	"negative": "cacheaside.negative_hits", "miss": "cacheaside.misses",
+}
+
+// Event adds what happened to the span of the call ctx belongs to.
+func (t *Tracer) Event(ctx context.Context, ev cacheaside.Event) {
+	st, _ := ctx.Value(stateKey{}).(*callState)
+	if st == nil {
+		return
+	}
+	switch ev.Kind {
+	case cacheaside.EventRedisError, cacheaside.EventRedisSkipped:
+		attrs := []attribute.KeyValue{attribute.String("cacheaside.op", ev.Op)}
+		if ev.Err != nil {
+			attrs = append(attrs, attribute.String("exception.message", ev.Err.Error()))
+		}
+		st.span.AddEvent("cacheaside."+ev.Kind.String(), trace.WithAttributes(attrs...))
+		return
+	case cacheaside.EventLeaseWait:
+		st.span.AddEvent("cacheaside.lease_wait", trace.WithAttributes(attribute.Int("cacheaside.keys", ev.Keys)))
+	case cacheaside.EventStaleIfError, cacheaside.EventOverloaded:
+		st.span.AddEvent("cacheaside." + ev.Kind.String())
+	}
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.ended {
+		return
+	}
+	switch ev.Kind {
+	case cacheaside.EventCoalesced, cacheaside.EventLeaseWait:
+		st.waited = true
+	}
+	o, first := outcomes[ev.Kind]
+	switch {
+	case !first:
+	case st.counts != nil:
+		st.counts[o]++
+	case st.outcome == "" || st.outcome == "miss" && o == "stale":
+		// A miss that the lease round then answered with a stale value
+		// was served stale.
+		st.outcome = o
+	}
+}
+
+// End sets the call's gathered attributes and ends its span.
+func (t *Tracer) End(ctx context.Context, call cacheaside.Call, err error) {
+	span := trace.SpanFromContext(ctx)
+	if st, _ := ctx.Value(stateKey{}).(*callState); st != nil && st.span == span {
+		st.mu.Lock()
+		st.ended = true
+		if st.outcome != "" {
+			span.SetAttributes(attribute.String("cacheaside.outcome", st.outcome))
+		}
+		for o, n := range st.counts {
+			span.SetAttributes(attribute.Int64(countNames[o], n))
+		}
+		if st.kind != cacheaside.CallLoad {
+			span.SetAttributes(attribute.Bool("cacheaside.loaded", st.loaded), attribute.Bool("cacheaside.waited", st.waited))
+		}
+		st.mu.Unlock()
+		if err != nil && !errors.Is(err, cacheaside.ErrNotFound) {
+			span.RecordError(err)
+			span.SetStatus(codes.Error, err.Error())
+		}
+	}
+	span.End()
+}
