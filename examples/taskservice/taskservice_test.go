@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/seed-b4ec662f/cacheaside/cachetest"
 	"github.com/seed-b4ec662f/cacheaside/extra/cacheprometheus"
 )
 
@@ -510,15 +511,12 @@ func TestLocalTierAcrossInstances(t *testing.T) {
 		}
 		return task
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for other.tasks.Stats().LocalHits == 0 { // until its bus subscription is up
-		if time.Now().After(deadline) {
-			t.Fatal("the second instance never served from its local tier")
-		}
-		read()
-		time.Sleep(time.Millisecond)
-	}
+	cachetest.WaitLocal(t, other.tasks) // until its bus subscription is up
+	read()
 	task := read()
+	if other.tasks.Stats().LocalHits == 0 {
+		t.Fatal("the second instance did not serve from its local tier")
+	}
 	body := fmt.Sprintf(`{"title":"Seen everywhere","status":%q,"assignee_id":%d,"tags":["x"]}`, task.Status, task.Assignee)
 	if code, b := ta.do(t, "PUT", "/tasks/7", body); code != 200 {
 		t.Fatalf("PUT = %d %s", code, b)

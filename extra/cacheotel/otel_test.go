@@ -20,6 +20,7 @@ import (
 	"go.opentelemetry.io/otel/trace/noop"
 
 	"github.com/seed-b4ec662f/cacheaside"
+	"github.com/seed-b4ec662f/cacheaside/cachetest"
 )
 
 // redisAddr is the real Redis at $CACHEASIDE_REDIS_ADDR, else a miniredis.
@@ -27,11 +28,7 @@ func redisAddr(t testing.TB) string {
 	if a := os.Getenv("CACHEASIDE_REDIS_ADDR"); a != "" {
 		return a
 	}
-	mr := miniredis.NewMiniRedis()
-	if err := mr.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(mr.Close)
+	_, mr := cachetest.Redis(t)
 	return mr.Addr()
 }
 
