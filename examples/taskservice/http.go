@@ -2,10 +2,10 @@ package main
 
 import (
 	"context"
+	"crypto/subtle"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net/http"
 	"strconv"
@@ -26,24 +26,45 @@ type API struct {
 	rdb   redis.UniversalClient
 	reg   *prometheus.Registry
 	log   *slog.Logger
+
+	adminToken string // "": /admin/* and /metrics are open (development)
 }
 
 // Routes returns the task API's handler. Each route shows one pattern;
 // the comment names the lecture section.
 func (a *API) Routes() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /tasks/{id}", a.getTask)                                   // 3.1, 3.3 cache-aside; 5.1 stampede; 5.2 negative caching
-	mux.HandleFunc("GET /tasks/batch", a.getTasks)                                 // scale: GetMany, one Redis read and one query for a batch
-	mux.HandleFunc("GET /tasks", a.listTasks)                                      // 3.2 key design: every query parameter in the key
-	mux.HandleFunc("POST /tasks", a.createTask)                                    // 3.4, 4.3 write, then invalidate
-	mux.HandleFunc("PUT /tasks/{id}", a.updateTask)                                // 3.4, 4.3
-	mux.HandleFunc("DELETE /tasks/{id}", a.deleteTask)                             // 3.4, 4.3
-	mux.HandleFunc("GET /orgs/{org}/stats", a.orgStats)                            // 4.2, 4.4 TTL only
-	mux.HandleFunc("GET /users/{id}/permissions", a.perms)                         // 4.4 never cached
-	mux.HandleFunc("GET /admin/cache-stats", a.cacheStats)                         // 5.4 monitoring
-	mux.Handle("GET /metrics", promhttp.HandlerFor(a.reg, promhttp.HandlerOpts{})) // 5.4 Prometheus
-	mux.HandleFunc("GET /healthz", a.healthz)                                      // 5.3 graceful degradation
+	mux.HandleFunc("GET /tasks/{id}", a.getTask)                                            // 3.1, 3.3 cache-aside; 5.1 stampede; 5.2 negative caching
+	mux.HandleFunc("GET /tasks/batch", a.getTasks)                                          // scale: GetMany, one Redis read and one query for a batch
+	mux.HandleFunc("GET /tasks", a.listTasks)                                               // 3.2 key design: every query parameter in the key
+	mux.HandleFunc("POST /tasks", a.createTask)                                             // 3.4, 4.3 write, then invalidate
+	mux.HandleFunc("PUT /tasks/{id}", a.updateTask)                                         // 3.4, 4.3
+	mux.HandleFunc("DELETE /tasks/{id}", a.deleteTask)                                      // 3.4, 4.3
+	mux.HandleFunc("GET /orgs/{org}/stats", a.orgStats)                                     // 4.2, 4.4 TTL only
+	mux.HandleFunc("GET /users/{id}/permissions", a.perms)                                  // 4.4 never cached
+	mux.Handle("GET /admin/cache-stats", a.admin(http.HandlerFunc(a.cacheStats)))           // 5.4 monitoring
+	mux.Handle("GET /metrics", a.admin(promhttp.HandlerFor(a.reg, promhttp.HandlerOpts{}))) // 5.4 Prometheus
+	mux.HandleFunc("GET /healthz", a.healthz)                                               // 5.3 graceful degradation
 	return mux
+}
+
+// admin guards operator endpoints: with ADMIN_TOKEN set, a request needs
+// "Authorization: Bearer <token>", compared in constant time; without it
+// (development) they are open.
+func (a *API) admin(h http.Handler) http.Handler {
+	if a.adminToken == "" {
+		return h
+	}
+	want := []byte("Bearer " + a.adminToken)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		got := []byte(r.Header.Get("Authorization"))
+		if subtle.ConstantTimeCompare(got, want) != 1 {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="taskservice admin"`)
+			writeJSON(w, http.StatusUnauthorized, apiError{"admin token required"})
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
 }
 
 type apiError struct {
@@ -56,29 +77,34 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 	_ = json.NewEncoder(w).Encode(v)
 }
 
+// fail maps every error a handler meets to a status, the same way on
+// every endpoint: bad input 400 (413 for a body too large), absent 404,
+// the cache's overload and a Redis that FailClosed refused 503 with
+// Retry-After, time-outs 503, anything else 500 (logged; the client sees
+// no detail).
 func (a *API) fail(w http.ResponseWriter, r *http.Request, err error) {
 	var bad errInvalid
+	var tooBig *http.MaxBytesError
 	switch {
+	case errors.As(err, &tooBig):
+		writeJSON(w, http.StatusRequestEntityTooLarge, apiError{fmt.Sprintf("request body larger than %d bytes", tooBig.Limit)})
 	case errors.As(err, &bad):
 		writeJSON(w, http.StatusBadRequest, apiError{bad.msg})
+	case errors.Is(err, cacheaside.ErrInvalidKey):
+		// Input that passed the field checks but makes no valid cache key
+		// (too long once escaped, say): still the client's input.
+		writeJSON(w, http.StatusBadRequest, apiError{"input too long or malformed"})
 	case errors.Is(err, cacheaside.ErrNotFound):
 		writeJSON(w, http.StatusNotFound, apiError{"not found"})
+	case errors.Is(err, cacheaside.ErrOverloaded), errors.Is(err, cacheaside.ErrRedisUnavailable):
+		w.Header().Set("Retry-After", "1")
+		writeJSON(w, http.StatusServiceUnavailable, apiError{"temporarily overloaded, retry shortly"})
 	case errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded):
 		writeJSON(w, http.StatusServiceUnavailable, apiError{"timed out"})
 	default:
 		a.log.Error("request failed", "method", r.Method, "path", r.URL.Path, "err", err)
 		writeJSON(w, http.StatusInternalServerError, apiError{"internal error"})
 	}
-}
-
-// pathID parses a positive integer path value.
-func pathID(r *http.Request, name string) (int64, error) {
-	s := r.PathValue(name)
-	id, err := strconv.ParseInt(s, 10, 64)
-	if err != nil || id <= 0 {
-		return 0, invalidf("%s %q is not a positive integer", name, s)
-	}
-	return id, nil
 }
 
 func (a *API) getTask(w http.ResponseWriter, r *http.Request) {
@@ -109,7 +135,7 @@ func (a *API) getTasks(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	for k := range q {
 		if k != "ids" {
-			a.fail(w, r, invalidf("unknown query parameter %q (want ids)", k))
+			a.fail(w, r, invalidf("unknown query parameter %s (want ids)", short(k)))
 			return
 		}
 	}
@@ -122,7 +148,7 @@ func (a *API) getTasks(w http.ResponseWriter, r *http.Request) {
 	for _, p := range parts {
 		id, err := strconv.ParseInt(strings.TrimSpace(p), 10, 64)
 		if err != nil || id <= 0 {
-			a.fail(w, r, invalidf("ids: %q is not a positive integer", p))
+			a.fail(w, r, invalidf("ids: %s is not a positive integer", short(p)))
 			return
 		}
 		ids = append(ids, id)
@@ -158,18 +184,18 @@ func (a *API) listTasks(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	for k := range q {
 		if k != "org" && k != "status" && k != "page" && k != "size" {
-			a.fail(w, r, invalidf("unknown query parameter %q (want org, status, page, size)", k))
+			a.fail(w, r, invalidf("unknown query parameter %s (want org, status, page, size)", short(k)))
 			return
 		}
 	}
 	org := q.Get("org")
-	if org == "" {
-		a.fail(w, r, invalidf("org is required"))
+	if err := checkOrg(org); err != nil {
+		a.fail(w, r, err)
 		return
 	}
 	status := q.Get("status")
 	if status != "" && !validStatus(status) {
-		a.fail(w, r, invalidf("status %q is not one of %v", status, statuses))
+		a.fail(w, r, invalidf("status %s is not one of %s", short(status), strings.Join(statuses, ", ")))
 		return
 	}
 	page, err := intParam(q.Get("page"), 1, 1, 10000, "page")
@@ -190,34 +216,9 @@ func (a *API) listTasks(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, p)
 }
 
-func intParam(s string, def, lo, hi int, name string) (int, error) {
-	if s == "" {
-		return def, nil
-	}
-	n, err := strconv.Atoi(s)
-	if err != nil || n < lo || n > hi {
-		return 0, invalidf("%s %q must be an integer from %d to %d", name, s, lo, hi)
-	}
-	return n, nil
-}
-
-// decode reads a JSON body strictly: one object, known fields only, at
-// most 64 KiB.
-func decode(r *http.Request, v any) error {
-	dec := json.NewDecoder(io.LimitReader(r.Body, 64<<10))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(v); err != nil {
-		return invalidf("malformed JSON body: %v", err)
-	}
-	if dec.More() {
-		return invalidf("malformed JSON body: more than one value")
-	}
-	return nil
-}
-
 func (a *API) createTask(w http.ResponseWriter, r *http.Request) {
 	var in TaskInput
-	if err := decode(r, &in); err != nil {
+	if err := decode(w, r, &in); err != nil {
 		a.fail(w, r, err)
 		return
 	}
@@ -225,11 +226,12 @@ func (a *API) createTask(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, err)
 		return
 	}
-	t, err := a.svc.CreateTask(r.Context(), in)
+	t, queued, err := a.svc.CreateTask(r.Context(), in)
 	if err != nil {
 		a.fail(w, r, err)
 		return
 	}
+	invalidationHeader(w, queued)
 	w.Header().Set("Location", fmt.Sprintf("/tasks/%d", t.ID))
 	writeJSON(w, http.StatusCreated, t)
 }
@@ -241,7 +243,7 @@ func (a *API) updateTask(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var in TaskInput
-	if err := decode(r, &in); err != nil {
+	if err := decode(w, r, &in); err != nil {
 		a.fail(w, r, err)
 		return
 	}
@@ -249,12 +251,22 @@ func (a *API) updateTask(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, err)
 		return
 	}
-	t, err := a.svc.UpdateTask(r.Context(), id, in)
+	t, queued, err := a.svc.UpdateTask(r.Context(), id, in)
 	if err != nil {
 		a.fail(w, r, err)
 		return
 	}
+	invalidationHeader(w, queued)
 	writeJSON(w, http.StatusOK, t)
+}
+
+// invalidationHeader tells the client of a committed write whose cache
+// invalidation was queued for retry (see Service's writes): the write
+// stands; other instances may serve the old version until the retry lands.
+func invalidationHeader(w http.ResponseWriter, queued bool) {
+	if queued {
+		w.Header().Set("Cache-Invalidation", "queued")
+	}
 }
 
 func (a *API) deleteTask(w http.ResponseWriter, r *http.Request) {
@@ -263,15 +275,22 @@ func (a *API) deleteTask(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, err)
 		return
 	}
-	if err := a.svc.DeleteTask(r.Context(), id); err != nil {
+	queued, err := a.svc.DeleteTask(r.Context(), id)
+	if err != nil {
 		a.fail(w, r, err)
 		return
 	}
+	invalidationHeader(w, queued)
 	w.WriteHeader(http.StatusNoContent)
 }
 
 func (a *API) orgStats(w http.ResponseWriter, r *http.Request) {
-	st, err := a.svc.OrgStats(r.Context(), r.PathValue("org"))
+	org := r.PathValue("org")
+	if err := checkOrg(org); err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	st, err := a.svc.OrgStats(r.Context(), org)
 	if err != nil {
 		a.fail(w, r, err)
 		return
@@ -318,19 +337,39 @@ func (a *API) cacheStats(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, out)
 }
 
+// health is /healthz's answer: states only. Error strings (addresses,
+// driver messages) go to the log at debug level, not to whoever asks.
+type health struct {
+	Status    string `json:"status"`     // ok, degraded (Redis down: answers come from the database), down (the database is)
+	Database  string `json:"database"`   // up, down
+	Redis     string `json:"redis"`      // up, down
+	Breaker   string `json:"breaker"`    // the task cache's circuit breaker: closed, open, half-open
+	LocalTier string `json:"local_tier"` // live, bypassed (its invalidation bus is not confirmed), off
+}
+
 // healthz reports the database and Redis. Redis down is "degraded", not an
 // outage: every endpoint keeps answering from the database (lecture 5.3).
 func (a *API) healthz(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 500*time.Millisecond)
 	defer cancel()
-	res := map[string]string{"status": "ok", "database": "up", "redis": "up"}
+	h := health{Status: "ok", Database: "up", Redis: "up", LocalTier: "off"}
 	code := http.StatusOK
 	if err := a.rdb.Ping(ctx).Err(); err != nil {
-		res["redis"], res["status"] = "down: "+err.Error(), "degraded"
+		h.Redis, h.Status = "down", "degraded"
+		a.log.Debug("healthz: Redis", "err", err)
 	}
 	if err := a.store.Ping(ctx); err != nil {
-		res["database"], res["status"] = "down: "+err.Error(), "down"
+		h.Database, h.Status = "down", "down"
 		code = http.StatusServiceUnavailable
+		a.log.Debug("healthz: database", "err", err)
 	}
-	writeJSON(w, code, res)
+	st := a.svc.tasks.Stats()
+	h.Breaker = st.Breaker
+	if a.svc.localTier {
+		h.LocalTier = "bypassed"
+		if a.svc.tasks.LocalLive() {
+			h.LocalTier = "live"
+		}
+	}
+	writeJSON(w, code, h)
 }

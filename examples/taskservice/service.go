@@ -30,8 +30,9 @@ var defaultTTLs = cacheaside.MustTTLTable(map[string]cacheaside.Policy{
 
 // Service is the task API's logic: the store behind three caches.
 type Service struct {
-	store *Store
-	log   *slog.Logger
+	store     *Store
+	log       *slog.Logger
+	localTier bool // the task cache has a local tier
 
 	tasks *cacheaside.Cache[Task]     // one task by id
 	lists *cacheaside.Cache[TaskPage] // list pages, one namespace per org
@@ -52,6 +53,7 @@ func NewService(store *Store, rdb cacheaside.Redis, ttls *cacheaside.TTLTable, l
 	// task from memory for up to localTTL, and every write reaches every
 	// instance's local tier through the invalidation bus.
 	var local *cacheaside.LocalOptions
+	s.localTier = localTTL > 0
 	if localTTL > 0 {
 		local = &cacheaside.LocalOptions{TTL: localTTL, Channel: cacheaside.DefaultLocalChannelPrefix + prefix + "task"}
 	}
@@ -136,48 +138,53 @@ func (s *Service) Permissions(ctx context.Context, user int64) (Permissions, err
 	return s.store.UserPermissions(ctx, user)
 }
 
-// CreateTask writes, then invalidates (lecture 3.4, 4.3): the org's lists,
-// and the new id's key, which may hold a cached "not found" from someone
-// who asked for it before it existed.
-func (s *Service) CreateTask(ctx context.Context, in TaskInput) (Task, error) {
+// Writes. Each commits to the database, then invalidates (lecture 3.4,
+// 4.3), and reports whether an invalidation could not be applied at once
+// (queued). The write has committed either way, so the request succeeds;
+// a queued invalidation is the library's to finish: it retries until the
+// delete lands (Degradation.RetryInvalidations), and until then this
+// process's Gets of those keys load from the database, so the writer
+// reads its own write. The library logs the failure (bounded) and counts
+// it (Stats.QueuedInvals, cacheaside_invalidations_queued_total); the
+// handler adds a "Cache-Invalidation: queued" header.
+
+// CreateTask writes, then invalidates the org's lists and the new id's
+// key, which may hold a cached "not found" from someone who asked for it
+// before it existed.
+func (s *Service) CreateTask(ctx context.Context, in TaskInput) (Task, bool, error) {
 	t, err := s.store.CreateTask(ctx, in)
 	if err != nil {
-		return Task{}, err
+		return Task{}, false, err
 	}
-	s.invalidate(ctx, t.ID, t.Org)
-	return t, nil
+	return t, s.invalidate(ctx, t.ID, t.Org), nil
 }
 
 // UpdateTask writes, then invalidates the task and its org's lists.
-func (s *Service) UpdateTask(ctx context.Context, id int64, in TaskInput) (Task, error) {
+func (s *Service) UpdateTask(ctx context.Context, id int64, in TaskInput) (Task, bool, error) {
 	t, err := s.store.UpdateTask(ctx, id, in)
 	if err != nil {
-		return Task{}, err
+		return Task{}, false, err
 	}
-	s.invalidate(ctx, t.ID, t.Org)
-	return t, nil
+	return t, s.invalidate(ctx, t.ID, t.Org), nil
 }
 
 // DeleteTask deletes, then invalidates the task and its org's lists.
-func (s *Service) DeleteTask(ctx context.Context, id int64) error {
+func (s *Service) DeleteTask(ctx context.Context, id int64) (bool, error) {
 	org, err := s.store.DeleteTask(ctx, id)
 	if err != nil {
-		return err
+		return false, err
 	}
-	s.invalidate(ctx, id, org)
-	return nil
+	return s.invalidate(ctx, id, org), nil
 }
 
-// invalidate runs after the database write has committed. If Redis is down
-// the write still succeeds; the stale entries then live until their TTL
-// (5 min for the task, 60 s for lists), and the failure is logged.
-func (s *Service) invalidate(ctx context.Context, id int64, org string) {
-	if err := s.tasks.Invalidate(ctx, s.taskKey(id)); err != nil {
-		s.log.Error("invalidate task", "id", id, "err", err)
-	}
-	if err := s.lists.InvalidateNamespace(ctx, s.orgLists(org)); err != nil {
-		s.log.Error("invalidate org lists", "org", org, "err", err)
-	}
+// invalidate runs after the database write has committed and reports
+// whether either invalidation was queued for retry rather than applied.
+// The request's cancellation must not cut it short: the write is done.
+func (s *Service) invalidate(ctx context.Context, id int64, org string) (queued bool) {
+	ctx = context.WithoutCancel(ctx)
+	e1 := s.tasks.Invalidate(ctx, s.taskKey(id))
+	e2 := s.lists.InvalidateNamespace(ctx, s.orgLists(org))
+	return e1 != nil || e2 != nil
 }
 
 // describe names the policy of each cache, for the startup log.

@@ -71,17 +71,25 @@ type Store struct {
 // errNoOrg is returned when a request names an org that does not exist.
 var errNoOrg = errors.New("no such org")
 
-// OpenStore opens the database at url (a PostgreSQL URL), or an SQLite
-// database at path when url is empty, and creates and seeds the schema if
-// it is empty.
+// OpenStore opens the database at url (a PostgreSQL URL, or sqlite:PATH
+// for an SQLite file), or an SQLite database at sqlitePath when url is
+// empty, and creates and seeds the schema if it is empty. Several
+// instances may start at once on one empty database: one creates and
+// seeds, the others wait for it (see migrate).
 func OpenStore(ctx context.Context, url, sqlitePath string) (*Store, error) {
 	s := &Store{dialect: "sqlite"}
 	var err error
+	if path, ok := strings.CutPrefix(url, "sqlite:"); ok {
+		url, sqlitePath = "", path
+	}
 	if url != "" {
 		s.dialect = "pgx"
 		s.db, err = sql.Open("pgx", url)
 	} else {
-		s.db, err = sql.Open("sqlite", "file:"+sqlitePath+"?_pragma=busy_timeout(5000)&_pragma=journal_mode(WAL)")
+		// _txlock=immediate: a transaction takes the write lock when it
+		// begins, so two writers queue (busy_timeout) instead of failing
+		// when the second tries to upgrade a read lock.
+		s.db, err = sql.Open("sqlite", "file:"+sqlitePath+"?_pragma=busy_timeout(10000)&_pragma=journal_mode(WAL)&_txlock=immediate")
 		if err == nil {
 			s.db.SetMaxOpenConns(1) // one writer; reads are cached anyway
 		}
@@ -134,28 +142,44 @@ func (s *Store) migrate(ctx context.Context) error {
 			status TEXT NOT NULL, assignee BIGINT NOT NULL REFERENCES users(id), tags TEXT NOT NULL, updated_at TIMESTAMP NOT NULL)`,
 		`CREATE INDEX IF NOT EXISTS tasks_org_status ON tasks (org, status, id)`,
 	}
+	// One transaction for the schema and the seed, behind a lock, so
+	// instances starting together on an empty database do not race:
+	// CREATE TABLE IF NOT EXISTS is not safe against a concurrent CREATE
+	// on PostgreSQL (a duplicate pg_type row), and two seeds would double
+	// the data. PostgreSQL: a transaction-scoped advisory lock; SQLite: the
+	// write lock the transaction takes as it begins (_txlock=immediate).
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("schema: %w", err)
+	}
+	defer tx.Rollback()
+	if s.dialect == "pgx" {
+		if _, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock($1)`, schemaLock); err != nil {
+			return fmt.Errorf("schema lock: %w", err)
+		}
+	}
 	for _, q := range stmts {
-		if _, err := s.db.ExecContext(ctx, q); err != nil {
+		if _, err := tx.ExecContext(ctx, q); err != nil {
 			return fmt.Errorf("schema: %w", err)
 		}
 	}
 	var n int
-	if err := s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM orgs`).Scan(&n); err != nil {
+	if err := tx.QueryRowContext(ctx, `SELECT COUNT(*) FROM orgs`).Scan(&n); err != nil {
 		return err
 	}
-	if n > 0 {
-		return nil
+	if n == 0 {
+		if err := seed(ctx, tx); err != nil {
+			return fmt.Errorf("seed: %w", err)
+		}
 	}
-	return s.seed(ctx)
+	return tx.Commit()
 }
 
+// schemaLock is the advisory lock key behind migrate on PostgreSQL.
+const schemaLock = 0x7461736b73 // "tasks"
+
 // seed writes three orgs, a few users each and 1,000 tasks with tags.
-func (s *Store) seed(ctx context.Context) error {
-	tx, err := s.db.BeginTx(ctx, nil)
-	if err != nil {
-		return err
-	}
-	defer tx.Rollback()
+func seed(ctx context.Context, tx *sql.Tx) error {
 	orgs := []struct{ slug, name string }{{"acme", "Acme Corp"}, {"globex", "Globex"}, {"initech", "Initech"}}
 	users := map[string][]int64{}
 	roles := []string{"admin", "member", "member", "viewer"}
@@ -187,7 +211,7 @@ func (s *Store) seed(ctx context.Context) error {
 			return err
 		}
 	}
-	return tx.Commit()
+	return nil
 }
 
 const taskColumns = `id, org, title, status, assignee, tags, updated_at`
@@ -318,51 +342,12 @@ func (s *Store) OrgStats(ctx context.Context, org string) (OrgStats, error) {
 	return st, rows.Err()
 }
 
-// TaskInput is the body of a create or update.
-type TaskInput struct {
-	Org      string   `json:"org"`
-	Title    string   `json:"title"`
-	Status   string   `json:"status"`
-	Assignee int64    `json:"assignee_id"`
-	Tags     []string `json:"tags"`
-}
-
-// errInvalid marks input the API rejects with 400.
-type errInvalid struct{ msg string }
-
-func (e errInvalid) Error() string { return e.msg }
-
-func invalidf(format string, args ...any) error { return errInvalid{fmt.Sprintf(format, args...)} }
-
-// validate checks a task body; org is required only on create.
-func (in *TaskInput) validate(create bool) error {
-	in.Title = strings.TrimSpace(in.Title)
-	switch {
-	case create && in.Org == "":
-		return invalidf("org is required")
-	case in.Title == "":
-		return invalidf("title is required")
-	case len(in.Title) > 200:
-		return invalidf("title is longer than 200 characters")
-	case !validStatus(in.Status):
-		return invalidf("status %q is not one of %s", in.Status, strings.Join(statuses, ", "))
-	case in.Assignee <= 0:
-		return invalidf("assignee_id is required")
-	case len(in.Tags) > 10:
-		return invalidf("at most 10 tags")
-	}
-	if in.Tags == nil {
-		in.Tags = []string{}
-	}
-	return nil
-}
-
 // CreateTask inserts a task and returns it.
 func (s *Store) CreateTask(ctx context.Context, in TaskInput) (Task, error) {
 	s.query()
 	if ok, err := s.userInOrg(ctx, in.Assignee, in.Org); err != nil || !ok {
 		if err == nil {
-			err = invalidf("assignee %d is not a user of org %q", in.Assignee, in.Org)
+			err = invalidf("assignee %d is not a user of org %s", in.Assignee, short(in.Org))
 		}
 		return Task{}, err
 	}
@@ -387,7 +372,7 @@ func (s *Store) UpdateTask(ctx context.Context, id int64, in TaskInput) (Task, e
 	}
 	if ok, err := s.userInOrg(ctx, in.Assignee, cur.Org); err != nil || !ok {
 		if err == nil {
-			err = invalidf("assignee %d is not a user of org %q", in.Assignee, cur.Org)
+			err = invalidf("assignee %d is not a user of org %s", in.Assignee, short(cur.Org))
 		}
 		return Task{}, err
 	}

@@ -1,0 +1,112 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+)
+
+// With ADMIN_TOKEN set, operator endpoints need it; the API does not.
+func TestAdminToken(t *testing.T) {
+	ta := newTestApp(t, func(e *env) { e.adminToken = "s3cret" })
+	for _, path := range []string{"/admin/cache-stats", "/metrics"} {
+		for _, auth := range []string{"", "Bearer wrong", "Bearer s3cret2", "s3cret", "Basic czNjcmV0"} {
+			req, _ := http.NewRequest("GET", ta.srv.URL+path, nil)
+			if auth != "" {
+				req.Header.Set("Authorization", auth)
+			}
+			res, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			res.Body.Close()
+			if res.StatusCode != 401 || res.Header.Get("WWW-Authenticate") == "" {
+				t.Fatalf("GET %s with %q = %d, want 401 with WWW-Authenticate", path, auth, res.StatusCode)
+			}
+		}
+		req, _ := http.NewRequest("GET", ta.srv.URL+path, nil)
+		req.Header.Set("Authorization", "Bearer s3cret")
+		res, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Body.Close()
+		if res.StatusCode != 200 {
+			t.Fatalf("GET %s with the token = %d", path, res.StatusCode)
+		}
+	}
+	ta.getJSON(t, "/tasks/42", 200, nil)
+	ta.getJSON(t, "/healthz", 200, nil)
+}
+
+// /healthz reports states, never error strings.
+func TestHealthStates(t *testing.T) {
+	ta := newTestApp(t, func(e *env) { e.redisURL = "" })
+	var h health
+	ta.getJSON(t, "/healthz", 200, &h)
+	if h != (health{Status: "ok", Database: "up", Redis: "up", Breaker: "closed", LocalTier: "live"}) {
+		t.Fatalf("healthz = %+v", h)
+	}
+	ta.mini.Close()
+	for range 10 {
+		ta.getJSON(t, "/tasks/42", 200, nil)
+	}
+	code, b := ta.do(t, "GET", "/healthz", "")
+	if err := json.Unmarshal(b, &h); err != nil || code != 200 {
+		t.Fatal(code, err)
+	}
+	if h.Status != "degraded" || h.Redis != "down" || h.Breaker != "open" || h.LocalTier != "bypassed" {
+		t.Fatalf("healthz with Redis gone = %s", b)
+	}
+	for _, leak := range []string{"dial", "refused", "127.0.0.1", "tcp"} {
+		if strings.Contains(string(b), leak) {
+			t.Fatalf("healthz leaks %q: %s", leak, b)
+		}
+	}
+}
+
+// Two instances started at once on an empty database: both come up, and
+// the seed is written once.
+func TestConcurrentStartEmptyDatabase(t *testing.T) {
+	for round := range 3 {
+		e := env{}
+		if base := os.Getenv("DATABASE_URL"); base != "" {
+			e.databaseURL, _ = pgSchema(t, base)
+		} else {
+			e.databaseURL = "sqlite:" + filepath.Join(t.TempDir(), "tasks.db")
+		}
+		var wg sync.WaitGroup
+		apps := make([]*app, 2)
+		errs := make([]error, 2)
+		for i := range apps {
+			wg.Go(func() {
+				apps[i], errs[i] = newApp(context.Background(), e, slog.New(slog.DiscardHandler), 0, fmt.Sprintf("start%d.%d.", round, i))
+			})
+		}
+		wg.Wait()
+		for i, err := range errs {
+			if err != nil {
+				t.Fatalf("round %d: instance %d: %v", round, i, err)
+			}
+			defer apps[i].Close()
+		}
+		var orgs, tasks int
+		db := apps[0].store.db
+		if err := db.QueryRow(`SELECT COUNT(*) FROM orgs`).Scan(&orgs); err != nil {
+			t.Fatal(err)
+		}
+		if err := db.QueryRow(`SELECT COUNT(*) FROM tasks`).Scan(&tasks); err != nil {
+			t.Fatal(err)
+		}
+		if orgs != 3 || tasks != 1000 {
+			t.Fatalf("round %d: %d orgs, %d tasks; want one seed (3, 1000)", round, orgs, tasks)
+		}
+	}
+}
