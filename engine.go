@@ -213,8 +213,11 @@ func (r *missRun[T]) delivered(open []*keyOp[T], got map[string][]byte) []*keyOp
 			continue
 		}
 		vw := c.classify(r.ctx, op.key, entry, genView{namespaced: op.genKey != "", known: true, gen: op.gen}, now)
-		if !r.answered(op, vw) {
-			rest = append(rest, op) // not for this generation, or not what we can serve: look again
+		// Only the fill of the lease this run waits for answers it. Pub/sub
+		// can deliver a message late: one from an earlier fill, published
+		// before this Get began, may carry a value invalidated since.
+		if op.vw.e.Kind != envelope.Lease || vw.e.Token != op.vw.e.Token || !r.answered(op, vw) {
+			rest = append(rest, op) // another lease's fill, not for this generation, or not what we can serve: look again
 		}
 	}
 	return rest
