@@ -8,8 +8,12 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/http"
+	"os"
+	"os/signal"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -27,38 +31,77 @@ func runDemo(out io.Writer, args []string) error {
 	latency := fs.Duration("db-latency", 50*time.Millisecond, "simulated database query time")
 	requests := fs.Int("requests", 200, "concurrent requests for one task (part 1)")
 	lookups := fs.Int("lookups", 1000, "lookups of a missing task (part 5.2)")
+	serve := fs.Bool("serve", false, "serve the API and the dashboard (http://ADDR/admin/) while the demo runs, pause between parts, and keep serving after it until interrupted")
+	pause := fs.Duration("pause", 3*time.Second, "with -serve, the pause between parts, so each shows apart on the dashboard")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if *requests < 1 || *lookups < 1 || *latency < 0 {
 		return errors.New("demo: -requests and -lookups must be ≥ 1, -db-latency ≥ 0")
 	}
-	ctx := context.Background()
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
 	quiet := slog.New(slog.DiscardHandler)
-	a, err := newApp(ctx, readEnv(), quiet, *latency, "demo.")
+	e := readEnv()
+	a, err := newApp(ctx, e, quiet, *latency, "demo.")
 	if err != nil {
 		return err
 	}
 	defer a.Close()
 	var queries atomic.Int64
 	a.store.queries = func() { queries.Add(1) }
-	d := demo{out: out, app: a, queries: &queries}
+	d := demo{out: out, progressOut: os.Stderr, app: a, queries: &queries}
+	if *serve {
+		srv := &http.Server{Addr: e.addr, Handler: a.Handler, ReadHeaderTimeout: 5 * time.Second}
+		errc := make(chan error, 1)
+		go func() { errc <- srv.ListenAndServe() }()
+		defer srv.Close()
+		select {
+		case err := <-errc:
+			return fmt.Errorf("demo -serve: %w", err)
+		case <-time.After(100 * time.Millisecond):
+		}
+		d.pause = *pause
+		fmt.Fprintf(out, "dashboard: http://%s/admin/ (open it now to watch the parts happen)\n", e.addr)
+	}
 
 	fmt.Fprintf(out, "taskservice demo: database %s with %v added to every query, Redis %s\n",
-		a.store.dialect, *latency, redisLabel(readEnv().redisURL))
-	if err := d.part1(ctx, *requests); err != nil {
-		return err
+		a.store.dialect, *latency, redisLabel(e.redisURL))
+	for _, part := range []struct {
+		name string
+		run  func() error
+	}{
+		{"part 1 (stampede)", func() error { return d.part1(ctx, *requests) }},
+		{"part 5.2 (cache penetration)", func() error { return d.part52(ctx, *lookups) }},
+		{"part 5.3 (Redis stops)", func() error { return d.part53(ctx, *latency) }},
+	} {
+		d.progress("running %s…", part.name)
+		if err := part.run(); err != nil {
+			return err
+		}
+		if d.pause > 0 {
+			time.Sleep(d.pause)
+		}
 	}
-	if err := d.part52(ctx, *lookups); err != nil {
-		return err
+	if *serve {
+		fmt.Fprintf(out, "\ndemo done; still serving the API and http://%s/admin/ until interrupted (Ctrl-C)\n", e.addr)
+		<-ctx.Done()
 	}
-	return d.part53(ctx, *latency)
+	return nil
+}
+
+// progress says which part runs, one line per part, on stderr, so the
+// tables on stdout stay clean when captured.
+func (d *demo) progress(format string, args ...any) {
+	fmt.Fprintf(d.progressOut, "  … "+format+"\n", args...)
 }
 
 type demo struct {
-	out     io.Writer
-	app     *app
-	queries *atomic.Int64
+	out         io.Writer
+	progressOut io.Writer // where progress lines go: stderr
+	app         *app
+	queries     *atomic.Int64
+	pause       time.Duration // between parts, with -serve
 }
 
 // result is one row of a table.
@@ -71,17 +114,29 @@ type result struct {
 	failed   int64
 }
 
-// burst runs n concurrent calls of get and measures them.
-func (d *demo) burst(name string, n int, get func(context.Context, int) error) result {
+// burst runs n calls of get, all at once, or at most slots at a time when
+// slots > 0 (clients that each wait for their previous answer), and
+// measures them. A call's latency runs from when it is sent, after its
+// slot is free: waiting for a slot is the client's queue, not the
+// server's time.
+func (d *demo) burst(name string, n, slots int, get func(context.Context, int) error) result {
 	d.queries.Store(0)
 	var wg sync.WaitGroup
 	var failed, lat atomic.Int64
 	start := make(chan struct{})
+	var sem chan struct{}
+	if slots > 0 {
+		sem = make(chan struct{}, slots)
+	}
 	for i := 0; i < n; i++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			<-start
+			if sem != nil {
+				sem <- struct{}{}
+				defer func() { <-sem }()
+			}
 			t0 := time.Now()
 			if err := get(context.Background(), i); err != nil && !errors.Is(err, cacheaside.ErrNotFound) {
 				failed.Add(1)
@@ -152,22 +207,22 @@ func (d *demo) part1(ctx context.Context, n int) error {
 	}
 	defer redisOnly.Close()
 	rows := []result{
-		d.burst("No cache", n, func(ctx context.Context, _ int) error {
+		d.burst("No cache", n, 0, func(ctx context.Context, _ int) error {
 			_, err := d.app.store.GetTask(ctx, id)
 			return err
 		}),
-		d.burst("Naive cache-aside (GET, miss → query + SET), cold", n, func(ctx context.Context, _ int) error {
+		d.burst("Naive cache-aside (GET, miss → query + SET), cold", n, 0, func(ctx context.Context, _ int) error {
 			return d.naiveGet(ctx, naiveKey, id)
 		}),
-		d.burst("cacheaside, cold key", n, func(ctx context.Context, _ int) error {
+		d.burst("cacheaside, cold key", n, 0, func(ctx context.Context, _ int) error {
 			_, err := svc.GetTask(ctx, id)
 			return err
 		}),
-		d.burst("cacheaside, warm key, Redis tier", n, func(ctx context.Context, _ int) error {
+		d.burst("cacheaside, warm key, Redis tier", n, 0, func(ctx context.Context, _ int) error {
 			_, err := redisOnly.Get(ctx, svc.taskKey(id), func(ctx context.Context) (Task, error) { return d.app.store.GetTask(ctx, id) })
 			return err
 		}),
-		d.burst("cacheaside, warm key, local tier", n, func(ctx context.Context, _ int) error {
+		d.burst("cacheaside, warm key, local tier", n, 0, func(ctx context.Context, _ int) error {
 			_, err := svc.GetTask(ctx, id)
 			return err
 		}),
@@ -187,22 +242,15 @@ func (d *demo) part52(ctx context.Context, n int) error {
 	const missing = 999999
 	naiveKey := "demo:naive:tasks:999999"
 	d.app.rdb.Del(ctx, naiveKey, d.app.svc.taskKey(missing))
-	sem := make(chan struct{}, 20) // 20 clients asking in a loop
-	limit := func(f func(context.Context, int) error) func(context.Context, int) error {
-		return func(ctx context.Context, i int) error {
-			sem <- struct{}{}
-			defer func() { <-sem }()
-			return f(ctx, i)
-		}
-	}
+	const clients = 20 // asking in a loop, each waiting for its answer
 	rows := []result{
-		d.burst("Without negative caching", n, limit(func(ctx context.Context, _ int) error {
+		d.burst("Without negative caching", n, clients, func(ctx context.Context, _ int) error {
 			return d.naiveGet(ctx, naiveKey, missing)
-		})),
-		d.burst("With negative caching", n, limit(func(ctx context.Context, _ int) error {
+		}),
+		d.burst("With negative caching", n, clients, func(ctx context.Context, _ int) error {
 			_, err := d.app.svc.GetTask(ctx, missing)
 			return err
-		})),
+		}),
 	}
 	fmt.Fprintf(d.out, "\nPart 5.2 (cache penetration): %d lookups of task %d, which does not exist, 20 at a time\n\n", n, missing)
 	d.table(rows)
@@ -229,6 +277,9 @@ func (d *demo) part53(ctx context.Context, latency time.Duration) error {
 		return err
 	}
 	defer svc.Close()
+	// On the dashboard as a cache of its own: its breaker opens when this
+	// part stops its Redis.
+	d.app.mon.add("task (part 5.3, Redis stopped halfway)", svc.tasks, false)
 
 	const clients, perClient = 10, 40
 	const total = clients * perClient

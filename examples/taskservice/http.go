@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"crypto/subtle"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -27,7 +26,8 @@ type API struct {
 	reg   *prometheus.Registry
 	log   *slog.Logger
 
-	adminToken string // "": /admin/* and /metrics are open (development)
+	adminToken string   // "": /admin/* and /metrics are open (development)
+	mon        *monitor // the dashboard's samples
 }
 
 // Routes returns the task API's handler. Each route shows one pattern;
@@ -42,6 +42,8 @@ func (a *API) Routes() http.Handler {
 	mux.HandleFunc("DELETE /tasks/{id}", a.deleteTask)                                      // 3.4, 4.3
 	mux.HandleFunc("GET /orgs/{org}/stats", a.orgStats)                                     // 4.2, 4.4 TTL only
 	mux.HandleFunc("GET /users/{id}/permissions", a.perms)                                  // 4.4 never cached
+	mux.Handle("GET /admin/", a.admin(http.HandlerFunc(a.dashboardPage)))                   // 5.4, live: the dashboard
+	mux.Handle("GET /admin/dashboard.json", a.admin(http.HandlerFunc(a.dashboardData)))     // what it polls
 	mux.Handle("GET /admin/cache-stats", a.admin(http.HandlerFunc(a.cacheStats)))           // 5.4 monitoring
 	mux.Handle("GET /metrics", a.admin(promhttp.HandlerFor(a.reg, promhttp.HandlerOpts{}))) // 5.4 Prometheus
 	mux.HandleFunc("GET /healthz", a.healthz)                                               // 5.3 graceful degradation
@@ -49,18 +51,20 @@ func (a *API) Routes() http.Handler {
 }
 
 // admin guards operator endpoints: with ADMIN_TOKEN set, a request needs
-// "Authorization: Bearer <token>", compared in constant time; without it
-// (development) they are open.
+// "Authorization: Bearer <token>" or the cookie /admin/?token=<token> sets
+// for a browser, compared in constant time; without it (development) they
+// are open.
 func (a *API) admin(h http.Handler) http.Handler {
 	if a.adminToken == "" {
 		return h
 	}
-	want := []byte("Bearer " + a.adminToken)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		got := []byte(r.Header.Get("Authorization"))
-		if subtle.ConstantTimeCompare(got, want) != 1 {
+		if !a.tokenOK(r) {
+			if r.Method == http.MethodGet && a.login(w, r) {
+				return
+			}
 			w.Header().Set("WWW-Authenticate", `Bearer realm="taskservice admin"`)
-			writeJSON(w, http.StatusUnauthorized, apiError{"admin token required"})
+			writeJSON(w, http.StatusUnauthorized, apiError{"admin token required: Authorization: Bearer <ADMIN_TOKEN> (a browser: open /admin/?token=<ADMIN_TOKEN> once)"})
 			return
 		}
 		h.ServeHTTP(w, r)

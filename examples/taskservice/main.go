@@ -63,6 +63,8 @@ type env struct {
 	cacheTTLs   string
 	addr        string
 	adminToken  string // when set, /admin/* and /metrics require "Authorization: Bearer <it>"
+
+	sample time.Duration // the dashboard's sampling interval; 0 means 1s (tests set it shorter)
 }
 
 func readEnv() env {
@@ -106,6 +108,7 @@ type app struct {
 	api     *API
 	svc     *Service
 	store   *Store
+	mon     *monitor // the dashboard's samples of every cache
 	rdb     *redis.Client
 	mini    *miniredis.Miniredis // nil with REDIS_URL
 	tmpDir  string               // SQLite's directory, removed on close
@@ -170,7 +173,14 @@ func newApp(ctx context.Context, e env, log *slog.Logger, dbLatency time.Duratio
 	}
 	// 5.4: every cache's Stats, read at each scrape (no cost per request).
 	reg.MustRegister(cacheprometheus.NewCollector("", a.svc.Caches()...))
-	a.api = &API{svc: a.svc, store: store, rdb: a.rdb, reg: reg, log: log, adminToken: e.adminToken}
+	if e.sample <= 0 {
+		e.sample = time.Second
+	}
+	a.mon = newMonitor(e.sample)
+	a.mon.add("task", a.svc.tasks, a.svc.localTier)
+	a.mon.add("task_list", a.svc.lists, false)
+	a.mon.add("org_stats", a.svc.stats, false)
+	a.api = &API{svc: a.svc, store: store, rdb: a.rdb, reg: reg, log: log, adminToken: e.adminToken, mon: a.mon}
 	a.Handler = a.api.Routes()
 	log.Info("taskservice ready", "database", store.dialect, "redis", redisLabel(e.redisURL), "ttls", describe(ttls))
 	ok = true
@@ -186,6 +196,9 @@ func redisLabel(url string) string {
 
 // Close releases everything, in the reverse order of newApp.
 func (a *app) Close() {
+	if a.mon != nil {
+		a.mon.close()
+	}
 	if a.svc != nil {
 		a.svc.Close()
 	}
