@@ -39,7 +39,7 @@ type Stats struct {
 	FillsRejected  uint64 // fills refused because the lease was gone
 	NotCached      uint64 // values returned but too large or unencodable to cache
 	DecodeErrors   uint64 // entries that could not be decoded
-	RedisErrors    uint64 // Redis commands sent that failed (error replies, timeouts, broken connections)
+	RedisErrors    uint64 // Redis calls sent that failed (error replies, timeouts, broken connections); a pipeline counts once, a coalesced read once per Get that waited on it
 	StaleServed    uint64 // answers with a value past its TTL, inside the stale-while-revalidate window (a first read's counts in Hits too)
 	StaleIfError   uint64 // answers with the old value because its reload failed
 	Refreshes      uint64 // background refreshes that ran their loader
@@ -233,10 +233,14 @@ func (e *events) snapshot() Stats {
 // trace passes ev to the Tracer, if there is one, with the context of the
 // call it belongs to.
 func (e *events) trace(ctx context.Context, ev Event) {
-	if e.tr != nil {
+	if e.tr != nil && ctx.Value(backgroundKey{}) == nil {
 		e.tr.Event(ctx, ev)
 	}
 }
+
+// backgroundKey marks the context of a background refresh: its events
+// are not its Get's (see Tracer).
+type backgroundKey struct{}
 
 func (e *events) hit(ctx context.Context) {
 	e.add(nHits, 1)
@@ -324,7 +328,7 @@ func (e *events) decodeError()           { e.add(nDecodeErrors, 1); e.rec.Decode
 func (e *events) staleServed(ctx context.Context) {
 	e.add(nStaleServed, 1)
 	e.rec.StaleServed(e.name)
-	e.trace(ctx, Event{Kind: EventStale})
+	e.trace(ctx, Event{Kind: EventServedStale})
 }
 
 func (e *events) staleIfError(ctx context.Context) {

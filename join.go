@@ -88,6 +88,8 @@ func (c *Cache[T]) join(ctx context.Context, ops []*keyOp[T], src source[T]) {
 		if op.leader {
 			op.fs = c.startFlight(op.key)
 			owned = append(owned, op)
+		} else if op.attempt == 0 { // a Get that starts over was counted when it first joined
+			c.ev.coalesced(ctx)
 		}
 		if h := c.hooks; h != nil && h.joined != nil {
 			h.joined(op.key)
@@ -132,7 +134,6 @@ func (c *Cache[T]) endFlight(key string, fs *flightState) { c.inflight.CompareAn
 // numbered after it began after the Get did, so whatever it observes is
 // recent enough. Only an older flight needs joinable, or the check.
 func (c *Cache[T]) joined(ctx context.Context, op *keyOp[T], a answer[T], err error, src source[T]) (T, error) {
-	c.ev.coalesced(ctx)
 	// A Get whose own read failed cannot check anything in Redis either,
 	// and a start-over would only load again.
 	older := a.fs != nil && a.fs.seq <= op.start && !(a.fs == op.seen.f && op.trusted) && !op.down

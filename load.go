@@ -45,7 +45,7 @@ func (r *missRun[T]) call(ops []*keyOp[T]) (vals []T, found []bool, took time.Du
 	}
 	ctx := r.ctx
 	if tr := r.c.opts.Tracer; tr != nil {
-		span := Call{Kind: CallLoad, Cache: r.c.name, Keys: len(ops)}
+		span := Call{Kind: CallLoad, Cache: r.c.name, Keys: len(ops), Background: ctx.Value(backgroundKey{}) != nil}
 		if len(ops) == 1 {
 			span.Key = ops[0].key
 		}

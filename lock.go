@@ -266,6 +266,9 @@ func (c *Cache[T]) releaseLater(key string, tok envelope.Token, keep time.Durati
 			// Done, or out of time, or the breaker is open (Redis is down:
 			// the lease expires by itself within LeaseTTL, as the retries
 			// would have).
+			if err != nil {
+				c.ev.redisError(c.stop, "release", err) // counted (a skip only traced, and c.stop has no trace), not logged
+			}
 			if err == nil || ctx.Err() != nil || c.stop.Err() != nil || errors.Is(err, ErrRedisUnavailable) {
 				return
 			}

@@ -39,7 +39,8 @@ type Recorder interface {
 	// ErrNotFound), a *PanicError, or a timeout. A GetMany's batch loader
 	// counts as one load.
 	Load(cache string, d time.Duration, err error)
-	// Coalesced: this Get shared an in-process load started by another Get.
+	// Coalesced: this Get (or a GetMany's key) joined an in-process load
+	// another Get started, instead of loading.
 	Coalesced(cache string)
 	// LeaseContended: keys that another caller (usually another process)
 	// held the lease on, so this Get or GetMany waited for their fills
@@ -56,10 +57,10 @@ type Recorder interface {
 	// DecodeError: the bytes under a key could not be decoded; the key is
 	// treated as a miss and overwritten.
 	DecodeError(cache string)
-	// RedisError: a Redis command was sent and failed (an error reply,
-	// a timeout, a broken connection). op names the step ("get",
-	// "acquire", "fill", ...). Commands that were not sent are not
-	// errors: see RedisSkipped.
+	// RedisError: a Redis call was sent and failed (an error reply, a
+	// timeout, a broken connection); a pipeline is one call. op names the
+	// step ("get", "acquire", "fill", "release", ...). Commands that were
+	// not sent are not errors: see RedisSkipped.
 	RedisError(cache, op string, err error)
 	// RedisSkipped: a command was not sent, because the breaker is open
 	// or the Get had spent its Degradation.RedisTimePerGet.
@@ -141,11 +142,14 @@ var _ Recorder = NopRecorder{}
 // the loader's own call (whose context derives from it, so a loader span
 // is the child of the Get's span). End is called with that context when
 // the call returns. Event reports what happened inside a call, with the
-// context of the call it belongs to; events of a load another caller
-// started carry that caller's context. Background work (refreshes,
-// retried invalidations, the bus) has no caller and is not traced, except
-// the loader call of a background refresh, whose context derives from the
-// Get that started it.
+// context of the call it belongs to. A load is shared: the events of its
+// lease rounds, waits and fills (EventLeaseWait, EventServedStale,
+// EventStaleIfError, Redis failures) carry the context of the caller that
+// leads it, and may come after that caller has returned (it gave up on its
+// own deadline); the callers that joined it see EventCoalesced. Background
+// work (refreshes, retried invalidations, releases, the bus) has no caller
+// and sends no events; a background refresh's loader call is traced
+// (Call.Background), with a context derived from the Get that started it.
 //
 // Methods are called on the request path, from several goroutines at
 // once, and must be fast. Keys reach the Tracer in Call.Key; an
@@ -184,6 +188,12 @@ type Call struct {
 	Cache string // Options.Name
 	Key   string // the key of a Get or of a one-key load; "" for more keys
 	Keys  int    // 1 for a Get, the ids passed to a GetMany, the keys of a load
+
+	// Background marks the loader call of a background refresh (early
+	// refresh or stale-while-revalidate). Its context derives from the Get
+	// that started it, which may have returned: the call is not that
+	// Get's load.
+	Background bool
 }
 
 // EventKind says what happened inside a traced call.
@@ -194,7 +204,7 @@ const (
 	EventLocalHit                              // the local tier answered with a value
 	EventNegativeHit                           // the first read found a "not found" tombstone in Redis
 	EventLocalNegativeHit                      // the local tier answered "not found"
-	EventStale                                 // a value past its TTL was served (stale-while-revalidate)
+	EventStale                                 // the first read found a value past its TTL and served it (stale-while-revalidate)
 	EventStaleIfError                          // a value past its TTL was served because its reload failed
 	EventMiss                                  // the first read found nothing usable: the key is loaded or waited for
 	EventCoalesced                             // the call shared a load another call in this process runs
@@ -202,10 +212,11 @@ const (
 	EventRedisError                            // a Redis command (Op) was sent and failed with Err
 	EventRedisSkipped                          // a Redis command (Op) was not sent: Err says why (breaker open, Redis time spent)
 	EventOverloaded                            // the call was refused a load slot: ErrOverloaded
+	EventServedStale                           // a key that missed was answered with a value past its TTL the lease round found (after EventMiss)
 )
 
 var eventNames = [...]string{"", "hit", "local_hit", "negative_hit", "local_negative_hit", "stale", "stale_if_error",
-	"miss", "coalesced", "lease_wait", "redis_error", "redis_skipped", "overloaded"}
+	"miss", "coalesced", "lease_wait", "redis_error", "redis_skipped", "overloaded", "served_stale"}
 
 // String returns the event's name in snake case ("hit", "local_hit",
 // "redis_error", ...).

@@ -83,7 +83,7 @@ func (c *Cache[T]) refreshAsync(parent context.Context, op *keyOp[T], src source
 				c.endRefresh(key, true)
 			}
 		}()
-		ctx, cancel := context.WithCancel(context.WithoutCancel(parent))
+		ctx, cancel := context.WithCancel(context.WithValue(context.WithoutCancel(parent), backgroundKey{}, true))
 		defer cancel()
 		defer context.AfterFunc(c.stop, cancel)()
 		ok, err := refreshLease(ctx, c.rdb, key, genKey, e.Token, rop.tok, c.opts.LeaseTTL, c.genTTL)

@@ -189,6 +189,9 @@ func (c *Cache[T]) retryPass(ops map[string]retryOp) bool {
 		ctx, cancel := context.WithTimeout(c.stop, c.guard.writeBudget(j-i))
 		n, err := c.unlink(ctx, keys[i:j])
 		c.counted(n)
+		if err != nil {
+			c.ev.redisError(c.stop, "invalidate", err) // counted, not logged: the first failure was
+		}
 		if err == nil {
 			err = c.invalidated(ctx, keys[i:j])
 		}

@@ -65,9 +65,10 @@ type Metrics struct {
 	attrs    []attribute.KeyValue
 	loadTime metric.Float64Histogram
 
-	mu      sync.Mutex
+	sets sync.Map // cache name → metric.MeasurementOption, its attribute set, built once (read by Load without a lock)
+
+	mu      sync.Mutex // protects names and regs
 	names   map[string]bool
-	sets    map[string]metric.MeasurementOption // per cache: its attribute set, built once
 	regs    []metric.Registration
 	counts  []metric.Int64ObservableCounter
 	gauges  map[string]metric.Int64ObservableGauge
@@ -96,7 +97,7 @@ type Metrics struct {
 // they cost the request path nothing.
 func NewMetrics(opts ...Option) (*Metrics, error) {
 	c := newConfig(opts)
-	m := &Metrics{meter: c.mp.Meter(ScopeName), attrs: c.attrs, names: map[string]bool{}, sets: map[string]metric.MeasurementOption{}, gauges: map[string]metric.Int64ObservableGauge{}}
+	m := &Metrics{meter: c.mp.Meter(ScopeName), attrs: c.attrs, names: map[string]bool{}, gauges: map[string]metric.Int64ObservableGauge{}}
 	var err error
 	bounds := make([]float64, cacheaside.NumLoadBuckets)
 	for i := range bounds {
@@ -159,20 +160,35 @@ func (m *Metrics) Add(caches ...Source) error {
 	for _, c := range m.counts {
 		insts = append(insts, c)
 	}
+	var regs []metric.Registration
 	for _, src := range caches {
-		name := src.Name()
-		m.names[name] = true
-		m.sets[name] = metric.WithAttributes(m.attrsFor(name)...)
 		reg, err := m.meter.RegisterCallback(func(_ context.Context, o metric.Observer) error {
 			m.observe(o, src)
 			return nil
 		}, insts...)
 		if err != nil {
+			for _, r := range regs {
+				_ = r.Unregister()
+			}
 			return err
 		}
-		m.regs = append(m.regs, reg)
+		regs = append(regs, reg)
 	}
+	for _, src := range caches {
+		m.names[src.Name()] = true
+		m.sets.Store(src.Name(), metric.WithAttributes(m.attrsFor(src.Name())...))
+	}
+	m.regs = append(m.regs, regs...)
 	return nil
+}
+
+// set is the attribute set of cache's measurements.
+func (m *Metrics) set(cache string) metric.MeasurementOption {
+	if s, ok := m.sets.Load(cache); ok {
+		return s.(metric.MeasurementOption)
+	}
+	s, _ := m.sets.LoadOrStore(cache, metric.WithAttributes(m.attrsFor(cache)...))
+	return s.(metric.MeasurementOption)
 }
 
 func (m *Metrics) attrsFor(cache string, more ...attribute.KeyValue) []attribute.KeyValue {
@@ -192,9 +208,7 @@ func (m *Metrics) observe(o metric.Observer, src Source) {
 	o.ObserveInt64(m.reqs, int64(s.Misses), with("cacheaside.result", "miss"))
 	o.ObserveInt64(m.loads, int64(s.Loads), with("cacheaside.result", "ok"))
 	o.ObserveInt64(m.loads, int64(s.LoadErrors), with("cacheaside.result", "error"))
-	m.mu.Lock()
-	set := m.sets[name]
-	m.mu.Unlock()
+	set := m.set(name)
 	for i, st := range stats {
 		o.ObserveInt64(m.counts[i], int64(st.value(&s)), set)
 	}
@@ -216,16 +230,11 @@ func b2i(b bool) int64 {
 // Load records a loader call's duration (the cacheaside.Recorder method;
 // the others do nothing).
 func (m *Metrics) Load(cache string, d time.Duration, err error) {
-	m.mu.Lock()
-	set, ok := m.sets[cache]
-	m.mu.Unlock()
-	if !ok {
-		set = metric.WithAttributes(m.attrsFor(cache)...)
-	}
-	m.loadTime.Record(context.Background(), d.Seconds(), set)
+	m.loadTime.Record(context.Background(), d.Seconds(), m.set(cache))
 }
 
-// Close stops observing every cache added.
+// Close stops observing every cache added; caches with the same names
+// may be added again.
 func (m *Metrics) Close() error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -236,5 +245,6 @@ func (m *Metrics) Close() error {
 		}
 	}
 	m.regs = nil
+	m.names = map[string]bool{}
 	return err
 }

@@ -12,22 +12,28 @@
 // in the caller's trace, with these attributes:
 //
 //   - cacheaside.cache: the cache's Options.Name;
-//   - cacheaside.outcome: what the first read found: "hit" (a value in
-//     Redis), "local" (a value in the local tier), "stale" (a value past
-//     its TTL, served while it is refreshed), "negative" (a "not found"
-//     tombstone) or "miss";
+//   - cacheaside.outcome: what the first read found, as Stats counts it:
+//     "hit" (a value in Redis), "local" (a value in the local tier),
+//     "stale" (a value past its TTL, served while it is refreshed),
+//     "negative" (a "not found" tombstone) or "miss";
 //   - cacheaside.loaded: this call ran the loader; cacheaside.waited: it
 //     waited for a load another caller ran (in this process or, through
-//     the Redis lease, in another);
+//     the Redis lease, in another); cacheaside.served_stale: a miss that
+//     was answered with a value past its TTL the lease round found;
 //   - for a GetMany, cacheaside.keys (the ids asked for) and the count of
-//     each outcome (cacheaside.hits, cacheaside.local_hits,
-//     cacheaside.stale_hits, cacheaside.negative_hits, cacheaside.misses);
+//     each first-read outcome (cacheaside.hits, cacheaside.local_hits,
+//     cacheaside.stale_hits, cacheaside.negative_hits, cacheaside.misses;
+//     they add up to the distinct keys) and cacheaside.served_stale;
 //   - cacheaside.key, the raw key, only with WithKeys(true): keys often
 //     hold ids that should not leave the process.
 //
 // A loader call is a child span, "cacheaside.Load", so a slow database
 // shows under the cache, and the loader's own spans (from its context)
-// nest below it. Redis failures are span events: "cacheaside.redis_error"
+// nest below it. The loader call of a background refresh is a
+// "cacheaside.Load" span too, with cacheaside.background=true, under the
+// Get that started it (which may have ended). A load is shared by every
+// caller that joined it, so its events go to the span of the caller that
+// leads it. Redis failures are span events: "cacheaside.redis_error"
 // for a command that failed, "cacheaside.redis_skipped" for one the open
 // circuit breaker did not send, with the step (cacheaside.op: "get",
 // "acquire", "fill", ...) and the error. Waits for another process's lease
@@ -151,25 +157,47 @@ type stateKey struct{}
 type callState struct {
 	mu      sync.Mutex
 	span    trace.Span
+	id      trace.SpanID
 	kind    cacheaside.CallKind
 	outcome string
 	counts  map[string]int64 // GetMany: per outcome
 	loaded  bool
 	waited  bool
+	stale   int64 // EventServedStale
 	ended   bool
+}
+
+// stateOf returns the state of the recording call ctx belongs to: nil
+// when its own span does not record (a nested call of a cache whose
+// tracer does not record must not write into the outer call's state).
+func stateOf(ctx context.Context) *callState {
+	st, _ := ctx.Value(stateKey{}).(*callState)
+	if st == nil {
+		return nil
+	}
+	// A no-op tracer's span carries its parent's span context: only a
+	// recording span with this state's id is this state's.
+	if sp := trace.SpanFromContext(ctx); !sp.IsRecording() || sp.SpanContext().SpanID() != st.id {
+		return nil
+	}
+	return st
 }
 
 // Start begins the call's span. Only a recording span gets attributes and
 // a state of its own; a non-recording one costs the tracer's Start alone.
 func (t *Tracer) Start(ctx context.Context, call cacheaside.Call) context.Context {
-	parent, _ := ctx.Value(stateKey{}).(*callState)
+	parent := stateOf(ctx)
 	ctx, span := t.tracer.Start(ctx, spanName(call.Kind), t.start...)
 	if !span.IsRecording() {
 		return ctx
 	}
-	if call.Kind == cacheaside.CallLoad && parent != nil {
+	if call.Background {
+		span.SetAttributes(attribute.Bool("cacheaside.background", true))
+	} else if call.Kind == cacheaside.CallLoad && parent != nil {
 		parent.mu.Lock()
-		parent.loaded = true
+		if !parent.ended {
+			parent.loaded = true
+		}
 		parent.mu.Unlock()
 	}
 	span.SetAttributes(attribute.String("cacheaside.cache", call.Cache))
@@ -182,7 +210,7 @@ func (t *Tracer) Start(ctx context.Context, call cacheaside.Call) context.Contex
 	if t.withKeys && call.Key != "" {
 		span.SetAttributes(attribute.String("cacheaside.key", call.Key))
 	}
-	st := &callState{span: span, kind: call.Kind}
+	st := &callState{span: span, id: span.SpanContext().SpanID(), kind: call.Kind}
 	if call.Kind == cacheaside.CallGetMany {
 		st.counts = map[string]int64{}
 	}
@@ -207,7 +235,7 @@ var countNames = map[string]string{
 
 // Event adds what happened to the span of the call ctx belongs to.
 func (t *Tracer) Event(ctx context.Context, ev cacheaside.Event) {
-	st, _ := ctx.Value(stateKey{}).(*callState)
+	st := stateOf(ctx)
 	if st == nil {
 		return
 	}
@@ -215,7 +243,7 @@ func (t *Tracer) Event(ctx context.Context, ev cacheaside.Event) {
 	case cacheaside.EventRedisError, cacheaside.EventRedisSkipped:
 		attrs := []attribute.KeyValue{attribute.String("cacheaside.op", ev.Op)}
 		if ev.Err != nil {
-			attrs = append(attrs, attribute.String("exception.message", ev.Err.Error()))
+			attrs = append(attrs, attribute.String("cacheaside.error", ev.Err.Error()))
 		}
 		st.span.AddEvent("cacheaside."+ev.Kind.String(), trace.WithAttributes(attrs...))
 		return
@@ -232,15 +260,15 @@ func (t *Tracer) Event(ctx context.Context, ev cacheaside.Event) {
 	switch ev.Kind {
 	case cacheaside.EventCoalesced, cacheaside.EventLeaseWait:
 		st.waited = true
+	case cacheaside.EventServedStale:
+		st.stale++
 	}
 	o, first := outcomes[ev.Kind]
 	switch {
 	case !first:
 	case st.counts != nil:
 		st.counts[o]++
-	case st.outcome == "" || st.outcome == "miss" && o == "stale":
-		// A miss that the lease round then answered with a stale value
-		// was served stale.
+	case st.outcome == "":
 		st.outcome = o
 	}
 }
@@ -248,7 +276,7 @@ func (t *Tracer) Event(ctx context.Context, ev cacheaside.Event) {
 // End sets the call's gathered attributes and ends its span.
 func (t *Tracer) End(ctx context.Context, call cacheaside.Call, err error) {
 	span := trace.SpanFromContext(ctx)
-	if st, _ := ctx.Value(stateKey{}).(*callState); st != nil && st.span == span {
+	if st := stateOf(ctx); st != nil {
 		st.mu.Lock()
 		st.ended = true
 		if st.outcome != "" {
@@ -259,6 +287,12 @@ func (t *Tracer) End(ctx context.Context, call cacheaside.Call, err error) {
 		}
 		if st.kind != cacheaside.CallLoad {
 			span.SetAttributes(attribute.Bool("cacheaside.loaded", st.loaded), attribute.Bool("cacheaside.waited", st.waited))
+		}
+		switch {
+		case st.kind == cacheaside.CallGetMany:
+			span.SetAttributes(attribute.Int64("cacheaside.served_stale", st.stale))
+		case st.stale > 0:
+			span.SetAttributes(attribute.Bool("cacheaside.served_stale", true))
 		}
 		st.mu.Unlock()
 		if err != nil && !errors.Is(err, cacheaside.ErrNotFound) {

@@ -157,6 +157,15 @@ func TestDuplicateNames(t *testing.T) {
 	if n := testutil.CollectAndCount(c, "app_requests_total"); n != 6 {
 		t.Fatalf("%d request series, want 3 results × 2 caches", n)
 	}
+	if !c.Remove("a") || c.Remove("a") {
+		t.Fatal("Remove")
+	}
+	if n := testutil.CollectAndCount(c, "app_requests_total"); n != 3 {
+		t.Fatalf("%d request series after Remove, want 3", n)
+	}
+	if err := c.Add(fixed{name: "a"}); err != nil {
+		t.Fatalf("a new cache named a after Remove: %v", err)
+	}
 }
 
 // A real cache, scraped over HTTP: the counts follow what it did.
