@@ -34,19 +34,21 @@ type API struct {
 // the comment names the lecture section.
 func (a *API) Routes() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /tasks/{id}", a.getTask)                                            // 3.1, 3.3 cache-aside; 5.1 stampede; 5.2 negative caching
-	mux.HandleFunc("GET /tasks/batch", a.getTasks)                                          // scale: GetMany, one Redis read and one query for a batch
-	mux.HandleFunc("GET /tasks", a.listTasks)                                               // 3.2 key design: every query parameter in the key
-	mux.HandleFunc("POST /tasks", a.createTask)                                             // 3.4, 4.3 write, then invalidate
-	mux.HandleFunc("PUT /tasks/{id}", a.updateTask)                                         // 3.4, 4.3
-	mux.HandleFunc("DELETE /tasks/{id}", a.deleteTask)                                      // 3.4, 4.3
-	mux.HandleFunc("GET /orgs/{org}/stats", a.orgStats)                                     // 4.2, 4.4 TTL only
-	mux.HandleFunc("GET /users/{id}/permissions", a.perms)                                  // 4.4 never cached
-	mux.Handle("GET /admin/", a.admin(http.HandlerFunc(a.dashboardPage)))                   // 5.4, live: the dashboard
-	mux.Handle("GET /admin/dashboard.json", a.admin(http.HandlerFunc(a.dashboardData)))     // what it polls
-	mux.Handle("GET /admin/cache-stats", a.admin(http.HandlerFunc(a.cacheStats)))           // 5.4 monitoring
-	mux.Handle("GET /metrics", a.admin(promhttp.HandlerFor(a.reg, promhttp.HandlerOpts{}))) // 5.4 Prometheus
-	mux.HandleFunc("GET /healthz", a.healthz)                                               // 5.3 graceful degradation
+	mux.HandleFunc("GET /tasks/{id}", a.getTask)                                        // 3.1, 3.3 cache-aside; 5.1 stampede; 5.2 negative caching
+	mux.HandleFunc("GET /tasks/batch", a.getTasks)                                      // scale: GetMany, one Redis read and one query for a batch
+	mux.HandleFunc("GET /tasks", a.listTasks)                                           // 3.2 key design: every query parameter in the key
+	mux.HandleFunc("POST /tasks", a.createTask)                                         // 3.4, 4.3 write, then invalidate
+	mux.HandleFunc("PUT /tasks/{id}", a.updateTask)                                     // 3.4, 4.3
+	mux.HandleFunc("DELETE /tasks/{id}", a.deleteTask)                                  // 3.4, 4.3
+	mux.HandleFunc("GET /orgs/{org}/stats", a.orgStats)                                 // 4.2, 4.4 TTL only
+	mux.HandleFunc("GET /users/{id}/permissions", a.perms)                              // 4.4 never cached
+	mux.Handle("GET /admin/", a.admin(http.HandlerFunc(a.dashboardPage)))               // 5.4, live: the dashboard
+	mux.Handle("GET /admin/dashboard.json", a.admin(http.HandlerFunc(a.dashboardData))) // what it polls
+	mux.Handle("GET /admin/cache-stats", a.admin(http.HandlerFunc(a.cacheStats)))
+	mux.Handle("DELETE /admin/cache/{cache}", a.admin(http.HandlerFunc(a.purge)))                          // 4.3 pattern invalidation: InvalidatePrefix
+	mux.Handle("POST /admin/orgs/{org}/lists/invalidate", a.admin(http.HandlerFunc(a.invalidateOrgLists))) // 4.3 the namespace bump instead           // 5.4 monitoring
+	mux.Handle("GET /metrics", a.admin(promhttp.HandlerFor(a.reg, promhttp.HandlerOpts{})))                // 5.4 Prometheus
+	mux.HandleFunc("GET /healthz", a.healthz)                                                              // 5.3 graceful degradation
 	return mux
 }
 

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -108,5 +109,52 @@ func TestConcurrentStartEmptyDatabase(t *testing.T) {
 		if orgs != 3 || tasks != 1000 {
 			t.Fatalf("round %d: %d orgs, %d tasks; want one seed (3, 1000)", round, orgs, tasks)
 		}
+	}
+}
+
+// DELETE /admin/cache/{cache}?prefix= drops one cache's entries under a
+// prefix of its keyspace, and refuses anything else; the namespace bump
+// endpoint drops an org's list pages in one step.
+func TestPurgeEndpoints(t *testing.T) {
+	ta := newTestApp(t, nil)
+	for id := 1; id <= 5; id++ {
+		ta.getJSON(t, fmt.Sprintf("/tasks/%d", id), 200, nil)
+	}
+	ta.getJSON(t, "/tasks?org=acme&page=1", 200, nil)
+	before := ta.queries.Load()
+	prefix := "v1:" + ta.prefix + "tasks:"
+	code, b := ta.do(t, "DELETE", "/admin/cache/task?prefix="+url.QueryEscape(prefix), "")
+	var res PurgeResult
+	if err := json.Unmarshal(b, &res); code != 200 || err != nil || res.Deleted != 5 {
+		t.Fatalf("purge = %d %s, want 5 deleted", code, b)
+	}
+	for id := 1; id <= 5; id++ {
+		ta.getJSON(t, fmt.Sprintf("/tasks/%d", id), 200, nil)
+	}
+	if n := ta.queries.Load() - before; n != 5 {
+		t.Fatalf("%d queries after the purge, want 5 (every task reloaded)", n)
+	}
+	ta.getJSON(t, "/tasks?org=acme&page=1", 200, nil)
+	if n := ta.queries.Load() - before; n != 5 {
+		t.Fatal("the task purge dropped list pages too")
+	}
+	for _, bad := range []string{
+		"/admin/cache/nope?prefix=" + url.QueryEscape(prefix),
+		"/admin/cache/task",
+		"/admin/cache/task?prefix=v1:",
+		"/admin/cache/task?prefix=" + url.QueryEscape("v1:"+ta.prefix+"task_lists:"),
+		"/admin/cache/task?prefix=" + url.QueryEscape(ta.prefix+"tasks:"),
+		"/admin/cache/task?prefix=" + url.QueryEscape(prefix) + "&all=1",
+	} {
+		if code, b := ta.do(t, "DELETE", bad, ""); code != 400 {
+			t.Errorf("DELETE %s = %d %s, want 400", bad, code, b)
+		}
+	}
+	if code, b := ta.do(t, "POST", "/admin/orgs/acme/lists/invalidate", ""); code != 200 {
+		t.Fatalf("namespace bump = %d %s", code, b)
+	}
+	ta.getJSON(t, "/tasks?org=acme&page=1", 200, nil)
+	if n := ta.queries.Load() - before; n != 6 {
+		t.Fatalf("%d queries, want the list page reloaded after the bump", n)
 	}
 }
