@@ -8,8 +8,10 @@ import (
 	"time"
 )
 
-// Recorder receives every event a Cache counts, for export to a metrics
-// system (the reference app has a Prometheus adapter). cache is
+// Recorder receives every event a Cache counts, as it is counted, for
+// export to a metrics system that wants events rather than totals (the
+// cacheotel module's load-duration histogram is one; cacheprometheus reads
+// Stats at scrape time instead and needs no Recorder). cache is
 // Options.Name; raw keys are never passed, so labels stay low-cardinality.
 // Methods are called on the request path and must be fast and safe for
 // concurrent use. Embed NopRecorder to implement only some of them.
@@ -18,7 +20,8 @@ import (
 // that counts it, so the two never disagree; the exceptions are derived:
 // Loads, LoadErrors, LoadTime and LoadsWithin come from Load, Refreshes and
 // RefreshErrors from Refresh, BreakerOpens from BreakerState("open"), and
-// PendingInvals is a gauge (queued less retried and dropped).
+// PendingInvals, Breaker, LocalLive and LocalEntries are states read when
+// Stats is called.
 type Recorder interface {
 	// Hit: the first read found a value (in Redis, or in the local tier,
 	// when LocalHit follows).
