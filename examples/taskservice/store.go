@@ -97,7 +97,7 @@ func OpenStore(ctx context.Context, url, sqlitePath string) (*Store, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := s.db.PingContext(ctx); err != nil {
+	if err := s.ping(ctx); err != nil {
 		s.db.Close()
 		return nil, fmt.Errorf("database: %w", err)
 	}
@@ -109,6 +109,25 @@ func OpenStore(ctx context.Context, url, sqlitePath string) (*Store, error) {
 }
 
 func (s *Store) Close() error { return s.db.Close() }
+
+// ping opens the first connection. On SQLite, switching a new file to WAL
+// needs an exclusive lock and does not wait for busy_timeout: an instance
+// starting beside another that holds the schema lock gets SQLITE_BUSY, and
+// tries again (for up to 10 s).
+func (s *Store) ping(ctx context.Context) error {
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		err := s.db.PingContext(ctx)
+		if err == nil || s.dialect != "sqlite" || !strings.Contains(err.Error(), "SQLITE_BUSY") || time.Now().After(deadline) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
 
 func (s *Store) query() {
 	if s.queries != nil {
