@@ -1,9 +1,14 @@
 package main
 
 import (
+	"crypto/hmac"
+	"crypto/sha256"
 	"crypto/subtle"
 	"embed"
+	"encoding/base64"
+	"encoding/hex"
 	"net/http"
+	"regexp"
 	"sync"
 	"time"
 
@@ -19,6 +24,26 @@ import (
 
 //go:embed dashboard/index.html
 var dashboardFS embed.FS
+
+// dashboardHTML is the page; dashboardCSP allows exactly its one inline
+// script and one inline style block, by hash, and fetches from this
+// origin only: no inline code an injection could add would run.
+var dashboardHTML, dashboardCSP = func() ([]byte, string) {
+	b, err := dashboardFS.ReadFile("dashboard/index.html")
+	if err != nil {
+		panic(err)
+	}
+	hash := func(tag string) string {
+		m := regexp.MustCompile(`(?s)<` + tag + `>(.*?)</` + tag + `>`).FindSubmatch(b)
+		if m == nil {
+			panic("dashboard: no <" + tag + "> in index.html")
+		}
+		sum := sha256.Sum256(m[1])
+		return "'sha256-" + base64.StdEncoding.EncodeToString(sum[:]) + "'"
+	}
+	return b, "default-src 'none'; script-src " + hash("script") + "; style-src " + hash("style") +
+		"; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+}()
 
 // history is how many samples the monitor keeps: 10 minutes at 1 s.
 const history = 600
@@ -58,6 +83,7 @@ type monitor struct {
 	mu       sync.Mutex
 	series   []*series
 	stop     chan struct{}
+	once     sync.Once
 	done     chan struct{}
 }
 
@@ -89,7 +115,7 @@ func (m *monitor) run() {
 }
 
 func (m *monitor) close() {
-	close(m.stop)
+	m.once.Do(func() { close(m.stop) })
 	<-m.done
 }
 
@@ -169,10 +195,9 @@ func (a *API) dashboardPage(w http.ResponseWriter, r *http.Request) {
 		http.NotFound(w, r)
 		return
 	}
-	b, _ := dashboardFS.ReadFile("dashboard/index.html")
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")
-	w.Header().Set("Content-Security-Policy", "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'")
-	_, _ = w.Write(b)
+	w.Header().Set("Content-Security-Policy", dashboardCSP)
+	_, _ = w.Write(dashboardHTML)
 }
 
 func (a *API) dashboardData(w http.ResponseWriter, r *http.Request) {
@@ -184,10 +209,19 @@ func (a *API) dashboardData(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, a.mon.snapshot(n))
 }
 
-// adminCookie carries ADMIN_TOKEN for a browser, which cannot send a
-// bearer header when it opens /admin/: /admin/?token=T sets it (HttpOnly,
-// SameSite=Strict, path /) and redirects to /admin/ without the token.
+// adminCookie lets a browser, which cannot send a bearer header when it
+// opens /admin/, in: /admin/?token=T sets it and redirects to /admin/
+// without the token. It holds an HMAC of the token, not the token, and
+// lives 12 hours (HttpOnly, SameSite=Strict, path /; Secure over TLS,
+// also behind a proxy that says X-Forwarded-Proto: https).
 const adminCookie = "taskservice_admin"
+
+// cookieValue is what the cookie holds for the current ADMIN_TOKEN.
+func (a *API) cookieValue() string {
+	m := hmac.New(sha256.New, []byte(a.adminToken))
+	m.Write([]byte("taskservice admin cookie v1"))
+	return hex.EncodeToString(m.Sum(nil))
+}
 
 func (a *API) tokenOK(r *http.Request) bool {
 	want := []byte("Bearer " + a.adminToken)
@@ -195,7 +229,7 @@ func (a *API) tokenOK(r *http.Request) bool {
 		return true
 	}
 	c, err := r.Cookie(adminCookie)
-	return err == nil && subtle.ConstantTimeCompare([]byte(c.Value), []byte(a.adminToken)) == 1
+	return err == nil && subtle.ConstantTimeCompare([]byte(c.Value), []byte(a.cookieValue())) == 1
 }
 
 // login turns /admin/?token=T into the cookie.
@@ -204,7 +238,9 @@ func (a *API) login(w http.ResponseWriter, r *http.Request) bool {
 	if tok == "" || subtle.ConstantTimeCompare([]byte(tok), []byte(a.adminToken)) != 1 {
 		return false
 	}
-	http.SetCookie(w, &http.Cookie{Name: adminCookie, Value: a.adminToken, Path: "/", HttpOnly: true, SameSite: http.SameSiteStrictMode, Secure: r.TLS != nil})
-	http.Redirect(w, r, r.URL.Path, http.StatusSeeOther)
+	secure := r.TLS != nil || r.Header.Get("X-Forwarded-Proto") == "https"
+	http.SetCookie(w, &http.Cookie{Name: adminCookie, Value: a.cookieValue(), Path: "/", MaxAge: 12 * 3600,
+		HttpOnly: true, SameSite: http.SameSiteStrictMode, Secure: secure})
+	http.Redirect(w, r, "/admin/", http.StatusSeeOther) // a constant: never a target built from the request
 	return true
 }

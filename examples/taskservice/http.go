@@ -57,10 +57,13 @@ func (a *API) Routes() http.Handler {
 // for a browser, compared in constant time; without it (development) they
 // are open.
 func (a *API) admin(h http.Handler) http.Handler {
-	if a.adminToken == "" {
-		return h
-	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Cache-Control", "no-store")
+		w.Header().Set("X-Content-Type-Options", "nosniff")
+		if a.adminToken == "" {
+			h.ServeHTTP(w, r)
+			return
+		}
 		if !a.tokenOK(r) {
 			if r.Method == http.MethodGet && a.login(w, r) {
 				return

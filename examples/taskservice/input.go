@@ -17,9 +17,11 @@ import (
 //   - a body over maxBody bytes is refused with 413 before it is parsed;
 //   - every invalid field gets a 400 with a short message that names the
 //     field and quotes at most quoteLen characters of what was sent;
-//   - text fields must be valid UTF-8 without control characters (NUL,
-//     newlines, escapes: refused alike on SQLite and PostgreSQL), and their
-//     limits count characters, not bytes.
+//   - text fields must be valid UTF-8 (invalid bytes and unpaired
+//     surrogate escapes, which encoding/json turns into U+FFFD, are
+//     refused) without control characters (NUL, newlines, escapes: refused
+//     alike on SQLite and PostgreSQL) or bidirectional overrides, and
+//     their limits count characters, not bytes.
 
 // maxBody is the largest request body accepted.
 const maxBody = 64 << 10
@@ -70,8 +72,17 @@ func text(field, s string, max int, required bool) error {
 		return invalidf("%s is longer than %d characters", field, max)
 	}
 	for _, r := range s {
-		if unicode.IsControl(r) {
+		switch {
+		case unicode.IsControl(r):
 			return invalidf("%s contains a control character (%U)", field, r)
+		case r == utf8.RuneError:
+			// What encoding/json makes of invalid UTF-8 and of a lone
+			// surrogate escape: refused, not stored mangled.
+			return invalidf("%s contains invalid UTF-8 or an unpaired surrogate (%U)", field, r)
+		case r >= 0x202A && r <= 0x202E, r >= 0x2066 && r <= 0x2069:
+			// Bidirectional overrides and isolates make text display in
+			// another order than it is stored ("invoice\u202Efdp.exe").
+			return invalidf("%s contains a bidirectional control character (%U)", field, r)
 		}
 	}
 	return nil

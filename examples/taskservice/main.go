@@ -17,6 +17,7 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"os/signal"
@@ -108,6 +109,7 @@ type app struct {
 	api     *API
 	svc     *Service
 	store   *Store
+	log     *slog.Logger
 	mon     *monitor // the dashboard's samples of every cache
 	rdb     *redis.Client
 	mini    *miniredis.Miniredis // nil with REDIS_URL
@@ -124,7 +126,7 @@ const localTaskTTL = time.Second
 // dbLatency slows every query down (for demos); prefix isolates the app's
 // keys (for tests that share a Redis).
 func newApp(ctx context.Context, e env, log *slog.Logger, dbLatency time.Duration, prefix string) (*app, error) {
-	a := &app{}
+	a := &app{log: log}
 	ok := false
 	defer func() {
 		if !ok {
@@ -200,6 +202,9 @@ func (a *app) Close() {
 		a.mon.close()
 	}
 	if a.svc != nil {
+		if n := a.svc.drain(2 * time.Second); n > 0 && a.log != nil {
+			a.log.Warn("shutting down with cache invalidations still queued; those entries live until their TTL", "pending", n)
+		}
 		a.svc.Close()
 	}
 	if a.rdb != nil {
@@ -230,7 +235,11 @@ func serve(log *slog.Logger, args []string) error {
 		return err
 	}
 	defer a.Close()
-	srv := &http.Server{Addr: e.addr, Handler: a.Handler, ReadHeaderTimeout: 5 * time.Second}
+	if e.adminToken == "" && !loopback(e.addr) {
+		log.Warn("ADMIN_TOKEN is not set and the app listens beyond loopback: /admin/* (cache purges included) and /metrics are open to anyone who reaches it", "addr", e.addr)
+	}
+	srv := &http.Server{Addr: e.addr, Handler: a.Handler, ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout: 15 * time.Second, WriteTimeout: 30 * time.Second, IdleTimeout: 2 * time.Minute}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.ListenAndServe() }()
 	log.Info("listening", "addr", "http://"+e.addr, "try", "curl http://"+e.addr+"/tasks/42")
@@ -246,4 +255,17 @@ func serve(log *slog.Logger, args []string) error {
 		return err
 	}
 	return nil
+}
+
+// loopback reports whether addr (host:port) listens on loopback only.
+func loopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }

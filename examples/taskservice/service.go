@@ -152,6 +152,8 @@ func (s *Service) Permissions(ctx context.Context, user int64) (Permissions, err
 // key, which may hold a cached "not found" from someone who asked for it
 // before it existed.
 func (s *Service) CreateTask(ctx context.Context, in TaskInput) (Task, bool, error) {
+	ctx, cancel := writeContext(ctx)
+	defer cancel()
 	t, err := s.store.CreateTask(ctx, in)
 	if err != nil {
 		return Task{}, false, err
@@ -161,6 +163,8 @@ func (s *Service) CreateTask(ctx context.Context, in TaskInput) (Task, bool, err
 
 // UpdateTask writes, then invalidates the task and its org's lists.
 func (s *Service) UpdateTask(ctx context.Context, id int64, in TaskInput) (Task, bool, error) {
+	ctx, cancel := writeContext(ctx)
+	defer cancel()
 	t, err := s.store.UpdateTask(ctx, id, in)
 	if err != nil {
 		return Task{}, false, err
@@ -170,6 +174,8 @@ func (s *Service) UpdateTask(ctx context.Context, id int64, in TaskInput) (Task,
 
 // DeleteTask deletes, then invalidates the task and its org's lists.
 func (s *Service) DeleteTask(ctx context.Context, id int64) (bool, error) {
+	ctx, cancel := writeContext(ctx)
+	defer cancel()
 	org, err := s.store.DeleteTask(ctx, id)
 	if err != nil {
 		return false, err
@@ -177,14 +183,43 @@ func (s *Service) DeleteTask(ctx context.Context, id int64) (bool, error) {
 	return s.invalidate(ctx, id, org), nil
 }
 
+// writeTimeout bounds a write and its invalidation together.
+const writeTimeout = 10 * time.Second
+
+// writeContext detaches a write from its request: a client that hangs up
+// mid-UPDATE must not leave a committed row whose invalidation never ran
+// (the request's context ending after the commit, before the invalidate).
+// The write and its invalidation run to the end, under writeTimeout.
+func writeContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.WithoutCancel(ctx), writeTimeout)
+}
+
 // invalidate runs after the database write has committed and reports
-// whether either invalidation was queued for retry rather than applied.
-// The request's cancellation must not cut it short: the write is done.
+// whether an invalidation was queued for retry rather than applied. A
+// Redis failure is queued by the library; ErrClosed (the service is
+// shutting down) is not, and says nothing to the client about a retry.
 func (s *Service) invalidate(ctx context.Context, id int64, org string) (queued bool) {
-	ctx = context.WithoutCancel(ctx)
 	e1 := s.tasks.Invalidate(ctx, s.taskKey(id))
 	e2 := s.lists.InvalidateNamespace(ctx, s.orgLists(org))
-	return e1 != nil || e2 != nil
+	q := func(err error) bool { return err != nil && !errors.Is(err, cacheaside.ErrClosed) }
+	return q(e1) || q(e2)
+}
+
+// drain waits, up to d, for the caches' queued invalidations to land, so
+// a shutdown right after a queued write does not drop its retry (the
+// queue lives in memory), and reports how many are still pending.
+func (s *Service) drain(d time.Duration) uint64 {
+	deadline := time.Now().Add(d)
+	for {
+		var n uint64
+		for _, c := range s.Caches() {
+			n += c.Stats().PendingInvals
+		}
+		if n == 0 || time.Now().After(deadline) {
+			return n
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // describe names the policy of each cache, for the startup log.
