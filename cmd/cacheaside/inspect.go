@@ -68,13 +68,11 @@ func cmdInspect(ctx context.Context, cfg *config, args []string, stdout, stderr 
 	if len(rest) != 1 || rest[0] == "" {
 		return usagef("inspect takes one KEY (got %d arguments)", len(rest))
 	}
-	ctx, cancel := withTimeout(ctx, cfg)
-	defer cancel()
-	rdb, err := connect(ctx, cfg)
+	ctx, rdb, done, err := session(ctx, cfg)
 	if err != nil {
 		return err
 	}
-	defer rdb.Close()
+	defer done()
 	in, err := inspect(ctx, rdb, rest[0])
 	if err != nil {
 		return describeRedisErr(ctx, cfg, err)

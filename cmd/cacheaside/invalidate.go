@@ -96,13 +96,11 @@ func cmdInvalidate(ctx context.Context, cfg *config, args []string, stdout, stde
 		return usagef("invalidate %q: want key, prefix or namespace", op)
 	}
 
-	ctx, cancel := withTimeout(ctx, cfg)
-	defer cancel()
-	rdb, err := connect(ctx, cfg)
+	ctx, rdb, done, err := session(ctx, cfg)
 	if err != nil {
 		return err
 	}
-	defer rdb.Close()
+	defer done()
 	c, err := cacheaside.New[json.RawMessage](rdb, &cacheaside.Options[json.RawMessage]{
 		Name:       f.cache,
 		Namespaced: res.Op == "namespace",

@@ -172,6 +172,19 @@ func parseFlags(name string, cfg *config, args []string, stderr io.Writer, add f
 	return fs.Args(), nil
 }
 
+// tune sets what the CLI needs of a client, Client or ClusterClient alike:
+// deadlines on the socket, and a short dial tried once unless the URL
+// says otherwise.
+func tune(contextTimeout *bool, dialTimeout *time.Duration, dialerRetries *int, dial time.Duration) {
+	*contextTimeout = true
+	if *dialTimeout == 0 {
+		*dialTimeout = dial
+	}
+	if *dialerRetries == 0 {
+		*dialerRetries = 1
+	}
+}
+
 // connect builds the client cfg describes and checks with a PING, under
 // the command's deadline, that Redis answers.
 func connect(ctx context.Context, cfg *config) (redis.UniversalClient, error) {
@@ -183,13 +196,7 @@ func connect(ctx context.Context, cfg *config) (redis.UniversalClient, error) {
 		if err != nil {
 			return nil, usagef("--redis %s: %s", where, strings.ReplaceAll(err.Error(), cfg.redisURL, where))
 		}
-		o.ContextTimeoutEnabled = true
-		if o.DialTimeout == 0 {
-			o.DialTimeout = dial
-		}
-		if o.DialerRetries == 0 {
-			o.DialerRetries = 1
-		}
+		tune(&o.ContextTimeoutEnabled, &o.DialTimeout, &o.DialerRetries, dial)
 		rdb = redis.NewClusterClient(o)
 	} else {
 		if strings.HasPrefix(cfg.redisURL, "redis+cluster://") {
@@ -199,13 +206,7 @@ func connect(ctx context.Context, cfg *config) (redis.UniversalClient, error) {
 		if err != nil {
 			return nil, usagef("--redis %s: %s", where, strings.ReplaceAll(err.Error(), cfg.redisURL, where))
 		}
-		o.ContextTimeoutEnabled = true
-		if o.DialTimeout == 0 {
-			o.DialTimeout = dial
-		}
-		if o.DialerRetries == 0 {
-			o.DialerRetries = 1
-		}
+		tune(&o.ContextTimeoutEnabled, &o.DialTimeout, &o.DialerRetries, dial)
 		rdb = redis.NewClient(o)
 	}
 	start := time.Now()
@@ -232,9 +233,16 @@ func redactURL(u string) string {
 	return p.Redacted()
 }
 
-// withTimeout bounds a command by --timeout.
-func withTimeout(ctx context.Context, cfg *config) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(ctx, cfg.timeout)
+// session is what every command starts with: its deadline (--timeout)
+// and a client that answered a PING. done releases both.
+func session(ctx context.Context, cfg *config) (context.Context, redis.UniversalClient, func(), error) {
+	ctx, cancel := context.WithTimeout(ctx, cfg.timeout)
+	rdb, err := connect(ctx, cfg)
+	if err != nil {
+		cancel()
+		return nil, nil, nil, err
+	}
+	return ctx, rdb, func() { _ = rdb.Close(); cancel() }, nil
 }
 
 type quietRedis struct{}

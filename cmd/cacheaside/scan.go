@@ -39,13 +39,11 @@ func cmdScan(ctx context.Context, cfg *config, args []string, stdout, stderr io.
 	if len(rest) != 1 {
 		return usagef("scan takes one PREFIX (got %d arguments; \"\" lists every key)", len(rest))
 	}
-	ctx, cancel := withTimeout(ctx, cfg)
-	defer cancel()
-	rdb, err := connect(ctx, cfg)
+	ctx, rdb, done, err := session(ctx, cfg)
 	if err != nil {
 		return err
 	}
-	defer rdb.Close()
+	defer done()
 	rows, err := scan(ctx, rdb, rest[0])
 	if err != nil {
 		return describeRedisErr(ctx, cfg, err)
