@@ -22,13 +22,14 @@ import (
 // Cache is a typed cache-aside cache for values of type T stored in Redis.
 // It is safe for concurrent use. Build one with New and stop it with Close.
 type Cache[T any] struct {
-	rdb    Redis      // the client behind the operation budget and the breaker
-	raw    Redis      // the client as given to New
-	guard  *guarded   // rdb
-	opts   Options[T] // resolved: every default filled in
-	name   string     // opts.Name
-	ev     *events    // every counted event: Stats and the Recorder
-	logs   *logGate   // what of it reaches the logger (logs.go)
+	rdb    Redis        // the client behind the operation budget and the breaker
+	raw    Redis        // the client as given to New
+	guard  *guarded     // rdb
+	opts   Options[T]   // resolved: every default filled in
+	name   string       // opts.Name
+	warn   *slog.Logger // configuration problems: opts.Logger, or slog.Default() without one
+	ev     *events      // every counted event: Stats and the Recorder
+	logs   *logGate     // what of it reaches the logger (logs.go)
 	genTTL time.Duration
 
 	group    flight.Group[answer[T]] // one in-process load per key (GetMany's keys too)
@@ -60,6 +61,8 @@ type Cache[T any] struct {
 	reads *coalescer    // nil with Options.NoReadCoalescing or a sharding client
 
 	hooks *testHooks // nil outside tests
+
+	releaseName func() // forgets this cache's Name (names.go); nil until New succeeds
 }
 
 // Loader loads the value for one key from the source of truth. It returns
@@ -86,6 +89,12 @@ func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 	}
 	c := &Cache[T]{raw: rdb, opts: o, name: o.Name, ev: newEvents(o.Name, o.Recorder, o.Tracer), logs: &logGate{}, refreshes: make(map[string]time.Time),
 		loadSlots: make(chan struct{}, o.Degradation.MaxLoadsWhileDown), retries: make(map[string]retryOp)}
+	// Configuration warnings are not bounded by the log gate and go to
+	// slog.Default() when no Logger was given: they break promises.
+	c.warn = o.Logger
+	if opts == nil || opts.Logger == nil {
+		c.warn = slog.Default()
+	}
 	c.guard = &guarded{rdb: rdb, budget: o.Degradation.OpTimeout, write: o.Degradation.WriteTimeout, ev: c.ev}
 	if !o.Degradation.NoBreaker {
 		c.guard.cb = newBreaker(o.Name, o.Degradation.BreakerFailures, o.Degradation.BreakerCooldown, o.Logger, c.ev, c.logs)
@@ -136,18 +145,23 @@ func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 			c.reads.run(c.stop, c.readKeys)
 		}()
 	}
-	// Configuration warnings are not bounded by the log gate and go to
-	// slog.Default() when no Logger was given: they break promises.
-	warn := o.Logger
-	if opts == nil || opts.Logger == nil {
-		warn = slog.Default()
-	}
+	warn := c.warn
 	c.scanOne = scansOneNode(rdb)
 	if c.scanOne {
 		warn.Warn("cacheaside: the client is a wrapper without ForEachMaster or ForEachShard, so InvalidatePrefix scans only the node it reaches; on a sharded client it returns an error once a CROSSSLOT reply shows the sharding",
 			slog.String("cache", o.Name), slog.String("client", fmt.Sprintf("%T", rdb)))
 	}
 	warnClientOptions(c.raw, warn, o.Name)
+	if !o.Policy.NoNegativeCache && o.Policy.NegativeTTL > o.Policy.TTL {
+		warn.Warn("cacheaside: Policy.NegativeTTL is longer than Policy.TTL, so an item created after a lookup found it missing stays \"not found\" longer than a changed value stays stale; Invalidate its key when you create it, or shorten NegativeTTL",
+			slog.String("cache", o.Name), slog.Duration("ttl", o.Policy.TTL), slog.Duration("negative_ttl", o.Policy.NegativeTTL))
+	}
+	release, err := claimName(rdb, o.Name, o.Codec)
+	if err != nil {
+		c.Close()
+		return nil, err
+	}
+	c.releaseName = release
 	return c, nil
 }
 
@@ -197,7 +211,12 @@ func (c *Cache[T]) LocalLive() bool { return c.local != nil && c.local.live.Load
 // WaitLocal waits until the local tier is live (see LocalLive), polling
 // every millisecond or so, and returns nil then, ctx's error if ctx ends
 // first, ErrClosed after Close, or an error matching ErrInvalidOptions for
-// a cache without Options.Local.
+// a cache without Options.Local. When the server refuses SUBSCRIBE (see
+// ErrNoPubSub) it returns that error at once instead of waiting for a tier
+// that cannot come up; the cache keeps trying now and then, so a later
+// call may succeed if the server's configuration changes. A health check
+// can call it with an already-ended ctx to learn the tier's state without
+// waiting.
 func (c *Cache[T]) WaitLocal(ctx context.Context) error {
 	if c.local == nil {
 		return fmt.Errorf("%w: cache %q has no local tier (Options.Local)", ErrInvalidOptions, c.name)
@@ -207,6 +226,9 @@ func (c *Cache[T]) WaitLocal(ctx context.Context) error {
 	for !c.local.live.Load() {
 		if c.closed.Load() {
 			return ErrClosed
+		}
+		if r := c.local.refused.Load(); r != nil {
+			return fmt.Errorf("%w: cache %q, channel %q: %w", ErrNoPubSub, c.name, c.local.opts.Channel, *r)
 		}
 		select {
 		case <-ctx.Done():
@@ -424,7 +446,9 @@ func (c *Cache[T]) Set(ctx context.Context, key string, v T) error {
 		// invalidation would be, and keep this process off it meanwhile.
 		c.retryLater(retryKey, key)
 		c.group.Forget(key)
-		return errors.Join(c.redisError(ctx, "set", key, err), c.invalidated(ctx, []string{key}))
+		operr := c.redisError(ctx, "set", key, err)
+		_ = c.invalidated(ctx, []string{key}) // the retry publishes again once it lands
+		return operr
 	}
 	return c.invalidated(ctx, []string{key})
 }
@@ -443,6 +467,9 @@ func (c *Cache[T]) Close() error {
 	c.wg.Wait()
 	if c.local != nil {
 		c.local.close()
+	}
+	if c.releaseName != nil {
+		c.releaseName()
 	}
 	return nil
 }

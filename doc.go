@@ -7,7 +7,7 @@
 // caller that asks for the same key at the same time, in this process and
 // across processes:
 //
-//	rdb := redis.NewClient(&redis.Options{Addr: "localhost:6379", ContextTimeoutEnabled: true})
+//	rdb := redis.NewClient(cacheaside.Recommended(&redis.Options{Addr: "localhost:6379"}))
 //	tasks, err := cacheaside.New[Task](rdb, &cacheaside.Options[Task]{
 //		Name:   "task",
 //		Policy: cacheaside.Policy{TTL: 5 * time.Minute, NegativeTTL: time.Minute},

@@ -50,6 +50,24 @@ var (
 	// cannot be decoded (foreign data, an unknown format version, a payload
 	// the codec rejects). Get treats the key as a miss and overwrites it.
 	ErrCorruptEntry = errors.New("cacheaside: corrupt cache entry")
+
+	// ErrNotPublished is matched by the error of an Invalidate,
+	// InvalidatePrefix, InvalidateNamespace or Set whose change landed in
+	// Redis but whose message to other processes' local tiers
+	// (Options.Local) could not be published. Nothing is queued: Redis
+	// holds the new state, and other processes' local tiers serve the old
+	// value for at most LocalOptions.TTL. When the change itself failed,
+	// the error is the Redis failure's (an *OpError) and does not match
+	// ErrNotPublished: the queued retry publishes once it lands.
+	ErrNotPublished = errors.New("cacheaside: applied in Redis, but other processes' local tiers were not told")
+
+	// ErrNoPubSub is matched by what WaitLocal returns, and by the
+	// ErrNotPublished errors of writes, when the Redis server refuses
+	// SUBSCRIBE or PUBLISH ("unknown command": renamed or disabled
+	// commands, a proxy without pub/sub; or an ACL "NOPERM"). It is a
+	// configuration problem, not an outage: Options.Local cannot work on
+	// such a server, and the local tier stays bypassed (Gets read Redis).
+	ErrNoPubSub = errors.New("cacheaside: the Redis server refuses pub/sub, which Options.Local needs")
 )
 
 // PanicError is the error every caller sharing a load receives when the
@@ -108,7 +126,10 @@ func (e *KeyError) Error() string { return fmt.Sprintf("cacheaside: key %q: %v",
 
 func (e *KeyError) Unwrap() error { return e.Err }
 
-var errNilBatch = errors.New("cacheaside: GetMany with a nil Cache, key function or BatchLoader")
+// errNilBatch names the nil argument of a GetMany.
+func errNilBatch(arg string) error {
+	return fmt.Errorf("cacheaside: GetMany: %s is nil", arg)
+}
 
 // errReplyLength is the error of a multi-key reply (MGET) whose length
 // is not the number of keys asked for.

@@ -25,7 +25,7 @@ func exampleRedis() (*redis.Client, func()) {
 	if err != nil {
 		panic(err)
 	}
-	rdb := redis.NewClient(&redis.Options{Addr: mr.Addr(), ContextTimeoutEnabled: true})
+	rdb := redis.NewClient(cacheaside.Recommended(&redis.Options{Addr: mr.Addr()}))
 	return rdb, func() { rdb.Close(); mr.Close() }
 }
 
@@ -150,17 +150,15 @@ func ExampleTTLTable_WithOverrides() {
 // Redis Cluster and Sentinel need no special setup: the clients satisfy
 // cacheaside.Redis. (Compiles only; needs the servers to run.)
 func ExampleNew_clusterAndSentinel() {
-	cluster := redis.NewClusterClient(&redis.ClusterOptions{
-		Addrs:                 []string{"127.0.0.1:7000", "127.0.0.1:7001", "127.0.0.1:7002"},
-		ContextTimeoutEnabled: true,
-	})
+	cluster := redis.NewClusterClient(cacheaside.Recommended(&redis.ClusterOptions{
+		Addrs: []string{"127.0.0.1:7000", "127.0.0.1:7001", "127.0.0.1:7002"},
+	}))
 	_, _ = cacheaside.New[Task](cluster, &cacheaside.Options[Task]{Name: "task"})
 
-	failover := redis.NewFailoverClient(&redis.FailoverOptions{
-		MasterName:            "mymaster",
-		SentinelAddrs:         []string{"127.0.0.1:26379"},
-		ContextTimeoutEnabled: true,
-	})
+	failover := redis.NewFailoverClient(cacheaside.Recommended(&redis.FailoverOptions{
+		MasterName:    "mymaster",
+		SentinelAddrs: []string{"127.0.0.1:26379"},
+	}))
 	_, _ = cacheaside.New[Task](failover, &cacheaside.Options[Task]{Name: "task"})
 }
 

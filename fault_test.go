@@ -43,6 +43,7 @@ func requireRedisServer(t *testing.T) {
 type redisProc struct {
 	t    *testing.T
 	port int
+	args []string // more redis-server arguments
 	cmd  *exec.Cmd
 }
 
@@ -56,10 +57,10 @@ func freePort(t *testing.T) int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
-func startRedis(t *testing.T) *redisProc {
+func startRedis(t *testing.T, args ...string) *redisProc {
 	t.Helper()
 	requireRedisServer(t)
-	p := &redisProc{t: t, port: freePort(t)}
+	p := &redisProc{t: t, port: freePort(t), args: args}
 	p.start()
 	t.Cleanup(p.kill)
 	return p
@@ -69,8 +70,8 @@ func (p *redisProc) addr() string { return fmt.Sprintf("127.0.0.1:%d", p.port) }
 
 func (p *redisProc) start() {
 	p.t.Helper()
-	p.cmd = exec.Command("redis-server", "--port", fmt.Sprint(p.port), "--bind", "127.0.0.1",
-		"--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning")
+	p.cmd = exec.Command("redis-server", append([]string{"--port", fmt.Sprint(p.port), "--bind", "127.0.0.1",
+		"--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"}, p.args...)...)
 	if err := p.cmd.Start(); err != nil {
 		p.t.Fatalf("starting redis-server (it must be installed): %v", err)
 	}

@@ -47,8 +47,13 @@ type BatchLoader[K comparable, T any] func(ctx context.Context, ids []K) (map[K]
 // MaxLoadsWhileDown (one slot per batch). Duplicate ids, or ids with the
 // same key, are read and loaded once.
 func GetMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key func(K) string, load BatchLoader[K, T]) (map[K]T, error) {
-	if c == nil || key == nil || load == nil {
-		return nil, errNilBatch
+	switch {
+	case c == nil:
+		return nil, errNilBatch("argument c (the *Cache)")
+	case key == nil:
+		return nil, errNilBatch("argument key (the func(K) string building each key)")
+	case load == nil:
+		return nil, errNilBatch("argument load (the BatchLoader)")
 	}
 	if c.opts.Tracer == nil {
 		return getMany(ctx, c, ids, key, load)

@@ -55,8 +55,9 @@ type Degradation struct {
 	// OpTimeout bounds every Redis command the cache sends, and a command
 	// never gets more than half of what remains of the caller's deadline:
 	// a slow or unreachable Redis costs a Get at most this (per command)
-	// before it falls back. Invalidation batches get ten times as long, at
-	// least 1s. Default 50ms; at least 1ms.
+	// before it falls back. The SCANs of InvalidatePrefix get ten times as
+	// long, at least 1s; writes that must not be lost get WriteTimeout.
+	// Default 50ms; at least 1ms.
 	OpTimeout time.Duration
 
 	// BreakerFailures is how many consecutive Redis failures (transport

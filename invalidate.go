@@ -32,6 +32,13 @@ import (
 // source, so the writer reads its own write (see retry.go;
 // Degradation.NoRetryInvalidations turns this off, and the entries then
 // live until their TTL ends).
+//
+// With Options.Local, other processes' local tiers are told by a message
+// on the bus once Redis applied the change. When only that message fails,
+// the error matches ErrNotPublished: the delete landed, nothing is queued,
+// and other local tiers may serve the old value for up to
+// LocalOptions.TTL. InvalidatePrefix, InvalidateNamespace and Set report
+// it the same way.
 func (c *Cache[T]) Invalidate(ctx context.Context, keys ...string) error {
 	for _, k := range keys {
 		if _, err := c.checkKey(k); err != nil {
@@ -57,7 +64,8 @@ func (c *Cache[T]) Invalidate(ctx context.Context, keys ...string) error {
 	c.counted(n)
 	perr := c.invalidated(ctx, keys)
 	if err != nil {
-		return errors.Join(c.redisError(ctx, "invalidate", keysLabel(keys), err), perr)
+		// The retry publishes again once its UNLINK lands.
+		return c.redisError(ctx, "invalidate", keysLabel(keys), err)
 	}
 	return perr
 }
@@ -215,6 +223,9 @@ func (c *Cache[T]) invalidatePrefix(ctx context.Context, prefix string, first bo
 	n := total.Load()
 	c.counted(n)
 	if perr := c.invalidatedPrefix(ctx, prefix); perr != nil && err == nil {
+		if !first {
+			return n, nil // the retry's delete landed; the message failure was reported
+		}
 		return n, perr
 	}
 	if err != nil {
@@ -271,7 +282,7 @@ func (c *Cache[T]) InvalidateNamespace(ctx context.Context, ns Namespace) error 
 	c.forgetPrefix(ns.Prefix()) // again: loads that started before the SET landed
 	perr := c.invalidatedNamespace(ctx, ns.genKey())
 	if err != nil {
-		return errors.Join(c.redisError(ctx, "invalidate-namespace", ns.genKey(), err), perr)
+		return c.redisError(ctx, "invalidate-namespace", ns.genKey(), err)
 	}
 	return perr
 }

@@ -188,8 +188,8 @@ func (ns Namespace) String() string { return ns.tag }
 // '#', so no entry key can equal it.
 func (ns Namespace) genKey() string { return ns.tag + GenerationSuffix }
 
-// GenerationKey returns the key of the generation counter of the namespace
-// key belongs to, and false for a key outside any namespace. A namespaced
+// GenerationKey returns the generation key of the namespace key belongs
+// to, and false for a key outside any namespace. A namespaced
 // key contains a hash tag "{...}" followed by the end of the key or a
 // separator, as Namespace.Key builds them; the generation key is
 // everything up to the tag, then ":#gen". Tools that read entries (the

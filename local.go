@@ -129,6 +129,13 @@ type localTier[T any] struct {
 	live atomic.Bool // the subscription is confirmed: the tier may be used
 	lost atomic.Bool // a loss was logged: log the return
 
+	// refused holds the server's refusal of SUBSCRIBE (see refusesPubSub)
+	// until a subscription is confirmed; nil otherwise.
+	refused atomic.Pointer[error]
+	// refusedSubscribe and refusedPublish: each refusal was logged (once
+	// per Cache).
+	refusedSubscribe, refusedPublish atomic.Bool
+
 	// Epochs. A store records the epochs before its read and is undone if
 	// they moved: global moves on every flush and prefix invalidation,
 	// stripe[i] on every key invalidation of a key in stripe i.

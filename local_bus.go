@@ -9,6 +9,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
+	"strings"
+
+	"github.com/redis/go-redis/v9"
 )
 
 // Bus messages: a kind byte, then for msgKeys each key as a uvarint length
@@ -70,13 +74,64 @@ func (l *localTier[T]) apply(msg string) error {
 }
 
 // publish tells every Cache on the channel (this one included) what was
-// invalidated, after Redis applied it.
+// invalidated, after Redis applied it. Its error matches ErrNotPublished
+// (and ErrNoPubSub when the server refuses PUBLISH). Nothing is sent while
+// the server refuses SUBSCRIBE: no process can be listening.
 func (c *Cache[T]) publish(ctx context.Context, msg []byte, what string) error {
-	if err := c.guard.publish(ctx, c.local.bus, c.local.opts.Channel, msg); err != nil {
-		return c.redisError(ctx, "publish", what, err)
+	if c.local.refused.Load() != nil {
+		return nil
 	}
-	return nil
+	err := c.guard.publish(ctx, c.local.bus, c.local.opts.Channel, msg)
+	if err == nil {
+		return nil
+	}
+	// Redis quotes the arguments of a command it refuses: the message's
+	// raw bytes must not reach a log line as they are.
+	err = quotedError{err}
+	if refusesPubSub(err) {
+		c.pubsubRefused("PUBLISH", err)
+		err = fmt.Errorf("%w: %w", ErrNoPubSub, err)
+	}
+	return fmt.Errorf("%w: %w", ErrNotPublished, c.redisError(ctx, "publish", what, err))
 }
+
+// refusesPubSub reports whether err is the server refusing a pub/sub
+// command for good: unknown (renamed, disabled, a proxy without pub/sub)
+// or not permitted (ACL). Such a reply will not change by retrying.
+func refusesPubSub(err error) bool {
+	var re redis.Error
+	if !errors.As(err, &re) {
+		return false
+	}
+	msg := re.Error()
+	return strings.HasPrefix(msg, "ERR unknown command") || strings.HasPrefix(msg, "ERR unsupported command") ||
+		strings.HasPrefix(msg, "NOPERM")
+}
+
+// pubsubRefused logs, once per Cache and command, that the server refuses
+// cmd: a configuration error, at error level, naming the option it breaks.
+func (c *Cache[T]) pubsubRefused(cmd string, err error) {
+	once := &c.local.refusedSubscribe
+	if cmd == "PUBLISH" {
+		once = &c.local.refusedPublish
+	}
+	if once.Swap(true) {
+		return
+	}
+	c.warn.LogAttrs(c.stop, slog.LevelError, "cacheaside: the Redis server refuses "+cmd+", so Options.Local cannot keep local tiers coherent: this cache's local tier stays bypassed (its Gets read Redis) and other processes are not told of its writes; allow pub/sub on the server (renamed commands, ACL, proxy) or remove Options.Local",
+		slog.String("cache", c.name), slog.String("channel", c.local.opts.Channel), slog.Any("err", err))
+}
+
+// quotedError shows an error's text with control and non-UTF-8 bytes
+// escaped, as Go quotes strings; Unwrap gives the error itself.
+type quotedError struct{ err error }
+
+func (e quotedError) Error() string {
+	q := strconv.Quote(e.err.Error())
+	return q[1 : len(q)-1]
+}
+
+func (e quotedError) Unwrap() error { return e.err }
 
 // invalidated drops keys from this process's local tier and publishes them
 // to the others. It is a no-op without a local tier.
@@ -120,6 +175,7 @@ func (c *Cache[T]) listen() {
 			// Whatever was published before this point is lost to us:
 			// start from an empty tier.
 			l.flush()
+			l.refused.Store(nil)
 			l.live.Store(true)
 			if l.lost.Swap(false) {
 				c.opts.Logger.LogAttrs(c.stop, slog.LevelInfo, "cacheaside: invalidation bus back; local tier in use again",
@@ -129,6 +185,15 @@ func (c *Cache[T]) listen() {
 		down: func(err error, confirmed bool) {
 			l.live.Store(false)
 			l.flush()
+			if refusesPubSub(err) {
+				// Not an outage: the tier stays bypassed, WaitLocal says
+				// why, and the subscription is tried again now and then
+				// (a server's configuration may change) without more logs.
+				l.refused.Store(&err)
+				c.pubsubRefused("SUBSCRIBE", err)
+				first = false
+				return
+			}
 			c.busLost(err, confirmed || first)
 			first = false
 		},

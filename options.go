@@ -25,6 +25,87 @@ type Redis interface {
 	Pipelined(ctx context.Context, fn func(redis.Pipeliner) error) ([]redis.Cmder, error)
 }
 
+// Recommended applies the go-redis settings this library recommends for a
+// cache client to opt, and returns opt (a nil opt means a new, zero one),
+// so a client is built in one line:
+//
+//	rdb := redis.NewClient(cacheaside.Recommended(&redis.Options{Addr: "localhost:6379"}))
+//
+// It works on the options of every client New accepts: *redis.Options
+// (Client, and the URL parsers' result), *redis.FailoverOptions
+// (Sentinel), *redis.ClusterOptions, *redis.RingOptions and
+// *redis.UniversalOptions. The settings, and why:
+//
+//   - ContextTimeoutEnabled = true: every command the cache sends carries
+//     its time budget (Degradation.OpTimeout and friends) as a context
+//     deadline, and go-redis puts it on the socket only with this set.
+//     Without it, a Redis that accepts connections and never answers holds
+//     a command for ReadTimeout (3 s by default), and New logs a warning.
+//   - MaxRetries = -1 (when unset): no retry of a failed command. A retry
+//     spends the budget on a Redis that just failed, and the circuit
+//     breaker must see failures as they happen to open.
+//   - DialerRetries = 1 (when unset): one dial attempt instead of five
+//     100 ms apart, so an outage shows up as "connection refused" within
+//     a millisecond or two instead of "context deadline exceeded" at the
+//     end of every budget, with go-redis logging each failed dial.
+//
+// It leaves DialTimeout, ReadTimeout, WriteTimeout and PoolTimeout at
+// what opt says (go-redis's defaults: 5 s, 3 s, 3 s, ReadTimeout + 1 s).
+// The cache's own commands end at their budgets whatever those are, and
+// short client timeouts would only cut into work that needs longer: the
+// cache's bulk budgets (an InvalidatePrefix SCAN gets at least 1 s), and
+// your own commands on the same client (a pipeline that fills thousands
+// of keys). Set them yourself if you want a ceiling for commands sent
+// without a deadline.
+func Recommended[O *redis.Options | *redis.FailoverOptions | *redis.ClusterOptions | *redis.RingOptions | *redis.UniversalOptions](opt O) O {
+	retries := func(maxRetries, dialerRetries *int) {
+		if *maxRetries == 0 {
+			*maxRetries = -1
+		}
+		if *dialerRetries == 0 {
+			*dialerRetries = 1
+		}
+	}
+	switch o := any(opt).(type) {
+	case *redis.Options:
+		if o == nil {
+			o = new(redis.Options)
+		}
+		o.ContextTimeoutEnabled = true
+		retries(&o.MaxRetries, &o.DialerRetries)
+		return any(o).(O)
+	case *redis.FailoverOptions:
+		if o == nil {
+			o = new(redis.FailoverOptions)
+		}
+		o.ContextTimeoutEnabled = true
+		retries(&o.MaxRetries, &o.DialerRetries)
+		return any(o).(O)
+	case *redis.ClusterOptions:
+		if o == nil {
+			o = new(redis.ClusterOptions)
+		}
+		o.ContextTimeoutEnabled = true
+		retries(&o.MaxRetries, &o.DialerRetries)
+		return any(o).(O)
+	case *redis.RingOptions:
+		if o == nil {
+			o = new(redis.RingOptions)
+		}
+		o.ContextTimeoutEnabled = true
+		retries(&o.MaxRetries, &o.DialerRetries)
+		return any(o).(O)
+	case *redis.UniversalOptions:
+		if o == nil {
+			o = new(redis.UniversalOptions)
+		}
+		o.ContextTimeoutEnabled = true
+		retries(&o.MaxRetries, &o.DialerRetries)
+		return any(o).(O)
+	}
+	return opt
+}
+
 // Options configures a Cache. A nil *Options and the zero value of every
 // field mean the default written beside it.
 type Options[T any] struct {

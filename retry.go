@@ -193,7 +193,9 @@ func (c *Cache[T]) retryPass(ops map[string]retryOp) bool {
 			c.ev.redisError(c.stop, "invalidate", err) // counted, not logged: the first failure was
 		}
 		if err == nil {
-			err = c.invalidated(ctx, keys[i:j])
+			// The delete landed: a message that fails is reported, not
+			// retried (other local tiers expire by LocalOptions.TTL).
+			_ = c.invalidated(ctx, keys[i:j])
 		}
 		cancel()
 		if err != nil {
@@ -218,7 +220,7 @@ func (c *Cache[T]) retryPass(ops map[string]retryOp) bool {
 			_, err = c.invalidatePrefix(ctx, id[1:], false)
 		case retryNS:
 			if err = c.bumpGen(ctx, id[1:]); err == nil {
-				err = c.invalidatedNamespace(ctx, id[1:])
+				_ = c.invalidatedNamespace(ctx, id[1:])
 			}
 		}
 		cancel()

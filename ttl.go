@@ -26,9 +26,10 @@ type Policy struct {
 	TTL time.Duration
 
 	// NegativeTTL is how long a "not found" answer is cached.
-	// Default 60s; at least 1ms. Keep it short: a create must clear the
-	// tombstone (Invalidate or Set), or readers see "not found" until it
-	// expires.
+	// Default 60s, or TTL when that is shorter; at least 1ms. Keep it
+	// short: a create must clear the tombstone (Invalidate or Set), or
+	// readers see "not found" until it expires. New logs a warning when it
+	// is set longer than TTL.
 	NegativeTTL time.Duration
 
 	// NoNegativeCache turns negative caching off: every Get of a missing
@@ -113,7 +114,7 @@ func (p Policy) resolved() Policy {
 		p.TTL = DefaultTTL
 	}
 	if p.NegativeTTL == 0 {
-		p.NegativeTTL = DefaultNegativeTTL
+		p.NegativeTTL = min(DefaultNegativeTTL, p.TTL)
 	}
 	switch {
 	case p.NoJitter:

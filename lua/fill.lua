@@ -34,7 +34,9 @@ if kind == 3 or kind == 4 then
     if #ARGV[2] <= 65536 then
       msg = msg .. ARGV[2]
     end
-    redis.call('PUBLISH', ARGV[5], msg)
+    -- pcall: a server that refuses PUBLISH (renamed, ACL) must not fail
+    -- the fill that has just been written; the waiters poll instead.
+    redis.pcall('PUBLISH', ARGV[5], msg)
   end
   return 1
 end

@@ -17,7 +17,7 @@ local kind = string.byte(cur, 3)
 if kind == 3 or (kind == 4 and tonumber(ARGV[2]) <= 0) then
   redis.call('DEL', KEYS[1])
   if kind == 3 and ARGV[3] ~= nil and ARGV[3] ~= '' and string.sub(cur, 29, 32) ~= '\0\0\0\0' then
-    redis.call('PUBLISH', ARGV[3], #KEYS[1] .. ':' .. KEYS[1])
+    redis.pcall('PUBLISH', ARGV[3], #KEYS[1] .. ':' .. KEYS[1]) -- pcall: as in fill.lua
   end
   return 1
 end

@@ -125,26 +125,31 @@
 // The bus channel is "cacheaside:invalidate:" followed by the caches'
 // Options.Name, so give that name with --cache (default "default", the
 // library's default name), or their LocalOptions.Channel with --channel if
-// they set one. The output says where the message went. Caches without a
-// local tier ignore the message. For a namespace, --ttl sets the lifetime
-// of the new generation key the way the caches' Policy does (2 × TTL +
-// LeaseTTL; give their TTL plus their stale window; default 5m): the
-// caches renew it on every load anyway.
+// they set one. The output says where the message went and how many
+// subscribers it reached (other than the command itself; on a Cluster,
+// summed over every node), and a warning on stderr says when nobody
+// subscribes: the usual sign of a wrong --cache. Caches without a local
+// tier do not subscribe and do not need the message. On a server that
+// refuses SUBSCRIBE, nothing is published: no process can hold a local
+// tier there. For a namespace, give --ttl the caches'
+// Policy.TTL plus their stale window (default 5m): the new generation key
+// then lives 2 × (TTL + stale window) + LeaseTTL, as the caches' own
+// generation keys do, and the caches renew it on every load anyway.
 //
 //	$ cacheaside invalidate --cache task_list namespace 'v1:task_lists:{org:acme}'
 //	namespace v1:task_lists:{org:acme}: generation 2c9045321d50b711 -> 1d1c4ecedf2cb477
-//	published on cacheaside:invalidate:task_list
+//	published on cacheaside:invalidate:task_list to 2 subscribers
 //
 //	$ cacheaside invalidate --cache task key v1:tasks:42 v1:tasks:43
 //	deleted 1 of 2 keys
-//	published on cacheaside:invalidate:task
+//	published on cacheaside:invalidate:task to 2 subscribers
 //
 //	$ cacheaside invalidate --json --cache task key v1:tasks:404
-//	{"op":"key","keys":["v1:tasks:404"],"deleted":1,"channel":"cacheaside:invalidate:task"}
+//	{"op":"key","keys":["v1:tasks:404"],"deleted":1,"channel":"cacheaside:invalidate:task","subscribers":2}
 //
 //	$ cacheaside invalidate --cache task prefix v1:tasks:
 //	deleted 2 keys under "v1:tasks:"
-//	published on cacheaside:invalidate:task
+//	published on cacheaside:invalidate:task to 2 subscribers
 //
 // NS is the namespace as Namespace.String prints it (its generation key is
 // accepted too). A failed invalidation is reported and not retried in the

@@ -18,9 +18,12 @@ func Example() {
 	defer mr.Close()
 	rdb := redis.NewClient(&redis.Options{Addr: mr.Addr(), ContextTimeoutEnabled: true})
 	defer rdb.Close()
-	tasks, _ := cacheaside.New(rdb, &cacheaside.Options[string]{Name: "task"})
+	// A local tier subscribes to the cache's bus: the command's message
+	// reaches it.
+	tasks, _ := cacheaside.New(rdb, &cacheaside.Options[string]{Name: "task", Local: &cacheaside.LocalOptions{}})
 	defer tasks.Close()
 	ctx := context.Background()
+	_ = tasks.WaitLocal(ctx)
 	_, _ = tasks.Get(ctx, "v1:tasks:42", func(context.Context) (string, error) { return "write the docs", nil })
 
 	url := "redis://" + mr.Addr() + "/0"
@@ -28,6 +31,6 @@ func Example() {
 	run(ctx, []string{"--redis", url, "inspect", "v1:tasks:42"}, os.Stdout, os.Stdout)
 	// Output:
 	// deleted 1 of 1 key
-	// published on cacheaside:invalidate:task
+	// published on cacheaside:invalidate:task to 1 subscriber
 	// cacheaside inspect: v1:tasks:42: no such key
 }

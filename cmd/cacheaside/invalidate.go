@@ -10,6 +10,7 @@ import (
 	"io"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -42,6 +43,11 @@ type invalidateResult struct {
 	OldGeneration *string  `json:"old_generation,omitempty"` // absent: there was none
 	NewGeneration string   `json:"new_generation,omitempty"`
 	Channel       string   `json:"channel"` // where the bus message went
+	// Subscribers is how many processes (other than this command) were
+	// subscribed to Channel when the message went out: the local tiers
+	// that heard it. Absent when nothing was published.
+	Subscribers *int64 `json:"subscribers,omitempty"`
+	Refused     string `json:"pubsub_refused,omitempty"` // the server refuses SUBSCRIBE: nothing to tell
 }
 
 func cmdInvalidate(ctx context.Context, cfg *config, args []string, stdout, stderr io.Writer) error {
@@ -122,6 +128,13 @@ func cmdInvalidate(ctx context.Context, cfg *config, args []string, stdout, stde
 		return err
 	}
 	defer c.Close()
+	// This command's own subscription first, so the count of subscribers
+	// below can leave it out.
+	if err := c.WaitLocal(ctx); errors.Is(err, cacheaside.ErrNoPubSub) {
+		res.Refused = err.Error()
+	} else if err != nil {
+		return describeRedisErr(ctx, cfg, fmt.Errorf("subscribing to %s: %w", res.Channel, err))
+	}
 
 	switch res.Op {
 	case "key":
@@ -140,6 +153,17 @@ func cmdInvalidate(ctx context.Context, cfg *config, args []string, stdout, stde
 			err = fmt.Errorf("%w (%d keys were deleted before it)", err, *res.Deleted)
 		}
 		return describeRedisErr(ctx, cfg, err)
+	}
+	if res.Refused == "" {
+		n, err := subscribers(ctx, rdb, res.Channel)
+		if err != nil {
+			return describeRedisErr(ctx, cfg, fmt.Errorf("the invalidation is done; counting the subscribers of %s failed: %w", res.Channel, err))
+		}
+		n = max(n-1, 0) // this command's own
+		res.Subscribers = &n
+	}
+	if res.Subscribers != nil && *res.Subscribers == 0 {
+		fmt.Fprintf(stderr, "warning: no process subscribes to %s, so no local tier heard this; give the caches' Options.Name with --cache (now %q) or their LocalOptions.Channel with --channel\n", res.Channel, f.cache)
 	}
 	if cfg.json {
 		return json.NewEncoder(stdout).Encode(res)
@@ -183,7 +207,33 @@ func printInvalidate(w io.Writer, res *invalidateResult) {
 		}
 		fmt.Fprintf(w, "namespace %s: generation %s -> %s\n", res.Namespace, old, res.NewGeneration)
 	}
-	fmt.Fprintf(w, "published on %s\n", res.Channel)
+	switch {
+	case res.Refused != "":
+		fmt.Fprintf(w, "not published: the server refuses SUBSCRIBE, so no process can hold a local tier to tell\n")
+	case *res.Subscribers == 1:
+		fmt.Fprintf(w, "published on %s to 1 subscriber\n", res.Channel)
+	default:
+		fmt.Fprintf(w, "published on %s to %d subscribers\n", res.Channel, *res.Subscribers)
+	}
+}
+
+// subscribers counts the clients subscribed to channel: on every node of
+// a Cluster (a subscriber may be on any of them), or on the one server.
+func subscribers(ctx context.Context, rdb redis.UniversalClient, channel string) (int64, error) {
+	count := func(ctx context.Context, c redis.Cmdable) (int64, error) {
+		m, err := c.PubSubNumSub(ctx, channel).Result()
+		return m[channel], err
+	}
+	if cc, ok := rdb.(*redis.ClusterClient); ok {
+		var total atomic.Int64
+		err := cc.ForEachShard(ctx, func(ctx context.Context, n *redis.Client) error {
+			v, err := count(ctx, n)
+			total.Add(v)
+			return err
+		})
+		return total.Load(), err
+	}
+	return count(ctx, rdb)
 }
 
 func keysWord(n int64) string {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -17,7 +18,7 @@ func TestInvalidateKeysAndPrefix(t *testing.T) {
 			mustGet(t, c, b.ks.Key("k", k), load("v"+k, &n))
 		}
 		out := b.ok(t, "invalidate", "--cache", b.cacheName, "key", b.ks.Key("k", "1"), b.ks.Key("k", "2"), b.ks.Key("k", "missing"))
-		mustContain(t, out, "deleted 2 of 3 keys\n", "published on cacheaside:invalidate:"+b.cacheName+"\n")
+		mustContain(t, out, "deleted 2 of 3 keys\n", "published on cacheaside:invalidate:"+b.cacheName+" to 0 subscribers\n")
 		if got := b.exist(b.ks.Key("k", "1"), b.ks.Key("k", "2"), b.ks.Key("k", "3")); got != 1 {
 			t.Errorf("%d of the keys exist, want 1", got)
 		}
@@ -38,7 +39,16 @@ func TestInvalidateKeysAndPrefix(t *testing.T) {
 		if got := b.exist(b.ks.Key("org", "acme2", "page", "1"), b.ks.Key("org", "acme2", "page", "2")); got != 2 {
 			t.Errorf("acme2's keys: %d left, want 2 (its prefix differs)", got)
 		}
-		mustContain(t, b.ok(t, "invalidate", "prefix", b.ks.Prefix("org", "acme")), "deleted 0 keys under", "published on cacheaside:invalidate:default\n")
+		// Without --cache the message goes to the default name's channel,
+		// where nobody listens: the command says so.
+		r := b.cli(t, "invalidate", "prefix", b.ks.Prefix("org", "acme"))
+		mustContain(t, r.stdout, "deleted 0 keys under", "published on cacheaside:invalidate:default to 0 subscribers\n")
+		if r.code != exitOK || !strings.Contains(r.stderr, "warning: no process subscribes to cacheaside:invalidate:default") || !strings.Contains(r.stderr, "--cache") {
+			t.Errorf("invalidate without --cache: exit %d, stderr %q; want exit 0 and a warning naming --cache", r.code, r.stderr)
+		}
+		if res.Subscribers == nil || *res.Subscribers != 0 {
+			t.Errorf("--json subscribers: %s", out)
+		}
 	})
 }
 
@@ -141,7 +151,7 @@ func TestInvalidateReachesLocalTier(t *testing.T) {
 				}
 				out := b.ok(t, right...)
 				channel := cmpOr(tc.channel, cacheaside.DefaultLocalChannelPrefix+c.Name())
-				mustContain(t, out, "published on "+channel+"\n")
+				mustContain(t, out, "published on "+channel+" to 1 subscriber\n")
 				waitFor(t, "the bus message", func() bool { return c.Stats().BusMessages > 0 })
 				mustGet(t, c, tc.key, load("v", &loads))
 				if loads.Load() != n+1 {

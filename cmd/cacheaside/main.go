@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/seed-b4ec662f/cacheaside"
 )
 
 func main() {
@@ -172,19 +174,6 @@ func parseFlags(name string, cfg *config, args []string, stderr io.Writer, add f
 	return fs.Args(), nil
 }
 
-// tune sets what the CLI needs of a client, Client or ClusterClient alike:
-// deadlines on the socket, and a short dial tried once unless the URL
-// says otherwise.
-func tune(contextTimeout *bool, dialTimeout *time.Duration, dialerRetries *int, dial time.Duration) {
-	*contextTimeout = true
-	if *dialTimeout == 0 {
-		*dialTimeout = dial
-	}
-	if *dialerRetries == 0 {
-		*dialerRetries = 1
-	}
-}
-
 // connect builds the client cfg describes and checks with a PING, under
 // the command's deadline, that Redis answers.
 func connect(ctx context.Context, cfg *config) (redis.UniversalClient, error) {
@@ -196,8 +185,10 @@ func connect(ctx context.Context, cfg *config) (redis.UniversalClient, error) {
 		if err != nil {
 			return nil, usagef("--redis %s: %s", where, strings.ReplaceAll(err.Error(), cfg.redisURL, where))
 		}
-		tune(&o.ContextTimeoutEnabled, &o.DialTimeout, &o.DialerRetries, dial)
-		rdb = redis.NewClusterClient(o)
+		if o.DialTimeout == 0 {
+			o.DialTimeout = dial
+		}
+		rdb = redis.NewClusterClient(cacheaside.Recommended(o))
 	} else {
 		if strings.HasPrefix(cfg.redisURL, "redis+cluster://") {
 			return nil, usagef("--redis %s: for a cluster, give --cluster and a redis:// URL (more seeds with ?addr=host:port)", where)
@@ -206,8 +197,10 @@ func connect(ctx context.Context, cfg *config) (redis.UniversalClient, error) {
 		if err != nil {
 			return nil, usagef("--redis %s: %s", where, strings.ReplaceAll(err.Error(), cfg.redisURL, where))
 		}
-		tune(&o.ContextTimeoutEnabled, &o.DialTimeout, &o.DialerRetries, dial)
-		rdb = redis.NewClient(o)
+		if o.DialTimeout == 0 {
+			o.DialTimeout = dial
+		}
+		rdb = redis.NewClient(cacheaside.Recommended(o))
 	}
 	start := time.Now()
 	if err := rdb.Ping(ctx).Err(); err != nil {
