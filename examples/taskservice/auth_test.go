@@ -2,6 +2,8 @@ package main
 
 import (
 	"bufio"
+	"encoding/json"
+	"fmt"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -52,5 +54,113 @@ func TestLoginRedirectTarget(t *testing.T) {
 	t.Logf("status %d Location %q", w.Code, loc)
 	if strings.HasPrefix(loc, "//") || strings.HasPrefix(loc, "/\\") {
 		t.Fatalf("login redirects off-site: Location %q", loc)
+	}
+}
+
+// A browser that opens /admin/ without the token gets a page that says
+// how to log in; API clients, and every other admin endpoint, get the
+// JSON 401.
+func TestAdminLoginPage(t *testing.T) {
+	ta := newTestApp(t, func(e *env) { e.adminToken = "s3cret" })
+	const browser = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
+	for _, c := range []struct {
+		method, path, accept, auth string
+		want                       int
+		html                       bool
+	}{
+		{"GET", "/admin/", browser, "", 401, true},
+		{"HEAD", "/admin/", browser, "", 401, true},
+		{"GET", "/admin/", "text/html", "", 401, true},
+		{"GET", "/admin/", "TEXT/HTML; q=0.9, application/json; q=0.5", "", 401, true},
+		{"GET", "/admin/?token=wrong", browser, "", 401, true},
+		{"GET", "/admin/", browser, "Bearer wrong", 401, true},
+		{"GET", "/admin/no-such-page", browser, "", 401, true},
+		{"GET", "/admin/", "", "", 401, false},
+		{"GET", "/admin/", "*/*", "", 401, false}, // curl, fetch
+		{"GET", "/admin/", "application/json", "", 401, false},
+		{"GET", "/admin/", "application/json, text/html", "", 401, false},
+		{"GET", "/admin/", "text/html;q=0.5, application/json", "", 401, false},
+		{"GET", "/admin/", "text/html;q=0", "", 401, false},
+		{"GET", "/admin/", "text/html;q=nan", "", 401, false},
+		{"GET", "/admin/dashboard.json", browser, "", 401, false},
+		{"GET", "/admin/cache-stats", browser, "", 401, false},
+		{"GET", "/metrics", browser, "", 401, false},
+		{"DELETE", "/admin/cache/task?prefix=v1:tasks:", browser, "", 401, false},
+		{"GET", "/admin/", browser, "Bearer s3cret", 200, true}, // the dashboard itself
+	} {
+		name := fmt.Sprintf("%s %s Accept %q Authorization %q", c.method, c.path, c.accept, c.auth)
+		req := httptest.NewRequest(c.method, c.path, nil)
+		if c.accept != "" {
+			req.Header.Set("Accept", c.accept)
+		}
+		if c.auth != "" {
+			req.Header.Set("Authorization", c.auth)
+		}
+		w := httptest.NewRecorder()
+		ta.Handler.ServeHTTP(w, req)
+		h, body := w.Header(), w.Body.String()
+		if w.Code != c.want {
+			t.Errorf("%s: %d, want %d", name, w.Code, c.want)
+			continue
+		}
+		if h.Get("Cache-Control") != "no-store" || h.Get("X-Content-Type-Options") != "nosniff" {
+			t.Errorf("%s: Cache-Control %q, X-Content-Type-Options %q", name, h.Get("Cache-Control"), h.Get("X-Content-Type-Options"))
+		}
+		if c.want == 200 {
+			continue
+		}
+		if h.Get("WWW-Authenticate") == "" {
+			t.Errorf("%s: no WWW-Authenticate", name)
+		}
+		if !c.html {
+			var e apiError
+			if ct := h.Get("Content-Type"); ct != "application/json" || json.Unmarshal(w.Body.Bytes(), &e) != nil || e.Error == "" {
+				t.Errorf("%s: want the JSON 401, got %s %q", name, ct, body)
+			}
+			continue
+		}
+		csp := h.Get("Content-Security-Policy")
+		if ct := h.Get("Content-Type"); ct != "text/html; charset=utf-8" {
+			t.Errorf("%s: Content-Type %q, want the HTML page", name, ct)
+		}
+		if !strings.HasPrefix(csp, "default-src 'none'; style-src 'sha256-") || strings.Contains(csp, "script-src") ||
+			!strings.Contains(csp, "frame-ancestors 'none'") || !strings.Contains(csp, "form-action 'none'") {
+			t.Errorf("%s: CSP %q", name, csp)
+		}
+		if !strings.Contains(h.Get("Vary"), "Accept") {
+			t.Errorf("%s: Vary %q, want Accept", name, h.Get("Vary"))
+		}
+		if c.method == "HEAD" {
+			continue
+		}
+		for _, want := range []string{"/admin/?token=&lt;ADMIN_TOKEN&gt;", "Authorization: Bearer &lt;ADMIN_TOKEN&gt;"} {
+			if !strings.Contains(body, want) {
+				t.Errorf("%s: the page does not say %q", name, want)
+			}
+		}
+		if strings.Contains(body, "wrong") || strings.Contains(body, "s3cret") || strings.Contains(body, "<script") {
+			t.Errorf("%s: the page echoes the request or has a script:\n%s", name, body)
+		}
+	}
+}
+
+func TestPrefersHTML(t *testing.T) {
+	for accept, want := range map[string]bool{
+		"": false, "*/*": false, "application/json": false, "text/plain": false,
+		"text/html": true, "text/*": true, "Text/HTML": true, " text/html ; q=1 ": true,
+		"text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8":            true, // Firefox
+		"text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,*/*;q=0.8": true, // Chromium
+		"application/json;q=0.9, text/html":                                          true,
+		"application/json, text/html":                                                false,
+		"text/*;q=0.9, text/html;q=0.1, */*;q=0.5":                                   false, // the most specific range decides
+		"text/html;q=2":  false,
+		"text/html;q=-1": false,
+		"text/html;q=":   false,
+		"text/html;level=1;q=0.7, application/json;q=0.6": true,
+		"text/html, */*;q=0.8, application/*;q=0.9":       true,
+	} {
+		if got := prefersHTML(accept); got != want {
+			t.Errorf("prefersHTML(%q) = %v, want %v", accept, got, want)
+		}
 	}
 }

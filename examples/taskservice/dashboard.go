@@ -18,9 +18,10 @@ import (
 
 // The live dashboard (lecture 5.4, "know whether the cache helps"): a
 // monitor samples every cache's Stats once per interval and keeps the last
-// minutes of per-interval changes; /admin/ is one embedded page that draws
-// them, and /admin/dashboard.json is what it polls every second. Nothing is
-// fetched from elsewhere at run time.
+// history intervals of per-interval changes (the window); /admin/ is one
+// embedded page that draws them, and /admin/dashboard.json is what it polls
+// every second, the window's length included, so the page says what the
+// monitor keeps. Nothing is fetched from elsewhere at run time.
 
 //go:embed dashboard/index.html
 var dashboardFS embed.FS
@@ -33,19 +34,60 @@ var dashboardHTML, dashboardCSP = func() ([]byte, string) {
 	if err != nil {
 		panic(err)
 	}
-	hash := func(tag string) string {
-		m := regexp.MustCompile(`(?s)<` + tag + `>(.*?)</` + tag + `>`).FindSubmatch(b)
-		if m == nil {
-			panic("dashboard: no <" + tag + "> in index.html")
-		}
-		sum := sha256.Sum256(m[1])
-		return "'sha256-" + base64.StdEncoding.EncodeToString(sum[:]) + "'"
-	}
-	return b, "default-src 'none'; script-src " + hash("script") + "; style-src " + hash("style") +
+	return b, "default-src 'none'; script-src " + inlineHash(b, "script") + "; style-src " + inlineHash(b, "style") +
 		"; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 }()
 
-// history is how many samples the monitor keeps: 10 minutes at 1 s.
+// inlineHash is the CSP source that allows the content of page's one
+// <tag> element, and nothing else inline.
+func inlineHash(page []byte, tag string) string {
+	m := regexp.MustCompile(`(?s)<` + tag + `>(.*?)</` + tag + `>`).FindSubmatch(page)
+	if m == nil {
+		panic("dashboard: no <" + tag + "> in the page")
+	}
+	sum := sha256.Sum256(m[1])
+	return "'sha256-" + base64.StdEncoding.EncodeToString(sum[:]) + "'"
+}
+
+// loginHTML is what a browser that asks for an admin page without a valid
+// token or cookie gets (401): how to log in. A constant: nothing from the
+// request is in it. loginCSP allows its style block and nothing else.
+var loginHTML = []byte(`<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>taskservice: admin token required</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+  body { margin: 0; font: 15px/1.5 system-ui, sans-serif; background: #f7f7f5; color: #1d1d1f; }
+  main { max-width: 42em; margin: 48px auto; padding: 20px 28px; background: #fff; border: 1px solid #e4e4e0; border-radius: 8px; }
+  h1 { font-size: 20px; margin: 0 0 12px; }
+  code { background: #f0f0ec; padding: 1px 4px; border-radius: 3px; overflow-wrap: anywhere; }
+  .muted { color: #6b6b70; }
+</style>
+</head>
+<body>
+<main>
+<h1>Admin token required</h1>
+<p>The cache dashboard and the other admin pages of this taskservice need the token the
+app was started with (<code>ADMIN_TOKEN</code>).</p>
+<p>In a browser, open <code>/admin/?token=&lt;ADMIN_TOKEN&gt;</code> once: the app sets a
+cookie for 12 hours and sends you on to <code>/admin/</code>, without the token in the
+address.</p>
+<p>From a program, send the header <code>Authorization: Bearer &lt;ADMIN_TOKEN&gt;</code>
+(also for <code>/admin/dashboard.json</code> and <code>/metrics</code>).</p>
+<p class="muted">A token that was not accepted, or a cookie set before the token changed,
+leads here too.</p>
+</main>
+</body>
+</html>
+`)
+
+var loginCSP = "default-src 'none'; style-src " + inlineHash(loginHTML, "style") +
+	"; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+
+// history is how many samples the monitor keeps: the dashboard's window
+// is history sampling intervals, 10 minutes at the app's 1 s.
 const history = 600
 
 // point is one interval of one cache: what happened in it.
@@ -165,7 +207,8 @@ func delta(a, b cacheaside.Stats) point {
 
 // dashboardJSON is what the page polls.
 type dashboardJSON struct {
-	IntervalMillis int64     `json:"interval_ms"`
+	IntervalMillis int64     `json:"interval_ms"` // one point per interval
+	WindowMillis   int64     `json:"window_ms"`   // what the monitor keeps: history intervals
 	Caches         []*series `json:"caches"`
 }
 
@@ -173,7 +216,7 @@ type dashboardJSON struct {
 func (m *monitor) snapshot(n int) dashboardJSON {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	out := dashboardJSON{IntervalMillis: m.interval.Milliseconds(), Caches: []*series{}}
+	out := dashboardJSON{IntervalMillis: m.interval.Milliseconds(), WindowMillis: history * m.interval.Milliseconds(), Caches: []*series{}}
 	for _, s := range m.series {
 		st := s.src.Stats()
 		c := &series{Name: s.Name, Breaker: st.Breaker, LocalTier: "off", LocalEntries: st.LocalEntries, HitRate: st.HitRate()}
@@ -200,13 +243,25 @@ func (a *API) dashboardPage(w http.ResponseWriter, r *http.Request) {
 	_, _ = w.Write(dashboardHTML)
 }
 
+// dashboardData is the monitor's state; ?points=N keeps the last N points
+// of each cache (default: the whole window).
 func (a *API) dashboardData(w http.ResponseWriter, r *http.Request) {
-	n, err := intParam(r.URL.Query().Get("points"), 300, 1, history, "points")
+	n, err := intParam(r.URL.Query().Get("points"), history, 1, history, "points")
 	if err != nil {
 		a.fail(w, r, err)
 		return
 	}
 	writeJSON(w, http.StatusOK, a.mon.snapshot(n))
+}
+
+// loginPage is the answer to a browser without a valid token: how to log
+// in, as a page (401). The caller has set no-store, nosniff and
+// WWW-Authenticate.
+func loginPage(w http.ResponseWriter) {
+	w.Header().Set("Content-Type", "text/html; charset=utf-8")
+	w.Header().Set("Content-Security-Policy", loginCSP)
+	w.WriteHeader(http.StatusUnauthorized)
+	_, _ = w.Write(loginHTML)
 }
 
 // adminCookie lets a browser, which cannot send a bearer header when it

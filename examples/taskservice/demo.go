@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"os/signal"
@@ -50,7 +51,7 @@ func runDemo(out io.Writer, args []string) error {
 	defer a.Close()
 	var queries atomic.Int64
 	a.store.queries = func() { queries.Add(1) }
-	d := demo{out: out, progressOut: os.Stderr, app: a, queries: &queries}
+	d := demo{out: out, progressOut: os.Stderr, app: a, queries: &queries, redisName: appRedis(e.redisURL, a.rdb)}
 	if *serve {
 		srv := &http.Server{Addr: e.addr, Handler: a.Handler, ReadHeaderTimeout: 5 * time.Second}
 		errc := make(chan error, 1)
@@ -58,7 +59,7 @@ func runDemo(out io.Writer, args []string) error {
 		defer srv.Close()
 		select {
 		case err := <-errc:
-			return fmt.Errorf("demo -serve: %w", err)
+			return fmt.Errorf("demo -serve: listening on %s (ADDR): %w", e.addr, err)
 		case <-time.After(100 * time.Millisecond):
 		}
 		d.pause = *pause
@@ -73,12 +74,14 @@ func runDemo(out io.Writer, args []string) error {
 	}{
 		{"part 1 (stampede)", func() error { return d.part1(ctx, *requests) }},
 		{"part 4.3 (pattern invalidation: SCAN against a namespace bump)", func() error { return d.part43(ctx) }},
+		{"part 4.4 (the staleness trade-off: dashboard stats on TTL only)", func() error { return d.part44(ctx) }},
 		{"part 5.2 (cache penetration)", func() error { return d.part52(ctx, *lookups) }},
 		{"part 5.3 (Redis stops)", func() error { return d.part53(ctx, *latency) }},
 	} {
 		d.progress("running %s…", part.name)
+		d.redis, d.step = d.redisName, "start"
 		if err := part.run(); err != nil {
-			return err
+			return fmt.Errorf("demo %s, step %q, on Redis %s: %w", part.name, d.step, d.redis, explainTimeout(err, d.redisTimeout()))
 		}
 		if d.pause > 0 {
 			time.Sleep(d.pause)
@@ -103,6 +106,39 @@ type demo struct {
 	app         *app
 	queries     *atomic.Int64
 	pause       time.Duration // between parts, with -serve
+
+	// Where a part is, for its error: the step it runs and the Redis that
+	// step uses (redisName, the app's, unless the part runs its own).
+	step, redis, redisName string
+	rdb                    *redis.Client // the client of redis
+}
+
+// at names the step a part runs from now on, and the Redis it uses.
+func (d *demo) at(step string) { d.step = step }
+
+// appRedis names the app's Redis in errors: embedded or REDIS_URL, and
+// where.
+func appRedis(url string, rdb *redis.Client) string {
+	return fmt.Sprintf("%s at %s", redisLabel(url), rdb.Options().Addr)
+}
+
+// redisTimeout is the read timeout of the client the current step uses.
+func (d *demo) redisTimeout() time.Duration {
+	rdb := d.app.rdb
+	if d.rdb != nil {
+		rdb = d.rdb
+	}
+	return rdb.Options().ReadTimeout
+}
+
+// explainTimeout says what a timeout means: a reply Redis did not send in
+// time. Other errors are returned as they are.
+func explainTimeout(err error, read time.Duration) error {
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return fmt.Errorf("%w (no reply within the client's ReadTimeout of %v or the step's own deadline)", err, read)
+	}
+	return err
 }
 
 // result is one row of a table.
@@ -199,7 +235,10 @@ func (d *demo) part1(ctx context.Context, n int) error {
 	const id = 42
 	svc := d.app.svc
 	naiveKey := "demo:naive:tasks:42"
-	d.app.rdb.Del(ctx, naiveKey, svc.taskKey(id))
+	d.at("delete the demo's keys of task 42")
+	if err := d.app.rdb.Del(ctx, naiveKey, svc.taskKey(id)).Err(); err != nil {
+		return err
+	}
 	// The same entries read without the task cache's local tier: every
 	// hit is one Redis GET.
 	redisOnly, err := cacheaside.New[Task](d.app.rdb, &cacheaside.Options[Task]{Name: "task-redis-only", Policy: defaultTTLs.Get("task")})
@@ -228,7 +267,10 @@ func (d *demo) part1(ctx context.Context, n int) error {
 			return err
 		}),
 	}
-	d.app.rdb.Del(ctx, naiveKey)
+	d.at("delete the naive cache's key")
+	if err := d.app.rdb.Del(ctx, naiveKey).Err(); err != nil {
+		return err
+	}
 	fmt.Fprintf(d.out, "\nPart 1 (lecture 1.1, 5.1): %d concurrent requests for task %d\n\n", n, id)
 	d.table(rows)
 	fmt.Fprintf(d.out, "\nThe naive cache misses on every request that arrives before the first SET: a cold\n"+
@@ -242,7 +284,10 @@ func (d *demo) part1(ctx context.Context, n int) error {
 func (d *demo) part52(ctx context.Context, n int) error {
 	const missing = 999999
 	naiveKey := "demo:naive:tasks:999999"
-	d.app.rdb.Del(ctx, naiveKey, d.app.svc.taskKey(missing))
+	d.at("delete the demo's keys of task 999999")
+	if err := d.app.rdb.Del(ctx, naiveKey, d.app.svc.taskKey(missing)).Err(); err != nil {
+		return err
+	}
 	const clients = 20 // asking in a loop, each waiting for its answer
 	rows := []result{
 		d.burst("Without negative caching", n, clients, func(ctx context.Context, _ int) error {
@@ -261,14 +306,17 @@ func (d *demo) part52(ctx context.Context, n int) error {
 // part53 is lecture 5.3: Redis stops in the middle of a run. It uses its
 // own embedded Redis, so the demo can stop it whatever REDIS_URL says.
 func (d *demo) part53(ctx context.Context, latency time.Duration) error {
+	d.at("start its own embedded Redis")
 	mr, err := miniredis.Run()
 	if err != nil {
 		return err
 	}
 	defer mr.Close()
-	rdb := redis.NewClient(&redis.Options{Addr: mr.Addr(), ContextTimeoutEnabled: true, MaxRetries: -1,
-		DialTimeout: 100 * time.Millisecond, ReadTimeout: 100 * time.Millisecond, WriteTimeout: 100 * time.Millisecond})
+	rdb := redis.NewClient(cacheaside.Recommended(&redis.Options{Addr: mr.Addr()}))
 	defer rdb.Close()
+	d.redis, d.rdb = "embedded (miniredis) of part 5.3 at "+mr.Addr(), rdb
+	defer func() { d.rdb = nil }()
+	d.at("build the task cache on it")
 	ttls, _ := defaultTTLs.WithOverrides(readEnv().cacheTTLs)
 	// No local tier here: this part is about every read going to a Redis
 	// that fails (a local tier would answer from memory until its bus
@@ -282,6 +330,7 @@ func (d *demo) part53(ctx context.Context, latency time.Duration) error {
 	// part stops its Redis.
 	d.app.mon.add("task (part 5.3, Redis stopped halfway)", svc.tasks, false)
 
+	d.at("10 clients reading tasks while Redis stops halfway")
 	const clients, perClient = 10, 40
 	const total = clients * perClient
 	ids := []int64{1, 2, 3, 4, 5, 6, 7, 8, 9, 10}
@@ -334,24 +383,34 @@ func (d *demo) part53(ctx context.Context, latency time.Duration) error {
 func (d *demo) part43(ctx context.Context) error {
 	const org, filler = "acme", 20000
 	svc, rdb := d.app.svc, d.app.rdb
-	// Other data in the same Redis: SCAN must walk it all.
-	fill := func() error {
-		pipe := rdb.Pipeline()
-		for i := range filler {
-			pipe.Set(ctx, fmt.Sprintf("demo:other:%d", i), "x", 10*time.Minute)
+	// Other data in the same Redis: SCAN must walk it all. Bulk work goes
+	// in pipelines of a thousand commands, each with its own deadline, so
+	// no single round trip waits for 20,000 replies.
+	const chunk = 1000
+	bulk := func(cmd func(p redis.Pipeliner, i int)) error {
+		for i := 0; i < filler; i += chunk {
+			pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			_, err := rdb.Pipelined(pctx, func(p redis.Pipeliner) error {
+				for j := i; j < min(i+chunk, filler); j++ {
+					cmd(p, j)
+				}
+				return nil
+			})
+			cancel()
+			if err != nil {
+				return fmt.Errorf("keys %d–%d: %w", i, min(i+chunk, filler)-1, err)
+			}
 		}
-		_, err := pipe.Exec(ctx)
-		return err
+		return nil
 	}
-	if err := fill(); err != nil {
+	d.at(fmt.Sprintf("fill Redis with %d other keys, in pipelines of %d SETs", filler, chunk))
+	if err := bulk(func(p redis.Pipeliner, i int) { p.Set(ctx, fmt.Sprintf("demo:other:%d", i), "x", 10*time.Minute) }); err != nil {
 		return err
 	}
 	defer func() {
-		pipe := rdb.Pipeline()
-		for i := range filler {
-			pipe.Unlink(ctx, fmt.Sprintf("demo:other:%d", i))
+		if err := bulk(func(p redis.Pipeliner, i int) { p.Unlink(ctx, fmt.Sprintf("demo:other:%d", i)) }); err != nil {
+			d.progress("part 4.3: removing the other keys from Redis %s failed (they expire in 10 minutes): %v", d.redis, err)
 		}
-		_, _ = pipe.Exec(ctx)
 	}()
 	// The org's list pages: every status and page, two page sizes.
 	pages := func() (int, error) {
@@ -368,21 +427,29 @@ func (d *demo) part43(ctx context.Context) error {
 		}
 		return n, nil
 	}
+	d.at("cache every list page of org " + org)
 	n, err := pages()
 	if err != nil {
 		return err
 	}
-	dbsize, _ := rdb.DBSize(ctx).Result()
+	d.at("DBSIZE")
+	dbsize, err := rdb.DBSize(ctx).Result()
+	if err != nil {
+		return err
+	}
 	prefix := svc.orgLists(org).String() + ":"
+	d.at("InvalidatePrefix " + prefix)
 	t0 := time.Now()
 	deleted, err := svc.lists.InvalidatePrefix(ctx, prefix)
 	scanTook := time.Since(t0)
 	if err != nil {
 		return err
 	}
+	d.at("cache every list page of org " + org + " again")
 	if _, err := pages(); err != nil {
 		return err
 	}
+	d.at("InvalidateNamespace of org " + org)
 	t0 = time.Now()
 	if err := svc.InvalidateOrgLists(ctx, org); err != nil {
 		return err
@@ -392,11 +459,89 @@ func (d *demo) part43(ctx context.Context) error {
 	w := tabwriter.NewWriter(d.out, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(w, "\tKeys dropped\tRedis work\tTime\t")
 	fmt.Fprintf(w, "SCAN MATCH %s* + UNLINK (InvalidatePrefix)\t%d\tevery one of the %d keys visited, about %d SCAN calls\t%v\t\n", prefix, deleted, dbsize, (dbsize+999)/1000, roundDur(scanTook))
-	fmt.Fprintf(w, "Namespace bump (InvalidateNamespace)\t%d, unreachable\tone INCR; the old pages expire by their TTL\t%v\t\n", n, roundDur(bumpTook))
+	fmt.Fprintf(w, "Namespace bump (InvalidateNamespace)\t%d, unreachable\tone SET of a new random generation; the old pages expire by their TTL\t%v\t\n", n, roundDur(bumpTook))
 	w.Flush()
 	fmt.Fprintf(d.out, "\nThe prefix also matches the namespace's generation key, so SCAN drops one key more than\n"+
 		"the pages. SCAN's cost grows with the whole database, not with the pages it finds. The app's writes\n"+
 		"bump the org's namespace; DELETE /admin/cache/{cache}?prefix= is there for keys no namespace\n"+
 		"covers, such as the entries an old key version left behind.\n")
+	return nil
+}
+
+// part44 is lecture 4.4: how stale is acceptable is a business decision.
+// The org dashboard's stats are cached on TTL only: no write invalidates
+// them, so a new task shows up in them when the entry expires (or is
+// refreshed in the background past it), not at once. The task and the
+// org's list pages, which the same write invalidates, show it at once.
+func (d *demo) part44(ctx context.Context) error {
+	const org, reads = "acme", 20
+	svc := d.app.svc
+	d.at("delete org " + org + "'s cached stats")
+	if err := d.app.rdb.Del(ctx, svc.statsKeys.Key(org)).Err(); err != nil {
+		return err
+	}
+	type row struct {
+		what    string
+		total   int
+		queries int64
+	}
+	var rows []row
+	read := func(what string, n int) error {
+		d.queries.Store(0)
+		var st OrgStats
+		for range n {
+			var err error
+			if st, err = svc.OrgStats(ctx, org); err != nil {
+				return err
+			}
+		}
+		rows = append(rows, row{what, st.Total, d.queries.Load()})
+		return nil
+	}
+	d.at("read org " + org + "'s stats")
+	if err := read("first read (a miss)", 1); err != nil {
+		return err
+	}
+	if err := read(fmt.Sprintf("%d more reads", reads), reads); err != nil {
+		return err
+	}
+	d.at("find a user of org " + org)
+	page, err := svc.ListTasks(ctx, org, "", 1, 1)
+	if err != nil {
+		return err
+	}
+	if len(page.Tasks) == 0 {
+		return fmt.Errorf("org %s has no tasks", org)
+	}
+	d.at("create a task in org " + org)
+	t, _, err := svc.CreateTask(ctx, TaskInput{Org: org, Title: "Demo task for part 4.4", Status: "todo", Assignee: page.Tasks[0].Assignee})
+	if err != nil {
+		return err
+	}
+	d.at("read org " + org + "'s stats after the write")
+	if err := read(fmt.Sprintf("%d reads after the write", reads), reads); err != nil {
+		return err
+	}
+	d.at("read the new task")
+	d.queries.Store(0)
+	if _, err := svc.GetTask(ctx, t.ID); err != nil {
+		return err
+	}
+	taskQueries := d.queries.Load()
+
+	ttls, _ := defaultTTLs.WithOverrides(readEnv().cacheTTLs) // newApp checked them
+	ttl := ttls.Get("org_stats").TTL
+	fmt.Fprintf(d.out, "\nPart 4.4 (the staleness trade-off): org %s's dashboard stats, cached for %v with no invalidation\n\n", org, ttl)
+	w := tabwriter.NewWriter(d.out, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(w, "\tTasks in the stats\tDB queries\t")
+	for _, r := range rows {
+		fmt.Fprintf(w, "%s\t%d\t%d\t\n", r.what, r.total, r.queries)
+	}
+	w.Flush()
+	fmt.Fprintf(d.out, "\nThe write (task %d) invalidated its key and the org's list pages, so the new task\n"+
+		"is read from the database at once (%d query). The stats still count the\n"+
+		"tasks from before it: they are allowed to be %v old, which spares the database an\n"+
+		"aggregate query on every dashboard view. Permissions are the opposite case: never cached.\n",
+		t.ID, taskQueries, ttl)
 	return nil
 }

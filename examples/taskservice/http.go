@@ -42,7 +42,7 @@ func (a *API) Routes() http.Handler {
 	mux.HandleFunc("DELETE /tasks/{id}", a.deleteTask)                                  // 3.4, 4.3
 	mux.HandleFunc("GET /orgs/{org}/stats", a.orgStats)                                 // 4.2, 4.4 TTL only
 	mux.HandleFunc("GET /users/{id}/permissions", a.perms)                              // 4.4 never cached
-	mux.Handle("GET /admin/", a.admin(http.HandlerFunc(a.dashboardPage)))               // 5.4, live: the dashboard
+	mux.Handle("GET /admin/", a.adminPage(http.HandlerFunc(a.dashboardPage)))           // 5.4, live: the dashboard
 	mux.Handle("GET /admin/dashboard.json", a.admin(http.HandlerFunc(a.dashboardData))) // what it polls
 	mux.Handle("GET /admin/cache-stats", a.admin(http.HandlerFunc(a.cacheStats)))
 	mux.Handle("DELETE /admin/cache/{cache}", a.admin(http.HandlerFunc(a.purge)))                          // 4.3 pattern invalidation: InvalidatePrefix
@@ -55,8 +55,15 @@ func (a *API) Routes() http.Handler {
 // admin guards operator endpoints: with ADMIN_TOKEN set, a request needs
 // "Authorization: Bearer <token>" or the cookie /admin/?token=<token> sets
 // for a browser, compared in constant time; without it (development) they
-// are open.
-func (a *API) admin(h http.Handler) http.Handler {
+// are open. A request without either gets a JSON 401.
+func (a *API) admin(h http.Handler) http.Handler { return a.guard(h, false) }
+
+// adminPage guards a page as admin does, but a browser without the token
+// (its Accept header prefers text/html) gets a 401 page that says how to
+// log in instead of the JSON.
+func (a *API) adminPage(h http.Handler) http.Handler { return a.guard(h, true) }
+
+func (a *API) guard(h http.Handler, page bool) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Cache-Control", "no-store")
 		w.Header().Set("X-Content-Type-Options", "nosniff")
@@ -69,11 +76,66 @@ func (a *API) admin(h http.Handler) http.Handler {
 				return
 			}
 			w.Header().Set("WWW-Authenticate", `Bearer realm="taskservice admin"`)
+			if page {
+				w.Header().Add("Vary", "Accept")
+				if prefersHTML(r.Header.Get("Accept")) {
+					loginPage(w)
+					return
+				}
+			}
 			writeJSON(w, http.StatusUnauthorized, apiError{"admin token required: Authorization: Bearer <ADMIN_TOKEN> (a browser: open /admin/?token=<ADMIN_TOKEN> once)"})
 			return
 		}
 		h.ServeHTTP(w, r)
 	})
+}
+
+// prefersHTML says whether an Accept header ranks text/html above
+// application/json: a browser opening a page does, fetch, curl ("*/*")
+// and API clients do not.
+func prefersHTML(accept string) bool {
+	html := acceptQ(accept, "text", "html")
+	return html > 0 && html > acceptQ(accept, "application", "json")
+}
+
+// acceptQ is the quality an Accept header gives the media type typ/sub:
+// that of the most specific range that matches it (RFC 9110, 12.5.1), 0
+// when none does or the header is empty. Type names compare without case;
+// a malformed q makes its range count as 0.
+func acceptQ(accept, typ, sub string) float64 {
+	best, q := 0, 0.0
+	for rng := range strings.SplitSeq(accept, ",") {
+		params := strings.Split(rng, ";")
+		t, s, ok := strings.Cut(strings.TrimSpace(params[0]), "/")
+		if !ok {
+			continue
+		}
+		spec := 0
+		switch {
+		case strings.EqualFold(t, typ) && strings.EqualFold(s, sub):
+			spec = 3
+		case strings.EqualFold(t, typ) && s == "*":
+			spec = 2
+		case t == "*" && s == "*":
+			spec = 1
+		}
+		if spec <= best {
+			continue
+		}
+		v := 1.0
+		for _, p := range params[1:] {
+			k, val, _ := strings.Cut(strings.TrimSpace(p), "=")
+			if strings.EqualFold(strings.TrimSpace(k), "q") {
+				f, err := strconv.ParseFloat(strings.TrimSpace(val), 64)
+				if err != nil || !(f >= 0 && f <= 1) { // NaN too
+					f = 0
+				}
+				v = f
+			}
+		}
+		best, q = spec, v
+	}
+	return q
 }
 
 type apiError struct {
@@ -353,8 +415,16 @@ type health struct {
 	Database  string `json:"database"`   // up, down
 	Redis     string `json:"redis"`      // up, down
 	Breaker   string `json:"breaker"`    // the task cache's circuit breaker: closed, open, half-open
-	LocalTier string `json:"local_tier"` // live, bypassed (its invalidation bus is not confirmed), off
+	LocalTier string `json:"local_tier"` // live, bypassed (its invalidation bus is not confirmed), refused (the Redis server refuses pub/sub), off
 }
+
+// ended is a context that has ended: WaitLocal with it reads the local
+// tier's state without waiting.
+var ended = func() context.Context {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	return ctx
+}()
 
 // healthz reports the database and Redis. Redis down is "degraded", not an
 // outage: every endpoint keeps answering from the database (lecture 5.3).
@@ -378,6 +448,8 @@ func (a *API) healthz(w http.ResponseWriter, r *http.Request) {
 		h.LocalTier = "bypassed"
 		if a.svc.tasks.LocalLive() {
 			h.LocalTier = "live"
+		} else if errors.Is(a.svc.tasks.WaitLocal(ended), cacheaside.ErrNoPubSub) {
+			h.LocalTier = "refused"
 		}
 	}
 	writeJSON(w, code, h)

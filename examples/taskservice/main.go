@@ -30,6 +30,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/seed-b4ec662f/cacheaside"
 	"github.com/seed-b4ec662f/cacheaside/extra/cacheprometheus"
 )
 
@@ -80,28 +81,6 @@ func readEnv() env {
 		e.addr = "127.0.0.1:8080"
 	}
 	return e
-}
-
-// cacheClientOptions applies the library's recommended settings for a
-// cache client (the README's "Recommended go-redis settings"): fail fast
-// when Redis is slow or gone instead of holding requests (lecture 5.3).
-func cacheClientOptions(opt *redis.Options) {
-	// Deadlines reach the socket: a Redis that accepts connections and
-	// never answers cannot hold a request for ReadTimeout.
-	opt.ContextTimeoutEnabled = true
-	// A cache read that takes longer than this is slower than the
-	// database it saves; the library's per-command budget (50 ms) is
-	// shorter still.
-	opt.DialTimeout, opt.ReadTimeout, opt.WriteTimeout = 200*time.Millisecond, 200*time.Millisecond, 200*time.Millisecond
-	// No command retries and one dial attempt: retries spend the budget
-	// on a Redis that is gone, and the breaker must see failures early
-	// to open. go-redis's defaults (3 retries, 5 dial attempts 100 ms
-	// apart) made the first /healthz of an outage take 0.41 s.
-	opt.MaxRetries = -1
-	opt.DialerRetries = 1
-	// A request waits at most this long for a pooled connection when
-	// every one is busy, then the cache falls back to the loader.
-	opt.PoolTimeout = 200 * time.Millisecond
 }
 
 // app is everything a running service owns.
@@ -160,8 +139,10 @@ func newApp(ctx context.Context, e env, log *slog.Logger, dbLatency time.Duratio
 		}
 		opt = &redis.Options{Addr: a.mini.Addr()}
 	}
-	cacheClientOptions(opt)
-	a.rdb = redis.NewClient(opt)
+	// The library's recommended client settings (lecture 5.3: fail fast
+	// when Redis is gone rather than holding requests); see
+	// cacheaside.Recommended for each setting and why.
+	a.rdb = redis.NewClient(cacheaside.Recommended(opt))
 
 	ttls, err := defaultTTLs.WithOverrides(e.cacheTTLs)
 	if err != nil {

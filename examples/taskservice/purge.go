@@ -21,9 +21,10 @@ import (
 //     one-off clean-up. Its cost grows with the size of the database, not
 //     of the prefix.
 //   - POST /admin/orgs/{org}/lists/invalidate bumps the org's list
-//     namespace: one INCR, whatever the number of pages cached. What the
-//     app's writes do on every change, and the tool to prefer for any
-//     group of keys you can give a namespace in advance.
+//     namespace: one SET of a new random generation, whatever the number
+//     of pages cached. What the app's writes do on every change, and the
+//     tool to prefer for any group of keys you can give a namespace in
+//     advance.
 
 // keyspaces maps each cache to its keyspace name (without the version).
 func (s *Service) keyspaces() map[string]string {

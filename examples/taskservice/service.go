@@ -198,10 +198,15 @@ func writeContext(ctx context.Context) (context.Context, context.CancelFunc) {
 // whether an invalidation was queued for retry rather than applied. A
 // Redis failure is queued by the library; ErrClosed (the service is
 // shutting down) is not, and says nothing to the client about a retry.
+// Neither is ErrNotPublished: the delete landed, only the message to the
+// other instances' local tiers failed (the library logged it), and those
+// expire their copies within the local TTL.
 func (s *Service) invalidate(ctx context.Context, id int64, org string) (queued bool) {
 	e1 := s.tasks.Invalidate(ctx, s.taskKey(id))
 	e2 := s.lists.InvalidateNamespace(ctx, s.orgLists(org))
-	q := func(err error) bool { return err != nil && !errors.Is(err, cacheaside.ErrClosed) }
+	q := func(err error) bool {
+		return err != nil && !errors.Is(err, cacheaside.ErrClosed) && !errors.Is(err, cacheaside.ErrNotPublished)
+	}
 	return q(e1) || q(e2)
 }
 
