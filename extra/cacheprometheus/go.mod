@@ -7,7 +7,7 @@ require (
 	github.com/prometheus/client_golang v1.25.0
 	github.com/prometheus/client_model v0.6.3
 	github.com/redis/go-redis/v9 v9.23.0
-	github.com/seed-b4ec662f/cacheaside v0.0.0
+	github.com/seed-b4ec662f/cacheaside v0.1.0
 )
 
 require (
