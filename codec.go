@@ -6,6 +6,8 @@ import (
 	"encoding/json"
 
 	"github.com/vmihailenco/msgpack/v5"
+
+	"github.com/seed-b4ec662f/cacheaside/internal/bounded"
 )
 
 // Codec turns values into bytes and back. Format is stored in every entry
@@ -49,6 +51,14 @@ func (msgpackCodec[T]) Marshal(v T) ([]byte, error) {
 	return msgpack.Marshal(v)
 }
 
+// Unmarshal checks first that no header in data declares more elements or
+// bytes than data holds (internal/bounded): msgpack sizes some slices from
+// the header before reading, and a 45-byte value declaring 2^32-1
+// elements would ask the runtime for 64 GiB, a fatal error no recover
+// catches. Such bytes are a corrupt entry like any other.
 func (msgpackCodec[T]) Unmarshal(data []byte, v *T) error {
+	if err := bounded.Msgpack(data); err != nil {
+		return err
+	}
 	return msgpack.Unmarshal(data, v)
 }

@@ -13,6 +13,7 @@ import (
 	"github.com/vmihailenco/msgpack/v5"
 
 	"github.com/seed-b4ec662f/cacheaside"
+	"github.com/seed-b4ec662f/cacheaside/internal/bounded"
 	"github.com/seed-b4ec662f/cacheaside/internal/envelope"
 )
 
@@ -119,6 +120,11 @@ func renderValue(format byte, payload []byte) (json.RawMessage, error) {
 		}
 		return buf.Bytes(), nil
 	case cacheaside.FormatMsgpack:
+		// The library's own check: a header that declares more than the
+		// payload holds would make the decoder allocate without bound.
+		if err := bounded.Msgpack(payload); err != nil {
+			return nil, fmt.Errorf("payload is not valid msgpack: %v", err)
+		}
 		dec := msgpack.NewDecoder(bytes.NewReader(payload))
 		dec.SetMapDecoder(func(d *msgpack.Decoder) (any, error) { return d.DecodeUntypedMap() })
 		var v any

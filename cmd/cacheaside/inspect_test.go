@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"reflect"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -87,6 +88,21 @@ func TestInspectMsgpack(t *testing.T) {
 			t.Fatal(err)
 		}
 		assertJSON(t, b.inspectJSON(t, mkey).Value, `{"1":"a","2":"b"}`)
+	})
+}
+
+// TestInspectHostileMsgpack: a payload whose header declares 2^32-1
+// elements in 5 bytes is reported as not valid msgpack; decoding it as it
+// is would ask the runtime for 64 GiB and kill the command.
+func TestInspectHostileMsgpack(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		key := b.ks.Key("hostile")
+		raw := envelope.Encode(&envelope.Entry{Kind: envelope.Value, Format: cacheaside.FormatMsgpack, Token: envelope.Token{1}, Payload: []byte{0xdd, 0xff, 0xff, 0xff, 0xff}})
+		b.rdb.Set(ctx, key, raw, time.Minute)
+		in := b.inspectJSON(t, key)
+		if !strings.Contains(in.ValueError, "not valid msgpack") || in.Value != nil {
+			t.Errorf("value %s, value_error %q; want the payload refused", in.Value, in.ValueError)
+		}
 	})
 }
 

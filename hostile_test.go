@@ -1,0 +1,71 @@
+package cacheaside
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/seed-b4ec662f/cacheaside/internal/envelope"
+)
+
+// TestHostileMsgpackEntry: a 45-byte entry whose msgpack payload declares
+// an array of 2^32-1 elements made the decoder ask for 64 GiB, and the
+// runtime's out-of-memory is fatal: every process that read the key died.
+// It must read as a corrupt entry (a miss, reloaded and overwritten), for
+// every type msgpack sizes from the header.
+func TestHostileMsgpackEntry(t *testing.T) {
+	payloads := map[string][]byte{
+		"array32": {0xdd, 0xff, 0xff, 0xff, 0xff},
+		"map32":   {0xdf, 0xff, 0xff, 0xff, 0xff},
+		"nested":  {0x91, 0xdd, 0xff, 0xff, 0xff, 0xff},
+	}
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		for name, p := range payloads {
+			raw := envelope.Encode(&envelope.Entry{Kind: envelope.Value, Format: FormatMsgpack, Token: newToken(),
+				SoftExpiry: time.Now().Add(time.Hour).UnixMilli(), Payload: p})
+			t.Run(name, func(t *testing.T) {
+				hostileGet(t, b, name+":any", raw, func(c context.Context, key string) error {
+					cache := newCache(t, b, &Options[[]any]{Name: "hostile-any", Codec: Msgpack[[]any]()})
+					v, err := cache.Get(c, key, func(context.Context) ([]any, error) { return []any{"ok"}, nil })
+					if err == nil && (len(v) != 1 || v[0] != "ok") {
+						err = errors.New("not the loader's value")
+					}
+					return checkCorrupt(cache.Stats(), err)
+				})
+				hostileGet(t, b, name+":int64s", raw, func(c context.Context, key string) error {
+					cache := newCache(t, b, &Options[[]int64]{Name: "hostile-int64s", Codec: Msgpack[[]int64]()})
+					_, err := cache.Get(c, key, func(context.Context) ([]int64, error) { return []int64{1}, nil })
+					return checkCorrupt(cache.Stats(), err)
+				})
+				hostileGet(t, b, name+":map", raw, func(c context.Context, key string) error {
+					cache := newCache(t, b, &Options[map[string]any]{Name: "hostile-map", Codec: Msgpack[map[string]any]()})
+					_, err := cache.Get(c, key, func(context.Context) (map[string]any, error) { return map[string]any{}, nil })
+					return checkCorrupt(cache.Stats(), err)
+				})
+			})
+		}
+	})
+}
+
+func hostileGet(t *testing.T, b *backend, key string, raw []byte, get func(context.Context, string) error) {
+	t.Helper()
+	key = b.key(key)
+	if err := b.client(t).Set(context.Background(), key, raw, time.Minute).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := get(context.Background(), key); err != nil {
+		t.Fatalf("%s: %v", key, err)
+	}
+}
+
+func checkCorrupt(st Stats, err error) error {
+	if err != nil {
+		return err
+	}
+	if st.DecodeErrors != 1 || st.Loads != 1 {
+		return fmt.Errorf("%d decode errors and %d loads, want 1 and 1", st.DecodeErrors, st.Loads)
+	}
+	return nil
+}
