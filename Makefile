@@ -3,9 +3,10 @@ DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test?sslmode=disable
 
 .PHONY: test race bench bench-local bench-many bench-invalidate bench-degrade lint fuzz ci
 
-# What a fresh machine with only Go runs: everything on miniredis and SQLite.
+# What a fresh machine with only Go runs: every module's tests on miniredis
+# and SQLite, the README's test command.
 test:
-	go test ./... && go -C examples test ./... && go -C extra/cacheprometheus test ./... && go -C extra/cacheotel test ./...
+	go run ./internal/testall
 
 # The same suite with the race detector, also against the real Redis at $(REDIS)
 # and a 3-master Redis Cluster the tests start themselves (redis-server, redis-cli).

@@ -69,11 +69,29 @@ func Redis(t TB) (*redis.Client, *miniredis.Miniredis) {
 	return rdb, mr
 }
 
+// TestOpTimeout is the Redis command budget New gives caches whose options
+// leave Degradation.OpTimeout unset.
+const TestOpTimeout = 5 * time.Second
+
 // New builds a Cache on rdb with opts (nil for the defaults) and closes it
 // when the test ends. An error from cacheaside.New fails the test.
+//
+// Unless opts sets Degradation.OpTimeout, the cache gets a budget of
+// TestOpTimeout per Redis command instead of the library's 50 ms: a test of
+// your code must not fail because a busy CI machine answered the
+// in-memory Redis late (the cache would then call the loader again, as it
+// does when Redis is slow). Tests of how your code behaves when Redis is
+// slow set Degradation themselves. opts is not modified.
 func New[T any](t TB, rdb cacheaside.Redis, opts *cacheaside.Options[T]) *cacheaside.Cache[T] {
 	t.Helper()
-	c, err := cacheaside.New(rdb, opts)
+	var o cacheaside.Options[T]
+	if opts != nil {
+		o = *opts
+	}
+	if o.Degradation.OpTimeout == 0 {
+		o.Degradation.OpTimeout = TestOpTimeout
+	}
+	c, err := cacheaside.New(rdb, &o)
 	if err != nil {
 		t.Fatalf("cachetest: cacheaside.New: %v", err)
 	}

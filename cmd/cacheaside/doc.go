@@ -2,9 +2,13 @@
 // github.com/seed-b4ec662f/cacheaside library writes, and invalidates them
 // exactly as the library does.
 //
-// Install it with
+// Install it from a clone of the repository with
 //
-//	go install github.com/seed-b4ec662f/cacheaside/cmd/cacheaside@latest
+//	go install ./cmd/cacheaside
+//
+// or, once a version is released, with
+//
+//	go install github.com/seed-b4ec662f/cacheaside/cmd/cacheaside@v0.1.0
 //
 // Usage:
 //

@@ -442,19 +442,31 @@ func TestDemo(t *testing.T) {
 		t.Fatal(err)
 	}
 	s := out.String()
+	// One load for the cold key and one for the missing task, on a machine
+	// that runs the test promptly. On a starved one (CI runs this on half
+	// of one core) a Redis command of the app's can miss its 50 ms budget,
+	// and that Get then loads on its own rather than wait (fail-open): a
+	// few extra queries, still far from the naive rows' one per request.
 	for _, re := range []string{
 		`No cache\s+40\s+\S+\s+\S+\s+40\s+0`,
-		`cacheaside, cold key\s+40\s+\S+\s+\S+\s+1\s+0`,
+		`cacheaside, cold key\s+40\s+\S+\s+\S+\s+[1-4]\s+0`,
 		`cacheaside, warm key, Redis tier\s+40\s+\S+\s+\S+\s+0\s+0`,
 		`cacheaside, warm key, local tier\s+40\s+\S+\s+\S+\s+0\s+0`,
 		`Without negative caching\s+60\s+\S+\s+\S+\s+60\s+0`,
-		`With negative caching\s+60\s+\S+\s+\S+\s+1\s+0`,
+		`With negative caching\s+60\s+\S+\s+\S+\s+[1-4]\s+0`,
 		`Served\s+400\s`,
 		`Failed\s+0\s`,
 	} {
 		if !regexp.MustCompile(re).MatchString(s) {
 			t.Errorf("demo output lacks /%s/:\n%s", re, s)
 		}
+	}
+	// Part 4.4: the stats after the write still count what they counted
+	// before it (TTL only, no invalidation), while the new task is read at
+	// once.
+	m44 := regexp.MustCompile(`first read \(a miss\)\s+(\d+)\s+1\s*\n\d+ more reads\s+(\d+)\s+[0-4]\s*\n\d+ reads after the write\s+(\d+)\s+[0-4]\s*\n`).FindStringSubmatch(s)
+	if m44 == nil || m44[1] != m44[2] || m44[2] != m44[3] {
+		t.Errorf("part 4.4: %v, want the same total before and after the write:\n%s", m44, s)
 	}
 	// How many naive requests miss before the first SET depends on timing;
 	// with 40 requests released together, far more than one.
