@@ -69,3 +69,36 @@ func checkCorrupt(st Stats, err error) error {
 	}
 	return nil
 }
+
+// TestTombstoneWithoutTTL: a "not found" whose Redis TTL was lost
+// (PERSIST, a restore without TTLs) is reloaded once past its negative TTL,
+// as a value past every window is, instead of answering "not found"
+// forever. Before its negative TTL ends it is still served.
+func TestTombstoneWithoutTTL(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := context.Background()
+		clock := newFakeClock()
+		c := newCache(t, b, &Options[string]{Clock: clock.Now, Policy: Policy{TTL: time.Hour, NegativeTTL: time.Minute, NoJitter: true}})
+		key := b.key("gone")
+		var n counter
+		if _, err := c.Get(ctx, key, func(context.Context) (string, error) { n.calls.Add(1); return "", ErrNotFound }); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("first Get: %v", err)
+		}
+		rdb := b.client(t)
+		if ok, err := rdb.Persist(ctx, key).Result(); err != nil || !ok {
+			t.Fatalf("PERSIST: %v %v", ok, err)
+		}
+		clock.Advance(59 * time.Second)
+		if _, err := c.Get(ctx, key, n.load("created", 0)); !errors.Is(err, ErrNotFound) || n.calls.Load() != 1 {
+			t.Fatalf("inside the negative TTL: %v after %d loads, want ErrNotFound and 1", err, n.calls.Load())
+		}
+		clock.Advance(2 * time.Second)
+		v, err := c.Get(ctx, key, n.load("created", 0))
+		if err != nil || v != "created" || n.calls.Load() != 2 {
+			t.Fatalf("past the negative TTL: %q, %v after %d loads; want the loader's value", v, err, n.calls.Load())
+		}
+		if ttl := rdb.PTTL(ctx, key).Val(); ttl <= 0 {
+			t.Fatalf("the reloaded entry has PTTL %v, want a lifetime", ttl)
+		}
+	})
+}

@@ -249,6 +249,17 @@ func (c *Cache[T]) classify(ctx context.Context, key string, b []byte, gv genVie
 		vw.state = stLease
 		return vw
 	case envelope.NotFound:
+		if soft := vw.e.SoftExpiry; soft != 0 && now.UnixMilli() >= soft {
+			// Past its negative TTL by this cache's clock: normally Redis
+			// has expired it by now, but its Redis TTL may be lost
+			// (PERSIST, a restore without TTLs, an entry written by hand).
+			// Reloaded, as a value past every window is, rather than "not
+			// found" forever: acquire.lua may overwrite the entry with
+			// this token.
+			vw.replace = b[envelope.TokenOffset : envelope.TokenOffset+envelope.TokenSize]
+			vw.e = envelope.Entry{}
+			return vw
+		}
 		vw.state = stNotFound
 		return vw
 	}

@@ -43,7 +43,16 @@
 // the key's Redis TTL (PTTL), how long the load that filled it took, and
 // its value. JSON values are printed as they are; msgpack values are
 // decoded and printed as JSON; values of other codecs are shown as their
-// size and first bytes in hex.
+// size and first bytes in hex. It reads at most --max-bytes of the entry
+// (default 1 MiB and the header, the library's default MaxValueSize): a
+// larger entry is described from its header, and its value is not read.
+// A msgpack payload whose headers declare more than it holds is reported
+// as not valid, as the library treats it, rather than decoded.
+//
+// In text mode, key names, values and error messages are printed with
+// control characters, bidi controls and bytes that are not UTF-8 escaped
+// as Go escapes (\x1b, \u202e): they are data, and must not drive the
+// terminal. --json output is escaped by the JSON encoder.
 //
 //	$ cacheaside inspect v1:tasks:42
 //	key          v1:tasks:42

@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"strings"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
+	"github.com/seed-b4ec662f/cacheaside"
 	"github.com/seed-b4ec662f/cacheaside/internal/envelope"
 )
 
@@ -60,20 +62,30 @@ type nsInfo struct {
 	Current    *bool   `json:"current"`            // entry_generation == current_generation; null for a lease
 }
 
+// defaultMaxBytes is how much of an entry inspect reads unless --max-bytes
+// says otherwise: the library's default MaxValueSize and the header.
+const defaultMaxBytes = cacheaside.DefaultMaxValueSize + envelope.HeaderSize
+
 func cmdInspect(ctx context.Context, cfg *config, args []string, stdout, stderr io.Writer) error {
-	rest, err := parseFlags("inspect", cfg, args, stderr, nil)
+	maxBytes := defaultMaxBytes
+	rest, err := parseFlags("inspect", cfg, args, stderr, func(fs *flag.FlagSet) {
+		fs.IntVar(&maxBytes, "max-bytes", maxBytes, "read at most this many bytes of the entry; a larger value is described, not decoded")
+	})
 	if err != nil {
 		return err
 	}
 	if len(rest) != 1 || rest[0] == "" {
 		return usagef("inspect takes one KEY (got %d arguments)", len(rest))
 	}
+	if maxBytes < envelope.HeaderSize {
+		return usagef("--max-bytes must be at least the %d-byte header, not %d", envelope.HeaderSize, maxBytes)
+	}
 	ctx, rdb, done, err := session(ctx, cfg)
 	if err != nil {
 		return err
 	}
 	defer done()
-	in, err := inspect(ctx, rdb, rest[0])
+	in, err := inspect(ctx, rdb, rest[0], maxBytes)
 	if err != nil {
 		return describeRedisErr(ctx, cfg, err)
 	}
@@ -96,20 +108,27 @@ func isWrongType(err error) bool {
 	return err != nil && strings.HasPrefix(err.Error(), "WRONGTYPE")
 }
 
-// inspect reads key (entry and PTTL in one pipeline, then the namespace's
-// generation) and decodes it.
-func inspect(ctx context.Context, rdb redis.UniversalClient, key string) (*inspection, error) {
+// inspect reads key (its size, at most maxBytes of it and its PTTL in one
+// pipeline, then the namespace's generation) and decodes it. An entry
+// larger than maxBytes is described from its header; its value is not
+// decoded.
+func inspect(ctx context.Context, rdb redis.UniversalClient, key string, maxBytes int) (*inspection, error) {
+	var size *redis.IntCmd
 	var get *redis.StringCmd
 	var ttl *redis.DurationCmd
 	_, _ = rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
-		get = p.Get(ctx, key)
+		size = p.StrLen(ctx, key)
+		get = p.GetRange(ctx, key, 0, int64(maxBytes)-1)
 		ttl = p.PTTL(ctx, key)
 		return nil
 	})
 	b, err := get.Bytes()
+	if err == nil {
+		err = size.Err()
+	}
 	switch {
-	case errors.Is(err, redis.Nil):
-		return nil, fmt.Errorf("%s: no such key", key)
+	case err == nil && ttl.Err() == nil && ttl.Val() == -2*time.Nanosecond:
+		return nil, fmt.Errorf("%s: no such key", key) // PTTL -2: go-redis keeps it in nanoseconds
 	case isWrongType(err):
 		typ, terr := rdb.Type(ctx, key).Result()
 		if terr != nil {
@@ -121,8 +140,9 @@ func inspect(ctx context.Context, rdb redis.UniversalClient, key string) (*inspe
 	case ttl.Err() != nil:
 		return nil, ttl.Err()
 	}
-	in := &inspection{Key: key, Size: len(b), PTTLMillis: pttlMillis(ttl.Val())}
-	if isGenKey(key, int64(len(b))) {
+	in := &inspection{Key: key, Size: int(size.Val()), PTTLMillis: pttlMillis(ttl.Val())}
+	cut := in.Size > len(b) // over --max-bytes: header only
+	if isGenKey(key, int64(in.Size)) {
 		ns, _, _ := namespaceOf(key)
 		in.Kind = kindGeneration
 		in.Namespace = &nsInfo{Namespace: ns, GenKey: key}
@@ -137,7 +157,7 @@ func inspect(ctx context.Context, rdb redis.UniversalClient, key string) (*inspe
 	in.Kind = kindName(e.Kind)
 	in.Codec, in.CodecID = codecName(e.Format), e.Format
 	in.Token = hex.EncodeToString(e.Token[:])
-	in.PayloadSize = len(e.Payload)
+	in.PayloadSize = in.Size - envelope.HeaderSize
 	if e.SoftExpiry != 0 {
 		in.SoftExpiry = instantAt(e.SoftExpiry, now)
 	}
@@ -150,7 +170,10 @@ func inspect(ctx context.Context, rdb redis.UniversalClient, key string) (*inspe
 	case envelope.Refreshing:
 		in.RefreshDeadline = refreshDeadline(ctx, rdb, e.LoadMillis, now)
 	}
-	if e.Kind == envelope.Value || e.Kind == envelope.Refreshing {
+	if cut && (e.Kind == envelope.Value || e.Kind == envelope.Refreshing) {
+		in.ValueError = fmt.Sprintf("not read: %d bytes, over --max-bytes %d", in.Size, maxBytes)
+		in.ValueHex = hexStart(e.Payload, 64)
+	} else if e.Kind == envelope.Value || e.Kind == envelope.Refreshing {
 		v, verr := renderValue(e.Format, e.Payload)
 		switch {
 		case verr != nil:
@@ -211,7 +234,9 @@ func namespaceInfo(ctx context.Context, rdb redis.UniversalClient, ns, genKey st
 // printInspection writes in as aligned "field  value" lines.
 func printInspection(w io.Writer, in *inspection) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	line := func(k, format string, args ...any) { fmt.Fprintf(tw, "%s\t%s\n", k, fmt.Sprintf(format, args...)) }
+	line := func(k, format string, args ...any) {
+		fmt.Fprintf(tw, "%s\t%s\n", k, termSafe(fmt.Sprintf(format, args...)))
+	}
 	line("key", "%s", in.Key)
 	line("kind", "%s", in.Kind)
 	if in.Kind == kindGeneration {

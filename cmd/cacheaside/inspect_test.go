@@ -106,6 +106,34 @@ func TestInspectHostileMsgpack(t *testing.T) {
 	})
 }
 
+// TestInspectMaxBytes: an entry larger than --max-bytes is described from
+// its header (kind, codec, size) without reading or decoding the value.
+func TestInspectMaxBytes(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		c := newCache[string](t, b, nil)
+		key := b.ks.Key("big")
+		big := strings.Repeat("x", 200_000)
+		if _, err := c.Get(ctx, key, func(context.Context) (string, error) { return big, nil }); err != nil {
+			t.Fatal(err)
+		}
+		var in inspection
+		out := b.ok(t, "inspect", "--json", "--max-bytes", "1000", key)
+		if err := json.Unmarshal([]byte(out), &in); err != nil {
+			t.Fatal(err)
+		}
+		if in.Kind != "value" || in.Codec != "json" || in.Size != 200_002+40 || in.PayloadSize != 200_002 || in.Value != nil ||
+			!strings.Contains(in.ValueError, "over --max-bytes 1000") {
+			t.Errorf("inspect --max-bytes 1000: kind %s, codec %s, size %d, payload %d, value_error %q", in.Kind, in.Codec, in.Size, in.PayloadSize, in.ValueError)
+		}
+		if got := b.inspectJSON(t, key); len(got.Value) != 200_002 {
+			t.Errorf("with the default --max-bytes the value is %d bytes, want 200002", len(got.Value))
+		}
+		if r := b.cli(t, "inspect", "--max-bytes", "10", key); r.code != exitUsage {
+			t.Errorf("--max-bytes 10: exit %d, want %d", r.code, exitUsage)
+		}
+	})
+}
+
 func assertJSON(t *testing.T, got json.RawMessage, want string) {
 	t.Helper()
 	var g, w any

@@ -163,7 +163,7 @@ func cmdInvalidate(ctx context.Context, cfg *config, args []string, stdout, stde
 		res.Subscribers = &n
 	}
 	if res.Subscribers != nil && *res.Subscribers == 0 {
-		fmt.Fprintf(stderr, "warning: no process subscribes to %s, so no local tier heard this; give the caches' Options.Name with --cache (now %q) or their LocalOptions.Channel with --channel\n", res.Channel, f.cache)
+		fmt.Fprintf(termWriter{stderr}, "warning: no process subscribes to %s, so no local tier heard this; give the caches' Options.Name with --cache (now %q) or their LocalOptions.Channel with --channel\n", res.Channel, f.cache)
 	}
 	if cfg.json {
 		return json.NewEncoder(stdout).Encode(res)
@@ -194,7 +194,8 @@ func bumpNamespace(ctx context.Context, rdb redis.UniversalClient, c *cacheaside
 	return nil
 }
 
-func printInvalidate(w io.Writer, res *invalidateResult) {
+func printInvalidate(out io.Writer, res *invalidateResult) {
+	w := termWriter{out}
 	switch res.Op {
 	case "key":
 		fmt.Fprintf(w, "deleted %d of %s\n", *res.Deleted, keysWord(int64(len(res.Keys))))

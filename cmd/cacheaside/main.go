@@ -129,10 +129,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	case errors.Is(err, errParsed):
 		return exitUsage
 	case errors.As(err, &ue):
-		fmt.Fprintf(stderr, "cacheaside %s: %v\n(run \"cacheaside help\" for usage)\n", rest[0], err)
+		fmt.Fprintf(stderr, "cacheaside %s: %s\n(run \"cacheaside help\" for usage)\n", termSafe(rest[0]), termSafe(err.Error()))
 		return exitUsage
 	}
-	fmt.Fprintf(stderr, "cacheaside %s: %v\n", rest[0], err)
+	fmt.Fprintf(stderr, "cacheaside %s: %s\n", termSafe(rest[0]), termSafe(err.Error()))
 	return exitError
 }
 

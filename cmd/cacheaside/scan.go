@@ -198,7 +198,7 @@ func printScan(w io.Writer, rows []scanRow) error {
 		if r.Type != "" {
 			kind, size = fmt.Sprintf("%s (%s)", r.Kind, r.Type), "-"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", r.Key, kind, size, fmtPTTL(r.PTTLMillis))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", termSafe(r.Key), kind, size, fmtPTTL(r.PTTLMillis))
 	}
 	if err := tw.Flush(); err != nil {
 		return err
