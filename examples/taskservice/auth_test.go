@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
+	"time"
 )
 
 // Probes: no /admin/* or /metrics route answers 2xx without the token,
@@ -161,6 +162,83 @@ func TestPrefersHTML(t *testing.T) {
 	} {
 		if got := prefersHTML(accept); got != want {
 			t.Errorf("prefersHTML(%q) = %v, want %v", accept, got, want)
+		}
+	}
+}
+
+// TestAdminLoopbackWithoutToken: without ADMIN_TOKEN the admin routes and
+// /metrics answer loopback clients only.
+func TestAdminLoopbackWithoutToken(t *testing.T) {
+	ta := newTestApp(t, nil)
+	for _, tc := range []struct {
+		remote string
+		code   int
+	}{{"127.0.0.1:5000", 200}, {"[::1]:5000", 200}, {"203.0.113.7:5000", 403}, {"10.0.0.2:5000", 403}} {
+		for _, path := range []string{"/admin/cache-stats", "/metrics"} {
+			req := httptest.NewRequest("GET", path, nil)
+			req.RemoteAddr = tc.remote
+			rec := httptest.NewRecorder()
+			ta.Handler.ServeHTTP(rec, req)
+			if rec.Code != tc.code {
+				t.Errorf("GET %s from %s = %d, want %d", path, tc.remote, rec.Code, tc.code)
+			}
+		}
+	}
+}
+
+// TestAdminCrossOrigin: a state-changing admin request from another origin
+// (another site, or a page on another port of the same host, which the
+// SameSite=Strict cookie reaches) is refused even with a valid cookie; the
+// same request from the app's own page, or from a client that is not a
+// browser, goes through.
+func TestAdminCrossOrigin(t *testing.T) {
+	ta := newTestApp(t, func(e *env) { e.adminToken = "s3cret" })
+	cookie := &http.Cookie{Name: adminCookie, Value: ta.api.cookieValue(time.Now())}
+	for _, tc := range []struct {
+		name    string
+		headers map[string]string
+		code    int
+	}{
+		{"another site", map[string]string{"Sec-Fetch-Site": "cross-site"}, 403},
+		{"another port of this host", map[string]string{"Sec-Fetch-Site": "same-site"}, 403},
+		{"Origin of another host", map[string]string{"Origin": "http://evil.example"}, 403},
+		{"the app's own page", map[string]string{"Sec-Fetch-Site": "same-origin"}, 200},
+		{"not a browser", nil, 200},
+	} {
+		req := httptest.NewRequest("POST", "/admin/orgs/acme/lists/invalidate", nil)
+		req.RemoteAddr = "127.0.0.1:5000"
+		req.AddCookie(cookie)
+		for k, v := range tc.headers {
+			req.Header.Set(k, v)
+		}
+		rec := httptest.NewRecorder()
+		ta.Handler.ServeHTTP(rec, req)
+		if rec.Code/100 != tc.code/100 {
+			t.Errorf("%s: %d %s, want %d", tc.name, rec.Code, rec.Body, tc.code)
+		}
+	}
+}
+
+// TestAdminCookieAge: the login cookie carries its issue time: one older
+// than adminCookieAge, one from the future, one whose time was edited and
+// one from another token are refused.
+func TestAdminCookieAge(t *testing.T) {
+	a := &API{adminToken: "s3cret"}
+	now := time.Now()
+	fresh := a.cookieValue(now.Add(-time.Hour))
+	other := (&API{adminToken: "other"}).cookieValue(now)
+	_, mac, _ := strings.Cut(fresh, ".")
+	for v, want := range map[string]bool{
+		fresh: true,
+		a.cookieValue(now.Add(-adminCookieAge - time.Minute)): false,
+		a.cookieValue(now.Add(time.Hour)):                     false,
+		fmt.Sprintf("%d.%s", now.Unix(), mac):                 false,
+		other:                                                 false,
+		"":                                                    false,
+		"x.y":                                                 false,
+	} {
+		if got := a.cookieOK(v, now); got != want {
+			t.Errorf("cookieOK(%q) = %v, want %v", v, got, want)
 		}
 	}
 }

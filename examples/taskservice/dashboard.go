@@ -9,6 +9,8 @@ import (
 	"encoding/hex"
 	"net/http"
 	"regexp"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -272,10 +274,32 @@ func loginPage(w http.ResponseWriter) {
 const adminCookie = "taskservice_admin"
 
 // cookieValue is what the cookie holds for the current ADMIN_TOKEN.
-func (a *API) cookieValue() string {
+// adminCookieAge is how long a login cookie is honoured: its value carries
+// the time it was issued, so a copied cookie stops working.
+const adminCookieAge = 12 * time.Hour
+
+// cookieValue is the login cookie issued at t: the time, and an HMAC of it
+// keyed by the token (never the token itself).
+func (a *API) cookieValue(t time.Time) string {
+	issued := strconv.FormatInt(t.Unix(), 10)
 	m := hmac.New(sha256.New, []byte(a.adminToken))
-	m.Write([]byte("taskservice admin cookie v1"))
-	return hex.EncodeToString(m.Sum(nil))
+	m.Write([]byte("taskservice admin cookie v2 " + issued))
+	return issued + "." + hex.EncodeToString(m.Sum(nil))
+}
+
+// cookieOK reports whether v is a cookie this token issued, at most
+// adminCookieAge ago (and not ahead of this clock by more than a minute).
+func (a *API) cookieOK(v string, now time.Time) bool {
+	issued, _, ok := strings.Cut(v, ".")
+	sec, err := strconv.ParseInt(issued, 10, 64)
+	if !ok || err != nil {
+		return false
+	}
+	t := time.Unix(sec, 0)
+	if now.Sub(t) > adminCookieAge || t.Sub(now) > time.Minute {
+		return false
+	}
+	return subtle.ConstantTimeCompare([]byte(v), []byte(a.cookieValue(t))) == 1
 }
 
 func (a *API) tokenOK(r *http.Request) bool {
@@ -284,7 +308,7 @@ func (a *API) tokenOK(r *http.Request) bool {
 		return true
 	}
 	c, err := r.Cookie(adminCookie)
-	return err == nil && subtle.ConstantTimeCompare([]byte(c.Value), []byte(a.cookieValue())) == 1
+	return err == nil && a.cookieOK(c.Value, time.Now())
 }
 
 // login turns /admin/?token=T into the cookie.
@@ -294,7 +318,7 @@ func (a *API) login(w http.ResponseWriter, r *http.Request) bool {
 		return false
 	}
 	secure := r.TLS != nil || r.Header.Get("X-Forwarded-Proto") == "https"
-	http.SetCookie(w, &http.Cookie{Name: adminCookie, Value: a.cookieValue(), Path: "/", MaxAge: 12 * 3600,
+	http.SetCookie(w, &http.Cookie{Name: adminCookie, Value: a.cookieValue(time.Now()), Path: "/", MaxAge: int(adminCookieAge.Seconds()),
 		HttpOnly: true, SameSite: http.SameSiteStrictMode, Secure: secure})
 	http.Redirect(w, r, "/admin/", http.StatusSeeOther) // a constant: never a target built from the request
 	return true

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -26,7 +27,7 @@ type API struct {
 	reg   *prometheus.Registry
 	log   *slog.Logger
 
-	adminToken string   // "": /admin/* and /metrics are open (development)
+	adminToken string   // "": /admin/* and /metrics answer loopback clients only (development)
 	mon        *monitor // the dashboard's samples
 }
 
@@ -55,7 +56,12 @@ func (a *API) Routes() http.Handler {
 // admin guards operator endpoints: with ADMIN_TOKEN set, a request needs
 // "Authorization: Bearer <token>" or the cookie /admin/?token=<token> sets
 // for a browser, compared in constant time; without it (development) they
-// are open. A request without either gets a JSON 401.
+// answer clients on loopback only, and refuse others with 403. A request
+// without the token gets a JSON 401. A state-changing request (POST,
+// DELETE) must come from the app's own origin or from no browser at all:
+// net/http's CrossOriginProtection refuses it when Sec-Fetch-Site or
+// Origin says another site (a page on another port of the same host
+// included, which SameSite=Strict lets the cookie reach).
 func (a *API) admin(h http.Handler) http.Handler { return a.guard(h, false) }
 
 // adminPage guards a page as admin does, but a browser without the token
@@ -63,11 +69,19 @@ func (a *API) admin(h http.Handler) http.Handler { return a.guard(h, false) }
 // log in instead of the JSON.
 func (a *API) adminPage(h http.Handler) http.Handler { return a.guard(h, true) }
 
+// crossOrigin refuses cross-origin state-changing requests (GET, HEAD and
+// OPTIONS pass).
+var crossOrigin = http.NewCrossOriginProtection()
+
 func (a *API) guard(h http.Handler, page bool) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return crossOrigin.Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Cache-Control", "no-store")
 		w.Header().Set("X-Content-Type-Options", "nosniff")
 		if a.adminToken == "" {
+			if !fromLoopback(r) {
+				writeJSON(w, http.StatusForbidden, apiError{"admin routes answer loopback clients only while ADMIN_TOKEN is not set"})
+				return
+			}
 			h.ServeHTTP(w, r)
 			return
 		}
@@ -87,7 +101,18 @@ func (a *API) guard(h http.Handler, page bool) http.Handler {
 			return
 		}
 		h.ServeHTTP(w, r)
-	})
+	}))
+}
+
+// fromLoopback reports whether the request's peer is on loopback. Behind a
+// reverse proxy on the same host every request is; set ADMIN_TOKEN there.
+func fromLoopback(r *http.Request) bool {
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		return false
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 // prefersHTML says whether an Accept header ranks text/html above

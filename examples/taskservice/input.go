@@ -115,11 +115,20 @@ func intParam(s string, def, lo, hi int, name string) (int, error) {
 // decode reads a JSON body strictly: one object, known fields only, at
 // most maxBody bytes (a larger body is an *http.MaxBytesError: 413).
 func decode(w http.ResponseWriter, r *http.Request, v any) error {
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
+	if r.ContentLength > maxBody {
+		return &http.MaxBytesError{Limit: maxBody}
+	}
+	body := http.MaxBytesReader(w, r.Body, maxBody)
+	dec := json.NewDecoder(body)
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
+			return tooBig
+		}
+		// A body of unknown length that is not JSON fails at its first
+		// bytes: it is still 413 if it is too large, as promised.
+		if _, derr := io.Copy(io.Discard, body); errors.As(derr, &tooBig) {
 			return tooBig
 		}
 		return invalidf("malformed JSON body: %s", jsonProblem(err))

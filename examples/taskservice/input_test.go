@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
@@ -32,6 +33,8 @@ func TestInputTable(t *testing.T) {
 	}{
 		{"11 MB body", "POST", "/tasks", `{"org":"acme","title":"` + long("x", 11<<20) + `"}`, 413, "larger than"},
 		{"900 KB status", "POST", "/tasks", body("x", long("s", 900<<10), "[]"), 413, "larger than"},
+		{"11 MB body, not JSON", "POST", "/tasks", long("x", 11<<20), 413, "larger than"},
+		{"70 KB body, not JSON", "PUT", "/tasks/42", "<" + long("x", 70<<10), 413, "larger than"},
 		{"10 KB status, not echoed", "POST", "/tasks", body("x", long("s", 10<<10), "[]"), 400, "status"},
 		{"NUL in title", "POST", "/tasks", `{"org":"acme","title":"a\u0000b","status":"todo","assignee_id":1}`, 400, "control character"},
 		{"newline in title", "PUT", "/tasks/42", `{"title":"a\nb","status":"todo","assignee_id":1}`, 400, "control character"},
@@ -104,5 +107,29 @@ func TestErrorMapping(t *testing.T) {
 	}
 	if n := strings.Count(logged.String(), "level=ERROR"); n != 1 {
 		t.Fatalf("%d ERROR lines, want 1 (the unexpected error only):\n%s", n, logged.String())
+	}
+}
+
+// TestLargeBodyOfUnknownLength: a chunked body that is not JSON and is
+// larger than maxBody is 413, not 400, though the decoder fails at its
+// first byte.
+func TestLargeBodyOfUnknownLength(t *testing.T) {
+	ta := newTestApp(t, nil)
+	for _, tc := range []struct {
+		body string
+		code int
+	}{{strings.Repeat("x", 2*maxBody), 413}, {strings.Repeat("x", 100), 400}} {
+		req, err := http.NewRequest("POST", ta.srv.URL+"/tasks", io.MultiReader(strings.NewReader(tc.body))) // no length: chunked
+		if err != nil {
+			t.Fatal(err)
+		}
+		res, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Body.Close()
+		if req.ContentLength != 0 || res.StatusCode != tc.code {
+			t.Errorf("chunked body of %d bytes: %d (request length %d), want %d", len(tc.body), res.StatusCode, req.ContentLength, tc.code)
+		}
 	}
 }

@@ -217,7 +217,7 @@ func serve(log *slog.Logger, args []string) error {
 	}
 	defer a.Close()
 	if e.adminToken == "" && !loopback(e.addr) {
-		log.Warn("ADMIN_TOKEN is not set and the app listens beyond loopback: /admin/* (cache purges included) and /metrics are open to anyone who reaches it", "addr", e.addr)
+		log.Warn("ADMIN_TOKEN is not set and the app listens beyond loopback: /admin/* and /metrics answer clients on loopback only (403 for others); set ADMIN_TOKEN to reach them from elsewhere", "addr", e.addr)
 	}
 	srv := &http.Server{Addr: e.addr, Handler: a.Handler, ReadHeaderTimeout: 5 * time.Second,
 		ReadTimeout: 15 * time.Second, WriteTimeout: 30 * time.Second, IdleTimeout: 2 * time.Minute}
