@@ -157,7 +157,7 @@ func (q *coalescer) send(stop context.Context, read readFn, batch []*readReq) {
 	defer func() {
 		if r := recover(); r != nil && !answered {
 			for _, req := range batch {
-				req.err = &PanicError{Value: r, Stack: debug.Stack()}
+				req.err = panicIn("a coalesced read", r, debug.Stack())
 				close(req.done)
 			}
 		}

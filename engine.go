@@ -252,7 +252,7 @@ func (r *missRun[T]) answered(op *keyOp[T], vw view[T]) bool {
 func (r *missRun[T]) settleAll() {
 	var err error = errNoAnswer
 	if p := recover(); p != nil {
-		err = &PanicError{Value: p, Stack: debug.Stack()}
+		err = panicIn("a codec, hook or Recorder", p, debug.Stack())
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()

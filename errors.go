@@ -71,15 +71,28 @@ var (
 )
 
 // PanicError is the error every caller sharing a load receives when the
-// loader panicked. The lease is released before the error is returned, so
-// the next Get loads again; nothing is cached. Value is what the loader
-// passed to panic and Stack the loader goroutine's stack at that point.
+// loader panicked, or when a codec, a hook (IsNotFound, OnError) or the
+// Recorder panicked during the load; Error says which. The lease is
+// released before the error is returned, so the next Get loads again;
+// nothing is cached. Value is what was passed to panic and Stack the
+// panicking goroutine's stack at that point.
 type PanicError struct {
 	Value any
 	Stack []byte
+
+	in string // what panicked, when not the loader
+}
+
+// panicIn is a PanicError for a panic in what (a codec, a hook...), not
+// in the loader.
+func panicIn(what string, v any, stack []byte) *PanicError {
+	return &PanicError{Value: v, Stack: stack, in: what}
 }
 
 func (e *PanicError) Error() string {
+	if e.in != "" {
+		return fmt.Sprintf("cacheaside: panic in %s during a load: %v", e.in, e.Value)
+	}
 	return fmt.Sprintf("cacheaside: loader panicked: %v", e.Value)
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -99,6 +100,33 @@ func TestTombstoneWithoutTTL(t *testing.T) {
 		}
 		if ttl := rdb.PTTL(ctx, key).Val(); ttl <= 0 {
 			t.Fatalf("the reloaded entry has PTTL %v, want a lifetime", ttl)
+		}
+	})
+}
+
+// panicCodec is a codec whose Marshal panics.
+type panicCodec struct{}
+
+func (panicCodec) Format() byte                    { return 201 }
+func (panicCodec) Marshal(string) ([]byte, error)  { panic("codec boom") }
+func (panicCodec) Unmarshal([]byte, *string) error { return nil }
+
+// TestCodecPanicNamed: a panic in a codec during a load reaches the caller
+// as a *PanicError that says a codec (not the loader) panicked; the lease
+// is released and the next Get loads again.
+func TestCodecPanicNamed(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		c := newCache(t, b, &Options[string]{Codec: panicCodec{}})
+		var n counter
+		for i := range 2 {
+			_, err := c.Get(context.Background(), b.key("p"), n.load("v", 0))
+			var pe *PanicError
+			if !errors.As(err, &pe) || !strings.Contains(err.Error(), "panic in a codec") || strings.Contains(err.Error(), "loader panicked") {
+				t.Fatalf("Get #%d: %v, want a *PanicError naming the codec", i, err)
+			}
+		}
+		if n.calls.Load() != 2 {
+			t.Fatalf("%d loads, want 2: the lease must be released after the panic", n.calls.Load())
 		}
 	})
 }

@@ -74,7 +74,7 @@ func (r *missRun[T]) loadDown(ops []*keyOp[T]) {
 	c := r.c
 	defer func() {
 		if p := recover(); p != nil { // a Recorder or IsNotFound that panicked
-			err := &PanicError{Value: p, Stack: debug.Stack()}
+			err := panicIn("a Recorder or IsNotFound", p, debug.Stack())
 			for _, op := range ops {
 				r.fail(op, err)
 			}

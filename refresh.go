@@ -79,7 +79,7 @@ func (c *Cache[T]) refreshAsync(parent context.Context, op *keyOp[T], src source
 			// Loader panics are errors already (callFn); this catches one
 			// in a codec or hook, which would otherwise end the process.
 			if r := recover(); r != nil {
-				c.report(parent, "refresh", key, &PanicError{Value: r, Stack: debug.Stack()})
+				c.report(parent, "refresh", key, panicIn("a codec, hook or Recorder", r, debug.Stack()))
 				c.endRefresh(key, true)
 			}
 		}()

@@ -89,8 +89,11 @@ func (c *Cache[T]) retryLater(kind byte, what string) {
 	}
 }
 
-// retired removes id from the queue unless a newer failure replaced it.
-func (c *Cache[T]) retired(id string, seq uint64) {
+// retired removes id from the queue unless a newer failure replaced it,
+// and reports whether it did. A retry that landed is counted only then, so
+// each queued invalidation is counted retried at most once (a newer failure
+// of the same keys joins the queued entry rather than being counted again).
+func (c *Cache[T]) retired(id string, seq uint64) bool {
 	c.retryMu.Lock()
 	defer c.retryMu.Unlock()
 	if cur, ok := c.retries[id]; ok && cur.seq == seq {
@@ -99,7 +102,9 @@ func (c *Cache[T]) retired(id string, seq uint64) {
 			c.pendingPrefixes--
 		}
 		c.pending.Add(-1)
+		return true
 	}
+	return false
 }
 
 // pendingFor reports whether an invalidation covering key (in the
@@ -172,8 +177,9 @@ func (c *Cache[T]) retryPass(ops map[string]retryOp) bool {
 	var keyIDs []string
 	for id, op := range ops {
 		if time.Since(op.since) > bound {
-			c.ev.dropped()
-			c.retired(id, op.seq)
+			if c.retired(id, op.seq) {
+				c.ev.dropped()
+			}
 			delete(ops, id)
 			continue
 		}
@@ -202,8 +208,9 @@ func (c *Cache[T]) retryPass(ops map[string]retryOp) bool {
 			return false
 		}
 		for _, id := range keyIDs[i:j] {
-			c.ev.retried()
-			c.retired(id, ops[id].seq)
+			if c.retired(id, ops[id].seq) {
+				c.ev.retried()
+			}
 		}
 	}
 	for id, op := range ops {
@@ -227,8 +234,9 @@ func (c *Cache[T]) retryPass(ops map[string]retryOp) bool {
 		if err != nil {
 			return false
 		}
-		c.ev.retried()
-		c.retired(id, op.seq)
+		if c.retired(id, op.seq) {
+			c.ev.retried()
+		}
 	}
 	return true
 }

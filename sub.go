@@ -68,7 +68,7 @@ func (s *subscriber) run(stop context.Context) {
 func (s *subscriber) onceSafe(stop context.Context) (confirmed bool, err error) {
 	defer func() {
 		if r := recover(); r != nil {
-			err = &PanicError{Value: r, Stack: debug.Stack()}
+			err = panicIn("a subscription (a Ring without live shards, a Recorder)", r, debug.Stack())
 		}
 	}()
 	return s.once(stop)
