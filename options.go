@@ -34,29 +34,11 @@ type Redis interface {
 // It works on the options of every client New accepts: *redis.Options
 // (Client, and the URL parsers' result), *redis.FailoverOptions
 // (Sentinel), *redis.ClusterOptions, *redis.RingOptions and
-// *redis.UniversalOptions. The settings, and why:
-//
-//   - ContextTimeoutEnabled = true: every command the cache sends carries
-//     its time budget (Degradation.OpTimeout and friends) as a context
-//     deadline, and go-redis puts it on the socket only with this set.
-//     Without it, a Redis that accepts connections and never answers holds
-//     a command for ReadTimeout (3 s by default), and New logs a warning.
-//   - MaxRetries = -1 (when unset): no retry of a failed command. A retry
-//     spends the budget on a Redis that just failed, and the circuit
-//     breaker must see failures as they happen to open.
-//   - DialerRetries = 1 (when unset): one dial attempt instead of five
-//     100 ms apart, so an outage shows up as "connection refused" within
-//     a millisecond or two instead of "context deadline exceeded" at the
-//     end of every budget, with go-redis logging each failed dial.
-//
-// It leaves DialTimeout, ReadTimeout, WriteTimeout and PoolTimeout at
-// what opt says (go-redis's defaults: 5 s, 3 s, 3 s, ReadTimeout + 1 s).
-// The cache's own commands end at their budgets whatever those are, and
-// short client timeouts would only cut into work that needs longer: the
-// cache's bulk budgets (an InvalidatePrefix SCAN gets at least 1 s), and
-// your own commands on the same client (a pipeline that fills thousands
-// of keys). Set them yourself if you want a ceiling for commands sent
-// without a deadline.
+// *redis.UniversalOptions. It sets ContextTimeoutEnabled, MaxRetries -1
+// (no command retries) unless set, and DialerRetries 1 unless set, and
+// leaves every timeout as opt has it. The README's "Client settings" gives
+// the reason for each; in short, an outage then shows up as "connection
+// refused" within a millisecond or two, and the breaker opens at once.
 func Recommended[O *redis.Options | *redis.FailoverOptions | *redis.ClusterOptions | *redis.RingOptions | *redis.UniversalOptions](opt O) O {
 	retries := func(maxRetries, dialerRetries *int) {
 		if *maxRetries == 0 {

@@ -2,11 +2,14 @@
 // library, the reference app, the adapters under extra/), one module after
 // another, goes on when one fails, and ends with one line per module. It
 // exits 1 when any module failed. Tests always run (-count=1 unless a
-// -count is given): a cached result says nothing about this machine.
-// Arguments are passed to every `go test`, for example:
+// -count is given): a cached result says nothing about this machine. The
+// randomized suites (consistency histories, Get-vs-GetMany schedules,
+// staleness trials) run at a tenth of their size (-short) unless -full is
+// given. Other arguments are passed to every `go test`, for example:
 //
 //	go run ./internal/testall            # what the README's test command runs
-//	go run ./internal/testall -race -count=1
+//	go run ./internal/testall -full      # the randomized suites at full size
+//	go run ./internal/testall -race
 //
 // It needs nothing but Go: it runs from the repository's root, finds the
 // modules by their go.mod files, and runs `go -C <module> test <args> ./...`
@@ -38,9 +41,21 @@ func main() {
 		os.Exit(2)
 	}
 	args := os.Args[1:]
+	flagSet := func(name string) bool {
+		return slices.ContainsFunc(args, func(a string) bool {
+			return strings.HasPrefix(a, "-"+name) || strings.HasPrefix(a, "--"+name)
+		})
+	}
+	// -full: the randomized suites at their full size, as CI's full-size
+	// step runs them; by default they run at a tenth (-short).
+	full := slices.Contains(args, "-full")
+	args = slices.DeleteFunc(args, func(a string) bool { return a == "-full" })
+	if !full && !flagSet("short") {
+		args = append([]string{"-short"}, args...)
+	}
 	// Run every test every time: a cached result says nothing about this
 	// machine, and CI runs this command to rehearse a slow one.
-	if !slices.ContainsFunc(args, func(a string) bool { return strings.HasPrefix(a, "-count") || strings.HasPrefix(a, "--count") }) {
+	if !flagSet("count") {
 		args = append([]string{"-count=1"}, args...)
 	}
 	type result struct {
