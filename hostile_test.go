@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -21,6 +22,9 @@ func TestHostileMsgpackEntry(t *testing.T) {
 		"array32": {0xdd, 0xff, 0xff, 0xff, 0xff},
 		"map32":   {0xdf, 0xff, 0xff, 0xff, 0xff},
 		"nested":  {0x91, 0xdd, 0xff, 0xff, 0xff, 0xff},
+		// Where msgpack expects a Go map it skips an extension header and
+		// reads a map from the payload: {"k": array32 of 2^31-1}.
+		"ext-wrapped": {0xc7, 0x0a, 0x05, 0xde, 0x00, 0x01, 0xa1, 'k', 0xdd, 0x7f, 0xff, 0xff, 0xff},
 	}
 	forEachBackend(t, func(t *testing.T, b *backend) {
 		for name, p := range payloads {
@@ -129,4 +133,55 @@ func TestCodecPanicNamed(t *testing.T) {
 			t.Fatalf("%d loads, want 2: the lease must be released after the panic", n.calls.Load())
 		}
 	})
+}
+
+// TestMsgpackMapOfTimes: the check for types that hold maps still accepts
+// what msgpack writes for them, times (an extension) included, so such
+// entries are hits.
+func TestMsgpackMapOfTimes(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		c := newCache(t, b, &Options[map[string]time.Time]{Codec: Msgpack[map[string]time.Time]()})
+		var n counter
+		want := map[string]time.Time{}
+		for i := range 50 {
+			want[fmt.Sprint(i)] = time.Unix(1700000000+int64(i), int64(i)*19_999_999).UTC()
+		}
+		load := func(context.Context) (map[string]time.Time, error) { n.calls.Add(1); return want, nil }
+		for range 3 {
+			got, err := c.Get(context.Background(), b.key("times"), load)
+			if err != nil || len(got) != len(want) || !got["7"].Equal(want["7"]) {
+				t.Fatalf("Get = %v, %v", got, err)
+			}
+		}
+		if st := c.Stats(); n.calls.Load() != 1 || st.DecodeErrors != 0 {
+			t.Fatalf("%d loads, %d decode errors; want 1 and 0", n.calls.Load(), st.DecodeErrors)
+		}
+	})
+}
+
+func TestHoldsMap(t *testing.T) {
+	type inner struct{ M map[int][]any }
+	type rec struct {
+		Next *rec
+		Tags map[string]string
+	}
+	for _, tc := range []struct {
+		v    any
+		want bool
+	}{
+		{map[string]any{}, true},
+		{[]inner{}, true},
+		{struct{ P *inner }{}, true},
+		{map[string]time.Time{}, false},
+		{map[string]string{}, false},
+		{[]any{}, false},
+		{struct{ A any }{}, false},
+		{rec{}, false},
+		{map[string]map[int]string{}, false},
+	} {
+		v, want := tc.v, tc.want
+		if got := holdsMap(reflect.TypeOf(v)); got != want {
+			t.Errorf("holdsMap(%T) = %v, want %v", v, got, want)
+		}
+	}
 }

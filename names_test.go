@@ -124,8 +124,11 @@ func TestRecommended(t *testing.T) {
 	if o := Recommended[*redis.Options](nil); o == nil || !o.ContextTimeoutEnabled || o.MaxRetries != -1 {
 		t.Errorf("nil Options: %+v", o)
 	}
-	if o := Recommended(&redis.ClusterOptions{}); !o.ContextTimeoutEnabled || o.MaxRetries != -1 || o.DialerRetries != 1 {
+	if o := Recommended(&redis.ClusterOptions{}); !o.ContextTimeoutEnabled || o.MaxRetries != -1 || o.DialerRetries != 1 || o.ClusterStateReloadInterval != DefaultClusterStateReloadInterval {
 		t.Errorf("ClusterOptions: %+v", o)
+	}
+	if o := Recommended(&redis.ClusterOptions{ClusterStateReloadInterval: 5 * time.Second}); o.ClusterStateReloadInterval != 5*time.Second {
+		t.Errorf("ClusterOptions with its own reload interval: %v", o.ClusterStateReloadInterval)
 	}
 	if o := Recommended(&redis.FailoverOptions{}); !o.ContextTimeoutEnabled || o.MaxRetries != -1 || o.DialerRetries != 1 {
 		t.Errorf("FailoverOptions: %+v", o)

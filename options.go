@@ -35,10 +35,21 @@ type Redis interface {
 // (Client, and the URL parsers' result), *redis.FailoverOptions
 // (Sentinel), *redis.ClusterOptions, *redis.RingOptions and
 // *redis.UniversalOptions. It sets ContextTimeoutEnabled, MaxRetries -1
-// (no command retries) unless set, and DialerRetries 1 unless set, and
-// leaves every timeout as opt has it. The README's "Client settings" gives
+// (no command retries) unless set, and DialerRetries 1 unless set; on
+// ClusterOptions also ClusterStateReloadInterval
+// (DefaultClusterStateReloadInterval) unless set. It leaves every timeout
+// as opt has it. The README's "Client settings" gives
 // the reason for each; in short, an outage then shows up as "connection
 // refused" within a millisecond or two, and the breaker opens at once.
+// DefaultClusterStateReloadInterval is the ClusterStateReloadInterval
+// Recommended gives a Cluster client: how old go-redis lets its slot map
+// grow before it reloads it on the next command (go-redis's default is a
+// minute). After a master fails over, the client sends the dead master's
+// slots to the dead address until it reloads, so this bounds how long
+// those keys go without Redis; a reload is one CLUSTER SLOTS, at most this
+// often, and only while commands are sent.
+const DefaultClusterStateReloadInterval = time.Second
+
 func Recommended[O *redis.Options | *redis.FailoverOptions | *redis.ClusterOptions | *redis.RingOptions | *redis.UniversalOptions](opt O) O {
 	retries := func(maxRetries, dialerRetries *int) {
 		if *maxRetries == 0 {
@@ -69,6 +80,9 @@ func Recommended[O *redis.Options | *redis.FailoverOptions | *redis.ClusterOptio
 		}
 		o.ContextTimeoutEnabled = true
 		retries(&o.MaxRetries, &o.DialerRetries)
+		if o.ClusterStateReloadInterval == 0 {
+			o.ClusterStateReloadInterval = DefaultClusterStateReloadInterval
+		}
 		return any(o).(O)
 	case *redis.RingOptions:
 		if o == nil {

@@ -24,7 +24,17 @@ var ErrTooLong = errors.New("declared length exceeds the bytes that follow")
 // header of 2^32-1 elements in a 45-byte value asks for 64 GiB, and the
 // runtime's out-of-memory is fatal. After this check, what a decoder
 // allocates is bounded by a constant times len(data).
-func Msgpack(data []byte) error {
+func Msgpack(data []byte) error { return check(data, false) }
+
+// MsgpackForMaps is Msgpack for values whose Go type holds a map (map[K]V
+// anywhere in it). Where msgpack expects such a map it skips an extension
+// header and reads a map header from the extension's payload, which
+// Msgpack treats as opaque bytes, and the map's entries from whatever
+// follows, unchecked. So here an extension whose payload begins with a map
+// header is refused as well.
+func MsgpackForMaps(data []byte) error { return check(data, true) }
+
+func check(data []byte, maps bool) error {
 	rest := data
 	need := 1 // values still to read
 	for need > 0 {
@@ -51,6 +61,9 @@ func Msgpack(data []byte) error {
 		}
 		if skip > len(rest) {
 			return fmt.Errorf("msgpack: %d bytes declared, %d left: %w", skip, len(rest), ErrTooLong)
+		}
+		if maps && isExt(c) && skip > 1 && isMap(rest[1]) { // rest[0] is the extension's type
+			return fmt.Errorf("msgpack: extension payload that begins with a map header (0x%02x)", rest[1])
 		}
 		rest = rest[skip:]
 		if n > len(rest) {
@@ -131,3 +144,9 @@ func header(c byte, rest []byte) (n, skip int, _ []byte, _ error) {
 	}
 	return n, skip, rest, err
 }
+
+// isExt reports an extension code: ext8/16/32 and fixext1–16.
+func isExt(c byte) bool { return (c >= 0xc7 && c <= 0xc9) || (c >= 0xd4 && c <= 0xd8) }
+
+// isMap reports a map header code: fixmap, map16, map32.
+func isMap(c byte) bool { return (c >= 0x80 && c <= 0x8f) || c == 0xde || c == 0xdf }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"runtime"
 	"testing"
+	"time"
 
 	"github.com/vmihailenco/msgpack/v5"
 )
@@ -23,6 +24,31 @@ var hostile = [][]byte{
 	{0xc1},                               // never used
 	{0xcb, 0x00},                         // truncated float64
 	append([]byte{0xdd, 0x00, 0x01, 0x00, 0x00}, bytes.Repeat([]byte{0xc0}, 65535)...), // 65536 declared, 65535 there
+}
+
+// extWrapped are values where msgpack, expecting a Go map, skips an
+// extension header and reads a map from its payload: ext8 wrapping
+// {"k": array32 of 2^31-1} asks for 32 GiB for a map[string]any.
+var extWrapped = [][]byte{
+	{0xc7, 0x0a, 0x05, 0xde, 0x00, 0x01, 0xa1, 'k', 0xdd, 0x7f, 0xff, 0xff, 0xff},
+	{0xd4, 0x30, 0xde, 0x30, 0x30},
+}
+
+func TestMsgpackForMapsRefusesExtWrappedMaps(t *testing.T) {
+	for _, b := range extWrapped {
+		if err := Msgpack(b); err != nil {
+			t.Errorf("% x: Msgpack refused it (%v); it is well-formed", b, err)
+		}
+		if err := MsgpackForMaps(b); err == nil {
+			t.Errorf("% x: accepted for a type that holds maps", b)
+		}
+	}
+	// A time.Time (extension -1) with a payload that does not begin with
+	// a map header is accepted either way.
+	tm, _ := msgpack.Marshal(map[string]time.Time{"t": time.Unix(1700000000, 5)})
+	if err := MsgpackForMaps(tm); err != nil {
+		t.Errorf("a map of times: %v", err)
+	}
 }
 
 func TestMsgpackRefusesHostileHeaders(t *testing.T) {
@@ -71,6 +97,9 @@ func FuzzMsgpack(f *testing.F) {
 	for _, b := range hostile {
 		f.Add(b)
 	}
+	for _, b := range extWrapped {
+		f.Add(b)
+	}
 	for _, v := range []any{[]any{1, "a", []int64{1, 2}}, map[string]any{"a": 1}, []int64{5, 6}} {
 		b, _ := msgpack.Marshal(v)
 		f.Add(b)
@@ -99,8 +128,12 @@ func FuzzMsgpack(f *testing.F) {
 		decode("any", &a)
 		var s []int64
 		decode("[]int64", &s)
-		var m map[string]any
-		decode("map[string]any", &m)
+		if MsgpackForMaps(data) == nil { // what a codec whose type holds a map checks
+			var m map[string]any
+			decode("map[string]any", &m)
+			var mi map[int64][]int64
+			decode("map[int64][]int64", &mi)
+		}
 		var items []item
 		decode("[]item", &items)
 	})
