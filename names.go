@@ -24,7 +24,7 @@ var liveNames = struct {
 }{m: make(map[nameKey]*nameUse)}
 
 type nameKey struct {
-	client Redis // as given to New; only clients of comparable types are tracked
+	client Redis // as given to New; only comparable clients are tracked
 	name   string
 }
 
@@ -42,7 +42,9 @@ type nameUse struct {
 // value type or codec format. Caches alike (same T and codec) may share a
 // name: they read and write the same entries the same way.
 func claimName[T any](rdb Redis, name string, codec Codec[T]) (release func(), err error) {
-	if !reflect.TypeOf(rdb).Comparable() {
+	// A value, not just its type: a wrapper struct whose interface field
+	// holds a map has a comparable type but would panic as a map key.
+	if !reflect.ValueOf(rdb).Comparable() {
 		return func() {}, nil
 	}
 	k := nameKey{rdb, name}

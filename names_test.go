@@ -52,7 +52,21 @@ func TestDuplicateName(t *testing.T) {
 		}
 		_ = ints.Close()
 		// The refused New left nothing running: goleak checks at exit.
+
+		// A wrapper passed by value whose type is comparable but whose
+		// value is not (an interface field holding a map) is not tracked,
+		// rather than panicking as a map key.
+		w, err := New[string](valueWrapper{Redis: rdb, tag: map[string]int{}}, &Options[string]{Name: "dup"})
+		if err != nil {
+			t.Fatalf("a wrapper value: %v", err)
+		}
+		_ = w.Close()
 	})
+}
+
+type valueWrapper struct {
+	Redis
+	tag any
 }
 
 // TestNegativeTTLWarning: a NegativeTTL set longer than the TTL is

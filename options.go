@@ -6,6 +6,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"reflect"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -51,55 +52,36 @@ type Redis interface {
 const DefaultClusterStateReloadInterval = time.Second
 
 func Recommended[O *redis.Options | *redis.FailoverOptions | *redis.ClusterOptions | *redis.RingOptions | *redis.UniversalOptions](opt O) O {
-	retries := func(maxRetries, dialerRetries *int) {
-		if *maxRetries == 0 {
-			*maxRetries = -1
-		}
-		if *dialerRetries == 0 {
-			*dialerRetries = 1
-		}
+	if reflect.ValueOf(opt).IsNil() {
+		opt = reflect.New(reflect.TypeFor[O]().Elem()).Interface().(O)
 	}
 	switch o := any(opt).(type) {
 	case *redis.Options:
-		if o == nil {
-			o = new(redis.Options)
-		}
-		o.ContextTimeoutEnabled = true
-		retries(&o.MaxRetries, &o.DialerRetries)
-		return any(o).(O)
+		recommend(&o.ContextTimeoutEnabled, &o.MaxRetries, &o.DialerRetries)
 	case *redis.FailoverOptions:
-		if o == nil {
-			o = new(redis.FailoverOptions)
-		}
-		o.ContextTimeoutEnabled = true
-		retries(&o.MaxRetries, &o.DialerRetries)
-		return any(o).(O)
+		recommend(&o.ContextTimeoutEnabled, &o.MaxRetries, &o.DialerRetries)
 	case *redis.ClusterOptions:
-		if o == nil {
-			o = new(redis.ClusterOptions)
-		}
-		o.ContextTimeoutEnabled = true
-		retries(&o.MaxRetries, &o.DialerRetries)
+		recommend(&o.ContextTimeoutEnabled, &o.MaxRetries, &o.DialerRetries)
 		if o.ClusterStateReloadInterval == 0 {
 			o.ClusterStateReloadInterval = DefaultClusterStateReloadInterval
 		}
-		return any(o).(O)
 	case *redis.RingOptions:
-		if o == nil {
-			o = new(redis.RingOptions)
-		}
-		o.ContextTimeoutEnabled = true
-		retries(&o.MaxRetries, &o.DialerRetries)
-		return any(o).(O)
+		recommend(&o.ContextTimeoutEnabled, &o.MaxRetries, &o.DialerRetries)
 	case *redis.UniversalOptions:
-		if o == nil {
-			o = new(redis.UniversalOptions)
-		}
-		o.ContextTimeoutEnabled = true
-		retries(&o.MaxRetries, &o.DialerRetries)
-		return any(o).(O)
+		recommend(&o.ContextTimeoutEnabled, &o.MaxRetries, &o.DialerRetries)
 	}
 	return opt
+}
+
+// recommend sets the settings every client type shares (see Recommended).
+func recommend(contextTimeout *bool, maxRetries, dialerRetries *int) {
+	*contextTimeout = true
+	if *maxRetries == 0 {
+		*maxRetries = -1
+	}
+	if *dialerRetries == 0 {
+		*dialerRetries = 1
+	}
 }
 
 // Options configures a Cache. A nil *Options and the zero value of every
