@@ -16,8 +16,8 @@ var ErrTooLong = errors.New("declared length exceeds the bytes that follow")
 
 // Msgpack checks the structure of a msgpack document: every array, map,
 // string, binary and extension header declares no more elements or bytes
-// than remain in data (each element takes at least one byte), and no type
-// code is invalid. It allocates nothing.
+// than remain in data (each element takes at least one byte), no type
+// code is invalid, and nothing follows the value. It allocates nothing.
 //
 // github.com/vmihailenco/msgpack/v5 sizes some slices from the declared
 // length before reading the elements (an interface slice, for one): a
@@ -62,14 +62,23 @@ func check(data []byte, maps bool) error {
 		if skip > len(rest) {
 			return fmt.Errorf("msgpack: %d bytes declared, %d left: %w", skip, len(rest), ErrTooLong)
 		}
-		if maps && isExt(c) && skip > 1 && isMap(rest[1]) { // rest[0] is the extension's type
-			return fmt.Errorf("msgpack: extension payload that begins with a map header (0x%02x)", rest[1])
+		// rest[0] is the extension's type; msgpack, where it expects a
+		// map, reads the next code right after it, in the payload or, for
+		// an empty payload, past it.
+		if maps && isExt(c) && len(rest) > 1 && isMap(rest[1]) {
+			return fmt.Errorf("msgpack: extension followed by a map header (0x%02x)", rest[1])
 		}
 		rest = rest[skip:]
 		if n > len(rest) {
 			return fmt.Errorf("msgpack: %d elements declared, %d bytes left: %w", n, len(rest), ErrTooLong)
 		}
 		need += n
+	}
+	if len(rest) > 0 {
+		// msgpack writes one value; bytes after it are read only by a
+		// decoder that went astray (an extension skipped where a map was
+		// expected), and nothing checked them.
+		return fmt.Errorf("msgpack: %d bytes after the value", len(rest))
 	}
 	return nil
 }
