@@ -47,11 +47,12 @@ type keyOp[T any] struct {
 	fs      *flightState
 
 	// the lease (leader only)
-	tok  envelope.Token
-	gen  envelope.Gen
-	held bool
-	done bool
-	now  bool // the next lease round should not wait (see leaseRound)
+	tok   envelope.Token
+	proof envelope.Token // tok's proof, for the wake message (newLease)
+	gen   envelope.Gen
+	held  bool
+	done  bool
+	now   bool // the next lease round should not wait (see leaseRound)
 
 	// the outcome when no flight carries it (call == nil): a background
 	// refresh, or a load that bypasses the cache
@@ -130,7 +131,7 @@ func (r *missRun[T]) run(parent context.Context) {
 
 	var down, open []*keyOp[T]
 	for _, op := range r.ops {
-		op.tok = newToken()
+		op.tok, op.proof = newLease()
 		if op.down {
 			op.fs.observe() // the loader reads the source now, with no entry to vouch for it
 			down = append(down, op)
@@ -197,9 +198,11 @@ func (r *missRun[T]) run(parent context.Context) {
 
 // delivered ends the flights whose fills the wake channel delivered (as
 // the next lease round would have found them) and returns the ops still
-// open. got maps keys to entries; a key without an entry (a released
-// lease, a large value) stays open for the next round.
-func (r *missRun[T]) delivered(open []*keyOp[T], got map[string][]byte) []*keyOp[T] {
+// open. got maps keys to what their fills published; a key without an
+// entry (a released lease, a large value), or whose message does not carry
+// the proof of the lease the run waits for (wait.go), stays open for the
+// next round.
+func (r *missRun[T]) delivered(open []*keyOp[T], got map[string]wakeMsg) []*keyOp[T] {
 	if len(got) == 0 {
 		return open
 	}
@@ -207,16 +210,17 @@ func (r *missRun[T]) delivered(open []*keyOp[T], got map[string][]byte) []*keyOp
 	now := c.opts.Clock()
 	rest := open[:0]
 	for _, op := range open {
-		entry := got[op.key]
-		if entry == nil {
+		// Only the fill of the lease this run waits for answers it, proved
+		// by the lease's proof. Pub/sub can deliver a message late: one from
+		// an earlier fill, published before this Get began, may carry a
+		// value invalidated since; and anyone may publish.
+		m := got[op.key]
+		if op.vw.e.Kind != envelope.Lease || !m.answers(op.vw.e.Token) {
 			rest = append(rest, op)
 			continue
 		}
-		vw := c.classify(r.ctx, op.key, entry, genView{namespaced: op.genKey != "", known: true, gen: op.gen}, now)
-		// Only the fill of the lease this run waits for answers it. Pub/sub
-		// can deliver a message late: one from an earlier fill, published
-		// before this Get began, may carry a value invalidated since.
-		if op.vw.e.Kind != envelope.Lease || vw.e.Token != op.vw.e.Token || !r.answered(op, vw) {
+		vw := c.classify(r.ctx, op.key, m.entry, genView{namespaced: op.genKey != "", known: true, gen: op.gen}, now)
+		if vw.e.Token != op.vw.e.Token || !r.answered(op, vw) {
 			rest = append(rest, op) // another lease's fill, not for this generation, or not what we can serve: look again
 		}
 	}

@@ -66,14 +66,14 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 				calls[i] = releaseCall(op.key, op.tok, op.keep(c), c.wakeChannel())
 				continue
 			}
-			calls[i], fills[i], softs[i] = fillCall(op.key, op.genKey, op.tok, entry, ttl, c.genTTL, c.wakeChannel()), true, softExpiry(entry)
+			calls[i], fills[i], softs[i] = fillCall(op.key, op.genKey, op.tok, entry, ttl, c.genTTL, wakeTo{c.wakeChannel(), op.proof}), true, softExpiry(entry)
 		case p.NoNegativeCache:
 			calls[i] = releaseCall(op.key, op.tok, 0, c.wakeChannel())
 		default:
 			ttl := p.jitter(p.NegativeTTL)
 			soft := c.opts.Clock().Add(ttl)
 			entry := tombstone(op.tok, c.opts.Codec.Format(), op.gen, soft)
-			calls[i], fills[i], softs[i] = fillCall(op.key, op.genKey, op.tok, entry, ttl, c.genTTL, c.wakeChannel()), true, soft.UnixMilli()
+			calls[i], fills[i], softs[i] = fillCall(op.key, op.genKey, op.tok, entry, ttl, c.genTTL, wakeTo{c.wakeChannel(), op.proof}), true, soft.UnixMilli()
 		}
 		if h := c.hooks; h != nil && h.fill != nil && fills[i] {
 			calls[i] = h.fill(calls[i])

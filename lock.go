@@ -62,6 +62,14 @@ func newToken() envelope.Token {
 	return t
 }
 
+// newLease returns a fresh lease token and the proof it is derived from
+// (envelope.LeaseToken): the lease entry carries tok, and only a fill's
+// wake message carries proof.
+func newLease() (tok, proof envelope.Token) {
+	proof = newToken()
+	return envelope.LeaseToken(proof), proof
+}
+
 // newGen returns a fresh random namespace generation.
 func newGen() envelope.Gen {
 	var g envelope.Gen
@@ -136,14 +144,21 @@ func acquireReply(res []any, err error) (held bool, gen envelope.Gen, cur []byte
 // fill runs fill.lua: write entry for ttl if key still holds tok's lease
 // (and, with genKey, if the namespace generation is still the entry's).
 func fill(ctx context.Context, rdb Redis, key, genKey string, tok envelope.Token, entry []byte, ttl, genTTL time.Duration) (bool, error) {
-	n, err := fillCall(key, genKey, tok, entry, ttl, genTTL, "").run(ctx, rdb).Int64()
+	n, err := fillCall(key, genKey, tok, entry, ttl, genTTL, wakeTo{}).run(ctx, rdb).Int64()
 	return n == 1, err
 }
 
-// fillCall is fill.lua's call; a nonempty wake is the channel a contended
-// lease's waiters listen on.
-func fillCall(key, genKey string, tok envelope.Token, entry []byte, ttl, genTTL time.Duration, wake string) scriptCall {
-	return scriptCall{fillScript, entryKeys(key, genKey), []any{tok[:], entry, millis(ttl), millis(genTTL), wake}}
+// wakeTo says where a fill of a contended lease wakes its waiters: the
+// wake channel ("" for none) and the lease's proof, which the message
+// carries so that the waiters can trust it (envelope.LeaseToken).
+type wakeTo struct {
+	channel string
+	proof   envelope.Token
+}
+
+// fillCall is fill.lua's call.
+func fillCall(key, genKey string, tok envelope.Token, entry []byte, ttl, genTTL time.Duration, wake wakeTo) scriptCall {
+	return scriptCall{fillScript, entryKeys(key, genKey), []any{tok[:], entry, millis(ttl), millis(genTTL), wake.channel, wake.proof[:]}}
 }
 
 // refreshLease runs refresh.lua: turn the value written under old into a

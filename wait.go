@@ -11,6 +11,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/seed-b4ec662f/cacheaside/internal/envelope"
 )
 
 // Waking. When a caller finds another's lease, acquire.lua marks the lease
@@ -23,6 +25,15 @@ import (
 // message cannot cover: a holder that died (its lease expires), a message
 // lost while the subscription was down, a lease another build of the
 // library holds.
+//
+// Trust. Anyone who may PUBLISH on the channel can send a message, and
+// anyone who may GET the key can read the lease's token. So a message
+// hands a waiter its answer only with the lease's proof: the holder draws
+// a random 16-byte proof and takes the lease under its token, the first 16
+// bytes of SHA-256(proof) (envelope.LeaseToken); the fill publishes the
+// proof beside the entry, and the waiter checks it against the token of
+// the lease it waits for (missRun.delivered). Any other message only makes
+// the waiter look again in Redis, as a poll would.
 
 // WakeChannelPrefix + Options.Name is the channel fills of contended leases
 // are published on. Every process that shares a cache's keys must use the
@@ -42,8 +53,21 @@ type waker struct {
 // watch is one engine run's interest in its keys.
 type watch struct {
 	keys []string
-	ch   chan struct{}     // one pending wake-up
-	got  map[string][]byte // key → the entry its fill published (nil: only the key), under waker.mu
+	ch   chan struct{}      // one pending wake-up
+	got  map[string]wakeMsg // key → what its fill published, under waker.mu
+}
+
+// wakeMsg is what a fill published for one key: the lease's proof and the
+// entry written, or neither (a release, an entry past 64 KiB).
+type wakeMsg struct {
+	proof envelope.Token
+	entry []byte
+}
+
+// answers reports whether m carries the fill of the lease whose token is
+// tok: an entry, and the proof that tok was derived from.
+func (m wakeMsg) answers(tok envelope.Token) bool {
+	return m.entry != nil && envelope.LeaseToken(m.proof) == tok
 }
 
 func newWaker(channel string) *waker {
@@ -79,10 +103,10 @@ func (w *waker) unwatch(wt *watch) {
 	}
 }
 
-// wake handles one message: "<len(key)>:<key><entry>", the entry
-// optional. It wakes every run waiting for key, handing it the entry.
+// wake handles one message: "<len(key)>:<key><proof><entry>", proof and
+// entry optional. It wakes every run waiting for key, handing it both.
 func (w *waker) wake(msg string) {
-	key, entry, ok := parseWake(msg)
+	key, m, ok := parseWake(msg)
 	if !ok {
 		return
 	}
@@ -90,9 +114,9 @@ func (w *waker) wake(msg string) {
 	defer w.mu.Unlock()
 	for wt := range w.watches[key] {
 		if wt.got == nil {
-			wt.got = make(map[string][]byte)
+			wt.got = make(map[string]wakeMsg)
 		}
-		wt.got[key] = entry
+		wt.got[key] = m
 		select {
 		case wt.ch <- struct{}{}:
 		default:
@@ -100,27 +124,33 @@ func (w *waker) wake(msg string) {
 	}
 }
 
-// parseWake splits a wake message into its key and entry (nil when the
-// message carries none).
-func parseWake(msg string) (key string, entry []byte, ok bool) {
+// parseWake splits a wake message into its key, and the proof and entry
+// it carries (none for a message of the key alone; a message with no more
+// bytes after the key than a proof is malformed).
+func parseWake(msg string) (key string, m wakeMsg, ok bool) {
 	i := strings.IndexByte(msg, ':')
 	if i <= 0 {
-		return "", nil, false
+		return "", m, false
 	}
 	n, err := strconv.Atoi(msg[:i])
 	if err != nil || n < 0 || len(msg)-i-1 < n {
-		return "", nil, false
+		return "", m, false
 	}
 	key = msg[i+1 : i+1+n]
-	if rest := msg[i+1+n:]; rest != "" {
-		entry = []byte(rest)
+	switch rest := msg[i+1+n:]; {
+	case rest == "":
+	case len(rest) <= envelope.TokenSize:
+		return "", m, false
+	default:
+		copy(m.proof[:], rest)
+		m.entry = []byte(rest[envelope.TokenSize:])
 	}
-	return key, entry, true
+	return key, m, true
 }
 
 // delivered takes the entries fills published for the watch's keys since
 // the last call.
-func (w *waker) delivered(wt *watch) map[string][]byte {
+func (w *waker) delivered(wt *watch) map[string]wakeMsg {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	got := wt.got
@@ -215,7 +245,7 @@ func (w *waiter) wait(ctx context.Context, open []string) error {
 
 // delivered returns the entries fills published for the keys being waited
 // for since the last call (nil without a watch).
-func (w *waiter) delivered() map[string][]byte {
+func (w *waiter) delivered() map[string]wakeMsg {
 	if w.wt == nil {
 		return nil
 	}

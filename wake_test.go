@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"testing"
+	"time"
 
 	"github.com/seed-b4ec662f/cacheaside/internal/envelope"
 )
@@ -38,16 +39,99 @@ func TestLateWakeMessageIgnored(t *testing.T) {
 			got <- v
 		}()
 		waitFor(t, "the waiter to wait on the lease", func() bool { return waiter.Stats().LeaseContended == 1 })
-		// The late message: a value entry of an earlier lease (another token).
-		old, _, err := waiter.encode("invalidated long ago", newToken(), envelope.Gen{}, 0)
+		// The late message: a value entry of an earlier lease (another
+		// token), with that lease's proof.
+		tok, proof := newLease()
+		old, _, err := waiter.encode("invalidated long ago", tok, envelope.Gen{}, 0)
 		if err != nil {
 			t.Fatal(err)
 		}
-		waiter.wake.wake(fmt.Sprintf("%d:%s%s", len(key), key, old))
+		waiter.wake.wake(fmt.Sprintf("%d:%s%s%s", len(key), key, proof[:], old))
 		close(release)
 		if v := <-got; v != "new" {
 			t.Fatalf("the waiter returned %q, want the holder's fill \"new\"", v)
 		}
 		<-done
 	})
+}
+
+// TestForgedWakeMessage: a client that may only read and publish reads the
+// contended lease's token with GET and publishes, on the wake channel, an
+// entry of its own under that token: without a proof, with a random one,
+// with the token as its proof. The waiter must not take any of them: it
+// answers with the holder's fill.
+func TestForgedWakeMessage(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		holder, waiter := newCache[string](t, b, nil), newCache[string](t, b, nil)
+		waitFor(t, "the wake channel", waiter.wake.live.Load)
+		ctx := context.Background()
+		key := b.key("forged")
+		release, started := make(chan struct{}), make(chan struct{})
+		done := make(chan string, 1)
+		go func() {
+			v, _ := holder.Get(ctx, key, func(context.Context) (string, error) { close(started); <-release; return "the holder's", nil })
+			done <- v
+		}()
+		<-started
+		got := make(chan string, 1)
+		go func() {
+			v, err := waiter.Get(ctx, key, func(context.Context) (string, error) { return "loaded by the waiter", nil })
+			if err != nil {
+				v = err.Error()
+			}
+			got <- v
+		}()
+		waitFor(t, "the waiter to wait on the lease", func() bool { return waiter.Stats().LeaseContended == 1 })
+		var lease envelope.Entry
+		if err := envelope.Decode(b.raw(t, key), &lease); err != nil || lease.Kind != envelope.Lease {
+			t.Fatalf("the lease entry: %v %v", lease.Kind, err)
+		}
+		forged, _, err := waiter.encode("forged", lease.Token, envelope.Gen{}, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		random := newToken()
+		prefix := fmt.Sprintf("%d:%s", len(key), key)
+		for _, msg := range []string{
+			prefix + string(forged),
+			prefix + string(random[:]) + string(forged),
+			prefix + string(lease.Token[:]) + string(forged),
+		} {
+			if n, err := b.client(t).Publish(ctx, waiter.wake.channel, msg).Result(); err != nil || n == 0 {
+				t.Fatalf("PUBLISH: %d receivers, %v", n, err)
+			}
+		}
+		// The messages reach the waiter before the fill's (one connection
+		// delivers them in order); give it time to act on them.
+		select {
+		case v := <-got:
+			t.Fatalf("the waiter returned %q before the holder filled", v)
+		case <-time.After(300 * time.Millisecond):
+		}
+		close(release)
+		if v := <-got; v != "the holder's" {
+			t.Fatalf("the waiter returned %q, want the holder's fill", v)
+		}
+		<-done
+	})
+}
+
+func TestWakeMessageProof(t *testing.T) {
+	tok, proof := newLease()
+	entry := []byte("entry")
+	for _, c := range []struct {
+		name string
+		msg  string
+		want bool
+	}{
+		{"the holder's", "3:key" + string(proof[:]) + "entry", true},
+		{"token as proof", "3:key" + string(tok[:]) + "entry", false},
+		{"no proof", "3:key" + "entry", false},
+		{"key only", "3:key", false},
+	} {
+		key, m, ok := parseWake(c.msg)
+		if got := ok && key == "key" && m.answers(tok) && string(m.entry) == string(entry); got != c.want {
+			t.Errorf("%s: answers %v, want %v (parsed %q %v)", c.name, got, c.want, key, ok)
+		}
+	}
 }

@@ -10,9 +10,13 @@
 -- ARGV[3]  its lifetime in milliseconds
 -- ARGV[4]  lifetime of the generation key in milliseconds (namespaced caches)
 -- ARGV[5]  the channel that wakes waiters, or "": when the lease was marked
---          contended (acquire.lua), "<len(key)>:<key><entry>" is published
---          there after the write (the entry left out past 64 KiB), so the
---          waiters have their answer without another round trip
+--          contended (acquire.lua), "<len(key)>:<key><proof><entry>" is
+--          published there after the write (proof and entry left out past
+--          64 KiB), so the waiters have their answer without another round
+--          trip
+-- ARGV[6]  the lease's 16-byte proof: the token is the first 16 bytes of
+--          its SHA-256, so a waiter can check that the message comes from
+--          the holder (a reader of the key sees the token, not the proof)
 -- Returns 1 when written (or already written by a retry of this call), else 0.
 local cur = redis.pcall('GET', KEYS[1])
 if type(cur) ~= 'string' or #cur < 40 or string.sub(cur, 1, 2) ~= string.sub(ARGV[2], 1, 2)
@@ -31,8 +35,8 @@ if kind == 3 or kind == 4 then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   if kind == 3 and ARGV[5] ~= '' and string.sub(cur, 29, 32) ~= '\0\0\0\0' then
     local msg = #KEYS[1] .. ':' .. KEYS[1]
-    if #ARGV[2] <= 65536 then
-      msg = msg .. ARGV[2]
+    if #ARGV[2] <= 65536 and ARGV[6] ~= nil and #ARGV[6] == 16 then
+      msg = msg .. ARGV[6] .. ARGV[2]
     end
     -- pcall: a server that refuses PUBLISH (renamed, ACL) must not fail
     -- the fill that has just been written; the waiters poll instead.

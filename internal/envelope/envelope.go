@@ -24,6 +24,7 @@
 package envelope
 
 import (
+	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -82,6 +83,18 @@ func (k Kind) String() string {
 
 // Token is a 128-bit random lease token.
 type Token [TokenSize]byte
+
+// LeaseToken returns the token a lease taken with the secret proof
+// carries: the first 16 bytes of SHA-256(proof). The entry shows the token
+// to anyone who can read the key; only the holder knows the proof, and its
+// fill's wake message carries it, so a waiter can tell the holder's message
+// from one forged by a client that read the token.
+func LeaseToken(proof Token) Token {
+	sum := sha256.Sum256(proof[:])
+	var t Token
+	copy(t[:], sum[:TokenSize])
+	return t
+}
 
 // Gen is a namespace generation: 64 random bits, so a lost or evicted
 // generation key never brings an old generation back.
