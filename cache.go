@@ -97,7 +97,8 @@ func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 	}
 	c.guard = &guarded{rdb: rdb, budget: o.Degradation.OpTimeout, write: o.Degradation.WriteTimeout, ev: c.ev}
 	if !o.Degradation.NoBreaker {
-		c.guard.cb = newBreaker(o.Name, o.Degradation.BreakerFailures, o.Degradation.BreakerCooldown, o.Logger, c.ev, c.logs)
+		c.guard.br = newBreakers(rdb, breakerSettings{name: o.Name, failures: o.Degradation.BreakerFailures,
+			cooldown: o.Degradation.BreakerCooldown, log: o.Logger, ev: c.ev, logs: c.logs})
 	}
 	c.rdb = c.guard
 	switch rdb.(type) {
@@ -244,8 +245,8 @@ func (c *Cache[T]) Stats() Stats {
 	s := c.ev.snapshot()
 	s.PendingInvals = uint64(max(c.pending.Load(), 0))
 	s.Breaker = "disabled"
-	if cb := c.guard.cb; cb != nil {
-		s.Breaker = cb.State().String()
+	if br := c.guard.br; br != nil {
+		s.Breaker = br.state()
 	}
 	if l := c.local; l != nil {
 		s.LocalLive = l.live.Load()

@@ -64,6 +64,16 @@ func (p *clusterProc) logTail() string {
 // not come up.
 func startCluster(t *testing.T) []string {
 	t.Helper()
+	addrs, _ := startClusterOf(t, 3, 0)
+	return addrs
+}
+
+// startClusterOf starts a cluster of masters, each with replicas replicas,
+// every node started with the redis-server arguments extra, and returns
+// the addresses of its nodes and their processes (for a test that kills
+// one).
+func startClusterOf(t *testing.T, masters, replicas int, extra ...string) ([]string, []*clusterProc) {
+	t.Helper()
 	for _, bin := range []string{"redis-server", "redis-cli"} {
 		if _, err := exec.LookPath(bin); err != nil {
 			t.Fatalf("%s=1 but %s is not on PATH: %v", envCluster, bin, err)
@@ -78,12 +88,12 @@ func startCluster(t *testing.T) []string {
 			}
 		}
 	}
-	procs := make([]*clusterProc, 3)
+	procs := make([]*clusterProc, masters*(1+replicas))
 	for i := range procs {
 		var err error
 		// A free port can be taken between freePort and the bind: try again.
 		for attempt := 0; attempt < 3; attempt++ {
-			if procs[i], err = startClusterNode(t, port(), port()); err == nil {
+			if procs[i], err = startClusterNode(t, port(), port(), extra...); err == nil {
 				break
 			}
 		}
@@ -99,7 +109,7 @@ func startCluster(t *testing.T) []string {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	args := append([]string{"--cluster", "create"}, addrs...)
-	args = append(args, "--cluster-replicas", "0", "--cluster-yes")
+	args = append(args, "--cluster-replicas", fmt.Sprint(replicas), "--cluster-yes")
 	if out, err := exec.CommandContext(ctx, "redis-cli", args...).CombinedOutput(); err != nil {
 		t.Fatalf("redis-cli %s: %v\n%s", strings.Join(args, " "), err, out)
 	}
@@ -111,7 +121,7 @@ func startCluster(t *testing.T) []string {
 		for {
 			var err error
 			info, err = rdb.ClusterInfo(context.Background()).Result()
-			if err == nil && strings.Contains(info, "cluster_state:ok") && strings.Contains(info, "cluster_known_nodes:3\r\n") {
+			if err == nil && strings.Contains(info, "cluster_state:ok") && strings.Contains(info, fmt.Sprintf("cluster_known_nodes:%d\r\n", len(procs))) {
 				break
 			}
 			if time.Now().After(deadline) {
@@ -122,13 +132,13 @@ func startCluster(t *testing.T) []string {
 		}
 		_ = rdb.Close()
 	}
-	return addrs
+	return addrs, procs
 }
 
 // startClusterNode starts one cluster-mode redis-server on port, with its
 // cluster bus on busPort (port+10000 may be past 65535), and waits for it
 // to answer PING. On success the process is stopped at cleanup.
-func startClusterNode(t *testing.T, port, busPort int) (*clusterProc, error) {
+func startClusterNode(t *testing.T, port, busPort int, extra ...string) (*clusterProc, error) {
 	t.Helper()
 	p := &clusterProc{port: port, dir: t.TempDir(), done: make(chan struct{})}
 	logf, err := os.Create(filepath.Join(p.dir, "redis.log"))
@@ -136,14 +146,14 @@ func startClusterNode(t *testing.T, port, busPort int) (*clusterProc, error) {
 		return nil, err
 	}
 	defer logf.Close() // the child keeps its own descriptor
-	p.cmd = exec.Command("redis-server",
+	p.cmd = exec.Command("redis-server", append([]string{
 		"--cluster-enabled", "yes",
 		"--cluster-config-file", filepath.Join(p.dir, fmt.Sprintf("nodes-%d.conf", port)),
 		"--cluster-port", fmt.Sprint(busPort),
 		"--cluster-node-timeout", "2000",
 		"--port", fmt.Sprint(port), "--bind", "127.0.0.1",
 		"--dir", p.dir,
-		"--save", "", "--appendonly", "no", "--daemonize", "no")
+		"--save", "", "--appendonly", "no", "--daemonize", "no"}, extra...)...)
 	p.cmd.Stdout, p.cmd.Stderr = logf, logf
 	if err := p.cmd.Start(); err != nil {
 		return nil, fmt.Errorf("redis-server (it must be installed): %w", err)

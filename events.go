@@ -55,7 +55,7 @@ type Stats struct {
 	DroppedInvals  uint64 // failed invalidations given up (too old, or the queue was full)
 
 	// State now, not counts:
-	Breaker      string // the circuit breaker: "closed", "open", "half-open", or "disabled" (Degradation.NoBreaker)
+	Breaker      string // the worst of the circuit breakers (one per Redis node for reads, one for writes): "open" if any is, else "half-open" if any is, else "closed"; "disabled" with Degradation.NoBreaker
 	LocalLive    bool   // the local tier is in use (Cache.LocalLive); false without one
 	LocalEntries uint64 // entries the local tier holds (an estimate); 0 without one
 }
@@ -360,11 +360,16 @@ func (e *events) refreshed(err error, failed bool) {
 	e.rec.Refresh(e.name, err)
 }
 
-func (e *events) breakerState(state string, open bool) {
+// breakerState is told of each change of a breaker: open says it opened;
+// state is the worst state of all the cache's breakers, reported to the
+// Recorder when changed says it moved.
+func (e *events) breakerState(state string, open, changed bool) {
 	if open {
 		e.add(nBreakerOpens, 1)
 	}
-	e.rec.BreakerState(e.name, state)
+	if changed {
+		e.rec.BreakerState(e.name, state)
+	}
 }
 
 func (e *events) invalidated(n int64) {

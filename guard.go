@@ -1,19 +1,18 @@
-// The Redis guard: per-command budgets, the circuit breaker, the cap on
-// loads while Redis is down.
+// The Redis guard: per-command budgets, the circuit breakers (breakers.go)
+// in front of every command, the cap on loads while Redis is down.
 
 package cacheaside
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"strings"
 	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
-	"github.com/sony/gobreaker/v2"
 )
 
 // Degradation. The cache must never make the application slower or less
@@ -194,11 +193,22 @@ func (p RedisDownPolicy) String() string {
 // budget and through the circuit breaker.
 type guarded struct {
 	rdb     Redis
-	budget  time.Duration                              // Degradation.OpTimeout
-	write   time.Duration                              // Degradation.WriteTimeout
-	cb      *gobreaker.TwoStepCircuitBreaker[struct{}] // nil: no breaker
-	ev      *events                                    // counts commands the open breaker skips
-	healthy atomic.Bool                                // the last command went through (false until one does)
+	budget  time.Duration // Degradation.OpTimeout
+	write   time.Duration // Degradation.WriteTimeout
+	br      *breakers     // nil: no breaker (breakers.go)
+	ev      *events       // counts commands the open breaker skips
+	healthy atomic.Bool   // the last command went through (false until one does)
+}
+
+// pastBreakerKey marks the context of the retry queue's commands
+// (retry.go): they run in the background, off every caller's path, so they
+// go to Redis even while a breaker is open, and a write stall's queued
+// invalidations land as soon as Redis takes writes again rather than after
+// the breaker's cooldown. Their outcome is not reported to the breaker.
+type pastBreakerKey struct{}
+
+func pastBreaker(ctx context.Context) context.Context {
+	return context.WithValue(ctx, pastBreakerKey{}, true)
 }
 
 // transient server replies that mean "Redis cannot serve now".
@@ -236,6 +246,7 @@ type op struct {
 	ctx    context.Context
 	cancel context.CancelFunc // nil for a deadline-only context
 	report func(error)        // the breaker's; nil without one
+	nb     *nodeBreaker       // the breaker reported to; nil without one
 	spend  *redisTime         // the Get's Redis time, charged at end; nil off the miss path
 	start  time.Time          // when the command began, with spend
 }
@@ -254,14 +265,46 @@ func (o op) end(err error) {
 	}
 	if o.report != nil {
 		o.report(berr)
+		if berr != nil && berr != errExcluded {
+			o.g.br.failed()
+		}
 	}
 }
 
-// begin admits one command, or returns ErrRedisUnavailable if the breaker
-// is open. light asks for the timer-free budget context (budget.go), which
-// is used only while Redis is healthy; otherwise the command gets a
+// begin admits one command of direction d on key ("" for a keyless
+// command), or returns ErrRedisUnavailable if the breaker of key's node
+// and d is open. light asks for the timer-free budget context (budget.go),
+// which is used only while Redis is healthy; otherwise the command gets a
 // context.WithTimeout of the caller's.
-func (g *guarded) begin(ctx context.Context, budget time.Duration, light bool) (op, error) {
+func (g *guarded) begin(ctx context.Context, budget time.Duration, light bool, d direction, key string) (op, error) {
+	o, err := g.start(ctx, budget, light)
+	if err != nil {
+		return o, err
+	}
+	if g.br != nil && (light || ctx.Value(pastBreakerKey{}) == nil) {
+		o.nb = g.br.get(o.ctx, d, key) // under the budget: a Cluster client's first slot map
+		done, err := o.nb.cb.Allow()
+		if err != nil {
+			o.skip()
+			return o, errBreakerOpen
+		}
+		o.report = done
+	}
+	return o, nil
+}
+
+// skip gives up a command the breaker did not admit.
+func (o op) skip() {
+	if o.cancel != nil {
+		o.cancel()
+	}
+	o.g.ev.redisSkipped()
+	o.g.br.failed() // a Cluster's slot map may have moved the key to a live master
+}
+
+// start gives a command its budget: the context it runs on, bounded by
+// budget, by the Get's Redis time left and by half of the caller's time.
+func (g *guarded) start(ctx context.Context, budget time.Duration, light bool) (op, error) {
 	o := op{g: g, caller: ctx}
 	if !light { // the hit path's reads never carry a Redis-time account
 		if t, _ := ctx.Value(redisTimeKey{}).(*redisTime); t != nil {
@@ -274,14 +317,6 @@ func (g *guarded) begin(ctx context.Context, budget time.Duration, light bool) (
 			o.spend, o.start = t, time.Now()
 		}
 	}
-	if g.cb != nil {
-		done, err := g.cb.Allow()
-		if err != nil {
-			g.ev.redisSkipped()
-			return o, errBreakerOpen
-		}
-		o.report = done
-	}
 	// Leave the caller at least half of its remaining time for the loader:
 	// a short request deadline must not be spent waiting on Redis alone.
 	if dl, ok := ctx.Deadline(); ok {
@@ -289,9 +324,6 @@ func (g *guarded) begin(ctx context.Context, budget time.Duration, light bool) (
 	}
 	if light && g.healthy.Load() {
 		if err := ctx.Err(); err != nil {
-			if o.report != nil {
-				o.report(errExcluded)
-			}
 			return o, err // the caller gave up: send nothing
 		}
 		o.ctx = newBudgetCtx(ctx, time.Now().Add(budget))
@@ -302,7 +334,7 @@ func (g *guarded) begin(ctx context.Context, budget time.Duration, light bool) (
 }
 
 func (g *guarded) Get(ctx context.Context, key string) *redis.StringCmd {
-	o, err := g.begin(ctx, g.budget, true)
+	o, err := g.begin(ctx, g.budget, true, reads, key)
 	if err != nil {
 		cmd := redis.NewStringCmd(ctx, "get", key)
 		cmd.SetErr(err)
@@ -314,7 +346,7 @@ func (g *guarded) Get(ctx context.Context, key string) *redis.StringCmd {
 }
 
 func (g *guarded) MGet(ctx context.Context, keys ...string) *redis.SliceCmd {
-	o, err := g.begin(ctx, g.budget, true)
+	o, err := g.begin(ctx, g.budget, true, reads, firstKey(keys))
 	if err != nil {
 		cmd := redis.NewSliceCmd(ctx, "mget")
 		cmd.SetErr(err)
@@ -326,7 +358,7 @@ func (g *guarded) MGet(ctx context.Context, keys ...string) *redis.SliceCmd {
 }
 
 func (g *guarded) Set(ctx context.Context, key string, value any, expiration time.Duration) *redis.StatusCmd {
-	o, err := g.begin(ctx, g.writeBudget(1), false) // Set and namespace bumps: writes that matter
+	o, err := g.begin(ctx, g.writeBudget(1), false, writes, key) // Set and namespace bumps: writes that matter
 	if err != nil {
 		cmd := redis.NewStatusCmd(ctx, "set", key)
 		cmd.SetErr(err)
@@ -338,7 +370,7 @@ func (g *guarded) Set(ctx context.Context, key string, value any, expiration tim
 }
 
 func (g *guarded) Unlink(ctx context.Context, keys ...string) *redis.IntCmd {
-	o, err := g.begin(ctx, g.writeBudget(len(keys)), false)
+	o, err := g.begin(ctx, g.writeBudget(len(keys)), false, writes, firstKey(keys))
 	if err != nil {
 		cmd := redis.NewIntCmd(ctx, "unlink")
 		cmd.SetErr(err)
@@ -366,7 +398,7 @@ func (g *guarded) writeBudget(n int) time.Duration {
 func (g *guarded) bulkBudget() time.Duration { return max(10*g.budget, time.Second) }
 
 func (g *guarded) Scan(ctx context.Context, cursor uint64, match string, count int64) *redis.ScanCmd {
-	o, err := g.begin(ctx, g.bulkBudget(), false)
+	o, err := g.begin(ctx, g.bulkBudget(), false, reads, "")
 	if err != nil {
 		cmd := redis.NewScanCmd(ctx, nil, "scan")
 		cmd.SetErr(err)
@@ -380,7 +412,7 @@ func (g *guarded) Scan(ctx context.Context, cursor uint64, match string, count i
 // Pipelined is used by InvalidatePrefix for its UNLINK batches (up to
 // scanBatch keys): writes that must not be lost.
 func (g *guarded) Pipelined(ctx context.Context, fn func(redis.Pipeliner) error) ([]redis.Cmder, error) {
-	o, err := g.begin(ctx, g.writeBudget(scanBatch), false)
+	o, err := g.begin(ctx, g.writeBudget(scanBatch), false, writes, "")
 	if err != nil {
 		return nil, err
 	}
@@ -389,32 +421,107 @@ func (g *guarded) Pipelined(ctx context.Context, fn func(redis.Pipeliner) error)
 	return cmds, err
 }
 
-// pipe runs a pipeline under budget, like a single command: the breaker
-// hears the first error other than a miss (a pipeline of GETs reports
-// redis.Nil for any absent key). The returned error is go-redis's.
-func (g *guarded) pipe(ctx context.Context, budget time.Duration, fn func(redis.Pipeliner) error) ([]redis.Cmder, error) {
-	o, err := g.begin(ctx, budget, false)
+// pipe runs a pipeline of len(keys) commands of direction d under
+// budget: add(p, i) adds command i, which keys[i] routes. Each command
+// goes through the breaker of its node: the commands whose breaker is open
+// are not sent (nil in the result), and each breaker that let commands
+// through hears the first error among them other than a miss (a pipeline
+// of GETs reports redis.Nil for any absent key). The returned error is
+// go-redis's, or errBreakerOpen when no command was sent.
+func (g *guarded) pipe(ctx context.Context, budget time.Duration, d direction, keys []string, add func(p redis.Pipeliner, i int) redis.Cmder) ([]redis.Cmder, error) {
+	o, err := g.start(ctx, budget, false)
 	if err != nil {
-		return nil, err
+		return make([]redis.Cmder, len(keys)), err
 	}
-	cmds, err := g.rdb.Pipelined(o.ctx, fn)
+	type ticket struct {
+		nb    *nodeBreaker
+		done  func(error)
+		first error
+	}
+	var tickets []*ticket // by command; nil without breakers
+	if g.br != nil && ctx.Value(pastBreakerKey{}) == nil {
+		tickets = make([]*ticket, len(keys))
+		byNode := make(map[*nodeBreaker]*ticket, 1)
+		for i, k := range keys {
+			nb := g.br.get(o.ctx, d, k)
+			t, seen := byNode[nb]
+			if !seen {
+				if done, aerr := nb.cb.Allow(); aerr == nil {
+					t = &ticket{nb: nb, done: done}
+				}
+				byNode[nb] = t
+			}
+			tickets[i] = t
+		}
+	}
+	cmds := make([]redis.Cmder, len(keys))
+	admitted := len(keys)
+	for _, t := range tickets {
+		if t == nil {
+			admitted--
+		}
+	}
+	switch {
+	case admitted == 0:
+		o.skip()
+		return cmds, errBreakerOpen
+	case admitted < len(keys): // sent to the other nodes
+		g.ev.redisSkipped()
+		g.br.failed()
+	}
+	_, err = g.rdb.Pipelined(o.ctx, func(p redis.Pipeliner) error {
+		for i := range keys {
+			if tickets == nil || tickets[i] != nil {
+				cmds[i] = add(p, i)
+			}
+		}
+		return nil
+	})
 	var first error
-	for _, cmd := range cmds {
+	for i, cmd := range cmds {
+		if cmd == nil {
+			continue
+		}
 		if e := cmd.Err(); e != nil && !errors.Is(e, redis.Nil) {
-			first = e
-			break
+			first = cmp.Or(first, e)
+			if tickets != nil && tickets[i].first == nil {
+				tickets[i].first = e
+			}
 		}
 	}
 	if first == nil && err != nil && !errors.Is(err, redis.Nil) {
 		first = err
 	}
 	o.end(first)
+	reported := make(map[*ticket]bool)
+	for _, t := range tickets {
+		if t != nil && !reported[t] {
+			reported[t] = true
+			berr := breakerErr(ctx, t.first)
+			t.done(berr)
+			if berr != nil && berr != errExcluded {
+				g.br.failed()
+			}
+		}
+	}
 	return cmds, err
 }
 
-// publish sends one PUBLISH under the budget and through the breaker.
+// unsentErr is the error of a command pipe did not send: the open breaker
+// of its node when others were sent, else what stopped the pipeline.
+func unsentErr(cmds []redis.Cmder, err error) error {
+	for _, cmd := range cmds {
+		if cmd != nil {
+			return errBreakerOpen
+		}
+	}
+	return cmp.Or(err, errBreakerOpen)
+}
+
+// publish sends one PUBLISH under the budget and through the breaker of
+// keyless writes (a Cluster sends it to any node).
 func (g *guarded) publish(ctx context.Context, bus Bus, channel string, msg []byte) error {
-	o, err := g.begin(ctx, g.budget, false)
+	o, err := g.begin(ctx, g.budget, false, writes, "")
 	if err != nil {
 		return err
 	}
@@ -423,8 +530,8 @@ func (g *guarded) publish(ctx context.Context, bus Bus, channel string, msg []by
 	return err
 }
 
-func (g *guarded) script(ctx context.Context, run func(context.Context) *redis.Cmd) *redis.Cmd {
-	o, err := g.begin(ctx, g.budget, false)
+func (g *guarded) script(ctx context.Context, keys []string, run func(context.Context) *redis.Cmd) *redis.Cmd {
+	o, err := g.begin(ctx, g.budget, false, writes, firstKey(keys))
 	if err != nil {
 		cmd := redis.NewCmd(ctx)
 		cmd.SetErr(err)
@@ -438,7 +545,7 @@ func (g *guarded) script(ctx context.Context, run func(context.Context) *redis.C
 // runScript runs one lease script under budget, through the breaker: by
 // EVALSHA, and by EVAL if the server does not have it yet.
 func (g *guarded) runScript(ctx context.Context, budget time.Duration, sc scriptCall) *redis.Cmd {
-	o, err := g.begin(ctx, budget, false)
+	o, err := g.begin(ctx, budget, false, writes, firstKey(sc.keys))
 	if err != nil {
 		cmd := redis.NewCmd(ctx)
 		cmd.SetErr(err)
@@ -450,19 +557,19 @@ func (g *guarded) runScript(ctx context.Context, budget time.Duration, sc script
 }
 
 func (g *guarded) Eval(ctx context.Context, script string, keys []string, args ...any) *redis.Cmd {
-	return g.script(ctx, func(c context.Context) *redis.Cmd { return g.rdb.Eval(c, script, keys, args...) })
+	return g.script(ctx, keys, func(c context.Context) *redis.Cmd { return g.rdb.Eval(c, script, keys, args...) })
 }
 
 func (g *guarded) EvalSha(ctx context.Context, sha1 string, keys []string, args ...any) *redis.Cmd {
-	return g.script(ctx, func(c context.Context) *redis.Cmd { return g.rdb.EvalSha(c, sha1, keys, args...) })
+	return g.script(ctx, keys, func(c context.Context) *redis.Cmd { return g.rdb.EvalSha(c, sha1, keys, args...) })
 }
 
 func (g *guarded) EvalRO(ctx context.Context, script string, keys []string, args ...any) *redis.Cmd {
-	return g.script(ctx, func(c context.Context) *redis.Cmd { return g.rdb.EvalRO(c, script, keys, args...) })
+	return g.script(ctx, keys, func(c context.Context) *redis.Cmd { return g.rdb.EvalRO(c, script, keys, args...) })
 }
 
 func (g *guarded) EvalShaRO(ctx context.Context, sha1 string, keys []string, args ...any) *redis.Cmd {
-	return g.script(ctx, func(c context.Context) *redis.Cmd { return g.rdb.EvalShaRO(c, sha1, keys, args...) })
+	return g.script(ctx, keys, func(c context.Context) *redis.Cmd { return g.rdb.EvalShaRO(c, sha1, keys, args...) })
 }
 
 func (g *guarded) ScriptExists(ctx context.Context, hashes ...string) *redis.BoolSliceCmd {
@@ -475,38 +582,13 @@ func (g *guarded) ScriptLoad(ctx context.Context, script string) *redis.StringCm
 
 var _ Redis = (*guarded)(nil)
 
-// newBreaker builds the circuit breaker of a cache, reporting its state
-// changes to the event sink, and to the logger the ones a person needs:
-// Redis down (closed to open) and recovered (to closed, with the summary of
-// what was suppressed meanwhile). The probes of an outage (open to
-// half-open and back) log at debug level only.
-func newBreaker(name string, failures int, cooldown time.Duration, log *slog.Logger, ev *events, logs *logGate) *gobreaker.TwoStepCircuitBreaker[struct{}] {
-	var downSince time.Time
-	return gobreaker.NewTwoStepCircuitBreaker[struct{}](gobreaker.Settings{
-		Name:        name,
-		MaxRequests: 1, // half-open: one probe at a time
-		Timeout:     cooldown,
-		ReadyToTrip: func(c gobreaker.Counts) bool { return c.ConsecutiveFailures >= uint32(failures) },
-		IsExcluded:  func(err error) bool { return errors.Is(err, errExcluded) },
-		OnStateChange: func(_ string, from, to gobreaker.State) {
-			ctx := context.Background()
-			switch {
-			case from == gobreaker.StateClosed && to == gobreaker.StateOpen:
-				downSince = time.Now()
-				log.LogAttrs(ctx, slog.LevelWarn, "cacheaside: Redis down: circuit breaker open; loads bypass Redis",
-					slog.String("cache", name), slog.Duration("probe_every", cooldown))
-			case to == gobreaker.StateClosed:
-				counts, since := logs.flush(time.Now())
-				log.LogAttrs(ctx, slog.LevelInfo, "cacheaside: Redis recovered: circuit breaker closed",
-					slog.String("cache", name), slog.Duration("down_for", time.Since(downSince).Round(time.Millisecond)))
-				logSummary(ctx, log, name, "errors suppressed without a log line during the outage", counts, since)
-			default:
-				log.LogAttrs(ctx, slog.LevelDebug, "cacheaside: Redis circuit breaker "+to.String(),
-					slog.String("cache", name), slog.String("from", from.String()))
-			}
-			ev.breakerState(to.String(), to == gobreaker.StateOpen)
-		},
-	})
+// firstKey is the key that routes a command of keys to its node ("" for
+// none).
+func firstKey(keys []string) string {
+	if len(keys) == 0 {
+		return ""
+	}
+	return keys[0]
 }
 
 // loadSlot takes one of the MaxLoadsWhileDown slots for a load that

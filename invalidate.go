@@ -77,15 +77,13 @@ func (c *Cache[T]) unlink(ctx context.Context, keys []string) (int64, error) {
 		return c.rdb.Unlink(ctx, keys[0]).Result() // the guard gives it the write budget too
 	}
 	var n int64
-	cmds, err := c.guard.pipe(ctx, c.guard.writeBudget(len(keys)), func(p redis.Pipeliner) error {
-		for _, k := range keys {
-			p.Unlink(ctx, k)
-		}
-		return nil
+	cmds, err := c.guard.pipe(ctx, c.guard.writeBudget(len(keys)), writes, keys, func(p redis.Pipeliner, i int) redis.Cmder {
+		return p.Unlink(ctx, keys[i])
 	})
 	for _, cmd := range cmds {
 		ic, ok := cmd.(*redis.IntCmd)
-		if !ok {
+		if !ok { // not sent
+			err = cmp.Or(err, unsentErr(cmds, err))
 			continue
 		}
 		if cerr := ic.Err(); cerr != nil {

@@ -222,21 +222,23 @@ func (c *Cache[T]) evalMany(ctx context.Context, write bool, calls []scriptCall)
 	}
 	cmds := make([]*redis.Cmd, len(calls))
 	send := func(idx []int, byEval bool) {
-		_, err := c.guard.pipe(ctx, budget(len(idx)), func(p redis.Pipeliner) error {
-			for _, i := range idx {
-				sc := calls[i]
-				if byEval {
-					cmds[i] = sc.s.Eval(ctx, p, sc.keys, sc.args...)
-				} else {
-					cmds[i] = sc.s.EvalSha(ctx, p, sc.keys, sc.args...)
-				}
+		route := make([]string, len(idx))
+		for j, i := range idx {
+			route[j] = firstKey(calls[i].keys)
+		}
+		sent, err := c.guard.pipe(ctx, budget(len(idx)), writes, route, func(p redis.Pipeliner, j int) redis.Cmder {
+			sc := calls[idx[j]]
+			if byEval {
+				return sc.s.Eval(ctx, p, sc.keys, sc.args...)
 			}
-			return nil
+			return sc.s.EvalSha(ctx, p, sc.keys, sc.args...)
 		})
-		for _, i := range idx {
-			if cmds[i] == nil { // not sent
+		for j, i := range idx {
+			if cmd, ok := sent[j].(*redis.Cmd); ok {
+				cmds[i] = cmd
+			} else { // not sent
 				cmds[i] = redis.NewCmd(ctx)
-				cmds[i].SetErr(err)
+				cmds[i].SetErr(unsentErr(sent, err))
 			}
 		}
 	}

@@ -131,28 +131,24 @@ func (c *Cache[T]) readKeys(ctx context.Context, keys []string) ([][]byte, []err
 			return vals, errs
 		}
 	}
-	var cmds []redis.Cmder
-	_, err := c.guard.pipe(ctx, c.guard.batchBudget(len(keys)), func(p redis.Pipeliner) error {
-		if split {
-			for _, k := range keys {
-				cmds = append(cmds, p.Get(ctx, k))
-			}
-			return nil
-		}
+	// One GET per key (split), or one MGET per maxMGet keys, routed by
+	// its first key.
+	route := keys
+	if !split {
+		route = nil
 		for i := 0; i < len(keys); i += maxMGet {
-			cmds = append(cmds, p.MGet(ctx, keys[i:min(i+maxMGet, len(keys))]...))
+			route = append(route, keys[i])
 		}
-		return nil
-	})
-	if cmds == nil { // not sent: the breaker is open
-		for i := range errs {
-			errs[i] = err
-		}
-		return vals, errs
 	}
+	cmds, err := c.guard.pipe(ctx, c.guard.batchBudget(len(keys)), reads, route, func(p redis.Pipeliner, i int) redis.Cmder {
+		if split {
+			return p.Get(ctx, keys[i])
+		}
+		return p.MGet(ctx, keys[i*maxMGet:min((i+1)*maxMGet, len(keys))]...)
+	})
 	if !split {
 		for _, cmd := range cmds {
-			if isCrossSlot(cmd.Err()) {
+			if cmd != nil && isCrossSlot(cmd.Err()) {
 				c.splitReads.Store(true)
 				return c.readKeys(ctx, keys)
 			}
@@ -160,6 +156,12 @@ func (c *Cache[T]) readKeys(ctx context.Context, keys []string) ([][]byte, []err
 	}
 	for i, cmd := range cmds {
 		switch cmd := cmd.(type) {
+		case nil: // not sent
+			if split {
+				errs[i] = unsentErr(cmds, err)
+			} else {
+				mgetInto(vals, errs, i*maxMGet, nil, unsentErr(cmds, err))
+			}
 		case *redis.StringCmd:
 			b, err := cmd.Bytes()
 			if err == nil {

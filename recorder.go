@@ -77,8 +77,9 @@ type Recorder interface {
 	// Refresh: a background refresh (early or stale-while-revalidate)
 	// ended with err (nil, ErrNotFound, or the failure).
 	Refresh(cache string, err error)
-	// BreakerState: the Redis circuit breaker moved to state ("closed",
-	// "open" or "half-open").
+	// BreakerState: the worst state of the cache's Redis circuit breakers
+	// (one per node and direction, see Stats.Breaker) moved to state
+	// ("closed", "open" or "half-open").
 	BreakerState(cache, state string)
 	// Invalidated: n keys were deleted by Invalidate or InvalidatePrefix.
 	Invalidated(cache string, n int)

@@ -15,7 +15,7 @@ import (
 // Redis that is older than the source of truth. Unless
 // Degradation.NoRetryInvalidations is set, the invalidation is queued:
 //
-//   - a goroutine retries it, within 50-500 ms pauses, until it lands or
+//   - a goroutine retries it, within 50-200 ms pauses, until it lands or
 //     the longest lifetime the cache writes has passed (by then the entry
 //     has expired anyway);
 //   - until then the key (prefix, namespace) is pending: this process's
@@ -39,6 +39,11 @@ type retryOp struct {
 	since time.Time // latest failure
 	seq   uint64    // bumped by each failure, so a retry in flight cannot retire a newer one
 }
+
+// maxRetryPause is the longest pause between two passes of the retry
+// queue: a queued invalidation lands at most this long after Redis takes
+// writes again (plus the write's own time).
+const maxRetryPause = 200 * time.Millisecond
 
 // maxRetries bounds the invalidations kept for retry.
 const maxRetries = 10000
@@ -135,10 +140,12 @@ func (c *Cache[T]) pendingFor(key, genKey string) bool {
 }
 
 // retryLoop retries queued invalidations, keys in batches and prefixes and
-// namespaces one by one, pausing 50 ms, then up to 500 ms, between passes,
+// namespaces one by one, pausing 50 ms, then up to 200 ms, between passes,
 // until each lands or outlives retryBound. A pass stops at its first
-// failure: Redis is still failing, and the rest waits for the next pass. It
-// ends when the queue is empty or the cache closes.
+// failure: Redis is still failing, and the rest waits for the next pass.
+// Retries go past an open breaker (pastBreaker): they are the background's
+// work, and land as soon as Redis takes writes again. It ends when the
+// queue is empty or the cache closes.
 func (c *Cache[T]) retryLoop() {
 	defer c.wg.Done()
 	pause := 50 * time.Millisecond
@@ -157,7 +164,7 @@ func (c *Cache[T]) retryLoop() {
 		if c.retryPass(ops) {
 			pause = 50 * time.Millisecond
 		} else {
-			pause = min(2*pause, 500*time.Millisecond)
+			pause = min(2*pause, maxRetryPause)
 		}
 		c.retryMu.Lock()
 		if len(c.retries) == 0 {
@@ -192,7 +199,7 @@ func (c *Cache[T]) retryPass(ops map[string]retryOp) bool {
 			return false
 		}
 		j := min(i+scanBatch, len(keys))
-		ctx, cancel := context.WithTimeout(c.stop, c.guard.writeBudget(j-i))
+		ctx, cancel := context.WithTimeout(pastBreaker(c.stop), c.guard.writeBudget(j-i))
 		n, err := c.unlink(ctx, keys[i:j])
 		c.counted(n)
 		if err != nil {
@@ -220,7 +227,7 @@ func (c *Cache[T]) retryPass(ops map[string]retryOp) bool {
 		if c.stop.Err() != nil {
 			return false
 		}
-		ctx, cancel := context.WithTimeout(c.stop, c.guard.bulkBudget())
+		ctx, cancel := context.WithTimeout(pastBreaker(c.stop), c.guard.bulkBudget())
 		var err error
 		switch id[0] {
 		case retryPrefix:

@@ -3,7 +3,10 @@ package cacheaside
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
+	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -167,16 +170,17 @@ func TestOutageInvalidationReadsOwnWrite(t *testing.T) {
 	})
 }
 
-// TestOutageInvalidationBreakerOpen: with the breaker open, an Invalidate
-// is not sent; it is not a silent no-op either: it returns
-// ErrRedisUnavailable, is queued and counted, and lands after the breaker
-// closes.
+// TestOutageInvalidationBreakerOpen: with the write breaker open, an
+// Invalidate is not sent; it is not a silent no-op either: it returns
+// ErrRedisUnavailable, is queued and counted, and its retry lands as soon
+// as writes work, though the breaker's cooldown (a minute here) has not
+// ended: retries go past the breaker. Reads, which work, are served from
+// Redis meanwhile.
 func TestOutageInvalidationBreakerOpen(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b *backend) {
 		ctx := context.Background()
 		fw := &failWrites{Client: b.client(t)}
-		fw.reads.Store(true)
-		c, err := New[int64](fw, &Options[int64]{Degradation: Degradation{OpTimeout: 2 * time.Second, BreakerFailures: 1, BreakerCooldown: 100 * time.Millisecond}})
+		c, err := New[int64](fw, &Options[int64]{Degradation: Degradation{OpTimeout: 2 * time.Second, BreakerFailures: 1, BreakerCooldown: time.Minute}})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -187,28 +191,38 @@ func TestOutageInvalidationBreakerOpen(t *testing.T) {
 		if _, err := c.Get(ctx, key, d.load); err != nil {
 			t.Fatal(err)
 		}
-		fw.fail.Store(true)
-		if _, err := c.Get(ctx, b.key("other"), d.load); err != nil { // its GET fails: the breaker opens
+		if _, err := c.Get(ctx, b.key("read"), d.load); err != nil {
 			t.Fatal(err)
 		}
-		if c.Stats().BreakerOpens != 1 {
-			t.Fatalf("breaker opens = %d, want 1", c.Stats().BreakerOpens)
+		fw.fail.Store(true)
+		if err := c.Invalidate(ctx, b.key("other")); err == nil { // its UNLINK fails: the write breaker opens
+			t.Fatal("Invalidate with writes failing returned nil")
+		}
+		if s := c.Stats(); s.BreakerOpens != 1 || s.Breaker != "open" {
+			t.Fatalf("breaker opens = %d, state %s; want 1, open", s.BreakerOpens, s.Breaker)
 		}
 		d.v.Store(2)
 		err = c.Invalidate(ctx, key)
 		if !errors.Is(err, ErrRedisUnavailable) {
 			t.Fatalf("Invalidate with the breaker open = %v, want ErrRedisUnavailable", err)
 		}
-		if s := c.Stats(); s.QueuedInvals != 1 || s.PendingInvals != 1 {
-			t.Fatalf("QueuedInvals %d, PendingInvals %d; want 1, 1", s.QueuedInvals, s.PendingInvals)
+		if s := c.Stats(); s.QueuedInvals != 2 || s.PendingInvals != 2 {
+			t.Fatalf("QueuedInvals %d, PendingInvals %d; want 2, 2", s.QueuedInvals, s.PendingInvals)
 		}
 		if v, _ := c.Get(ctx, key, d.load); v != 2 {
 			t.Fatalf("Get while the invalidation is pending = %d, want 2", v)
+		}
+		loads := d.loads.Load()
+		if v, err := c.Get(ctx, b.key("read"), d.load); err != nil || v != 1 || d.loads.Load() != loads {
+			t.Fatalf("Get of a cached key with the write breaker open = %d, %v, %d loads; want a hit on 1", v, err, d.loads.Load()-loads)
 		}
 		fw.fail.Store(false)
 		waitFor(t, "the retry to land", func() bool { return c.Stats().PendingInvals == 0 })
 		if raw := b.raw(t, key); raw != nil {
 			t.Fatalf("the key survived the retry: %q", raw)
+		}
+		if s := c.Stats(); s.Breaker != "open" {
+			t.Fatalf("breaker %s after the retry; want it still open (the retry went past it)", s.Breaker)
 		}
 	})
 }
@@ -407,4 +421,126 @@ func TestOutagePrefixAndNamespacePending(t *testing.T) {
 			t.Fatalf("%d loads after the retries; the entries were dropped, want 2 reloads", n)
 		}
 	})
+}
+
+// TestOutageWriteStallStorm: two instances on one real Redis, default
+// budgets. The writer updates a row and invalidates its key every 10 ms;
+// two readers on the other instance read 20 keys without pause; and
+// Redis's writes are paused for 400 ms (CLIENT PAUSE 400 WRITE) every
+// 2 s, three times. Reads still work during a pause: the other instance
+// must go on serving its hits from Redis (its read breaker stays closed;
+// its write breaker may open), and the old rows it serves must end soon
+// after each pause: the writer's failed invalidations are retried past
+// the open breaker. Staleness is measured from the moment the row changed
+// in the database to a read that still returned the older row.
+func TestOutageWriteStallStorm(t *testing.T) {
+	srv := startRedis(t)
+	ctx := context.Background()
+	rec := &lines{}
+	newC := func(log *slog.Logger) *Cache[int64] {
+		rdb := redis.NewClient(Recommended(&redis.Options{Addr: srv.addr()}))
+		t.Cleanup(func() { _ = rdb.Close() })
+		c, err := New[int64](rdb, &Options[int64]{Logger: log})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = c.Close() })
+		return c
+	}
+	writer, other := newC(slog.New(slog.DiscardHandler)), newC(slog.New(rec))
+	admin := redis.NewClient(&redis.Options{Addr: srv.addr()})
+	t.Cleanup(func() { _ = admin.Close() })
+
+	const n = 20
+	var mu sync.Mutex
+	version := make([]int64, n)
+	changed := make([][]time.Time, n) // changed[k][v]: when row k became version v
+	for k := range n {
+		changed[k] = []time.Time{time.Now()}
+	}
+	key := func(k int) string { return fmt.Sprintf("row:%d", k) }
+	load := func(k int) func(context.Context) (int64, error) {
+		return func(context.Context) (int64, error) {
+			mu.Lock()
+			defer mu.Unlock()
+			return version[k], nil
+		}
+	}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var reads, failed atomic.Int64
+	var worst atomic.Int64 // the longest staleness seen, ns
+	wg.Go(func() {
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			case <-time.After(10 * time.Millisecond):
+			}
+			k := i % n
+			mu.Lock()
+			version[k]++
+			changed[k] = append(changed[k], time.Now())
+			mu.Unlock()
+			_ = writer.Invalidate(ctx, key(k)) // a failure is queued and retried
+		}
+	})
+	for range 2 {
+		wg.Go(func() {
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				k := i % n
+				start := time.Now()
+				v, err := other.Get(ctx, key(k), load(k))
+				reads.Add(1)
+				if err != nil {
+					failed.Add(1)
+					continue
+				}
+				mu.Lock()
+				// Stale if a newer version existed before this read began:
+				// by how long it had existed then.
+				if int(v)+1 < len(changed[k]) && changed[k][v+1].Before(start) {
+					if d := start.Sub(changed[k][v+1]); d > time.Duration(worst.Load()) {
+						worst.Store(int64(d))
+					}
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	for range 3 {
+		time.Sleep(1600 * time.Millisecond)
+		if err := admin.Do(ctx, "CLIENT", "PAUSE", "400", "WRITE").Err(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(400 * time.Millisecond)
+	}
+	time.Sleep(time.Second)
+	close(stop)
+	wg.Wait()
+	readsDown := 0
+	rec.mu.Lock()
+	for _, l := range rec.all {
+		if strings.Contains(l, "Redis down") && strings.Contains(l, "reads bypass") {
+			readsDown++
+		}
+	}
+	rec.mu.Unlock()
+	ws, ost := writer.Stats(), other.Stats()
+	t.Logf("3 write pauses of 400 ms: the other instance's %d Gets: %d hits, %d loads, %d failed; its read breaker opened %d times, breakers opened %d times in all; oldest row served %v after it changed; writer: %d invalidations queued, %d retried",
+		reads.Load(), ost.Hits, ost.Loads, failed.Load(), readsDown, ost.BreakerOpens, time.Duration(worst.Load()).Round(time.Millisecond), ws.QueuedInvals, ws.RetriedInvals)
+	if failed.Load() != 0 {
+		t.Errorf("%d Gets failed", failed.Load())
+	}
+	if ws.QueuedInvals == 0 {
+		t.Errorf("no invalidation failed during the pauses: the storm did not stall writes")
+	}
+	if w := time.Duration(worst.Load()); w > 2*time.Second {
+		t.Errorf("an old row was served %v after it changed; want well under the 2s between pauses", w)
+	}
 }
