@@ -9,9 +9,9 @@ import (
 	"sync"
 )
 
-// liveNames is the package's one piece of mutable state. A Name picks the
-// pub/sub channels a cache listens on (wake-ups, the local tier's bus) and
-// labels its metrics, and the mistake it guards against, two caches of one
+// liveNames is, with the subscription hubs (sub.go), the package's mutable
+// state. A Name picks the pub/sub channels a cache listens on (wake-ups,
+// the local tier's bus) and labels its metrics, and the mistake it guards against, two caches of one
 // process given the same Name for different data, can only be seen from
 // the process: such caches decode each other's wake-up messages, and where
 // their keys meet, they read each other's entries as corrupt and overwrite
