@@ -78,7 +78,9 @@ type breakers struct {
 
 	lastReload atomic.Int64 // UnixNano of the last reload asked for
 
-	mu        sync.Mutex
+	one [2]*nodeBreaker // without route: the client's one node, by direction
+
+	mu        sync.RWMutex
 	m         map[breakerID]*nodeBreaker
 	states    map[breakerID]gobreaker.State // the breakers not closed
 	downSince map[string]time.Time          // node → when its first breaker opened
@@ -115,6 +117,13 @@ func newBreakers(rdb Redis, st breakerSettings) *breakers {
 	if r, ok := rdb.(stateReloader); ok {
 		b.reload = func() { r.ReloadState(context.Background()) }
 	}
+	if b.route == nil { // every command goes to one node: no lookup on the hit path
+		for _, d := range []direction{reads, writes} {
+			id := breakerID{dir: d}
+			b.one[d] = &nodeBreaker{id: id, cb: b.newBreaker(id)}
+			b.m[id] = b.one[d]
+		}
+	}
 	return b
 }
 
@@ -122,14 +131,19 @@ func newBreakers(rdb Redis, st breakerSettings) *breakers {
 // keyless command). ctx bounds the slot-map lookup of a Cluster client
 // that has none yet.
 func (b *breakers) get(ctx context.Context, d direction, key string) *nodeBreaker {
-	id := breakerID{dir: d}
-	if b.route != nil {
-		id.node = b.route(ctx, key)
+	if b.route == nil {
+		return b.one[d]
+	}
+	id := breakerID{node: b.route(ctx, key), dir: d}
+	b.mu.RLock()
+	nb := b.m[id]
+	b.mu.RUnlock()
+	if nb != nil {
+		return nb
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	nb := b.m[id]
-	if nb == nil {
+	if nb = b.m[id]; nb == nil {
 		nb = &nodeBreaker{id: id, cb: b.newBreaker(id)}
 		b.m[id] = nb
 	}

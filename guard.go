@@ -277,19 +277,35 @@ func (o op) end(err error) {
 // which is used only while Redis is healthy; otherwise the command gets a
 // context.WithTimeout of the caller's.
 func (g *guarded) begin(ctx context.Context, budget time.Duration, light bool, d direction, key string) (op, error) {
+	var nb *nodeBreaker
+	if g.br != nil && (light || ctx.Value(pastBreakerKey{}) == nil) {
+		if g.br.route == nil { // one node: ask the breaker before building a context
+			nb = g.br.one[d]
+			done, err := nb.cb.Allow()
+			if err != nil {
+				g.ev.redisSkipped()
+				return op{g: g, caller: ctx}, errBreakerOpen
+			}
+			o, err := g.start(ctx, budget, light)
+			if err != nil {
+				done(errExcluded)
+				return o, err
+			}
+			o.nb, o.report = nb, done
+			return o, nil
+		}
+	}
 	o, err := g.start(ctx, budget, light)
-	if err != nil {
+	if err != nil || g.br == nil || (!light && ctx.Value(pastBreakerKey{}) != nil) {
 		return o, err
 	}
-	if g.br != nil && (light || ctx.Value(pastBreakerKey{}) == nil) {
-		o.nb = g.br.get(o.ctx, d, key) // under the budget: a Cluster client's first slot map
-		done, err := o.nb.cb.Allow()
-		if err != nil {
-			o.skip()
-			return o, errBreakerOpen
-		}
-		o.report = done
+	o.nb = g.br.get(o.ctx, d, key) // under the budget: a Cluster client's first slot map
+	done, err := o.nb.cb.Allow()
+	if err != nil {
+		o.skip()
+		return o, errBreakerOpen
 	}
+	o.report = done
 	return o, nil
 }
 
