@@ -11,16 +11,10 @@ import (
 	"runtime"
 	"slices"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
-
-	"github.com/Shopify/toxiproxy/v2"
-	"github.com/Shopify/toxiproxy/v2/collectors"
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/rs/zerolog"
 
 	"github.com/alicebob/miniredis/v2"
 	"github.com/redis/go-redis/v9"
@@ -356,16 +350,8 @@ func BenchmarkGetBlackHoled(b *testing.B) {
 	}
 	b.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
 	upstream := "127.0.0.1:" + strconv.Itoa(port)
-	srv := toxiproxy.NewServer(toxiproxy.NewMetricsContainer(prometheus.NewRegistry()), zerolog.Nop())
-	srv.Metrics.ProxyMetrics = collectors.NewProxyMetricCollectors()
-	proxy := toxiproxy.NewProxy(srv, "redis", "127.0.0.1:0", upstream)
-	if err := proxy.Start(); err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(proxy.Stop)
-	if _, err := proxy.Toxics.AddToxicJson(strings.NewReader(`{"name":"hole","type":"timeout","stream":"downstream","attributes":{"timeout":0}}`)); err != nil {
-		b.Fatal(err)
-	}
+	proxy := newProxy(b, upstream)
+	addToxic(b, proxy, `{"name":"hole","type":"timeout","stream":"downstream","attributes":{"timeout":0}}`)
 	rdb := redis.NewClient(&redis.Options{Addr: proxy.Listen, ContextTimeoutEnabled: true, MaxRetries: -1})
 	b.Cleanup(func() { rdb.Close() })
 	c := benchCache[benchTask](b, rdb, &Options[benchTask]{Logger: slog.New(slog.DiscardHandler), Degradation: Degradation{NoBreaker: true}})

@@ -113,7 +113,7 @@ func TestOutagePrefixRetryAfterDeadline(t *testing.T) {
 	_, err = c.InvalidatePrefix(ctx, "p:")
 	cancel()
 	t.Logf("InvalidatePrefix: %v", err)
-	_ = proxy.Toxics.RemoveToxic(bg, "hole")
+	proxy.removeToxic("hole")
 	time.Sleep(1500 * time.Millisecond)
 	direct := faultClient(t, srv.addr())
 	if direct.Exists(bg, "p:1").Val() == 1 {
@@ -232,11 +232,11 @@ func TestOutagePrefixRetryDoesNotHoldClose(t *testing.T) {
 	bg := context.Background()
 	_ = node.Set(bg, "p:1", "x", 0).Err()
 	// A refused connection makes the first attempt fail fast.
-	proxy.Stop()
+	proxy.enable(false)
 	if _, err := c.InvalidatePrefix(bg, "p:"); err == nil {
 		t.Fatal("want error")
 	}
-	_ = proxy.Start()
+	proxy.enable(true)
 	addToxic(t, proxy, `{"name":"hole","type":"timeout","stream":"upstream","attributes":{"timeout":0}}`)
 	time.Sleep(300 * time.Millisecond) // the retry loop is now stuck in SCAN
 	t0 := time.Now()

@@ -8,17 +8,12 @@ import (
 	"os"
 	"os/exec"
 	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/Shopify/toxiproxy/v2"
-	"github.com/Shopify/toxiproxy/v2/collectors"
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/go-redis/v9"
-	"github.com/rs/zerolog"
 )
 
 // The fault tests run against real redis-server processes that they start
@@ -92,26 +87,6 @@ func (p *redisProc) kill() {
 		_ = p.cmd.Process.Kill()
 		_ = p.cmd.Wait()
 		p.cmd = nil
-	}
-}
-
-// newProxy starts a Toxiproxy proxy to upstream on a free loopback port.
-func newProxy(t *testing.T, upstream string) *toxiproxy.Proxy {
-	t.Helper()
-	srv := toxiproxy.NewServer(toxiproxy.NewMetricsContainer(prometheus.NewRegistry()), zerolog.Nop())
-	srv.Metrics.ProxyMetrics = collectors.NewProxyMetricCollectors()
-	p := toxiproxy.NewProxy(srv, "redis", "127.0.0.1:0", upstream)
-	if err := p.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(p.Stop)
-	return p
-}
-
-func addToxic(t *testing.T, p *toxiproxy.Proxy, json string) {
-	t.Helper()
-	if _, err := p.Toxics.AddToxicJson(strings.NewReader(json)); err != nil {
-		t.Fatal(err)
 	}
 }
 
@@ -222,16 +197,14 @@ func TestBreakerBlackHoleAndRecovery(t *testing.T) {
 		t.Fatal("open breaker still sent commands")
 	}
 	// Refused connections instead of a black hole.
-	_ = proxy.Toxics.RemoveToxic(context.Background(), "hole")
-	proxy.Stop()
+	proxy.removeToxic("hole")
+	proxy.enable(false)
 	time.Sleep(cooldown + 50*time.Millisecond)
 	for i := 0; i < 10; i++ {
 		get(i) // the half-open probe fails: open again
 	}
 	// Redis back.
-	if err := proxy.Start(); err != nil {
-		t.Fatal(err)
-	}
+	proxy.enable(true)
 	time.Sleep(cooldown + 50*time.Millisecond)
 	for i := 0; i < 20; i++ {
 		get(i)
@@ -442,7 +415,7 @@ func TestOutageInvalidationRetry(t *testing.T) {
 	if direct.Exists(ctx, "k").Val() != 1 {
 		t.Fatal("the UNLINK reached Redis through the black hole")
 	}
-	_ = proxy.Toxics.RemoveToxic(ctx, "hole")
+	proxy.removeToxic("hole")
 	waitFor(t, "the retried invalidation", func() bool { return direct.Exists(ctx, "k").Val() == 0 })
 	waitFor(t, "the retry to be counted", func() bool { return c.Stats().RetriedInvals == 1 })
 	if s := c.Stats(); s.DroppedInvals != 0 {
