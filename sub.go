@@ -12,7 +12,6 @@ import (
 	"net"
 	"reflect"
 	"runtime/debug"
-	"slices"
 	"sync"
 	"time"
 
@@ -62,16 +61,35 @@ var hubs = struct {
 }{m: make(map[any]*hub)}
 
 // hub is one client's shared subscription.
+//
+// Its state follows the commands on the wire. Every SUBSCRIBE and
+// UNSUBSCRIBE is sent under wmu, together with the state change that asks
+// for it, so the server sees them in the order the state changed; each
+// counts as pending for its channel until its reply comes back (replies
+// come in order). A channel is confirmed only by a "subscribe" reply that
+// leaves nothing pending while it has subscribers, so a late reply to a
+// SUBSCRIBE that an UNSUBSCRIBE has since undone confirms nothing. A write
+// that fails closes the connection, so the loop's read fails and every
+// subscriber hears down: go-redis would otherwise reconnect inside the
+// PubSub and the messages of the gap would be lost without a word.
+// Callbacks run under cbmu on the hub's goroutine, each after checking that
+// its subscriber is still registered, and remove waits for cbmu, so no
+// callback runs after a subscriber has left.
 type hub struct {
 	bus  Bus
 	key  any // in hubs.m; nil for a hub of its own
 	refs int // under hubs.mu
 
+	wmu  sync.Mutex // serializes writes on ps with the state changes behind them
+	cbmu sync.Mutex // held while callbacks run
+
 	mu        sync.Mutex
 	subs      map[string]map[*subscriber]struct{} // channel → its subscribers
 	ps        *redis.PubSub                       // the live connection; nil between connections
+	pending   map[string]int                      // channel → SUBSCRIBE/UNSUBSCRIBE sent on ps, not yet answered
 	confirmed map[string]bool                     // channels confirmed on ps
 	wasUp     map[*subscriber]bool                // subscribers told up on ps
+	hc        time.Duration                       // the shortest health check among the subscribers
 
 	wake chan struct{} // a subscriber came: the loop may be waiting for one
 	stop context.CancelFunc
@@ -93,7 +111,7 @@ func joinHub(bus Bus) *hub {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	h := &hub{bus: bus, key: key, refs: 1, subs: make(map[string]map[*subscriber]struct{}),
-		confirmed: make(map[string]bool), wasUp: make(map[*subscriber]bool),
+		pending: make(map[string]int), confirmed: make(map[string]bool), wasUp: make(map[*subscriber]bool),
 		wake: make(chan struct{}, 1), stop: cancel, done: make(chan struct{})}
 	if key != nil {
 		hubs.m[key] = h
@@ -117,12 +135,25 @@ func leaveHub(h *hub) {
 	}
 }
 
-// add registers s. On a live connection its channel is subscribed at once;
-// when that channel is confirmed there already, a PING asks the hub's
-// goroutine to tell s it is up (its PONG comes after every message sent
-// before it, and the callbacks of s stay on that one goroutine, in
-// order). Otherwise the next connection includes it.
+// healthCheckLocked recomputes h.hc; h.mu is held.
+func (h *hub) healthCheckLocked() {
+	h.hc = 0
+	for _, m := range h.subs {
+		for s := range m {
+			if h.hc == 0 || s.hc < h.hc {
+				h.hc = s.hc
+			}
+		}
+	}
+}
+
+// add registers s. On a live connection its channel is subscribed at once
+// if it is new there; if it is confirmed there already, a PING asks the
+// hub's goroutine to tell s it is up (the PONG comes after every reply sent
+// before it). Otherwise the next connection includes it.
 func (h *hub) add(s *subscriber) {
+	h.wmu.Lock()
+	defer h.wmu.Unlock()
 	h.mu.Lock()
 	m := h.subs[s.channel]
 	fresh := m == nil
@@ -131,30 +162,37 @@ func (h *hub) add(s *subscriber) {
 		h.subs[s.channel] = m
 	}
 	m[s] = struct{}{}
-	ps, confirmed := h.ps, h.confirmed[s.channel]
+	h.healthCheckLocked()
+	ps := h.ps
+	ping := !fresh && h.confirmed[s.channel]
+	if ps != nil && fresh {
+		h.pending[s.channel]++
+	}
 	h.mu.Unlock()
 	select {
 	case h.wake <- struct{}{}:
 	default:
 	}
-	if ps == nil {
-		return
+	if ps == nil || (!fresh && !ping) {
+		return // the next connection, or the pending SUBSCRIBE's reply, tells s
 	}
-	// Writes only (the replies come to the hub's goroutine); a failure
-	// breaks the connection, and the next one subscribes everything.
 	ctx, cancel := context.WithTimeout(context.Background(), s.hc)
 	defer cancel()
-	switch {
-	case confirmed:
-		_ = ps.Ping(ctx)
-	case fresh:
-		_ = ps.Subscribe(ctx, s.channel)
+	var err error
+	if fresh {
+		err = ps.Subscribe(ctx, s.channel)
+	} else {
+		err = ps.Ping(ctx)
+	}
+	if err != nil {
+		_ = ps.Close() // the loop hears it, and every subscriber with it
 	}
 }
 
-// remove unregisters s, and unsubscribes its channel when s was the last
-// subscriber of it.
+// remove unregisters s, unsubscribes its channel when s was its last
+// subscriber, and returns once no callback of s can run any more.
 func (h *hub) remove(s *subscriber) {
+	h.wmu.Lock()
 	h.mu.Lock()
 	m := h.subs[s.channel]
 	delete(m, s)
@@ -164,31 +202,44 @@ func (h *hub) remove(s *subscriber) {
 		delete(h.subs, s.channel)
 		delete(h.confirmed, s.channel)
 	}
+	h.healthCheckLocked()
 	ps := h.ps
+	if last && ps != nil {
+		h.pending[s.channel]++
+	}
 	h.mu.Unlock()
 	if last && ps != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), s.hc)
-		_ = ps.Unsubscribe(ctx, s.channel)
+		if err := ps.Unsubscribe(ctx, s.channel); err != nil {
+			_ = ps.Close()
+		}
 		cancel()
 	}
+	h.wmu.Unlock()
+	h.afterCallbacks()
 }
 
-// channels returns the channels registered and the shortest health check
-// among their subscribers.
-func (h *hub) channels() ([]string, time.Duration) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	var chs []string
-	var hc time.Duration
-	for ch, m := range h.subs {
-		chs = append(chs, ch)
-		for s := range m {
-			if hc == 0 || s.hc < hc {
-				hc = s.hc
-			}
+// afterCallbacks returns once a callback running now has ended: dispatch
+// checks membership before each call, so later ones skip a subscriber
+// that has left.
+func (h *hub) afterCallbacks() {
+	h.cbmu.Lock()
+	defer h.cbmu.Unlock()
+}
+
+// dispatch runs fn for each of subs that is still registered, one at a
+// time, under cbmu.
+func (h *hub) dispatch(subs []*subscriber, fn func(s *subscriber)) {
+	h.cbmu.Lock()
+	defer h.cbmu.Unlock()
+	for _, s := range subs {
+		h.mu.Lock()
+		_, ok := h.subs[s.channel][s]
+		h.mu.Unlock()
+		if ok {
+			callSafe(func() { fn(s) })
 		}
 	}
-	return chs, hc
 }
 
 // callSafe runs a subscriber's callback: a panic in one Cache's callback
@@ -207,8 +258,10 @@ func (h *hub) run(stop context.Context) {
 	const firstBackoff = 10 * time.Millisecond
 	backoff := firstBackoff
 	for stop.Err() == nil {
-		chs, hc := h.channels()
-		if len(chs) == 0 {
+		h.mu.Lock()
+		empty, hc := len(h.subs) == 0, h.hc
+		h.mu.Unlock()
+		if empty {
 			select {
 			case <-stop.Done():
 				return
@@ -216,7 +269,7 @@ func (h *hub) run(stop context.Context) {
 				continue
 			}
 		}
-		confirmed, err := h.onceSafe(stop, chs, hc)
+		confirmed, err := h.onceSafe(stop)
 		if stop.Err() != nil {
 			return
 		}
@@ -235,30 +288,38 @@ func (h *hub) run(stop context.Context) {
 func (h *hub) lost(err error) {
 	h.mu.Lock()
 	h.ps = nil
+	clear(h.pending)
 	clear(h.confirmed)
-	type one struct {
-		s  *subscriber
-		up bool
-	}
-	var all []one
+	var all []*subscriber
+	wasUp := make(map[*subscriber]bool, len(h.wasUp))
 	for _, m := range h.subs {
 		for s := range m {
-			all = append(all, one{s, h.wasUp[s]})
+			all = append(all, s)
+			wasUp[s] = h.wasUp[s]
 		}
 	}
 	clear(h.wasUp)
 	h.mu.Unlock()
-	for _, o := range all {
-		callSafe(func() { o.s.down(err, o.up) })
-	}
+	h.dispatch(all, func(s *subscriber) { s.down(err, wasUp[s]) })
 }
 
-// confirm marks channel confirmed ("" for none: a PONG) and tells up
-// every subscriber of a confirmed channel that has not been told yet.
-func (h *hub) confirm(channel string) {
+// replied handles the server's reply to a SUBSCRIBE or UNSUBSCRIBE of
+// channel (subscribed says which), or a PONG (channel ""): it confirms the
+// channel when the reply leaves nothing pending and it still has
+// subscribers, and tells up every subscriber of a confirmed channel that
+// has not been told yet.
+func (h *hub) replied(channel string, subscribed bool) {
 	h.mu.Lock()
 	if channel != "" {
-		h.confirmed[channel] = true
+		if h.pending[channel]--; h.pending[channel] <= 0 {
+			delete(h.pending, channel)
+		}
+		switch {
+		case !subscribed:
+			delete(h.confirmed, channel)
+		case h.pending[channel] == 0 && len(h.subs[channel]) > 0:
+			h.confirmed[channel] = true
+		}
 	}
 	var up []*subscriber
 	for ch := range h.confirmed {
@@ -270,9 +331,7 @@ func (h *hub) confirm(channel string) {
 		}
 	}
 	h.mu.Unlock()
-	for _, s := range up {
-		callSafe(s.up)
-	}
+	h.dispatch(up, func(s *subscriber) { s.up() })
 }
 
 // deliver hands a message to the subscribers of its channel.
@@ -283,20 +342,43 @@ func (h *hub) deliver(channel, payload string) {
 		subs = append(subs, s)
 	}
 	h.mu.Unlock()
-	for _, s := range subs {
-		callSafe(func() { s.message(payload) })
-	}
+	h.dispatch(subs, func(s *subscriber) { s.message(payload) })
 }
 
 // onceSafe is once with a panic (go-redis's Ring panics on Subscribe when
 // no shard is up) turned into an error.
-func (h *hub) onceSafe(stop context.Context, chs []string, hc time.Duration) (confirmed bool, err error) {
+func (h *hub) onceSafe(stop context.Context) (confirmed bool, err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			err = panicIn("a subscription (a Ring without live shards)", r, debug.Stack())
 		}
 	}()
-	return h.once(stop, chs, hc)
+	return h.once(stop)
+}
+
+// connect opens a connection subscribed to every registered channel and
+// publishes it, under wmu so that no SUBSCRIBE or UNSUBSCRIBE of add or
+// remove falls between the two.
+func (h *hub) connect(stop context.Context) (*redis.PubSub, time.Duration) {
+	h.wmu.Lock()
+	defer h.wmu.Unlock()
+	h.mu.Lock()
+	chs := make([]string, 0, len(h.subs))
+	for ch := range h.subs {
+		chs = append(chs, ch)
+	}
+	hc := h.hc
+	h.mu.Unlock()
+	ctx, cancel := context.WithTimeout(stop, hc)
+	ps := h.bus.Subscribe(ctx, chs...)
+	cancel()
+	h.mu.Lock()
+	h.ps = ps
+	for _, ch := range chs {
+		h.pending[ch]++
+	}
+	h.mu.Unlock()
+	return ps, hc
 }
 
 // once runs one connection until it fails, and returns why and whether a
@@ -304,36 +386,20 @@ func (h *hub) onceSafe(stop context.Context, chs []string, hc time.Duration) (co
 // deadline (with ContextTimeoutEnabled, go-redis puts it on the socket),
 // so a Redis that accepts connections but never answers cannot hold
 // Close.
-func (h *hub) once(stop context.Context, chs []string, hc time.Duration) (confirmed bool, _ error) {
-	ctx, cancel := context.WithTimeout(stop, hc)
-	ps := h.bus.Subscribe(ctx, chs...)
-	cancel()
+func (h *hub) once(stop context.Context) (confirmed bool, _ error) {
+	ps, hc := h.connect(stop)
 	closeOnStop := context.AfterFunc(stop, func() { _ = ps.Close() })
 	defer func() {
 		closeOnStop()
 		_ = ps.Close()
 	}()
-	// Channels registered while Subscribe ran are not on it yet: send
-	// them now that the connection is published for later ones.
-	h.mu.Lock()
-	h.ps = ps
-	var missed []string
-	for ch := range h.subs {
-		if !slices.Contains(chs, ch) {
-			missed = append(missed, ch)
-		}
-	}
-	h.mu.Unlock()
-	if len(missed) > 0 {
-		ctx, cancel := context.WithTimeout(stop, hc)
-		err := ps.Subscribe(ctx, missed...)
-		cancel()
-		if err != nil {
-			return false, err
-		}
-	}
 	pinged := false
 	for {
+		h.mu.Lock()
+		if h.hc > 0 {
+			hc = h.hc // a subscriber with a shorter health check may have come
+		}
+		h.mu.Unlock()
 		ctx, cancel := context.WithTimeout(stop, 2*hc)
 		msg, err := ps.ReceiveTimeout(ctx, hc)
 		cancel()
@@ -357,14 +423,17 @@ func (h *hub) once(stop context.Context, chs []string, hc time.Duration) (confir
 		pinged = false
 		switch m := msg.(type) {
 		case *redis.Subscription:
-			if m.Kind == "subscribe" {
+			switch m.Kind {
+			case "subscribe":
 				confirmed = true
-				h.confirm(m.Channel)
+				h.replied(m.Channel, true)
+			case "unsubscribe":
+				h.replied(m.Channel, false)
 			}
 		case *redis.Message:
 			h.deliver(m.Channel, m.Payload)
 		case *redis.Pong:
-			h.confirm("") // a subscriber joined a confirmed channel (add)
+			h.replied("", false) // a subscriber joined a confirmed channel (add), or the health check
 		}
 	}
 }

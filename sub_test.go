@@ -3,6 +3,7 @@ package cacheaside
 import (
 	"context"
 	"fmt"
+	"os"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -101,4 +102,120 @@ func TestOneSubscriptionPerClient(t *testing.T) {
 			t.Fatalf("the hub outlived its last cache")
 		}
 	})
+}
+
+// probe is a subscriber that records its callbacks.
+type probe struct {
+	s          *subscriber
+	ups, downs atomic.Int64
+	msgs       chan string
+}
+
+func newProbe(bus Bus, ch string, onMsg func(string)) *probe {
+	p := &probe{msgs: make(chan string, 16)}
+	p.s = &subscriber{bus: bus, channel: ch, hc: time.Second,
+		up:   func() { p.ups.Add(1) },
+		down: func(error, bool) { p.downs.Add(1) },
+		message: func(m string) {
+			if onMsg != nil {
+				onMsg(m)
+			}
+			p.msgs <- m
+		}}
+	return p
+}
+
+// parkHub registers a subscriber on channel y whose callback holds the
+// hub's goroutine on the message "block" until the returned gate closes.
+func parkHub(t *testing.T, rdb *redis.Client, y string) (h *hub, p0 *probe, gate chan struct{}) {
+	t.Helper()
+	gate, entered := make(chan struct{}), make(chan struct{})
+	p0 = newProbe(rdb, y, func(m string) {
+		if m == "block" {
+			close(entered)
+			<-gate
+		}
+	})
+	h = joinHub(rdb)
+	h.add(p0.s)
+	waitFor(t, "the first subscriber up", func() bool { return p0.ups.Load() == 1 })
+	rdb.Publish(context.Background(), y, "block")
+	<-entered
+	return h, p0, gate
+}
+
+// TestHubLateSubscribeReply: a channel's only subscriber comes and goes
+// while the hub's goroutine is busy, so the "subscribe" reply arrives after
+// the UNSUBSCRIBE was sent. That reply must not confirm the channel: the
+// next subscriber of it must get a SUBSCRIBE of its own, and hear its
+// messages, rather than be told up on a channel the server no longer
+// sends.
+func TestHubLateSubscribeReply(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := context.Background()
+		rdb := b.client(t)
+		x := b.key("X")
+		h, p0, gate := parkHub(t, rdb, b.key("Y"))
+		p1 := newProbe(rdb, x, nil)
+		h.add(p1.s) // SUBSCRIBE x
+		removed := make(chan struct{})
+		go func() { h.remove(p1.s); close(removed) }() // UNSUBSCRIBE x, then waits for the busy callback
+		waitFor(t, "the UNSUBSCRIBE", func() bool { h.mu.Lock(); defer h.mu.Unlock(); return h.pending[x] == 2 })
+		close(gate)
+		<-removed
+		waitFor(t, "both replies", func() bool { h.mu.Lock(); defer h.mu.Unlock(); return h.pending[x] == 0 })
+
+		p2 := newProbe(rdb, x, nil)
+		h.add(p2.s)
+		waitFor(t, "the second subscriber of x up", func() bool { return p2.ups.Load() == 1 })
+		rdb.Publish(ctx, x, "invalidate")
+		select {
+		case <-p2.msgs:
+		case <-time.After(5 * time.Second):
+			t.Errorf("the subscriber of %s was told up, but its message never came (%d subscribers on the server)", x, rdb.PubSubNumSub(ctx, x).Val()[x])
+		}
+		h.remove(p2.s)
+		h.remove(p0.s)
+		leaveHub(h)
+	})
+}
+
+// TestHubWriteFailureIsLoss: the subscription connection is killed while
+// the hub's goroutine is busy, and a message is published meanwhile. A
+// SUBSCRIBE written from another goroutine then fails, and go-redis would
+// reconnect inside the PubSub without a word; the hub closes it instead,
+// so every subscriber hears down (the missed message is why), and all of
+// them are up again on the next connection.
+func TestHubWriteFailureIsLoss(t *testing.T) {
+	addr := os.Getenv(envRedisAddr)
+	if addr == "" {
+		t.Skipf("kills a connection with CLIENT KILL: set %s", envRedisAddr)
+	}
+	b := &backend{addr: addr, prefix: uniquePrefix()}
+	ctx := context.Background()
+	rdb := b.client(t)
+	y := b.key("Y")
+	h, p0, gate := parkHub(t, rdb, y)
+	admin := redis.NewClient(&redis.Options{Addr: addr})
+	t.Cleanup(func() { _ = admin.Close() })
+	if err := admin.ClientKillByFilter(ctx, "TYPE", "pubsub").Err(); err != nil {
+		t.Fatal(err)
+	}
+	admin.Publish(ctx, y, "lost while down")
+	var later []*probe
+	for _, ch := range []string{"X", "Z"} { // the first write may still be accepted; the second fails
+		time.Sleep(50 * time.Millisecond)
+		p := newProbe(rdb, b.key(ch), nil)
+		h.add(p.s)
+		later = append(later, p)
+	}
+	close(gate)
+	waitFor(t, "down after the lost connection", func() bool { return p0.downs.Load() > 0 })
+	waitFor(t, "every subscriber up on the next connection", func() bool {
+		return p0.ups.Load() == 2 && later[0].ups.Load() > 0 && later[1].ups.Load() > 0
+	})
+	for _, p := range append(later, p0) {
+		h.remove(p.s)
+	}
+	leaveHub(h)
 }
