@@ -437,7 +437,8 @@ func (c *Cache[T]) Set(ctx context.Context, key string, v T) error {
 	// before it: that load's value predates v.
 	c.group.Forget(key)
 	if genKey != "" {
-		err = setInNamespace(ctx, c.rdb, key, genKey, entry, ttl, c.genTTL)
+		// A write that must not be lost: the write budget (WriteTimeout).
+		err = c.guard.runScript(ctx, c.guard.writeBudget(1), setInNamespaceCall(key, genKey, entry, ttl, c.genTTL)).Err()
 	} else {
 		err = c.rdb.Set(ctx, key, entry, ttl).Err()
 	}

@@ -3,6 +3,7 @@ package cacheaside
 import (
 	"context"
 	"fmt"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -194,5 +195,92 @@ func TestFaultRedisTimePerGet(t *testing.T) {
 		if raw := b.raw(t, key); raw == nil || envelope.Decode(raw, &e) != nil || e.Kind != envelope.Lease {
 			t.Fatalf("the other holder's lease was replaced: %q", raw)
 		}
+	})
+}
+
+// lateScripts stands between the cache and Redis: the scripts in slow wait
+// d before they are sent (a slow write); the scripts in late run at once,
+// and their reply waits d (a reply that comes past the budget).
+type lateScripts struct {
+	*redis.Client
+	d          time.Duration
+	slow, late map[string]bool
+}
+
+func (s *lateScripts) wait(ctx context.Context) error {
+	select {
+	case <-time.After(s.d):
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (s *lateScripts) EvalSha(ctx context.Context, sha string, keys []string, args ...any) *redis.Cmd {
+	if s.slow[sha] {
+		if err := s.wait(ctx); err != nil {
+			cmd := redis.NewCmd(ctx)
+			cmd.SetErr(err)
+			return cmd
+		}
+	}
+	if s.late[sha] {
+		cmd := s.Client.EvalSha(context.WithoutCancel(ctx), sha, keys, args...)
+		if err := s.wait(ctx); err != nil {
+			cmd.SetErr(err)
+		}
+		return cmd
+	}
+	return s.Client.EvalSha(ctx, sha, keys, args...)
+}
+
+// TestWritesGetTheWriteBudget: the namespaced Set's script and a refresh's
+// release are writes that must not be lost, and get WriteTimeout (here 5 ×
+// the 100ms OpTimeout), though they go to Redis 250ms late. The refresh's
+// own lease round is a read: its reply, 250ms late, is past the budget, so
+// the refresh gives up and must put the value back from "refreshing".
+func TestWritesGetTheWriteBudget(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := context.Background()
+		for _, src := range []string{setLua, releaseLua, refreshLua} {
+			if err := b.client(t).ScriptLoad(ctx, src).Err(); err != nil { // EVALSHA finds them
+				t.Fatal(err)
+			}
+		}
+		ls := &lateScripts{Client: b.client(t), d: 250 * time.Millisecond,
+			slow: map[string]bool{setScript.Hash(): true, releaseScript.Hash(): true},
+			late: map[string]bool{refreshScript.Hash(): true}}
+
+		ns := MustKeyspace("budgets", 1).Namespace(strings.TrimSuffix(b.prefix, ":"), "acme")
+		nc, err := New[string](ls, &Options[string]{Namespaced: true, Degradation: Degradation{OpTimeout: 100 * time.Millisecond}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = nc.Close() })
+		if err := nc.Set(ctx, ns.Key("task", "1"), "set"); err != nil {
+			t.Fatalf("namespaced Set 250ms late: %v; want it inside the write budget", err)
+		}
+
+		clock := newFakeClock()
+		c, err := New[string](ls, &Options[string]{Clock: clock.Now, Degradation: Degradation{OpTimeout: 100 * time.Millisecond},
+			Policy: Policy{TTL: time.Minute, StaleWhileRevalidate: time.Hour, NoJitter: true, NoEarlyRefresh: true}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = c.Close() })
+		key := b.key("refreshed")
+		load := func(context.Context) (string, error) { return "v", nil }
+		if _, err := c.Get(ctx, key, load); err != nil {
+			t.Fatal(err)
+		}
+		clock.Advance(2 * time.Minute) // stale: the Get serves it and refreshes in the background
+		if v, err := c.Get(ctx, key, load); err != nil || v != "v" {
+			t.Fatalf("stale Get = %q, %v", v, err)
+		}
+		waitFor(t, "the refresh to give up", func() bool { return c.Stats().RedisErrors > 0 })
+		waitFor(t, "the value put back from refreshing", func() bool {
+			var e envelope.Entry
+			return envelope.Decode(b.raw(t, key), &e) == nil && e.Kind == envelope.Value
+		})
 	})
 }

@@ -198,11 +198,11 @@ func extendCall(key string, tok envelope.Token, ttl time.Duration) scriptCall {
 	return scriptCall{extendScript, []string{key}, []any{tok[:], millis(ttl)}}
 }
 
-// setInNamespace runs set.lua: write entry stamped with the namespace's
-// current generation.
-func setInNamespace(ctx context.Context, rdb Redis, key, genKey string, entry []byte, ttl, genTTL time.Duration) error {
+// setInNamespaceCall is set.lua's call: write entry stamped with the
+// namespace's current generation.
+func setInNamespaceCall(key, genKey string, entry []byte, ttl, genTTL time.Duration) scriptCall {
 	fresh := newGen()
-	return setScript.Run(ctx, rdb, []string{key, genKey}, entry, millis(ttl), fresh[:], millis(genTTL)).Err()
+	return scriptCall{setScript, []string{key, genKey}, []any{entry, millis(ttl), fresh[:], millis(genTTL)}}
 }
 
 // evalMany runs the script calls in one pipeline (one round trip per node)

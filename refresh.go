@@ -94,7 +94,7 @@ func (c *Cache[T]) refreshAsync(parent context.Context, op *keyOp[T], src source
 			// The script may have run and only its reply been lost: put the
 			// value back rather than leave it "refreshing" with nobody on it.
 			rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), c.opts.LeaseTTL)
-			_, _ = release(rctx, c.rdb, key, rop.tok, c.keepOnFailure(&e))
+			_ = c.guard.runScript(rctx, c.guard.writeBudget(1), releaseCall(key, rop.tok, c.keepOnFailure(&e), "")) // a write: the write budget
 			rcancel()
 			c.endRefresh(key, true)
 			return
