@@ -19,7 +19,8 @@ import (
 // contended. The holder's fill (or release, if its load failed) then
 // publishes the key on the cache's wake channel, inside the same script, so
 // an uncontended miss costs nothing more and a hit never sees any of it.
-// Every Cache keeps one subscription to that channel (WakeChannelPrefix +
+// Every Cache subscribes to that channel on its client's shared
+// subscription connection (sub.go; the channel is WakeChannelPrefix +
 // Options.Name; Cluster broadcasts PUBLISH to every node) and wakes the
 // runs waiting for that key at once. Polling stays, slower, for what a
 // message cannot cover: a holder that died (its lease expires), a message
