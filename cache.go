@@ -240,21 +240,6 @@ func (c *Cache[T]) WaitLocal(ctx context.Context) error {
 	return nil
 }
 
-// Stats returns a snapshot of the cache's counters.
-func (c *Cache[T]) Stats() Stats {
-	s := c.ev.snapshot()
-	s.PendingInvals = uint64(max(c.pending.Load(), 0))
-	s.Breaker = "disabled"
-	if br := c.guard.br; br != nil {
-		s.Breaker = br.state()
-	}
-	if l := c.local; l != nil {
-		s.LocalLive = l.live.Load()
-		s.LocalEntries = uint64(max(l.m.EstimatedSize(), 0))
-	}
-	return s
-}
-
 // Get returns the value for key, loading it with load on a miss.
 //
 // A hit costs one GET (one MGET of the entry and its namespace generation

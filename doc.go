@@ -40,7 +40,7 @@
 // round holds one key or a hundred. Every counted event goes through one
 // sink (events.go) that updates Stats and calls the Recorder together,
 // and passes the event with the caller's context to the Tracer, if one is
-// set (recorder.go).
+// set (tracer.go).
 //
 // # Observability
 //

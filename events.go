@@ -1,5 +1,5 @@
-// Events: Stats, the counters behind them, and the one sink that counts,
-// records and traces each event.
+// Events: the counters behind Stats (metrics.go), and the one sink that
+// counts, records and traces each event.
 
 package cacheaside
 
@@ -13,80 +13,6 @@ import (
 	"sync/atomic"
 	"time"
 )
-
-// Stats is a snapshot of one Cache's counters since New, returned by
-// Cache.Stats. Every Get counts exactly once as a Hit, NegativeHit or
-// Miss; a GetMany counts once per distinct key. The Local counts are
-// parts of the counts they follow: LocalHits ≤ Hits and
-// LocalNegativeHits ≤ NegativeHits.
-type Stats struct {
-	Hits              uint64        // first read found a value (in Redis or, with a local tier, in memory)
-	LocalHits         uint64        // of the Hits, those the local tier answered
-	NegativeHits      uint64        // first read found a "not found" tombstone (in Redis or in memory)
-	LocalNegativeHits uint64        // of the NegativeHits, those the local tier answered
-	LocalFlushes      uint64        // times the local tier was emptied (bus lost or regained, unreadable message)
-	BusMessages       uint64        // invalidation messages received from the bus
-	Misses            uint64        // first read found nothing usable
-	Loads             uint64        // loader calls that returned a value or ErrNotFound
-	LoadErrors        uint64        // loader calls that failed (errors, panics, timeouts)
-	LoadTime          time.Duration // total time spent in the loader
-	// LoadsWithin[i] counts the loader calls (Loads and LoadErrors) that
-	// returned within LoadBucket(i), cumulative like a Prometheus
-	// histogram's buckets; Loads + LoadErrors is the count of all.
-	LoadsWithin    [NumLoadBuckets]uint64
-	Coalesced      uint64 // Gets that shared another Get's in-process load
-	LeaseContended uint64 // keys whose load waited for another holder's fill
-	FillsRejected  uint64 // fills refused because the lease was gone
-	NotCached      uint64 // values returned but too large or unencodable to cache
-	DecodeErrors   uint64 // entries that could not be decoded
-	RedisErrors    uint64 // Redis calls sent that failed (error replies, timeouts, broken connections); a pipeline counts once, a coalesced read once per Get that waited on it
-	StaleServed    uint64 // answers with a value past its TTL, inside the stale-while-revalidate window (a first read's counts in Hits too)
-	StaleIfError   uint64 // answers with the old value because its reload failed
-	Refreshes      uint64 // background refreshes that ran their loader
-	RefreshErrors  uint64 // of those, the ones that failed
-	Invalidations  uint64 // keys deleted by Invalidate and InvalidatePrefix
-	NamespaceBumps uint64 // InvalidateNamespace calls that succeeded
-	BreakerOpens   uint64 // times the Redis circuit breaker opened
-	RedisSkipped   uint64 // Redis commands not sent: the breaker was open, or the Get's RedisTimePerGet was spent
-	Overloaded     uint64 // Gets refused with ErrOverloaded
-	QueuedInvals   uint64 // failed invalidations queued for retry
-	PendingInvals  uint64 // of those, the ones still waiting now (a gauge; this process's Gets of their keys load from the source)
-	RetriedInvals  uint64 // failed invalidations applied later by a retry
-	DroppedInvals  uint64 // failed invalidations given up (too old, or the queue was full)
-
-	// State now, not counts:
-	Breaker      string // the worst of the circuit breakers (one per Redis node for reads, one for writes): "open" if any is, else "half-open" if any is, else "closed"; "disabled" with Degradation.NoBreaker
-	LocalLive    bool   // the local tier is in use (Cache.LocalLive); false without one
-	LocalEntries uint64 // entries the local tier holds (an estimate); 0 without one
-}
-
-// Requests is the number of Gets counted: Hits + NegativeHits + Misses.
-func (s Stats) Requests() uint64 { return s.Hits + s.NegativeHits + s.Misses }
-
-// HitRate is Hits / Requests: the fraction of Gets answered with a value
-// from the cache (Redis or the local tier), in [0, 1], and 0 before the
-// first Get. "Not found" answers from tombstones are not hits here, so
-// traffic for missing items (404s) cannot raise it; NegativeHitRate counts
-// those, and HitRate + NegativeHitRate is the share of Gets that spared
-// the loader.
-//
-// As a rule of thumb for read-heavy data: above 0.9 the cache is working
-// well, 0.7–0.9 is normal for varied access, 0.5–0.7 asks for a look at
-// TTLs and key design, below 0.5 the wrong things are cached or TTLs are
-// too short, and near 0 something is broken (keys that never repeat, a
-// version bump on every write, invalidation of everything).
-func (s Stats) HitRate() float64 { return ratio(s.Hits, s.Requests()) }
-
-// NegativeHitRate is NegativeHits / Requests: the fraction of Gets
-// answered "not found" by a tombstone, without the loader.
-func (s Stats) NegativeHitRate() float64 { return ratio(s.NegativeHits, s.Requests()) }
-
-func ratio(a, b uint64) float64 {
-	if b == 0 {
-		return 0
-	}
-	return float64(a) / float64(b)
-}
 
 // stat names one of the counters behind Stats.
 type stat uint8
@@ -446,32 +372,4 @@ func (e *errorOnce) report(ctx context.Context, c interface {
 	if e.first != nil {
 		c.redisError(ctx, op, keysLabel(e.keys), e.first)
 	}
-}
-
-// NumLoadBuckets is the number of load-time buckets in Stats.LoadsWithin.
-const NumLoadBuckets = 14
-
-// loadBounds are the buckets' upper bounds: from 1ms to 30s, about ×2.5
-// apart, covering a fast key lookup to a loader at a generous LoadTimeout.
-var loadBounds = [NumLoadBuckets]time.Duration{
-	time.Millisecond, 2500 * time.Microsecond, 5 * time.Millisecond, 10 * time.Millisecond,
-	25 * time.Millisecond, 50 * time.Millisecond, 100 * time.Millisecond, 250 * time.Millisecond,
-	500 * time.Millisecond, time.Second, 2500 * time.Millisecond, 5 * time.Second,
-	10 * time.Second, 30 * time.Second,
-}
-
-// LoadBucket returns the upper bound of Stats.LoadsWithin[i], for
-// 0 ≤ i < NumLoadBuckets.
-func LoadBucket(i int) time.Duration { return loadBounds[i] }
-
-// loadBucket is the counter of the first bucket d fits in; a load longer
-// than the last bound counts in no bucket, only in Loads or LoadErrors
-// (the +Inf bucket).
-func loadBucket(d time.Duration) stat {
-	for i, b := range loadBounds {
-		if d <= b {
-			return stat(i)
-		}
-	}
-	return NumLoadBuckets
 }

@@ -1,12 +1,128 @@
-// Instrumentation hooks: the Recorder (counts, for metrics) and the Tracer
-// (the caller's context, for traces), and their no-op defaults.
+// Metrics: Stats, the snapshot of a Cache's counters (Cache.Stats), its
+// load-time buckets, and the Recorder that receives each count as it
+// happens. The counters themselves and the sink that keeps them are in
+// events.go.
 
 package cacheaside
 
-import (
-	"context"
-	"time"
-)
+import "time"
+
+// Stats is a snapshot of one Cache's counters since New, returned by
+// Cache.Stats. Every Get counts exactly once as a Hit, NegativeHit or
+// Miss; a GetMany counts once per distinct key. The Local counts are
+// parts of the counts they follow: LocalHits ≤ Hits and
+// LocalNegativeHits ≤ NegativeHits.
+type Stats struct {
+	Hits              uint64        // first read found a value (in Redis or, with a local tier, in memory)
+	LocalHits         uint64        // of the Hits, those the local tier answered
+	NegativeHits      uint64        // first read found a "not found" tombstone (in Redis or in memory)
+	LocalNegativeHits uint64        // of the NegativeHits, those the local tier answered
+	LocalFlushes      uint64        // times the local tier was emptied (bus lost or regained, unreadable message)
+	BusMessages       uint64        // invalidation messages received from the bus
+	Misses            uint64        // first read found nothing usable
+	Loads             uint64        // loader calls that returned a value or ErrNotFound
+	LoadErrors        uint64        // loader calls that failed (errors, panics, timeouts)
+	LoadTime          time.Duration // total time spent in the loader
+	// LoadsWithin[i] counts the loader calls (Loads and LoadErrors) that
+	// returned within LoadBucket(i), cumulative like a Prometheus
+	// histogram's buckets; Loads + LoadErrors is the count of all.
+	LoadsWithin    [NumLoadBuckets]uint64
+	Coalesced      uint64 // Gets that shared another Get's in-process load
+	LeaseContended uint64 // keys whose load waited for another holder's fill
+	FillsRejected  uint64 // fills refused because the lease was gone
+	NotCached      uint64 // values returned but too large or unencodable to cache
+	DecodeErrors   uint64 // entries that could not be decoded
+	RedisErrors    uint64 // Redis calls sent that failed (error replies, timeouts, broken connections); a pipeline counts once, a coalesced read once per Get that waited on it
+	StaleServed    uint64 // answers with a value past its TTL, inside the stale-while-revalidate window (a first read's counts in Hits too)
+	StaleIfError   uint64 // answers with the old value because its reload failed
+	Refreshes      uint64 // background refreshes that ran their loader
+	RefreshErrors  uint64 // of those, the ones that failed
+	Invalidations  uint64 // keys deleted by Invalidate and InvalidatePrefix
+	NamespaceBumps uint64 // InvalidateNamespace calls that succeeded
+	BreakerOpens   uint64 // times the Redis circuit breaker opened
+	RedisSkipped   uint64 // Redis commands not sent: the breaker was open, or the Get's RedisTimePerGet was spent
+	Overloaded     uint64 // Gets refused with ErrOverloaded
+	QueuedInvals   uint64 // failed invalidations queued for retry
+	PendingInvals  uint64 // of those, the ones still waiting now (a gauge; this process's Gets of their keys load from the source)
+	RetriedInvals  uint64 // failed invalidations applied later by a retry
+	DroppedInvals  uint64 // failed invalidations given up (too old, or the queue was full)
+
+	// State now, not counts:
+	Breaker      string // the worst of the circuit breakers (one per Redis node for reads, one for writes): "open" if any is, else "half-open" if any is, else "closed"; "disabled" with Degradation.NoBreaker
+	LocalLive    bool   // the local tier is in use (Cache.LocalLive); false without one
+	LocalEntries uint64 // entries the local tier holds (an estimate); 0 without one
+}
+
+// Requests is the number of Gets counted: Hits + NegativeHits + Misses.
+func (s Stats) Requests() uint64 { return s.Hits + s.NegativeHits + s.Misses }
+
+// HitRate is Hits / Requests: the fraction of Gets answered with a value
+// from the cache (Redis or the local tier), in [0, 1], and 0 before the
+// first Get. "Not found" answers from tombstones are not hits here, so
+// traffic for missing items (404s) cannot raise it; NegativeHitRate counts
+// those, and HitRate + NegativeHitRate is the share of Gets that spared
+// the loader.
+//
+// As a rule of thumb for read-heavy data: above 0.9 the cache is working
+// well, 0.7–0.9 is normal for varied access, 0.5–0.7 asks for a look at
+// TTLs and key design, below 0.5 the wrong things are cached or TTLs are
+// too short, and near 0 something is broken (keys that never repeat, a
+// version bump on every write, invalidation of everything).
+func (s Stats) HitRate() float64 { return ratio(s.Hits, s.Requests()) }
+
+// NegativeHitRate is NegativeHits / Requests: the fraction of Gets
+// answered "not found" by a tombstone, without the loader.
+func (s Stats) NegativeHitRate() float64 { return ratio(s.NegativeHits, s.Requests()) }
+
+func ratio(a, b uint64) float64 {
+	if b == 0 {
+		return 0
+	}
+	return float64(a) / float64(b)
+}
+
+// Stats returns a snapshot of the cache's counters.
+func (c *Cache[T]) Stats() Stats {
+	s := c.ev.snapshot()
+	s.PendingInvals = uint64(max(c.pending.Load(), 0))
+	s.Breaker = "disabled"
+	if br := c.guard.br; br != nil {
+		s.Breaker = br.state()
+	}
+	if l := c.local; l != nil {
+		s.LocalLive = l.live.Load()
+		s.LocalEntries = uint64(max(l.m.EstimatedSize(), 0))
+	}
+	return s
+}
+
+// NumLoadBuckets is the number of load-time buckets in Stats.LoadsWithin.
+const NumLoadBuckets = 14
+
+// loadBounds are the buckets' upper bounds: from 1ms to 30s, about ×2.5
+// apart, covering a fast key lookup to a loader at a generous LoadTimeout.
+var loadBounds = [NumLoadBuckets]time.Duration{
+	time.Millisecond, 2500 * time.Microsecond, 5 * time.Millisecond, 10 * time.Millisecond,
+	25 * time.Millisecond, 50 * time.Millisecond, 100 * time.Millisecond, 250 * time.Millisecond,
+	500 * time.Millisecond, time.Second, 2500 * time.Millisecond, 5 * time.Second,
+	10 * time.Second, 30 * time.Second,
+}
+
+// LoadBucket returns the upper bound of Stats.LoadsWithin[i], for
+// 0 ≤ i < NumLoadBuckets.
+func LoadBucket(i int) time.Duration { return loadBounds[i] }
+
+// loadBucket is the counter of the first bucket d fits in; a load longer
+// than the last bound counts in no bucket, only in Loads or LoadErrors
+// (the +Inf bucket).
+func loadBucket(d time.Duration) stat {
+	for i, b := range loadBounds {
+		if d <= b {
+			return stat(i)
+		}
+	}
+	return NumLoadBuckets
+}
 
 // Recorder receives every event a Cache counts, as it is counted, for
 // export to a metrics system that wants events rather than totals (the
@@ -135,106 +251,3 @@ func (NopRecorder) LocalFlushed(string)               {}
 func (NopRecorder) BusMessage(string)                 {}
 
 var _ Recorder = NopRecorder{}
-
-// Tracer follows each Get, GetMany and loader call with the caller's
-// context, for tracing (the cacheotel module builds OpenTelemetry spans
-// with it). Set it in Options.Tracer; when it is nil nothing of this runs
-// and the hit path costs what it costs without it.
-//
-// Start is called as a call begins and returns the context for the rest
-// of it: the events inside the call and, for a Get or GetMany that loads,
-// the loader's own call (whose context derives from it, so a loader span
-// is the child of the Get's span). End is called with that context when
-// the call returns. Event reports what happened inside a call, with the
-// context of the call it belongs to. A load is shared: the events of its
-// lease rounds, waits and fills (EventLeaseWait, EventServedStale,
-// EventStaleIfError, Redis failures) carry the context of the caller that
-// leads it, and may come after that caller has returned (it gave up on its
-// own deadline); the callers that joined it see EventCoalesced. Background
-// work (refreshes, retried invalidations, releases, the bus) has no caller
-// and sends no events; a background refresh's loader call is traced
-// (Call.Background), with a context derived from the Get that started it.
-//
-// Methods are called on the request path, from several goroutines at
-// once, and must be fast. Keys reach the Tracer in Call.Key; an
-// implementation should not export them unless its user opts in.
-type Tracer interface {
-	Start(ctx context.Context, call Call) context.Context
-	Event(ctx context.Context, ev Event)
-	End(ctx context.Context, call Call, err error)
-}
-
-// CallKind says what a traced call is.
-type CallKind uint8
-
-const (
-	CallGet     CallKind = iota + 1 // a Get
-	CallGetMany                     // a GetMany
-	CallLoad                        // one loader call (a Get's loader, or a GetMany's batch loader)
-)
-
-// String returns "get", "getmany" or "load".
-func (k CallKind) String() string {
-	switch k {
-	case CallGet:
-		return "get"
-	case CallGetMany:
-		return "getmany"
-	case CallLoad:
-		return "load"
-	}
-	return "unknown"
-}
-
-// Call describes a traced call.
-type Call struct {
-	Kind  CallKind
-	Cache string // Options.Name
-	Key   string // the key of a Get or of a one-key load; "" for more keys
-	Keys  int    // 1 for a Get, the ids passed to a GetMany, the keys of a load
-
-	// Background marks the loader call of a background refresh (early
-	// refresh or stale-while-revalidate). Its context derives from the Get
-	// that started it, which may have returned: the call is not that
-	// Get's load.
-	Background bool
-}
-
-// EventKind says what happened inside a traced call.
-type EventKind uint8
-
-const (
-	EventHit              EventKind = iota + 1 // the first read found a fresh value in Redis
-	EventLocalHit                              // the local tier answered with a value
-	EventNegativeHit                           // the first read found a "not found" tombstone in Redis
-	EventLocalNegativeHit                      // the local tier answered "not found"
-	EventStale                                 // the first read found a value past its TTL and served it (stale-while-revalidate)
-	EventStaleIfError                          // a value past its TTL was served because its reload failed
-	EventMiss                                  // the first read found nothing usable: the key is loaded or waited for
-	EventCoalesced                             // the call shared a load another call in this process runs
-	EventLeaseWait                             // the call waited for Keys keys whose leases others hold
-	EventRedisError                            // a Redis command (Op) was sent and failed with Err
-	EventRedisSkipped                          // a Redis command (Op) was not sent: Err says why (breaker open, Redis time spent)
-	EventOverloaded                            // the call was refused a load slot: ErrOverloaded
-	EventServedStale                           // a key that missed was answered with a value past its TTL the lease round found (after EventMiss)
-)
-
-var eventNames = [...]string{"", "hit", "local_hit", "negative_hit", "local_negative_hit", "stale", "stale_if_error",
-	"miss", "coalesced", "lease_wait", "redis_error", "redis_skipped", "overloaded", "served_stale"}
-
-// String returns the event's name in snake case ("hit", "local_hit",
-// "redis_error", ...).
-func (k EventKind) String() string {
-	if int(k) < len(eventNames) && k != 0 {
-		return eventNames[k]
-	}
-	return "unknown"
-}
-
-// Event is one thing that happened inside a traced call.
-type Event struct {
-	Kind EventKind
-	Op   string // the Redis step of EventRedisError and EventRedisSkipped ("get", "acquire", "fill", ...)
-	Err  error  // the error of EventRedisError and EventRedisSkipped
-	Keys int    // EventLeaseWait: how many keys
-}
