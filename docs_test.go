@@ -60,25 +60,25 @@ func docFacts(t *testing.T) []docFact {
 	pollSeq := strings.Join(polls, ", ") + " and then every " + fmt.Sprint(o.PollMax.Milliseconds()) + " ms"
 
 	return []docFact{
-		// Degradation (guard.go)
-		{"Degradation.OpTimeout default", "DefaultOpTimeout, guard.go", DefaultOpTimeout, []string{
+		// Degradation (options.go)
+		{"Degradation.OpTimeout default", "DefaultOpTimeout, options.go", DefaultOpTimeout, []string{
 			`OpTimeout \(default (DUR)\)`, `OpTimeout \| (DUR) \|`, `OpTimeout, (DUR) by default`,
 			`^OpTimeout bounds .*?Default (DUR)`, `per-command budget \((DUR)\)`, `the (DUR) (?:read )?budget`}},
-		{"Degradation.WriteTimeout default", "Degradation.resolve, guard.go", d.WriteTimeout, []string{
+		{"Degradation.WriteTimeout default", "Degradation.resolve, options.go", d.WriteTimeout, []string{
 			`WriteTimeout \((?:default NUM × OpTimeout, )?(DUR)`, `WriteTimeout \| NUM × OpTimeout \((DUR)\)`,
 			`^WriteTimeout bounds .*?Default NUM × OpTimeout \((DUR)\)`}},
-		{"Degradation.WriteTimeout in OpTimeouts", "Degradation.resolve, guard.go", int(d.WriteTimeout / d.OpTimeout), []string{
+		{"Degradation.WriteTimeout in OpTimeouts", "Degradation.resolve, options.go", int(d.WriteTimeout / d.OpTimeout), []string{
 			`WriteTimeout (?:\(default |\| |bounds .*?Default )(NUM) × OpTimeout`}},
-		{"Degradation.RedisTimePerGet default", "Degradation.resolve, guard.go", d.RedisTimePerGet, []string{
+		{"Degradation.RedisTimePerGet default", "Degradation.resolve, options.go", d.RedisTimePerGet, []string{
 			`RedisTimePerGet \(default NUM × OpTimeout, (DUR)\)`, `RedisTimePerGet \| NUM × OpTimeout \((DUR)\)`,
 			`Default NUM × OpTimeout \((DUR)\); at least OpTimeout\.`}},
-		{"Degradation.RedisTimePerGet in OpTimeouts", "Degradation.resolve, guard.go", int(d.RedisTimePerGet / d.OpTimeout), []string{
+		{"Degradation.RedisTimePerGet in OpTimeouts", "Degradation.resolve, options.go", int(d.RedisTimePerGet / d.OpTimeout), []string{
 			`RedisTimePerGet (?:\(default |\| )(NUM) × OpTimeout`, `Default (NUM) × OpTimeout \(DUR\); at least OpTimeout\.`}},
-		{"Degradation.BreakerFailures default", "DefaultBreakerFailures, guard.go", DefaultBreakerFailures, []string{
+		{"Degradation.BreakerFailures default", "DefaultBreakerFailures, options.go", DefaultBreakerFailures, []string{
 			`BreakerFailures \((NUM)\)`, `BreakerFailures / BreakerCooldown \| (NUM) /`, `^BreakerFailures is .*?Default (NUM)\.`}},
-		{"Degradation.BreakerCooldown default", "DefaultBreakerCooldown, guard.go", DefaultBreakerCooldown, []string{
+		{"Degradation.BreakerCooldown default", "DefaultBreakerCooldown, options.go", DefaultBreakerCooldown, []string{
 			`BreakerCooldown \((DUR)\)`, `BreakerFailures / BreakerCooldown \| NUM / (DUR)`, `^BreakerCooldown is .*?Default (DUR)\.`}},
-		{"Degradation.MaxLoadsWhileDown default", "DefaultMaxLoadsWhileDown, guard.go", DefaultMaxLoadsWhileDown, []string{
+		{"Degradation.MaxLoadsWhileDown default", "DefaultMaxLoadsWhileDown, options.go", DefaultMaxLoadsWhileDown, []string{
 			`MaxLoadsWhileDown \((NUM)\)`, `MaxLoadsWhileDown \| (NUM) \|`, `^MaxLoadsWhileDown caps .*?Default (NUM)\.`}},
 
 		// Options (options.go)

@@ -1,5 +1,5 @@
-// The Redis guard: per-command budgets, the circuit breakers (breakers.go)
-// in front of every command, the cap on loads while Redis is down.
+// The Redis guard: per-command budgets and the circuit breakers
+// (breakers.go) in front of every command.
 
 package cacheaside
 
@@ -7,7 +7,6 @@ import (
 	"cmp"
 	"context"
 	"errors"
-	"fmt"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -21,173 +20,16 @@ import (
 //   - a budget: every Redis command runs under Degradation.OpTimeout (or the
 //     caller's deadline, if sooner), so a slow or black-holed Redis costs a
 //     Get at most that before it falls back to the loader;
-//   - a circuit breaker (github.com/sony/gobreaker/v2): after
-//     BreakerFailures consecutive transport failures or timeouts, Redis is
-//     skipped entirely for BreakerCooldown, then probed again, so a dead
-//     Redis adds almost nothing to a Get;
+//   - circuit breakers (breakers.go; github.com/sony/gobreaker/v2), one
+//     per node and direction: after BreakerFailures consecutive transport
+//     failures or timeouts, that node's reads or writes skip Redis for
+//     BreakerCooldown, then it is probed again, so a dead Redis adds almost
+//     nothing to a Get;
 //   - a policy for Redis being unavailable: fail open (call the loader,
 //     at most MaxLoadsWhileDown at a time, so the database is shielded) or
 //     fail closed (return ErrRedisUnavailable).
-
-// Degradation configures how a Cache behaves when Redis is slow or down
-// (Options.Degradation). The zero value of each field means the default
-// written beside it.
-type Degradation struct {
-	// RedisTimePerGet bounds the time one Get or GetMany spends on Redis
-	// in all: its read, its lease rounds, its polls while another holder
-	// loads, and its fill (not the loader's time, nor the pauses between
-	// polls). Each command gets the smaller of OpTimeout and what is left;
-	// once it is spent, the Get goes on without Redis, as if Redis were
-	// down (the loader answers, uncached; FailClosed: ErrRedisUnavailable).
-	// So a Redis that answers every command just under OpTimeout cannot
-	// stack command after command on a miss. The worst case of a Get:
-	//
-	//	RedisTimePerGet + LoadTimeout (its load, or the one it shares)
-	//	  + LoadTimeout + LeaseTTL while another process holds the lease
-	//	  + LoadTimeout for a load slot while Redis is down and
-	//	    MaxLoadsWhileDown loads run
-	//
-	// each of the last two terms only in that case. Default 4 × OpTimeout
-	// (200ms); at least OpTimeout.
-	RedisTimePerGet time.Duration
-
-	// OpTimeout bounds every Redis command the cache sends, and a command
-	// never gets more than half of what remains of the caller's deadline:
-	// a slow or unreachable Redis costs a Get at most this (per command)
-	// before it falls back. The SCANs of InvalidatePrefix get ten times as
-	// long, at least 1s; writes that must not be lost get WriteTimeout.
-	// Default 50ms; at least 1ms.
-	OpTimeout time.Duration
-
-	// BreakerFailures is how many consecutive Redis failures (transport
-	// errors, timeouts, LOADING-style replies; not misses, not the caller's
-	// own cancellation) open the circuit breaker. While it is open, Redis is
-	// skipped entirely. Default 5.
-	BreakerFailures int
-
-	// BreakerCooldown is how long the breaker stays open before one probe
-	// command is let through (half-open); success closes it. Default 1s.
-	BreakerCooldown time.Duration
-
-	// NoBreaker turns the circuit breaker off. Default false.
-	NoBreaker bool
-
-	// OnRedisDown says what Get does when Redis cannot be used: FailOpen
-	// (call the loader; default) or FailClosed (return ErrRedisUnavailable).
-	OnRedisDown RedisDownPolicy
-
-	// MaxLoadsWhileDown caps the loads running at once, in this cache, that
-	// bypass Redis because it failed, so a Redis outage cannot flood the
-	// source. Past the cap the shared load waits up to LoadTimeout for a
-	// slot (each caller still returns when its own context ends), or, with
-	// FailFastWhenCapped, the Get returns ErrOverloaded at once. Default 64.
-	MaxLoadsWhileDown int
-
-	// FailFastWhenCapped: see MaxLoadsWhileDown. Default false.
-	FailFastWhenCapped bool
-
-	// WriteTimeout bounds each Redis write whose loss would leave a stale
-	// entry behind or other processes waiting: Invalidate (one key or a
-	// batch alike), each UNLINK batch of InvalidatePrefix,
-	// InvalidateNamespace, Set, and a lease holder's fill and release. Default
-	// 5 × OpTimeout (250ms), plus as much again per 1,000 keys of a batch.
-	WriteTimeout time.Duration
-
-	// RetryInvalidations is how long an invalidation that failed
-	// (Invalidate, InvalidatePrefix, InvalidateNamespace, a failed Set) is
-	// retried in the background; while it waits, this process's Gets of
-	// the keys it covers load from the source instead of the cache (see
-	// retry.go). The call still returns its error. At most 10,000 are kept;
-	// more are dropped and counted. Default: the longest lifetime the cache
-	// gives an entry (the policy's TTL plus its stale windows, or its
-	// NegativeTTL, plus LeaseTTL), after which the stale entry is gone anyway.
-	RetryInvalidations time.Duration
-
-	// NoRetryInvalidations turns the retries (and the bypass of pending
-	// keys) off: a failed invalidation's entries then live until their TTL
-	// ends, in this process too. Default false.
-	NoRetryInvalidations bool
-}
-
-// Defaults of Degradation, named after the fields they fill in.
-const (
-	DefaultOpTimeout         = 50 * time.Millisecond
-	DefaultBreakerFailures   = 5
-	DefaultBreakerCooldown   = time.Second
-	DefaultMaxLoadsWhileDown = 64
-)
-
-// resolve validates d and returns it with every default filled in.
-func (d Degradation) resolve() (Degradation, error) {
-	invalid := func(format string, args ...any) (Degradation, error) {
-		return Degradation{}, fmt.Errorf("%w: Degradation.%s", ErrInvalidOptions, fmt.Sprintf(format, args...))
-	}
-	switch {
-	case d.OpTimeout < 0:
-		return invalid("OpTimeout %v is negative", d.OpTimeout)
-	case d.OpTimeout != 0 && d.OpTimeout < time.Millisecond:
-		return invalid("OpTimeout %v is below 1ms", d.OpTimeout)
-	case d.BreakerFailures < 0:
-		return invalid("BreakerFailures %d is negative", d.BreakerFailures)
-	case d.BreakerCooldown < 0:
-		return invalid("BreakerCooldown %v is negative", d.BreakerCooldown)
-	case d.OnRedisDown != FailOpen && d.OnRedisDown != FailClosed:
-		return invalid("OnRedisDown %v is not FailOpen or FailClosed", d.OnRedisDown)
-	case d.MaxLoadsWhileDown < 0:
-		return invalid("MaxLoadsWhileDown %d is negative", d.MaxLoadsWhileDown)
-	case d.RetryInvalidations < 0:
-		return invalid("RetryInvalidations %v is negative", d.RetryInvalidations)
-	case d.RedisTimePerGet < 0:
-		return invalid("RedisTimePerGet %v is negative", d.RedisTimePerGet)
-	case d.WriteTimeout < 0:
-		return invalid("WriteTimeout %v is negative", d.WriteTimeout)
-	case d.WriteTimeout != 0 && d.WriteTimeout < time.Millisecond:
-		return invalid("WriteTimeout %v is below 1ms", d.WriteTimeout)
-	}
-	if d.OpTimeout == 0 {
-		d.OpTimeout = DefaultOpTimeout
-	}
-	if d.BreakerFailures == 0 {
-		d.BreakerFailures = DefaultBreakerFailures
-	}
-	if d.BreakerCooldown == 0 {
-		d.BreakerCooldown = DefaultBreakerCooldown
-	}
-	if d.MaxLoadsWhileDown == 0 {
-		d.MaxLoadsWhileDown = DefaultMaxLoadsWhileDown
-	}
-	if d.WriteTimeout == 0 {
-		d.WriteTimeout = 5 * d.OpTimeout
-	}
-	if d.RedisTimePerGet == 0 {
-		d.RedisTimePerGet = 4 * d.OpTimeout
-	}
-	if d.RedisTimePerGet < d.OpTimeout {
-		return invalid("RedisTimePerGet %v is below OpTimeout %v", d.RedisTimePerGet, d.OpTimeout)
-	}
-	return d, nil
-}
-
-// RedisDownPolicy says what Get does when Redis cannot be used.
-type RedisDownPolicy int
-
-const (
-	// FailOpen calls the loader and returns its value, uncached. Default.
-	FailOpen RedisDownPolicy = iota
-	// FailClosed returns an error matching ErrRedisUnavailable, within the
-	// operation budget, without calling the loader.
-	FailClosed
-)
-
-func (p RedisDownPolicy) String() string {
-	switch p {
-	case FailOpen:
-		return "fail-open"
-	case FailClosed:
-		return "fail-closed"
-	}
-	return fmt.Sprintf("RedisDownPolicy(%d)", int(p))
-}
+//
+// Their settings, Degradation, are in options.go with the other options.
 
 // guarded wraps the Redis client: each command runs under the operation
 // budget and through the circuit breaker.
@@ -605,26 +447,4 @@ func firstKey(keys []string) string {
 		return ""
 	}
 	return keys[0]
-}
-
-// loadSlot takes one of the MaxLoadsWhileDown slots for a load that
-// bypasses Redis, waiting on ctx or failing fast with ErrOverloaded as the
-// options say. The returned function gives the slot back.
-func (c *Cache[T]) loadSlot(ctx context.Context) (func(), error) {
-	select {
-	case c.loadSlots <- struct{}{}:
-		return func() { <-c.loadSlots }, nil
-	default:
-	}
-	if c.opts.Degradation.FailFastWhenCapped {
-		c.ev.overloaded(ctx)
-		return nil, ErrOverloaded
-	}
-	select {
-	case c.loadSlots <- struct{}{}:
-		return func() { <-c.loadSlots }, nil
-	case <-ctx.Done():
-		c.ev.overloaded(ctx)
-		return nil, fmt.Errorf("%w: %w", ErrOverloaded, ctx.Err())
-	}
 }

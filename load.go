@@ -1,5 +1,6 @@
 // Loader calls: the source a door loads with (Get's loader or GetMany's batch
-// loader), the guarded call (timeout, panics, Goexit), and loads without Redis.
+// loader), the guarded call (timeout, panics, Goexit), and loads without Redis
+// with their cap (MaxLoadsWhileDown).
 
 package cacheaside
 
@@ -142,5 +143,27 @@ func callFn[R any](ctx context.Context, timeout time.Duration, fn func(context.C
 	case <-ctx.Done():
 		var zero R
 		return zero, fmt.Errorf("cacheaside: loader did not return within its context: %w", ctx.Err())
+	}
+}
+
+// loadSlot takes one of the MaxLoadsWhileDown slots for a load that
+// bypasses Redis, waiting on ctx or failing fast with ErrOverloaded as the
+// options say. The returned function gives the slot back.
+func (c *Cache[T]) loadSlot(ctx context.Context) (func(), error) {
+	select {
+	case c.loadSlots <- struct{}{}:
+		return func() { <-c.loadSlots }, nil
+	default:
+	}
+	if c.opts.Degradation.FailFastWhenCapped {
+		c.ev.overloaded(ctx)
+		return nil, ErrOverloaded
+	}
+	select {
+	case c.loadSlots <- struct{}{}:
+		return func() { <-c.loadSlots }, nil
+	case <-ctx.Done():
+		c.ev.overloaded(ctx)
+		return nil, fmt.Errorf("%w: %w", ErrOverloaded, ctx.Err())
 	}
 }
