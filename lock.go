@@ -1,4 +1,6 @@
-// The lease scripts (lua/) and how they are sent: alone or pipelined.
+// The lease: what the lecture calls the rebuild lock ("SET lock:key NX EX",
+// one request rebuilds, the rest wait), here a lease held in the entry
+// itself: its scripts (lua/) and how they are sent, alone or pipelined.
 
 package cacheaside
 

@@ -1,4 +1,5 @@
-// Negative caching: the "not found" tombstone.
+// Negative caching: what the lecture calls the NOT_FOUND sentinel, here the
+// "not found" tombstone, an entry kind of its own.
 
 package cacheaside
 
