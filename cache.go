@@ -1,11 +1,11 @@
-// The public API and the hit path: New, Get (local tier, one read, classify,
-// serve), Set, Stats, Close.
+// The Cache and its one-key door: New, Get (local tier, one read, classify,
+// serve), Close. Set is with the other writes (invalidate.go), Stats with
+// the metrics (metrics.go).
 
 package cacheaside
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"reflect"
@@ -15,7 +15,6 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/seed-b4ec662f/cacheaside/internal/envelope"
 	"github.com/seed-b4ec662f/cacheaside/internal/flight"
 )
 
@@ -164,39 +163,6 @@ func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 	}
 	c.releaseName = release
 	return c, nil
-}
-
-// scansOneNode reports whether InvalidatePrefix can reach only one node of
-// rdb: a client that is neither go-redis's own single-node client nor has
-// a way to visit every node.
-func scansOneNode(rdb Redis) bool {
-	switch rdb.(type) {
-	case *redis.Client, interface {
-		ForEachMaster(context.Context, func(context.Context, *redis.Client) error) error
-	}, interface {
-		ForEachShard(context.Context, func(context.Context, *redis.Client) error) error
-	}:
-		return false
-	}
-	return true
-}
-
-// warnClientOptions logs once, at New, when a go-redis client will not put
-// a context deadline on the socket.
-func warnClientOptions(rdb Redis, log *slog.Logger, name string) {
-	var enabled, known bool
-	switch c := rdb.(type) {
-	case *redis.Client:
-		enabled, known = c.Options().ContextTimeoutEnabled, true
-	case *redis.ClusterClient:
-		enabled, known = c.Options().ContextTimeoutEnabled, true
-	case *redis.Ring:
-		enabled, known = c.Options().ContextTimeoutEnabled, true
-	}
-	if known && !enabled {
-		log.Warn("cacheaside: go-redis ContextTimeoutEnabled is false, so context deadlines do not reach the socket and a hung Redis can hold a Get for the client's ReadTimeout; set ContextTimeoutEnabled: true",
-			slog.String("cache", name))
-	}
 }
 
 // Name returns Options.Name.
@@ -391,53 +357,6 @@ func (c *Cache[T]) checkKey(key string) (genKey string, err error) {
 		return "", fmt.Errorf("%w: %q has no namespace; a namespaced cache takes keys built with Namespace.Key", ErrInvalidKey, key)
 	}
 	return genKey, nil
-}
-
-// Set writes v under key (write-through), for a caller that already has the
-// fresh value, typically right after committing it. It replaces whatever
-// the key held, including a lease, so a load in flight cannot overwrite v
-// with what it read before. Errors are returned (and reported): an encoding
-// error or a value over MaxValueSize deletes the key instead, so no older
-// value outlives the write; a Redis error queues the key's invalidation for
-// retry, and until it lands this process's Gets of key load from the source
-// (see Invalidate).
-func (c *Cache[T]) Set(ctx context.Context, key string, v T) error {
-	genKey, err := c.checkKey(key)
-	if err != nil {
-		return err
-	}
-	if c.closed.Load() {
-		return ErrClosed
-	}
-	entry, ttl, err := c.encode(v, newToken(), envelope.Gen{}, 0)
-	if err != nil {
-		c.ev.notCached()
-		operr := c.report(ctx, "encode", key, err)
-		if derr := c.Invalidate(ctx, key); derr != nil {
-			return errors.Join(operr, derr)
-		}
-		return operr
-	}
-	// A Get that starts after Set returns must not join a load that began
-	// before it: that load's value predates v.
-	c.group.Forget(key)
-	if genKey != "" {
-		// A write that must not be lost: the write budget (WriteTimeout).
-		err = c.guard.runScript(ctx, c.guard.writeBudget(1), setInNamespaceCall(key, genKey, entry, ttl, c.genTTL)).Err()
-	} else {
-		err = c.rdb.Set(ctx, key, entry, ttl).Err()
-	}
-	c.group.Forget(key) // again: a load that started before the SET landed
-	if err != nil {
-		// The old entry is still there: delete it as a failed
-		// invalidation would be, and keep this process off it meanwhile.
-		c.retryLater(retryKey, key)
-		c.group.Forget(key)
-		operr := c.redisError(ctx, "set", key, err)
-		_ = c.invalidated(ctx, []string{key}) // the retry publishes again once it lands
-		return operr
-	}
-	return c.invalidated(ctx, []string{key})
 }
 
 // Close stops the cache: later calls return ErrClosed, loads and background

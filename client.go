@@ -1,9 +1,11 @@
 // Client settings: the go-redis options this library recommends for a
-// cache client (Recommended).
+// cache client (Recommended), and what New checks of the client it is given.
 
 package cacheaside
 
 import (
+	"context"
+	"log/slog"
 	"reflect"
 	"time"
 
@@ -65,5 +67,38 @@ func recommend(contextTimeout *bool, maxRetries, dialerRetries *int) {
 	}
 	if *dialerRetries == 0 {
 		*dialerRetries = 1
+	}
+}
+
+// scansOneNode reports whether InvalidatePrefix can reach only one node of
+// rdb: a client that is neither go-redis's own single-node client nor has
+// a way to visit every node.
+func scansOneNode(rdb Redis) bool {
+	switch rdb.(type) {
+	case *redis.Client, interface {
+		ForEachMaster(context.Context, func(context.Context, *redis.Client) error) error
+	}, interface {
+		ForEachShard(context.Context, func(context.Context, *redis.Client) error) error
+	}:
+		return false
+	}
+	return true
+}
+
+// warnClientOptions logs once, at New, when a go-redis client will not put
+// a context deadline on the socket.
+func warnClientOptions(rdb Redis, log *slog.Logger, name string) {
+	var enabled, known bool
+	switch c := rdb.(type) {
+	case *redis.Client:
+		enabled, known = c.Options().ContextTimeoutEnabled, true
+	case *redis.ClusterClient:
+		enabled, known = c.Options().ContextTimeoutEnabled, true
+	case *redis.Ring:
+		enabled, known = c.Options().ContextTimeoutEnabled, true
+	}
+	if known && !enabled {
+		log.Warn("cacheaside: go-redis ContextTimeoutEnabled is false, so context deadlines do not reach the socket and a hung Redis can hold a Get for the client's ReadTimeout; set ContextTimeoutEnabled: true",
+			slog.String("cache", name))
 	}
 }

@@ -1,4 +1,5 @@
-// Invalidation: by key, by prefix, by namespace, and retries of failed ones.
+// Writes: Set (write-through) and invalidation by key, by prefix and by
+// namespace (failed ones are retried: retry.go).
 
 package cacheaside
 
@@ -11,6 +12,8 @@ import (
 	"sync/atomic"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/seed-b4ec662f/cacheaside/internal/envelope"
 )
 
 // Invalidation. Entries and their leases share one key, so deleting the
@@ -305,4 +308,51 @@ func (c *Cache[T]) forgetPrefix(prefix string) {
 		}
 		return true
 	})
+}
+
+// Set writes v under key (write-through), for a caller that already has the
+// fresh value, typically right after committing it. It replaces whatever
+// the key held, including a lease, so a load in flight cannot overwrite v
+// with what it read before. Errors are returned (and reported): an encoding
+// error or a value over MaxValueSize deletes the key instead, so no older
+// value outlives the write; a Redis error queues the key's invalidation for
+// retry, and until it lands this process's Gets of key load from the source
+// (see Invalidate).
+func (c *Cache[T]) Set(ctx context.Context, key string, v T) error {
+	genKey, err := c.checkKey(key)
+	if err != nil {
+		return err
+	}
+	if c.closed.Load() {
+		return ErrClosed
+	}
+	entry, ttl, err := c.encode(v, newToken(), envelope.Gen{}, 0)
+	if err != nil {
+		c.ev.notCached()
+		operr := c.report(ctx, "encode", key, err)
+		if derr := c.Invalidate(ctx, key); derr != nil {
+			return errors.Join(operr, derr)
+		}
+		return operr
+	}
+	// A Get that starts after Set returns must not join a load that began
+	// before it: that load's value predates v.
+	c.group.Forget(key)
+	if genKey != "" {
+		// A write that must not be lost: the write budget (WriteTimeout).
+		err = c.guard.runScript(ctx, c.guard.writeBudget(1), setInNamespaceCall(key, genKey, entry, ttl, c.genTTL)).Err()
+	} else {
+		err = c.rdb.Set(ctx, key, entry, ttl).Err()
+	}
+	c.group.Forget(key) // again: a load that started before the SET landed
+	if err != nil {
+		// The old entry is still there: delete it as a failed
+		// invalidation would be, and keep this process off it meanwhile.
+		c.retryLater(retryKey, key)
+		c.group.Forget(key)
+		operr := c.redisError(ctx, "set", key, err)
+		_ = c.invalidated(ctx, []string{key}) // the retry publishes again once it lands
+		return operr
+	}
+	return c.invalidated(ctx, []string{key})
 }
