@@ -54,11 +54,8 @@ type breakerID struct {
 	dir  direction
 }
 
-// nodeBreaker is the breaker of one node and direction.
-type nodeBreaker struct {
-	cb *gobreaker.TwoStepCircuitBreaker[struct{}]
-	id breakerID
-}
+// breaker is the breaker of one node and direction.
+type breaker = gobreaker.TwoStepCircuitBreaker[struct{}]
 
 // breakerSettings are what every breaker of a cache is built with.
 type breakerSettings struct {
@@ -78,10 +75,10 @@ type breakers struct {
 
 	lastReload atomic.Int64 // UnixNano of the last reload asked for
 
-	one [2]*nodeBreaker // without route: the client's one node, by direction
+	one [2]*breaker // without route: the client's one node, by direction
 
 	mu        sync.RWMutex
-	m         map[breakerID]*nodeBreaker
+	m         map[breakerID]*breaker
 	states    map[breakerID]gobreaker.State // the breakers not closed
 	downSince map[string]time.Time          // node → when its first breaker opened
 	summary   string                        // the state last reported to the Recorder
@@ -100,7 +97,7 @@ type stateReloader interface {
 }
 
 func newBreakers(rdb Redis, st breakerSettings) *breakers {
-	b := &breakers{st: st, m: make(map[breakerID]*nodeBreaker), states: make(map[breakerID]gobreaker.State),
+	b := &breakers{st: st, m: make(map[breakerID]*breaker), states: make(map[breakerID]gobreaker.State),
 		downSince: make(map[string]time.Time), summary: gobreaker.StateClosed.String()}
 	if mk, ok := rdb.(masterForKey); ok {
 		b.route = func(ctx context.Context, key string) string {
@@ -120,7 +117,7 @@ func newBreakers(rdb Redis, st breakerSettings) *breakers {
 	if b.route == nil { // every command goes to one node: no lookup on the hit path
 		for _, d := range []direction{reads, writes} {
 			id := breakerID{dir: d}
-			b.one[d] = &nodeBreaker{id: id, cb: b.newBreaker(id)}
+			b.one[d] = b.newBreaker(id)
 			b.m[id] = b.one[d]
 		}
 	}
@@ -130,7 +127,7 @@ func newBreakers(rdb Redis, st breakerSettings) *breakers {
 // get returns the breaker for a command of direction d on key ("" for a
 // keyless command). ctx bounds the slot-map lookup of a Cluster client
 // that has none yet.
-func (b *breakers) get(ctx context.Context, d direction, key string) *nodeBreaker {
+func (b *breakers) get(ctx context.Context, d direction, key string) *breaker {
 	if b.route == nil {
 		return b.one[d]
 	}
@@ -144,7 +141,7 @@ func (b *breakers) get(ctx context.Context, d direction, key string) *nodeBreake
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if nb = b.m[id]; nb == nil {
-		nb = &nodeBreaker{id: id, cb: b.newBreaker(id)}
+		nb = b.newBreaker(id)
 		b.m[id] = nb
 	}
 	return nb
@@ -169,21 +166,34 @@ func (b *breakers) failed() {
 // else "half-open" if any is, else "closed".
 func (b *breakers) state() string {
 	b.mu.Lock()
-	all := make([]*nodeBreaker, 0, len(b.m))
+	all := make([]*breaker, 0, len(b.m))
 	for _, nb := range b.m {
 		all = append(all, nb)
 	}
 	b.mu.Unlock()
 	worst := gobreaker.StateClosed
 	for _, nb := range all {
-		switch s := nb.cb.State(); { // moves an open breaker past its cooldown to half-open
-		case s == gobreaker.StateOpen:
-			return s.String()
-		case s == gobreaker.StateHalfOpen:
-			worst = s
-		}
+		worst = worse(worst, nb.State()) // State moves an open breaker past its cooldown to half-open
 	}
 	return worst.String()
+}
+
+// worse returns the worse of two breaker states: open, then half-open,
+// then closed.
+func worse(a, b gobreaker.State) gobreaker.State {
+	rank := func(s gobreaker.State) int {
+		switch s {
+		case gobreaker.StateOpen:
+			return 2
+		case gobreaker.StateHalfOpen:
+			return 1
+		}
+		return 0
+	}
+	if rank(b) > rank(a) {
+		return b
+	}
+	return a
 }
 
 // nodeDownLocked reports whether a breaker of node is not closed; b.mu is
@@ -201,13 +211,8 @@ func (b *breakers) nodeDownLocked(node string) bool {
 // reported; b.mu is held.
 func (b *breakers) summaryLocked() string {
 	worst := gobreaker.StateClosed
-	for _, s := range b.states {
-		if s == gobreaker.StateOpen {
-			return s.String()
-		}
-		if s == gobreaker.StateHalfOpen {
-			worst = s
-		}
+	for _, st := range b.states {
+		worst = worse(worst, st)
 	}
 	return worst.String()
 }

@@ -88,7 +88,6 @@ type op struct {
 	ctx    context.Context
 	cancel context.CancelFunc // nil for a deadline-only context
 	report func(error)        // the breaker's; nil without one
-	nb     *nodeBreaker       // the breaker reported to; nil without one
 	spend  *redisTime         // the Get's Redis time, charged at end; nil off the miss path
 	start  time.Time          // when the command began, with spend
 }
@@ -119,30 +118,26 @@ func (o op) end(err error) {
 // which is used only while Redis is healthy; otherwise the command gets a
 // context.WithTimeout of the caller's.
 func (g *guarded) begin(ctx context.Context, budget time.Duration, light bool, d direction, key string) (op, error) {
-	var nb *nodeBreaker
-	if g.br != nil && (light || ctx.Value(pastBreakerKey{}) == nil) {
-		if g.br.route == nil { // one node: ask the breaker before building a context
-			nb = g.br.one[d]
-			done, err := nb.cb.Allow()
-			if err != nil {
-				g.ev.redisSkipped()
-				return op{g: g, caller: ctx}, errBreakerOpen
-			}
-			o, err := g.start(ctx, budget, light)
-			if err != nil {
-				done(errExcluded)
-				return o, err
-			}
-			o.nb, o.report = nb, done
-			return o, nil
+	guard := g.br != nil && (light || ctx.Value(pastBreakerKey{}) == nil)
+	if guard && g.br.route == nil { // one node: ask the breaker before building a context
+		done, err := g.br.one[d].Allow()
+		if err != nil {
+			g.ev.redisSkipped()
+			return op{g: g, caller: ctx}, errBreakerOpen
 		}
+		o, err := g.start(ctx, budget, light)
+		if err != nil {
+			done(errExcluded)
+			return o, err
+		}
+		o.report = done
+		return o, nil
 	}
 	o, err := g.start(ctx, budget, light)
-	if err != nil || g.br == nil || (!light && ctx.Value(pastBreakerKey{}) != nil) {
+	if err != nil || !guard {
 		return o, err
 	}
-	o.nb = g.br.get(o.ctx, d, key) // under the budget: a Cluster client's first slot map
-	done, err := o.nb.cb.Allow()
+	done, err := g.br.get(o.ctx, d, key).Allow() // the lookup under the budget: a Cluster client's first slot map
 	if err != nil {
 		o.skip()
 		return o, errBreakerOpen
@@ -292,20 +287,20 @@ func (g *guarded) pipe(ctx context.Context, budget time.Duration, d direction, k
 		return make([]redis.Cmder, len(keys)), err
 	}
 	type ticket struct {
-		nb    *nodeBreaker
 		done  func(error)
 		first error
 	}
-	var tickets []*ticket // by command; nil without breakers
+	var tickets []*ticket           // by command (nil: not admitted); nil without breakers
+	var byNode map[*breaker]*ticket // one admission per breaker
 	if g.br != nil && ctx.Value(pastBreakerKey{}) == nil {
 		tickets = make([]*ticket, len(keys))
-		byNode := make(map[*nodeBreaker]*ticket, 1)
+		byNode = make(map[*breaker]*ticket, 1)
 		for i, k := range keys {
 			nb := g.br.get(o.ctx, d, k)
 			t, seen := byNode[nb]
 			if !seen {
-				if done, aerr := nb.cb.Allow(); aerr == nil {
-					t = &ticket{nb: nb, done: done}
+				if done, aerr := nb.Allow(); aerr == nil {
+					t = &ticket{done: done}
 				}
 				byNode[nb] = t
 			}
@@ -351,10 +346,8 @@ func (g *guarded) pipe(ctx context.Context, budget time.Duration, d direction, k
 		first = err
 	}
 	o.end(first)
-	reported := make(map[*ticket]bool)
-	for _, t := range tickets {
-		if t != nil && !reported[t] {
-			reported[t] = true
+	for _, t := range byNode {
+		if t != nil {
 			berr := breakerErr(ctx, t.first)
 			t.done(berr)
 			if berr != nil && berr != errExcluded {

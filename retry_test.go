@@ -434,11 +434,23 @@ func TestOutagePrefixAndNamespacePending(t *testing.T) {
 // the open breaker. Staleness is measured from the moment the row changed
 // in the database to a read that still returned the older row.
 func TestOutageWriteStallStorm(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		opts func(addr string) *redis.Options
+	}{
+		{"Recommended", func(addr string) *redis.Options { return Recommended(&redis.Options{Addr: addr}) }},
+		{"go-redis defaults", func(addr string) *redis.Options { return &redis.Options{Addr: addr} }},
+	} {
+		t.Run(tc.name, func(t *testing.T) { writeStallStorm(t, tc.opts) })
+	}
+}
+
+func writeStallStorm(t *testing.T, opts func(string) *redis.Options) {
 	srv := startRedis(t)
 	ctx := context.Background()
 	rec := &lines{}
 	newC := func(log *slog.Logger) *Cache[int64] {
-		rdb := redis.NewClient(Recommended(&redis.Options{Addr: srv.addr()}))
+		rdb := redis.NewClient(opts(srv.addr()))
 		t.Cleanup(func() { _ = rdb.Close() })
 		c, err := New[int64](rdb, &Options[int64]{Logger: log})
 		if err != nil {
@@ -537,8 +549,8 @@ func TestOutageWriteStallStorm(t *testing.T) {
 	if failed.Load() != 0 {
 		t.Errorf("%d Gets failed", failed.Load())
 	}
-	if ws.QueuedInvals == 0 {
-		t.Errorf("no invalidation failed during the pauses: the storm did not stall writes")
+	if ws.QueuedInvals == 0 && failed.Load() == 0 && time.Duration(worst.Load()) < 300*time.Millisecond {
+		t.Errorf("no invalidation failed and no row was old during the pauses: the storm did not stall writes")
 	}
 	if w := time.Duration(worst.Load()); w > 2*time.Second {
 		t.Errorf("an old row was served %v after it changed; want well under the 2s between pauses", w)

@@ -16,42 +16,21 @@ import (
 // for answers it.
 func TestLateWakeMessageIgnored(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b *backend) {
-		holder, waiter := newCache[string](t, b, nil), newCache[string](t, b, nil)
-		if waiter.wake == nil {
-			t.Fatal("no wake channel")
-		}
-		waitFor(t, "the wake channel", waiter.wake.live.Load)
-		ctx := context.Background()
 		key := b.key("k")
-		release, started := make(chan struct{}), make(chan struct{})
-		done := make(chan string, 1)
-		go func() {
-			v, _ := holder.Get(ctx, key, func(context.Context) (string, error) { close(started); <-release; return "new", nil })
-			done <- v
-		}()
-		<-started // holder has the lease
-		got := make(chan string, 1)
-		go func() {
-			v, err := waiter.Get(ctx, key, func(context.Context) (string, error) { return "loaded by the waiter", nil })
-			if err != nil {
-				v = err.Error()
-			}
-			got <- v
-		}()
-		waitFor(t, "the waiter to wait on the lease", func() bool { return waiter.Stats().LeaseContended == 1 })
+		w := startContended(t, b, key, "new")
 		// The late message: a value entry of an earlier lease (another
 		// token), with that lease's proof.
 		tok, proof := newLease()
-		old, _, err := waiter.encode("invalidated long ago", tok, envelope.Gen{}, 0)
+		old, _, err := w.waiter.encode("invalidated long ago", tok, envelope.Gen{}, 0)
 		if err != nil {
 			t.Fatal(err)
 		}
-		waiter.wake.wake(fmt.Sprintf("%d:%s%s%s", len(key), key, proof[:], old))
-		close(release)
-		if v := <-got; v != "new" {
+		w.waiter.wake.wake(fmt.Sprintf("%d:%s%s%s", len(key), key, proof[:], old))
+		close(w.release)
+		if v := <-w.got; v != "new" {
 			t.Fatalf("the waiter returned %q, want the holder's fill \"new\"", v)
 		}
-		<-done
+		<-w.done
 	})
 }
 
@@ -62,26 +41,10 @@ func TestLateWakeMessageIgnored(t *testing.T) {
 // answers with the holder's fill.
 func TestForgedWakeMessage(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b *backend) {
-		holder, waiter := newCache[string](t, b, nil), newCache[string](t, b, nil)
-		waitFor(t, "the wake channel", waiter.wake.live.Load)
 		ctx := context.Background()
 		key := b.key("forged")
-		release, started := make(chan struct{}), make(chan struct{})
-		done := make(chan string, 1)
-		go func() {
-			v, _ := holder.Get(ctx, key, func(context.Context) (string, error) { close(started); <-release; return "the holder's", nil })
-			done <- v
-		}()
-		<-started
-		got := make(chan string, 1)
-		go func() {
-			v, err := waiter.Get(ctx, key, func(context.Context) (string, error) { return "loaded by the waiter", nil })
-			if err != nil {
-				v = err.Error()
-			}
-			got <- v
-		}()
-		waitFor(t, "the waiter to wait on the lease", func() bool { return waiter.Stats().LeaseContended == 1 })
+		w := startContended(t, b, key, "the holder's")
+		waiter := w.waiter
 		var lease envelope.Entry
 		if err := envelope.Decode(b.raw(t, key), &lease); err != nil || lease.Kind != envelope.Lease {
 			t.Fatalf("the lease entry: %v %v", lease.Kind, err)
@@ -104,15 +67,15 @@ func TestForgedWakeMessage(t *testing.T) {
 		// The messages reach the waiter before the fill's (one connection
 		// delivers them in order); give it time to act on them.
 		select {
-		case v := <-got:
+		case v := <-w.got:
 			t.Fatalf("the waiter returned %q before the holder filled", v)
 		case <-time.After(300 * time.Millisecond):
 		}
-		close(release)
-		if v := <-got; v != "the holder's" {
+		close(w.release)
+		if v := <-w.got; v != "the holder's" {
 			t.Fatalf("the waiter returned %q, want the holder's fill", v)
 		}
-		<-done
+		<-w.done
 	})
 }
 
@@ -134,4 +97,41 @@ func TestWakeMessageProof(t *testing.T) {
 			t.Errorf("%s: answers %v, want %v (parsed %q %v)", c.name, got, c.want, key, ok)
 		}
 	}
+}
+
+// contended is a holder's Get of a key, gated in its loader, and another
+// Cache's Get of the key waiting on the holder's lease.
+type contended struct {
+	waiter  *Cache[string]
+	release chan struct{} // close it: the holder's loader returns its value
+	got     chan string   // the waiter's answer (or its error's text)
+	done    chan string   // the holder's answer
+}
+
+// startContended returns once the waiter waits on the holder's lease of
+// key; the holder's loader returns v when release is closed.
+func startContended(t *testing.T, b *backend, key, v string) *contended {
+	t.Helper()
+	holder, waiter := newCache[string](t, b, nil), newCache[string](t, b, nil)
+	if waiter.wake == nil {
+		t.Fatal("no wake channel")
+	}
+	waitFor(t, "the wake channel", waiter.wake.live.Load)
+	ctx := context.Background()
+	w := &contended{waiter: waiter, release: make(chan struct{}), got: make(chan string, 1), done: make(chan string, 1)}
+	started := make(chan struct{})
+	go func() {
+		got, _ := holder.Get(ctx, key, func(context.Context) (string, error) { close(started); <-w.release; return v, nil })
+		w.done <- got
+	}()
+	<-started // the holder has the lease
+	go func() {
+		got, err := waiter.Get(ctx, key, func(context.Context) (string, error) { return "loaded by the waiter", nil })
+		if err != nil {
+			got = err.Error()
+		}
+		w.got <- got
+	}()
+	waitFor(t, "the waiter to wait on the lease", func() bool { return waiter.Stats().LeaseContended == 1 })
+	return w
 }
