@@ -40,9 +40,10 @@ func keysMessage(keys []string) []byte {
 func prefixMessage(prefix string) []byte { return append([]byte{msgPrefix}, prefix...) }
 
 // apply carries out one bus message. A message it cannot parse flushes the
-// tier: something invalidated, and it cannot tell what.
+// tier: something invalidated, and it cannot tell what. The message is
+// counted once applied, so Stats.BusMessages never runs ahead of the tier.
 func (l *localTier[T]) apply(msg string) error {
-	l.ev.busMessage()
+	defer l.ev.busMessage()
 	if msg == "" {
 		l.flush()
 		return errors.New("empty message")

@@ -18,7 +18,7 @@ type Stats struct {
 	NegativeHits      uint64        // first read found a "not found" tombstone (in Redis or in memory)
 	LocalNegativeHits uint64        // of the NegativeHits, those the local tier answered
 	LocalFlushes      uint64        // times the local tier was emptied (bus lost or regained, unreadable message)
-	BusMessages       uint64        // invalidation messages received from the bus
+	BusMessages       uint64        // invalidation messages received from the bus and applied to the local tier
 	Misses            uint64        // first read found nothing usable
 	Loads             uint64        // loader calls that returned a value or ErrNotFound
 	LoadErrors        uint64        // loader calls that failed (errors, panics, timeouts)
