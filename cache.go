@@ -1,6 +1,6 @@
-// The Cache and its one-key door: New, Get (local tier, one read, classify,
-// serve), Close. Set is with the other writes (invalidate.go), Stats with
-// the metrics (metrics.go).
+// The Cache: New, Get and Close. Get's steps are door.go's, which GetMany
+// shares; Set is with the other writes (invalidate.go), Stats with the
+// metrics (metrics.go).
 
 package cacheaside
 
@@ -21,15 +21,14 @@ import (
 // Cache is a typed cache-aside cache for values of type T stored in Redis.
 // It is safe for concurrent use. Build one with New and stop it with Close.
 type Cache[T any] struct {
-	rdb    Redis        // the client behind the operation budget and the breaker
 	raw    Redis        // the client as given to New
-	guard  *guarded     // rdb
+	guard  *guarded     // every command goes through it: budgets and breakers (guard.go)
+	leases *leases      // every lease script goes through it (lock.go)
 	opts   Options[T]   // resolved: every default filled in
 	name   string       // opts.Name
 	warn   *slog.Logger // configuration problems: opts.Logger, or slog.Default() without one
 	ev     *events      // every counted event: Stats and the Recorder
 	logs   *logGate     // what of it reaches the logger (logs.go)
-	genTTL time.Duration
 
 	group    flight.Group[answer[T]] // one in-process load per key (GetMany's keys too)
 	inflight sync.Map                // key → *flightState of its newest flight in group
@@ -99,14 +98,13 @@ func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 		c.guard.br = newBreakers(rdb, breakerSettings{name: o.Name, failures: o.Degradation.BreakerFailures,
 			cooldown: o.Degradation.BreakerCooldown, log: o.Logger, ev: c.ev, logs: c.logs})
 	}
-	c.rdb = c.guard
 	switch rdb.(type) {
 	case *redis.ClusterClient, *redis.Ring:
 		c.splitReads.Store(true)
 	}
 	// A generation key outlives every entry stamped with it; if it expires
 	// anyway, a new random generation only turns old entries into misses.
-	c.genTTL = 2*(o.Policy.TTL+o.Policy.staleWindow()) + o.LeaseTTL
+	c.leases = &leases{g: c.guard, ttl: o.LeaseTTL, genTTL: 2*(o.Policy.TTL+o.Policy.staleWindow()) + o.LeaseTTL, format: o.Codec.Format()}
 	c.stop, c.cancel = context.WithCancel(context.Background())
 	if o.Local != nil {
 		if _, ring := rdb.(*redis.Ring); ring {
@@ -133,6 +131,7 @@ func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 	if bus, ok := rdb.(Bus); ok {
 		if _, ring := rdb.(*redis.Ring); !ring { // a Ring's pub/sub follows the live shards: poll only
 			c.wake = newWaker(WakeChannelPrefix + o.Name)
+			c.leases.wake = c.wake.channel
 			c.wg.Add(1)
 			go c.listenWake(bus)
 		}
@@ -252,111 +251,6 @@ func (c *Cache[T]) Get(ctx context.Context, key string, load Loader[T]) (T, erro
 	v, err := c.one(ctx, key, 0, source[T]{one: load}, 0)
 	c.opts.Tracer.End(ctx, call, err)
 	return v, err
-}
-
-// ahead is what a door does with a key before its Redis read.
-type ahead uint8
-
-const (
-	fromRedis  ahead = iota // read it
-	fromSource              // an invalidation of it is pending (retry.go): load from the source, bypassing the cache
-	fromLocal               // the local tier answered
-)
-
-// before decides key (genKey: its namespace's generation key) before its
-// Redis read, and counts what it decided unless count is false. Get and
-// GetMany both ask it first.
-func (c *Cache[T]) before(ctx context.Context, key, genKey string, count bool) (ahead, *localItem[T]) {
-	if c.pending.Load() > 0 && c.pendingFor(key, genKey) {
-		if count {
-			c.ev.miss(ctx)
-		}
-		return fromSource, nil
-	}
-	if l := c.local; l != nil {
-		if it, ok := l.lookup(key, l.now()); ok {
-			if count {
-				c.ev.localHit(ctx, it.notFound)
-			}
-			return fromLocal, it
-		}
-	}
-	return fromRedis, nil
-}
-
-// one is Get for one key: the body of Get, and the start-over of a key
-// (of a Get or a GetMany) whose joined answer could not be trusted
-// (attempt 1, not counted again). idx is the key's position for src.
-func (c *Cache[T]) one(ctx context.Context, key string, idx int, src source[T], attempt int) (T, error) {
-	var zero T
-	genKey, err := c.checkKey(key)
-	if err != nil {
-		return zero, err
-	}
-	if src.one == nil && src.many == nil {
-		return zero, errNilLoader
-	}
-	if c.closed.Load() {
-		return zero, ErrClosed
-	}
-	switch pre, it := c.before(ctx, key, genKey, attempt == 0); pre {
-	case fromSource:
-		op := &keyOp[T]{key: key, genKey: genKey, idx: idx}
-		c.bypass(ctx, []*keyOp[T]{op}, src)
-		return op.res, op.err
-	case fromLocal:
-		if it.notFound {
-			return zero, ErrNotFound
-		}
-		return it.v, nil
-	}
-	op := keyOp[T]{key: key, genKey: genKey, idx: idx, attempt: attempt}
-	if l := c.local; l != nil {
-		op.snap = l.snap(key, genKey)
-	}
-	op.start = c.flights.Load()
-	op.seen = c.seenFlight(key)
-	t0 := time.Now()
-	op.b, op.gv, op.rerr = c.read(ctx, key, genKey)
-	if h := c.hooks; h != nil && h.afterRead != nil {
-		h.afterRead(key)
-	}
-	var errs errorOnce
-	n, refresh, err := c.settle(ctx, &op, attempt == 0, &errs)
-	errs.report(ctx, c, "get")
-	switch n {
-	case serve:
-		if refresh {
-			c.refreshAsync(ctx, &op, src)
-		}
-		return op.vw.v, err
-	case failed:
-		return zero, err
-	}
-	op.spent = time.Since(t0)
-	if h := c.hooks; h != nil && h.afterMiss != nil {
-		h.afterMiss(key)
-	}
-	m := new(keyOp[T])
-	*m = op
-	c.join(ctx, []*keyOp[T]{m}, src)
-	return c.await(ctx, m, src)
-}
-
-// checkKey validates key and, for a namespaced cache, returns its
-// namespace's generation key.
-func (c *Cache[T]) checkKey(key string) (genKey string, err error) {
-	if err := checkKey(key, c.opts.MaxKeySize); err != nil {
-		return "", err
-	}
-	if !c.opts.Namespaced {
-		return "", nil
-	}
-	genKey, ok := namespaceGenKey(key)
-	if !ok {
-		return "", fmt.Errorf("%w: %q has no namespace; a namespaced cache takes keys built with Namespace.Key", ErrInvalidKey, key)
-	}
-	return genKey, nil
 }
 
 // Close stops the cache: later calls return ErrClosed, loads and background

@@ -286,13 +286,13 @@ func TestLeaseScriptsIdempotent(t *testing.T) {
 		tok := newToken()
 		lease := leaseEntry(tok, FormatJSON)
 		for i := 0; i < 2; i++ {
-			held, _, cur, err := acquire(ctx, rdb, key, "", lease, time.Second, nil, time.Minute)
+			held, cur, err := acquire(ctx, rdb, key, tok, time.Second)
 			if err != nil || !held || cur != nil {
 				t.Fatalf("acquire #%d = %v, %q, %v; want held", i, held, cur, err)
 			}
 		}
 		other := newToken()
-		if held, _, cur, err := acquire(ctx, rdb, key, "", leaseEntry(other, FormatJSON), time.Second, nil, time.Minute); err != nil || held || string(cur) != string(lease) {
+		if held, cur, err := acquire(ctx, rdb, key, other, time.Second); err != nil || held || string(cur) != string(lease) {
 			t.Fatalf("second holder: held=%v err=%v, want the first lease back", held, err)
 		}
 		entry := envelope.Encode(&envelope.Entry{Kind: envelope.Value, Format: FormatJSON, Token: tok, Payload: []byte(`1`)})
@@ -524,7 +524,7 @@ func TestLeaseHolderGone(t *testing.T) {
 		ctx := context.Background()
 		key := b.key("orphan")
 		leaseTTL := 100 * time.Millisecond
-		if held, _, _, err := acquire(ctx, b.client(t), key, "", leaseEntry(newToken(), FormatJSON), leaseTTL, nil, time.Minute); err != nil || !held {
+		if held, _, err := acquire(ctx, b.client(t), key, newToken(), leaseTTL); err != nil || !held {
 			t.Fatalf("dead holder's acquire: %v %v", held, err)
 		}
 		c := newCache(t, b, &Options[string]{LeaseTTL: leaseTTL})

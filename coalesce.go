@@ -9,8 +9,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"github.com/seed-b4ec662f/cacheaside/internal/envelope"
 )
 
 // Read coalescing. Under concurrency, a Cache sends the reads of many Gets
@@ -209,13 +207,11 @@ func (c *Cache[T]) readCoalesced(ctx context.Context, key, genKey string) (b []b
 		gv.namespaced = true
 		vals, err = c.reads.wait(ctx, c.guard.budget, key, genKey)
 	}
-	if err != nil {
+	switch {
+	case err != nil:
 		return nil, gv, err
+	case genKey == "":
+		return vals[0], gv, nil
 	}
-	b = vals[0]
-	if genKey != "" && len(vals[1]) == envelope.GenSize {
-		copy(gv.gen[:], vals[1])
-		gv.known = true
-	}
-	return b, gv, nil
+	return vals[0], nsGen(vals[1]), nil
 }

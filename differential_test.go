@@ -24,12 +24,18 @@ import (
 // diffInternals is the only place this file touches unexported Cache
 // internals; adapt it when they are restructured. It installs afterMiss as
 // c's test hook and returns a function that reports whether c has no
-// background refresh (stale-while-revalidate) running. The harness waits
-// for that before Close, because Close cancels running refreshes; Close
-// itself then waits for the background lease releases (releaseLater).
-func diffInternals[T any](c *Cache[T], afterMiss func(key string)) (refreshesIdle func() bool) {
+// background refresh (stale-while-revalidate) and no in-process load
+// running (a caller that gave up leaves its load running). The harness
+// waits for that before Close, because Close cancels both; Close itself
+// then waits for the background lease releases (releaseLater).
+func diffInternals[T any](c *Cache[T], afterMiss func(key string)) (idle func() bool) {
 	c.hooks = &testHooks{afterMiss: afterMiss}
 	return func() bool {
+		flying := false
+		c.inflight.Range(func(any, any) bool { flying = true; return false })
+		if flying {
+			return false
+		}
 		c.refreshMu.Lock()
 		defer c.refreshMu.Unlock()
 		for _, at := range c.refreshes {
@@ -57,7 +63,11 @@ func diffInternals[T any](c *Cache[T], afterMiss func(key string)) (refreshesIdl
 // ran and the client got an error; failed: it did not run), whether the
 // loader has a value for it, and how a lease held by another process ends.
 // Schedule-wide: plain keys or one namespace, FailOpen or FailClosed, reads
-// down, NoNegativeCache, and whether the loader succeeds, fails or panics.
+// down, NoNegativeCache, whether the caller's context is cancelled at each
+// miss (at the afterMiss hook: Get's own context for that key, GetMany's
+// for the batch, which ends the same keys), and whether the loader
+// succeeds, fails, panics or runs past LoadTimeout. A one-key namespaced
+// schedule may also have the namespace bumped at the hook.
 //
 // Everything that could make the two runs differ for reasons other than
 // the protocol is kept out:
@@ -76,8 +86,9 @@ func diffInternals[T any](c *Cache[T], afterMiss func(key string)) (refreshesIdl
 //     does to the next key's would be an order effect GetMany cannot
 //     reproduce. Hence: a namespaced schedule starts with its generation
 //     key present (acquire.lua creates a missing one, which would turn the
-//     later keys' reads from "no generation" into "other generation"); no
-//     race bumps a namespace; MaxLoadsWhileDown (64) is never reached, and
+//     later keys' reads from "no generation" into "other generation"); only
+//     a one-key schedule bumps its namespace; MaxLoadsWhileDown (64) is
+//     never reached, and
 //     FailFastWhenCapped is off (Get takes a slot per key, GetMany one per
 //     batch);
 //   - no holder is left to be waited out: the wait cap is measured in real
@@ -283,10 +294,11 @@ const (
 	drValue              // another process writes a new value
 	drTombstone          // another process writes a tombstone
 	drForeign            // another process writes a value this cache cannot decode (another codec)
+	drBump               // another process bumps the namespace (one-key namespaced schedules only)
 	drCount
 )
 
-var diffRaceNames = [drCount]string{"none", "unlink", "takes-lease", "takes-refresh-lease", "writes-value", "writes-tombstone", "writes-undecodable"}
+var diffRaceNames = [drCount]string{"none", "unlink", "takes-lease", "takes-refresh-lease", "writes-value", "writes-tombstone", "writes-undecodable", "bumps-namespace"}
 
 // How a lease another process holds ends, once the cache has seen it.
 type diffHolder uint8
@@ -333,9 +345,14 @@ const (
 	dlOK diffLoaderMode = iota
 	dlFail
 	dlPanic
+	dlTimeout // blocks until its context ends: past LoadTimeout
 )
 
-var diffLoaderNames = [...]string{"succeeds", "fails", "panics"}
+var diffLoaderNames = [...]string{"succeeds", "fails", "panics", "times out"}
+
+// diffLoadTimeout is LoadTimeout for schedules whose loader times out:
+// the loader never returns before it, so its length decides nothing.
+const diffLoadTimeout = 20 * time.Millisecond
 
 type diffKey struct {
 	state   diffState
@@ -352,6 +369,7 @@ type diffSchedule struct {
 	failClosed bool
 	readsDown  bool // every GET/MGET fails
 	noNegative bool // Policy.NoNegativeCache
+	cancel     bool // the caller's context is cancelled at each miss's afterMiss (Get: each key's own; GetMany: the batch's)
 	loader     diffLoaderMode
 	keys       []diffKey
 }
@@ -368,11 +386,17 @@ func newDiffSchedule(seed uint64) *diffSchedule {
 	switch x := rng.IntN(20); {
 	case x < 10:
 		s.loader = dlOK
-	case x < 17:
+	case x < 15:
 		s.loader = dlFail
+	case x < 17:
+		s.loader = dlTimeout
 	default:
 		s.loader = dlPanic
 	}
+	// Cancellation and namespace bumps are drawn after the keys, from
+	// their own stream, so the keys of a seed stay as they were.
+	extra := rand.New(rand.NewPCG(seed, 0x6e65787464726177))
+	s.cancel = !s.readsDown && extra.IntN(8) == 0 // with reads down Get never reaches afterMiss
 	s.keys = make([]diffKey, 1+rng.IntN(diffMaxKeys))
 	for i := range s.keys {
 		k := &s.keys[i]
@@ -426,6 +450,12 @@ func newDiffSchedule(seed uint64) *diffSchedule {
 			}
 		}
 	}
+	// A bump changes what every key of the namespace reads; Get reads the
+	// keys one after the other and GetMany all at once, so only a one-key
+	// schedule can compare them.
+	if s.namespaced && len(s.keys) == 1 && !s.readsDown && extra.IntN(2) == 0 {
+		s.keys[0].race = drBump
+	}
 	return s
 }
 
@@ -465,6 +495,9 @@ func (s *diffSchedule) String() string {
 	if s.noNegative {
 		policy += ", NoNegativeCache"
 	}
+	if s.cancel {
+		reads += ", caller cancels at each miss"
+	}
 	return fmt.Sprintf("seed %d: %s, %s, %s, loader %s, %d keys", s.seed, mode, policy, reads, diffLoaderNames[s.loader], len(s.keys))
 }
 
@@ -486,6 +519,8 @@ type diffCoverage struct {
 	readsFailed atomic.Int64          // GET/MGET failed (reads down)
 	races       [drCount]atomic.Int64 // afterMiss races run, by diffRace
 	holders     [3]atomic.Int64       // other processes' leases ended, by diffHolder
+	cancelled   atomic.Int64          // callers' contexts cancelled at a miss
+	timedOut    atomic.Int64          // loader calls that ran past LoadTimeout
 }
 
 func (c *diffCoverage) String() string {
@@ -501,6 +536,7 @@ func (c *diffCoverage) String() string {
 	for i := range c.holders {
 		fmt.Fprintf(&sb, " %s %d", diffHolderNames[i], c.holders[i].Load())
 	}
+	fmt.Fprintf(&sb, "; callers cancelled %d; loader timeouts %d", c.cancelled.Load(), c.timedOut.Load())
 	return sb.String()
 }
 
@@ -524,6 +560,12 @@ func (c *diffCoverage) missing() []string {
 		if c.holders[i].Load() == 0 {
 			m = append(m, "other holder "+diffHolderNames[i])
 		}
+	}
+	if c.cancelled.Load() == 0 {
+		m = append(m, "caller cancelled")
+	}
+	if c.timedOut.Load() == 0 {
+		m = append(m, "loader timeout")
 	}
 	return m
 }
@@ -663,7 +705,8 @@ type diffRun struct {
 	cov    *diffCoverage
 
 	mu      sync.Mutex
-	holders []envelope.Token // per key: the lease another process holds now (zero: none)
+	cancels []context.CancelFunc // per key: cancels the context of the call that reads it
+	holders []envelope.Token     // per key: the lease another process holds now (zero: none)
 	raced   []bool
 	calls   []int
 	log     []string
@@ -694,7 +737,9 @@ func (r *diffRun) entry(kind envelope.Kind, tok envelope.Token, soft time.Durati
 		e.SoftExpiry = r.clk.Now().Add(soft).UnixMilli()
 	}
 	if r.genKey != "" {
+		r.mu.Lock()
 		e.Gen = r.gen
+		r.mu.Unlock()
 	}
 	return envelope.Encode(e)
 }
@@ -762,6 +807,11 @@ func (r *diffRun) afterMiss(key string) {
 		return
 	}
 	r.mu.Lock()
+	if r.s.cancel && r.cancels[i] != nil {
+		r.cancels[i]()
+		r.cancels[i] = nil
+		r.cov.cancelled.Add(1)
+	}
 	if r.raced[i] {
 		r.mu.Unlock()
 		return
@@ -799,7 +849,7 @@ func (r *diffRun) afterMiss(key string) {
 			var e envelope.Entry
 			var v string
 			if envelope.Decode(cur, &e) == nil && (e.Kind == envelope.Value || e.Kind == envelope.Refreshing) &&
-				e.Format == FormatJSON && json.Unmarshal(e.Payload, &v) == nil && (r.genKey == "" || e.Gen == r.gen) {
+				e.Format == FormatJSON && json.Unmarshal(e.Payload, &v) == nil && (r.genKey == "" || e.Gen == r.curGen()) {
 				e.Kind, e.Token = envelope.Refreshing, tok
 				b = envelope.Encode(&e)
 			}
@@ -808,7 +858,24 @@ func (r *diffRun) afterMiss(key string) {
 			r.fail(fmt.Errorf("race lease %s: %w", key, err))
 		}
 		r.setHolder(i, tok)
+	case drBump:
+		// As InvalidateNamespace does: a new generation, so the key's
+		// entry (and any lease on it) belongs to an old one.
+		g := newGen()
+		if err := r.admin.Set(ctx, r.genKey, g[:], diffLongPX).Err(); err != nil {
+			r.fail(fmt.Errorf("race bump %s: %w", r.genKey, err))
+		}
+		r.mu.Lock()
+		r.gen = g
+		r.mu.Unlock()
+		r.setHolder(i, envelope.Token{})
 	}
+}
+
+func (r *diffRun) curGen() envelope.Gen {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.gen
 }
 
 func (r *diffRun) setHolder(i int, tok envelope.Token) {
@@ -1070,7 +1137,8 @@ func (w *diffWorker) run(s *diffSchedule, many bool) (*diffOutcome, error) {
 		tag = "many"
 	}
 	r := &diffRun{s: s, admin: w.admin, index: map[string]int{}, clk: newFakeClock(), cov: w.cov,
-		holders: make([]envelope.Token, len(s.keys)), raced: make([]bool, len(s.keys)), calls: make([]int, len(s.keys))}
+		holders: make([]envelope.Token, len(s.keys)), raced: make([]bool, len(s.keys)), calls: make([]int, len(s.keys)),
+		cancels: make([]context.CancelFunc, len(s.keys))}
 	var ns Namespace
 	if s.namespaced {
 		ns = MustKeyspace("diff", 1).Namespace(w.b.prefix, strconv.FormatUint(s.seed, 10), tag)
@@ -1120,6 +1188,9 @@ func (w *diffWorker) run(s *diffSchedule, many bool) (*diffOutcome, error) {
 	if s.failClosed {
 		o.Degradation.OnRedisDown = FailClosed
 	}
+	if s.loader == dlTimeout {
+		o.LoadTimeout = diffLoadTimeout
+	}
 	o.Policy.NoNegativeCache = s.noNegative
 	w.hook.run.Store(r)
 	defer w.hook.run.Store(nil)
@@ -1145,21 +1216,33 @@ func (w *diffWorker) run(s *diffSchedule, many bool) (*diffOutcome, error) {
 		}
 	}
 	mode := s.loader
+	timeout := func(lctx context.Context) error {
+		<-lctx.Done()
+		r.cov.timedOut.Add(1)
+		return lctx.Err()
+	}
 	if !many {
 		for i, key := range r.keys {
-			v, err := c.Get(ctx, key, func(context.Context) (string, error) {
+			kctx, kcancel := context.WithCancel(ctx)
+			r.mu.Lock()
+			r.cancels[i] = kcancel
+			r.mu.Unlock()
+			v, err := c.Get(kctx, key, func(lctx context.Context) (string, error) {
 				r.record(i)
 				switch mode {
 				case dlFail:
 					return "", errDiffLoader
 				case dlPanic:
 					panic("difftest: loader panicked")
+				case dlTimeout:
+					return "", timeout(lctx)
 				}
 				if !s.keys[i].exists {
 					return "", ErrNotFound
 				}
 				return fmt.Sprintf("new-%d", i), nil
 			})
+			kcancel()
 			answer(i, v, true, err)
 		}
 	} else {
@@ -1167,13 +1250,22 @@ func (w *diffWorker) run(s *diffSchedule, many bool) (*diffOutcome, error) {
 		for i := range idList {
 			idList[i] = i
 		}
-		m, err := GetMany(ctx, c, idList, func(id int) string { return r.keys[id] }, func(_ context.Context, asked []int) (map[int]string, error) {
+		bctx, bcancel := context.WithCancel(ctx)
+		defer bcancel()
+		r.mu.Lock()
+		for i := range r.cancels {
+			r.cancels[i] = bcancel
+		}
+		r.mu.Unlock()
+		m, err := GetMany(bctx, c, idList, func(id int) string { return r.keys[id] }, func(lctx context.Context, asked []int) (map[int]string, error) {
 			r.record(asked...)
 			switch mode {
 			case dlFail:
 				return nil, errDiffLoader
 			case dlPanic:
 				panic("difftest: loader panicked")
+			case dlTimeout:
+				return nil, timeout(lctx)
 			}
 			got := map[int]string{}
 			for _, id := range asked {
@@ -1217,12 +1309,12 @@ func (w *diffWorker) run(s *diffSchedule, many bool) (*diffOutcome, error) {
 		}
 	}
 
-	// Background work: refreshes first (Close would cancel them), then
-	// Close waits for the background lease releases.
+	// Background work: refreshes and loads first (Close would cancel
+	// them), then Close waits for the background lease releases.
 	deadline := time.Now().Add(20 * time.Second)
 	for !idle() {
 		if time.Now().After(deadline) {
-			return nil, errors.New("a background refresh did not end within 20s")
+			return nil, errors.New("a background refresh or load did not end within 20s")
 		}
 		time.Sleep(time.Millisecond)
 	}
@@ -1327,6 +1419,8 @@ func diffErrClass(err error) string {
 		return "closed"
 	case errors.Is(err, context.DeadlineExceeded):
 		return "timeout"
+	case errors.Is(err, context.Canceled):
+		return "cancelled"
 	}
 	return "other"
 }

@@ -152,7 +152,7 @@ func docFacts(t *testing.T) []docFact {
 			`random (\d+)-bit values`, `(\d+) random bits`}},
 		{"command of a namespace bump", "bumpGen, invalidate.go", "SET", []string{
 			`(?i:namespace bump|InvalidateNamespace)[^.]{0,120}?\bone ([A-Z]{3,})\b`}},
-		{"namespace generation key lifetime", "Cache.genTTL, cache.go", genTTLFormula, []string{
+		{"namespace generation key lifetime", "leases.genTTL, cache.go", genTTLFormula, []string{
 			`(\d+ × (?:\([^)]*\)|\w+) \+ LeaseTTL)`}},
 		{"SCAN batch of InvalidatePrefix", "scanBatch, invalidate.go", scanBatch, []string{`COUNT (NUM)`}},
 		{"failed invalidations kept for retry", "maxRetries, retry.go", maxRetries, []string{
@@ -275,8 +275,8 @@ func TestDocsGenerationLifetime(t *testing.T) {
 			t.Fatal(err)
 		}
 		c.Close()
-		if want := docs(p, 2*time.Second); c.genTTL != want {
-			t.Errorf("cache.go: a generation key of %+v lives %v; the docs' %q gives %v", p, c.genTTL, genTTLFormula, want)
+		if want := docs(p, 2*time.Second); c.leases.genTTL != want {
+			t.Errorf("cache.go: a generation key of %+v lives %v; the docs' %q gives %v", p, c.leases.genTTL, genTTLFormula, want)
 		}
 	}
 }

@@ -92,6 +92,16 @@ type missRun[T any] struct {
 	src source[T]
 	ops []*keyOp[T]
 	mu  sync.Mutex // finish: the loads without Redis run beside the fills
+
+	panicked error // the panic settleAll recovered, as a *PanicError
+}
+
+// detach gives the run its context: the caller's values without its
+// cancellation, cancelled by Close. The caller defers cancel and stop.
+func (r *missRun[T]) detach(parent context.Context) (cancel context.CancelFunc, stop func() bool) {
+	ctx, cancel := context.WithCancel(context.WithoutCancel(parent))
+	r.ctx = ctx
+	return cancel, context.AfterFunc(r.c.stop, cancel)
 }
 
 // start runs the engine for the flights ops lead, on a goroutine of the
@@ -116,15 +126,15 @@ func (c *Cache[T]) start(parent context.Context, ops []*keyOp[T], src source[T])
 func (r *missRun[T]) run(parent context.Context) {
 	c := r.c
 	defer c.wg.Done()
-	ctx, cancel := context.WithCancel(context.WithoutCancel(parent))
+	cancel, stop := r.detach(parent)
 	defer cancel()
-	defer context.AfterFunc(c.stop, cancel)()
+	defer stop()
 	var spent time.Duration
 	for _, op := range r.ops {
 		spent = max(spent, op.spent)
 	}
-	ctx = withRedisTime(ctx, c.opts.Degradation.RedisTimePerGet-spent)
-	r.ctx = ctx
+	r.ctx = withRedisTime(r.ctx, c.opts.Degradation.RedisTimePerGet-spent)
+	ctx := r.ctx
 	w := c.newWaiter()
 	defer w.end()
 	defer r.settleAll()
@@ -257,6 +267,7 @@ func (r *missRun[T]) settleAll() {
 	var err error = errNoAnswer
 	if p := recover(); p != nil {
 		err = panicIn("a codec, hook or Recorder", p, debug.Stack())
+		r.panicked = err
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -282,12 +293,12 @@ func (r *missRun[T]) leaseRound(ops []*keyOp[T]) (held, open, failed []*keyOp[T]
 		op.fs.observe()
 		if op.reload() {
 			op.gen = op.vw.e.Gen
-			calls[i] = refreshCall(op.key, op.genKey, op.vw.e.Token, op.tok, c.opts.LeaseTTL, c.genTTL)
+			calls[i] = c.leases.refresh(op.key, op.genKey, op.vw.e.Token, op.tok)
 		} else {
-			calls[i] = acquireCall(op.key, op.genKey, leaseEntry(op.tok, c.opts.Codec.Format()), c.opts.LeaseTTL, op.vw.replace, c.genTTL)
+			calls[i] = c.leases.acquire(op.key, op.genKey, op.tok, op.vw.replace)
 		}
 	}
-	cmds := c.evalMany(r.ctx, false, calls)
+	cmds := c.leases.run(r.ctx, calls)
 	var acquireFailed, refreshFailed errorOnce
 	now := c.opts.Clock()
 	for i, op := range ops {

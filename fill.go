@@ -37,10 +37,10 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 	calls := make([]scriptCall, len(held))
 	if err != nil {
 		for i, op := range held {
-			calls[i] = releaseCall(op.key, op.tok, op.keep(c), c.wakeChannel())
+			calls[i] = c.leases.release(op.key, op.tok, op.keep(c))
 		}
 		var failed errorOnce
-		for i, cmd := range c.evalMany(wctx, true, calls) {
+		for i, cmd := range c.leases.run(wctx, calls) {
 			if err := cmd.Err(); err != nil {
 				failed.add(held[i].key, err)
 				c.releaseLater(held[i].key, held[i].tok, held[i].keep(c)) // or other processes wait out the lease
@@ -63,23 +63,23 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 			if merr != nil {
 				c.ev.notCached()
 				c.report(r.ctx, "encode", op.key, merr)
-				calls[i] = releaseCall(op.key, op.tok, op.keep(c), c.wakeChannel())
+				calls[i] = c.leases.release(op.key, op.tok, op.keep(c))
 				continue
 			}
-			calls[i], fills[i], softs[i] = fillCall(op.key, op.genKey, op.tok, entry, ttl, c.genTTL, wakeTo{c.wakeChannel(), op.proof}), true, softExpiry(entry)
+			calls[i], fills[i], softs[i] = c.leases.fill(op.key, op.genKey, op.tok, op.proof, entry, ttl), true, softExpiry(entry)
 		case p.NoNegativeCache:
-			calls[i] = releaseCall(op.key, op.tok, 0, c.wakeChannel())
+			calls[i] = c.leases.release(op.key, op.tok, 0)
 		default:
 			ttl := p.jitter(p.NegativeTTL)
 			soft := c.opts.Clock().Add(ttl)
 			entry := tombstone(op.tok, c.opts.Codec.Format(), op.gen, soft)
-			calls[i], fills[i], softs[i] = fillCall(op.key, op.genKey, op.tok, entry, ttl, c.genTTL, wakeTo{c.wakeChannel(), op.proof}), true, soft.UnixMilli()
+			calls[i], fills[i], softs[i] = c.leases.fill(op.key, op.genKey, op.tok, op.proof, entry, ttl), true, soft.UnixMilli()
 		}
 		if h := c.hooks; h != nil && h.fill != nil && fills[i] {
 			calls[i] = h.fill(calls[i])
 		}
 	}
-	cmds := c.evalMany(wctx, true, calls)
+	cmds := c.leases.run(wctx, calls)
 	var failed errorOnce
 	for i, op := range held {
 		n, err := cmds[i].Int64()

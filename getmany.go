@@ -1,4 +1,5 @@
-// GetMany's door: ids to keys, the batch loader, per-key errors.
+// GetMany: ids to keys, the batch loader and per-key errors, around the
+// steps of door.go it shares with Get.
 
 package cacheaside
 
@@ -93,18 +94,14 @@ func getMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 		byKey[k] = len(items)
 		items = append(items, batchItem[K, T]{id: id, op: keyOp[T]{key: k, genKey: genKey, idx: len(items)}})
 		it := &items[len(items)-1]
-		switch pre, li := c.before(ctx, k, genKey, true); pre {
+		switch pre, li := c.before(ctx, &it.op); pre {
 		case fromSource:
 			bypass = append(bypass, &it.op)
-			continue
 		case fromLocal:
 			it.set(li.v, notFoundErr(li.notFound))
-			continue
+		default:
+			ops = append(ops, &it.op)
 		}
-		if l := c.local; l != nil {
-			it.op.snap = l.snap(k, genKey)
-		}
-		ops = append(ops, &it.op)
 	}
 	src := source[T]{many: func(ctx context.Context, idx []int) ([]T, []bool, error) {
 		want := make([]K, len(idx))
@@ -125,35 +122,23 @@ func getMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 	if len(ops) > 0 {
 		start := c.flights.Load()
 		for _, op := range ops {
-			op.start = start
-			op.seen = c.seenFlight(op.key)
+			c.prepare(op, start)
 		}
 		t0 := time.Now()
 		c.readMany(ctx, ops)
+		spent := time.Since(t0)
 		var misses []*keyOp[T]
 		var readErrs errorOnce
 		for _, op := range ops {
-			n, refresh, err := c.settle(ctx, op, true, &readErrs)
-			switch n {
-			case serve:
-				items[op.idx].set(op.vw.v, err)
-				if refresh {
-					c.refreshAsync(ctx, op, src)
-				}
-			case failed:
-				items[op.idx].set(op.vw.v, err)
-			default:
-				op.spent = time.Since(t0)
+			miss, v, err := c.settled(ctx, op, spent, src, &readErrs)
+			if miss {
 				misses = append(misses, op)
+			} else {
+				items[op.idx].set(v, err)
 			}
 		}
 		readErrs.report(ctx, c, "get")
-		if h := c.hooks; h != nil && h.afterMiss != nil {
-			for _, op := range misses {
-				h.afterMiss(op.key)
-			}
-		}
-		c.join(ctx, misses, src)
+		c.missed(ctx, misses, src)
 		for _, op := range misses {
 			items[op.idx].set(c.await(ctx, op, src))
 		}

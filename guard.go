@@ -31,8 +31,10 @@ import (
 //
 // Their settings, Degradation, are in options.go with the other options.
 
-// guarded wraps the Redis client: each command runs under the operation
-// budget and through the circuit breaker.
+// guarded wraps the Redis client: the one way the cache sends a command.
+// Each runs under the budget of its kind and through the circuit breaker
+// of its node and direction. Lease scripts reach it only through the lease
+// owner (leases, lock.go), which picks their budget.
 type guarded struct {
 	rdb     Redis
 	budget  time.Duration // Degradation.OpTimeout
@@ -381,18 +383,6 @@ func (g *guarded) publish(ctx context.Context, bus Bus, channel string, msg []by
 	return err
 }
 
-func (g *guarded) script(ctx context.Context, keys []string, run func(context.Context) *redis.Cmd) *redis.Cmd {
-	o, err := g.begin(ctx, g.budget, false, writes, firstKey(keys))
-	if err != nil {
-		cmd := redis.NewCmd(ctx)
-		cmd.SetErr(err)
-		return cmd
-	}
-	cmd := run(o.ctx)
-	o.end(cmd.Err())
-	return cmd
-}
-
 // runScript runs one lease script under budget, through the breaker: by
 // EVALSHA, and by EVAL if the server does not have it yet.
 func (g *guarded) runScript(ctx context.Context, budget time.Duration, sc scriptCall) *redis.Cmd {
@@ -406,32 +396,6 @@ func (g *guarded) runScript(ctx context.Context, budget time.Duration, sc script
 	o.end(cmd.Err())
 	return cmd
 }
-
-func (g *guarded) Eval(ctx context.Context, script string, keys []string, args ...any) *redis.Cmd {
-	return g.script(ctx, keys, func(c context.Context) *redis.Cmd { return g.rdb.Eval(c, script, keys, args...) })
-}
-
-func (g *guarded) EvalSha(ctx context.Context, sha1 string, keys []string, args ...any) *redis.Cmd {
-	return g.script(ctx, keys, func(c context.Context) *redis.Cmd { return g.rdb.EvalSha(c, sha1, keys, args...) })
-}
-
-func (g *guarded) EvalRO(ctx context.Context, script string, keys []string, args ...any) *redis.Cmd {
-	return g.script(ctx, keys, func(c context.Context) *redis.Cmd { return g.rdb.EvalRO(c, script, keys, args...) })
-}
-
-func (g *guarded) EvalShaRO(ctx context.Context, sha1 string, keys []string, args ...any) *redis.Cmd {
-	return g.script(ctx, keys, func(c context.Context) *redis.Cmd { return g.rdb.EvalShaRO(c, sha1, keys, args...) })
-}
-
-func (g *guarded) ScriptExists(ctx context.Context, hashes ...string) *redis.BoolSliceCmd {
-	return g.rdb.ScriptExists(ctx, hashes...)
-}
-
-func (g *guarded) ScriptLoad(ctx context.Context, script string) *redis.StringCmd {
-	return g.rdb.ScriptLoad(ctx, script)
-}
-
-var _ Redis = (*guarded)(nil)
 
 // firstKey is the key that routes a command of keys to its node ("" for
 // none).

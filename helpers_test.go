@@ -15,6 +15,8 @@ import (
 	"github.com/alicebob/miniredis/v2"
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/goleak"
+
+	"github.com/seed-b4ec662f/cacheaside/internal/envelope"
 )
 
 func TestMain(m *testing.M) {
@@ -221,7 +223,51 @@ func noTokenCheck(on bool) func(scriptCall) scriptCall {
 	if !on {
 		return nil
 	}
-	return func(sc scriptCall) scriptCall { return scriptCall{plainFillScript, sc.keys[:1], sc.args} }
+	return func(sc scriptCall) scriptCall {
+		return scriptCall{s: plainFillScript, keys: sc.keys[:1], args: sc.args, write: true}
+	}
+}
+
+// The lease scripts one at a time on any client, for tests that play
+// another process: one that holds, fills or releases a lease.
+
+func (sc scriptCall) on(ctx context.Context, rdb Redis) *redis.Cmd {
+	return sc.s.Run(ctx, rdb, sc.keys, sc.args...)
+}
+
+// acquire takes tok's lease on key for ttl (a JSON-format lease entry),
+// and returns whether it did and, if not, the entry in its place.
+func acquire(ctx context.Context, rdb Redis, key string, tok envelope.Token, ttl time.Duration) (held bool, cur []byte, err error) {
+	l := &leases{ttl: ttl, genTTL: time.Minute, format: FormatJSON}
+	held, _, cur, err = acquireReply(l.acquire(key, "", tok, nil).on(ctx, rdb).Slice())
+	return held, cur, err
+}
+
+// fill writes entry for ttl under tok's lease (genKey: the namespace's
+// generation key, or "", which lives for genTTL), waking nobody.
+func fill(ctx context.Context, rdb Redis, key, genKey string, tok envelope.Token, entry []byte, ttl, genTTL time.Duration) (bool, error) {
+	l := &leases{genTTL: genTTL}
+	n, err := l.fill(key, genKey, tok, envelope.Token{}, entry, ttl).on(ctx, rdb).Int64()
+	return n == 1, err
+}
+
+// release deletes tok's lease, or puts tok's refreshing entry back for keep.
+func release(ctx context.Context, rdb Redis, key string, tok envelope.Token, keep time.Duration) (bool, error) {
+	n, err := (&leases{}).release(key, tok, keep).on(ctx, rdb).Int64()
+	return n == 1, err
+}
+
+// extend renews tok's lease for ttl.
+func extend(ctx context.Context, rdb Redis, key string, tok envelope.Token, ttl time.Duration) (bool, error) {
+	n, err := (&leases{ttl: ttl}).extend(key, tok).on(ctx, rdb).Int64()
+	return n == 1, err
+}
+
+// refreshLease turns the value written under old into a refreshing entry
+// held by tok for ttl.
+func refreshLease(ctx context.Context, rdb Redis, key string, old, tok envelope.Token, ttl time.Duration) (bool, error) {
+	n, err := (&leases{ttl: ttl, genTTL: time.Minute}).refresh(key, "", old, tok).on(ctx, rdb).Int64()
+	return n == 1, err
 }
 
 // envSeed returns the seed in the environment variable name, if it is set.

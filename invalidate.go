@@ -77,7 +77,7 @@ func (c *Cache[T]) Invalidate(ctx context.Context, keys ...string) error {
 // pipeline, under the write budget, and counts those that existed.
 func (c *Cache[T]) unlink(ctx context.Context, keys []string) (int64, error) {
 	if len(keys) == 1 {
-		return c.rdb.Unlink(ctx, keys[0]).Result() // the guard gives it the write budget too
+		return c.guard.Unlink(ctx, keys[0]).Result() // the guard gives it the write budget too
 	}
 	var n int64
 	cmds, err := c.guard.pipe(ctx, c.guard.writeBudget(len(keys)), writes, keys, func(p redis.Pipeliner, i int) redis.Cmder {
@@ -218,7 +218,7 @@ func (c *Cache[T]) invalidatePrefix(ctx context.Context, prefix string, first bo
 			// A wrapper that shards: one node's SCAN would miss the rest.
 			return 0, errShardedScan
 		}
-		err = node(ctx, c.rdb)
+		err = node(ctx, c.guard)
 	}
 	c.forgetPrefix(prefix) // again: loads that started during the scan
 	n := total.Load()
@@ -292,7 +292,7 @@ func (c *Cache[T]) InvalidateNamespace(ctx context.Context, ns Namespace) error 
 // generation (one SET, under the write budget).
 func (c *Cache[T]) bumpGen(ctx context.Context, genKey string) error {
 	g := newGen()
-	if err := c.rdb.Set(ctx, genKey, g[:], c.genTTL).Err(); err != nil {
+	if err := c.guard.Set(ctx, genKey, g[:], c.leases.genTTL).Err(); err != nil {
 		return err
 	}
 	c.ev.bumped()
@@ -340,9 +340,9 @@ func (c *Cache[T]) Set(ctx context.Context, key string, v T) error {
 	c.group.Forget(key)
 	if genKey != "" {
 		// A write that must not be lost: the write budget (WriteTimeout).
-		err = c.guard.runScript(ctx, c.guard.writeBudget(1), setInNamespaceCall(key, genKey, entry, ttl, c.genTTL)).Err()
+		err = c.leases.runOne(ctx, c.leases.set(key, genKey, entry, ttl)).Err()
 	} else {
-		err = c.rdb.Set(ctx, key, entry, ttl).Err()
+		err = c.guard.Set(ctx, key, entry, ttl).Err()
 	}
 	c.group.Forget(key) // again: a load that started before the SET landed
 	if err != nil {

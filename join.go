@@ -101,8 +101,14 @@ func (c *Cache[T]) join(ctx context.Context, ops []*keyOp[T], src source[T]) {
 }
 
 // await waits on ctx for op's flight and returns its answer: the leader's
-// as it is, a joiner's after the check of joined.
+// as it is, a joiner's after the check of joined. A ctx that has ended
+// already wins over an answer that is also ready, so which of the two a
+// caller gets does not depend on the select's choice.
 func (c *Cache[T]) await(ctx context.Context, op *keyOp[T], src source[T]) (T, error) {
+	if err := ctx.Err(); err != nil {
+		var zero T
+		return zero, err
+	}
 	select {
 	case <-op.call.Done():
 	case <-ctx.Done():

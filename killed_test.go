@@ -167,7 +167,7 @@ func TestFaultRedisTimePerGet(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b *backend) {
 		ctx := context.Background()
 		key := b.key("slow-polls")
-		if held, _, _, err := acquire(ctx, b.client(t), key, "", leaseEntry(newToken(), FormatJSON), time.Minute, nil, time.Minute); err != nil || !held {
+		if held, _, err := acquire(ctx, b.client(t), key, newToken(), time.Minute); err != nil || !held {
 			t.Fatalf("the other holder's lease: %v %v", held, err)
 		}
 		if err := b.client(t).ScriptLoad(ctx, acquireLua).Err(); err != nil {

@@ -95,31 +95,39 @@ func entryKeys(key, genKey string) []string {
 	return []string{key, genKey}
 }
 
-// scriptCall is one run of a lease script: alone (run) or in a pipeline
-// with others (Cache.evalMany).
+// scriptCall is one run of a lease script, built by the lease owner
+// (leases): alone or in a pipeline with others (leases.run).
 type scriptCall struct {
-	s    *redis.Script
-	keys []string
-	args []any
+	s     *redis.Script
+	keys  []string
+	args  []any
+	write bool // a write that must not be lost (a fill, a release, a set): the write budget
 }
 
-func (sc scriptCall) run(ctx context.Context, rdb Redis) *redis.Cmd {
-	return sc.s.Run(ctx, rdb, sc.keys, sc.args...)
+// leases is the lease owner: the one place that builds lease scripts'
+// calls and sends them, each under the budget of its kind. Lease rounds
+// (acquire, refresh) and renewals (extend) are on a reader's path and get
+// the read budget; fills, releases and namespaced sets are writes that
+// must not be lost and get the write budget. Built once in New.
+type leases struct {
+	g      *guarded
+	ttl    time.Duration // Options.LeaseTTL
+	genTTL time.Duration // the lifetime of a namespace's generation key
+	format byte          // the codec's format byte, for lease entries
+	wake   string        // the wake channel fills and releases publish on; "" for none
 }
 
-// acquire runs acquire.lua. It reports whether the caller now holds the
-// lease and the namespace generation the lease was taken under; if the
-// caller does not hold it, cur is the entry found in its place. replace is
-// the token (or nil) of an undecodable entry the caller may overwrite.
-func acquire(ctx context.Context, rdb Redis, key, genKey string, lease []byte, ttl time.Duration, replace []byte, genTTL time.Duration) (held bool, gen envelope.Gen, cur []byte, err error) {
-	return acquireReply(acquireCall(key, genKey, lease, ttl, replace, genTTL).run(ctx, rdb).Slice())
-}
-
-func acquireCall(key, genKey string, lease []byte, ttl time.Duration, replace []byte, genTTL time.Duration) scriptCall {
+// acquire is acquire.lua's call for op: take op.tok's lease on an absent
+// key (or on the undecodable entry op.vw.replace names).
+func (l *leases) acquire(key, genKey string, tok envelope.Token, replace []byte) scriptCall {
 	fresh := newGen()
-	return scriptCall{acquireScript, entryKeys(key, genKey), []any{lease, millis(ttl), replace, fresh[:], millis(genTTL)}}
+	return scriptCall{s: acquireScript, keys: entryKeys(key, genKey),
+		args: []any{leaseEntry(tok, l.format), millis(l.ttl), replace, fresh[:], millis(l.genTTL)}}
 }
 
+// acquireReply reads acquire.lua's reply: whether the caller now holds the
+// lease, the namespace generation the lease was taken under and, if the
+// caller does not hold it, the entry found in its place.
 func acquireReply(res []any, err error) (held bool, gen envelope.Gen, cur []byte, _ error) {
 	if err != nil {
 		return false, gen, nil, err
@@ -127,9 +135,8 @@ func acquireReply(res []any, err error) (held bool, gen envelope.Gen, cur []byte
 	if len(res) < 2 {
 		return false, gen, nil, fmt.Errorf("acquire: reply of %d elements", len(res))
 	}
-	if g, _ := res[1].(string); len(g) == envelope.GenSize {
-		copy(gen[:], g)
-	}
+	g, _ := res[1].(string)
+	gen = nsGen(g).gen
 	if n, _ := res[0].(int64); n == 1 {
 		return true, gen, nil, nil
 	}
@@ -143,84 +150,68 @@ func acquireReply(res []any, err error) (held bool, gen envelope.Gen, cur []byte
 	return false, gen, []byte(s), nil
 }
 
-// fill runs fill.lua: write entry for ttl if key still holds tok's lease
-// (and, with genKey, if the namespace generation is still the entry's).
-func fill(ctx context.Context, rdb Redis, key, genKey string, tok envelope.Token, entry []byte, ttl, genTTL time.Duration) (bool, error) {
-	n, err := fillCall(key, genKey, tok, entry, ttl, genTTL, wakeTo{}).run(ctx, rdb).Int64()
-	return n == 1, err
+// refresh is refresh.lua's call: turn the value written under old into a
+// refreshing entry held by tok (readers still serve its value).
+func (l *leases) refresh(key, genKey string, old, tok envelope.Token) scriptCall {
+	return scriptCall{s: refreshScript, keys: entryKeys(key, genKey), args: []any{old[:], tok[:], millis(l.ttl), millis(l.genTTL)}}
 }
 
-// wakeTo says where a fill of a contended lease wakes its waiters: the
-// wake channel ("" for none) and the lease's proof, which the message
-// carries so that the waiters can trust it (envelope.LeaseToken).
-type wakeTo struct {
-	channel string
-	proof   envelope.Token
+// fill is fill.lua's call: write entry for ttl if key still holds tok's
+// lease (and, with genKey, if the namespace generation is still the
+// entry's), and wake the lease's waiters: the message carries the lease's
+// proof, so that they can trust it (envelope.LeaseToken).
+func (l *leases) fill(key, genKey string, tok, proof envelope.Token, entry []byte, ttl time.Duration) scriptCall {
+	return scriptCall{s: fillScript, keys: entryKeys(key, genKey), write: true,
+		args: []any{tok[:], entry, millis(ttl), millis(l.genTTL), l.wake, proof[:]}}
 }
 
-// fillCall is fill.lua's call.
-func fillCall(key, genKey string, tok envelope.Token, entry []byte, ttl, genTTL time.Duration, wake wakeTo) scriptCall {
-	return scriptCall{fillScript, entryKeys(key, genKey), []any{tok[:], entry, millis(ttl), millis(genTTL), wake.channel, wake.proof[:]}}
-}
-
-// refreshLease runs refresh.lua: turn the value written under old into a
-// refreshing entry held by tok.
-func refreshLease(ctx context.Context, rdb Redis, key, genKey string, old, tok envelope.Token, ttl, genTTL time.Duration) (bool, error) {
-	n, err := refreshCall(key, genKey, old, tok, ttl, genTTL).run(ctx, rdb).Int64()
-	return n == 1, err
-}
-
-func refreshCall(key, genKey string, old, tok envelope.Token, ttl, genTTL time.Duration) scriptCall {
-	return scriptCall{refreshScript, entryKeys(key, genKey), []any{old[:], tok[:], millis(ttl), millis(genTTL)}}
-}
-
-// release runs release.lua: delete tok's lease, or turn tok's refreshing
-// entry back into a value that lives for keep more (keep ≤ 0 deletes it).
-func release(ctx context.Context, rdb Redis, key string, tok envelope.Token, keep time.Duration) (bool, error) {
-	n, err := releaseCall(key, tok, keep, "").run(ctx, rdb).Int64()
-	return n == 1, err
-}
-
-// releaseCall is release.lua's call; wake as for fillCall.
-func releaseCall(key string, tok envelope.Token, keep time.Duration, wake string) scriptCall {
+// release is release.lua's call: delete tok's lease, or turn tok's
+// refreshing entry back into a value that lives for keep more (keep ≤ 0
+// deletes it), and wake the waiters to look again.
+func (l *leases) release(key string, tok envelope.Token, keep time.Duration) scriptCall {
 	ms := int64(0)
 	if keep > 0 {
 		ms = millis(keep)
 	}
-	return scriptCall{releaseScript, []string{key}, []any{tok[:], ms, wake}}
+	return scriptCall{s: releaseScript, keys: []string{key}, args: []any{tok[:], ms, l.wake}, write: true}
 }
 
-// extend runs extend.lua: renew tok's lease on key for ttl.
-func extend(ctx context.Context, rdb Redis, key string, tok envelope.Token, ttl time.Duration) (bool, error) {
-	n, err := extendCall(key, tok, ttl).run(ctx, rdb).Int64()
-	return n == 1, err
+// extend is extend.lua's call: renew tok's lease on key for another
+// LeaseTTL.
+func (l *leases) extend(key string, tok envelope.Token) scriptCall {
+	return scriptCall{s: extendScript, keys: []string{key}, args: []any{tok[:], millis(l.ttl)}}
 }
 
-func extendCall(key string, tok envelope.Token, ttl time.Duration) scriptCall {
-	return scriptCall{extendScript, []string{key}, []any{tok[:], millis(ttl)}}
-}
-
-// setInNamespaceCall is set.lua's call: write entry stamped with the
-// namespace's current generation.
-func setInNamespaceCall(key, genKey string, entry []byte, ttl, genTTL time.Duration) scriptCall {
+// set is set.lua's call: write entry stamped with the namespace's current
+// generation.
+func (l *leases) set(key, genKey string, entry []byte, ttl time.Duration) scriptCall {
 	fresh := newGen()
-	return scriptCall{setScript, []string{key, genKey}, []any{entry, millis(ttl), fresh[:], millis(genTTL)}}
+	return scriptCall{s: setScript, keys: []string{key, genKey}, args: []any{entry, millis(ttl), fresh[:], millis(l.genTTL)}, write: true}
 }
 
-// evalMany runs the script calls in one pipeline (one round trip per node)
-// and returns each call's reply. Scripts go by EVALSHA; any the server
-// does not have yet (NOSCRIPT) are sent again by EVAL. Every script is
-// safe to run twice, so this is safe however the first round went.
-//
-// write says the calls are writes that must not be lost (fills, releases):
-// they get the write budget; lease rounds and renewals get a read's.
-func (c *Cache[T]) evalMany(ctx context.Context, write bool, calls []scriptCall) []*redis.Cmd {
-	budget := c.guard.batchBudget
-	if write {
-		budget = c.guard.writeBudget
+// runOne sends one call, under the budget of its kind.
+func (l *leases) runOne(ctx context.Context, sc scriptCall) *redis.Cmd {
+	return l.run(ctx, []scriptCall{sc})[0]
+}
+
+// run sends the calls in one pipeline (one round trip per node), under the
+// budget of their kind (the write budget if any is a write), and returns
+// each call's reply. Scripts go by EVALSHA; any the server does not have
+// yet (NOSCRIPT) are sent again by EVAL. Every script is safe to run
+// twice, so this is safe however the first round went.
+func (l *leases) run(ctx context.Context, calls []scriptCall) []*redis.Cmd {
+	write := false
+	for _, sc := range calls {
+		write = write || sc.write
+	}
+	budget := func(n int) time.Duration {
+		if write {
+			return l.g.writeBudget(n)
+		}
+		return l.g.batchBudget(n)
 	}
 	if len(calls) == 1 { // one key (a Get): the script alone, no pipeline
-		return []*redis.Cmd{c.guard.runScript(ctx, budget(1), calls[0])}
+		return []*redis.Cmd{l.g.runScript(ctx, budget(1), calls[0])}
 	}
 	cmds := make([]*redis.Cmd, len(calls))
 	send := func(idx []int, byEval bool) {
@@ -228,7 +219,7 @@ func (c *Cache[T]) evalMany(ctx context.Context, write bool, calls []scriptCall)
 		for j, i := range idx {
 			route[j] = firstKey(calls[i].keys)
 		}
-		sent, err := c.guard.pipe(ctx, budget(len(idx)), writes, route, func(p redis.Pipeliner, j int) redis.Cmder {
+		sent, err := l.g.pipe(ctx, budget(len(idx)), writes, route, func(p redis.Pipeliner, j int) redis.Cmder {
 			sc := calls[idx[j]]
 			if byEval {
 				return sc.s.Eval(ctx, p, sc.keys, sc.args...)
@@ -279,9 +270,9 @@ func (c *Cache[T]) releaseLater(key string, tok envelope.Token, keep time.Durati
 		// to expire.
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(c.stop), c.opts.LeaseTTL)
 		defer cancel()
-		call := releaseCall(key, tok, keep, c.wakeChannel())
+		call := c.leases.release(key, tok, keep)
 		for pause := 10 * time.Millisecond; ; pause = min(2*pause, 200*time.Millisecond) {
-			err := c.guard.runScript(ctx, c.guard.writeBudget(1), call).Err()
+			err := c.leases.runOne(ctx, call).Err()
 			// Done, or out of time, or the breaker is open (Redis is down:
 			// the lease expires by itself within LeaseTTL, as the retries
 			// would have).
@@ -307,7 +298,7 @@ func (c *Cache[T]) keepLeases(ctx context.Context, ops []*keyOp[T]) (stop func()
 	}
 	calls := make([]scriptCall, len(ops))
 	for i, op := range ops {
-		calls[i] = extendCall(op.key, op.tok, c.opts.LeaseTTL)
+		calls[i] = c.leases.extend(op.key, op.tok)
 	}
 	// Renewals are the holder's obligation, not the caller's wait: they are
 	// not charged to the Get's Redis time.
@@ -324,7 +315,7 @@ func (c *Cache[T]) keepLeases(ctx context.Context, ops []*keyOp[T]) (stop func()
 			case <-t.C:
 			}
 			var failed errorOnce
-			for i, cmd := range c.evalMany(ctx, false, calls) {
+			for i, cmd := range c.leases.run(ctx, calls) {
 				if err := cmd.Err(); err != nil && ctx.Err() == nil {
 					failed.add(calls[i].keys[0], err)
 				}

@@ -24,14 +24,14 @@ func (c *Cache[T]) read(ctx context.Context, key, genKey string) (b []byte, gv g
 		defer c.reads.end()
 	}
 	if genKey == "" {
-		b, err = c.rdb.Get(ctx, key).Bytes()
+		b, err = c.guard.Get(ctx, key).Bytes()
 		if errors.Is(err, redis.Nil) {
 			return nil, gv, nil
 		}
 		return b, gv, err
 	}
 	gv.namespaced = true
-	vals, err := c.rdb.MGet(ctx, key, genKey).Result()
+	vals, err := c.guard.MGet(ctx, key, genKey).Result()
 	if err != nil {
 		return nil, gv, err
 	}
@@ -45,15 +45,11 @@ func (c *Cache[T]) read(ctx context.Context, key, genKey string) (b []byte, gv g
 // namespacedRead decodes the reply to MGET of an entry and its namespace
 // generation key.
 func namespacedRead(vals []any) (b []byte, gv genView) {
-	gv.namespaced = true
 	if s, ok := vals[0].(string); ok {
 		b = []byte(s)
 	}
-	if s, ok := vals[1].(string); ok && len(s) == envelope.GenSize {
-		copy(gv.gen[:], s)
-		gv.known = true
-	}
-	return b, gv
+	g, _ := vals[1].(string)
+	return b, nsGen(g)
 }
 
 // corrupt counts and reports undecodable bytes under key and returns the
@@ -102,14 +98,10 @@ func (c *Cache[T]) readMany(ctx context.Context, ops []*keyOp[T]) {
 			continue
 		}
 		j := gens[it.genKey]
-		it.gv.namespaced = true
 		if it.rerr == nil {
 			it.rerr = errs[j]
 		}
-		if g := vals[j]; len(g) == envelope.GenSize {
-			copy(it.gv.gen[:], g)
-			it.gv.known = true
-		}
+		it.gv = nsGen(vals[j])
 	}
 }
 
@@ -120,7 +112,7 @@ func (c *Cache[T]) readKeys(ctx context.Context, keys []string) ([][]byte, []err
 	errs := make([]error, len(keys))
 	split := c.splitReads.Load()
 	if !split && len(keys) <= 50 { // one command's budget is enough
-		res, err := c.rdb.MGet(ctx, keys...).Result()
+		res, err := c.guard.MGet(ctx, keys...).Result()
 		if isCrossSlot(err) {
 			// A client that shards (a wrapped Cluster client, say): read
 			// per key from now on.
@@ -226,6 +218,19 @@ type genView struct {
 	namespaced bool         // the cache uses namespaces
 	known      bool         // the namespace has a generation; without one nothing is current
 	gen        envelope.Gen // the current generation
+}
+
+// nsGen is the one decoder of a namespace generation as Redis returns it
+// (a GET or MGET of the generation key, or acquire.lua's reply): s is the
+// generation when it has the generation's size, and anything else (absent,
+// or bytes written by hand) means the namespace has none.
+func nsGen[S string | []byte](s S) genView {
+	gv := genView{namespaced: true}
+	if len(s) == envelope.GenSize {
+		copy(gv.gen[:], s)
+		gv.known = true
+	}
+	return gv
 }
 
 // classify decodes the bytes b read under key (nil: absent) at time now.

@@ -8,7 +8,6 @@ import (
 	"errors"
 	"math"
 	"math/rand/v2"
-	"runtime/debug"
 	"time"
 
 	"github.com/seed-b4ec662f/cacheaside/internal/envelope"
@@ -57,61 +56,70 @@ func (c *Cache[T]) keepOnFailure(e *envelope.Entry) time.Duration {
 	return end.Sub(c.opts.Clock())
 }
 
-// refreshAsync reloads the value op read, in the background, under a
-// refresh lease, unless this process is already refreshing the key or its
-// last refresh failed less than refreshRetry ago. It goes through the
-// engine's fill like any load. The goroutine belongs to the cache: Close
-// cancels and waits for it.
+// refreshAsync reloads the value op read, in the background, unless this
+// process is already refreshing the key or its last refresh failed less
+// than refreshRetry ago. The goroutine belongs to the cache: Close cancels
+// and waits for it.
 func (c *Cache[T]) refreshAsync(parent context.Context, op *keyOp[T], src source[T]) {
-	key, genKey := op.key, op.genKey
-	if !c.startRefresh(key) {
+	if !c.startRefresh(op.key) {
 		return
 	}
 	if !c.enter() {
-		c.endRefresh(key, false)
+		c.endRefresh(op.key, false)
 		return
 	}
-	e := op.vw.e
-	rop := &keyOp[T]{key: key, genKey: genKey, idx: op.idx, vw: view[T]{state: stReload, e: e}, gen: e.Gen, tok: newToken()}
-	go func() {
-		defer c.wg.Done()
-		defer func() {
-			// Loader panics are errors already (callFn); this catches one
-			// in a codec or hook, which would otherwise end the process.
-			if r := recover(); r != nil {
-				c.report(parent, "refresh", key, panicIn("a codec, hook or Recorder", r, debug.Stack()))
-				c.endRefresh(key, true)
-			}
-		}()
-		ctx, cancel := context.WithCancel(context.WithValue(context.WithoutCancel(parent), backgroundKey{}, true))
-		defer cancel()
-		defer context.AfterFunc(c.stop, cancel)()
-		ok, err := refreshLease(ctx, c.rdb, key, genKey, e.Token, rop.tok, c.opts.LeaseTTL, c.genTTL)
-		if err != nil {
-			if ctx.Err() == nil {
-				c.redisError(ctx, "refresh", key, err)
-			}
-			// The script may have run and only its reply been lost: put the
-			// value back rather than leave it "refreshing" with nobody on it.
-			rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), c.opts.LeaseTTL)
-			_ = c.guard.runScript(rctx, c.guard.writeBudget(1), releaseCall(key, rop.tok, c.keepOnFailure(&e), "")) // a write: the write budget
-			rcancel()
-			c.endRefresh(key, true)
+	rop := &keyOp[T]{key: op.key, genKey: op.genKey, idx: op.idx, vw: view[T]{state: stReload, e: op.vw.e}, fs: new(flightState)}
+	r := &missRun[T]{c: c, src: src, ops: []*keyOp[T]{rop}}
+	go r.refresh(parent)
+}
+
+// refresh is a background refresh: a one-key run of the engine that enters
+// at the lease round, where refresh.lua takes the lease in place (readers
+// go on serving the old value), and never waits: if another holder has the
+// key, or its value changed, the refresh ends. The rest is the engine's:
+// the loader call, the fill or the release that puts the value back (with
+// retries and a wake message), and settleAll, which releases the lease and
+// ends the run after a panic in a codec, hook or Recorder. A refresh that
+// took the lease, or panicked, is counted in Stats.Refreshes (and
+// RefreshErrors when it failed); a panic is also reported, as nobody waits
+// for its outcome.
+func (r *missRun[T]) refresh(parent context.Context) {
+	c, op := r.c, r.ops[0]
+	defer c.wg.Done()
+	cancel, stop := r.detach(context.WithValue(parent, backgroundKey{}, true))
+	defer cancel()
+	defer stop()
+	kind := op.vw.e.Kind
+	var took, gone bool
+	defer func() {
+		switch {
+		case r.panicked != nil:
+			c.report(r.ctx, "refresh", op.key, r.panicked)
+		case gone:
+			// Another holder alive by Redis's clock, or a new value: leave
+			// the key alone for refreshRetry after a holder, however the
+			// clocks disagree.
+			c.endRefresh(op.key, kind == envelope.Refreshing)
+			return
+		case !took: // Redis failed (reported by the lease round)
+			c.endRefresh(op.key, true)
 			return
 		}
-		if !ok { // someone else is refreshing it, or it changed
-			// A refresh holder still alive by Redis's clock: leave the key
-			// alone for refreshRetry, however the clocks disagree.
-			c.endRefresh(key, e.Kind == envelope.Refreshing)
-			return
-		}
-		rop.held = true
-		r := &missRun[T]{c: c, ctx: ctx, src: src, ops: []*keyOp[T]{rop}}
-		r.loadAndFill(r.ops)
-		failed := rop.err != nil && !errors.Is(rop.err, ErrNotFound)
-		c.ev.refreshed(rop.err, failed)
-		c.endRefresh(key, failed)
+		failed := op.err != nil && !errors.Is(op.err, ErrNotFound)
+		c.ev.refreshed(op.err, failed)
+		c.endRefresh(op.key, failed)
 	}()
+	defer r.settleAll()
+	op.tok, op.proof = newLease()
+	held, open, _ := r.leaseRound(r.ops)
+	switch {
+	case len(held) > 0:
+		took = true
+		r.loadAndFill(held)
+	case len(open) > 0:
+		gone = true
+	}
+	r.finish(op, answer[T]{}, errNoAnswer) // if still open: a Redis failure, or gone
 }
 
 // refreshRetry is how long after a failed background refresh this process

@@ -257,7 +257,7 @@ func TestRefreshHolderDies(t *testing.T) {
 			t.Fatal(err)
 		}
 		dead := newToken()
-		if ok, err := refreshLease(ctx, b.client(t), key, "", e.Token, dead, leaseTTL, time.Minute); err != nil || !ok {
+		if ok, err := refreshLease(ctx, b.client(t), key, e.Token, dead, leaseTTL); err != nil || !ok {
 			t.Fatalf("the doomed holder's refresh lease: %v %v", ok, err)
 		}
 		// The holder is gone. Past its lease's lifetime the value is still
@@ -276,6 +276,73 @@ func TestRefreshHolderDies(t *testing.T) {
 		})
 		if s := c.Stats(); s.Misses != 1 {
 			t.Fatalf("Misses = %d; every Get after the first must have been served", s.Misses)
+		}
+	})
+}
+
+// boomCodec is JSON that panics in Marshal while boom is set.
+type boomCodec struct {
+	Codec[string]
+	boom *atomic.Bool
+}
+
+func (c boomCodec) Marshal(v string) ([]byte, error) {
+	if c.boom.Load() {
+		panic("codec boom")
+	}
+	return c.Codec.Marshal(v)
+}
+
+// TestRefreshPanicReleases: a background refresh is a run of the engine,
+// so a panic in the codec while it fills is the engine's to settle: the
+// refresh lease is released (the value goes back from "refreshing", and
+// another process can refresh it at once), the refresh is counted as
+// failed, and the panic is reported as a *PanicError.
+func TestRefreshPanicReleases(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := context.Background()
+		clock := newFakeClock()
+		var boom atomic.Bool
+		var panics atomic.Int64
+		opts := &Options[string]{Clock: clock.Now, Codec: boomCodec{JSON[string](), &boom},
+			Policy: Policy{TTL: time.Minute, StaleWhileRevalidate: time.Hour, NoJitter: true, NoEarlyRefresh: true},
+			OnError: func(_ context.Context, err error) {
+				var pe *PanicError
+				var oe *OpError
+				if errors.As(err, &pe) && errors.As(err, &oe) && oe.Op == "refresh" {
+					panics.Add(1)
+				}
+			}}
+		c := newCache(t, b, opts)
+		key := b.key("k")
+		var n atomic.Int64
+		load := func(context.Context) (string, error) { return fmt.Sprintf("v%d", n.Add(1)), nil }
+		if v, err := c.Get(ctx, key, load); err != nil || v != "v1" {
+			t.Fatalf("first Get = %q, %v", v, err)
+		}
+		clock.Advance(2 * time.Minute) // stale: served while one refresh runs
+		boom.Store(true)
+		if v, err := c.Get(ctx, key, load); err != nil || v != "v1" {
+			t.Fatalf("stale Get = %q, %v; want the old value", v, err)
+		}
+		waitFor(t, "the failed refresh to be counted", func() bool { s := c.Stats(); return s.Refreshes == 1 && s.RefreshErrors == 1 })
+		waitFor(t, "the value put back from refreshing", func() bool {
+			var e envelope.Entry
+			return envelope.Decode(b.raw(t, key), &e) == nil && e.Kind == envelope.Value && string(e.Payload) == `"v1"`
+		})
+		if panics.Load() != 1 {
+			t.Fatalf("%d refresh panics reported, want 1", panics.Load())
+		}
+		// Not left "refreshing": another process refreshes it now, not
+		// after the lease would have lapsed.
+		boom.Store(false)
+		other := newCache(t, b, opts)
+		if v, err := other.Get(ctx, key, load); err != nil || v != "v1" {
+			t.Fatalf("other's stale Get = %q, %v", v, err)
+		}
+		waitFor(t, "the other process's refresh", func() bool { return other.Stats().Refreshes == 1 })
+		if v, err := other.Get(ctx, key, load); err != nil || v != "v3" {
+			t.Fatalf("after the refresh Get = %q, %v; want v3", v, err)
 		}
 	})
 }

@@ -159,15 +159,6 @@ func (w *waker) delivered(wt *watch) map[string]wakeMsg {
 	return got
 }
 
-// wakeChannel is the channel fills publish on for this cache, or "" when it
-// has no waker (a client without pub/sub, or a Ring).
-func (c *Cache[T]) wakeChannel() string {
-	if c.wake == nil {
-		return ""
-	}
-	return c.wake.channel
-}
-
 // listenWake keeps the wake channel subscribed until Close.
 func (c *Cache[T]) listenWake(bus Bus) {
 	defer c.wg.Done()

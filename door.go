@@ -1,0 +1,160 @@
+// The door: the steps Get and GetMany both take with each key above the
+// miss engine, each written once here, in the order both take them.
+
+package cacheaside
+
+import (
+	"context"
+	"fmt"
+	"time"
+)
+
+// The door. For each key, Get (one key) and GetMany (a batch) take these
+// steps, in this order:
+//
+//  1. enter: ErrClosed after Close, then the key's checks (checkKey);
+//  2. before: a key with a pending invalidation goes to the source (bypass),
+//     and the local tier may answer;
+//  3. prepare: the local tier's snapshot and the in-process flight the key
+//     may join are noted before the read;
+//  4. one read for every key left (read, or readMany for a batch);
+//  5. settled: a hit is served (and a refresh started if due), a failure
+//     returned, anything else is a miss;
+//  6. missed: the misses join or start in-process flights, whose leaders
+//     run the engine (engine.go), and each key awaits its flight's answer.
+//
+// The differential test (differential_test.go) drives both doors through
+// the same schedules and checks they agree.
+
+// ahead is what a door does with a key before its Redis read.
+type ahead uint8
+
+const (
+	fromRedis  ahead = iota // read it
+	fromSource              // an invalidation of it is pending (retry.go): load from the source, bypassing the cache
+	fromLocal               // the local tier answered
+)
+
+// before decides op's key before its Redis read, and counts what it
+// decided unless op is a start-over (op.attempt > 0).
+func (c *Cache[T]) before(ctx context.Context, op *keyOp[T]) (ahead, *localItem[T]) {
+	count := op.attempt == 0
+	if c.pending.Load() > 0 && c.pendingFor(op.key, op.genKey) {
+		if count {
+			c.ev.miss(ctx)
+		}
+		return fromSource, nil
+	}
+	if l := c.local; l != nil {
+		if it, ok := l.lookup(op.key, l.now()); ok {
+			if count {
+				c.ev.localHit(ctx, it.notFound)
+			}
+			return fromLocal, it
+		}
+	}
+	return fromRedis, nil
+}
+
+// prepare notes, before op's read, what the engine and the flights need
+// to know of the time before it: the local tier's snapshot of the key, the
+// flights begun so far (start, from one Load for a whole batch) and the
+// flight of the key this read may join (see flightSeen.joinable).
+func (c *Cache[T]) prepare(op *keyOp[T], start uint64) {
+	if l := c.local; l != nil {
+		op.snap = l.snap(op.key, op.genKey)
+	}
+	op.start = start
+	op.seen = c.seenFlight(op.key)
+}
+
+// settled decides op after its read, which took spent: a hit is served
+// (miss false, with v and err; a due refresh starts in the background), a
+// failure returned (miss false, err set), anything else is a miss, to be
+// handed to missed. Failures to read are gathered in errs, to be reported
+// once per read.
+func (c *Cache[T]) settled(ctx context.Context, op *keyOp[T], spent time.Duration, src source[T], errs *errorOnce) (miss bool, v T, err error) {
+	if h := c.hooks; h != nil && h.afterRead != nil {
+		h.afterRead(op.key)
+	}
+	n, refresh, err := c.settle(ctx, op, op.attempt == 0, errs)
+	switch n {
+	case serve:
+		if refresh {
+			c.refreshAsync(ctx, op, src)
+		}
+		return false, op.vw.v, err
+	case failed:
+		return false, v, err
+	}
+	op.spent = spent
+	return true, v, nil
+}
+
+// missed hands a door's misses to the in-process flights: each joins its
+// key's flight or starts one, and the flights this caller leads go to the
+// engine in one run. Each op then awaits its answer (await).
+func (c *Cache[T]) missed(ctx context.Context, ops []*keyOp[T], src source[T]) {
+	if h := c.hooks; h != nil && h.afterMiss != nil {
+		for _, op := range ops {
+			h.afterMiss(op.key)
+		}
+	}
+	c.join(ctx, ops, src)
+}
+
+// one is Get for one key: the body of Get, and the start-over of a key
+// (of a Get or a GetMany) whose joined answer could not be trusted
+// (attempt 1, not counted again). idx is the key's position for src.
+func (c *Cache[T]) one(ctx context.Context, key string, idx int, src source[T], attempt int) (T, error) {
+	var zero T
+	if c.closed.Load() {
+		return zero, ErrClosed
+	}
+	genKey, err := c.checkKey(key)
+	if err != nil {
+		return zero, err
+	}
+	if src.one == nil && src.many == nil {
+		return zero, errNilLoader
+	}
+	op := keyOp[T]{key: key, genKey: genKey, idx: idx, attempt: attempt}
+	switch pre, it := c.before(ctx, &op); pre {
+	case fromSource:
+		m := &keyOp[T]{key: key, genKey: genKey, idx: idx}
+		c.bypass(ctx, []*keyOp[T]{m}, src)
+		return m.res, m.err
+	case fromLocal:
+		return it.v, notFoundErr(it.notFound)
+	}
+	c.prepare(&op, c.flights.Load())
+	t0 := time.Now()
+	op.b, op.gv, op.rerr = c.read(ctx, key, genKey)
+	spent := time.Since(t0)
+	var errs errorOnce
+	miss, v, err := c.settled(ctx, &op, spent, src, &errs)
+	errs.report(ctx, c, "get")
+	if !miss {
+		return v, err
+	}
+	m := new(keyOp[T]) // the hit path keeps op on the stack
+	*m = op
+	c.missed(ctx, []*keyOp[T]{m}, src)
+	return c.await(ctx, m, src)
+}
+
+// checkKey validates key and, for a namespaced cache, returns its
+// namespace's generation key.
+func (c *Cache[T]) checkKey(key string) (genKey string, err error) {
+	if err := checkKey(key, c.opts.MaxKeySize); err != nil {
+		return "", err
+	}
+	if !c.opts.Namespaced {
+		return "", nil
+	}
+	genKey, ok := namespaceGenKey(key)
+	if !ok {
+		return "", fmt.Errorf("%w: %q has no namespace; a namespaced cache takes keys built with Namespace.Key", ErrInvalidKey, key)
+	}
+	return genKey, nil
+}
