@@ -37,16 +37,9 @@ type Cache[T any] struct {
 	splitReads atomic.Bool // multi-key reads may cross slots: GetMany reads per key
 	scanOne    bool        // a wrapper without ForEachMaster/ForEachShard: InvalidatePrefix scans the node it reaches
 
-	loadSlots chan struct{} // MaxLoadsWhileDown slots for loads that bypass Redis
-
-	retryMu         sync.Mutex         // protects retries, pendingPrefixes and retrying
-	retries         map[string]retryOp // failed invalidations to retry, by kind and what they invalidate (retry.go)
-	pendingPrefixes int                // prefixes among retries
-	retrying        bool               // the retry goroutine runs
-	pending         atomic.Int64       // len(retries): Gets check the pending set only when it is not 0
-
-	refreshMu sync.Mutex           // protects refreshes
-	refreshes map[string]time.Time // key → zero while a background refresh runs, else when the last one failed
+	loadSlots chan struct{} // MaxLoadsWhileDown slots for loads that bypass Redis (load.go)
+	retries   *retryQueue   // failed invalidations to retry; the keys they cover bypass the cache (retry.go)
+	refreshes *refreshGate  // the keys being refreshed in the background, and recent failures (refresh.go)
 
 	closed atomic.Bool
 	mu     sync.Mutex     // protects wg.Add against Close's wg.Wait
@@ -85,8 +78,8 @@ func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &Cache[T]{raw: rdb, opts: o, name: o.Name, ev: newEvents(o.Name, o.Recorder, o.Tracer), logs: &logGate{}, refreshes: make(map[string]time.Time),
-		loadSlots: make(chan struct{}, o.Degradation.MaxLoadsWhileDown), retries: make(map[string]retryOp)}
+	c := &Cache[T]{raw: rdb, opts: o, name: o.Name, ev: newEvents(o.Name, o.Recorder, o.Tracer), logs: &logGate{}, refreshes: newRefreshGate(o.LeaseTTL),
+		loadSlots: make(chan struct{}, o.Degradation.MaxLoadsWhileDown), retries: newRetryQueue()}
 	// Configuration warnings are not bounded by the log gate and go to
 	// slog.Default() when no Logger was given: they break promises.
 	c.warn = o.Logger

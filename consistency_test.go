@@ -629,7 +629,7 @@ func (h *consHistory) write(ctx context.Context, t *testing.T, caches []*Cache[c
 		h.logf("%s invalidation on c%d failed (injected): this process's floor raised to %v; the others' when the retry lands", op, x, snap)
 		h.retries.Go(func() {
 			deadline := time.Now().Add(10 * time.Second)
-			for caches[x].pendingFor(h.keys[j], "") {
+			for caches[x].retries.covers(h.keys[j], "") {
 				if time.Now().After(deadline) {
 					t.Errorf("seed %d: %s: the retry of k%d's invalidation did not land in 10s", h.seed, op, j)
 					return

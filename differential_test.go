@@ -36,14 +36,7 @@ func diffInternals[T any](c *Cache[T], afterMiss func(key string)) (idle func() 
 		if flying {
 			return false
 		}
-		c.refreshMu.Lock()
-		defer c.refreshMu.Unlock()
-		for _, at := range c.refreshes {
-			if at.IsZero() { // zero: running; otherwise when the last one failed
-				return false
-			}
-		}
-		return true
+		return !c.refreshes.running("")
 	}
 }
 

@@ -39,7 +39,7 @@ const (
 // decided unless op is a start-over (op.attempt > 0).
 func (c *Cache[T]) before(ctx context.Context, op *keyOp[T]) (ahead, *localItem[T]) {
 	count := op.attempt == 0
-	if c.pending.Load() > 0 && c.pendingFor(op.key, op.genKey) {
+	if c.retries.covers(op.key, op.genKey) {
 		if count {
 			c.ev.miss(ctx)
 		}

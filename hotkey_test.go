@@ -281,10 +281,7 @@ func (s *hotSim) advance(d time.Duration) {
 
 // refreshing reports whether a background refresh of the key is running.
 func (s *hotSim) refreshing() bool {
-	s.c.refreshMu.Lock()
-	defer s.c.refreshMu.Unlock()
-	at, ok := s.c.refreshes[s.key]
-	return ok && at.IsZero()
+	return s.c.refreshes.running(s.key)
 }
 
 // quiet reports whether simulated time may move: the last Get returned or

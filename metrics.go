@@ -84,7 +84,7 @@ func ratio(a, b uint64) float64 {
 // Stats returns a snapshot of the cache's counters.
 func (c *Cache[T]) Stats() Stats {
 	s := c.ev.snapshot()
-	s.PendingInvals = uint64(max(c.pending.Load(), 0))
+	s.PendingInvals = uint64(max(c.retries.pending.Load(), 0))
 	s.Breaker = "disabled"
 	if br := c.guard.br; br != nil {
 		s.Breaker = br.state()

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"math"
 	"math/rand/v2"
+	"sync"
 	"time"
 
 	"github.com/seed-b4ec662f/cacheaside/internal/envelope"
@@ -58,14 +59,14 @@ func (c *Cache[T]) keepOnFailure(e *envelope.Entry) time.Duration {
 
 // refreshAsync reloads the value op read, in the background, unless this
 // process is already refreshing the key or its last refresh failed less
-// than refreshRetry ago. The goroutine belongs to the cache: Close cancels
+// than the gate's retry time ago (refreshGate). The goroutine belongs to the cache: Close cancels
 // and waits for it.
 func (c *Cache[T]) refreshAsync(parent context.Context, op *keyOp[T], src source[T]) {
-	if !c.startRefresh(op.key) {
+	if !c.refreshes.start(op.key) {
 		return
 	}
 	if !c.enter() {
-		c.endRefresh(op.key, false)
+		c.refreshes.end(op.key, false)
 		return
 	}
 	rop := &keyOp[T]{key: op.key, genKey: op.genKey, idx: op.idx, vw: view[T]{state: stReload, e: op.vw.e}, fs: new(flightState)}
@@ -97,17 +98,17 @@ func (r *missRun[T]) refresh(parent context.Context) {
 			c.report(r.ctx, "refresh", op.key, r.panicked)
 		case gone:
 			// Another holder alive by Redis's clock, or a new value: leave
-			// the key alone for refreshRetry after a holder, however the
+			// the key alone for the gate's retry time after a holder, however the
 			// clocks disagree.
-			c.endRefresh(op.key, kind == envelope.Refreshing)
+			c.refreshes.end(op.key, kind == envelope.Refreshing)
 			return
 		case !took: // Redis failed (reported by the lease round)
-			c.endRefresh(op.key, true)
+			c.refreshes.end(op.key, true)
 			return
 		}
 		failed := op.err != nil && !errors.Is(op.err, ErrNotFound)
 		c.ev.refreshed(op.err, failed)
-		c.endRefresh(op.key, failed)
+		c.refreshes.end(op.key, failed)
 	}()
 	defer r.settleAll()
 	op.tok, op.proof = newLease()
@@ -122,36 +123,66 @@ func (r *missRun[T]) refresh(parent context.Context) {
 	r.finish(op, answer[T]{}, errNoAnswer) // if still open: a Redis failure, or gone
 }
 
-// refreshRetry is how long after a failed background refresh this process
-// leaves a key alone, so a failing source is not hit on every read.
-func (c *Cache[T]) refreshRetry() time.Duration { return c.opts.LeaseTTL / 3 }
+// refreshGate is this process's memory of background refreshes: which
+// keys it is refreshing, and when a key's last refresh failed, so that a
+// key is refreshed by one goroutine at a time and a failing source is not
+// hit on every read.
+type refreshGate struct {
+	mu    sync.Mutex
+	m     map[string]time.Time // key → zero while a refresh runs, else when the last one failed
+	retry time.Duration        // how long a key is left alone after a failed refresh: LeaseTTL/3
+}
 
-func (c *Cache[T]) startRefresh(key string) bool {
-	c.refreshMu.Lock()
-	defer c.refreshMu.Unlock()
-	if at, ok := c.refreshes[key]; ok {
-		if at.IsZero() || time.Since(at) < c.refreshRetry() {
+func newRefreshGate(leaseTTL time.Duration) *refreshGate {
+	return &refreshGate{m: make(map[string]time.Time), retry: leaseTTL / 3}
+}
+
+// start reports whether key may be refreshed now, and if so marks it
+// running.
+func (g *refreshGate) start(key string) bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if at, ok := g.m[key]; ok {
+		if at.IsZero() || time.Since(at) < g.retry {
 			return false
 		}
 	}
-	c.refreshes[key] = time.Time{}
+	g.m[key] = time.Time{}
 	return true
 }
 
-func (c *Cache[T]) endRefresh(key string, failed bool) {
-	c.refreshMu.Lock()
-	defer c.refreshMu.Unlock()
+// end marks key's refresh done; failed leaves the key alone for g.retry.
+func (g *refreshGate) end(key string, failed bool) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
 	if !failed {
-		delete(c.refreshes, key)
+		delete(g.m, key)
 		return
 	}
 	now := time.Now()
-	c.refreshes[key] = now
-	if len(c.refreshes) > 4096 { // keep the failure memory bounded
-		for k, at := range c.refreshes {
-			if !at.IsZero() && now.Sub(at) >= c.refreshRetry() {
-				delete(c.refreshes, k)
+	g.m[key] = now
+	if len(g.m) > 4096 { // keep the failure memory bounded
+		for k, at := range g.m {
+			if !at.IsZero() && now.Sub(at) >= g.retry {
+				delete(g.m, k)
 			}
 		}
 	}
+}
+
+// running reports whether a refresh of key runs; with key "", whether any
+// does.
+func (g *refreshGate) running(key string) bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if key != "" {
+		at, ok := g.m[key]
+		return ok && at.IsZero()
+	}
+	for _, at := range g.m {
+		if at.IsZero() {
+			return true
+		}
+	}
+	return false
 }

@@ -7,6 +7,8 @@ package cacheaside
 import (
 	"context"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -40,6 +42,110 @@ type retryOp struct {
 	seq   uint64    // bumped by each failure, so a retry in flight cannot retire a newer one
 }
 
+// retryQueue holds the failed invalidations waiting to be retried, by id
+// (a retry kind, then what it invalidates), and whether the goroutine
+// retrying them runs.
+type retryQueue struct {
+	mu       sync.Mutex
+	ops      map[string]retryOp
+	prefixes int          // prefixes among ops
+	running  bool         // the retry goroutine runs
+	pending  atomic.Int64 // len(ops): Gets look at the queue only when it is not 0
+}
+
+func newRetryQueue() *retryQueue { return &retryQueue{ops: make(map[string]retryOp)} }
+
+// add queues id, or records a newer failure of it. It reports whether id
+// is new (false also when the queue is full: then full is true) and
+// whether the caller should start the retry goroutine (start may refuse:
+// the cache is closed).
+func (q *retryQueue) add(id string, start func() bool) (isNew, full, run bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	old, ok := q.ops[id]
+	if !ok && len(q.ops) >= maxRetries {
+		return false, true, false
+	}
+	q.ops[id] = retryOp{since: time.Now(), seq: old.seq + 1}
+	if !ok {
+		if id[0] == retryPrefix {
+			q.prefixes++
+		}
+		q.pending.Add(1)
+	}
+	run = !q.running && start()
+	if run {
+		q.running = true
+	}
+	return !ok, false, run
+}
+
+// retire removes id unless a newer failure replaced it, and reports
+// whether it did.
+func (q *retryQueue) retire(id string, seq uint64) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if cur, ok := q.ops[id]; ok && cur.seq == seq {
+		delete(q.ops, id)
+		if id[0] == retryPrefix {
+			q.prefixes--
+		}
+		q.pending.Add(-1)
+		return true
+	}
+	return false
+}
+
+// covers reports whether a queued invalidation covers key (in the
+// namespace whose generation key is genKey). The hit path pays one atomic
+// load for it while nothing is queued.
+func (q *retryQueue) covers(key, genKey string) bool {
+	if q.pending.Load() == 0 {
+		return false
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if _, ok := q.ops[string(retryKey)+key]; ok {
+		return true
+	}
+	if genKey != "" {
+		if _, ok := q.ops[string(retryNS)+genKey]; ok {
+			return true
+		}
+	}
+	if q.prefixes > 0 {
+		for id := range q.ops {
+			if id[0] == retryPrefix && strings.HasPrefix(key, id[1:]) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// snapshot copies the queue, for one pass of the retry goroutine.
+func (q *retryQueue) snapshot() map[string]retryOp {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	ops := make(map[string]retryOp, len(q.ops))
+	for id, op := range q.ops {
+		ops[id] = op
+	}
+	return ops
+}
+
+// done reports whether the queue is empty, and if so marks the retry
+// goroutine stopped.
+func (q *retryQueue) done() bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if len(q.ops) > 0 {
+		return false
+	}
+	q.running = false
+	return true
+}
+
 // maxRetryPause is the longest pause between two passes of the retry
 // queue: a queued invalidation lands at most this long after Redis takes
 // writes again (plus the write's own time).
@@ -66,77 +172,16 @@ func (c *Cache[T]) retryLater(kind byte, what string) {
 	if c.opts.Degradation.NoRetryInvalidations {
 		return
 	}
-	id := string(kind) + what
-	c.retryMu.Lock()
-	old, ok := c.retries[id]
-	if !ok && len(c.retries) >= maxRetries {
-		c.retryMu.Unlock()
+	isNew, full, run := c.retries.add(string(kind)+what, c.enter)
+	switch {
+	case full:
 		c.ev.dropped()
-		return
-	}
-	c.retries[id] = retryOp{since: time.Now(), seq: old.seq + 1}
-	if !ok {
-		if kind == retryPrefix {
-			c.pendingPrefixes++
-		}
-		c.pending.Add(1)
-	}
-	start := !c.retrying && c.enter()
-	if start {
-		c.retrying = true
-	}
-	c.retryMu.Unlock()
-	if !ok {
+	case isNew:
 		c.ev.queued()
 	}
-	if start {
+	if run {
 		go c.retryLoop()
 	}
-}
-
-// retired removes id from the queue unless a newer failure replaced it,
-// and reports whether it did. A retry that landed is counted only then, so
-// each queued invalidation is counted retried at most once (a newer failure
-// of the same keys joins the queued entry rather than being counted again).
-func (c *Cache[T]) retired(id string, seq uint64) bool {
-	c.retryMu.Lock()
-	defer c.retryMu.Unlock()
-	if cur, ok := c.retries[id]; ok && cur.seq == seq {
-		delete(c.retries, id)
-		if id[0] == retryPrefix {
-			c.pendingPrefixes--
-		}
-		c.pending.Add(-1)
-		return true
-	}
-	return false
-}
-
-// pendingFor reports whether an invalidation covering key (in the
-// namespace whose generation key is genKey) waits for its retry. The hit
-// path pays one atomic load for it while nothing is pending.
-func (c *Cache[T]) pendingFor(key, genKey string) bool {
-	if c.pending.Load() == 0 {
-		return false
-	}
-	c.retryMu.Lock()
-	defer c.retryMu.Unlock()
-	if _, ok := c.retries[string(retryKey)+key]; ok {
-		return true
-	}
-	if genKey != "" {
-		if _, ok := c.retries[string(retryNS)+genKey]; ok {
-			return true
-		}
-	}
-	if c.pendingPrefixes > 0 {
-		for id := range c.retries {
-			if id[0] == retryPrefix && strings.HasPrefix(key, id[1:]) {
-				return true
-			}
-		}
-	}
-	return false
 }
 
 // retryLoop retries queued invalidations, keys in batches and prefixes and
@@ -155,24 +200,14 @@ func (c *Cache[T]) retryLoop() {
 			return
 		case <-time.After(pause):
 		}
-		c.retryMu.Lock()
-		ops := make(map[string]retryOp, len(c.retries))
-		for id, op := range c.retries {
-			ops[id] = op
-		}
-		c.retryMu.Unlock()
-		if c.retryPass(ops) {
+		if c.retryPass(c.retries.snapshot()) {
 			pause = 50 * time.Millisecond
 		} else {
 			pause = min(2*pause, maxRetryPause)
 		}
-		c.retryMu.Lock()
-		if len(c.retries) == 0 {
-			c.retrying = false
-			c.retryMu.Unlock()
+		if c.retries.done() {
 			return
 		}
-		c.retryMu.Unlock()
 	}
 }
 
@@ -184,7 +219,7 @@ func (c *Cache[T]) retryPass(ops map[string]retryOp) bool {
 	var keyIDs []string
 	for id, op := range ops {
 		if time.Since(op.since) > bound {
-			if c.retired(id, op.seq) {
+			if c.retries.retire(id, op.seq) {
 				c.ev.dropped()
 			}
 			delete(ops, id)
@@ -215,7 +250,7 @@ func (c *Cache[T]) retryPass(ops map[string]retryOp) bool {
 			return false
 		}
 		for _, id := range keyIDs[i:j] {
-			if c.retired(id, ops[id].seq) {
+			if c.retries.retire(id, ops[id].seq) {
 				c.ev.retried()
 			}
 		}
@@ -241,7 +276,7 @@ func (c *Cache[T]) retryPass(ops map[string]retryOp) bool {
 		if err != nil {
 			return false
 		}
-		if c.retired(id, op.seq) {
+		if c.retries.retire(id, op.seq) {
 			c.ev.retried()
 		}
 	}
