@@ -3,6 +3,7 @@ package cacheaside
 import (
 	"context"
 	"encoding/json"
+	"github.com/seed-b4ec662f/cacheaside/internal/wire"
 	"log/slog"
 	"math/rand/v2"
 	"net"
@@ -177,7 +178,7 @@ func prefixBenchSetup(b *testing.B, rdb *redis.Client, prefix string, total, gro
 		}
 	}
 	b.Cleanup(func() {
-		iter := rdb.Scan(ctx, 0, EscapeGlob(prefix)+"*", 10000).Iterator()
+		iter := rdb.Scan(ctx, 0, wire.EscapeGlob(prefix)+"*", 10000).Iterator()
 		var keys []string
 		for iter.Next(ctx) {
 			if keys = append(keys, iter.Val()); len(keys) == batch {
@@ -627,7 +628,7 @@ func BenchmarkGetMiss(b *testing.B) {
 		b.Fatalf("%d loads for %d cold Gets", loads, b.N)
 	}
 	b.Cleanup(func() {
-		iter := rdb.Scan(ctx, 0, EscapeGlob(prefix)+"*", 1000).Iterator()
+		iter := rdb.Scan(ctx, 0, wire.EscapeGlob(prefix)+"*", 1000).Iterator()
 		for iter.Next(ctx) {
 			rdb.Unlink(ctx, iter.Val())
 		}

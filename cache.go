@@ -103,9 +103,9 @@ func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 		if _, ring := rdb.(*redis.Ring); ring {
 			return nil, fmt.Errorf("%w: Options.Local does not work on a *redis.Ring: its pub/sub follows the live shards, so the invalidation bus can split without an error; use a Client or ClusterClient", ErrInvalidOptions)
 		}
-		bus, ok := rdb.(Bus)
+		bus, ok := rdb.(pubsubClient)
 		if !ok {
-			return nil, fmt.Errorf("%w: Options.Local needs a client with Publish and Subscribe (the Bus interface); %T has not", ErrInvalidOptions, rdb)
+			return nil, fmt.Errorf("%w: Options.Local needs a client with Publish and Subscribe (the pubsubClient interface); %T has not", ErrInvalidOptions, rdb)
 		}
 		lo, err := o.Local.resolve(o.Name)
 		if err != nil {
@@ -121,9 +121,9 @@ func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 		c.wg.Add(1)
 		go c.listen()
 	}
-	if bus, ok := rdb.(Bus); ok {
+	if bus, ok := rdb.(pubsubClient); ok {
 		if _, ring := rdb.(*redis.Ring); !ring { // a Ring's pub/sub follows the live shards: poll only
-			c.wake = newWaker(WakeChannelPrefix + o.Name)
+			c.wake = newWaker(wakeChannelPrefix + o.Name)
 			c.leases.wake = c.wake.channel
 			c.wg.Add(1)
 			go c.listenWake(bus)
@@ -160,14 +160,8 @@ func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 // Name returns Options.Name.
 func (c *Cache[T]) Name() string { return c.name }
 
-// LocalLive reports whether the local tier (Options.Local) is in use: its
-// invalidation-bus subscription is confirmed. It is false without a local
-// tier, before the first confirmation, and whenever the bus is lost (Gets
-// then read Redis). A health check can report it; tests that expect local
-// hits wait for it with WaitLocal.
-func (c *Cache[T]) LocalLive() bool { return c.local != nil && c.local.live.Load() }
-
-// WaitLocal waits until the local tier is live (see LocalLive), polling
+// WaitLocal waits until the local tier (Options.Local) is live: its
+// invalidation-bus subscription is confirmed (Stats.LocalLive), polling
 // every millisecond or so, and returns nil then, ctx's error if ctx ends
 // first, ErrClosed after Close, or an error matching ErrInvalidOptions for
 // a cache without Options.Local. When the server refuses SUBSCRIBE (see
@@ -239,7 +233,7 @@ func (c *Cache[T]) Get(ctx context.Context, key string, load Loader[T]) (T, erro
 	if c.opts.Tracer == nil {
 		return c.one(ctx, key, 0, source[T]{one: load}, 0)
 	}
-	call := Call{Kind: CallGet, Cache: c.name, Key: key, Keys: 1}
+	call := Call{Kind: callGet, Cache: c.name, Key: key, Keys: 1}
 	ctx = c.opts.Tracer.Start(ctx, call)
 	v, err := c.one(ctx, key, 0, source[T]{one: load}, 0)
 	c.opts.Tracer.End(ctx, call, err)

@@ -47,7 +47,7 @@ func TestGetHitMissAndStats(t *testing.T) {
 			t.Fatalf("loader calls = %d, want 1", got)
 		}
 		s := c.Stats()
-		if s.Hits != 2 || s.Misses != 1 || s.Loads != 1 || s.Requests() != 3 {
+		if s.Hits != 2 || s.Misses != 1 || s.Loads != 1 || s.requests() != 3 {
 			t.Fatalf("stats = %+v, want 2 hits, 1 miss, 1 load", s)
 		}
 		if hr := s.HitRate(); hr < 0.66 || hr > 0.67 {
@@ -59,8 +59,8 @@ func TestGetHitMissAndStats(t *testing.T) {
 			t.Fatalf("stored entry = %+v, %v", e, err)
 		}
 		ttl := b.client(t).PTTL(ctx, key).Val()
-		if ttl > DefaultTTL || ttl < time.Duration(float64(DefaultTTL)*(1-DefaultJitter))-time.Second {
-			t.Fatalf("PTTL = %v, want within [%v, %v]", ttl, time.Duration(float64(DefaultTTL)*(1-DefaultJitter)), DefaultTTL)
+		if ttl > defaultTTL || ttl < time.Duration(float64(defaultTTL)*(1-defaultJitter))-time.Second {
+			t.Fatalf("PTTL = %v, want within [%v, %v]", ttl, time.Duration(float64(defaultTTL)*(1-defaultJitter)), defaultTTL)
 		}
 	})
 }
@@ -284,7 +284,7 @@ func TestLeaseScriptsIdempotent(t *testing.T) {
 		rdb := b.client(t)
 		key := b.key("k")
 		tok := newToken()
-		lease := leaseEntry(tok, FormatJSON)
+		lease := leaseEntry(tok, formatJSON)
 		for i := 0; i < 2; i++ {
 			held, cur, err := acquire(ctx, rdb, key, tok, time.Second)
 			if err != nil || !held || cur != nil {
@@ -295,7 +295,7 @@ func TestLeaseScriptsIdempotent(t *testing.T) {
 		if held, cur, err := acquire(ctx, rdb, key, other, time.Second); err != nil || held || string(cur) != string(lease) {
 			t.Fatalf("second holder: held=%v err=%v, want the first lease back", held, err)
 		}
-		entry := envelope.Encode(&envelope.Entry{Kind: envelope.Value, Format: FormatJSON, Token: tok, Payload: []byte(`1`)})
+		entry := envelope.Encode(&envelope.Entry{Kind: envelope.Value, Format: formatJSON, Token: tok, Payload: []byte(`1`)})
 		for i := 0; i < 2; i++ {
 			ok, err := fill(ctx, rdb, key, "", tok, entry, time.Minute, time.Minute)
 			if err != nil || !ok {
@@ -564,9 +564,9 @@ func TestFaultLeaseWithoutTTL(t *testing.T) {
 		ctx := context.Background()
 		for _, kind := range []string{"lease", "refreshing"} {
 			key := b.key("no-ttl-" + kind)
-			entry := leaseEntry(newToken(), FormatJSON)
+			entry := leaseEntry(newToken(), formatJSON)
 			if kind == "refreshing" {
-				e := envelope.Entry{Kind: envelope.Refreshing, Format: FormatJSON, Token: newToken(), SoftExpiry: time.Now().Add(-time.Hour).UnixMilli(), Payload: []byte(`"old"`)}
+				e := envelope.Entry{Kind: envelope.Refreshing, Format: formatJSON, Token: newToken(), SoftExpiry: time.Now().Add(-time.Hour).UnixMilli(), Payload: []byte(`"old"`)}
 				entry = envelope.Encode(&e)
 			}
 			if err := b.client(t).Set(ctx, key, entry, 0).Err(); err != nil { // no PX
@@ -618,7 +618,7 @@ func TestLeaseRenewedDuringLongLoad(t *testing.T) {
 
 func TestCorruptEntriesAreReloaded(t *testing.T) {
 	valid := func(mut func(b []byte) []byte) []byte {
-		b := envelope.Encode(&envelope.Entry{Kind: envelope.Value, Format: FormatJSON, Token: newToken(), Payload: []byte(`"x"`)})
+		b := envelope.Encode(&envelope.Entry{Kind: envelope.Value, Format: formatJSON, Token: newToken(), Payload: []byte(`"x"`)})
 		return mut(b)
 	}
 	cases := []struct {
@@ -630,7 +630,7 @@ func TestCorruptEntriesAreReloaded(t *testing.T) {
 		{"unknown format version", valid(func(b []byte) []byte { b[1] = 99; return b })},
 		{"truncated header", valid(func(b []byte) []byte { return b[:20] })},
 		{"bad payload", valid(func(b []byte) []byte { return append(b[:envelope.HeaderSize], `{"no`...) })},
-		{"other codec", valid(func(b []byte) []byte { b[3] = FormatMsgpack; return b })},
+		{"other codec", valid(func(b []byte) []byte { b[3] = formatMsgpack; return b })},
 		{"unknown kind", valid(func(b []byte) []byte { b[2] = 77; return b })},
 	}
 	for _, tc := range cases {

@@ -24,18 +24,18 @@ import (
 // *redis.UniversalOptions. It sets ContextTimeoutEnabled, MaxRetries -1
 // (no command retries) unless set, and DialerRetries 1 unless set; on
 // ClusterOptions also ClusterStateReloadInterval
-// (DefaultClusterStateReloadInterval) unless set. It leaves every timeout
+// (defaultClusterStateReloadInterval) unless set. It leaves every timeout
 // as opt has it. The README's "Client settings" gives
 // the reason for each; in short, an outage then shows up as "connection
 // refused" within a millisecond or two, and the breaker opens at once.
-// DefaultClusterStateReloadInterval is the ClusterStateReloadInterval
+// defaultClusterStateReloadInterval is the ClusterStateReloadInterval
 // Recommended gives a Cluster client: how old go-redis lets its slot map
 // grow before it reloads it on the next command (go-redis's default is a
 // minute). After a master fails over, the client sends the dead master's
 // slots to the dead address until it reloads, so this bounds how long
 // those keys go without Redis; a reload is one CLUSTER SLOTS, at most this
 // often, and only while commands are sent.
-const DefaultClusterStateReloadInterval = time.Second
+const defaultClusterStateReloadInterval = time.Second
 
 func Recommended[O *redis.Options | *redis.FailoverOptions | *redis.ClusterOptions | *redis.RingOptions | *redis.UniversalOptions](opt O) O {
 	if reflect.ValueOf(opt).IsNil() {
@@ -49,7 +49,7 @@ func Recommended[O *redis.Options | *redis.FailoverOptions | *redis.ClusterOptio
 	case *redis.ClusterOptions:
 		recommend(&o.ContextTimeoutEnabled, &o.MaxRetries, &o.DialerRetries)
 		if o.ClusterStateReloadInterval == 0 {
-			o.ClusterStateReloadInterval = DefaultClusterStateReloadInterval
+			o.ClusterStateReloadInterval = defaultClusterStateReloadInterval
 		}
 	case *redis.RingOptions:
 		recommend(&o.ContextTimeoutEnabled, &o.MaxRetries, &o.DialerRetries)

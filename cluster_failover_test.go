@@ -53,10 +53,10 @@ func TestClusterMasterFailover(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = c.Close() })
-	waitFor(t, "the bus", c.LocalLive)
+	waitFor(t, "the bus", c.local.live.Load)
 
 	sm := newSlotMap(t, cc)
-	victim := sm.master(t, DefaultLocalChannelPrefix+name)
+	victim := sm.master(t, defaultLocalChannelPrefix+name)
 	perMaster := map[string][]string{}
 	for i := 0; len(perMaster) < 3 || len(perMaster[victim]) < 11 || minLen(perMaster) < 10; i++ {
 		k := fmt.Sprintf("%sk:%d", p, i)
@@ -125,7 +125,7 @@ func TestClusterMasterFailover(t *testing.T) {
 	_ = victimProc.cmd.Process.Kill()
 	<-victimProc.done
 	killed := time.Now()
-	waitFor(t, "the bus to be lost", func() bool { return !c.LocalLive() })
+	waitFor(t, "the bus to be lost", func() bool { return !c.local.live.Load() })
 	if err := c.Invalidate(ctx, invalKey); err == nil {
 		t.Fatal("Invalidate on the dead master returned nil")
 	}
@@ -165,7 +165,7 @@ func TestClusterMasterFailover(t *testing.T) {
 	}
 	var busBack, invalLanded time.Duration
 	for deadline := promoted.Add(15 * time.Second); busBack == 0 || invalLanded == 0; time.Sleep(10 * time.Millisecond) {
-		if busBack == 0 && c.LocalLive() {
+		if busBack == 0 && c.local.live.Load() {
 			busBack = time.Since(promoted)
 		}
 		if invalLanded == 0 && c.Stats().PendingInvals == 0 {

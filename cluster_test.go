@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/seed-b4ec662f/cacheaside/internal/wire"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -342,7 +343,7 @@ func TestClusterGetHitMiss(t *testing.T) {
 			t.Fatalf("round %d: %d loader calls, want %d", round, got, n)
 		}
 	}
-	onEveryMaster(t, "cached keys", keysPerMaster(t, cc, EscapeGlob(p)+"*"))
+	onEveryMaster(t, "cached keys", keysPerMaster(t, cc, wire.EscapeGlob(p)+"*"))
 	s := c.Stats()
 	if s.Misses != n || s.Loads != n || s.Hits != n || s.RedisErrors != 0 || s.FillsRejected != 0 {
 		t.Fatalf("stats %+v; want %d misses, loads and hits and no Redis errors", s, n)
@@ -399,8 +400,8 @@ func TestClusterNegativeCaching(t *testing.T) {
 		t.Fatalf("loader calls %d, negative hits %d → %d; want 1 call and 10 more negative hits", calls.Load(), before, c.Stats().NegativeHits)
 	}
 	ttl, err := cc.PTTL(ctx, key).Result()
-	if err != nil || ttl <= 0 || ttl > DefaultNegativeTTL {
-		t.Fatalf("tombstone PTTL = %v, %v; want within the negative TTL %v", ttl, err, DefaultNegativeTTL)
+	if err != nil || ttl <= 0 || ttl > defaultNegativeTTL {
+		t.Fatalf("tombstone PTTL = %v, %v; want within the negative TTL %v", ttl, err, defaultNegativeTTL)
 	}
 	t.Logf("stats %+v", c.Stats())
 }
@@ -500,7 +501,7 @@ func TestClusterInvalidate(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		pattern := EscapeGlob(p) + "*"
+		pattern := wire.EscapeGlob(p) + "*"
 		onEveryMaster(t, "keys before Invalidate", keysPerMaster(t, cc, pattern))
 		if err := c.Invalidate(ctx, keys...); err != nil {
 			t.Fatalf("Invalidate of %d keys on 3 masters: %v", n, err)
@@ -652,8 +653,8 @@ func TestClusterInvalidatePrefix(t *testing.T) {
 	for err := range errs {
 		t.Fatal(err)
 	}
-	onEveryMaster(t, "keys under the prefix", keysPerMaster(t, cc, EscapeGlob(prefix)+"*"))
-	if total := totalKeys(keysPerMaster(t, cc, EscapeGlob(p)+"*")); total != len(all) {
+	onEveryMaster(t, "keys under the prefix", keysPerMaster(t, cc, wire.EscapeGlob(prefix)+"*"))
+	if total := totalKeys(keysPerMaster(t, cc, wire.EscapeGlob(p)+"*")); total != len(all) {
 		t.Fatalf("%d keys written, want %d", total, len(all))
 	}
 
@@ -663,14 +664,14 @@ func TestClusterInvalidatePrefix(t *testing.T) {
 		t.Fatalf("InvalidatePrefix = %d, %v; want %d, nil", n, err, len(inside))
 	}
 	t.Logf("InvalidatePrefix deleted %d keys on 3 masters in %v", n, time.Since(t0))
-	if left := keysPerMaster(t, cc, EscapeGlob(prefix)+"*"); totalKeys(left) != 0 {
+	if left := keysPerMaster(t, cc, wire.EscapeGlob(prefix)+"*"); totalKeys(left) != 0 {
 		t.Fatalf("keys left under the prefix: %v", left)
 	}
 	n, err = c.InvalidatePrefix(ctx, globPrefix)
 	if err != nil || n != int64(len(globInside)) {
 		t.Fatalf("InvalidatePrefix(%q) = %d, %v; want %d, nil", globPrefix, n, err, len(globInside))
 	}
-	if total := totalKeys(keysPerMaster(t, cc, EscapeGlob(p)+"*")); total != len(outside) {
+	if total := totalKeys(keysPerMaster(t, cc, wire.EscapeGlob(p)+"*")); total != len(outside) {
 		t.Fatalf("%d keys left in all, want the %d outside the prefixes", total, len(outside))
 	}
 	if got, want := c.Stats().Invalidations, uint64(len(inside)+len(globInside)); got != want {
@@ -921,7 +922,7 @@ func TestClusterGetMany(t *testing.T) {
 			t.Errorf("id %d loaded %d times, want once across 16 batches on 4 instances", id, c)
 		}
 	}
-	onEveryMaster(t, "cached entries", keysPerMaster(t, clusterClient(t, addrs), EscapeGlob(p)+"*"))
+	onEveryMaster(t, "cached entries", keysPerMaster(t, clusterClient(t, addrs), wire.EscapeGlob(p)+"*"))
 	before := calls.Load()
 	got, err := GetMany(ctx, caches[0], ids(n), key, load)
 	if err != nil || len(got) != n-n/10 || calls.Load() != before {

@@ -4,6 +4,7 @@ package cacheaside
 
 import (
 	"encoding/json"
+	"github.com/seed-b4ec662f/cacheaside/internal/wire"
 	"reflect"
 
 	"github.com/vmihailenco/msgpack/v5"
@@ -32,15 +33,15 @@ func JSON[T any]() Codec[T] { return jsonCodec[T]{} }
 // `msgpack` tags (not their `json` tags).
 func Msgpack[T any]() Codec[T] { return msgpackCodec[T]{maps: holdsMap(reflect.TypeFor[T]())} }
 
-// FormatJSON and FormatMsgpack are the format bytes of the built-in codecs.
+// formatJSON and formatMsgpack are the format bytes of the built-in codecs.
 const (
-	FormatJSON    byte = 1
-	FormatMsgpack byte = 2
+	formatJSON    = wire.FormatJSON
+	formatMsgpack = wire.FormatMsgpack
 )
 
 type jsonCodec[T any] struct{}
 
-func (jsonCodec[T]) Format() byte                      { return FormatJSON }
+func (jsonCodec[T]) Format() byte                      { return formatJSON }
 func (jsonCodec[T]) Marshal(v T) ([]byte, error)       { return json.Marshal(v) }
 func (jsonCodec[T]) Unmarshal(data []byte, v *T) error { return json.Unmarshal(data, v) }
 
@@ -48,7 +49,7 @@ type msgpackCodec[T any] struct {
 	maps bool // T holds a Go map of interface values: see holdsMap
 }
 
-func (msgpackCodec[T]) Format() byte { return FormatMsgpack }
+func (msgpackCodec[T]) Format() byte { return formatMsgpack }
 
 func (msgpackCodec[T]) Marshal(v T) ([]byte, error) {
 	return msgpack.Marshal(v)

@@ -725,7 +725,7 @@ func (r *diffRun) record(ids ...int) {
 
 // entry encodes an entry of this run (gen stamped in a namespace).
 func (r *diffRun) entry(kind envelope.Kind, tok envelope.Token, soft time.Duration, payload []byte) []byte {
-	e := &envelope.Entry{Kind: kind, Format: FormatJSON, Token: tok, LoadMillis: 1, Payload: payload}
+	e := &envelope.Entry{Kind: kind, Format: formatJSON, Token: tok, LoadMillis: 1, Payload: payload}
 	if soft != 0 {
 		e.SoftExpiry = r.clk.Now().Add(soft).UnixMilli()
 	}
@@ -776,7 +776,7 @@ func (r *diffRun) setup(ctx context.Context, p redis.Pipeliner, i int) {
 		default:
 			var e envelope.Entry
 			_ = envelope.Decode(r.entry(envelope.Value, newToken(), diffSoftFresh, old), &e)
-			e.Format = FormatMsgpack
+			e.Format = formatMsgpack
 			b = envelope.Encode(&e)
 		}
 	case dsWrongType:
@@ -826,7 +826,7 @@ func (r *diffRun) afterMiss(key string) {
 		case drTombstone:
 			b = r.entry(envelope.NotFound, newToken(), diffSoftNeg, nil)
 		case drForeign:
-			b[3] = FormatMsgpack // the format byte: decodable header, foreign codec
+			b[3] = formatMsgpack // the format byte: decodable header, foreign codec
 		}
 		if err := r.admin.Set(ctx, key, b, diffLongPX).Err(); err != nil {
 			r.fail(fmt.Errorf("race write %s: %w", key, err))
@@ -842,7 +842,7 @@ func (r *diffRun) afterMiss(key string) {
 			var e envelope.Entry
 			var v string
 			if envelope.Decode(cur, &e) == nil && (e.Kind == envelope.Value || e.Kind == envelope.Refreshing) &&
-				e.Format == FormatJSON && json.Unmarshal(e.Payload, &v) == nil && (r.genKey == "" || e.Gen == r.curGen()) {
+				e.Format == formatJSON && json.Unmarshal(e.Payload, &v) == nil && (r.genKey == "" || e.Gen == r.curGen()) {
 				e.Kind, e.Token = envelope.Refreshing, tok
 				b = envelope.Encode(&e)
 			}
@@ -1379,7 +1379,7 @@ func (r *diffRun) snapshot(ctx context.Context) ([]string, error) {
 		s := e.Kind.String()
 		if e.Kind == envelope.Value || e.Kind == envelope.Refreshing {
 			var v string
-			if e.Format == FormatJSON && json.Unmarshal(e.Payload, &v) == nil {
+			if e.Format == formatJSON && json.Unmarshal(e.Payload, &v) == nil {
 				s += "(" + v + ")"
 			} else {
 				s += fmt.Sprintf("(format %d, payload %q)", e.Format, e.Payload)

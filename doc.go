@@ -31,24 +31,18 @@
 // its older value afterwards. Everyone else waits for the fill, or takes
 // over when the lease expires because its holder died.
 //
-// A hit is one GET; the scripts run only on misses.
-//
-// Get and GetMany are two doors into one miss engine: each key is a
-// keyOp, a first read is classified in one place (read.go), and one
-// engine (engine.go) takes leases for a round of keys, waits for keys held
-// elsewhere (wait.go), loads (load.go) and fills (fill.go), whether the
-// round holds one key or a hundred. Every counted event goes through one
-// sink (events.go) that updates Stats and calls the Recorder together,
-// and passes the event with the caller's context to the Tracer, if one is
-// set (tracer.go).
+// A hit is one GET; the scripts run only on misses. Get and GetMany follow
+// the same protocol per key, so a batch and single Gets of one key share
+// its load.
 //
 // # Observability
 //
 // Stats is a snapshot of counters, cheap enough to read at every scrape;
-// the cacheprometheus and cacheotel modules (under extra/) export it. A
-// Recorder sees each event as it is counted; a Tracer sees each Get,
-// GetMany and loader call with its context, for spans. Configuration
-// warnings go to slog.Default() unless Options.Logger is set.
+// the cacheprometheus and cacheotel modules (under extra/) export every
+// counter Stats.Counters lists. A Recorder is told of each Event as it is
+// counted; a Tracer sees each Get, GetMany and loader call with its
+// context, for spans. Configuration warnings go to slog.Default() unless
+// Options.Logger is set.
 //
 // # Failures
 //
@@ -84,6 +78,8 @@
 // # Links
 //
 //   - The load path, step by step, with the Redis commands it sends: README.md
+//   - How the code is laid out, and which file owns each rule:
+//     docs/architecture.md
 //   - Facebook's memcache leases, the idea behind the fill check:
 //     https://www.usenix.org/conference/nsdi13/technical-sessions/presentation/nishtala
 //   - go-redis: https://redis.uptrace.dev/

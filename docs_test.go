@@ -61,7 +61,7 @@ func docFacts(t *testing.T) []docFact {
 
 	return []docFact{
 		// Degradation (options.go)
-		{"Degradation.OpTimeout default", "DefaultOpTimeout, options.go", DefaultOpTimeout, []string{
+		{"Degradation.OpTimeout default", "defaultOpTimeout, options.go", defaultOpTimeout, []string{
 			`OpTimeout \(default (DUR)\)`, `OpTimeout \| (DUR) \|`, `OpTimeout, (DUR) by default`,
 			`^OpTimeout bounds .*?Default (DUR)`, `per-command budget \((DUR)\)`, `the (DUR) (?:read )?budget`}},
 		{"Degradation.WriteTimeout default", "Degradation.resolve, options.go", d.WriteTimeout, []string{
@@ -74,58 +74,58 @@ func docFacts(t *testing.T) []docFact {
 			`Default NUM × OpTimeout \((DUR)\); at least OpTimeout\.`}},
 		{"Degradation.RedisTimePerGet in OpTimeouts", "Degradation.resolve, options.go", int(d.RedisTimePerGet / d.OpTimeout), []string{
 			`RedisTimePerGet (?:\(default |\| )(NUM) × OpTimeout`, `Default (NUM) × OpTimeout \(DUR\); at least OpTimeout\.`}},
-		{"Degradation.BreakerFailures default", "DefaultBreakerFailures, options.go", DefaultBreakerFailures, []string{
+		{"Degradation.BreakerFailures default", "defaultBreakerFailures, options.go", defaultBreakerFailures, []string{
 			`BreakerFailures \((NUM)\)`, `BreakerFailures / BreakerCooldown \| (NUM) /`, `^BreakerFailures is .*?Default (NUM)\.`}},
-		{"Degradation.BreakerCooldown default", "DefaultBreakerCooldown, options.go", DefaultBreakerCooldown, []string{
+		{"Degradation.BreakerCooldown default", "defaultBreakerCooldown, options.go", defaultBreakerCooldown, []string{
 			`BreakerCooldown \((DUR)\)`, `BreakerFailures / BreakerCooldown \| NUM / (DUR)`, `^BreakerCooldown is .*?Default (DUR)\.`}},
-		{"Degradation.MaxLoadsWhileDown default", "DefaultMaxLoadsWhileDown, options.go", DefaultMaxLoadsWhileDown, []string{
+		{"Degradation.MaxLoadsWhileDown default", "defaultMaxLoadsWhileDown, options.go", defaultMaxLoadsWhileDown, []string{
 			`MaxLoadsWhileDown \((NUM)\)`, `MaxLoadsWhileDown \| (NUM) \|`, `^MaxLoadsWhileDown caps .*?Default (NUM)\.`}},
 
 		// Options (options.go)
-		{"Options.LoadTimeout default", "DefaultLoadTimeout, options.go", DefaultLoadTimeout, []string{
+		{"Options.LoadTimeout default", "defaultLoadTimeout, options.go", defaultLoadTimeout, []string{
 			`LoadTimeout \((DUR)\)`, `LoadTimeout \| (DUR) \|`, `^LoadTimeout bounds .*?Default (DUR)\.`}},
-		{"Options.LeaseTTL default", "DefaultLeaseTTL, options.go", DefaultLeaseTTL, []string{
+		{"Options.LeaseTTL default", "defaultLeaseTTL, options.go", defaultLeaseTTL, []string{
 			`(?:^|[^+] )LeaseTTL \((DUR)\)`, `LeaseTTL \| (DUR) \|`, `^LeaseTTL is .*?Default (DUR);`,
 			`<lease> (?:PX )?(\d+)\b`, `PEXPIRE \S+ (\d+)\b`}},
-		{"lease renewal interval (LeaseTTL/3)", "keepLeases, lock.go", DefaultLeaseTTL / 3, []string{
+		{"lease renewal interval (LeaseTTL/3)", "keepLeases, lock.go", defaultLeaseTTL / 3, []string{
 			`PEXPIRE \S+ \d+ every (second|DUR)`}},
-		{"LoadTimeout + LeaseTTL", "DefaultLoadTimeout + DefaultLeaseTTL, options.go", DefaultLoadTimeout + DefaultLeaseTTL, []string{
+		{"LoadTimeout + LeaseTTL", "defaultLoadTimeout + defaultLeaseTTL, options.go", defaultLoadTimeout + defaultLeaseTTL, []string{
 			`LoadTimeout \+ LeaseTTL \((DUR)\)`}},
-		{"Options.PollMin default", "DefaultPollMin, options.go", DefaultPollMin, []string{
+		{"Options.PollMin default", "defaultPollMin, options.go", defaultPollMin, []string{
 			`PollMin / PollMax \| (DUR) /`, `Defaults (DUR) and DUR\.`}},
-		{"Options.PollMax default", "DefaultPollMax, options.go", DefaultPollMax, []string{
+		{"Options.PollMax default", "defaultPollMax, options.go", defaultPollMax, []string{
 			`PollMin / PollMax \| DUR / (DUR)`, `Defaults DUR and (DUR)\.`}},
-		{"polls without the wake channel", "DefaultPollMin, DefaultPollMax, options.go", pollSeq, []string{
+		{"polls without the wake channel", "defaultPollMin, defaultPollMax, options.go", pollSeq, []string{
 			`polls after about ([\d, ]+ and then every DUR)`}},
-		{"Options.MaxValueSize default", "DefaultMaxValueSize, options.go", DefaultMaxValueSize, []string{
+		{"Options.MaxValueSize default", "defaultMaxValueSize, options.go", defaultMaxValueSize, []string{
 			`MaxValueSize \((SIZE)\)`, `MaxValueSize / MaxKeySize \| (SIZE) /`, `^MaxValueSize is .*?Default (SIZE)\.`}},
-		{"Options.MaxKeySize default", "DefaultMaxKeySize, options.go", DefaultMaxKeySize, []string{
+		{"Options.MaxKeySize default", "defaultMaxKeySize, options.go", defaultMaxKeySize, []string{
 			`MaxKeySize \((SIZE)\)`, `MaxValueSize / MaxKeySize \| SIZE / (SIZE) \|`, `^MaxKeySize is .*?Default (SIZE)\.`}},
-		{"Options.Name default", "DefaultName, options.go", DefaultName, []string{
+		{"Options.Name default", "defaultName, options.go", defaultName, []string{
 			`^Name labels .*?Default "(\w+)"`, `default "(\w+)", the library's default name`}},
 
 		// Policy (ttl.go)
-		{"Policy.TTL default", "DefaultTTL, ttl.go", DefaultTTL, []string{
+		{"Policy.TTL default", "defaultTTL, ttl.go", defaultTTL, []string{
 			`Policy\.TTL / NegativeTTL / Jitter \| (DUR) /`, `\(TTL (DUR), negative`,
 			`^TTL is how long a value stays in Redis.*?Default (DUR)`, `--ttl .*?\(default (DUR)\)`}},
-		{"Policy.NegativeTTL default", "DefaultNegativeTTL, ttl.go", DefaultNegativeTTL, []string{
+		{"Policy.NegativeTTL default", "defaultNegativeTTL, ttl.go", defaultNegativeTTL, []string{
 			`Policy\.TTL / NegativeTTL / Jitter \| DUR / (DUR) /`, `negative (DUR), jitter`,
 			`^NegativeTTL is how long.*?Default (DUR)`}},
-		{"Policy.Jitter default", "DefaultJitter, ttl.go", DefaultJitter, []string{
+		{"Policy.Jitter default", "defaultJitter, ttl.go", defaultJitter, []string{
 			`Policy\.TTL / NegativeTTL / Jitter \| DUR / DUR / ([\d.]+) \|`, `^Jitter is the fraction.*?Default ([\d.]+)`}},
-		{"Policy.Jitter default, in percent", "DefaultJitter, ttl.go", int(math.Round(DefaultJitter * 100)), []string{
+		{"Policy.Jitter default, in percent", "defaultJitter, ttl.go", int(math.Round(defaultJitter * 100)), []string{
 			`jitter (\d+)%`, `up to (\d+)% at random`, `Jitter \((\d+)%\)`, `Default [\d.]+ \((\d+)%\)`}},
-		{"Policy.Beta default", "DefaultBeta, ttl.go", DefaultBeta, []string{
+		{"Policy.Beta default", "defaultBeta, ttl.go", defaultBeta, []string{
 			`Policy\.Beta \| ([\d.]+) \|`, `XFetch beta ([\d.]+)`, `Beta defaults to ([\d.]+)`,
 			`Beta ([\d.]+) \(default\)`, `^Beta scales .*?Default ([\d.]+)`}},
 
 		// The local tier (local.go) and the wake channel (wait.go)
-		{"LocalOptions.TTL default", "DefaultLocalTTL, local.go", lo.TTL, []string{
+		{"LocalOptions.TTL default", "defaultLocalTTL, local.go", lo.TTL, []string{
 			`LocalOptions\.TTL \((?:default )?(DUR)\)`, `MaxEntries NUM, TTL (DUR)`, `for the default (DUR)\)`,
 			`^TTL is the longest a value is served from memory.*?Default (DUR)`}},
-		{"LocalOptions.HealthCheck default", "DefaultLocalHealthCheck, local.go", lo.HealthCheck, []string{
+		{"LocalOptions.HealthCheck default", "defaultLocalHealthCheck, local.go", lo.HealthCheck, []string{
 			`HealthCheck \(?(?:default )?(DUR)`, `^HealthCheck is how long .*?Default (DUR)`}},
-		{"LocalOptions.MaxEntries default", "DefaultLocalMaxEntries, local.go", lo.MaxEntries, []string{
+		{"LocalOptions.MaxEntries default", "defaultLocalMaxEntries, local.go", lo.MaxEntries, []string{
 			`MaxEntries (NUM)`, `^MaxEntries bounds .*?Default (NUM)`}},
 		{"local clock tick at the default TTL", "coarseResolution, local.go", coarseResolution(lo.TTL), []string{
 			`(DUR) for the default DUR\)`}},
@@ -134,13 +134,13 @@ func docFacts(t *testing.T) []docFact {
 		{"local clock tick, longest", "coarseResolution, local.go", coarseResolution(time.Hour), []string{
 			`TTL/100, between DUR and (DUR)`, `TTL/100 \(at least DUR, at most (DUR)\)`}},
 		{"local epoch stripes", "localStripes, local.go", localStripes, []string{`one of (NUM) stripes`}},
-		{"channel prefixes", "DefaultLocalChannelPrefix, local.go; WakeChannelPrefix, wait.go",
-			oneOf{DefaultLocalChannelPrefix, WakeChannelPrefix}, []string{`(cacheaside:[\w.-]+:)`}},
-		{"invalidation bus channel", "DefaultLocalChannelPrefix, local.go", DefaultLocalChannelPrefix, []string{
+		{"channel prefixes", "defaultLocalChannelPrefix, local.go; wakeChannelPrefix, wait.go",
+			oneOf{defaultLocalChannelPrefix, wakeChannelPrefix}, []string{`(cacheaside:[\w.-]+:)`}},
+		{"invalidation bus channel", "defaultLocalChannelPrefix, local.go", defaultLocalChannelPrefix, []string{
 			`(cacheaside:[\w.-]+:)<Name> unless LocalOptions\.Channel`, `Channel (cacheaside:[\w.-]+:)<Name>`,
 			`bus channel is "(cacheaside:[\w.-]+:)"`, `--cache \(the channel is (cacheaside:[\w.-]+:)`,
 			`publish(?:es|ed)? on (cacheaside:[\w.-]+:)`, `publish (cacheaside:[\w.-]+:)`, `Default "(cacheaside:[\w.-]+:)" \+ Options\.Name`}},
-		{"wake channel", "WakeChannelPrefix, wait.go", WakeChannelPrefix, []string{
+		{"wake channel", "wakeChannelPrefix, wait.go", wakeChannelPrefix, []string{
 			`wake channel \((cacheaside:[\w.-]+:)`, `Waiters are woken .*?\(the channel is (cacheaside:[\w.-]+:)`}},
 
 		// Entries (internal/envelope), invalidation (invalidate.go), the rest

@@ -6,6 +6,7 @@ package cacheaside
 import (
 	"context"
 	"fmt"
+	"github.com/seed-b4ec662f/cacheaside/internal/wire"
 	"time"
 )
 
@@ -35,18 +36,20 @@ const (
 	fromLocal               // the local tier answered
 )
 
-// before decides op's key before its Redis read, and counts what it
-// decided unless op is a start-over (op.attempt > 0).
-func (c *Cache[T]) before(ctx context.Context, op *keyOp[T]) (ahead, *localItem[T]) {
-	count := op.attempt == 0
-	if c.retries.covers(op.key, op.genKey) {
+// before decides key (in the namespace whose generation key is genKey)
+// before its Redis read, and counts what it decided unless the key's Get
+// is a start-over (attempt > 0). It takes no keyOp: a local hit must not
+// pay for building one.
+func (c *Cache[T]) before(ctx context.Context, key, genKey string, attempt int) (ahead, *localItem[T]) {
+	count := attempt == 0
+	if c.retries.covers(key, genKey) {
 		if count {
 			c.ev.miss(ctx)
 		}
 		return fromSource, nil
 	}
 	if l := c.local; l != nil {
-		if it, ok := l.lookup(op.key, l.now()); ok {
+		if it, ok := l.lookup(key, l.now()); ok {
 			if count {
 				c.ev.localHit(ctx, it.notFound)
 			}
@@ -118,8 +121,7 @@ func (c *Cache[T]) one(ctx context.Context, key string, idx int, src source[T], 
 	if src.one == nil && src.many == nil {
 		return zero, errNilLoader
 	}
-	op := keyOp[T]{key: key, genKey: genKey, idx: idx, attempt: attempt}
-	switch pre, it := c.before(ctx, &op); pre {
+	switch pre, it := c.before(ctx, key, genKey, attempt); pre {
 	case fromSource:
 		m := &keyOp[T]{key: key, genKey: genKey, idx: idx}
 		c.bypass(ctx, []*keyOp[T]{m}, src)
@@ -127,6 +129,7 @@ func (c *Cache[T]) one(ctx context.Context, key string, idx int, src source[T], 
 	case fromLocal:
 		return it.v, notFoundErr(it.notFound)
 	}
+	op := keyOp[T]{key: key, genKey: genKey, idx: idx, attempt: attempt}
 	c.prepare(&op, c.flights.Load())
 	t0 := time.Now()
 	op.b, op.gv, op.rerr = c.read(ctx, key, genKey)
@@ -152,7 +155,7 @@ func (c *Cache[T]) checkKey(key string) (genKey string, err error) {
 	if !c.opts.Namespaced {
 		return "", nil
 	}
-	genKey, ok := namespaceGenKey(key)
+	genKey, ok := wire.GenerationKey(key)
 	if !ok {
 		return "", fmt.Errorf("%w: %q has no namespace; a namespaced cache takes keys built with Namespace.Key", ErrInvalidKey, key)
 	}

@@ -65,15 +65,15 @@ func FuzzEntry(f *testing.F) {
 	}
 	item := []fuzzItem{{A: []int64{1, 2}, M: map[string]any{"a": 1.5}, T: map[string]time.Time{"t": time.Unix(1, 0)}, S: []struct{ N string }{{"x"}}}}
 	if b, err := JSON[[]fuzzItem]().Marshal(item); err == nil {
-		f.Add(entry(FormatJSON, b))
+		f.Add(entry(formatJSON, b))
 	}
 	if b, err := Msgpack[[]fuzzItem]().Marshal(item); err == nil {
-		f.Add(entry(FormatMsgpack, b))
+		f.Add(entry(formatMsgpack, b))
 	}
-	f.Add(entry(FormatJSON, []byte(`[[[[[[[[1]]]]]]]]`)))
-	f.Add(entry(FormatMsgpack, []byte{0xdd, 0xff, 0xff, 0xff, 0xff}))
-	f.Add(entry(FormatMsgpack, []byte{0xc7, 0x0a, 0x05, 0xde, 0x00, 0x01, 0xa1, 'k', 0xdd, 0x7f, 0xff, 0xff, 0xff}))
-	f.Add(envelope.Encode(&envelope.Entry{Kind: envelope.NotFound, Format: FormatJSON, Token: envelope.Token{2}}))
+	f.Add(entry(formatJSON, []byte(`[[[[[[[[1]]]]]]]]`)))
+	f.Add(entry(formatMsgpack, []byte{0xdd, 0xff, 0xff, 0xff, 0xff}))
+	f.Add(entry(formatMsgpack, []byte{0xc7, 0x0a, 0x05, 0xde, 0x00, 0x01, 0xa1, 'k', 0xdd, 0x7f, 0xff, 0xff, 0xff}))
+	f.Add(envelope.Encode(&envelope.Entry{Kind: envelope.NotFound, Format: formatJSON, Token: envelope.Token{2}}))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		// 256 bytes per input byte: a JSON "[" or "{" costs a slice or map
 		// header and its first growth; anything past that is a bug.

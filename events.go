@@ -46,8 +46,8 @@ const (
 	nDroppedInvals
 	nLocalFlushes
 	nBusMessages
-	nLoadsWithin // NumLoadBuckets counters, one per bucket (not cumulative)
-	numCounters  = nLoadsWithin + NumLoadBuckets
+	nLoadsWithin // numLoadBuckets counters, one per bucket (not cumulative)
+	numCounters  = nLoadsWithin + numLoadBuckets
 )
 
 // stripe is one copy of every counter. Each core updates its own stripe
@@ -59,12 +59,11 @@ type stripe struct {
 }
 
 // events is the one sink every counted event goes through: it updates the
-// counters behind Stats and calls the Recorder, in one place.
+// counters behind Stats and tells the Recorder and the Tracer, in one place.
 type events struct {
 	name    string
-	rec     Recorder
-	nop     bool   // rec is the NopRecorder: skip the calls
-	tr      Tracer // nil: no tracing
+	rec     Recorder // nil: none
+	tr      Tracer   // nil: no tracing
 	stripes []stripe
 	mask    uint32
 }
@@ -74,8 +73,7 @@ func newEvents(name string, rec Recorder, tr Tracer) *events {
 	for n < 4*runtime.GOMAXPROCS(0) && n < 64 {
 		n *= 2
 	}
-	_, nop := rec.(NopRecorder)
-	return &events{name: name, rec: rec, nop: nop, tr: tr, stripes: make([]stripe, n), mask: uint32(n - 1)}
+	return &events{name: name, rec: rec, tr: tr, stripes: make([]stripe, n), mask: uint32(n - 1)}
 }
 
 // add adds n to counter i in the stripe of the caller's token. Tokens
@@ -115,11 +113,11 @@ func (e *events) snapshot() Stats {
 			n[i] += e.stripes[j].n[i].Load()
 		}
 	}
-	var within [NumLoadBuckets]uint64
+	within := make([]LoadBucket, numLoadBuckets)
 	var sum uint64
 	for i := range within {
 		sum += n[nLoadsWithin+stat(i)]
-		within[i] = sum
+		within[i] = LoadBucket{Le: loadBounds[i], Count: sum}
 	}
 	return Stats{
 		Hits:              n[nHits] + n[nLocalHits],
@@ -154,13 +152,30 @@ func (e *events) snapshot() Stats {
 	}
 }
 
-// The events, each counted and recorded here and nowhere else.
+// The events, each counted, recorded and traced here and nowhere else.
+
+// record tells the Recorder of ev, if there is one.
+func (e *events) record(ctx context.Context, ev Event) {
+	if e.rec != nil {
+		ev.Cache = e.name
+		e.rec.Record(ctx, ev)
+	}
+}
 
 // trace passes ev to the Tracer, if there is one, with the context of the
 // call it belongs to.
 func (e *events) trace(ctx context.Context, ev Event) {
 	if e.tr != nil && ctx.Value(backgroundKey{}) == nil {
+		ev.Cache = e.name
 		e.tr.Event(ctx, ev)
+	}
+}
+
+// tell is record and trace: an event inside a call.
+func (e *events) tell(ctx context.Context, ev Event) {
+	if e.rec != nil || e.tr != nil {
+		e.record(ctx, ev)
+		e.trace(ctx, ev)
 	}
 }
 
@@ -170,97 +185,84 @@ type backgroundKey struct{}
 
 func (e *events) hit(ctx context.Context) {
 	e.add(nHits, 1)
-	if !e.nop {
-		e.rec.Hit(e.name)
-	}
-	e.trace(ctx, Event{Kind: EventHit})
+	e.tell(ctx, Event{Kind: evHit})
 }
 
 func (e *events) staleHit(ctx context.Context) {
 	e.add(nHits, 1)
 	e.add(nStaleServed, 1)
-	if !e.nop {
-		e.rec.Hit(e.name)
-		e.rec.StaleServed(e.name)
-	}
-	e.trace(ctx, Event{Kind: EventStale})
+	e.tell(ctx, Event{Kind: evStale})
 }
 
 func (e *events) negativeHit(ctx context.Context) {
 	e.add(nNegHits, 1)
-	if !e.nop {
-		e.rec.NegativeHit(e.name)
-	}
-	e.trace(ctx, Event{Kind: EventNegativeHit})
+	e.tell(ctx, Event{Kind: evNegativeHit})
 }
 
 func (e *events) localHit(ctx context.Context, notFound bool) {
 	if notFound {
 		e.add(nLocalNegHits, 1)
-		if !e.nop {
-			e.rec.NegativeHit(e.name)
-			e.rec.LocalNegativeHit(e.name)
-		}
-		e.trace(ctx, Event{Kind: EventLocalNegativeHit})
+		e.tell(ctx, Event{Kind: evLocalNegativeHit})
 		return
 	}
 	e.add(nLocalHits, 1)
-	if !e.nop {
-		e.rec.Hit(e.name)
-		e.rec.LocalHit(e.name)
-	}
-	e.trace(ctx, Event{Kind: EventLocalHit})
+	e.tell(ctx, Event{Kind: evLocalHit})
 }
 
 func (e *events) miss(ctx context.Context) {
 	e.add(nMisses, 1)
-	if !e.nop {
-		e.rec.Miss(e.name)
-	}
-	e.trace(ctx, Event{Kind: EventMiss})
+	e.tell(ctx, Event{Kind: evMiss})
 }
 
 // loaded counts one loader call; notFound says err means "does not exist".
-func (e *events) loaded(took time.Duration, err error, notFound bool) {
+func (e *events) loaded(ctx context.Context, took time.Duration, err error, notFound bool) {
 	if err != nil && !notFound {
 		e.add(nLoadErrors, 1)
 	} else {
 		e.add(nLoads, 1)
 	}
 	e.add(nLoadNanos, uint64(took))
-	if b := loadBucket(took); b < NumLoadBuckets {
+	if b := loadBucket(took); b < numLoadBuckets {
 		e.add(nLoadsWithin+b, 1)
 	}
-	e.rec.Load(e.name, took, err)
+	e.record(ctx, Event{Kind: evLoad, D: took, Err: err})
 }
 
 func (e *events) coalesced(ctx context.Context) {
 	e.add(nCoalesced, 1)
-	e.rec.Coalesced(e.name)
-	e.trace(ctx, Event{Kind: EventCoalesced})
+	e.tell(ctx, Event{Kind: evCoalesced})
 }
 
 func (e *events) leaseContended(ctx context.Context, keys int) {
 	e.add(nLeaseContended, uint64(keys))
-	e.rec.LeaseContended(e.name, keys)
-	e.trace(ctx, Event{Kind: EventLeaseWait, Keys: keys})
+	e.tell(ctx, Event{Kind: evLeaseWait, N: keys})
 }
 
-func (e *events) waited(d time.Duration) { e.rec.Waited(e.name, d) }
-func (e *events) fillRejected()          { e.add(nFillsRejected, 1); e.rec.FillRejected(e.name) }
-func (e *events) notCached()             { e.add(nNotCached, 1); e.rec.NotCached(e.name) }
-func (e *events) decodeError()           { e.add(nDecodeErrors, 1); e.rec.DecodeError(e.name) }
+func (e *events) waited(d time.Duration) { e.record(context.Background(), Event{Kind: evWaited, D: d}) }
+
+func (e *events) fillRejected(ctx context.Context) {
+	e.add(nFillsRejected, 1)
+	e.tell(ctx, Event{Kind: evFillRejected})
+}
+
+func (e *events) notCached(ctx context.Context) {
+	e.add(nNotCached, 1)
+	e.tell(ctx, Event{Kind: evNotCached})
+}
+
+func (e *events) decodeError(ctx context.Context) {
+	e.add(nDecodeErrors, 1)
+	e.tell(ctx, Event{Kind: evDecodeError})
+}
 
 func (e *events) staleServed(ctx context.Context) {
 	e.add(nStaleServed, 1)
-	e.rec.StaleServed(e.name)
-	e.trace(ctx, Event{Kind: EventServedStale})
+	e.tell(ctx, Event{Kind: evServedStale})
 }
 
 func (e *events) staleIfError(ctx context.Context) {
 	e.add(nStaleIfError, 1)
-	e.rec.StaleIfError(e.name)
-	e.trace(ctx, Event{Kind: EventStaleIfError})
+	e.tell(ctx, Event{Kind: evStaleIfError})
 }
 
 // redisError counts a command that was sent and failed; a command that was
@@ -268,22 +270,25 @@ func (e *events) staleIfError(ctx context.Context) {
 // it was refused, and only reaches the Tracer here.
 func (e *events) redisError(ctx context.Context, op string, err error) {
 	if errors.Is(err, ErrRedisUnavailable) {
-		e.trace(ctx, Event{Kind: EventRedisSkipped, Op: op, Err: err})
+		e.trace(ctx, Event{Kind: evRedisSkipped, Op: op, Err: err})
 		return
 	}
 	e.add(nRedisErrors, 1)
-	e.rec.RedisError(e.name, op, err)
-	e.trace(ctx, Event{Kind: EventRedisError, Op: op, Err: err})
+	e.tell(ctx, Event{Kind: evRedisError, Op: op, Err: err})
 }
 
-func (e *events) redisSkipped() { e.add(nRedisSkipped, 1); e.rec.RedisSkipped(e.name) }
+// redisSkipped counts a command the guard did not send.
+func (e *events) redisSkipped() {
+	e.add(nRedisSkipped, 1)
+	e.record(context.Background(), Event{Kind: evRedisSkipped})
+}
 
 func (e *events) refreshed(err error, failed bool) {
 	e.add(nRefreshes, 1)
 	if failed {
 		e.add(nRefreshErrors, 1)
 	}
-	e.rec.Refresh(e.name, err)
+	e.record(context.Background(), Event{Kind: evRefresh, Err: err})
 }
 
 // breakerState is told of each change of a breaker: open says it opened;
@@ -294,29 +299,35 @@ func (e *events) breakerState(state string, open, changed bool) {
 		e.add(nBreakerOpens, 1)
 	}
 	if changed {
-		e.rec.BreakerState(e.name, state)
+		e.record(context.Background(), Event{Kind: evBreakerState, State: state})
 	}
 }
 
 func (e *events) invalidated(n int64) {
 	if n > 0 {
 		e.add(nInvals, uint64(n))
-		e.rec.Invalidated(e.name, int(n))
+		e.record(context.Background(), Event{Kind: evInvalidated, N: int(n)})
 	}
 }
 
-func (e *events) bumped()  { e.add(nBumps, 1); e.rec.NamespaceBumped(e.name) }
-func (e *events) queued()  { e.add(nQueuedInvals, 1); e.rec.InvalidationQueued(e.name) }
-func (e *events) retried() { e.add(nRetriedInvals, 1); e.rec.InvalidationRetried(e.name) }
-func (e *events) dropped() { e.add(nDroppedInvals, 1); e.rec.InvalidationDropped(e.name) }
-func (e *events) overloaded(ctx context.Context) {
-	e.add(nOverloaded, 1)
-	e.rec.Overloaded(e.name)
-	e.trace(ctx, Event{Kind: EventOverloaded})
+// background counts an event of the cache's own work, which no call waits
+// for.
+func (e *events) background(i stat, kind string) {
+	e.add(i, 1)
+	e.record(context.Background(), Event{Kind: kind})
 }
 
-func (e *events) localFlushed() { e.add(nLocalFlushes, 1); e.rec.LocalFlushed(e.name) }
-func (e *events) busMessage()   { e.add(nBusMessages, 1); e.rec.BusMessage(e.name) }
+func (e *events) bumped()       { e.background(nBumps, evNamespaceBumped) }
+func (e *events) queued()       { e.background(nQueuedInvals, evInvalQueued) }
+func (e *events) retried()      { e.background(nRetriedInvals, evInvalRetried) }
+func (e *events) dropped()      { e.background(nDroppedInvals, evInvalDropped) }
+func (e *events) localFlushed() { e.background(nLocalFlushes, evLocalFlushed) }
+func (e *events) busMessage()   { e.background(nBusMessages, evBusMessage) }
+
+func (e *events) overloaded(ctx context.Context) {
+	e.add(nOverloaded, 1)
+	e.tell(ctx, Event{Kind: evOverloaded})
+}
 
 // redisError counts a failed Redis command and reports it. A command the
 // open breaker did not send is counted and passed to the Recorder and

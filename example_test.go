@@ -128,22 +128,25 @@ func ExampleKeyspace() {
 	tasks := cacheaside.MustKeyspace("tasks", 1)
 	fmt.Println(tasks.Key("42"))
 	fmt.Println(tasks.Key("org", "acme", "status", "done", "page", "2", "size", "20"))
-	fmt.Println(tasks.Key("org", "evil:*")) // data cannot add structure or globs
-	fmt.Println(cacheaside.EscapeGlob(tasks.Prefix("org", "acme")) + "*")
+	fmt.Println(tasks.Key("org", "evil:*"))  // data cannot add structure or globs
+	fmt.Println(tasks.Prefix("org", "acme")) // what InvalidatePrefix takes
 	// Output:
 	// v1:tasks:42
 	// v1:tasks:org:acme:status:done:page:2:size:20
 	// v1:tasks:org:evil%3A%2A
-	// v1:tasks:org:acme:*
+	// v1:tasks:org:acme:
 }
 
 func ExampleTTLTable_WithOverrides() {
-	ttls := cacheaside.MustTTLTable(map[string]cacheaside.Policy{
+	ttls, err := cacheaside.NewTTLTable(map[string]cacheaside.Policy{
 		"task":      {TTL: 5 * time.Minute, NegativeTTL: time.Minute},
 		"task_list": {TTL: time.Minute},
 	})
+	if err != nil {
+		panic(err)
+	}
 	// An application would pass os.Getenv("CACHE_TTLS").
-	ttls, err := ttls.WithOverrides("task=2m,task_list=30s")
+	ttls, err = ttls.WithOverrides("task=2m,task_list=30s")
 	if err != nil {
 		panic(err)
 	}

@@ -225,11 +225,14 @@ func TestBreakerBlackHoleAndRecovery(t *testing.T) {
 }
 
 type stateRecorder struct {
-	NopRecorder
 	on func(string)
 }
 
-func (r *stateRecorder) BreakerState(_, s string) { r.on(s) }
+func (r *stateRecorder) Record(_ context.Context, ev Event) {
+	if ev.Kind == "breaker_state" {
+		r.on(ev.State)
+	}
+}
 
 // TestRedisKilledUnderLoad: the redis-server is killed for 2.5s under
 // concurrent Gets: none fails, loads that bypass Redis never exceed the

@@ -61,7 +61,7 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 		case found[i]:
 			entry, ttl, merr := c.encode(vals[i], op.tok, op.gen, took)
 			if merr != nil {
-				c.ev.notCached()
+				c.ev.notCached(r.ctx)
 				c.report(r.ctx, "encode", op.key, merr)
 				calls[i] = c.leases.release(op.key, op.tok, op.keep(c))
 				continue
@@ -95,7 +95,7 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 			tok = op.tok
 			c.putLocal(op.key, vals[i], !found[i], softs[i], op.snap)
 		case fills[i]:
-			c.ev.fillRejected()
+			c.ev.fillRejected(wctx)
 		}
 		op.held = false
 		if found[i] {

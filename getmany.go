@@ -59,7 +59,7 @@ func GetMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 	if c.opts.Tracer == nil {
 		return getMany(ctx, c, ids, key, load)
 	}
-	call := Call{Kind: CallGetMany, Cache: c.name, Keys: len(ids)}
+	call := Call{Kind: callGetMany, Cache: c.name, Keys: len(ids)}
 	ctx = c.opts.Tracer.Start(ctx, call)
 	m, err := getMany(ctx, c, ids, key, load)
 	c.opts.Tracer.End(ctx, call, err)
@@ -94,7 +94,7 @@ func getMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 		byKey[k] = len(items)
 		items = append(items, batchItem[K, T]{id: id, op: keyOp[T]{key: k, genKey: genKey, idx: len(items)}})
 		it := &items[len(items)-1]
-		switch pre, li := c.before(ctx, &it.op); pre {
+		switch pre, li := c.before(ctx, k, genKey, 0); pre {
 		case fromSource:
 			bypass = append(bypass, &it.op)
 		case fromLocal:

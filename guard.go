@@ -373,7 +373,7 @@ func unsentErr(cmds []redis.Cmder, err error) error {
 
 // publish sends one PUBLISH under the budget and through the breaker of
 // keyless writes (a Cluster sends it to any node).
-func (g *guarded) publish(ctx context.Context, bus Bus, channel string, msg []byte) error {
+func (g *guarded) publish(ctx context.Context, bus pubsubClient, channel string, msg []byte) error {
 	o, err := g.begin(ctx, g.budget, false, writes, "")
 	if err != nil {
 		return err

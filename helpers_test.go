@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"github.com/seed-b4ec662f/cacheaside/internal/wire"
 	"log/slog"
 	"net"
 	"os"
@@ -107,7 +108,7 @@ func (b *backend) cleanup(t *testing.T) {
 	defer rdb.Close()
 	ctx := context.Background()
 	// Keys start with the prefix, or hold it as an escaped part (namespaces).
-	for _, pattern := range []string{EscapeGlob(b.prefix) + "*", "*" + EscapeGlob(EscapePart(b.prefix)) + "*"} {
+	for _, pattern := range []string{wire.EscapeGlob(b.prefix) + "*", "*" + wire.EscapeGlob(wire.EscapePart(b.prefix)) + "*"} {
 		iter := rdb.Scan(ctx, 0, pattern, 1000).Iterator()
 		for iter.Next(ctx) {
 			rdb.Unlink(ctx, iter.Val())
@@ -238,7 +239,7 @@ func (sc scriptCall) on(ctx context.Context, rdb Redis) *redis.Cmd {
 // acquire takes tok's lease on key for ttl (a JSON-format lease entry),
 // and returns whether it did and, if not, the entry in its place.
 func acquire(ctx context.Context, rdb Redis, key string, tok envelope.Token, ttl time.Duration) (held bool, cur []byte, err error) {
-	l := &leases{ttl: ttl, genTTL: time.Minute, format: FormatJSON}
+	l := &leases{ttl: ttl, genTTL: time.Minute, format: formatJSON}
 	held, _, cur, err = acquireReply(l.acquire(key, "", tok, nil).on(ctx, rdb).Slice())
 	return held, cur, err
 }

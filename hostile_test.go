@@ -28,7 +28,7 @@ func TestHostileMsgpackEntry(t *testing.T) {
 	}
 	forEachBackend(t, func(t *testing.T, b *backend) {
 		for name, p := range payloads {
-			raw := envelope.Encode(&envelope.Entry{Kind: envelope.Value, Format: FormatMsgpack, Token: newToken(),
+			raw := envelope.Encode(&envelope.Entry{Kind: envelope.Value, Format: formatMsgpack, Token: newToken(),
 				SoftExpiry: time.Now().Add(time.Hour).UnixMilli(), Payload: p})
 			t.Run(name, func(t *testing.T) {
 				hostileGet(t, b, name+":any", raw, func(c context.Context, key string) error {

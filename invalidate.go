@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/seed-b4ec662f/cacheaside/internal/wire"
 	"strings"
 	"sync/atomic"
 
@@ -179,7 +180,7 @@ func (c *Cache[T]) invalidatePrefix(ctx context.Context, prefix string, first bo
 		return 0, ErrClosed
 	}
 	c.forgetPrefix(prefix)
-	pattern := EscapeGlob(prefix) + "*"
+	pattern := wire.EscapeGlob(prefix) + "*"
 	var total atomic.Int64
 	node := func(ctx context.Context, n scanner) error {
 		var cursor uint64
@@ -328,7 +329,7 @@ func (c *Cache[T]) Set(ctx context.Context, key string, v T) error {
 	}
 	entry, ttl, err := c.encode(v, newToken(), envelope.Gen{}, 0)
 	if err != nil {
-		c.ev.notCached()
+		c.ev.notCached(ctx)
 		operr := c.report(ctx, "encode", key, err)
 		if derr := c.Invalidate(ctx, key); derr != nil {
 			return errors.Join(operr, derr)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/seed-b4ec662f/cacheaside/internal/wire"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -242,15 +243,15 @@ func TestNamespaceKeys(t *testing.T) {
 	if got, want := ns.Key("page", "2"), "v1:task_lists:{org:ac%7Bme%7D%3A%2A}:page:2"; got != want {
 		t.Fatalf("Key = %q, want %q", got, want)
 	}
-	if g, ok := namespaceGenKey(ns.Key("page", "2")); !ok || g != ns.genKey() {
+	if g, ok := wire.GenerationKey(ns.Key("page", "2")); !ok || g != ns.genKey() {
 		t.Fatalf("namespaceGenKey = %q, %v", g, ok)
 	}
-	if g, ok := namespaceGenKey(ns.Key()); !ok || g != ns.genKey() {
-		t.Fatalf("namespaceGenKey(tag only) = %q, %v", g, ok)
+	if g, ok := wire.GenerationKey(ns.Key()); !ok || g != ns.genKey() {
+		t.Fatalf("wire.GenerationKey(tag only) = %q, %v", g, ok)
 	}
 	for _, bad := range []string{"v1:x:1", "v1:x:{}", "v1:x:{a}b", "v1:x:{a"} {
-		if _, ok := namespaceGenKey(bad); ok {
-			t.Errorf("namespaceGenKey(%q) accepted", bad)
+		if _, ok := wire.GenerationKey(bad); ok {
+			t.Errorf("wire.GenerationKey(%q) accepted", bad)
 		}
 	}
 	if ns.Key("#gen") == ns.genKey() {

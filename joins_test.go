@@ -106,8 +106,8 @@ func TestJoinAfterInvalidateInOtherProcess(t *testing.T) {
 			t.Fatalf("Get = v%d, want v2", v)
 		}
 		// The second Get started over once; it still counts as one Get.
-		waitFor(t, "both Gets to be counted", func() bool { return p1.Stats().Requests() >= 2 })
-		if n := p1.Stats().Requests(); n != 2 {
+		waitFor(t, "both Gets to be counted", func() bool { return p1.Stats().requests() >= 2 })
+		if n := p1.Stats().requests(); n != 2 {
 			t.Fatalf("Stats counted %d Gets, want 2", n)
 		}
 	})

@@ -4,6 +4,7 @@ package cacheaside
 
 import (
 	"fmt"
+	"github.com/seed-b4ec662f/cacheaside/internal/wire"
 	"strconv"
 	"strings"
 )
@@ -29,8 +30,8 @@ type Keyspace struct {
 	base string // "v1:tasks"
 }
 
-// MaxKeyspaceName is the longest name NewKeyspace accepts.
-const MaxKeyspaceName = 64
+// maxKeyspaceName is the longest name NewKeyspace accepts.
+const maxKeyspaceName = 64
 
 // NewKeyspace returns a Keyspace for name at key version version (≥ 1).
 // name must be 1 to 64 characters from a-z, 0-9, '_', '-' and '.'.
@@ -38,8 +39,8 @@ func NewKeyspace(name string, version int) (Keyspace, error) {
 	if version < 1 {
 		return Keyspace{}, fmt.Errorf("%w: keyspace %q: version %d, want ≥ 1", ErrInvalidKey, name, version)
 	}
-	if name == "" || len(name) > MaxKeyspaceName {
-		return Keyspace{}, fmt.Errorf("%w: keyspace name %q must be 1 to %d characters", ErrInvalidKey, name, MaxKeyspaceName)
+	if name == "" || len(name) > maxKeyspaceName {
+		return Keyspace{}, fmt.Errorf("%w: keyspace name %q must be 1 to %d characters", ErrInvalidKey, name, maxKeyspaceName)
 	}
 	for i := 0; i < len(name); i++ {
 		c := name[i]
@@ -83,62 +84,19 @@ func (ks Keyspace) build(parts []string, trailing bool) string {
 	}
 	n := len(ks.base) + len(parts) + 1
 	for _, p := range parts {
-		n += len(p) + 2*escapedExtra(p)
+		n += len(p) + 2*wire.EscapedExtra(p)
 	}
 	var b strings.Builder
 	b.Grow(n)
 	b.WriteString(ks.base)
 	for _, p := range parts {
 		b.WriteByte(':')
-		writeEscaped(&b, p)
+		wire.WriteEscaped(&b, p)
 	}
 	if trailing {
 		b.WriteByte(':')
 	}
 	return b.String()
-}
-
-// EscapePart percent-encodes the bytes of s that carry meaning in a key or
-// in a SCAN pattern: '%', ':', the glob characters * ? [ ] \, the hash-tag
-// braces { }, '#' (which marks the library's own namespace keys), space and
-// ASCII control characters. Everything else, including
-// UTF-8, is kept. The encoding is injective, so distinct parts always give
-// distinct keys. A part that needs no escaping is returned as is.
-func EscapePart(s string) string {
-	if escapedExtra(s) == 0 {
-		return s
-	}
-	var b strings.Builder
-	b.Grow(len(s) + 2*escapedExtra(s))
-	writeEscaped(&b, s)
-	return b.String()
-}
-
-// UnescapePart reverses EscapePart.
-func UnescapePart(s string) (string, error) {
-	if strings.IndexByte(s, '%') < 0 {
-		return s, nil
-	}
-	var b strings.Builder
-	b.Grow(len(s))
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if c != '%' {
-			b.WriteByte(c)
-			continue
-		}
-		if i+2 >= len(s) {
-			return "", fmt.Errorf("%w: truncated escape in %q", ErrInvalidKey, s)
-		}
-		hi, ok1 := unhex(s[i+1])
-		lo, ok2 := unhex(s[i+2])
-		if !ok1 || !ok2 {
-			return "", fmt.Errorf("%w: bad escape %q in %q", ErrInvalidKey, s[i:i+3], s)
-		}
-		b.WriteByte(hi<<4 | lo)
-		i += 2
-	}
-	return b.String(), nil
 }
 
 // Namespace is a group of keys that one call invalidates, whatever its
@@ -186,104 +144,7 @@ func (ns Namespace) String() string { return ns.tag }
 
 // genKey is where the namespace's current generation lives. Parts escape
 // '#', so no entry key can equal it.
-func (ns Namespace) genKey() string { return ns.tag + GenerationSuffix }
-
-// GenerationKey returns the generation key of the namespace key belongs
-// to, and false for a key outside any namespace. A namespaced
-// key contains a hash tag "{...}" followed by the end of the key or a
-// separator, as Namespace.Key builds them; the generation key is
-// everything up to the tag, then ":#gen". Tools that read entries (the
-// cacheaside command) use it to find the generation a Get compares with.
-func GenerationKey(key string) (string, bool) { return namespaceGenKey(key) }
-
-// GenerationSuffix ends every namespace generation key.
-const GenerationSuffix = ":#gen"
-
-func namespaceGenKey(key string) (string, bool) {
-	open := strings.IndexByte(key, '{')
-	if open < 0 {
-		return "", false
-	}
-	end := strings.IndexByte(key[open:], '}')
-	if end <= 1 {
-		return "", false
-	}
-	end += open
-	if end+1 < len(key) && key[end+1] != ':' {
-		return "", false
-	}
-	return key[:end+1] + GenerationSuffix, true
-}
-
-// EscapeGlob escapes the Redis glob characters * ? [ ] \ in s with a
-// backslash, so s matches itself literally in SCAN MATCH or KEYS. To match
-// every key that starts with prefix, use EscapeGlob(prefix) + "*".
-func EscapeGlob(s string) string {
-	n := 0
-	for i := 0; i < len(s); i++ {
-		if isGlob(s[i]) {
-			n++
-		}
-	}
-	if n == 0 {
-		return s
-	}
-	var b strings.Builder
-	b.Grow(len(s) + n)
-	for i := 0; i < len(s); i++ {
-		if isGlob(s[i]) {
-			b.WriteByte('\\')
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
-}
-
-func isGlob(c byte) bool {
-	return c == '*' || c == '?' || c == '[' || c == ']' || c == '\\'
-}
-
-func needsEscape(c byte) bool {
-	return c <= ' ' || c == 0x7f || c == '%' || c == ':' || c == '{' || c == '}' || c == '#' || isGlob(c)
-}
-
-// escapedExtra counts the bytes of s that EscapePart encodes.
-func escapedExtra(s string) int {
-	n := 0
-	for i := 0; i < len(s); i++ {
-		if needsEscape(s[i]) {
-			n++
-		}
-	}
-	return n
-}
-
-const hexDigits = "0123456789ABCDEF"
-
-func writeEscaped(b *strings.Builder, s string) {
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if needsEscape(c) {
-			b.WriteByte('%')
-			b.WriteByte(hexDigits[c>>4])
-			b.WriteByte(hexDigits[c&15])
-			continue
-		}
-		b.WriteByte(c)
-	}
-}
-
-func unhex(c byte) (byte, bool) {
-	switch {
-	case '0' <= c && c <= '9':
-		return c - '0', true
-	case 'A' <= c && c <= 'F':
-		return c - 'A' + 10, true
-	case 'a' <= c && c <= 'f':
-		return c - 'a' + 10, true
-	}
-	return 0, false
-}
+func (ns Namespace) genKey() string { return ns.tag + wire.GenerationSuffix }
 
 // checkKey is the validation every entry point applies to a key.
 func checkKey(key string, max int) error {

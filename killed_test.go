@@ -46,7 +46,7 @@ func TestFaultKilledDefaultClient(t *testing.T) {
 				}
 			}
 			srv.kill()
-			bound := loader + DefaultOpTimeout + 10*time.Millisecond
+			bound := loader + defaultOpTimeout + 10*time.Millisecond
 			if raceEnabled {
 				bound += 40 * time.Millisecond // the race detector's own cost, not Redis's
 			}

@@ -46,7 +46,7 @@ func (r *missRun[T]) call(ops []*keyOp[T]) (vals []T, found []bool, took time.Du
 	}
 	ctx := r.ctx
 	if tr := r.c.opts.Tracer; tr != nil {
-		span := Call{Kind: CallLoad, Cache: r.c.name, Keys: len(ops), Background: ctx.Value(backgroundKey{}) != nil}
+		span := Call{Kind: callLoad, Cache: r.c.name, Keys: len(ops), Background: ctx.Value(backgroundKey{}) != nil}
 		if len(ops) == 1 {
 			span.Key = ops[0].key
 		}
@@ -59,7 +59,7 @@ func (r *missRun[T]) call(ops []*keyOp[T]) (vals []T, found []bool, took time.Du
 		return loaded{v, f}, err
 	})
 	took = r.c.opts.Clock().Sub(start)
-	r.c.ev.loaded(took, err, r.c.isNotFound(err))
+	r.c.ev.loaded(ctx, took, err, r.c.isNotFound(err))
 	switch {
 	case err != nil && r.c.isNotFound(err):
 		return make([]T, len(ops)), make([]bool, len(ops)), took, nil

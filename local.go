@@ -6,6 +6,7 @@ package cacheaside
 import (
 	"context"
 	"fmt"
+	"github.com/seed-b4ec662f/cacheaside/internal/wire"
 	"hash/maphash"
 	"strings"
 	"sync/atomic"
@@ -70,19 +71,19 @@ type LocalOptions struct {
 
 // Default values of LocalOptions.
 const (
-	DefaultLocalMaxEntries    = 10_000
-	DefaultLocalTTL           = time.Second
-	DefaultLocalHealthCheck   = time.Second
-	DefaultLocalChannelPrefix = "cacheaside:invalidate:" // + Options.Name
+	defaultLocalMaxEntries    = 10_000
+	defaultLocalTTL           = time.Second
+	defaultLocalHealthCheck   = time.Second
+	defaultLocalChannelPrefix = wire.BusChannelPrefix // + Options.Name
 )
 
-// Bus is what the local tier needs from the Redis client besides Redis:
+// pubsubClient is what the local tier needs from the Redis client besides Redis:
 // pub/sub. *redis.Client (including failover clients) and
 // *redis.ClusterClient have it. *redis.Ring is refused: it routes a
 // channel to the shard its name hashes to among the live shards, so after
 // a shard comes back, publishers and existing subscribers can sit on
 // different shards without either side seeing an error.
-type Bus interface {
+type pubsubClient interface {
 	Publish(ctx context.Context, channel string, message any) *redis.IntCmd
 	Subscribe(ctx context.Context, channels ...string) *redis.PubSub
 }
@@ -102,16 +103,16 @@ func (o *LocalOptions) resolve(name string) (LocalOptions, error) {
 		return r, fmt.Errorf("%w: Local.HealthCheck %v is below 10ms", ErrInvalidOptions, r.HealthCheck)
 	}
 	if r.MaxEntries == 0 {
-		r.MaxEntries = DefaultLocalMaxEntries
+		r.MaxEntries = defaultLocalMaxEntries
 	}
 	if r.TTL == 0 {
-		r.TTL = DefaultLocalTTL
+		r.TTL = defaultLocalTTL
 	}
 	if r.HealthCheck == 0 {
-		r.HealthCheck = DefaultLocalHealthCheck
+		r.HealthCheck = defaultLocalHealthCheck
 	}
 	if r.Channel == "" {
-		r.Channel = DefaultLocalChannelPrefix + name
+		r.Channel = defaultLocalChannelPrefix + name
 	}
 	return r, nil
 }
@@ -123,7 +124,7 @@ const localStripes = 256
 type localTier[T any] struct {
 	opts LocalOptions
 	m    *otter.Cache[string, *localItem[T]]
-	bus  Bus
+	bus  pubsubClient
 	seed maphash.Seed
 
 	live atomic.Bool // the subscription is confirmed: the tier may be used
@@ -175,7 +176,7 @@ type localSnap struct {
 // system clock read on every local hit: it ticks every TTL/100 (at least
 // 100µs, at most 10ms), so a local copy may be served up to that much past
 // its expiry.
-func newLocalTier[T any](o LocalOptions, bus Bus, ev *events, clock func() time.Time) (*localTier[T], error) {
+func newLocalTier[T any](o LocalOptions, bus pubsubClient, ev *events, clock func() time.Time) (*localTier[T], error) {
 	m, err := otter.New(&otter.Options[string, *localItem[T]]{MaximumSize: o.MaxEntries})
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalidOptions, err)

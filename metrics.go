@@ -1,11 +1,19 @@
-// Metrics: Stats, the snapshot of a Cache's counters (Cache.Stats), its
-// load-time buckets, and the Recorder that receives each count as it
+// Metrics: Stats, the snapshot of a Cache's counters (Cache.Stats), the
+// table of counters the metrics adapters export (Stats.Counters), the
+// load-time buckets, and the Recorder that is told of each event as it
 // happens. The counters themselves and the sink that keeps them are in
 // events.go.
+//
+// To add a counter: a stat in events.go (counted where the event happens,
+// and read into Stats in snapshot), a Stats field and a row of
+// counterTable here. cacheprometheus and cacheotel export every row.
 
 package cacheaside
 
-import "time"
+import (
+	"context"
+	"time"
+)
 
 // Stats is a snapshot of one Cache's counters since New, returned by
 // Cache.Stats. Every Get counts exactly once as a Hit, NegativeHit or
@@ -23,10 +31,11 @@ type Stats struct {
 	Loads             uint64        // loader calls that returned a value or ErrNotFound
 	LoadErrors        uint64        // loader calls that failed (errors, panics, timeouts)
 	LoadTime          time.Duration // total time spent in the loader
-	// LoadsWithin[i] counts the loader calls (Loads and LoadErrors) that
-	// returned within LoadBucket(i), cumulative like a Prometheus
-	// histogram's buckets; Loads + LoadErrors is the count of all.
-	LoadsWithin    [NumLoadBuckets]uint64
+	// LoadsWithin is the histogram of loader call durations: bucket i
+	// counts the calls (Loads and LoadErrors) that returned within its Le,
+	// from 1ms to 30s, cumulative like a Prometheus histogram's buckets;
+	// Loads + LoadErrors is the count of all.
+	LoadsWithin    []LoadBucket
 	Coalesced      uint64 // Gets that shared another Get's in-process load
 	LeaseContended uint64 // keys whose load waited for another holder's fill
 	FillsRejected  uint64 // fills refused because the lease was gone
@@ -49,14 +58,11 @@ type Stats struct {
 
 	// State now, not counts:
 	Breaker      string // the worst of the circuit breakers (one per Redis node for reads, one for writes): "open" if any is, else "half-open" if any is, else "closed"; "disabled" with Degradation.NoBreaker
-	LocalLive    bool   // the local tier is in use (Cache.LocalLive); false without one
+	LocalLive    bool   // the local tier is in use: its bus subscription is confirmed (see WaitLocal); false without one, and whenever the bus is lost (Gets then read Redis)
 	LocalEntries uint64 // entries the local tier holds (an estimate); 0 without one
 }
 
-// Requests is the number of Gets counted: Hits + NegativeHits + Misses.
-func (s Stats) Requests() uint64 { return s.Hits + s.NegativeHits + s.Misses }
-
-// HitRate is Hits / Requests: the fraction of Gets answered with a value
+// HitRate is Hits / (Hits + NegativeHits + Misses): the fraction of Gets answered with a value
 // from the cache (Redis or the local tier), in [0, 1], and 0 before the
 // first Get. "Not found" answers from tombstones are not hits here, so
 // traffic for missing items (404s) cannot raise it; NegativeHitRate counts
@@ -68,11 +74,14 @@ func (s Stats) Requests() uint64 { return s.Hits + s.NegativeHits + s.Misses }
 // TTLs and key design, below 0.5 the wrong things are cached or TTLs are
 // too short, and near 0 something is broken (keys that never repeat, a
 // version bump on every write, invalidation of everything).
-func (s Stats) HitRate() float64 { return ratio(s.Hits, s.Requests()) }
+func (s Stats) HitRate() float64 { return ratio(s.Hits, s.requests()) }
 
-// NegativeHitRate is NegativeHits / Requests: the fraction of Gets
+// NegativeHitRate is NegativeHits / (Hits + NegativeHits + Misses): the fraction of Gets
 // answered "not found" by a tombstone, without the loader.
-func (s Stats) NegativeHitRate() float64 { return ratio(s.NegativeHits, s.Requests()) }
+func (s Stats) NegativeHitRate() float64 { return ratio(s.NegativeHits, s.requests()) }
+
+// requests is the number of Gets counted: Hits + NegativeHits + Misses.
+func (s Stats) requests() uint64 { return s.Hits + s.NegativeHits + s.Misses }
 
 func ratio(a, b uint64) float64 {
 	if b == 0 {
@@ -96,21 +105,23 @@ func (c *Cache[T]) Stats() Stats {
 	return s
 }
 
-// NumLoadBuckets is the number of load-time buckets in Stats.LoadsWithin.
-const NumLoadBuckets = 14
+// numLoadBuckets is the number of load-time buckets in Stats.LoadsWithin.
+const numLoadBuckets = 14
 
 // loadBounds are the buckets' upper bounds: from 1ms to 30s, about ×2.5
 // apart, covering a fast key lookup to a loader at a generous LoadTimeout.
-var loadBounds = [NumLoadBuckets]time.Duration{
+var loadBounds = [numLoadBuckets]time.Duration{
 	time.Millisecond, 2500 * time.Microsecond, 5 * time.Millisecond, 10 * time.Millisecond,
 	25 * time.Millisecond, 50 * time.Millisecond, 100 * time.Millisecond, 250 * time.Millisecond,
 	500 * time.Millisecond, time.Second, 2500 * time.Millisecond, 5 * time.Second,
 	10 * time.Second, 30 * time.Second,
 }
 
-// LoadBucket returns the upper bound of Stats.LoadsWithin[i], for
-// 0 ≤ i < NumLoadBuckets.
-func LoadBucket(i int) time.Duration { return loadBounds[i] }
+// LoadBucket is one bucket of Stats.LoadsWithin.
+type LoadBucket struct {
+	Le    time.Duration // the bucket's upper bound
+	Count uint64        // loader calls that returned within Le (cumulative)
+}
 
 // loadBucket is the counter of the first bucket d fits in; a load longer
 // than the last bound counts in no bucket, only in Loads or LoadErrors
@@ -121,133 +132,81 @@ func loadBucket(d time.Duration) stat {
 			return stat(i)
 		}
 	}
-	return NumLoadBuckets
+	return numLoadBuckets
 }
 
-// Recorder receives every event a Cache counts, as it is counted, for
-// export to a metrics system that wants events rather than totals (the
-// cacheotel module's load-duration histogram is one; cacheprometheus reads
-// Stats at scrape time instead and needs no Recorder). cache is
-// Options.Name; raw keys are never passed, so labels stay low-cardinality.
-// Methods are called on the request path and must be fast and safe for
-// concurrent use. Embed NopRecorder to implement only some of them.
-//
-// Every field of Stats has its Recorder method, called from the same place
-// that counts it, so the two never disagree; the exceptions are derived:
-// Loads, LoadErrors, LoadTime and LoadsWithin come from Load, Refreshes and
-// RefreshErrors from Refresh, BreakerOpens from BreakerState("open"), and
-// PendingInvals, Breaker, LocalLive and LocalEntries are states read when
-// Stats is called.
+// Counter is one of a cache's counters as Stats.Counters lists them, for
+// export to a metrics system: cacheprometheus exports each as
+// cacheaside_<Name>_total (dots become underscores), cacheotel as
+// cacheaside.<Name>.
+type Counter struct {
+	Name   string // "requests", "loads", "coalesced", "redis.errors", ...
+	Result string // the result a member of the "requests" or "loads" family counts ("hit", "negative_hit", "miss"; "ok", "error"); "" for the others
+	Unit   string // as OpenTelemetry writes units: "{request}", "{key}", ...
+	Help   string // the same for every member of a family
+	Value  uint64
+}
+
+// counterTable is every counter of Stats, in the order Counters lists them.
+var counterTable = [...]struct {
+	name, result, unit, help string
+	value                    func(*Stats) uint64
+}{
+	{"requests", "hit", "{request}", helpRequests, func(s *Stats) uint64 { return s.Hits }},
+	{"requests", "negative_hit", "{request}", helpRequests, func(s *Stats) uint64 { return s.NegativeHits }},
+	{"requests", "miss", "{request}", helpRequests, func(s *Stats) uint64 { return s.Misses }},
+	{"loads", "ok", "{call}", helpLoads, func(s *Stats) uint64 { return s.Loads }},
+	{"loads", "error", "{call}", helpLoads, func(s *Stats) uint64 { return s.LoadErrors }},
+	{"local_hits", "", "{request}", "Gets the local tier answered with a value (part of the hits).", func(s *Stats) uint64 { return s.LocalHits }},
+	{"local_negative_hits", "", "{request}", "Gets the local tier answered \"not found\" (part of the negative hits).", func(s *Stats) uint64 { return s.LocalNegativeHits }},
+	{"coalesced", "", "{request}", "Gets that shared a load another Get of this process ran.", func(s *Stats) uint64 { return s.Coalesced }},
+	{"lease_contended_keys", "", "{key}", "Keys whose load waited for another holder's fill instead of loading.", func(s *Stats) uint64 { return s.LeaseContended }},
+	{"fills_rejected", "", "{fill}", "Fills refused because their lease was gone (invalidated or taken over).", func(s *Stats) uint64 { return s.FillsRejected }},
+	{"not_cached", "", "{value}", "Loaded values returned but not cached: too large or not encodable.", func(s *Stats) uint64 { return s.NotCached }},
+	{"decode_errors", "", "{entry}", "Entries that could not be decoded; each was treated as a miss.", func(s *Stats) uint64 { return s.DecodeErrors }},
+	{"redis.errors", "", "{command}", "Redis commands sent that failed (error replies, timeouts, broken connections).", func(s *Stats) uint64 { return s.RedisErrors }},
+	{"redis.skipped", "", "{command}", "Redis commands not sent: the circuit breaker was open, or the Get's Redis time was spent.", func(s *Stats) uint64 { return s.RedisSkipped }},
+	{"stale_served", "", "{request}", "Answers with a value past its TTL, inside the stale-while-revalidate window.", func(s *Stats) uint64 { return s.StaleServed }},
+	{"stale_if_error", "", "{request}", "Answers with the old value because its reload failed.", func(s *Stats) uint64 { return s.StaleIfError }},
+	{"refreshes", "", "{refresh}", "Background refreshes that ran their loader.", func(s *Stats) uint64 { return s.Refreshes }},
+	{"refresh_errors", "", "{refresh}", "Background refreshes that failed.", func(s *Stats) uint64 { return s.RefreshErrors }},
+	{"invalidated_keys", "", "{key}", "Keys deleted by Invalidate and InvalidatePrefix.", func(s *Stats) uint64 { return s.Invalidations }},
+	{"namespace_bumps", "", "{bump}", "Namespaces given a new generation by InvalidateNamespace.", func(s *Stats) uint64 { return s.NamespaceBumps }},
+	{"breaker.opens", "", "{open}", "Times a Redis circuit breaker opened.", func(s *Stats) uint64 { return s.BreakerOpens }},
+	{"overloaded", "", "{request}", "Gets refused with ErrOverloaded (no load slot while Redis was down).", func(s *Stats) uint64 { return s.Overloaded }},
+	{"invalidations.queued", "", "{invalidation}", "Failed invalidations queued for retry.", func(s *Stats) uint64 { return s.QueuedInvals }},
+	{"invalidations.retried", "", "{invalidation}", "Failed invalidations applied later by a retry.", func(s *Stats) uint64 { return s.RetriedInvals }},
+	{"invalidations.dropped", "", "{invalidation}", "Failed invalidations given up (too old, or the retry queue was full).", func(s *Stats) uint64 { return s.DroppedInvals }},
+	{"local.flushes", "", "{flush}", "Times the local tier was emptied (bus lost or regained, an unreadable message).", func(s *Stats) uint64 { return s.LocalFlushes }},
+	{"bus.messages", "", "{message}", "Invalidation messages received from the bus and applied to the local tier.", func(s *Stats) uint64 { return s.BusMessages }},
+}
+
+const (
+	helpRequests = "Gets by the outcome of their first read: hit (a value, from Redis or the local tier), negative_hit (a \"not found\" tombstone) or miss. A GetMany counts once per distinct key."
+	helpLoads    = "Loader calls by result: ok (a value or \"not found\") or error (errors, panics, timeouts)."
+)
+
+// Counters lists every counter of s, with its name, unit and help, for
+// metrics adapters: a new counter reaches them without changes there. The
+// load-time histogram (LoadsWithin, LoadTime) and the states
+// (PendingInvals, Breaker, LocalLive, LocalEntries) are not counters and
+// are not listed.
+func (s Stats) Counters() []Counter {
+	out := make([]Counter, len(counterTable))
+	for i, row := range counterTable {
+		out[i] = Counter{Name: row.name, Result: row.result, Unit: row.unit, Help: row.help, Value: row.value(&s)}
+	}
+	return out
+}
+
+// Recorder is told of every event a Cache counts, as it happens, for a
+// metrics system that wants events rather than totals (cacheotel's
+// load-duration histogram is one; cacheprometheus reads Stats at scrape
+// time instead and needs no Recorder). Record is called on the request
+// path, from many goroutines at once, and must be fast. ctx is the
+// caller's for events inside a Get or GetMany, and context.Background()
+// for background work. Events carry Options.Name, never a key, so labels
+// stay low-cardinality. See Event for the kinds.
 type Recorder interface {
-	// Hit: the first read found a value (in Redis, or in the local tier,
-	// when LocalHit follows).
-	Hit(cache string)
-	// NegativeHit: the first read found a "not found" tombstone (in Redis,
-	// or in the local tier, when LocalNegativeHit follows).
-	NegativeHit(cache string)
-	// LocalHit: the local tier answered a Get with a value (after Hit).
-	LocalHit(cache string)
-	// LocalNegativeHit: the local tier answered a Get with "not found"
-	// (after NegativeHit).
-	LocalNegativeHit(cache string)
-	// Miss: the first read found no usable entry (absent, being loaded,
-	// corrupt, or Redis failed).
-	Miss(cache string)
-	// Load: the loader returned after d with err: nil, the loader's own
-	// error as returned (including its "not found" error, before mapping to
-	// ErrNotFound), a *PanicError, or a timeout. A GetMany's batch loader
-	// counts as one load.
-	Load(cache string, d time.Duration, err error)
-	// Coalesced: this Get (or a GetMany's key) joined an in-process load
-	// another Get started, instead of loading.
-	Coalesced(cache string)
-	// LeaseContended: keys that another caller (usually another process)
-	// held the lease on, so this Get or GetMany waited for their fills
-	// instead of loading them.
-	LeaseContended(cache string, keys int)
-	// Waited: a wait for other holders' fills ended after d.
-	Waited(cache string, d time.Duration)
-	// FillRejected: a fill found its lease gone (invalidated, overwritten
-	// or expired and re-taken) and wrote nothing.
-	FillRejected(cache string)
-	// NotCached: a loaded value was returned but not cached because it
-	// encoded to more than Options.MaxValueSize or could not be encoded.
-	NotCached(cache string)
-	// DecodeError: the bytes under a key could not be decoded; the key is
-	// treated as a miss and overwritten.
-	DecodeError(cache string)
-	// RedisError: a Redis call was sent and failed (an error reply, a
-	// timeout, a broken connection); a pipeline is one call. op names the
-	// step ("get", "acquire", "fill", "release", ...). Commands that were
-	// not sent are not errors: see RedisSkipped.
-	RedisError(cache, op string, err error)
-	// RedisSkipped: a command was not sent, because the breaker is open
-	// or the Get had spent its Degradation.RedisTimePerGet.
-	RedisSkipped(cache string)
-	// StaleServed: a value past its TTL was returned from inside the
-	// stale-while-revalidate window.
-	StaleServed(cache string)
-	// StaleIfError: a value past its TTL was returned because its reload
-	// failed inside the stale-if-error window.
-	StaleIfError(cache string)
-	// Refresh: a background refresh (early or stale-while-revalidate)
-	// ended with err (nil, ErrNotFound, or the failure).
-	Refresh(cache string, err error)
-	// BreakerState: the worst state of the cache's Redis circuit breakers
-	// (one per node and direction, see Stats.Breaker) moved to state
-	// ("closed", "open" or "half-open").
-	BreakerState(cache, state string)
-	// Invalidated: n keys were deleted by Invalidate or InvalidatePrefix.
-	Invalidated(cache string, n int)
-	// NamespaceBumped: InvalidateNamespace gave a namespace a new
-	// generation.
-	NamespaceBumped(cache string)
-	// InvalidationQueued: an invalidation failed and was queued for retry
-	// (see Degradation.RetryInvalidations).
-	InvalidationQueued(cache string)
-	// InvalidationRetried: a failed invalidation was applied by a retry.
-	InvalidationRetried(cache string)
-	// InvalidationDropped: a failed invalidation was given up (too old, or
-	// the retry queue was full).
-	InvalidationDropped(cache string)
-	// Overloaded: a Get was refused with ErrOverloaded.
-	Overloaded(cache string)
-	// LocalFlushed: the local tier was emptied (bus lost or regained, an
-	// unreadable message).
-	LocalFlushed(cache string)
-	// BusMessage: an invalidation message arrived from the bus.
-	BusMessage(cache string)
+	Record(ctx context.Context, ev Event)
 }
-
-// NopRecorder does nothing. It is the default Recorder, and embedding it
-// lets a type implement only the Recorder methods it cares about.
-type NopRecorder struct{}
-
-func (NopRecorder) Hit(string)                        {}
-func (NopRecorder) NegativeHit(string)                {}
-func (NopRecorder) LocalHit(string)                   {}
-func (NopRecorder) LocalNegativeHit(string)           {}
-func (NopRecorder) Miss(string)                       {}
-func (NopRecorder) Load(string, time.Duration, error) {}
-func (NopRecorder) Coalesced(string)                  {}
-func (NopRecorder) LeaseContended(string, int)        {}
-func (NopRecorder) Waited(string, time.Duration)      {}
-func (NopRecorder) FillRejected(string)               {}
-func (NopRecorder) NotCached(string)                  {}
-func (NopRecorder) DecodeError(string)                {}
-func (NopRecorder) RedisError(string, string, error)  {}
-func (NopRecorder) RedisSkipped(string)               {}
-func (NopRecorder) StaleServed(string)                {}
-func (NopRecorder) StaleIfError(string)               {}
-func (NopRecorder) Refresh(string, error)             {}
-func (NopRecorder) BreakerState(string, string)       {}
-func (NopRecorder) Invalidated(string, int)           {}
-func (NopRecorder) NamespaceBumped(string)            {}
-func (NopRecorder) InvalidationQueued(string)         {}
-func (NopRecorder) InvalidationRetried(string)        {}
-func (NopRecorder) InvalidationDropped(string)        {}
-func (NopRecorder) Overloaded(string)                 {}
-func (NopRecorder) LocalFlushed(string)               {}
-func (NopRecorder) BusMessage(string)                 {}
-
-var _ Recorder = NopRecorder{}

@@ -82,7 +82,7 @@ func TestNegativeTTLWarning(t *testing.T) {
 	}{
 		{"longer", Policy{TTL: time.Minute, NegativeTTL: 5 * time.Minute}, true, 5 * time.Minute},
 		{"default under a short TTL", Policy{TTL: 10 * time.Second}, false, 10 * time.Second},
-		{"default", Policy{}, false, DefaultNegativeTTL},
+		{"default", Policy{}, false, defaultNegativeTTL},
 		{"off", Policy{TTL: time.Minute, NegativeTTL: 5 * time.Minute, NoNegativeCache: true}, false, 5 * time.Minute},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -138,7 +138,7 @@ func TestRecommended(t *testing.T) {
 	if o := Recommended[*redis.Options](nil); o == nil || !o.ContextTimeoutEnabled || o.MaxRetries != -1 {
 		t.Errorf("nil Options: %+v", o)
 	}
-	if o := Recommended(&redis.ClusterOptions{}); !o.ContextTimeoutEnabled || o.MaxRetries != -1 || o.DialerRetries != 1 || o.ClusterStateReloadInterval != DefaultClusterStateReloadInterval {
+	if o := Recommended(&redis.ClusterOptions{}); !o.ContextTimeoutEnabled || o.MaxRetries != -1 || o.DialerRetries != 1 || o.ClusterStateReloadInterval != defaultClusterStateReloadInterval {
 		t.Errorf("ClusterOptions: %+v", o)
 	}
 	if o := Recommended(&redis.ClusterOptions{ClusterStateReloadInterval: 5 * time.Second}); o.ClusterStateReloadInterval != 5*time.Second {

@@ -5,6 +5,7 @@ package cacheaside
 import (
 	"context"
 	"fmt"
+	"github.com/seed-b4ec662f/cacheaside/internal/wire"
 	"log/slog"
 	"time"
 
@@ -46,7 +47,7 @@ type Options[T any] struct {
 	// Local turns on the in-process tier in front of Redis: decoded values
 	// served from memory for up to Local.TTL, kept coherent across
 	// processes by an invalidation bus on Redis pub/sub (see LocalOptions).
-	// The client must also implement Bus. Default nil: no local tier.
+	// The client must also implement pubsubClient. Default nil: no local tier.
 	Local *LocalOptions
 
 	// NoReadCoalescing sends every Get's read as its own command. By
@@ -108,7 +109,8 @@ type Options[T any] struct {
 	// Logger to slog.New(slog.DiscardHandler) to silence them too.
 	Logger *slog.Logger
 
-	// Recorder receives counters for export. Default NopRecorder.
+	// Recorder is told of every event as it happens (see Event), for
+	// metrics that want events rather than totals. Default nil: none.
 	// Cache.Stats works regardless; the cacheprometheus module exports
 	// Stats without a Recorder.
 	Recorder Recorder
@@ -137,13 +139,13 @@ type Options[T any] struct {
 
 // Defaults of Options, named after the fields they fill in.
 const (
-	DefaultName         = "default"
-	DefaultLoadTimeout  = 5 * time.Second
-	DefaultLeaseTTL     = 3 * time.Second
-	DefaultPollMin      = 2 * time.Millisecond
-	DefaultPollMax      = 25 * time.Millisecond
-	DefaultMaxValueSize = 1 << 20
-	DefaultMaxKeySize   = 1024
+	defaultName         = wire.DefaultName
+	defaultLoadTimeout  = 5 * time.Second
+	defaultLeaseTTL     = 3 * time.Second
+	defaultPollMin      = 2 * time.Millisecond
+	defaultPollMax      = 25 * time.Millisecond
+	defaultMaxValueSize = wire.DefaultMaxValueSize
+	defaultMaxKeySize   = 1024
 	minLeaseTTL         = 10 * time.Millisecond
 )
 
@@ -156,7 +158,7 @@ func (o *Options[T]) resolve() (Options[T], error) {
 	invalid := func(format string, args ...any) (Options[T], error) {
 		return Options[T]{}, fmt.Errorf("%w: %s", ErrInvalidOptions, fmt.Sprintf(format, args...))
 	}
-	if err := r.Policy.Validate(); err != nil {
+	if err := r.Policy.validate(); err != nil {
 		return Options[T]{}, err
 	}
 	switch {
@@ -182,38 +184,35 @@ func (o *Options[T]) resolve() (Options[T], error) {
 		return Options[T]{}, err
 	}
 	if r.Name == "" {
-		r.Name = DefaultName
+		r.Name = defaultName
 	}
 	r.Policy = r.Policy.resolved()
 	if r.Codec == nil {
 		r.Codec = JSON[T]()
 	}
 	if r.LoadTimeout == 0 {
-		r.LoadTimeout = DefaultLoadTimeout
+		r.LoadTimeout = defaultLoadTimeout
 	}
 	if r.LeaseTTL == 0 {
-		r.LeaseTTL = DefaultLeaseTTL
+		r.LeaseTTL = defaultLeaseTTL
 	}
 	if r.PollMin == 0 {
-		r.PollMin = DefaultPollMin
+		r.PollMin = defaultPollMin
 	}
 	if r.PollMax == 0 {
-		r.PollMax = max(DefaultPollMax, r.PollMin)
+		r.PollMax = max(defaultPollMax, r.PollMin)
 	}
 	if r.PollMax < r.PollMin {
 		return invalid("PollMax %v is below PollMin %v", r.PollMax, r.PollMin)
 	}
 	if r.MaxValueSize == 0 {
-		r.MaxValueSize = DefaultMaxValueSize
+		r.MaxValueSize = defaultMaxValueSize
 	}
 	if r.MaxKeySize == 0 {
-		r.MaxKeySize = DefaultMaxKeySize
+		r.MaxKeySize = defaultMaxKeySize
 	}
 	if r.Logger == nil {
 		r.Logger = slog.New(slog.DiscardHandler)
-	}
-	if r.Recorder == nil {
-		r.Recorder = NopRecorder{}
 	}
 	if r.Clock == nil {
 		r.Clock = time.Now
@@ -303,10 +302,10 @@ type Degradation struct {
 
 // Defaults of Degradation, named after the fields they fill in.
 const (
-	DefaultOpTimeout         = 50 * time.Millisecond
-	DefaultBreakerFailures   = 5
-	DefaultBreakerCooldown   = time.Second
-	DefaultMaxLoadsWhileDown = 64
+	defaultOpTimeout         = 50 * time.Millisecond
+	defaultBreakerFailures   = 5
+	defaultBreakerCooldown   = time.Second
+	defaultMaxLoadsWhileDown = 64
 )
 
 // resolve validates d and returns it with every default filled in.
@@ -337,16 +336,16 @@ func (d Degradation) resolve() (Degradation, error) {
 		return invalid("WriteTimeout %v is below 1ms", d.WriteTimeout)
 	}
 	if d.OpTimeout == 0 {
-		d.OpTimeout = DefaultOpTimeout
+		d.OpTimeout = defaultOpTimeout
 	}
 	if d.BreakerFailures == 0 {
-		d.BreakerFailures = DefaultBreakerFailures
+		d.BreakerFailures = defaultBreakerFailures
 	}
 	if d.BreakerCooldown == 0 {
-		d.BreakerCooldown = DefaultBreakerCooldown
+		d.BreakerCooldown = defaultBreakerCooldown
 	}
 	if d.MaxLoadsWhileDown == 0 {
-		d.MaxLoadsWhileDown = DefaultMaxLoadsWhileDown
+		d.MaxLoadsWhileDown = defaultMaxLoadsWhileDown
 	}
 	if d.WriteTimeout == 0 {
 		d.WriteTimeout = 5 * d.OpTimeout

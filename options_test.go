@@ -29,8 +29,8 @@ func TestNewValidatesOptions(t *testing.T) {
 	if err != nil {
 		t.Fatalf("nil options: %v", err)
 	}
-	if c.Name() != DefaultName || c.opts.LoadTimeout != DefaultLoadTimeout || c.opts.LeaseTTL != DefaultLeaseTTL ||
-		c.opts.Codec.Format() != FormatJSON || c.opts.MaxValueSize != DefaultMaxValueSize || c.opts.Policy.TTL != DefaultTTL {
+	if c.Name() != defaultName || c.opts.LoadTimeout != defaultLoadTimeout || c.opts.LeaseTTL != defaultLeaseTTL ||
+		c.opts.Codec.Format() != formatJSON || c.opts.MaxValueSize != defaultMaxValueSize || c.opts.Policy.TTL != defaultTTL {
 		t.Fatalf("defaults not applied: %+v", c.opts)
 	}
 	_ = c.Close()

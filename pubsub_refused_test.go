@@ -78,7 +78,7 @@ func TestPubSubRefused(t *testing.T) {
 	if !strings.Contains(err.Error(), "unknown command") {
 		t.Errorf("WaitLocal's error does not carry the server's reply: %v", err)
 	}
-	if c.LocalLive() {
+	if c.local.live.Load() {
 		t.Fatal("LocalLive on a server that refuses SUBSCRIBE")
 	}
 	if got := logs.linesWith("level=ERROR", "refuses SUBSCRIBE", "Options.Local"); len(got) != 1 {

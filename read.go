@@ -56,7 +56,7 @@ func namespacedRead(vals []any) (b []byte, gv genView) {
 // token the load may use to overwrite them (nil when the header itself is
 // foreign, which acquire.lua overwrites on its own).
 func (c *Cache[T]) corrupt(ctx context.Context, key string, b []byte, err error) []byte {
-	c.ev.decodeError()
+	c.ev.decodeError(ctx)
 	c.report(ctx, "decode", key, fmt.Errorf("%w: %w", ErrCorruptEntry, err))
 	if len(b) >= envelope.HeaderSize && b[0] == envelope.Magic && b[1] == envelope.Version {
 		return b[envelope.TokenOffset : envelope.TokenOffset+envelope.TokenSize]

@@ -35,7 +35,7 @@ import (
 // had been up), and for each message. They all run on the hub's goroutine,
 // one at a time and in order, and must not block.
 type subscriber struct {
-	bus     Bus
+	bus     pubsubClient
 	channel string
 	hc      time.Duration // silence before a PING; as long again for its PONG
 
@@ -76,7 +76,7 @@ var hubs = struct {
 // its subscriber is still registered, and remove waits for cbmu, so no
 // callback runs after a subscriber has left.
 type hub struct {
-	bus  Bus
+	bus  pubsubClient
 	key  any // in hubs.m; nil for a hub of its own
 	refs int // under hubs.mu
 
@@ -96,7 +96,7 @@ type hub struct {
 	done chan struct{}
 }
 
-func joinHub(bus Bus) *hub {
+func joinHub(bus pubsubClient) *hub {
 	var key any
 	if reflect.ValueOf(bus).Comparable() {
 		key = bus

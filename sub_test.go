@@ -36,7 +36,7 @@ func TestOneSubscriptionPerClient(t *testing.T) {
 			return &Options[string]{Name: fmt.Sprintf("%sc%d", b.prefix, i), Local: &LocalOptions{TTL: time.Hour},
 				Degradation: Degradation{OpTimeout: 2 * time.Second}}
 		}
-		live := func(c *Cache[string]) bool { return c.LocalLive() && c.wake.live.Load() }
+		live := func(c *Cache[string]) bool { return c.local.live.Load() && c.wake.live.Load() }
 		var caches []*Cache[string]
 		for i := range 10 {
 			c, err := New[string](cs, opts(i))
@@ -111,7 +111,7 @@ type probe struct {
 	msgs       chan string
 }
 
-func newProbe(bus Bus, ch string, onMsg func(string)) *probe {
+func newProbe(bus pubsubClient, ch string, onMsg func(string)) *probe {
 	p := &probe{msgs: make(chan string, 16)}
 	p.s = &subscriber{bus: bus, channel: ch, hc: time.Second,
 		up:   func() { p.ups.Add(1) },

@@ -25,7 +25,7 @@ func (r *endCheckTracer) Event(ctx context.Context, ev Event) {
 	r.recTracer.mu.Unlock()
 	if ended {
 		r.mu.Lock()
-		r.after = append(r.after, ev.Kind.String()+"("+ev.Op+")")
+		r.after = append(r.after, ev.Kind+"("+ev.Op+")")
 		r.mu.Unlock()
 	}
 	r.recTracer.Event(ctx, ev)
@@ -57,7 +57,7 @@ func TestTracerMissThenServedStale(t *testing.T) {
 		t.Fatal(err)
 	}
 	spans := tr.take()
-	if len(spans) == 0 || spans[0].call.Kind != CallGetMany {
+	if len(spans) == 0 || spans[0].call.Kind != callGetMany {
 		t.Fatalf("spans %+v", spans)
 	}
 	got := kinds(spans[0].events)
@@ -108,7 +108,7 @@ func TestTracerRefreshEventsNotOnGetSpan(t *testing.T) {
 	}
 	var bg int
 	for _, sp := range tr.take() {
-		if sp.call.Kind == CallLoad && sp.call.Background {
+		if sp.call.Kind == callLoad && sp.call.Background {
 			bg++
 		}
 	}

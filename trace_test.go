@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"reflect"
 	"slices"
 	"strings"
 	"sync"
@@ -78,7 +79,7 @@ func (r *recTracer) take() []*recSpan {
 func kinds(evs []Event) string {
 	var s []string
 	for _, e := range evs {
-		s = append(s, e.Kind.String())
+		s = append(s, e.Kind)
 	}
 	return strings.Join(s, ",")
 }
@@ -100,13 +101,13 @@ func TestTracerGet(t *testing.T) {
 			t.Fatalf("miss: %d spans, want the Get and its load", len(spans))
 		}
 		get, load := spans[0], spans[1]
-		if get.call != (Call{Kind: CallGet, Cache: "default", Key: key, Keys: 1}) || !get.ended || get.err != nil || get.parent != 0 {
+		if get.call != (Call{Kind: callGet, Cache: "default", Key: key, Keys: 1}) || !get.ended || get.err != nil || get.parent != 0 {
 			t.Fatalf("get span %+v", get)
 		}
 		if kinds(get.events) != "miss" {
 			t.Fatalf("get events %s, want miss", kinds(get.events))
 		}
-		if load.call != (Call{Kind: CallLoad, Cache: "default", Key: key, Keys: 1}) || load.parent != get.id || !load.ended {
+		if load.call != (Call{Kind: callLoad, Cache: "default", Key: key, Keys: 1}) || load.parent != get.id || !load.ended {
 			t.Fatalf("load span %+v, want a child of the get (id %d)", load, get.id)
 		}
 
@@ -150,7 +151,7 @@ func TestTracerGetManyAndCoalesced(t *testing.T) {
 			t.Fatal(err)
 		}
 		spans := tr.take()
-		if len(spans) != 2 || spans[0].call.Kind != CallGetMany || spans[0].call.Keys != 3 || spans[0].call.Key != "" {
+		if len(spans) != 2 || spans[0].call.Kind != callGetMany || spans[0].call.Keys != 3 || spans[0].call.Key != "" {
 			t.Fatalf("spans %+v", spans)
 		}
 		ev := strings.Split(kinds(spans[0].events), ",")
@@ -158,7 +159,7 @@ func TestTracerGetManyAndCoalesced(t *testing.T) {
 		if strings.Join(ev, ",") != "hit,miss,miss" {
 			t.Fatalf("getmany events %v", ev)
 		}
-		if l := spans[1]; l.call.Kind != CallLoad || l.call.Keys != 2 || l.call.Key != "" || l.parent != spans[0].id {
+		if l := spans[1]; l.call.Kind != callLoad || l.call.Keys != 2 || l.call.Key != "" || l.parent != spans[0].id {
 			t.Fatalf("load span %+v", l)
 		}
 
@@ -176,7 +177,7 @@ func TestTracerGetManyAndCoalesced(t *testing.T) {
 		var loaded, joined int
 		for _, s := range tr.take() {
 			switch {
-			case s.call.Kind == CallLoad:
+			case s.call.Kind == callLoad:
 				loaded++
 			case kinds(s.events) == "miss,coalesced":
 				joined++
@@ -210,7 +211,7 @@ func TestTracerRedisEvents(t *testing.T) {
 	spans := tr.take()
 	var got []string
 	for _, s := range spans {
-		if s.call.Kind == CallGet {
+		if s.call.Kind == callGet {
 			got = append(got, kinds(s.events))
 		}
 	}
@@ -219,10 +220,10 @@ func TestTracerRedisEvents(t *testing.T) {
 	}
 	for _, s := range spans {
 		for _, e := range s.events {
-			if (e.Kind == EventRedisError || e.Kind == EventRedisSkipped) && (e.Op != "get" || e.Err == nil) {
+			if (e.Kind == evRedisError || e.Kind == evRedisSkipped) && (e.Op != "get" || e.Err == nil) {
 				t.Fatalf("event %+v", e)
 			}
-			if e.Kind == EventRedisSkipped && !errors.Is(e.Err, ErrRedisUnavailable) {
+			if e.Kind == evRedisSkipped && !errors.Is(e.Err, ErrRedisUnavailable) {
 				t.Fatalf("skip event %+v", e)
 			}
 		}
@@ -319,16 +320,19 @@ func TestStatsLoadBucketsAndRates(t *testing.T) {
 	_, _ = c.Get(ctx, "d", took(0, "", ErrNotFound))
 	s := c.Stats()
 	want := map[time.Duration]uint64{time.Millisecond: 1, 25 * time.Millisecond: 1, 50 * time.Millisecond: 2, time.Second: 2, 2500 * time.Millisecond: 3, 30 * time.Second: 3}
-	for i := range NumLoadBuckets {
-		if w, ok := want[LoadBucket(i)]; ok && s.LoadsWithin[i] != w {
-			t.Fatalf("LoadsWithin[%v] = %d, want %d (all: %v)", LoadBucket(i), s.LoadsWithin[i], w, s.LoadsWithin)
+	if len(s.LoadsWithin) != numLoadBuckets {
+		t.Fatalf("%d load buckets", len(s.LoadsWithin))
+	}
+	for _, b := range s.LoadsWithin {
+		if w, ok := want[b.Le]; ok && b.Count != w {
+			t.Fatalf("LoadsWithin[%v] = %d, want %d (all: %v)", b.Le, b.Count, w, s.LoadsWithin)
 		}
 	}
 	if s.Loads+s.LoadErrors != 4 {
 		t.Fatalf("%d loads", s.Loads+s.LoadErrors)
 	}
-	if s.Requests() != 6 || s.HitRate() != 1.0/6 || s.NegativeHitRate() != 1.0/6 {
-		t.Fatalf("requests %d, HitRate %v, NegativeHitRate %v; want 6, 1/6, 1/6", s.Requests(), s.HitRate(), s.NegativeHitRate())
+	if s.requests() != 6 || s.HitRate() != 1.0/6 || s.NegativeHitRate() != 1.0/6 {
+		t.Fatalf("requests %d, HitRate %v, NegativeHitRate %v; want 6, 1/6, 1/6", s.requests(), s.HitRate(), s.NegativeHitRate())
 	}
 	if (Stats{}).HitRate() != 0 || (Stats{}).NegativeHitRate() != 0 {
 		t.Fatal("rates before any Get")
@@ -375,19 +379,19 @@ func TestWaitLocal(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := c.WaitLocal(ctx); err != nil || !c.LocalLive() {
-		t.Fatalf("WaitLocal: %v, LocalLive %v", err, c.LocalLive())
+	if err := c.WaitLocal(ctx); err != nil || !c.local.live.Load() {
+		t.Fatalf("WaitLocal: %v, LocalLive %v", err, c.local.live.Load())
 	}
 	c.Close()
-	if c.LocalLive() || !errors.Is(c.WaitLocal(ctx), ErrClosed) {
-		t.Fatalf("after Close: LocalLive %v, WaitLocal %v", c.LocalLive(), c.WaitLocal(ctx))
+	if c.local.live.Load() || !errors.Is(c.WaitLocal(ctx), ErrClosed) {
+		t.Fatalf("after Close: LocalLive %v, WaitLocal %v", c.local.live.Load(), c.WaitLocal(ctx))
 	}
 	plain, err := New(rdb, &Options[string]{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer plain.Close()
-	if plain.LocalLive() || !errors.Is(plain.WaitLocal(ctx), ErrInvalidOptions) {
+	if plain.Stats().LocalLive || !errors.Is(plain.WaitLocal(ctx), ErrInvalidOptions) {
 		t.Fatal("a cache without a local tier")
 	}
 	mr.Close() // the bus is gone: WaitLocal waits on ctx
@@ -400,5 +404,36 @@ func TestWaitLocal(t *testing.T) {
 	defer cancelShort()
 	if err := lost.WaitLocal(short); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("WaitLocal with no bus: %v", err)
+	}
+}
+
+// TestCountersCoverStats: Stats.Counters lists every counter of Stats
+// once, so a counter added to Stats without a row in counterTable (and so
+// missing from both metrics adapters) fails here.
+func TestCountersCoverStats(t *testing.T) {
+	var s Stats
+	v := reflect.ValueOf(&s).Elem()
+	fields := map[uint64]string{}
+	for i := range v.NumField() {
+		if f := v.Type().Field(i); f.Type.Kind() == reflect.Uint64 && f.Name != "PendingInvals" && f.Name != "LocalEntries" {
+			v.Field(i).SetUint(uint64(1000 + i))
+			fields[uint64(1000+i)] = f.Name
+		}
+	}
+	seen := map[string]int{}
+	for _, k := range s.Counters() {
+		if k.Name == "" || k.Unit == "" || k.Help == "" {
+			t.Errorf("counter %+v lacks a name, unit or help", k)
+		}
+		if f, ok := fields[k.Value]; ok {
+			seen[f]++
+		} else {
+			t.Errorf("counter %s%s reads no Stats field", k.Name, k.Result)
+		}
+	}
+	for _, f := range fields {
+		if seen[f] != 1 {
+			t.Errorf("Stats.%s is listed %d times by Counters, want once", f, seen[f])
+		}
 	}
 }

@@ -1,10 +1,66 @@
-// Tracing: the Tracer hook, which follows each call with the caller's
-// context, and the events it is told of. The Recorder, its counterpart for
-// metrics, is in metrics.go.
+// Events and tracing: Event, the one vocabulary the Recorder (metrics.go)
+// and the Tracer are told in, and the Tracer hook, which follows each call
+// with the caller's context.
 
 package cacheaside
 
-import "context"
+import (
+	"context"
+	"time"
+)
+
+// Event is one thing that happened in a Cache, as the Recorder and the
+// Tracer are told of it. Kind says what:
+//
+//	first read of a Get (or of a GetMany's key); exactly one of these per key:
+//	  hit                 a fresh value in Redis
+//	  local_hit           a value in the local tier
+//	  negative_hit        a "not found" tombstone in Redis
+//	  local_negative_hit  "not found" in the local tier
+//	  stale               a value past its TTL, served (stale-while-revalidate)
+//	  miss                nothing usable: the key is loaded or waited for
+//	after a miss:
+//	  coalesced           the key shared a load another call of this process runs
+//	  lease_wait          N keys waited for leases other callers hold
+//	  waited              a wait for other holders' fills ended after D
+//	  served_stale        the key was answered with a value past its TTL a lease round found
+//	  stale_if_error      a value past its TTL was served because its reload failed (Err)
+//	  overloaded          the call was refused a load slot: ErrOverloaded
+//	  load                a loader call returned after D with Err (nil, the loader's
+//	                      own error, a *PanicError or a timeout); a batch is one call
+//	  fill_rejected       a fill found its lease gone and wrote nothing
+//	  not_cached          a loaded value was returned but too large or unencodable to cache
+//	  decode_error        the bytes under a key could not be decoded (a miss, overwritten)
+//	Redis:
+//	  redis_error         a command (Op: "get", "acquire", "fill", ...) was sent and failed with Err
+//	  redis_skipped       a command was not sent: a breaker was open, or the Get's Redis time was
+//	                      spent (the Tracer's carry Op and Err; the Recorder's are counts)
+//	  breaker_state       the worst of the circuit breakers moved to State ("closed", "open",
+//	                      "half-open")
+//	background:
+//	  refresh             a background refresh that ran its loader ended with Err
+//	  invalidated         N keys deleted by Invalidate or InvalidatePrefix
+//	  namespace_bumped    InvalidateNamespace gave a namespace a new generation
+//	  invalidation_queued, invalidation_retried, invalidation_dropped
+//	                      a failed invalidation queued for retry, applied by a retry, given up
+//	  local_flushed       the local tier was emptied (bus lost or regained, unreadable message)
+//	  bus_message         an invalidation message from the bus was applied to the local tier
+//
+// Stats counts the same events: hit, local_hit and stale count in Hits (and
+// stale in StaleServed), negative_hit and local_negative_hit in
+// NegativeHits, and so on. The Recorder is told of every event; the Tracer
+// of those that happen inside a traced call, with its context: the first
+// two groups but load (a Call of its own) and waited, and redis_error and
+// redis_skipped.
+type Event struct {
+	Kind  string
+	Cache string        // Options.Name
+	N     int           // lease_wait and invalidated: how many keys
+	D     time.Duration // load and waited: how long
+	Op    string        // redis_error and redis_skipped: the Redis step
+	State string        // breaker_state: the state now
+	Err   error         // load, refresh, stale_if_error, redis_error, redis_skipped
+}
 
 // Tracer follows each Get, GetMany and loader call with the caller's
 // context, for tracing (the cacheotel module builds OpenTelemetry spans
@@ -17,12 +73,11 @@ import "context"
 // is the child of the Get's span). End is called with that context when
 // the call returns. Event reports what happened inside a call, with the
 // context of the call it belongs to. A load is shared: the events of its
-// lease rounds, waits and fills (EventLeaseWait, EventServedStale,
-// EventStaleIfError, Redis failures) carry the context of the caller that
-// leads it, and may come after that caller has returned (it gave up on its
-// own deadline); the callers that joined it see EventCoalesced. Background
-// work (refreshes, retried invalidations, releases, the bus) has no caller
-// and sends no events; a background refresh's loader call is traced
+// lease rounds, waits and fills carry the context of the caller that leads
+// it, and may come after that caller has returned (it gave up on its own
+// deadline); the callers that joined it see coalesced. Background work
+// (refreshes, retried invalidations, releases, the bus) has no caller and
+// sends no events; a background refresh's loader call is traced
 // (Call.Background), with a context derived from the Get that started it.
 //
 // Methods are called on the request path, from several goroutines at
@@ -34,31 +89,9 @@ type Tracer interface {
 	End(ctx context.Context, call Call, err error)
 }
 
-// CallKind says what a traced call is.
-type CallKind uint8
-
-const (
-	CallGet     CallKind = iota + 1 // a Get
-	CallGetMany                     // a GetMany
-	CallLoad                        // one loader call (a Get's loader, or a GetMany's batch loader)
-)
-
-// String returns "get", "getmany" or "load".
-func (k CallKind) String() string {
-	switch k {
-	case CallGet:
-		return "get"
-	case CallGetMany:
-		return "getmany"
-	case CallLoad:
-		return "load"
-	}
-	return "unknown"
-}
-
 // Call describes a traced call.
 type Call struct {
-	Kind  CallKind
+	Kind  string // "get", "getmany", or "load" (one loader call: a Get's loader, or a GetMany's batch loader)
 	Cache string // Options.Name
 	Key   string // the key of a Get or of a one-key load; "" for more keys
 	Keys  int    // 1 for a Get, the ids passed to a GetMany, the keys of a load
@@ -70,41 +103,37 @@ type Call struct {
 	Background bool
 }
 
-// EventKind says what happened inside a traced call.
-type EventKind uint8
-
+// The kinds of Call and Event.
 const (
-	EventHit              EventKind = iota + 1 // the first read found a fresh value in Redis
-	EventLocalHit                              // the local tier answered with a value
-	EventNegativeHit                           // the first read found a "not found" tombstone in Redis
-	EventLocalNegativeHit                      // the local tier answered "not found"
-	EventStale                                 // the first read found a value past its TTL and served it (stale-while-revalidate)
-	EventStaleIfError                          // a value past its TTL was served because its reload failed
-	EventMiss                                  // the first read found nothing usable: the key is loaded or waited for
-	EventCoalesced                             // the call shared a load another call in this process runs
-	EventLeaseWait                             // the call waited for Keys keys whose leases others hold
-	EventRedisError                            // a Redis command (Op) was sent and failed with Err
-	EventRedisSkipped                          // a Redis command (Op) was not sent: Err says why (breaker open, Redis time spent)
-	EventOverloaded                            // the call was refused a load slot: ErrOverloaded
-	EventServedStale                           // a key that missed was answered with a value past its TTL the lease round found (after EventMiss)
+	callGet     = "get"
+	callGetMany = "getmany"
+	callLoad    = "load"
+
+	evHit              = "hit"
+	evLocalHit         = "local_hit"
+	evNegativeHit      = "negative_hit"
+	evLocalNegativeHit = "local_negative_hit"
+	evStale            = "stale"
+	evMiss             = "miss"
+	evCoalesced        = "coalesced"
+	evLeaseWait        = "lease_wait"
+	evWaited           = "waited"
+	evServedStale      = "served_stale"
+	evStaleIfError     = "stale_if_error"
+	evOverloaded       = "overloaded"
+	evLoad             = "load"
+	evFillRejected     = "fill_rejected"
+	evNotCached        = "not_cached"
+	evDecodeError      = "decode_error"
+	evRedisError       = "redis_error"
+	evRedisSkipped     = "redis_skipped"
+	evBreakerState     = "breaker_state"
+	evRefresh          = "refresh"
+	evInvalidated      = "invalidated"
+	evNamespaceBumped  = "namespace_bumped"
+	evInvalQueued      = "invalidation_queued"
+	evInvalRetried     = "invalidation_retried"
+	evInvalDropped     = "invalidation_dropped"
+	evLocalFlushed     = "local_flushed"
+	evBusMessage       = "bus_message"
 )
-
-var eventNames = [...]string{"", "hit", "local_hit", "negative_hit", "local_negative_hit", "stale", "stale_if_error",
-	"miss", "coalesced", "lease_wait", "redis_error", "redis_skipped", "overloaded", "served_stale"}
-
-// String returns the event's name in snake case ("hit", "local_hit",
-// "redis_error", ...).
-func (k EventKind) String() string {
-	if int(k) < len(eventNames) && k != 0 {
-		return eventNames[k]
-	}
-	return "unknown"
-}
-
-// Event is one thing that happened inside a traced call.
-type Event struct {
-	Kind EventKind
-	Op   string // the Redis step of EventRedisError and EventRedisSkipped ("get", "acquire", "fill", ...)
-	Err  error  // the error of EventRedisError and EventRedisSkipped
-	Keys int    // EventLeaseWait: how many keys
-}

@@ -4,6 +4,7 @@ package cacheaside
 
 import (
 	"fmt"
+	"github.com/seed-b4ec662f/cacheaside/internal/wire"
 	"maps"
 	"math"
 	"math/rand/v2"
@@ -64,14 +65,14 @@ type Policy struct {
 
 // Policy defaults.
 const (
-	DefaultTTL         = 5 * time.Minute
-	DefaultNegativeTTL = 60 * time.Second
-	DefaultJitter      = 0.1
-	DefaultBeta        = 1.0
+	defaultTTL         = wire.DefaultTTL
+	defaultNegativeTTL = 60 * time.Second
+	defaultJitter      = 0.1
+	defaultBeta        = 1.0
 )
 
-// Validate reports the first setting of p that is out of range.
-func (p Policy) Validate() error {
+// validate reports the first setting of p that is out of range.
+func (p Policy) validate() error {
 	if p.TTL < 0 {
 		return fmt.Errorf("%w: policy TTL %v is negative", ErrInvalidOptions, p.TTL)
 	}
@@ -111,22 +112,22 @@ func (p Policy) staleWindow() time.Duration { return max(p.StaleWhileRevalidate,
 // resolved returns p with defaults filled in. p must be valid.
 func (p Policy) resolved() Policy {
 	if p.TTL == 0 {
-		p.TTL = DefaultTTL
+		p.TTL = defaultTTL
 	}
 	if p.NegativeTTL == 0 {
-		p.NegativeTTL = min(DefaultNegativeTTL, p.TTL)
+		p.NegativeTTL = min(defaultNegativeTTL, p.TTL)
 	}
 	switch {
 	case p.NoJitter:
 		p.Jitter = 0
 	case p.Jitter == 0:
-		p.Jitter = DefaultJitter
+		p.Jitter = defaultJitter
 	}
 	switch {
 	case p.NoEarlyRefresh:
 		p.Beta = 0
 	case p.Beta == 0:
-		p.Beta = DefaultBeta
+		p.Beta = defaultBeta
 	}
 	return p
 }
@@ -143,11 +144,12 @@ func (p Policy) jitter(d time.Duration) time.Duration {
 // TTLTable is a validated set of named policies, one per kind of cached
 // item, so an application keeps every lifetime decision in one place:
 //
-//	ttls := cacheaside.MustTTLTable(map[string]cacheaside.Policy{
+//	ttls, err := cacheaside.NewTTLTable(map[string]cacheaside.Policy{
 //		"task":      {TTL: 5 * time.Minute, NegativeTTL: 60 * time.Second},
 //		"task_list": {TTL: 60 * time.Second},
 //	})
-//	ttls, err := ttls.WithOverrides(os.Getenv("CACHE_TTLS")) // "task=2m,task_list=30s"
+//	...
+//	ttls, err = ttls.WithOverrides(os.Getenv("CACHE_TTLS")) // "task=2m,task_list=30s"
 //
 // A TTLTable is immutable and safe for concurrent use.
 type TTLTable struct {
@@ -160,21 +162,11 @@ func NewTTLTable(policies map[string]Policy) (*TTLTable, error) {
 		if err := checkPolicyName(name); err != nil {
 			return nil, err
 		}
-		if err := policies[name].Validate(); err != nil {
+		if err := policies[name].validate(); err != nil {
 			return nil, fmt.Errorf("policy %q: %w", name, err)
 		}
 	}
 	return &TTLTable{m: maps.Clone(policies)}, nil
-}
-
-// MustTTLTable is NewTTLTable that panics on an invalid table, for
-// package-level variables.
-func MustTTLTable(policies map[string]Policy) *TTLTable {
-	t, err := NewTTLTable(policies)
-	if err != nil {
-		panic(err)
-	}
-	return t
 }
 
 // Get returns the policy called name. It panics if the table has no such
@@ -186,12 +178,6 @@ func (t *TTLTable) Get(name string) Policy {
 		panic(fmt.Sprintf("cacheaside: TTL table has no policy %q (have %s)", name, strings.Join(t.Names(), ", ")))
 	}
 	return p
-}
-
-// Lookup returns the policy called name and whether it exists.
-func (t *TTLTable) Lookup(name string) (Policy, bool) {
-	p, ok := t.m[name]
-	return p, ok
 }
 
 // Names returns the policy names in sorted order.
@@ -288,7 +274,7 @@ func (t *TTLTable) WithOverrides(spec string) (*TTLTable, error) {
 		default:
 			return nil, fmt.Errorf("%w: TTL override %q: unknown field %q (want ttl, negative, jitter, swr, sie or beta)", ErrInvalidOptions, item, field)
 		}
-		if err := p.Validate(); err != nil {
+		if err := p.validate(); err != nil {
 			return nil, fmt.Errorf("TTL override %q: %w", item, err)
 		}
 		out[name] = p

@@ -32,7 +32,7 @@ func TestPolicyValidate(t *testing.T) {
 		{"beta and NoEarlyRefresh", Policy{Beta: 2, NoEarlyRefresh: true}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			err := tc.p.Validate()
+			err := tc.p.validate()
 			if tc.ok && err != nil {
 				t.Fatalf("Validate = %v, want nil", err)
 			}
@@ -61,21 +61,21 @@ func TestPolicyJitterRange(t *testing.T) {
 	if d := exact.jitter(exact.TTL); d != time.Minute {
 		t.Fatalf("NoJitter TTL = %v", d)
 	}
-	if d := (Policy{}).resolved(); d.TTL != DefaultTTL || d.NegativeTTL != DefaultNegativeTTL || d.Jitter != DefaultJitter {
+	if d := (Policy{}).resolved(); d.TTL != defaultTTL || d.NegativeTTL != defaultNegativeTTL || d.Jitter != defaultJitter {
 		t.Fatalf("defaults = %+v", d)
 	}
 }
 
 func TestTTLTable(t *testing.T) {
-	table := MustTTLTable(map[string]Policy{
+	table, err := NewTTLTable(map[string]Policy{
 		"task":      {TTL: 5 * time.Minute, NegativeTTL: time.Minute},
 		"task_list": {TTL: time.Minute},
 	})
+	if err != nil {
+		t.Fatal(err)
+	}
 	if got := table.Get("task").TTL; got != 5*time.Minute {
 		t.Fatalf("task TTL = %v", got)
-	}
-	if _, ok := table.Lookup("nope"); ok {
-		t.Fatal("Lookup of an unknown name succeeded")
 	}
 	if got := strings.Join(table.Names(), ","); got != "task,task_list" {
 		t.Fatalf("Names = %s", got)
@@ -115,7 +115,7 @@ func TestTTLTable(t *testing.T) {
 	if p := o.Get("task_list"); !p.NoEarlyRefresh || p.Beta != 0 {
 		t.Fatalf("beta=0 = %+v, want early refresh off", p)
 	}
-	if p := (Policy{}).resolved(); p.Beta != DefaultBeta {
+	if p := (Policy{}).resolved(); p.Beta != defaultBeta {
 		t.Fatalf("default beta = %v", p.Beta)
 	}
 	if same, err := table.WithOverrides("  "); err != nil || same != table {

@@ -6,6 +6,7 @@ package cacheaside
 
 import (
 	"context"
+	"github.com/seed-b4ec662f/cacheaside/internal/wire"
 	"strconv"
 	"strings"
 	"sync"
@@ -20,7 +21,7 @@ import (
 // publishes the key on the cache's wake channel, inside the same script, so
 // an uncontended miss costs nothing more and a hit never sees any of it.
 // Every Cache subscribes to that channel on its client's shared
-// subscription connection (sub.go; the channel is WakeChannelPrefix +
+// subscription connection (sub.go; the channel is wakeChannelPrefix +
 // Options.Name; Cluster broadcasts PUBLISH to every node) and wakes the
 // runs waiting for that key at once. Polling stays, slower, for what a
 // message cannot cover: a holder that died (its lease expires), a message
@@ -36,10 +37,10 @@ import (
 // the lease it waits for (missRun.delivered). Any other message only makes
 // the waiter look again in Redis, as a poll would.
 
-// WakeChannelPrefix + Options.Name is the channel fills of contended leases
+// wakeChannelPrefix + Options.Name is the channel fills of contended leases
 // are published on. Every process that shares a cache's keys must use the
 // same Name.
-const WakeChannelPrefix = "cacheaside:filled:"
+const wakeChannelPrefix = wire.WakeChannelPrefix
 
 // waker dispatches the wake channel's messages to the runs waiting for
 // their keys.
@@ -160,7 +161,7 @@ func (w *waker) delivered(wt *watch) map[string]wakeMsg {
 }
 
 // listenWake keeps the wake channel subscribed until Close.
-func (c *Cache[T]) listenWake(bus Bus) {
+func (c *Cache[T]) listenWake(bus pubsubClient) {
 	defer c.wg.Done()
 	w := c.wake
 	s := &subscriber{bus: bus, channel: w.channel, hc: time.Second,

@@ -6,13 +6,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/seed-b4ec662f/cacheaside/internal/wire"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/vmihailenco/msgpack/v5"
 
-	"github.com/seed-b4ec662f/cacheaside"
 	"github.com/seed-b4ec662f/cacheaside/internal/bounded"
 	"github.com/seed-b4ec662f/cacheaside/internal/envelope"
 )
@@ -46,22 +46,22 @@ func kindName(k envelope.Kind) string {
 // codecName names a codec format byte.
 func codecName(f byte) string {
 	switch f {
-	case cacheaside.FormatJSON:
+	case wire.FormatJSON:
 		return "json"
-	case cacheaside.FormatMsgpack:
+	case wire.FormatMsgpack:
 		return "msgpack"
 	}
 	return "custom"
 }
 
 // namespaceOf returns the namespace tag and generation key of key, as the
-// library finds them (cacheaside.GenerationKey).
+// library finds them (wire.GenerationKey).
 func namespaceOf(key string) (ns, genKey string, ok bool) {
-	genKey, ok = cacheaside.GenerationKey(key)
+	genKey, ok = wire.GenerationKey(key)
 	if !ok {
 		return "", "", false
 	}
-	return strings.TrimSuffix(genKey, cacheaside.GenerationSuffix), genKey, true
+	return strings.TrimSuffix(genKey, wire.GenerationSuffix), genKey, true
 }
 
 // isGenKey reports whether key, holding size bytes, is a namespace generation key.
@@ -113,13 +113,13 @@ func quoteStart(b []byte, n int) string {
 // why).
 func renderValue(format byte, payload []byte) (json.RawMessage, error) {
 	switch format {
-	case cacheaside.FormatJSON:
+	case wire.FormatJSON:
 		var buf bytes.Buffer
 		if err := json.Compact(&buf, payload); err != nil {
 			return nil, fmt.Errorf("payload is not valid JSON: %v", err)
 		}
 		return buf.Bytes(), nil
-	case cacheaside.FormatMsgpack:
+	case wire.FormatMsgpack:
 		// The library's own check: a header that declares more than the
 		// payload holds would make the decoder allocate without bound.
 		if err := bounded.Msgpack(payload); err != nil {

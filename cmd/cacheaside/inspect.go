@@ -7,6 +7,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"github.com/seed-b4ec662f/cacheaside/internal/wire"
 	"io"
 	"strings"
 	"text/tabwriter"
@@ -14,7 +15,6 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/seed-b4ec662f/cacheaside"
 	"github.com/seed-b4ec662f/cacheaside/internal/envelope"
 )
 
@@ -64,7 +64,7 @@ type nsInfo struct {
 
 // defaultMaxBytes is how much of an entry inspect reads unless --max-bytes
 // says otherwise: the library's default MaxValueSize and the header.
-const defaultMaxBytes = cacheaside.DefaultMaxValueSize + envelope.HeaderSize
+const defaultMaxBytes = wire.DefaultMaxValueSize + envelope.HeaderSize
 
 func cmdInspect(ctx context.Context, cfg *config, args []string, stdout, stderr io.Writer) error {
 	maxBytes := defaultMaxBytes

@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"github.com/seed-b4ec662f/cacheaside/internal/wire"
 	"reflect"
 	"strings"
 	"sync"
@@ -97,7 +98,7 @@ func TestInspectMsgpack(t *testing.T) {
 func TestInspectHostileMsgpack(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b *backend) {
 		key := b.ks.Key("hostile")
-		raw := envelope.Encode(&envelope.Entry{Kind: envelope.Value, Format: cacheaside.FormatMsgpack, Token: envelope.Token{1}, Payload: []byte{0xdd, 0xff, 0xff, 0xff, 0xff}})
+		raw := envelope.Encode(&envelope.Entry{Kind: envelope.Value, Format: wire.FormatMsgpack, Token: envelope.Token{1}, Payload: []byte{0xdd, 0xff, 0xff, 0xff, 0xff}})
 		b.rdb.Set(ctx, key, raw, time.Minute)
 		in := b.inspectJSON(t, key)
 		if !strings.Contains(in.ValueError, "not valid msgpack") || in.Value != nil {

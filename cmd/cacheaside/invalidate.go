@@ -7,6 +7,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"github.com/seed-b4ec662f/cacheaside/internal/wire"
 	"io"
 	"strconv"
 	"strings"
@@ -29,7 +30,7 @@ func (f *invalidateFlags) channelName() string {
 	if f.channel != "" {
 		return f.channel
 	}
-	return cacheaside.DefaultLocalChannelPrefix + f.cache
+	return wire.BusChannelPrefix + f.cache
 }
 
 // invalidateResult is what invalidate reports; --json prints it.
@@ -51,7 +52,7 @@ type invalidateResult struct {
 }
 
 func cmdInvalidate(ctx context.Context, cfg *config, args []string, stdout, stderr io.Writer) error {
-	f := &invalidateFlags{cache: cacheaside.DefaultName, ttl: cacheaside.DefaultTTL}
+	f := &invalidateFlags{cache: wire.DefaultName, ttl: wire.DefaultTTL}
 	rest, err := parseFlags("invalidate", cfg, args, stderr, func(fs *flag.FlagSet) {
 		fs.StringVar(&f.cache, "cache", f.cache, "Options.Name of the caches to tell")
 		fs.StringVar(&f.channel, "channel", f.channel, "their LocalOptions.Channel, if set")
@@ -97,7 +98,7 @@ func cmdInvalidate(ctx context.Context, cfg *config, args []string, stdout, stde
 		if ns, err = parseNamespace(targets[0]); err != nil {
 			return &usageError{msg: err.Error()}
 		}
-		res.Namespace, res.GenerationKey = ns.String(), ns.String()+cacheaside.GenerationSuffix
+		res.Namespace, res.GenerationKey = ns.String(), ns.String()+wire.GenerationSuffix
 	default:
 		return usagef("invalidate %q: want key, prefix or namespace", op)
 	}
@@ -251,7 +252,7 @@ func parseNamespace(s string) (cacheaside.Namespace, error) {
 	bad := func(why string) (cacheaside.Namespace, error) {
 		return cacheaside.Namespace{}, fmt.Errorf("%q is not a namespace: %s; a namespace looks like v1:task_lists:{org:acme}", s, why)
 	}
-	tag := strings.TrimSuffix(s, cacheaside.GenerationSuffix)
+	tag := strings.TrimSuffix(s, wire.GenerationSuffix)
 	ver, rest, ok := strings.Cut(tag, ":")
 	if !ok || len(ver) < 2 || ver[0] != 'v' {
 		return bad("it does not start with v<version>:")
@@ -270,7 +271,7 @@ func parseNamespace(s string) (cacheaside.Namespace, error) {
 	}
 	parts := strings.Split(inner[1:len(inner)-1], ":")
 	for i, p := range parts {
-		if parts[i], err = cacheaside.UnescapePart(p); err != nil {
+		if parts[i], err = wire.UnescapePart(p); err != nil {
 			return bad(err.Error())
 		}
 	}

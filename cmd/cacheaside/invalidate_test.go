@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"github.com/seed-b4ec662f/cacheaside/internal/wire"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -150,7 +151,7 @@ func TestInvalidateReachesLocalTier(t *testing.T) {
 					right = append([]string{"invalidate", "--channel", tc.channel}, tc.args...)
 				}
 				out := b.ok(t, right...)
-				channel := cmpOr(tc.channel, cacheaside.DefaultLocalChannelPrefix+c.Name())
+				channel := cmpOr(tc.channel, wire.BusChannelPrefix+c.Name())
 				mustContain(t, out, "published on "+channel+" to 1 subscriber\n")
 				waitFor(t, "the bus message", func() bool { return c.Stats().BusMessages > 0 })
 				mustGet(t, c, tc.key, load("v", &loads))

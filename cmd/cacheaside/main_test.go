@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"github.com/seed-b4ec662f/cacheaside/internal/wire"
 	"os"
 	"strings"
 	"sync/atomic"
@@ -125,7 +126,7 @@ func (b *backend) cleanup(t *testing.T) {
 	err := forEachNode(ctx, rdb, func(ctx context.Context, n node) error {
 		var cursor uint64
 		for {
-			keys, next, err := n.Scan(ctx, cursor, cacheaside.EscapeGlob(b.ks.Prefix())+"*", 1000).Result()
+			keys, next, err := n.Scan(ctx, cursor, wire.EscapeGlob(b.ks.Prefix())+"*", 1000).Result()
 			if err != nil {
 				return err
 			}

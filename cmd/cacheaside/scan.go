@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"github.com/seed-b4ec662f/cacheaside/internal/wire"
 	"io"
 	"slices"
 	"strconv"
@@ -13,7 +14,6 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/seed-b4ec662f/cacheaside"
 	"github.com/seed-b4ec662f/cacheaside/internal/envelope"
 )
 
@@ -77,7 +77,7 @@ func forEachNode(ctx context.Context, rdb redis.UniversalClient, fn func(context
 
 // scan lists every key that starts with prefix (taken literally), sorted.
 func scan(ctx context.Context, rdb redis.UniversalClient, prefix string) ([]scanRow, error) {
-	pattern := cacheaside.EscapeGlob(prefix) + "*"
+	pattern := wire.EscapeGlob(prefix) + "*"
 	var mu sync.Mutex
 	var rows []scanRow
 	err := forEachNode(ctx, rdb, func(ctx context.Context, n node) error {

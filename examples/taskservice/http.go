@@ -426,7 +426,7 @@ func (a *API) cacheStats(w http.ResponseWriter, r *http.Request) {
 	for _, c := range a.svc.Caches() {
 		s := c.Stats()
 		out[c.Name()] = cacheStat{
-			Hits: s.Hits, NegativeHits: s.NegativeHits, Misses: s.Misses, Total: s.Requests(),
+			Hits: s.Hits, NegativeHits: s.NegativeHits, Misses: s.Misses, Total: s.Hits + s.NegativeHits + s.Misses,
 			HitRate: fmt.Sprintf("%.1f%%", 100*s.HitRate()), NegHitRate: fmt.Sprintf("%.1f%%", 100*s.NegativeHitRate()), Loads: s.Loads, StaleServed: s.StaleServed, RedisErrors: s.RedisErrors,
 		}
 	}
@@ -471,7 +471,7 @@ func (a *API) healthz(w http.ResponseWriter, r *http.Request) {
 	h.Breaker = st.Breaker
 	if a.svc.localTier {
 		h.LocalTier = "bypassed"
-		if a.svc.tasks.LocalLive() {
+		if st.LocalLive {
 			h.LocalTier = "live"
 		} else if errors.Is(a.svc.tasks.WaitLocal(ended), cacheaside.ErrNoPubSub) {
 			h.LocalTier = "refused"

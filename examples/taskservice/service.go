@@ -15,7 +15,7 @@ import (
 // The TTL table: every lifetime decision of the app in one place, from the
 // lecture's guidelines (4.2, 4.4), overridable with CACHE_TTLS, for example
 // CACHE_TTLS="task=2m,task_list=30s,org_stats.swr=1m".
-var defaultTTLs = cacheaside.MustTTLTable(map[string]cacheaside.Policy{
+var defaultTTLs = mustTTLTable(map[string]cacheaside.Policy{
 	// Task details: 5 min + event-based invalidation on every write; a
 	// missing id is remembered for 60 s (lecture 5.2).
 	"task": {TTL: 5 * time.Minute, NegativeTTL: 60 * time.Second},
@@ -27,6 +27,16 @@ var defaultTTLs = cacheaside.MustTTLTable(map[string]cacheaside.Policy{
 	"org_stats": {TTL: 2 * time.Minute, StaleWhileRevalidate: time.Minute, StaleIfError: 10 * time.Minute},
 	// User permissions are NOT in this table: they are never cached.
 })
+
+// mustTTLTable is NewTTLTable for a table written in the code: an invalid
+// one is a programming error that stops the program at start-up.
+func mustTTLTable(policies map[string]cacheaside.Policy) *cacheaside.TTLTable {
+	t, err := cacheaside.NewTTLTable(policies)
+	if err != nil {
+		panic(err)
+	}
+	return t
+}
 
 // Service is the task API's logic: the store behind three caches.
 type Service struct {
@@ -55,7 +65,7 @@ func NewService(store *Store, rdb cacheaside.Redis, ttls *cacheaside.TTLTable, l
 	var local *cacheaside.LocalOptions
 	s.localTier = localTTL > 0
 	if localTTL > 0 {
-		local = &cacheaside.LocalOptions{TTL: localTTL, Channel: cacheaside.DefaultLocalChannelPrefix + prefix + "task"}
+		local = &cacheaside.LocalOptions{TTL: localTTL, Channel: "cacheaside:invalidate:" + prefix + "task"} // the default channel, with the app's prefix
 	}
 	if s.tasks, err = cacheaside.New(rdb, &cacheaside.Options[Task]{Name: "task", Policy: ttls.Get("task"), Logger: log, Local: local}); err != nil {
 		return nil, err

@@ -14,6 +14,16 @@ import (
 
 type meterProvider = metric.MeterProvider
 
+// loadBounds are the bucket bounds of cacheaside.Stats.LoadsWithin, which
+// the histogram uses too (TestLoadBoundsMatch checks them against a
+// cache's Stats).
+var loadBounds = []time.Duration{
+	time.Millisecond, 2500 * time.Microsecond, 5 * time.Millisecond, 10 * time.Millisecond,
+	25 * time.Millisecond, 50 * time.Millisecond, 100 * time.Millisecond, 250 * time.Millisecond,
+	500 * time.Millisecond, time.Second, 2500 * time.Millisecond, 5 * time.Second,
+	10 * time.Second, 30 * time.Second,
+}
+
 // WithMeterProvider sets the MeterProvider (default: otel's global one).
 func WithMeterProvider(mp metric.MeterProvider) Option { return func(c *config) { c.mp = mp } }
 
@@ -23,44 +33,9 @@ type Source interface {
 	Stats() cacheaside.Stats
 }
 
-// stat is one Stats counter exported as an observable counter.
-type stat struct {
-	name, unit, desc string
-	value            func(*cacheaside.Stats) uint64
-}
-
-// stats lists every Stats counter exported one to one; the requests and
-// loads (one instrument each, with a result attribute) and the gauges are
-// built apart.
-var stats = []stat{
-	{"cacheaside.local_hits", "{request}", "Gets the local tier answered with a value (part of the hits).", func(s *cacheaside.Stats) uint64 { return s.LocalHits }},
-	{"cacheaside.local_negative_hits", "{request}", "Gets the local tier answered \"not found\" (part of the negative hits).", func(s *cacheaside.Stats) uint64 { return s.LocalNegativeHits }},
-	{"cacheaside.coalesced", "{request}", "Gets that shared a load another Get of this process ran.", func(s *cacheaside.Stats) uint64 { return s.Coalesced }},
-	{"cacheaside.lease_contended", "{key}", "Keys whose load waited for another holder's fill.", func(s *cacheaside.Stats) uint64 { return s.LeaseContended }},
-	{"cacheaside.fills_rejected", "{fill}", "Fills refused because their lease was gone.", func(s *cacheaside.Stats) uint64 { return s.FillsRejected }},
-	{"cacheaside.not_cached", "{value}", "Loaded values not cached: too large or not encodable.", func(s *cacheaside.Stats) uint64 { return s.NotCached }},
-	{"cacheaside.decode_errors", "{entry}", "Entries that could not be decoded.", func(s *cacheaside.Stats) uint64 { return s.DecodeErrors }},
-	{"cacheaside.redis.errors", "{command}", "Redis commands sent that failed.", func(s *cacheaside.Stats) uint64 { return s.RedisErrors }},
-	{"cacheaside.redis.skipped", "{command}", "Redis commands not sent: breaker open, or the Get's Redis time spent.", func(s *cacheaside.Stats) uint64 { return s.RedisSkipped }},
-	{"cacheaside.stale_served", "{request}", "Answers with a value past its TTL (stale-while-revalidate).", func(s *cacheaside.Stats) uint64 { return s.StaleServed }},
-	{"cacheaside.stale_if_error", "{request}", "Answers with the old value because its reload failed.", func(s *cacheaside.Stats) uint64 { return s.StaleIfError }},
-	{"cacheaside.refreshes", "{refresh}", "Background refreshes that ran their loader.", func(s *cacheaside.Stats) uint64 { return s.Refreshes }},
-	{"cacheaside.refresh_errors", "{refresh}", "Background refreshes that failed.", func(s *cacheaside.Stats) uint64 { return s.RefreshErrors }},
-	{"cacheaside.invalidated_keys", "{key}", "Keys deleted by Invalidate and InvalidatePrefix.", func(s *cacheaside.Stats) uint64 { return s.Invalidations }},
-	{"cacheaside.namespace_bumps", "{bump}", "Namespaces given a new generation.", func(s *cacheaside.Stats) uint64 { return s.NamespaceBumps }},
-	{"cacheaside.breaker.opens", "{open}", "Times the Redis circuit breaker opened.", func(s *cacheaside.Stats) uint64 { return s.BreakerOpens }},
-	{"cacheaside.overloaded", "{request}", "Gets refused with ErrOverloaded.", func(s *cacheaside.Stats) uint64 { return s.Overloaded }},
-	{"cacheaside.invalidations.queued", "{invalidation}", "Failed invalidations queued for retry.", func(s *cacheaside.Stats) uint64 { return s.QueuedInvals }},
-	{"cacheaside.invalidations.retried", "{invalidation}", "Failed invalidations applied later by a retry.", func(s *cacheaside.Stats) uint64 { return s.RetriedInvals }},
-	{"cacheaside.invalidations.dropped", "{invalidation}", "Failed invalidations given up.", func(s *cacheaside.Stats) uint64 { return s.DroppedInvals }},
-	{"cacheaside.local.flushes", "{flush}", "Times the local tier was emptied.", func(s *cacheaside.Stats) uint64 { return s.LocalFlushes }},
-	{"cacheaside.bus.messages", "{message}", "Invalidation messages received from the bus.", func(s *cacheaside.Stats) uint64 { return s.BusMessages }},
-}
-
 // Metrics exports caches' Stats through the OpenTelemetry metric API, and
 // is the cacheaside.Recorder that feeds the load-duration histogram.
 type Metrics struct {
-	cacheaside.NopRecorder
 	meter    metric.Meter
 	attrs    []attribute.KeyValue
 	loadTime metric.Float64Histogram
@@ -70,24 +45,24 @@ type Metrics struct {
 	mu      sync.Mutex // protects names and regs
 	names   map[string]bool
 	regs    []metric.Registration
-	counts  []metric.Int64ObservableCounter
+	counts  map[string]metric.Int64ObservableCounter // by cacheaside.Counter.Name
 	gauges  map[string]metric.Int64ObservableGauge
-	reqs    metric.Int64ObservableCounter
-	loads   metric.Int64ObservableCounter
 	pending metric.Int64ObservableUpDownCounter
 }
 
 // NewMetrics creates the instruments on the meter of the MeterProvider
 // (otel's global one unless WithMeterProvider says otherwise):
 //
-//   - cacheaside.requests{cacheaside.cache, cacheaside.result}: Gets by
-//     the outcome of the first read, result "hit", "negative_hit" or
-//     "miss" (a GetMany counts once per distinct key);
-//   - cacheaside.loads{result "ok" or "error"}: loader calls;
+//   - one observable counter per counter cacheaside.Stats.Counters lists,
+//     named cacheaside.<name>: cacheaside.requests{cacheaside.cache,
+//     cacheaside.result}, Gets by the outcome of the first read, result
+//     "hit", "negative_hit" or "miss" (a GetMany counts once per distinct
+//     key); cacheaside.loads{cacheaside.result "ok" or "error"}, loader
+//     calls; cacheaside.coalesced, cacheaside.redis.errors,
+//     cacheaside.redis.skipped and the rest. A counter added to cacheaside
+//     reaches OpenTelemetry without a change here;
 //   - cacheaside.load.duration (s): a histogram of loader calls, recorded
 //     by Metrics as the caches' Recorder (Options.Recorder: m);
-//   - one observable counter per other Stats counter (cacheaside.coalesced,
-//     cacheaside.redis.errors, cacheaside.redis.skipped, ...);
 //   - cacheaside.invalidations.pending (an up-down counter),
 //     cacheaside.breaker.state{state} (1 for the current state of
 //     "closed", "open" and "half-open"), cacheaside.local.live (0 or 1)
@@ -97,22 +72,15 @@ type Metrics struct {
 // they cost the request path nothing.
 func NewMetrics(opts ...Option) (*Metrics, error) {
 	c := newConfig(opts)
-	m := &Metrics{meter: c.mp.Meter(ScopeName), attrs: c.attrs, names: map[string]bool{}, gauges: map[string]metric.Int64ObservableGauge{}}
+	m := &Metrics{meter: c.mp.Meter(ScopeName), attrs: c.attrs, names: map[string]bool{}, gauges: map[string]metric.Int64ObservableGauge{},
+		counts: map[string]metric.Int64ObservableCounter{}}
 	var err error
-	bounds := make([]float64, cacheaside.NumLoadBuckets)
-	for i := range bounds {
-		bounds[i] = cacheaside.LoadBucket(i).Seconds()
+	bounds := make([]float64, len(loadBounds))
+	for i, d := range loadBounds {
+		bounds[i] = d.Seconds()
 	}
 	if m.loadTime, err = m.meter.Float64Histogram("cacheaside.load.duration", metric.WithUnit("s"),
 		metric.WithDescription("Time spent in each loader call."), metric.WithExplicitBucketBoundaries(bounds...)); err != nil {
-		return nil, err
-	}
-	if m.reqs, err = m.meter.Int64ObservableCounter("cacheaside.requests", metric.WithUnit("{request}"),
-		metric.WithDescription("Gets by the outcome of their first read: hit, negative_hit or miss.")); err != nil {
-		return nil, err
-	}
-	if m.loads, err = m.meter.Int64ObservableCounter("cacheaside.loads", metric.WithUnit("{call}"),
-		metric.WithDescription("Loader calls by result: ok (a value or not found) or error.")); err != nil {
 		return nil, err
 	}
 	if m.pending, err = m.meter.Int64ObservableUpDownCounter("cacheaside.invalidations.pending", metric.WithUnit("{invalidation}"),
@@ -128,12 +96,15 @@ func NewMetrics(opts ...Option) (*Metrics, error) {
 			return nil, err
 		}
 	}
-	for _, s := range stats {
-		ctr, err := m.meter.Int64ObservableCounter(s.name, metric.WithUnit(s.unit), metric.WithDescription(s.desc))
+	for _, k := range (cacheaside.Stats{}).Counters() {
+		if _, ok := m.counts[k.Name]; ok {
+			continue // another member of a family
+		}
+		ctr, err := m.meter.Int64ObservableCounter("cacheaside."+k.Name, metric.WithUnit(k.Unit), metric.WithDescription(k.Help))
 		if err != nil {
 			return nil, err
 		}
-		m.counts = append(m.counts, ctr)
+		m.counts[k.Name] = ctr
 	}
 	return m, nil
 }
@@ -153,7 +124,7 @@ func (m *Metrics) Add(caches ...Source) error {
 		}
 		seen[s.Name()] = true
 	}
-	insts := []metric.Observable{m.reqs, m.loads, m.pending}
+	insts := []metric.Observable{m.pending}
 	for _, g := range m.gauges {
 		insts = append(insts, g)
 	}
@@ -203,14 +174,13 @@ func (m *Metrics) observe(o metric.Observer, src Source) {
 	with := func(k, v string) metric.ObserveOption {
 		return metric.WithAttributes(m.attrsFor(name, attribute.String(k, v))...)
 	}
-	o.ObserveInt64(m.reqs, int64(s.Hits), with("cacheaside.result", "hit"))
-	o.ObserveInt64(m.reqs, int64(s.NegativeHits), with("cacheaside.result", "negative_hit"))
-	o.ObserveInt64(m.reqs, int64(s.Misses), with("cacheaside.result", "miss"))
-	o.ObserveInt64(m.loads, int64(s.Loads), with("cacheaside.result", "ok"))
-	o.ObserveInt64(m.loads, int64(s.LoadErrors), with("cacheaside.result", "error"))
 	set := m.set(name)
-	for i, st := range stats {
-		o.ObserveInt64(m.counts[i], int64(st.value(&s)), set)
+	for _, k := range s.Counters() {
+		if k.Result != "" {
+			o.ObserveInt64(m.counts[k.Name], int64(k.Value), with("cacheaside.result", k.Result))
+		} else {
+			o.ObserveInt64(m.counts[k.Name], int64(k.Value), set)
+		}
 	}
 	o.ObserveInt64(m.pending, int64(s.PendingInvals), set)
 	for _, state := range []string{"closed", "open", "half-open"} {
@@ -227,10 +197,13 @@ func b2i(b bool) int64 {
 	return 0
 }
 
-// Load records a loader call's duration (the cacheaside.Recorder method;
-// the others do nothing).
-func (m *Metrics) Load(cache string, d time.Duration, err error) {
-	m.loadTime.Record(context.Background(), d.Seconds(), m.set(cache))
+// Record is the cacheaside.Recorder method: it records each loader call's
+// duration in the histogram; other events are counted in Stats, which the
+// observable counters read.
+func (m *Metrics) Record(_ context.Context, ev cacheaside.Event) {
+	if ev.Kind == "load" {
+		m.loadTime.Record(context.Background(), ev.D.Seconds(), m.set(ev.Cache))
+	}
 }
 
 // Close stops observing every cache added; caches with the same names

@@ -257,9 +257,9 @@ func TestMetrics(t *testing.T) {
 			got[mt.Name] = mt.Data
 		}
 	}
-	for _, s := range stats {
-		if got[s.name] == nil {
-			t.Errorf("no %s", s.name)
+	for _, k := range (cacheaside.Stats{}).Counters() {
+		if got["cacheaside."+k.Name] == nil {
+			t.Errorf("no cacheaside.%s", k.Name)
 		}
 	}
 	for _, n := range []string{"cacheaside.requests", "cacheaside.loads", "cacheaside.load.duration", "cacheaside.invalidations.pending", "cacheaside.breaker.state", "cacheaside.local.live", "cacheaside.local.entries"} {
@@ -296,10 +296,31 @@ func TestMetrics(t *testing.T) {
 // The span of a call that does not record costs no state.
 func TestNonRecordingStartsNothing(t *testing.T) {
 	tr := NewTracer(WithTracerProvider(noop.NewTracerProvider()))
-	ctx := tr.Start(context.Background(), cacheaside.Call{Kind: cacheaside.CallGet, Cache: "c", Keys: 1})
+	ctx := tr.Start(context.Background(), cacheaside.Call{Kind: "get", Cache: "c", Keys: 1})
 	if ctx.Value(stateKey{}) != nil {
 		t.Fatal("state for a span that does not record")
 	}
-	tr.Event(ctx, cacheaside.Event{Kind: cacheaside.EventHit})
-	tr.End(ctx, cacheaside.Call{Kind: cacheaside.CallGet, Cache: "c", Keys: 1}, nil)
+	tr.Event(ctx, cacheaside.Event{Kind: "hit"})
+	tr.End(ctx, cacheaside.Call{Kind: "get", Cache: "c", Keys: 1}, nil)
+}
+
+// The histogram's bounds are the buckets of cacheaside.Stats.LoadsWithin.
+func TestLoadBoundsMatch(t *testing.T) {
+	mr := miniredis.RunT(t)
+	rdb := redis.NewClient(&redis.Options{Addr: mr.Addr()})
+	t.Cleanup(func() { _ = rdb.Close() })
+	c, err := cacheaside.New[string](rdb, &cacheaside.Options[string]{Name: "bounds"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	got := c.Stats().LoadsWithin
+	if len(got) != len(loadBounds) {
+		t.Fatalf("%d buckets in Stats, %d here", len(got), len(loadBounds))
+	}
+	for i, b := range got {
+		if b.Le != loadBounds[i] {
+			t.Errorf("bucket %d: Stats %v, here %v", i, b.Le, loadBounds[i])
+		}
+	}
 }

@@ -25,10 +25,10 @@ func sdkTracer(t *testing.T) (*Tracer, *tracetest.SpanRecorder) {
 // (core events: miss, then served_stale) is counted once, as a miss.
 func TestGetManyCountsEachKeyOnce(t *testing.T) {
 	tr, sr := sdkTracer(t)
-	call := cacheaside.Call{Kind: cacheaside.CallGetMany, Cache: "c", Keys: 1}
+	call := cacheaside.Call{Kind: "getmany", Cache: "c", Keys: 1}
 	ctx := tr.Start(context.Background(), call)
-	tr.Event(ctx, cacheaside.Event{Kind: cacheaside.EventMiss})
-	tr.Event(ctx, cacheaside.Event{Kind: cacheaside.EventServedStale}) // missRun.answered → staleServed(r.ctx)
+	tr.Event(ctx, cacheaside.Event{Kind: "miss"})
+	tr.Event(ctx, cacheaside.Event{Kind: "served_stale"}) // missRun.answered → staleServed(r.ctx)
 	tr.End(ctx, call, nil)
 	a := attrs(sr.Ended()[0])
 	misses, stale := a["cacheaside.misses"].AsInt64(), a["cacheaside.stale_hits"].AsInt64()
@@ -43,10 +43,10 @@ func TestGetManyCountsEachKeyOnce(t *testing.T) {
 // background.
 func TestBackgroundLoadIsNotTheGets(t *testing.T) {
 	tr, sr := sdkTracer(t)
-	get := cacheaside.Call{Kind: cacheaside.CallGet, Cache: "c", Key: "k", Keys: 1}
+	get := cacheaside.Call{Kind: "get", Cache: "c", Key: "k", Keys: 1}
 	ctx := tr.Start(context.Background(), get)
-	tr.Event(ctx, cacheaside.Event{Kind: cacheaside.EventStale})
-	load := cacheaside.Call{Kind: cacheaside.CallLoad, Cache: "c", Key: "k", Keys: 1, Background: true}
+	tr.Event(ctx, cacheaside.Event{Kind: "stale"})
+	load := cacheaside.Call{Kind: "load", Cache: "c", Key: "k", Keys: 1, Background: true}
 	lctx := tr.Start(ctx, load) // refreshAsync's goroutine, before the Get returned
 	tr.End(ctx, get, nil)
 	tr.End(lctx, load, nil)
@@ -66,11 +66,11 @@ func TestBackgroundLoadIsNotTheGets(t *testing.T) {
 func TestNonRecordingInnerCallStaysOut(t *testing.T) {
 	outer, sr := sdkTracer(t)
 	inner := NewTracer(WithTracerProvider(noop.NewTracerProvider()))
-	load := cacheaside.Call{Kind: cacheaside.CallLoad, Cache: "a", Keys: 1}
+	load := cacheaside.Call{Kind: "load", Cache: "a", Keys: 1}
 	lctx := outer.Start(context.Background(), load)
-	get := cacheaside.Call{Kind: cacheaside.CallGet, Cache: "b", Key: "x", Keys: 1}
+	get := cacheaside.Call{Kind: "get", Cache: "b", Key: "x", Keys: 1}
 	gctx := inner.Start(lctx, get)
-	inner.Event(gctx, cacheaside.Event{Kind: cacheaside.EventHit})
+	inner.Event(gctx, cacheaside.Event{Kind: "hit"})
 	inner.End(gctx, get, nil)
 	outer.End(lctx, load, nil)
 	if o, ok := attrs(sr.Ended()[0])["cacheaside.outcome"]; ok {

@@ -137,17 +137,24 @@ func NewTracer(opts ...Option) *Tracer {
 	}
 }
 
-var spanNames = [...]string{
-	cacheaside.CallGet:     "cacheaside.Get",
-	cacheaside.CallGetMany: "cacheaside.GetMany",
-	cacheaside.CallLoad:    "cacheaside.Load",
+// The kinds of cacheaside.Call.
+const (
+	callGet     = "get"
+	callGetMany = "getmany"
+	callLoad    = "load"
+)
+
+var spanNames = map[string]string{
+	callGet:     "cacheaside.Get",
+	callGetMany: "cacheaside.GetMany",
+	callLoad:    "cacheaside.Load",
 }
 
-func spanName(k cacheaside.CallKind) string {
-	if int(k) < len(spanNames) && spanNames[k] != "" {
-		return spanNames[k]
+func spanName(k string) string {
+	if n, ok := spanNames[k]; ok {
+		return n
 	}
-	return "cacheaside." + k.String()
+	return "cacheaside." + k
 }
 
 // stateKey holds a recording span's *callState in its context.
@@ -158,12 +165,12 @@ type callState struct {
 	mu      sync.Mutex
 	span    trace.Span
 	id      trace.SpanID
-	kind    cacheaside.CallKind
+	kind    string // cacheaside.Call.Kind
 	outcome string
 	counts  map[string]int64 // GetMany: per outcome
 	loaded  bool
 	waited  bool
-	stale   int64 // EventServedStale
+	stale   int64 // served_stale events
 	ended   bool
 }
 
@@ -193,7 +200,7 @@ func (t *Tracer) Start(ctx context.Context, call cacheaside.Call) context.Contex
 	}
 	if call.Background {
 		span.SetAttributes(attribute.Bool("cacheaside.background", true))
-	} else if call.Kind == cacheaside.CallLoad && parent != nil {
+	} else if call.Kind == callLoad && parent != nil {
 		parent.mu.Lock()
 		if !parent.ended {
 			parent.loaded = true
@@ -204,27 +211,27 @@ func (t *Tracer) Start(ctx context.Context, call cacheaside.Call) context.Contex
 	if len(t.attrs) > 0 {
 		span.SetAttributes(t.attrs...)
 	}
-	if call.Kind != cacheaside.CallGet {
+	if call.Kind != callGet {
 		span.SetAttributes(attribute.Int("cacheaside.keys", call.Keys))
 	}
 	if t.withKeys && call.Key != "" {
 		span.SetAttributes(attribute.String("cacheaside.key", call.Key))
 	}
 	st := &callState{span: span, id: span.SpanContext().SpanID(), kind: call.Kind}
-	if call.Kind == cacheaside.CallGetMany {
+	if call.Kind == callGetMany {
 		st.counts = map[string]int64{}
 	}
 	return context.WithValue(ctx, stateKey{}, st)
 }
 
 // outcomes maps first-read events to cacheaside.outcome.
-var outcomes = map[cacheaside.EventKind]string{
-	cacheaside.EventHit:              "hit",
-	cacheaside.EventLocalHit:         "local",
-	cacheaside.EventStale:            "stale",
-	cacheaside.EventNegativeHit:      "negative",
-	cacheaside.EventLocalNegativeHit: "negative",
-	cacheaside.EventMiss:             "miss",
+var outcomes = map[string]string{
+	"hit":                "hit",
+	"local_hit":          "local",
+	"stale":              "stale",
+	"negative_hit":       "negative",
+	"local_negative_hit": "negative",
+	"miss":               "miss",
 }
 
 // countNames are a GetMany's per-outcome count attributes.
@@ -240,17 +247,17 @@ func (t *Tracer) Event(ctx context.Context, ev cacheaside.Event) {
 		return
 	}
 	switch ev.Kind {
-	case cacheaside.EventRedisError, cacheaside.EventRedisSkipped:
+	case "redis_error", "redis_skipped":
 		attrs := []attribute.KeyValue{attribute.String("cacheaside.op", ev.Op)}
 		if ev.Err != nil {
 			attrs = append(attrs, attribute.String("cacheaside.error", ev.Err.Error()))
 		}
-		st.span.AddEvent("cacheaside."+ev.Kind.String(), trace.WithAttributes(attrs...))
+		st.span.AddEvent("cacheaside."+ev.Kind, trace.WithAttributes(attrs...))
 		return
-	case cacheaside.EventLeaseWait:
-		st.span.AddEvent("cacheaside.lease_wait", trace.WithAttributes(attribute.Int("cacheaside.keys", ev.Keys)))
-	case cacheaside.EventStaleIfError, cacheaside.EventOverloaded:
-		st.span.AddEvent("cacheaside." + ev.Kind.String())
+	case "lease_wait":
+		st.span.AddEvent("cacheaside.lease_wait", trace.WithAttributes(attribute.Int("cacheaside.keys", ev.N)))
+	case "stale_if_error", "overloaded":
+		st.span.AddEvent("cacheaside." + ev.Kind)
 	}
 	st.mu.Lock()
 	defer st.mu.Unlock()
@@ -258,9 +265,9 @@ func (t *Tracer) Event(ctx context.Context, ev cacheaside.Event) {
 		return
 	}
 	switch ev.Kind {
-	case cacheaside.EventCoalesced, cacheaside.EventLeaseWait:
+	case "coalesced", "lease_wait":
 		st.waited = true
-	case cacheaside.EventServedStale:
+	case "served_stale":
 		st.stale++
 	}
 	o, first := outcomes[ev.Kind]
@@ -285,11 +292,11 @@ func (t *Tracer) End(ctx context.Context, call cacheaside.Call, err error) {
 		for o, n := range st.counts {
 			span.SetAttributes(attribute.Int64(countNames[o], n))
 		}
-		if st.kind != cacheaside.CallLoad {
+		if st.kind != callLoad {
 			span.SetAttributes(attribute.Bool("cacheaside.loaded", st.loaded), attribute.Bool("cacheaside.waited", st.waited))
 		}
 		switch {
-		case st.kind == cacheaside.CallGetMany:
+		case st.kind == callGetMany:
 			span.SetAttributes(attribute.Int64("cacheaside.served_stale", st.stale))
 		case st.stale > 0:
 			span.SetAttributes(attribute.Bool("cacheaside.served_stale", true))

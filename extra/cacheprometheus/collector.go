@@ -5,7 +5,9 @@
 // so it costs the request path nothing: the cache counts as it always
 // does, and a scrape sums its counters once. Every series carries one
 // label, cache (Options.Name), and never a key, so the number of series is
-// fixed: 50 per cache (17 of them the load-time histogram's).
+// fixed: 50 per cache (17 of them the load-time histogram's). Every
+// counter cacheaside.Stats.Counters lists is exported, so a counter added
+// to cacheaside reaches Prometheus without a change here.
 //
 //	tasks, _ := cacheaside.New[Task](rdb, &cacheaside.Options[Task]{Name: "tasks"})
 //	users, _ := cacheaside.New[User](rdb, &cacheaside.Options[User]{Name: "users"})
@@ -24,14 +26,15 @@
 //   - cacheaside_loads_total{cache, result}: loader calls, result="ok"
 //     (a value or "not found") or "error" (errors, panics, timeouts);
 //     cacheaside_load_duration_seconds: their durations, a histogram with
-//     buckets from 1ms to 30s (cacheaside.LoadBucket).
-//   - one counter per other Stats counter: coalesced Gets, keys that
-//     waited for another holder's lease, rejected fills, values not
-//     cached, decode errors, Redis commands failed and skipped, stale
-//     answers, refreshes, invalidated keys, namespace bumps, breaker
-//     openings, overloaded Gets, invalidations queued, retried and
-//     dropped, local-tier flushes and bus messages (see Describe, or the
-//     HELP lines of a scrape).
+//     buckets from 1ms to 30s (cacheaside.Stats.LoadsWithin).
+//   - one counter per other counter of cacheaside.Stats.Counters, named
+//     cacheaside_<name>_total with the name's dots as underscores:
+//     coalesced Gets, keys that waited for another holder's lease,
+//     rejected fills, values not cached, decode errors, Redis commands
+//     failed and skipped, stale answers, refreshes, invalidated keys,
+//     namespace bumps, breaker openings, overloaded Gets, invalidations
+//     queued, retried and dropped, local-tier flushes and bus messages
+//     (see Describe, or the HELP lines of a scrape).
 //   - gauges: cacheaside_invalidations_pending, cacheaside_breaker_state
 //     {state} (1 for the current state of "closed", "open", "half-open",
 //     0 for the others; all 0 when the breaker is disabled),
@@ -45,6 +48,7 @@ package cacheprometheus
 
 import (
 	"fmt"
+	"strings"
 	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -58,49 +62,15 @@ type Source interface {
 	Stats() cacheaside.Stats
 }
 
-// counter is one Stats counter exported as a Prometheus counter.
-type counter struct {
-	name, help string
-	value      func(*cacheaside.Stats) uint64
-}
-
-// counters lists every Stats counter exported one to one. The request and
-// load counts (one family each, with a result label), the load histogram
-// and the gauges are built apart in Collect.
-var counters = []counter{
-	{"local_hits_total", "Gets the local tier answered with a value (part of requests_total{result=\"hit\"}).", func(s *cacheaside.Stats) uint64 { return s.LocalHits }},
-	{"local_negative_hits_total", "Gets the local tier answered \"not found\" (part of requests_total{result=\"negative_hit\"}).", func(s *cacheaside.Stats) uint64 { return s.LocalNegativeHits }},
-	{"coalesced_total", "Gets that shared a load another Get of this process ran.", func(s *cacheaside.Stats) uint64 { return s.Coalesced }},
-	{"lease_contended_keys_total", "Keys whose load waited for another holder's fill instead of loading.", func(s *cacheaside.Stats) uint64 { return s.LeaseContended }},
-	{"fills_rejected_total", "Fills refused because their lease was gone (invalidated or taken over).", func(s *cacheaside.Stats) uint64 { return s.FillsRejected }},
-	{"not_cached_total", "Loaded values returned but not cached: too large or not encodable.", func(s *cacheaside.Stats) uint64 { return s.NotCached }},
-	{"decode_errors_total", "Entries that could not be decoded; each was treated as a miss.", func(s *cacheaside.Stats) uint64 { return s.DecodeErrors }},
-	{"redis_errors_total", "Redis commands sent that failed (error replies, timeouts, broken connections).", func(s *cacheaside.Stats) uint64 { return s.RedisErrors }},
-	{"redis_skipped_total", "Redis commands not sent: the circuit breaker was open, or the Get's Redis time was spent.", func(s *cacheaside.Stats) uint64 { return s.RedisSkipped }},
-	{"stale_served_total", "Answers with a value past its TTL, inside the stale-while-revalidate window.", func(s *cacheaside.Stats) uint64 { return s.StaleServed }},
-	{"stale_if_error_total", "Answers with the old value because its reload failed.", func(s *cacheaside.Stats) uint64 { return s.StaleIfError }},
-	{"refreshes_total", "Background refreshes that ran their loader.", func(s *cacheaside.Stats) uint64 { return s.Refreshes }},
-	{"refresh_errors_total", "Background refreshes that failed.", func(s *cacheaside.Stats) uint64 { return s.RefreshErrors }},
-	{"invalidated_keys_total", "Keys deleted by Invalidate and InvalidatePrefix.", func(s *cacheaside.Stats) uint64 { return s.Invalidations }},
-	{"namespace_bumps_total", "Namespaces given a new generation by InvalidateNamespace.", func(s *cacheaside.Stats) uint64 { return s.NamespaceBumps }},
-	{"breaker_opens_total", "Times the Redis circuit breaker opened.", func(s *cacheaside.Stats) uint64 { return s.BreakerOpens }},
-	{"overloaded_total", "Gets refused with ErrOverloaded (no load slot while Redis was down).", func(s *cacheaside.Stats) uint64 { return s.Overloaded }},
-	{"invalidations_queued_total", "Failed invalidations queued for retry.", func(s *cacheaside.Stats) uint64 { return s.QueuedInvals }},
-	{"invalidations_retried_total", "Failed invalidations applied later by a retry.", func(s *cacheaside.Stats) uint64 { return s.RetriedInvals }},
-	{"invalidations_dropped_total", "Failed invalidations given up (too old, or the retry queue was full).", func(s *cacheaside.Stats) uint64 { return s.DroppedInvals }},
-	{"local_flushes_total", "Times the local tier was emptied (bus lost or regained, an unreadable message).", func(s *cacheaside.Stats) uint64 { return s.LocalFlushes }},
-	{"bus_messages_total", "Invalidation messages received from the bus.", func(s *cacheaside.Stats) uint64 { return s.BusMessages }},
-}
-
 // breakerStates are the values of breaker_state's state label.
 var breakerStates = []string{"closed", "open", "half-open"}
 
 // Collector is a prometheus.Collector of any number of caches. It is safe
 // for concurrent use; Add may be called while it is registered.
 type Collector struct {
-	requests, loads, loadTime                 *prometheus.Desc
+	loadTime                                  *prometheus.Desc
 	pending, breaker, localLive, localEntries *prometheus.Desc
-	counters                                  []*prometheus.Desc
+	counters                                  map[string]*prometheus.Desc // by Counter.Name
 	mu                                        sync.RWMutex
 	caches                                    []Source
 	names                                     map[string]bool
@@ -120,17 +90,25 @@ func NewCollector(namespace string, caches ...Source) *Collector {
 		return prometheus.NewDesc(prometheus.BuildFQName(namespace, "", name), help, append([]string{"cache"}, labels...), nil)
 	}
 	c := &Collector{
-		requests:     desc("requests_total", "Gets by the outcome of their first read: hit (a value), negative_hit (a \"not found\" tombstone) or miss. A GetMany counts once per distinct key.", "result"),
-		loads:        desc("loads_total", "Loader calls by result: ok (a value or \"not found\") or error (errors, panics, timeouts).", "result"),
 		loadTime:     desc("load_duration_seconds", "Time spent in each loader call."),
 		pending:      desc("invalidations_pending", "Failed invalidations still waiting for a retry; this process loads their keys from the source meanwhile."),
 		breaker:      desc("breaker_state", "The Redis circuit breaker's state: 1 for the current one. All 0 when the breaker is disabled.", "state"),
 		localLive:    desc("local_live", "1 while the local tier is in use (its invalidation bus is confirmed), else 0."),
 		localEntries: desc("local_entries", "Entries the local tier holds (an estimate)."),
 		names:        map[string]bool{},
+		counters:     map[string]*prometheus.Desc{},
 	}
-	for _, k := range counters {
-		c.counters = append(c.counters, desc(k.name, k.help))
+	// Every counter cacheaside lists, whatever it adds: a family (the
+	// members share a Name) gets a result label.
+	for _, k := range (cacheaside.Stats{}).Counters() {
+		if _, ok := c.counters[k.Name]; ok {
+			continue
+		}
+		var labels []string
+		if k.Result != "" {
+			labels = []string{"result"}
+		}
+		c.counters[k.Name] = desc(metricName(k.Name), k.Help, labels...)
 	}
 	if err := c.Add(caches...); err != nil {
 		panic(err)
@@ -183,7 +161,7 @@ func (c *Collector) Remove(name string) bool {
 
 // Describe sends the descriptors of every metric the collector exports.
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.requests, c.loads, c.loadTime, c.pending, c.breaker, c.localLive, c.localEntries} {
+	for _, d := range []*prometheus.Desc{c.loadTime, c.pending, c.breaker, c.localLive, c.localEntries} {
 		ch <- d
 	}
 	for _, d := range c.counters {
@@ -205,22 +183,22 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		gauge := func(d *prometheus.Desc, v float64, labels ...string) {
 			ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, append([]string{name}, labels...)...)
 		}
-		count(c.requests, s.Hits, "hit")
-		count(c.requests, s.NegativeHits, "negative_hit")
-		count(c.requests, s.Misses, "miss")
-		count(c.loads, s.Loads, "ok")
-		count(c.loads, s.LoadErrors, "error")
-		buckets := make(map[float64]uint64, cacheaside.NumLoadBuckets)
-		for i, n := range s.LoadsWithin {
-			buckets[cacheaside.LoadBucket(i).Seconds()] = n
+		for _, k := range s.Counters() {
+			if k.Result != "" {
+				count(c.counters[k.Name], k.Value, k.Result)
+			} else {
+				count(c.counters[k.Name], k.Value)
+			}
 		}
-		// Stats sums its counters one after another while loads go on: a
-		// bucket may be a load ahead of the count.
-		total := max(s.Loads+s.LoadErrors, s.LoadsWithin[cacheaside.NumLoadBuckets-1])
+		buckets := make(map[float64]uint64, len(s.LoadsWithin))
+		total := s.Loads + s.LoadErrors
+		for _, b := range s.LoadsWithin {
+			buckets[b.Le.Seconds()] = b.Count
+			// Stats sums its counters one after another while loads go
+			// on: a bucket may be a load ahead of the count.
+			total = max(total, b.Count)
+		}
 		ch <- prometheus.MustNewConstHistogram(c.loadTime, total, s.LoadTime.Seconds(), buckets, name)
-		for i, k := range counters {
-			count(c.counters[i], k.value(&s))
-		}
 		gauge(c.pending, float64(s.PendingInvals))
 		for _, st := range breakerStates {
 			gauge(c.breaker, b2f(s.Breaker == st), st)
@@ -229,6 +207,10 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		gauge(c.localEntries, float64(s.LocalEntries))
 	}
 }
+
+// metricName is a counter's Prometheus name: dots become underscores, and
+// counters end in _total.
+func metricName(name string) string { return strings.ReplaceAll(name, ".", "_") + "_total" }
 
 func b2f(b bool) float64 {
 	if b {

@@ -64,9 +64,9 @@ func TestEveryStatsField(t *testing.T) {
 			continue
 		}
 		found := false
-		for _, k := range counters {
-			if k.value(&s) == uint64(1000+i) {
-				want["cacheaside_"+k.name] = float64(1000 + i)
+		for _, k := range s.Counters() {
+			if k.Value == uint64(1000+i) && k.Result == "" {
+				want["cacheaside_"+metricName(k.Name)] = float64(1000 + i)
 				found = true
 			}
 		}
@@ -76,9 +76,9 @@ func TestEveryStatsField(t *testing.T) {
 	}
 	s.LoadTime = 1500 * time.Millisecond
 	s.Loads, s.LoadErrors = 3, 1
-	s.LoadsWithin = [cacheaside.NumLoadBuckets]uint64{}
-	for i := range s.LoadsWithin {
-		s.LoadsWithin[i] = min(uint64(i), 4)
+	s.LoadsWithin = (cacheaside.Stats{}).LoadsWithin
+	for i := range 14 {
+		s.LoadsWithin = append(s.LoadsWithin, cacheaside.LoadBucket{Le: time.Millisecond << i, Count: min(uint64(i), 4)})
 	}
 	s.Breaker, s.LocalLive = "half-open", true
 	reg := prometheus.NewPedanticRegistry()
@@ -131,7 +131,7 @@ func TestEveryStatsField(t *testing.T) {
 		t.Error("loads_total")
 	}
 	h := got["cacheaside_load_duration_seconds"].GetMetric()[0].GetHistogram()
-	if h.GetSampleCount() != 4 || h.GetSampleSum() != 1.5 || len(h.GetBucket()) != cacheaside.NumLoadBuckets ||
+	if h.GetSampleCount() != 4 || h.GetSampleSum() != 1.5 || len(h.GetBucket()) != 14 ||
 		h.GetBucket()[0].GetUpperBound() != 0.001 || h.GetBucket()[2].GetCumulativeCount() != 2 {
 		t.Errorf("histogram %v", h)
 	}
@@ -141,7 +141,7 @@ func TestEveryStatsField(t *testing.T) {
 	if value("cacheaside_local_live", nil) != 1 || value("cacheaside_invalidations_pending", nil) != float64(s.PendingInvals) || value("cacheaside_local_entries", nil) != float64(s.LocalEntries) {
 		t.Error("gauges")
 	}
-	if n := testutil.CollectAndCount(NewCollector("", fixed{"a", s}, fixed{"b", s})); n != 2*(len(counters)+3+2+1+1+3+1+1) {
+	if n := testutil.CollectAndCount(NewCollector("", fixed{"a", s}, fixed{"b", s})); n != 2*(len((cacheaside.Stats{}).Counters())+1+1+3+1+1) {
 		t.Errorf("%d series for 2 caches", n)
 	}
 }

@@ -34,7 +34,7 @@ func Example() {
 	}
 
 	err := testutil.GatherAndCompare(reg, strings.NewReader(`
-# HELP cacheaside_requests_total Gets by the outcome of their first read: hit (a value), negative_hit (a "not found" tombstone) or miss. A GetMany counts once per distinct key.
+# HELP cacheaside_requests_total Gets by the outcome of their first read: hit (a value, from Redis or the local tier), negative_hit (a "not found" tombstone) or miss. A GetMany counts once per distinct key.
 # TYPE cacheaside_requests_total counter
 cacheaside_requests_total{cache="tasks",result="hit"} 3
 cacheaside_requests_total{cache="tasks",result="miss"} 1

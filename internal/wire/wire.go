@@ -1,0 +1,169 @@
+// Package wire holds what the cacheaside library and the tools that read
+// its data in Redis (the cacheaside command) must agree on: how key parts
+// are escaped, where a namespace's generation lives, the channels it
+// publishes on, the codecs' format bytes, and the defaults the command
+// mirrors. It is internal: users build keys with Keyspace and Namespace.
+package wire
+
+import (
+	"fmt"
+	"strings"
+	"time"
+)
+
+// Channels: + Options.Name.
+const (
+	WakeChannelPrefix = "cacheaside:filled:"     // fills of contended leases wake their waiters here
+	BusChannelPrefix  = "cacheaside:invalidate:" // the local tiers' invalidation bus (LocalOptions.Channel's default)
+)
+
+// The format bytes of the built-in codecs (Codec.Format).
+const (
+	FormatJSON    byte = 1
+	FormatMsgpack byte = 2
+)
+
+// Defaults of Options the command mirrors.
+const (
+	DefaultName         = "default"
+	DefaultTTL          = 5 * time.Minute
+	DefaultMaxValueSize = 1 << 20
+)
+
+// EscapePart percent-encodes the bytes of s that carry meaning in a key or
+// in a SCAN pattern: '%', ':', the glob characters * ? [ ] \, the hash-tag
+// braces { }, '#' (which marks the library's own namespace keys), space and
+// ASCII control characters. Everything else, including
+// UTF-8, is kept. The encoding is injective, so distinct parts always give
+// distinct keys. A part that needs no escaping is returned as is.
+func EscapePart(s string) string {
+	if EscapedExtra(s) == 0 {
+		return s
+	}
+	var b strings.Builder
+	b.Grow(len(s) + 2*EscapedExtra(s))
+	WriteEscaped(&b, s)
+	return b.String()
+}
+
+// UnescapePart reverses EscapePart.
+func UnescapePart(s string) (string, error) {
+	if strings.IndexByte(s, '%') < 0 {
+		return s, nil
+	}
+	var b strings.Builder
+	b.Grow(len(s))
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c != '%' {
+			b.WriteByte(c)
+			continue
+		}
+		if i+2 >= len(s) {
+			return "", fmt.Errorf("truncated escape in %q", s)
+		}
+		hi, ok1 := unhex(s[i+1])
+		lo, ok2 := unhex(s[i+2])
+		if !ok1 || !ok2 {
+			return "", fmt.Errorf("bad escape %q in %q", s[i:i+3], s)
+		}
+		b.WriteByte(hi<<4 | lo)
+		i += 2
+	}
+	return b.String(), nil
+}
+
+// GenerationKey returns the generation key of the namespace key belongs
+// to, and false for a key outside any namespace. A namespaced
+// key contains a hash tag "{...}" followed by the end of the key or a
+// separator, as Namespace.Key builds them; the generation key is
+// everything up to the tag, then ":#gen". Tools that read entries (the
+// cacheaside command) use it to find the generation a Get compares with.
+// GenerationSuffix ends every namespace generation key.
+const GenerationSuffix = ":#gen"
+
+func GenerationKey(key string) (string, bool) {
+	open := strings.IndexByte(key, '{')
+	if open < 0 {
+		return "", false
+	}
+	end := strings.IndexByte(key[open:], '}')
+	if end <= 1 {
+		return "", false
+	}
+	end += open
+	if end+1 < len(key) && key[end+1] != ':' {
+		return "", false
+	}
+	return key[:end+1] + GenerationSuffix, true
+}
+
+// EscapeGlob escapes the Redis glob characters * ? [ ] \ in s with a
+// backslash, so s matches itself literally in SCAN MATCH or KEYS. To match
+// every key that starts with prefix, use EscapeGlob(prefix) + "*".
+func EscapeGlob(s string) string {
+	n := 0
+	for i := 0; i < len(s); i++ {
+		if isGlob(s[i]) {
+			n++
+		}
+	}
+	if n == 0 {
+		return s
+	}
+	var b strings.Builder
+	b.Grow(len(s) + n)
+	for i := 0; i < len(s); i++ {
+		if isGlob(s[i]) {
+			b.WriteByte('\\')
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+func isGlob(c byte) bool {
+	return c == '*' || c == '?' || c == '[' || c == ']' || c == '\\'
+}
+
+func needsEscape(c byte) bool {
+	return c <= ' ' || c == 0x7f || c == '%' || c == ':' || c == '{' || c == '}' || c == '#' || isGlob(c)
+}
+
+// EscapedExtra counts the bytes of s that EscapePart encodes.
+func EscapedExtra(s string) int {
+	n := 0
+	for i := 0; i < len(s); i++ {
+		if needsEscape(s[i]) {
+			n++
+		}
+	}
+	return n
+}
+
+const hexDigits = "0123456789ABCDEF"
+
+func WriteEscaped(b *strings.Builder, s string) {
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if needsEscape(c) {
+			b.WriteByte('%')
+			b.WriteByte(hexDigits[c>>4])
+			b.WriteByte(hexDigits[c&15])
+			continue
+		}
+		b.WriteByte(c)
+	}
+}
+
+func unhex(c byte) (byte, bool) {
+	switch {
+	case '0' <= c && c <= '9':
+		return c - '0', true
+	case 'A' <= c && c <= 'F':
+		return c - 'A' + 10, true
+	case 'a' <= c && c <= 'f':
+		return c - 'a' + 10, true
+	}
+	return 0, false
+}
