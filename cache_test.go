@@ -188,7 +188,7 @@ func TestStaleSetRace(t *testing.T) {
 				}()
 				<-inLoad
 				db.Store(2)
-				if err := writer.Invalidate(ctx, key); err != nil {
+				if _, err := writer.Invalidate(ctx, key); err != nil {
 					t.Fatal(err)
 				}
 				close(resume)
@@ -700,7 +700,7 @@ func TestRedisUnavailable(t *testing.T) {
 		if s := c.Stats(); s.RedisErrors != 3 || hooked.Load() != 3 || n.calls.Load() != 3 {
 			t.Fatalf("RedisErrors = %d, hook = %d, loads = %d; want 3 each", s.RedisErrors, hooked.Load(), n.calls.Load())
 		}
-		if err := c.Invalidate(context.Background(), "k"); err == nil {
+		if _, err := c.Invalidate(context.Background(), "k"); err == nil {
 			t.Fatal("Invalidate during an outage returned nil")
 		}
 		if err := c.Set(context.Background(), "k", "v"); err == nil {
@@ -769,8 +769,8 @@ func TestSetAndInvalidate(t *testing.T) {
 		if v, _ := c.Get(ctx, k1, n.load("loaded", 0)); v != "set:"+k1 || n.calls.Load() != 0 {
 			t.Fatalf("Get after Set = %q (%d loads)", v, n.calls.Load())
 		}
-		if err := c.Invalidate(ctx, k1, k2, k3); err != nil {
-			t.Fatal(err)
+		if n, err := c.Invalidate(ctx, k1, k2, k3, b.key("absent")); err != nil || n != 3 {
+			t.Fatalf("Invalidate = %d, %v; want the 3 keys that existed", n, err)
 		}
 		if s := c.Stats(); s.Invalidations != 3 {
 			t.Fatalf("Invalidations = %d, want 3", s.Invalidations)
@@ -780,7 +780,7 @@ func TestSetAndInvalidate(t *testing.T) {
 				t.Fatalf("%s survived Invalidate", k)
 			}
 		}
-		if err := c.Invalidate(ctx, k1, ""); !errors.Is(err, ErrInvalidKey) {
+		if _, err := c.Invalidate(ctx, k1, ""); !errors.Is(err, ErrInvalidKey) {
 			t.Fatalf("Invalidate with an empty key = %v", err)
 		}
 	})
@@ -926,7 +926,7 @@ func TestGetAfterWriteDoesNotJoinOlderLoad(t *testing.T) {
 				if write == "set" {
 					err = c.Set(ctx, key, 2)
 				} else {
-					err = c.Invalidate(ctx, key)
+					_, err = c.Invalidate(ctx, key)
 				}
 				if err != nil {
 					t.Fatal(err)

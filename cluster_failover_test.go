@@ -126,7 +126,7 @@ func TestClusterMasterFailover(t *testing.T) {
 	<-victimProc.done
 	killed := time.Now()
 	waitFor(t, "the bus to be lost", func() bool { return !c.local.live.Load() })
-	if err := c.Invalidate(ctx, invalKey); err == nil {
+	if _, err := c.Invalidate(ctx, invalKey); err == nil {
 		t.Fatal("Invalidate on the dead master returned nil")
 	}
 

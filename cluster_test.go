@@ -503,7 +503,7 @@ func TestClusterInvalidate(t *testing.T) {
 		}
 		pattern := wire.EscapeGlob(p) + "*"
 		onEveryMaster(t, "keys before Invalidate", keysPerMaster(t, cc, pattern))
-		if err := c.Invalidate(ctx, keys...); err != nil {
+		if _, err := c.Invalidate(ctx, keys...); err != nil {
 			t.Fatalf("Invalidate of %d keys on 3 masters: %v", n, err)
 		}
 		if left := keysPerMaster(t, cc, pattern); totalKeys(left) != 0 {
@@ -578,7 +578,7 @@ func clusterStaleSetRace(t *testing.T, addrs []string, control bool) {
 	}
 	inLoad.Wait()
 	db.Store(2)
-	if err := writer.Invalidate(ctx, keys...); err != nil {
+	if _, err := writer.Invalidate(ctx, keys...); err != nil {
 		t.Fatal(err)
 	}
 	release()
@@ -968,7 +968,7 @@ func TestClusterLocalTier(t *testing.T) {
 	}
 	warm()
 	version++
-	if err := c1.Invalidate(ctx, keys[0]); err != nil {
+	if _, err := c1.Invalidate(ctx, keys[0]); err != nil {
 		t.Fatal(err)
 	}
 	sees("Invalidate", keys[0], "v1")

@@ -612,7 +612,7 @@ func (h *consHistory) write(ctx context.Context, t *testing.T, caches []*Cache[c
 	switch how {
 	case 0:
 		h.logf("%s Invalidate(k%d) on c%d: start", op, j, x)
-		err = caches[x].Invalidate(ictx, h.keys[j])
+		_, err = caches[x].Invalidate(ictx, h.keys[j])
 	case 1:
 		h.logf("%s InvalidatePrefix(k%d) on c%d: start", op, j, x)
 		_, err = caches[x].InvalidatePrefix(ictx, h.keys[j])

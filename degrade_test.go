@@ -151,7 +151,7 @@ func TestOutageRetryKeepsLaterInvalidation(t *testing.T) {
 	defer c.Close()
 	bg := context.Background()
 	mode.Store(1)
-	if c.Invalidate(bg, "k") == nil { // write 1's invalidation fails
+	if _, err := c.Invalidate(bg, "k"); err == nil { // write 1's invalidation fails
 		t.Fatal("want error")
 	}
 	mode.Store(2)
@@ -161,7 +161,7 @@ func TestOutageRetryKeepsLaterInvalidation(t *testing.T) {
 		t.Fatal(err)
 	}
 	mode.Store(1)
-	if c.Invalidate(bg, "k") == nil { // write 2's invalidation fails
+	if _, err := c.Invalidate(bg, "k"); err == nil { // write 2's invalidation fails
 		t.Fatal("want error")
 	}
 	mode.Store(0)

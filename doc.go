@@ -18,7 +18,7 @@
 //		return repo.Get(ctx, 42) // return cacheaside.ErrNotFound when absent
 //	})
 //	// after the database write commits:
-//	err = tasks.Invalidate(ctx, keys.Key("42"))
+//	_, err = tasks.Invalidate(ctx, keys.Key("42"))
 //
 // # The entry protocol
 //

@@ -47,12 +47,12 @@ type keyOp[T any] struct {
 	fs      *flightState
 
 	// the lease (leader only)
-	tok   envelope.Token
-	proof envelope.Token // tok's proof, for the wake message (newLease)
-	gen   envelope.Gen
-	held  bool
-	done  bool
-	now   bool // the next lease round should not wait (see leaseRound)
+	tok    envelope.Token
+	proof  envelope.Token // tok's proof, for the wake message (newLease)
+	gen    envelope.Gen
+	held   bool
+	done   bool
+	noWait bool // the next lease round follows at once, without a wait (see leaseRound)
 
 	// the outcome when no flight carries it (call == nil): a background
 	// refresh, or a load that bypasses the cache
@@ -174,8 +174,8 @@ func (r *missRun[T]) run(parent context.Context) {
 		}
 		now := true
 		for _, op := range open {
-			now = now && op.now
-			op.now = false
+			now = now && op.noWait
+			op.noWait = false
 		}
 		if now {
 			continue // nothing to wait for: an entry to overwrite or a value to refresh in place
@@ -342,7 +342,7 @@ func (r *missRun[T]) leaseRound(ops []*keyOp[T]) (held, open, failed []*keyOp[T]
 		case reload:
 			// The value changed since it was read: look again, by acquire.
 			op.vw = view[T]{}
-			op.now = true
+			op.noWait = true
 			open = append(open, op)
 		default:
 			vw := c.classify(r.ctx, op.key, cur, genView{namespaced: op.genKey != "", known: true, gen: op.gen}, now)
@@ -351,7 +351,7 @@ func (r *missRun[T]) leaseRound(ops []*keyOp[T]) (held, open, failed []*keyOp[T]
 				// names it: overwrite it now), or a value due for reload
 				// (refresh it now).
 				op.see(vw)
-				op.now = vw.state == stMiss || op.reload() && vw.e.Kind == envelope.Value
+				op.noWait = vw.state == stMiss || op.reload() && vw.e.Kind == envelope.Value
 				open = append(open, op)
 			}
 		}
@@ -412,8 +412,11 @@ func unavailable(err error) error {
 	return fmt.Errorf("%w: %w", ErrRedisUnavailable, err)
 }
 
-// jitter returns d scaled by a random factor in [0.5, 1.5).
-func jitter(d time.Duration) time.Duration {
+// spread returns d scaled by a random factor in [0.5, 1.5), so retries and
+// polls of many processes do not fall in step. (Policy.jitter is the other
+// randomness: it shortens TTLs, so entries filled together do not expire
+// together.)
+func spread(d time.Duration) time.Duration {
 	return time.Duration(float64(d) * (0.5 + rand.Float64()))
 }
 

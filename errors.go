@@ -37,8 +37,9 @@ var (
 	// ErrClosed is returned by every method called after Close.
 	ErrClosed = errors.New("cacheaside: cache closed")
 
-	// ErrLoaderPanic is matched (errors.Is) by the *PanicError a Get returns
-	// when its loader panicked.
+	// ErrLoaderPanic is matched (errors.Is) by every *PanicError: the
+	// loader panicked, or a codec, hook or Recorder did during the load
+	// (the error's text says which).
 	ErrLoaderPanic = errors.New("cacheaside: loader panicked")
 
 	// ErrValueTooLarge is passed to the error hooks when a loaded value
@@ -108,11 +109,23 @@ func (e *PanicError) Unwrap() error {
 }
 
 // OpError describes a Redis or encoding failure that Get suppressed (it
-// still returned the loader's value) or that Set and Invalidate returned.
-// It reaches Options.OnError, the Recorder and the logger.
+// still returned the loader's value) or that a write returned. It reaches
+// Options.OnError and the logger. Op is the step that failed:
+//
+//	get                   the first read of a Get or GetMany
+//	acquire, refresh      a lease round (refresh: a value's refresh lease, or a background refresh that panicked)
+//	fill, release, extend writing the loaded value, letting a lease go, renewing it
+//	decode, encode        undecodable bytes under a key; a value the codec could not encode
+//	set                   Set
+//	invalidate, invalidate-prefix, invalidate-namespace
+//	                      Invalidate, InvalidatePrefix, InvalidateNamespace
+//	publish, bus          a message to other local tiers; an unreadable one received
+//
+// Key is the key (the prefix, the generation key, a channel, or a list of
+// keys for a batch).
 type OpError struct {
 	Cache string // Options.Name
-	Op    string // "get", "acquire", "fill", "release", "extend", "set", "invalidate", "encode", "decode"
+	Op    string
 	Key   string
 	Err   error
 }

@@ -114,7 +114,7 @@ func ExampleCache_Invalidate() {
 	fmt.Println(t.Title)
 
 	db[42] = "Ship caching layer" // UPDATE tasks SET title = ... WHERE id = 42; COMMIT
-	if err := tasks.Invalidate(ctx, keys.Key("42")); err != nil {
+	if _, err := tasks.Invalidate(ctx, keys.Key("42")); err != nil {
 		fmt.Println("invalidate failed; the entry lives until its TTL:", err)
 	}
 	t, _ = tasks.Get(ctx, keys.Key("42"), load)

@@ -382,7 +382,7 @@ func TestOutageInvalidation(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	if err := c.Invalidate(context.Background(), "k"); err == nil {
+	if _, err := c.Invalidate(context.Background(), "k"); err == nil {
 		t.Fatal("Invalidate during an outage returned nil")
 	}
 	if err := c.Set(context.Background(), "k", "v"); err == nil {
@@ -410,7 +410,7 @@ func TestOutageInvalidationRetry(t *testing.T) {
 	}
 	// Requests vanish on the way to Redis: the UNLINK never arrives.
 	addToxic(t, proxy, `{"name":"hole","type":"timeout","stream":"upstream","attributes":{"timeout":0}}`)
-	if err := c.Invalidate(ctx, "k"); err == nil {
+	if _, err := c.Invalidate(ctx, "k"); err == nil {
 		t.Fatal("Invalidate into a black hole returned nil")
 	}
 	direct := faultClient(t, srv.addr())

@@ -82,9 +82,10 @@ func breakerErr(caller context.Context, err error) error {
 	return err
 }
 
-// op is one admitted command: the context to run it on, and what to do
+// cmdOp is one command the guard admitted (not a keyOp, which is a key
+// on its way through a Get): the context to run it on, and what to do
 // when it returns.
-type op struct {
+type cmdOp struct {
 	g      *guarded
 	caller context.Context
 	ctx    context.Context
@@ -95,7 +96,7 @@ type op struct {
 }
 
 // end releases the command's context and tells the breaker how it went.
-func (o op) end(err error) {
+func (o cmdOp) end(err error) {
 	if o.cancel != nil {
 		o.cancel()
 	}
@@ -119,13 +120,13 @@ func (o op) end(err error) {
 // and d is open. light asks for the timer-free budget context (budget.go),
 // which is used only while Redis is healthy; otherwise the command gets a
 // context.WithTimeout of the caller's.
-func (g *guarded) begin(ctx context.Context, budget time.Duration, light bool, d direction, key string) (op, error) {
+func (g *guarded) begin(ctx context.Context, budget time.Duration, light bool, d direction, key string) (cmdOp, error) {
 	guard := g.br != nil && (light || ctx.Value(pastBreakerKey{}) == nil)
 	if guard && g.br.route == nil { // one node: ask the breaker before building a context
 		done, err := g.br.one[d].Allow()
 		if err != nil {
 			g.ev.redisSkipped()
-			return op{g: g, caller: ctx}, errBreakerOpen
+			return cmdOp{g: g, caller: ctx}, errBreakerOpen
 		}
 		o, err := g.start(ctx, budget, light)
 		if err != nil {
@@ -149,7 +150,7 @@ func (g *guarded) begin(ctx context.Context, budget time.Duration, light bool, d
 }
 
 // skip gives up a command the breaker did not admit.
-func (o op) skip() {
+func (o cmdOp) skip() {
 	if o.cancel != nil {
 		o.cancel()
 	}
@@ -159,8 +160,8 @@ func (o op) skip() {
 
 // start gives a command its budget: the context it runs on, bounded by
 // budget, by the Get's Redis time left and by half of the caller's time.
-func (g *guarded) start(ctx context.Context, budget time.Duration, light bool) (op, error) {
-	o := op{g: g, caller: ctx}
+func (g *guarded) start(ctx context.Context, budget time.Duration, light bool) (cmdOp, error) {
+	o := cmdOp{g: g, caller: ctx}
 	if !light { // the hit path's reads never carry a Redis-time account
 		if t, _ := ctx.Value(redisTimeKey{}).(*redisTime); t != nil {
 			left := time.Duration(t.left.Load())

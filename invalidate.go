@@ -1,5 +1,5 @@
 // Writes: Set (write-through) and invalidation by key, by prefix and by
-// namespace (failed ones are retried: retry.go).
+// namespace. A failed invalidation is queued for retry (retry.go).
 
 package cacheaside
 
@@ -28,14 +28,16 @@ import (
 // after the write to the source of truth has committed. All keys are
 // validated before anything is sent; several keys go in one pipeline (one
 // round trip per node on Redis Cluster), under Degradation.WriteTimeout
-// whatever their number.
+// whatever their number. It returns how many of keys existed and were
+// deleted, as InvalidatePrefix does.
 //
 // A Redis error (the breaker's skip included) is returned and reported,
 // and the invalidation is queued: it is retried until it lands, and until
 // then this process's Gets of keys bypass the cache and load from the
-// source, so the writer reads its own write (see retry.go;
-// Degradation.NoRetryInvalidations turns this off, and the entries then
-// live until their TTL ends).
+// source, so the writer reads its own write
+// (Degradation.NoRetryInvalidations turns this off, and the entries then
+// live until their TTL ends). The count is then of the keys deleted before
+// the failure.
 //
 // With Options.Local, other processes' local tiers are told by a message
 // on the bus once Redis applied the change. When only that message fails,
@@ -43,17 +45,17 @@ import (
 // and other local tiers may serve the old value for up to
 // LocalOptions.TTL. InvalidatePrefix, InvalidateNamespace and Set report
 // it the same way.
-func (c *Cache[T]) Invalidate(ctx context.Context, keys ...string) error {
+func (c *Cache[T]) Invalidate(ctx context.Context, keys ...string) (int64, error) {
 	for _, k := range keys {
 		if _, err := c.checkKey(k); err != nil {
-			return err
+			return 0, err
 		}
 	}
 	if c.closed.Load() {
-		return ErrClosed
+		return 0, ErrClosed
 	}
 	if len(keys) == 0 {
-		return nil
+		return 0, nil
 	}
 	c.forget(keys)
 	n, err := c.unlink(ctx, keys)
@@ -69,9 +71,9 @@ func (c *Cache[T]) Invalidate(ctx context.Context, keys ...string) error {
 	perr := c.invalidated(ctx, keys)
 	if err != nil {
 		// The retry publishes again once its UNLINK lands.
-		return c.redisError(ctx, "invalidate", keysLabel(keys), err)
+		return n, c.redisError(ctx, "invalidate", keysLabel(keys), err)
 	}
-	return perr
+	return n, perr
 }
 
 // unlink deletes keys through the guard, one UNLINK per key in one
@@ -331,7 +333,7 @@ func (c *Cache[T]) Set(ctx context.Context, key string, v T) error {
 	if err != nil {
 		c.ev.notCached(ctx)
 		operr := c.report(ctx, "encode", key, err)
-		if derr := c.Invalidate(ctx, key); derr != nil {
+		if _, derr := c.Invalidate(ctx, key); derr != nil {
 			return errors.Join(operr, derr)
 		}
 		return operr

@@ -94,7 +94,7 @@ func TestJoinAfterInvalidateInOtherProcess(t *testing.T) {
 		go func() { _, _ = p1.Get(ctx, key, load) }()
 		<-inLoad
 		db.Store(2)
-		if err := p2.Invalidate(ctx, key); err != nil {
+		if _, err := p2.Invalidate(ctx, key); err != nil {
 			t.Fatal(err)
 		}
 		got := make(chan int64, 1)
@@ -185,7 +185,7 @@ func TestJoinOfLoadStartedAfterRedisError(t *testing.T) {
 		go func() { _, _ = p1.Get(ctx, key, load) }() // its GET fails: the engine loads without Redis
 		<-inLoad
 		db.Store(2)
-		if err := p2.Invalidate(ctx, key); err != nil {
+		if _, err := p2.Invalidate(ctx, key); err != nil {
 			t.Fatal(err)
 		}
 		got := make(chan int64, 1)

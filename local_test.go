@@ -129,7 +129,7 @@ func TestLocalTierCoherentAcrossInstances(t *testing.T) {
 
 		warm(key)
 		version[key]++
-		if err := c1.Invalidate(ctx, key); err != nil {
+		if _, err := c1.Invalidate(ctx, key); err != nil {
 			t.Fatal(err)
 		}
 		sees("Invalidate", key)
@@ -386,7 +386,7 @@ func measureStaleness(t *testing.T, name string, writer, reader *Cache[int64], k
 			}
 		}
 		db.Store(want)
-		if err := writer.Invalidate(ctx, key); err != nil {
+		if _, err := writer.Invalidate(ctx, key); err != nil {
 			t.Fatal(err)
 		}
 		start := time.Now()
@@ -439,7 +439,7 @@ func TestLocalTierGetMany(t *testing.T) {
 			t.Fatalf("%d loader calls, want 1", calls)
 		}
 		bl2 := &batchCounter{}
-		if err := c1.Invalidate(ctx, key(3)); err != nil {
+		if _, err := c1.Invalidate(ctx, key(3)); err != nil {
 			t.Fatal(err)
 		}
 		waitFor(t, "the invalidation to reach the batch", func() bool {

@@ -282,7 +282,7 @@ func (c *Cache[T]) releaseLater(key string, tok envelope.Token, keep time.Durati
 			if err == nil || ctx.Err() != nil || c.stop.Err() != nil || errors.Is(err, ErrRedisUnavailable) {
 				return
 			}
-			if sleep(ctx, jitter(pause)) != nil {
+			if sleep(ctx, spread(pause)) != nil {
 				return
 			}
 		}

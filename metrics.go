@@ -57,7 +57,7 @@ type Stats struct {
 	DroppedInvals  uint64 // failed invalidations given up (too old, or the queue was full)
 
 	// State now, not counts:
-	Breaker      string // the worst of the circuit breakers (one per Redis node for reads, one for writes): "open" if any is, else "half-open" if any is, else "closed"; "disabled" with Degradation.NoBreaker
+	Breaker      string // the worst of the circuit breakers (one per Redis node for reads, one for writes): "open" if any is, else "half-open" if any is, else "closed"; "disabled" with Degradation.NoBreaker. The breakers' "closed" means Redis is in use; after Cache.Close it is the state they were left in
 	LocalLive    bool   // the local tier is in use: its bus subscription is confirmed (see WaitLocal); false without one, and whenever the bus is lost (Gets then read Redis)
 	LocalEntries uint64 // entries the local tier holds (an estimate); 0 without one
 }

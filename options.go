@@ -1,4 +1,5 @@
-// Options: every setting of a Cache, its default and its validation.
+// Options: the settings of a Cache and their groups (Degradation; Policy is
+// in ttl.go, LocalOptions in local.go), their defaults and validation.
 
 package cacheaside
 

@@ -89,7 +89,7 @@ func TestPubSubRefused(t *testing.T) {
 	if err := c.Set(ctx, key, "v1"); err != nil {
 		t.Fatalf("Set: %v", err)
 	}
-	if err := c.Invalidate(ctx, key); err != nil {
+	if _, err := c.Invalidate(ctx, key); err != nil {
 		t.Fatalf("Invalidate on a server without pub/sub: %v, want nil (nobody can subscribe there)", err)
 	}
 	if n, _ := client().Exists(ctx, key).Result(); n != 0 {
@@ -184,7 +184,7 @@ func TestPublishRefused(t *testing.T) {
 		}
 	}
 	for i := range 3 {
-		err := c.Invalidate(ctx, keys...)
+		_, err := c.Invalidate(ctx, keys...)
 		if !errors.Is(err, ErrNotPublished) || !errors.Is(err, ErrNoPubSub) {
 			t.Fatalf("Invalidate #%d = %v, want ErrNotPublished and ErrNoPubSub", i, err)
 		}
@@ -219,7 +219,7 @@ func TestPublishRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = down.Close() })
-	err = down.Invalidate(ctx, "pr:c")
+	_, err = down.Invalidate(ctx, "pr:c")
 	var oe *OpError
 	if err == nil || errors.Is(err, ErrNotPublished) || !errors.As(err, &oe) || oe.Op != "invalidate" {
 		t.Fatalf("Invalidate with Redis down = %v, want the invalidate *OpError only", err)

@@ -129,7 +129,7 @@ func TestOutageInvalidationReadsOwnWrite(t *testing.T) {
 
 		d.v.Store(2) // the write commits
 		fw.fail.Store(true)
-		if err := writer.Invalidate(ctx, key); err == nil {
+		if _, err := writer.Invalidate(ctx, key); err == nil {
 			t.Fatal("Invalidate with writes failing returned nil")
 		}
 		if s := writer.Stats(); s.QueuedInvals != 1 || s.PendingInvals != 1 {
@@ -195,14 +195,14 @@ func TestOutageInvalidationBreakerOpen(t *testing.T) {
 			t.Fatal(err)
 		}
 		fw.fail.Store(true)
-		if err := c.Invalidate(ctx, b.key("other")); err == nil { // its UNLINK fails: the write breaker opens
+		if _, err := c.Invalidate(ctx, b.key("other")); err == nil { // its UNLINK fails: the write breaker opens
 			t.Fatal("Invalidate with writes failing returned nil")
 		}
 		if s := c.Stats(); s.BreakerOpens != 1 || s.Breaker != "open" {
 			t.Fatalf("breaker opens = %d, state %s; want 1, open", s.BreakerOpens, s.Breaker)
 		}
 		d.v.Store(2)
-		err = c.Invalidate(ctx, key)
+		_, err = c.Invalidate(ctx, key)
 		if !errors.Is(err, ErrRedisUnavailable) {
 			t.Fatalf("Invalidate with the breaker open = %v, want ErrRedisUnavailable", err)
 		}
@@ -260,7 +260,7 @@ func TestOutageNoRetryInvalidations(t *testing.T) {
 		key := b.key("task:4")
 		var d db
 		warmThenWrite(t, c, fw, key, &d)
-		if err := c.Invalidate(ctx, key); err == nil {
+		if _, err := c.Invalidate(ctx, key); err == nil {
 			t.Fatal("Invalidate with writes failing returned nil")
 		}
 		if s := c.Stats(); s.QueuedInvals != 0 || s.PendingInvals != 0 {
@@ -327,7 +327,7 @@ func writePauseRounds(t *testing.T, opts func(string) *redis.Options, bound bool
 		}
 		paused := time.Now()
 		start := time.Now()
-		err := writer.Invalidate(ctx, key)
+		_, err := writer.Invalidate(ctx, key)
 		took := time.Since(start)
 		switch {
 		case bound && err == nil:
@@ -494,7 +494,7 @@ func writeStallStorm(t *testing.T, opts func(string) *redis.Options) {
 			version[k]++
 			changed[k] = append(changed[k], time.Now())
 			mu.Unlock()
-			_ = writer.Invalidate(ctx, key(k)) // a failure is queued and retried
+			_, _ = writer.Invalidate(ctx, key(k)) // a failure is queued and retried
 		}
 	})
 	for range 2 {

@@ -277,7 +277,7 @@ func (h *hub) run(stop context.Context) {
 			backoff = firstBackoff
 		}
 		h.lost(err)
-		if sleep(stop, jitter(backoff)) != nil {
+		if sleep(stop, spread(backoff)) != nil {
 			return
 		}
 		backoff = min(2*backoff, hc)

@@ -63,7 +63,7 @@ func TestOneSubscriptionPerClient(t *testing.T) {
 			t.Fatalf("first Get = %q", v)
 		}
 		other := newCache[string](t, b, opts(3))
-		if err := other.Invalidate(ctx, key); err != nil {
+		if _, err := other.Invalidate(ctx, key); err != nil {
 			t.Fatal(err)
 		}
 		waitFor(t, "cache 3 to hear the invalidation", func() bool {

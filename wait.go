@@ -219,7 +219,7 @@ func (w *waiter) wait(ctx context.Context, open []string) error {
 		return errWaitedOut
 	}
 	if w.wt != nil && w.wk.live.Load() {
-		t := time.NewTimer(jitter(4 * w.max))
+		t := time.NewTimer(spread(4 * w.max))
 		defer t.Stop()
 		select {
 		case <-w.wt.ch:
@@ -229,7 +229,7 @@ func (w *waiter) wait(ctx context.Context, open []string) error {
 		}
 		return nil
 	}
-	if err := sleep(ctx, jitter(w.delay)); err != nil {
+	if err := sleep(ctx, spread(w.delay)); err != nil {
 		return err
 	}
 	w.delay = min(2*w.delay, w.max)

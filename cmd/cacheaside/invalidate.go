@@ -139,7 +139,7 @@ func cmdInvalidate(ctx context.Context, cfg *config, args []string, stdout, stde
 
 	switch res.Op {
 	case "key":
-		err = c.Invalidate(ctx, res.Keys...)
+		_, err = c.Invalidate(ctx, res.Keys...)
 		n := int64(c.Stats().Invalidations)
 		res.Deleted = &n
 	case "prefix":

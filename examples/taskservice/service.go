@@ -212,7 +212,7 @@ func writeContext(ctx context.Context) (context.Context, context.CancelFunc) {
 // other instances' local tiers failed (the library logged it), and those
 // expire their copies within the local TTL.
 func (s *Service) invalidate(ctx context.Context, id int64, org string) (queued bool) {
-	e1 := s.tasks.Invalidate(ctx, s.taskKey(id))
+	_, e1 := s.tasks.Invalidate(ctx, s.taskKey(id))
 	e2 := s.lists.InvalidateNamespace(ctx, s.orgLists(org))
 	q := func(err error) bool {
 		return err != nil && !errors.Is(err, cacheaside.ErrClosed) && !errors.Is(err, cacheaside.ErrNotPublished)
