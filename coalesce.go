@@ -89,7 +89,10 @@ func (q *coalescer) wait(ctx context.Context, budget time.Duration, keys ...stri
 	case <-r.done:
 		return r.vals, r.err
 	case <-t.C:
-		return nil, fmt.Errorf("%w: %w", context.DeadlineExceeded, errReadQueued)
+		// Queued behind this process's own reads, or the read it joined
+		// is still out: the MGET reports Redis's part itself. This is the
+		// process's lateness (errStarved), and the Get goes on with Redis.
+		return nil, fmt.Errorf("%w: %w: %w", errStarved, context.DeadlineExceeded, errReadQueued)
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}

@@ -53,6 +53,7 @@ type keyOp[T any] struct {
 	held   bool
 	done   bool
 	noWait bool // the next lease round follows at once, without a wait (see leaseRound)
+	late   int  // lease rounds whose reply this process read late (errStarved), retried
 
 	// the outcome when no flight carries it (call == nil): a background
 	// refresh, or a load that bypasses the cache
@@ -326,6 +327,16 @@ func (r *missRun[T]) leaseRound(ops []*keyOp[T]) (held, open, failed []*keyOp[T]
 			} else {
 				acquireFailed.add(op.key, err)
 			}
+			if starved(err) && op.late < maxLate {
+				// Read late by this process: the script may have run, and
+				// running it again with the same token is safe (it reports
+				// the lease taken), so the round is sent again at once
+				// rather than the key loaded without Redis.
+				op.late++
+				op.noWait = true
+				open = append(open, op)
+				continue
+			}
 			if !errors.Is(err, ErrRedisUnavailable) { // not sent (breaker, Redis time spent): nothing to release
 				c.releaseLater(op.key, op.tok, op.keep(c)) // the script may have run, its reply lost
 			}
@@ -360,6 +371,13 @@ func (r *missRun[T]) leaseRound(ops []*keyOp[T]) (held, open, failed []*keyOp[T]
 	refreshFailed.report(r.ctx, c, "refresh")
 	return held, open, failed
 }
+
+// maxLate bounds the lease rounds of one key sent again because their
+// replies were read late (errStarved); after that the key is loaded
+// without Redis, as after any failure. A frozen process's rounds are
+// late once per freeze, and a CPU quota's freezes come every period (100ms
+// by default): 8 covers a Get that waits through a 50ms load and more.
+const maxLate = 8
 
 // fail ends op's flight with err, or with the fallback value when err is a
 // failure to reload a value still inside its stale-if-error window. The

@@ -178,6 +178,15 @@ var errBreakerOpen = fmt.Errorf("%w: circuit breaker open", ErrRedisUnavailable)
 // own cancellation.
 var errExcluded = errors.New("excluded")
 
+// errStarved marks a command that timed out because this process was not
+// scheduled in time, not because Redis was slow: its deadline fired well
+// after it was due (a CPU quota's throttling, a starved host), so the
+// reply may well have been waiting on the socket; or a coalesced read that
+// waited out its time in this process's queue. Such a timeout stays out
+// of the breaker, out of RedisErrors (Stats.Starved counts it) and out of
+// the "Redis is down" decision: the Get goes on with Redis (guard.go).
+var errStarved = errors.New("cacheaside: Redis reply read late: this process was not scheduled in time")
+
 // errWaitedOut ends a wait that reached its bound.
 var errWaitedOut = errors.New("cacheaside: lease holders neither filled nor expired in time")
 

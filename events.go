@@ -46,6 +46,7 @@ const (
 	nDroppedInvals
 	nLocalFlushes
 	nBusMessages
+	nStarved
 	nLoadsWithin // numLoadBuckets counters, one per bucket (not cumulative)
 	numCounters  = nLoadsWithin + numLoadBuckets
 )
@@ -149,6 +150,7 @@ func (e *events) snapshot() Stats {
 		QueuedInvals:      n[nQueuedInvals],
 		RetriedInvals:     n[nRetriedInvals],
 		DroppedInvals:     n[nDroppedInvals],
+		Starved:           n[nStarved],
 	}
 }
 
@@ -267,8 +269,15 @@ func (e *events) staleIfError(ctx context.Context) {
 
 // redisError counts a command that was sent and failed; a command that was
 // not sent (err matches ErrRedisUnavailable) was counted as skipped where
-// it was refused, and only reaches the Tracer here.
+// it was refused, and only reaches the Tracer here. A command whose reply
+// this process read late (errStarved) is not a Redis failure: it counts in
+// Starved.
 func (e *events) redisError(ctx context.Context, op string, err error) {
+	if starved(err) {
+		e.add(nStarved, 1)
+		e.tell(ctx, Event{Kind: evStarved, Op: op, Err: err})
+		return
+	}
 	if errors.Is(err, ErrRedisUnavailable) {
 		e.trace(ctx, Event{Kind: evRedisSkipped, Op: op, Err: err})
 		return

@@ -7,6 +7,8 @@ import (
 	"cmp"
 	"context"
 	"errors"
+	"fmt"
+	"net"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -66,8 +68,8 @@ func breakerErr(caller context.Context, err error) error {
 	if err == nil || errors.Is(err, redis.Nil) {
 		return nil
 	}
-	if errors.Is(caller.Err(), context.Canceled) {
-		return errExcluded // the caller gave up; Redis may be fine
+	if errors.Is(caller.Err(), context.Canceled) || starved(err) {
+		return errExcluded // the caller gave up, or this process was late: Redis may be fine
 	}
 	var re redis.Error
 	if errors.As(err, &re) {
@@ -93,15 +95,62 @@ type cmdOp struct {
 	report func(error)        // the breaker's; nil without one
 	spend  *redisTime         // the Get's Redis time, charged at end; nil off the miss path
 	start  time.Time          // when the command began, with spend
+	budget time.Duration      // what the command was given
 }
 
-// end releases the command's context and tells the breaker how it went.
-func (o cmdOp) end(err error) {
+// Starvation. A command's deadline is a timer, and a timer fires only
+// when this process gets the CPU. Throttled by a CPU quota, or on a host
+// whose cores are busy, the process can be frozen for tens of
+// milliseconds, and every command in flight then "times out" though Redis
+// answered in time. Such a timeout is told from a slow Redis by when it is
+// noticed: a timer that fires on time is noticed within a millisecond or
+// two of its deadline, one that fires while the process is frozen only
+// when it thaws. A timeout noticed more than lateBy(budget) after its
+// deadline is this process's lateness (errStarved), not Redis's.
+
+// lateBy is how late past its deadline a timeout may be noticed and still
+// count as Redis's: half the budget, and at least 10ms.
+func lateBy(budget time.Duration) time.Duration { return max(budget/2, 10*time.Millisecond) }
+
+// late wraps err in errStarved if it is a timeout noticed more than
+// lateBy(budget) after deadline.
+func late(err error, deadline time.Time, budget time.Duration) error {
+	if err == nil || errors.Is(err, errStarved) || !isTimeout(err) || time.Since(deadline) <= lateBy(budget) {
+		return err
+	}
+	return fmt.Errorf("%w: %w", errStarved, err)
+}
+
+// isTimeout reports a deadline error: the context's, or the socket's.
+func isTimeout(err error) bool {
+	if errors.Is(err, context.DeadlineExceeded) {
+		return true
+	}
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// starved reports whether err is a starved timeout (see late).
+func starved(err error) bool { return errors.Is(err, errStarved) }
+
+// end releases the command's context, tells the breaker how it went, and
+// returns err, marked if the command timed out only because this process
+// was not scheduled in time (see late). The Get's Redis time is charged
+// with what the command took, and not at all when it was starved: that
+// time was this process's, not Redis's.
+func (o cmdOp) end(err error) error {
+	if err != nil && o.ctx != nil {
+		if dl, ok := o.ctx.Deadline(); ok {
+			err = late(err, dl, o.budget)
+		}
+	}
 	if o.cancel != nil {
 		o.cancel()
 	}
 	if o.spend != nil {
-		o.spend.left.Add(-int64(time.Since(o.start)))
+		if !starved(err) {
+			o.spend.left.Add(-int64(time.Since(o.start)))
+		}
 	}
 	berr := breakerErr(o.caller, err)
 	if berr != errExcluded {
@@ -113,6 +162,7 @@ func (o cmdOp) end(err error) {
 			o.g.br.failed()
 		}
 	}
+	return err
 }
 
 // begin admits one command of direction d on key ("" for a keyless
@@ -178,6 +228,7 @@ func (g *guarded) start(ctx context.Context, budget time.Duration, light bool) (
 	if dl, ok := ctx.Deadline(); ok {
 		budget = max(min(budget, time.Until(dl)/2), time.Millisecond)
 	}
+	o.budget = budget
 	if light && g.healthy.Load() {
 		if err := ctx.Err(); err != nil {
 			return o, err // the caller gave up: send nothing
@@ -197,7 +248,7 @@ func (g *guarded) Get(ctx context.Context, key string) *redis.StringCmd {
 		return cmd
 	}
 	cmd := g.rdb.Get(o.ctx, key)
-	o.end(cmd.Err())
+	endCmd(o, cmd)
 	return cmd
 }
 
@@ -209,7 +260,7 @@ func (g *guarded) MGet(ctx context.Context, keys ...string) *redis.SliceCmd {
 		return cmd
 	}
 	cmd := g.rdb.MGet(o.ctx, keys...)
-	o.end(cmd.Err())
+	endCmd(o, cmd)
 	return cmd
 }
 
@@ -221,7 +272,7 @@ func (g *guarded) Set(ctx context.Context, key string, value any, expiration tim
 		return cmd
 	}
 	cmd := g.rdb.Set(o.ctx, key, value, expiration)
-	o.end(cmd.Err())
+	endCmd(o, cmd)
 	return cmd
 }
 
@@ -233,7 +284,7 @@ func (g *guarded) Unlink(ctx context.Context, keys ...string) *redis.IntCmd {
 		return cmd
 	}
 	cmd := g.rdb.Unlink(o.ctx, keys...)
-	o.end(cmd.Err())
+	endCmd(o, cmd)
 	return cmd
 }
 
@@ -261,7 +312,7 @@ func (g *guarded) Scan(ctx context.Context, cursor uint64, match string, count i
 		return cmd
 	}
 	cmd := g.rdb.Scan(o.ctx, cursor, match, count)
-	o.end(cmd.Err())
+	endCmd(o, cmd)
 	return cmd
 }
 
@@ -273,8 +324,7 @@ func (g *guarded) Pipelined(ctx context.Context, fn func(redis.Pipeliner) error)
 		return nil, err
 	}
 	cmds, err := g.rdb.Pipelined(o.ctx, fn)
-	o.end(err)
-	return cmds, err
+	return cmds, o.end(err)
 }
 
 // pipe runs a pipeline of len(keys) commands of direction d under
@@ -348,7 +398,21 @@ func (g *guarded) pipe(ctx context.Context, budget time.Duration, d direction, k
 	if first == nil && err != nil && !errors.Is(err, redis.Nil) {
 		first = err
 	}
-	o.end(first)
+	if starved(o.end(first)) { // the whole pipeline was read late: mark each timeout
+		for _, cmd := range cmds {
+			if cmd != nil && cmd.Err() != nil && isTimeout(cmd.Err()) {
+				cmd.SetErr(fmt.Errorf("%w: %w", errStarved, cmd.Err()))
+			}
+		}
+		if isTimeout(err) {
+			err = fmt.Errorf("%w: %w", errStarved, err)
+		}
+		for _, t := range tickets {
+			if t != nil && t.first != nil && isTimeout(t.first) {
+				t.first = errStarved
+			}
+		}
+	}
 	for _, t := range byNode {
 		if t != nil {
 			berr := breakerErr(ctx, t.first)
@@ -379,9 +443,7 @@ func (g *guarded) publish(ctx context.Context, bus pubsubClient, channel string,
 	if err != nil {
 		return err
 	}
-	err = bus.Publish(o.ctx, channel, msg).Err()
-	o.end(err)
-	return err
+	return o.end(bus.Publish(o.ctx, channel, msg).Err())
 }
 
 // runScript runs one lease script under budget, through the breaker: by
@@ -394,7 +456,7 @@ func (g *guarded) runScript(ctx context.Context, budget time.Duration, sc script
 		return cmd
 	}
 	cmd := sc.s.Run(o.ctx, g.rdb, sc.keys, sc.args...)
-	o.end(cmd.Err())
+	endCmd(o, cmd)
 	return cmd
 }
 
@@ -405,4 +467,15 @@ func firstKey(keys []string) string {
 		return ""
 	}
 	return keys[0]
+}
+
+// endCmd ends o with cmd's outcome, marking cmd's error if it was starved.
+func endCmd(o cmdOp, cmd redis.Cmder) {
+	if err := cmd.Err(); err != nil {
+		if e := o.end(err); e != err {
+			cmd.SetErr(e)
+		}
+		return
+	}
+	o.end(nil)
 }

@@ -55,6 +55,7 @@ type Stats struct {
 	PendingInvals  uint64 // of those, the ones still waiting now (a gauge; this process's Gets of their keys load from the source)
 	RetriedInvals  uint64 // failed invalidations applied later by a retry
 	DroppedInvals  uint64 // failed invalidations given up (too old, or the queue was full)
+	Starved        uint64 // Redis commands that timed out only because this process was not scheduled in time (CPU quota, busy host): not counted in RedisErrors, not told to the breaker, and the Get went on with Redis
 
 	// State now, not counts:
 	Breaker      string // the worst of the circuit breakers (one per Redis node for reads, one for writes): "open" if any is, else "half-open" if any is, else "closed"; "disabled" with Degradation.NoBreaker. The breakers' "closed" means Redis is in use; after Cache.Close it is the state they were left in
@@ -178,6 +179,7 @@ var counterTable = [...]struct {
 	{"invalidations.retried", "", "{invalidation}", "Failed invalidations applied later by a retry.", func(s *Stats) uint64 { return s.RetriedInvals }},
 	{"invalidations.dropped", "", "{invalidation}", "Failed invalidations given up (too old, or the retry queue was full).", func(s *Stats) uint64 { return s.DroppedInvals }},
 	{"local.flushes", "", "{flush}", "Times the local tier was emptied (bus lost or regained, an unreadable message).", func(s *Stats) uint64 { return s.LocalFlushes }},
+	{"redis.starved", "", "{command}", "Redis commands that timed out because this process was not scheduled in time (a CPU quota's throttling, a busy host); not Redis failures.", func(s *Stats) uint64 { return s.Starved }},
 	{"bus.messages", "", "{message}", "Invalidation messages received from the bus and applied to the local tier.", func(s *Stats) uint64 { return s.BusMessages }},
 }
 

@@ -324,6 +324,11 @@ func (c *Cache[T]) settle(ctx context.Context, op *keyOp[T], count bool, errs *e
 			return failed, false, cerr // the caller's own deadline, not a Redis failure
 		}
 		errs.add(op.key, op.rerr)
+		if starved(op.rerr) {
+			// Read late by this process, not refused by Redis, which may
+			// well have answered: go on with Redis, to the lease round.
+			return miss, false, nil
+		}
 		if c.opts.Degradation.OnRedisDown == FailClosed {
 			return failed, false, unavailable(op.rerr)
 		}

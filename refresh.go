@@ -112,13 +112,19 @@ func (r *missRun[T]) refresh(parent context.Context) {
 	}()
 	defer r.settleAll()
 	op.tok, op.proof = newLease()
-	held, open, _ := r.leaseRound(r.ops)
-	switch {
-	case len(held) > 0:
-		took = true
-		r.loadAndFill(held)
-	case len(open) > 0:
-		gone = true
+	for {
+		late := op.late
+		held, open, _ := r.leaseRound(r.ops)
+		switch {
+		case len(held) > 0:
+			took = true
+			r.loadAndFill(held)
+		case len(open) > 0 && op.late > late:
+			continue // the reply was read late: the same round again (see leaseRound)
+		case len(open) > 0:
+			gone = true
+		}
+		break
 	}
 	r.finish(op, answer[T]{}, errNoAnswer) // if still open: a Redis failure, or gone
 }

@@ -30,7 +30,12 @@ import (
 //	CACHEASIDE_REDIS_ADDR=127.0.0.1:6379 CACHEASIDE_STAMPEDE_BUSY=2 \
 //	  go test -run '^$' -bench StampedeProcs -benchtime 20x .
 //
-// With CACHEASIDE_STAMPEDE_COLD=1 each rep has processes of its own, as
+// With CACHEASIDE_STAMPEDE_QUOTA=n the processes and the neighbours run in
+// a cgroup limited to n% of one core (cpu.cfs_quota_us per 100ms period on
+// cgroup v1, cpu.max on v2): the kernel freezes them all for the rest of a
+// period once the quota is spent, as it throttles a container at its CPU
+// limit. It needs root and a writable cgroup file system, and fails
+// otherwise. With CACHEASIDE_STAMPEDE_COLD=1 each rep has processes of its own, as
 // after a deploy: their clients have no command connection yet, so the
 // Gets' first commands dial. It reports the loads per rep (mean and most), the reps with one load, the
 // p50, p99 and max of all Gets, and logs each rep's loads and each
@@ -41,6 +46,7 @@ const (
 	envStampedeBusy  = "CACHEASIDE_STAMPEDE_BUSY"  // how many CPU-bound neighbours to start
 	envStampedeLocal = "CACHEASIDE_STAMPEDE_LOCAL" // "1": the processes' caches have a local tier
 	envStampedeCold  = "CACHEASIDE_STAMPEDE_COLD"  // "1": new processes for each rep (cold clients: the Gets dial)
+	envStampedeQuota = "CACHEASIDE_STAMPEDE_QUOTA" // n: the processes and neighbours share a CPU quota of n% of one core, as in a throttled container
 	stampedeProcs    = 4
 	stampedeGets     = 250
 	stampedeLoad     = 50 * time.Millisecond
@@ -126,6 +132,38 @@ type stampedeProc struct {
 	out *bufio.Scanner
 }
 
+// stampedeGroup is the cgroup the processes run in (""; none).
+var stampedeGroup string
+
+// quotaGroup makes a cgroup limited to percent% of one core and returns
+// the file a process joins it by; it is removed at the end of b.
+func quotaGroup(b *testing.B, percent int) string {
+	name := fmt.Sprintf("cacheaside-stampede-%d", os.Getpid())
+	period, quota := 100_000, percent*1000
+	if _, err := os.Stat("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"); err == nil { // cgroup v1
+		dir := "/sys/fs/cgroup/cpu/" + name
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			b.Fatalf("%s: %v (needs root and a writable cgroup file system)", envStampedeQuota, err)
+		}
+		b.Cleanup(func() { _ = os.Remove(dir) })
+		for file, v := range map[string]int{"cpu.cfs_period_us": period, "cpu.cfs_quota_us": quota} {
+			if err := os.WriteFile(dir+"/"+file, []byte(strconv.Itoa(v)), 0o644); err != nil {
+				b.Fatalf("%s: %v", envStampedeQuota, err)
+			}
+		}
+		return dir + "/cgroup.procs"
+	}
+	dir := "/sys/fs/cgroup/" + name // cgroup v2
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		b.Fatalf("%s: %v (needs root and a writable cgroup file system with the cpu controller)", envStampedeQuota, err)
+	}
+	b.Cleanup(func() { _ = os.Remove(dir) })
+	if err := os.WriteFile(dir+"/cpu.max", []byte(fmt.Sprintf("%d %d", quota, period)), 0o644); err != nil {
+		b.Fatalf("%s: %v", envStampedeQuota, err)
+	}
+	return dir + "/cgroup.procs"
+}
+
 // startStampedeProc starts a copy of the test binary as mode.
 func startStampedeProc(b *testing.B, mode string) *stampedeProc {
 	cmd := exec.Command(os.Args[0], "-test.run=^TestStampedeChild$", "-test.count=1")
@@ -146,6 +184,12 @@ func startStampedeProc(b *testing.B, mode string) *stampedeProc {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	if stampedeGroup != "" {
+		// Joined before it says it is ready, so every rep runs in the group.
+		if err := os.WriteFile(stampedeGroup, []byte(strconv.Itoa(cmd.Process.Pid)), 0o644); err != nil {
+			b.Fatalf("%s: %v", envStampedeQuota, err)
+		}
+	}
 	sc := bufio.NewScanner(out)
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
 	return &stampedeProc{cmd: cmd, in: in, out: sc}
@@ -169,6 +213,11 @@ func BenchmarkStampedeProcs(b *testing.B) {
 	if addr == "" {
 		mr := miniredis.RunT(b)
 		addr = mr.Addr()
+	}
+	stampedeGroup = ""
+	if q, _ := strconv.Atoi(os.Getenv(envStampedeQuota)); q > 0 {
+		stampedeGroup = quotaGroup(b, q)
+		b.Cleanup(func() { stampedeGroup = "" })
 	}
 	if n, _ := strconv.Atoi(os.Getenv(envStampedeBusy)); n > 0 {
 		for range n {
@@ -204,8 +253,8 @@ func BenchmarkStampedeProcs(b *testing.B) {
 			_ = p.in.Close()
 			var s Stats
 			p.next(b, &s)
-			stats = append(stats, fmt.Sprintf("loads %d, misses %d, coalesced %d, lease-contended %d, redis errors %d, skipped %d, breaker opens %d",
-				s.Loads, s.Misses, s.Coalesced, s.LeaseContended, s.RedisErrors, s.RedisSkipped, s.BreakerOpens))
+			stats = append(stats, fmt.Sprintf("loads %d, misses %d, coalesced %d, lease-contended %d, redis errors %d, starved %d, skipped %d, breaker opens %d",
+				s.Loads, s.Misses, s.Coalesced, s.LeaseContended, s.RedisErrors, s.Starved, s.RedisSkipped, s.BreakerOpens))
 		}
 	}
 	i := 0
@@ -262,8 +311,8 @@ func BenchmarkStampedeProcs(b *testing.B) {
 	b.ReportMetric(pct(0.5), "p50-ms")
 	b.ReportMetric(pct(0.99), "p99-ms")
 	b.ReportMetric(pct(1), "max-ms")
-	b.Logf("%d reps, loads per rep %v, %d Gets over 1s, %d errors; busy neighbours %q, local tier %q, cold %v",
-		len(perRep), perRep, overOneS, errs, os.Getenv(envStampedeBusy), os.Getenv(envStampedeLocal), cold)
+	b.Logf("%d reps, loads per rep %v, %d Gets over 1s, %d errors; busy neighbours %q, CPU quota %q%%, local tier %q, cold %v",
+		len(perRep), perRep, overOneS, errs, os.Getenv(envStampedeBusy), os.Getenv(envStampedeQuota), os.Getenv(envStampedeLocal), cold)
 	for i, s := range stats {
 		b.Logf("process %d: %s", i%stampedeProcs, s) // cold: of the reps with more than one load
 	}

@@ -35,6 +35,9 @@ import (
 //	  redis_error         a command (Op: "get", "acquire", "fill", ...) was sent and failed with Err
 //	  redis_skipped       a command was not sent: a breaker was open, or the Get's Redis time was
 //	                      spent (the Tracer's carry Op and Err; the Recorder's are counts)
+//	  starved             a command (Op) timed out because this process was not scheduled in time
+//	                      (its deadline fired long after it was due): not a Redis failure, and
+//	                      the Get goes on with Redis
 //	  breaker_state       the worst of the circuit breakers moved to State ("closed", "open",
 //	                      "half-open")
 //	background:
@@ -50,8 +53,8 @@ import (
 // stale in StaleServed), negative_hit and local_negative_hit in
 // NegativeHits, and so on. The Recorder is told of every event; the Tracer
 // of those that happen inside a traced call, with its context: the first
-// two groups but load (a Call of its own) and waited, and redis_error and
-// redis_skipped.
+// two groups but load (a Call of its own) and waited, and redis_error,
+// redis_skipped and starved.
 type Event struct {
 	Kind  string
 	Cache string        // Options.Name
@@ -127,6 +130,7 @@ const (
 	evDecodeError      = "decode_error"
 	evRedisError       = "redis_error"
 	evRedisSkipped     = "redis_skipped"
+	evStarved          = "starved"
 	evBreakerState     = "breaker_state"
 	evRefresh          = "refresh"
 	evInvalidated      = "invalidated"

@@ -1,0 +1,139 @@
+package cacheaside
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/seed-b4ec662f/cacheaside/internal/envelope"
+)
+
+func TestLate(t *testing.T) {
+	budget := 50 * time.Millisecond
+	timeout := fmt.Errorf("read: %w", context.DeadlineExceeded)
+	for _, tc := range []struct {
+		name    string
+		err     error
+		overdue time.Duration // how long ago the deadline was
+		starved bool
+	}{
+		{"on time", timeout, 2 * time.Millisecond, false},
+		{"a little late", timeout, lateBy(budget) / 2, false},
+		{"frozen past it", timeout, 3 * lateBy(budget), true},
+		{"not a timeout", errors.New("connection refused"), time.Second, false},
+		{"no error", nil, time.Second, false},
+	} {
+		got := late(tc.err, time.Now().Add(-tc.overdue), budget)
+		if starved(got) != tc.starved || !errors.Is(got, tc.err) {
+			t.Errorf("%s: late = %v, want starved %v and the error kept", tc.name, got, tc.starved)
+		}
+	}
+	if lateBy(4*time.Millisecond) != 10*time.Millisecond || lateBy(time.Second) != 500*time.Millisecond {
+		t.Error("lateBy: half the budget, at least 10ms")
+	}
+}
+
+// frozenReads plays a process frozen while its reads are in flight (a CPU
+// quota's throttling): each GET and MGET notices its deadline only lateness
+// after it passed, as a goroutine does that gets the CPU back then, though
+// Redis answered. With lateness 0 it plays a slow Redis instead: the
+// deadline is noticed on time.
+type frozenReads struct {
+	*redis.Client
+	lateness time.Duration
+	reads    atomic.Int64
+}
+
+func (f *frozenReads) freeze(ctx context.Context) error {
+	f.reads.Add(1)
+	dl, ok := ctx.Deadline()
+	if !ok {
+		return errors.New("frozenReads: a read without a deadline")
+	}
+	time.Sleep(time.Until(dl) + f.lateness)
+	return context.DeadlineExceeded
+}
+
+func (f *frozenReads) Get(ctx context.Context, key string) *redis.StringCmd {
+	cmd := redis.NewStringCmd(ctx, "get", key)
+	cmd.SetErr(f.freeze(ctx))
+	return cmd
+}
+
+func (f *frozenReads) MGet(ctx context.Context, keys ...string) *redis.SliceCmd {
+	cmd := redis.NewSliceCmd(ctx, "mget")
+	cmd.SetErr(f.freeze(ctx))
+	return cmd
+}
+
+// TestStarvedReadWaitsForTheHolder: a first read whose timeout this process
+// noticed late is not a Redis failure. Another process holds the key's
+// lease; the Get goes on to the lease round, finds that lease and waits for
+// its fill instead of loading: no load, no RedisErrors, no breaker opening
+// however often it happens, and the timeouts are counted in Starved. The
+// control, a slow Redis (the same timeouts noticed on time), makes every
+// Get load without Redis and opens the breaker.
+func TestStarvedReadWaitsForTheHolder(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		for _, tc := range []struct {
+			name     string
+			lateness time.Duration
+			starved  bool
+		}{
+			{"frozen process", 150 * time.Millisecond, true},
+			{"slow Redis (control)", 0, false},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				ctx := context.Background()
+				rdb := &frozenReads{Client: b.client(t), lateness: tc.lateness}
+				c, err := New[string](rdb, &Options[string]{Name: "starved", NoReadCoalescing: true, PollMin: 5 * time.Millisecond, PollMax: 20 * time.Millisecond,
+					Degradation: Degradation{OpTimeout: 50 * time.Millisecond, BreakerFailures: 3, RedisTimePerGet: 2 * time.Second}})
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { _ = c.Close() })
+				var loads atomic.Int64
+				load := func(context.Context) (string, error) { loads.Add(1); return "loaded", nil }
+				other := b.client(t)
+				var fills sync.WaitGroup
+				defer fills.Wait()
+				for i := range 4 { // past BreakerFailures
+					key := b.key(fmt.Sprintf("held-%v-%d", tc.starved, i))
+					tok := newToken()
+					if held, _, err := acquire(ctx, other, key, tok, time.Minute); err != nil || !held {
+						t.Fatalf("the other holder's lease: %v %v", held, err)
+					}
+					fills.Go(func() { // the other process fills 300ms later
+						time.Sleep(300 * time.Millisecond)
+						entry := envelope.Encode(&envelope.Entry{Kind: envelope.Value, Format: formatJSON, Token: tok,
+							SoftExpiry: time.Now().Add(time.Minute).UnixMilli(), Payload: []byte(`"filled"`)})
+						_, _ = fill(context.Background(), other, key, "", tok, entry, time.Minute, time.Minute)
+					})
+					v, err := c.Get(ctx, key, load)
+					if err != nil {
+						t.Fatal(err)
+					}
+					if tc.starved && v != "filled" {
+						t.Fatalf("Get %d = %q; want the holder's fill", i, v)
+					}
+				}
+				s := c.Stats()
+				if tc.starved {
+					if loads.Load() != 0 || s.RedisErrors != 0 || s.BreakerOpens != 0 || s.Starved < 4 {
+						t.Fatalf("%d loads, stats %+v; want no load, no Redis error, no breaker opening, 4 or more starved", loads.Load(), s)
+					}
+					return
+				}
+				if loads.Load() != 4 || s.RedisErrors == 0 || s.BreakerOpens == 0 || s.Starved != 0 {
+					t.Fatalf("control: %d loads, stats %+v; want 4 loads without Redis, Redis errors and the breaker open", loads.Load(), s)
+				}
+			})
+		}
+	})
+}
