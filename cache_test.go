@@ -1022,3 +1022,31 @@ func TestLoaderIgnoringContext(t *testing.T) {
 		}
 	})
 }
+
+// TestDefaultLeaseIsShort: with the default LeaseTTL a lease lives 900ms
+// in Redis, so waiters take over within a second of a holder's death; its
+// live holder renews it (TestLeaseRenewedDuringLongLoad).
+func TestDefaultLeaseIsShort(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		c := newCache[string](t, b, nil)
+		key := b.key("lease")
+		release := make(chan struct{})
+		loading := make(chan struct{})
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			_, _ = c.Get(context.Background(), key, func(context.Context) (string, error) {
+				close(loading)
+				<-release
+				return "v", nil
+			})
+		}()
+		<-loading
+		pttl := b.client(t).PTTL(context.Background(), key).Val()
+		close(release)
+		<-done
+		if pttl <= 0 || pttl > 900*time.Millisecond {
+			t.Fatalf("the lease lives %v in Redis, want at most 900ms", pttl)
+		}
+	})
+}

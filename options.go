@@ -78,7 +78,7 @@ type Options[T any] struct {
 	// LeaseTTL is the lifetime of a lease in Redis: how long other callers
 	// wait before taking over from a holder that died. A live holder renews
 	// its lease every LeaseTTL/3 until its load returns, so loads may run
-	// longer than LeaseTTL. Default 3s; at least 10ms.
+	// longer than LeaseTTL. Default 900ms; at least 10ms.
 	LeaseTTL time.Duration
 
 	// PollMin and PollMax bound the jittered exponential backoff with which
@@ -142,7 +142,7 @@ type Options[T any] struct {
 const (
 	defaultName         = wire.DefaultName
 	defaultLoadTimeout  = 5 * time.Second
-	defaultLeaseTTL     = 3 * time.Second
+	defaultLeaseTTL     = 900 * time.Millisecond
 	defaultPollMin      = 2 * time.Millisecond
 	defaultPollMax      = 25 * time.Millisecond
 	defaultMaxValueSize = wire.DefaultMaxValueSize
