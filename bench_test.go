@@ -694,3 +694,66 @@ func BenchmarkStampede4x250(b *testing.B) {
 	b.ReportMetric(pct(0.99), "p99-ms")
 	b.ReportMetric(pct(1), "max-ms")
 }
+
+// BenchmarkStampede1x1000 is the in-process stampede: 1,000 goroutines of
+// one Cache on one cold key, 50ms loader; each iteration is one such
+// stampede on a new key. It reports the loads per stampede, the p50, p99
+// and max latency of the Gets, and where the time beyond the loader goes:
+// from the start to the loader's call (the goroutines starting, the read
+// that misses, the lease round), and from the loader's return to the
+// first and to the 99th-percentile Get's return (the fill's round trip,
+// then waking the waiters).
+func BenchmarkStampede1x1000(b *testing.B) {
+	rdb := benchRedis(b)
+	c := benchCache[string](b, rdb, &Options[string]{Name: "stampede1"})
+	prefix := uniquePrefix()
+	var all, toLoader, toFirst, toP99 []time.Duration
+	var loads atomic.Int64
+	const loader = 50 * time.Millisecond
+	var loadStart, loadEnd time.Time
+	load := func(context.Context) (string, error) {
+		loads.Add(1)
+		loadStart = time.Now()
+		time.Sleep(loader)
+		loadEnd = time.Now()
+		return "v", nil
+	}
+	i := 0
+	for b.Loop() {
+		i++
+		key := prefix + "hot:" + strconv.Itoa(i)
+		lat := make([]time.Duration, 1000)
+		ends := make([]time.Time, 1000)
+		var wg sync.WaitGroup
+		start := make(chan struct{})
+		for g := range 1000 {
+			wg.Go(func() {
+				<-start
+				t0 := time.Now()
+				if _, err := c.Get(context.Background(), key, load); err != nil {
+					b.Error(err)
+				}
+				ends[g] = time.Now()
+				lat[g] = ends[g].Sub(t0)
+			})
+		}
+		began := time.Now()
+		close(start)
+		wg.Wait()
+		all = append(all, lat...)
+		slices.SortFunc(ends, func(a, b time.Time) int { return a.Compare(b) })
+		toLoader = append(toLoader, loadStart.Sub(began))
+		toFirst = append(toFirst, ends[0].Sub(loadEnd))
+		toP99 = append(toP99, ends[989].Sub(loadEnd))
+	}
+	slices.Sort(all)
+	pct := func(p float64) float64 { return float64(all[int(p*float64(len(all)-1))]) / 1e6 }
+	median := func(d []time.Duration) float64 { slices.Sort(d); return float64(d[len(d)/2]) / 1e6 }
+	b.ReportMetric(float64(loads.Load())/float64(b.N), "loads/stampede")
+	b.ReportMetric(pct(0.5), "p50-ms")
+	b.ReportMetric(pct(0.99), "p99-ms")
+	b.ReportMetric(pct(1), "max-ms")
+	b.ReportMetric(median(toLoader), "to-loader-ms")
+	b.ReportMetric(median(toFirst), "loader-to-first-ms")
+	b.ReportMetric(median(toP99), "loader-to-p99-ms")
+}
