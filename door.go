@@ -42,7 +42,7 @@ const (
 // pay for building one.
 func (c *Cache[T]) before(ctx context.Context, key, genKey string, attempt int) (ahead, *localItem[T]) {
 	count := attempt == 0
-	if c.retries.covers(key, genKey) {
+	if c.retries.pending.Load() > 0 && c.retries.covers(key, genKey) { // one atomic load while nothing is queued
 		if count {
 			c.ev.miss(ctx)
 		}

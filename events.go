@@ -181,39 +181,47 @@ func (e *events) tell(ctx context.Context, ev Event) {
 	}
 }
 
+// told is tell of an event that is only its kind, for the hit path: with
+// no Recorder and no Tracer it builds nothing.
+func (e *events) told(ctx context.Context, kind string) {
+	if e.rec != nil || e.tr != nil {
+		e.tell(ctx, Event{Kind: kind})
+	}
+}
+
 // backgroundKey marks the context of a background refresh: its events
 // are not its Get's (see Tracer).
 type backgroundKey struct{}
 
 func (e *events) hit(ctx context.Context) {
 	e.add(nHits, 1)
-	e.tell(ctx, Event{Kind: evHit})
+	e.told(ctx, evHit)
 }
 
 func (e *events) staleHit(ctx context.Context) {
 	e.add(nHits, 1)
 	e.add(nStaleServed, 1)
-	e.tell(ctx, Event{Kind: evStale})
+	e.told(ctx, evStale)
 }
 
 func (e *events) negativeHit(ctx context.Context) {
 	e.add(nNegHits, 1)
-	e.tell(ctx, Event{Kind: evNegativeHit})
+	e.told(ctx, evNegativeHit)
 }
 
 func (e *events) localHit(ctx context.Context, notFound bool) {
 	if notFound {
 		e.add(nLocalNegHits, 1)
-		e.tell(ctx, Event{Kind: evLocalNegativeHit})
+		e.told(ctx, evLocalNegativeHit)
 		return
 	}
 	e.add(nLocalHits, 1)
-	e.tell(ctx, Event{Kind: evLocalHit})
+	e.told(ctx, evLocalHit)
 }
 
 func (e *events) miss(ctx context.Context) {
 	e.add(nMisses, 1)
-	e.tell(ctx, Event{Kind: evMiss})
+	e.told(ctx, evMiss)
 }
 
 // loaded counts one loader call; notFound says err means "does not exist".
