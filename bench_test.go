@@ -667,29 +667,46 @@ func BenchmarkStampede4x250(b *testing.B) {
 	i := 0
 	for b.Loop() {
 		i++
-		key := prefix + "hot:" + strconv.Itoa(i)
-		lat := make([]time.Duration, 1000)
-		var wg sync.WaitGroup
-		start := make(chan struct{})
-		for ci, c := range caches {
-			for g := range 250 {
-				wg.Go(func() {
-					<-start
-					t0 := time.Now()
-					if _, err := c.Get(context.Background(), key, load); err != nil {
-						b.Error(err)
-					}
-					lat[ci*250+g] = time.Since(t0)
-				})
-			}
-		}
-		close(start)
-		wg.Wait()
+		lat, _, _ := stampedeOnce(b, caches, 250, prefix+"hot:"+strconv.Itoa(i), load)
 		all = append(all, lat...)
 	}
+	reportStampede(b, all, loads.Load())
+}
+
+// stampedeOnce runs one stampede: per goroutines of each cache Get key at
+// once. It returns each Get's latency, when each returned (sorted), and
+// when they were let go.
+func stampedeOnce(b *testing.B, caches []*Cache[string], per int, key string, load Loader[string]) (lat []time.Duration, ends []time.Time, began time.Time) {
+	lat = make([]time.Duration, per*len(caches))
+	ends = make([]time.Time, len(lat))
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	for ci, c := range caches {
+		for g := range per {
+			wg.Go(func() {
+				<-start
+				t0 := time.Now()
+				if _, err := c.Get(context.Background(), key, load); err != nil {
+					b.Error(err)
+				}
+				ends[ci*per+g] = time.Now()
+				lat[ci*per+g] = ends[ci*per+g].Sub(t0)
+			})
+		}
+	}
+	began = time.Now()
+	close(start)
+	wg.Wait()
+	slices.SortFunc(ends, func(a, b time.Time) int { return a.Compare(b) })
+	return lat, ends, began
+}
+
+// reportStampede reports the loads per stampede and the p50, p99 and max
+// of all the Gets' latencies.
+func reportStampede(b *testing.B, all []time.Duration, loads int64) {
 	slices.Sort(all)
 	pct := func(p float64) float64 { return float64(all[int(p*float64(len(all)-1))]) / 1e6 }
-	b.ReportMetric(float64(loads.Load())/float64(b.N), "loads/stampede")
+	b.ReportMetric(float64(loads)/float64(b.N), "loads/stampede")
 	b.ReportMetric(pct(0.5), "p50-ms")
 	b.ReportMetric(pct(0.99), "p99-ms")
 	b.ReportMetric(pct(1), "max-ms")
@@ -721,38 +738,14 @@ func BenchmarkStampede1x1000(b *testing.B) {
 	i := 0
 	for b.Loop() {
 		i++
-		key := prefix + "hot:" + strconv.Itoa(i)
-		lat := make([]time.Duration, 1000)
-		ends := make([]time.Time, 1000)
-		var wg sync.WaitGroup
-		start := make(chan struct{})
-		for g := range 1000 {
-			wg.Go(func() {
-				<-start
-				t0 := time.Now()
-				if _, err := c.Get(context.Background(), key, load); err != nil {
-					b.Error(err)
-				}
-				ends[g] = time.Now()
-				lat[g] = ends[g].Sub(t0)
-			})
-		}
-		began := time.Now()
-		close(start)
-		wg.Wait()
+		lat, ends, began := stampedeOnce(b, []*Cache[string]{c}, 1000, prefix+"hot:"+strconv.Itoa(i), load)
 		all = append(all, lat...)
-		slices.SortFunc(ends, func(a, b time.Time) int { return a.Compare(b) })
 		toLoader = append(toLoader, loadStart.Sub(began))
 		toFirst = append(toFirst, ends[0].Sub(loadEnd))
 		toP99 = append(toP99, ends[989].Sub(loadEnd))
 	}
-	slices.Sort(all)
-	pct := func(p float64) float64 { return float64(all[int(p*float64(len(all)-1))]) / 1e6 }
+	reportStampede(b, all, loads.Load())
 	median := func(d []time.Duration) float64 { slices.Sort(d); return float64(d[len(d)/2]) / 1e6 }
-	b.ReportMetric(float64(loads.Load())/float64(b.N), "loads/stampede")
-	b.ReportMetric(pct(0.5), "p50-ms")
-	b.ReportMetric(pct(0.99), "p99-ms")
-	b.ReportMetric(pct(1), "max-ms")
 	b.ReportMetric(median(toLoader), "to-loader-ms")
 	b.ReportMetric(median(toFirst), "loader-to-first-ms")
 	b.ReportMetric(median(toP99), "loader-to-p99-ms")

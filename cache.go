@@ -87,6 +87,9 @@ func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 		c.warn = slog.Default()
 	}
 	c.guard = &guarded{rdb: rdb, budget: o.Degradation.OpTimeout, write: o.Degradation.WriteTimeout, ev: c.ev}
+	if on, known := socketDeadlines(rdb); on || !known { // a wrapper is taken to pass deadlines on
+		c.guard.sockets = true
+	}
 	if !o.Degradation.NoBreaker {
 		c.guard.br = newBreakers(rdb, breakerSettings{name: o.Name, failures: o.Degradation.BreakerFailures,
 			cooldown: o.Degradation.BreakerCooldown, log: o.Logger, ev: c.ev, logs: c.logs})

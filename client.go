@@ -85,19 +85,25 @@ func scansOneNode(rdb Redis) bool {
 	return true
 }
 
+// socketDeadlines reports whether rdb puts a command's context deadline on
+// its socket (go-redis's ContextTimeoutEnabled), and whether that is known
+// (a go-redis client, not a wrapper).
+func socketDeadlines(rdb Redis) (enabled, known bool) {
+	switch c := rdb.(type) {
+	case *redis.Client:
+		return c.Options().ContextTimeoutEnabled, true
+	case *redis.ClusterClient:
+		return c.Options().ContextTimeoutEnabled, true
+	case *redis.Ring:
+		return c.Options().ContextTimeoutEnabled, true
+	}
+	return false, false
+}
+
 // warnClientOptions logs once, at New, when a go-redis client will not put
 // a context deadline on the socket.
 func warnClientOptions(rdb Redis, log *slog.Logger, name string) {
-	var enabled, known bool
-	switch c := rdb.(type) {
-	case *redis.Client:
-		enabled, known = c.Options().ContextTimeoutEnabled, true
-	case *redis.ClusterClient:
-		enabled, known = c.Options().ContextTimeoutEnabled, true
-	case *redis.Ring:
-		enabled, known = c.Options().ContextTimeoutEnabled, true
-	}
-	if known && !enabled {
+	if enabled, known := socketDeadlines(rdb); known && !enabled {
 		log.Warn("cacheaside: go-redis ContextTimeoutEnabled is false, so context deadlines do not reach the socket and a hung Redis can hold a Get for the client's ReadTimeout; set ContextTimeoutEnabled: true",
 			slog.String("cache", name))
 	}

@@ -36,7 +36,7 @@ func diffInternals[T any](c *Cache[T], afterMiss func(key string)) (idle func() 
 		if flying {
 			return false
 		}
-		return !c.refreshes.running("")
+		return !c.refreshes.busy()
 	}
 }
 

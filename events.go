@@ -181,9 +181,10 @@ func (e *events) tell(ctx context.Context, ev Event) {
 	}
 }
 
-// told is tell of an event that is only its kind, for the hit path: with
-// no Recorder and no Tracer it builds nothing.
-func (e *events) told(ctx context.Context, kind string) {
+// inCall counts an event inside a call that is only its kind (the hit
+// path's among them): with no Recorder and no Tracer it builds nothing.
+func (e *events) inCall(ctx context.Context, i stat, kind string) {
+	e.add(i, 1)
 	if e.rec != nil || e.tr != nil {
 		e.tell(ctx, Event{Kind: kind})
 	}
@@ -193,35 +194,21 @@ func (e *events) told(ctx context.Context, kind string) {
 // are not its Get's (see Tracer).
 type backgroundKey struct{}
 
-func (e *events) hit(ctx context.Context) {
-	e.add(nHits, 1)
-	e.told(ctx, evHit)
-}
+func (e *events) hit(ctx context.Context)         { e.inCall(ctx, nHits, evHit) }
+func (e *events) negativeHit(ctx context.Context) { e.inCall(ctx, nNegHits, evNegativeHit) }
+func (e *events) miss(ctx context.Context)        { e.inCall(ctx, nMisses, evMiss) }
 
 func (e *events) staleHit(ctx context.Context) {
 	e.add(nHits, 1)
-	e.add(nStaleServed, 1)
-	e.told(ctx, evStale)
-}
-
-func (e *events) negativeHit(ctx context.Context) {
-	e.add(nNegHits, 1)
-	e.told(ctx, evNegativeHit)
+	e.inCall(ctx, nStaleServed, evStale)
 }
 
 func (e *events) localHit(ctx context.Context, notFound bool) {
 	if notFound {
-		e.add(nLocalNegHits, 1)
-		e.told(ctx, evLocalNegativeHit)
+		e.inCall(ctx, nLocalNegHits, evLocalNegativeHit)
 		return
 	}
-	e.add(nLocalHits, 1)
-	e.told(ctx, evLocalHit)
-}
-
-func (e *events) miss(ctx context.Context) {
-	e.add(nMisses, 1)
-	e.told(ctx, evMiss)
+	e.inCall(ctx, nLocalHits, evLocalHit)
 }
 
 // loaded counts one loader call; notFound says err means "does not exist".
@@ -238,10 +225,7 @@ func (e *events) loaded(ctx context.Context, took time.Duration, err error, notF
 	e.record(ctx, Event{Kind: evLoad, D: took, Err: err})
 }
 
-func (e *events) coalesced(ctx context.Context) {
-	e.add(nCoalesced, 1)
-	e.tell(ctx, Event{Kind: evCoalesced})
-}
+func (e *events) coalesced(ctx context.Context) { e.inCall(ctx, nCoalesced, evCoalesced) }
 
 func (e *events) leaseContended(ctx context.Context, keys int) {
 	e.add(nLeaseContended, uint64(keys))
@@ -250,30 +234,15 @@ func (e *events) leaseContended(ctx context.Context, keys int) {
 
 func (e *events) waited(d time.Duration) { e.record(context.Background(), Event{Kind: evWaited, D: d}) }
 
-func (e *events) fillRejected(ctx context.Context) {
-	e.add(nFillsRejected, 1)
-	e.tell(ctx, Event{Kind: evFillRejected})
-}
+func (e *events) fillRejected(ctx context.Context) { e.inCall(ctx, nFillsRejected, evFillRejected) }
 
-func (e *events) notCached(ctx context.Context) {
-	e.add(nNotCached, 1)
-	e.tell(ctx, Event{Kind: evNotCached})
-}
+func (e *events) notCached(ctx context.Context) { e.inCall(ctx, nNotCached, evNotCached) }
 
-func (e *events) decodeError(ctx context.Context) {
-	e.add(nDecodeErrors, 1)
-	e.tell(ctx, Event{Kind: evDecodeError})
-}
+func (e *events) decodeError(ctx context.Context) { e.inCall(ctx, nDecodeErrors, evDecodeError) }
 
-func (e *events) staleServed(ctx context.Context) {
-	e.add(nStaleServed, 1)
-	e.tell(ctx, Event{Kind: evServedStale})
-}
+func (e *events) staleServed(ctx context.Context) { e.inCall(ctx, nStaleServed, evServedStale) }
 
-func (e *events) staleIfError(ctx context.Context) {
-	e.add(nStaleIfError, 1)
-	e.tell(ctx, Event{Kind: evStaleIfError})
-}
+func (e *events) staleIfError(ctx context.Context) { e.inCall(ctx, nStaleIfError, evStaleIfError) }
 
 // redisError counts a command that was sent and failed; a command that was
 // not sent (err matches ErrRedisUnavailable) was counted as skipped where
@@ -341,10 +310,7 @@ func (e *events) dropped()      { e.background(nDroppedInvals, evInvalDropped) }
 func (e *events) localFlushed() { e.background(nLocalFlushes, evLocalFlushed) }
 func (e *events) busMessage()   { e.background(nBusMessages, evBusMessage) }
 
-func (e *events) overloaded(ctx context.Context) {
-	e.add(nOverloaded, 1)
-	e.tell(ctx, Event{Kind: evOverloaded})
-}
+func (e *events) overloaded(ctx context.Context) { e.inCall(ctx, nOverloaded, evOverloaded) }
 
 // redisError counts a failed Redis command and reports it. A command the
 // open breaker did not send is counted and passed to the Recorder and

@@ -43,6 +43,7 @@ type guarded struct {
 	write   time.Duration // Degradation.WriteTimeout
 	br      *breakers     // nil: no breaker (breakers.go)
 	ev      *events       // counts commands the open breaker skips
+	sockets bool          // the client puts a command's deadline on its socket: a socket timeout is the command's own deadline
 	healthy atomic.Bool   // the last command went through (false until one does)
 }
 
@@ -106,16 +107,24 @@ type cmdOp struct {
 // noticed: a timer that fires on time is noticed within a millisecond or
 // two of its deadline, one that fires while the process is frozen only
 // when it thaws. A timeout noticed more than lateBy(budget) after its
-// deadline is this process's lateness (errStarved), not Redis's.
+// deadline is this process's lateness (errStarved), not Redis's. Only
+// the command's own deadline counts: a client without
+// ContextTimeoutEnabled times its socket out at its ReadTimeout, long
+// after the command's budget, and that is Redis failing.
 
 // lateBy is how late past its deadline a timeout may be noticed and still
 // count as Redis's: half the budget, and at least 10ms.
 func lateBy(budget time.Duration) time.Duration { return max(budget/2, 10*time.Millisecond) }
 
-// late wraps err in errStarved if it is a timeout noticed more than
-// lateBy(budget) after deadline.
-func late(err error, deadline time.Time, budget time.Duration) error {
-	if err == nil || errors.Is(err, errStarved) || !isTimeout(err) || time.Since(deadline) <= lateBy(budget) {
+// late wraps err in errStarved if it is the command's own deadline (the
+// context's, or the socket's when sockets says the client put it there),
+// noticed more than lateBy(budget) after deadline.
+func late(err error, deadline time.Time, budget time.Duration, sockets bool) error {
+	if err == nil || errors.Is(err, errStarved) || time.Since(deadline) <= lateBy(budget) {
+		return err
+	}
+	var ne net.Error
+	if !errors.Is(err, context.DeadlineExceeded) && !(sockets && errors.As(err, &ne) && ne.Timeout()) {
 		return err
 	}
 	return fmt.Errorf("%w: %w", errStarved, err)
@@ -141,7 +150,7 @@ func starved(err error) bool { return errors.Is(err, errStarved) }
 func (o cmdOp) end(err error) error {
 	if err != nil && o.ctx != nil {
 		if dl, ok := o.ctx.Deadline(); ok {
-			err = late(err, dl, o.budget)
+			err = late(err, dl, o.budget, o.g.sockets)
 		}
 	}
 	if o.cancel != nil {

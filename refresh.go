@@ -176,15 +176,18 @@ func (g *refreshGate) end(key string, failed bool) {
 	}
 }
 
-// running reports whether a refresh of key runs; with key "", whether any
-// does.
+// running reports whether a refresh of key runs.
 func (g *refreshGate) running(key string) bool {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if key != "" {
-		at, ok := g.m[key]
-		return ok && at.IsZero()
-	}
+	at, ok := g.m[key]
+	return ok && at.IsZero()
+}
+
+// busy reports whether any refresh runs.
+func (g *refreshGate) busy() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
 	for _, at := range g.m {
 		if at.IsZero() {
 			return true

@@ -4,6 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -29,10 +32,17 @@ func TestLate(t *testing.T) {
 		{"not a timeout", errors.New("connection refused"), time.Second, false},
 		{"no error", nil, time.Second, false},
 	} {
-		got := late(tc.err, time.Now().Add(-tc.overdue), budget)
+		got := late(tc.err, time.Now().Add(-tc.overdue), budget, true)
 		if starved(got) != tc.starved || !errors.Is(got, tc.err) {
 			t.Errorf("%s: late = %v, want starved %v and the error kept", tc.name, got, tc.starved)
 		}
+	}
+	// A socket timeout is the command's deadline only on a client that puts
+	// it there; the context's always is.
+	sock := &net.OpError{Op: "read", Err: os.ErrDeadlineExceeded}
+	if starved(late(sock, time.Now().Add(-time.Second), budget, false)) || !starved(late(sock, time.Now().Add(-time.Second), budget, true)) ||
+		!starved(late(timeout, time.Now().Add(-time.Second), budget, false)) {
+		t.Error("late: a socket timeout is the command's own only with socket deadlines")
 	}
 	if lateBy(4*time.Millisecond) != 10*time.Millisecond || lateBy(time.Second) != 500*time.Millisecond {
 		t.Error("lateBy: half the budget, at least 10ms")
@@ -136,4 +146,44 @@ func TestStarvedReadWaitsForTheHolder(t *testing.T) {
 			})
 		}
 	})
+}
+
+// TestBlackHoleWithoutContextDeadlines: on a client without
+// ContextTimeoutEnabled (go-redis's default) the socket waits for the
+// client's ReadTimeout, not the command's budget, so a black-holed Redis
+// answers every read long after its budget ended. That is Redis failing,
+// not this process starving: the breaker opens and Starved stays 0.
+func TestBlackHoleWithoutContextDeadlines(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = ln.Close() })
+	var conns sync.WaitGroup
+	t.Cleanup(conns.Wait)
+	go func() { // accept, read, never answer
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			conns.Go(func() { _, _ = io.Copy(io.Discard, c); _ = c.Close() })
+		}
+	}()
+	rdb := redis.NewClient(&redis.Options{Addr: ln.Addr().String(), ReadTimeout: 300 * time.Millisecond, MaxRetries: -1})
+	t.Cleanup(func() { _ = rdb.Close() })
+	c, err := New[string](rdb, &Options[string]{Name: "black-hole", NoReadCoalescing: true,
+		Degradation: Degradation{OpTimeout: 50 * time.Millisecond, BreakerFailures: 3}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	for i := range 6 {
+		if v, err := c.Get(context.Background(), fmt.Sprintf("k%d", i), func(context.Context) (string, error) { return "v", nil }); err != nil || v != "v" {
+			t.Fatalf("Get %d = %q, %v; want the loader's value", i, v, err)
+		}
+	}
+	if s := c.Stats(); s.BreakerOpens == 0 || s.Starved != 0 {
+		t.Fatalf("stats %+v; want the breaker open and nothing counted as starved", s)
+	}
 }
