@@ -158,18 +158,35 @@ func TestBlackHoleWithoutContextDeadlines(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = ln.Close() })
-	var conns sync.WaitGroup
-	t.Cleanup(conns.Wait)
+	var (
+		mu    sync.Mutex
+		open  []net.Conn
+		conns sync.WaitGroup
+	)
+	accepted := make(chan struct{})
 	go func() { // accept, read, never answer
+		defer close(accepted)
 		for {
 			c, err := ln.Accept()
 			if err != nil {
 				return
 			}
-			conns.Go(func() { _, _ = io.Copy(io.Discard, c); _ = c.Close() })
+			mu.Lock()
+			open = append(open, c)
+			mu.Unlock()
+			conns.Go(func() { _, _ = io.Copy(io.Discard, c) })
 		}
 	}()
+	t.Cleanup(func() { // after the client and the cache are closed
+		_ = ln.Close()
+		<-accepted // no more conns.Go from here
+		mu.Lock()
+		for _, c := range open {
+			_ = c.Close()
+		}
+		mu.Unlock()
+		conns.Wait()
+	})
 	rdb := redis.NewClient(&redis.Options{Addr: ln.Addr().String(), ReadTimeout: 300 * time.Millisecond, MaxRetries: -1})
 	t.Cleanup(func() { _ = rdb.Close() })
 	c, err := New[string](rdb, &Options[string]{Name: "black-hole", NoReadCoalescing: true,
