@@ -49,6 +49,7 @@ type Cache[T any] struct {
 
 	local *localTier[T] // nil without Options.Local
 	wake  *waker        // nil for a client without pub/sub, or a Ring
+	hub   *hub          // the client's subscriptions and its way to publish; nil when wake is
 	reads *coalescer    // nil with Options.NoReadCoalescing or a sharding client
 
 	hooks *testHooks // nil outside tests
@@ -106,8 +107,7 @@ func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 		if _, ring := rdb.(*redis.Ring); ring {
 			return nil, fmt.Errorf("%w: Options.Local does not work on a *redis.Ring: its pub/sub follows the live shards, so the invalidation bus can split without an error; use a Client or ClusterClient", ErrInvalidOptions)
 		}
-		bus, ok := rdb.(pubsubClient)
-		if !ok {
+		if _, ok := rdb.(pubsubClient); !ok {
 			return nil, fmt.Errorf("%w: Options.Local needs a client with Publish and Subscribe (the pubsubClient interface); %T has not", ErrInvalidOptions, rdb)
 		}
 		lo, err := o.Local.resolve(o.Name)
@@ -118,19 +118,24 @@ func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 		if opts != nil && opts.Clock != nil {
 			clock = o.Clock
 		}
-		if c.local, err = newLocalTier[T](lo, bus, c.ev, clock); err != nil {
+		if c.local, err = newLocalTier[T](lo, c.ev, clock); err != nil {
 			return nil, err
 		}
-		c.wg.Add(1)
-		go c.listen()
 	}
 	if bus, ok := rdb.(pubsubClient); ok {
 		if _, ring := rdb.(*redis.Ring); !ring { // a Ring's pub/sub follows the live shards: poll only
-			c.wake = newWaker(wakeChannelPrefix + o.Name)
-			c.leases.wake = c.wake.channel
-			c.wg.Add(1)
-			go c.listenWake(bus)
+			c.hub = joinHub(bus)
 		}
+	}
+	if c.local != nil {
+		c.wg.Add(1)
+		go c.listen()
+	}
+	if c.hub != nil {
+		c.wake = newWaker(wakeChannelPrefix + o.Name)
+		c.leases.hub, c.leases.wake = c.hub, c.wake.channel
+		c.wg.Add(1)
+		go c.listenWake()
 	}
 	if !o.NoReadCoalescing {
 		c.reads = newCoalescer()
@@ -255,6 +260,9 @@ func (c *Cache[T]) Close() error {
 		c.cancel()
 	}
 	c.wg.Wait()
+	if c.hub != nil && !already {
+		leaveHub(c.hub)
+	}
 	if c.local != nil {
 		c.local.close()
 	}

@@ -46,9 +46,11 @@ func TestClusterMasterFailover(t *testing.T) {
 	ctx := context.Background()
 	p := uniquePrefix()
 	// The cache's one pub/sub connection serves its wake channel and its
-	// bus; go-redis connects it to the master of the first channel it
-	// subscribes, which may be either. A hash tag in the name puts both
-	// channels in one slot, so the victim below is that connection's node.
+	// bus. With sharded pub/sub (Redis 7) both carry wire.ShardTag, so
+	// they are in one slot. Without it, go-redis connects the connection
+	// to the master of the first channel it subscribes, which may be
+	// either: a hash tag in the name puts both channels in one slot, so
+	// the victim below is that connection's node either way.
 	name := "{failover" + strings.Trim(p, ":") + "}"
 	c, err := New[string](cc, &Options[string]{Name: name,
 		Local:       &LocalOptions{TTL: 50 * time.Millisecond},
@@ -60,7 +62,8 @@ func TestClusterMasterFailover(t *testing.T) {
 	waitFor(t, "the bus", c.local.live.Load)
 
 	sm := newSlotMap(t, cc)
-	victim := sm.master(t, defaultLocalChannelPrefix+name)
+	victim := sm.master(t, c.hub.wireName(defaultLocalChannelPrefix+name))
+	t.Logf("sharded pub/sub: %v", c.hub.mode.Load() == modeSharded)
 	perMaster := map[string][]string{}
 	for i := 0; len(perMaster) < 3 || len(perMaster[victim]) < 11 || minLen(perMaster) < 10; i++ {
 		k := fmt.Sprintf("%sk:%d", p, i)

@@ -41,9 +41,12 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 		}
 		var failed errorOnce
 		for i, cmd := range c.leases.run(wctx, calls) {
-			if err := cmd.Err(); err != nil {
+			n, err := cmd.Int64()
+			if err != nil {
 				failed.add(held[i].key, err)
 				c.releaseLater(held[i].key, held[i].tok, held[i].keep(c)) // or other processes wait out the lease
+			} else if n == 2 {
+				c.wakeLater(held[i].key, nil, nil)
 			}
 		}
 		failed.report(wctx, c, "release")
@@ -56,6 +59,7 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 	p := c.opts.Policy
 	fills := make([]bool, len(held))
 	softs := make([]int64, len(held))
+	entries := make([][]byte, len(held)) // what each fill writes, for a wake message the Cache publishes
 	for i, op := range held {
 		switch {
 		case found[i]:
@@ -66,14 +70,14 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 				calls[i] = c.leases.release(op.key, op.tok, op.keep(c))
 				continue
 			}
-			calls[i], fills[i], softs[i] = c.leases.fill(op.key, op.genKey, op.tok, op.proof, entry, ttl), true, softExpiry(entry)
+			calls[i], fills[i], softs[i], entries[i] = c.leases.fill(op.key, op.genKey, op.tok, op.proof, entry, ttl), true, softExpiry(entry), entry
 		case p.NoNegativeCache:
 			calls[i] = c.leases.release(op.key, op.tok, 0)
 		default:
 			ttl := p.jitter(p.NegativeTTL)
 			soft := c.opts.Clock().Add(ttl)
 			entry := tombstone(op.tok, c.opts.Codec.Format(), op.gen, soft)
-			calls[i], fills[i], softs[i] = c.leases.fill(op.key, op.genKey, op.tok, op.proof, entry, ttl), true, soft.UnixMilli()
+			calls[i], fills[i], softs[i], entries[i] = c.leases.fill(op.key, op.genKey, op.tok, op.proof, entry, ttl), true, soft.UnixMilli(), entry
 		}
 		if h := c.hooks; h != nil && h.fill != nil && fills[i] {
 			calls[i] = h.fill(calls[i])
@@ -91,11 +95,16 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 			// that did land makes the release a no-op.
 			c.releaseLater(op.key, op.tok, op.keep(c))
 			failed.add(op.key, err)
-		case fills[i] && n == 1:
+		case fills[i] && (n == 1 || n == 2):
 			tok = op.tok
 			c.putLocal(op.key, vals[i], !found[i], softs[i], op.snap)
+			if n == 2 {
+				c.wakeLater(op.key, &op.proof, entries[i])
+			}
 		case fills[i]:
 			c.ev.fillRejected(wctx)
+		case n == 2: // a release
+			c.wakeLater(op.key, nil, nil)
 		}
 		op.held = false
 		if found[i] {

@@ -445,14 +445,20 @@ func unsentErr(cmds []redis.Cmder, err error) error {
 	return cmp.Or(err, errBreakerOpen)
 }
 
-// publish sends one PUBLISH under the budget and through the breaker of
-// keyless writes (a Cluster sends it to any node).
-func (g *guarded) publish(ctx context.Context, bus pubsubClient, channel string, msg []byte) error {
-	o, err := g.begin(ctx, g.budget, false, writes, "")
+// publish sends one message on channel under the budget: a PUBLISH
+// through the breaker of keyless writes (a Cluster sends it to any node),
+// or on a sharded hub an SPUBLISH through the breaker of the channel's
+// node.
+func (g *guarded) publish(ctx context.Context, h *hub, channel string, msg []byte) error {
+	route := ""
+	if h.mode.Load() == modeSharded {
+		route = h.wireName(channel)
+	}
+	o, err := g.begin(ctx, g.budget, false, writes, route)
 	if err != nil {
 		return err
 	}
-	return o.end(bus.Publish(o.ctx, channel, msg).Err())
+	return o.end(h.publish(o.ctx, channel, msg))
 }
 
 // runScript runs one lease script under budget, through the breaker: by

@@ -253,13 +253,13 @@ func acquire(ctx context.Context, rdb Redis, key string, tok envelope.Token, ttl
 func fill(ctx context.Context, rdb Redis, key, genKey string, tok envelope.Token, entry []byte, ttl, genTTL time.Duration) (bool, error) {
 	l := &leases{genTTL: genTTL}
 	n, err := l.fill(key, genKey, tok, envelope.Token{}, entry, ttl).on(ctx, rdb).Int64()
-	return n == 1, err
+	return n == 1 || n == 2, err // 2: written for a contended lease, nothing published
 }
 
 // release deletes tok's lease, or puts tok's refreshing entry back for keep.
 func release(ctx context.Context, rdb Redis, key string, tok envelope.Token, keep time.Duration) (bool, error) {
 	n, err := (&leases{}).release(key, tok, keep).on(ctx, rdb).Int64()
-	return n == 1, err
+	return n == 1 || n == 2, err
 }
 
 // extend renews tok's lease for ttl.

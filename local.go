@@ -124,7 +124,6 @@ const localStripes = 256
 type localTier[T any] struct {
 	opts LocalOptions
 	m    *otter.Cache[string, *localItem[T]]
-	bus  pubsubClient
 	seed maphash.Seed
 
 	live atomic.Bool // the subscription is confirmed: the tier may be used
@@ -176,12 +175,12 @@ type localSnap struct {
 // system clock read on every local hit: it ticks every TTL/100 (at least
 // 100µs, at most 10ms), so a local copy may be served up to that much past
 // its expiry.
-func newLocalTier[T any](o LocalOptions, bus pubsubClient, ev *events, clock func() time.Time) (*localTier[T], error) {
+func newLocalTier[T any](o LocalOptions, ev *events, clock func() time.Time) (*localTier[T], error) {
 	m, err := otter.New(&otter.Options[string, *localItem[T]]{MaximumSize: o.MaxEntries})
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalidOptions, err)
 	}
-	l := &localTier[T]{opts: o, m: m, bus: bus, seed: maphash.MakeSeed(), ev: ev}
+	l := &localTier[T]{opts: o, m: m, seed: maphash.MakeSeed(), ev: ev}
 	if clock != nil {
 		l.now = func() int64 { return clock().UnixNano() }
 	} else {

@@ -82,7 +82,7 @@ func (c *Cache[T]) publish(ctx context.Context, msg []byte, what string) error {
 	if c.local.refused.Load() != nil {
 		return nil
 	}
-	err := c.guard.publish(ctx, c.local.bus, c.local.opts.Channel, msg)
+	err := c.guard.publish(ctx, c.hub, c.local.opts.Channel, msg)
 	if err == nil {
 		return nil
 	}
@@ -171,7 +171,7 @@ func (c *Cache[T]) listen() {
 	defer c.wg.Done()
 	l := c.local
 	first := true
-	s := &subscriber{bus: l.bus, channel: l.opts.Channel, hc: l.opts.HealthCheck,
+	s := &subscriber{channel: l.opts.Channel, hc: l.opts.HealthCheck,
 		up: func() {
 			// Whatever was published before this point is lost to us:
 			// start from an empty tier.
@@ -204,7 +204,7 @@ func (c *Cache[T]) listen() {
 			}
 		},
 	}
-	s.run(c.stop)
+	s.run(c.hub, c.stop)
 	l.live.Store(false)
 	l.flush()
 }

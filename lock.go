@@ -114,7 +114,18 @@ type leases struct {
 	ttl    time.Duration // Options.LeaseTTL
 	genTTL time.Duration // the lifetime of a namespace's generation key
 	format byte          // the codec's format byte, for lease entries
+	hub    *hub          // the client's pub/sub; nil for none
 	wake   string        // the wake channel fills and releases publish on; "" for none
+}
+
+// wakeArg is the channel a fill or release script publishes its wake
+// message on: "" when the script must not (no pub/sub, or a sharded hub,
+// where the script reports a contended lease and the Cache publishes).
+func (l *leases) wakeArg() string {
+	if l.hub == nil || l.hub.mode.Load() != modeClassic {
+		return ""
+	}
+	return l.wake
 }
 
 // acquire is acquire.lua's call for op: take op.tok's lease on an absent
@@ -162,7 +173,7 @@ func (l *leases) refresh(key, genKey string, old, tok envelope.Token) scriptCall
 // proof, so that they can trust it (envelope.LeaseToken).
 func (l *leases) fill(key, genKey string, tok, proof envelope.Token, entry []byte, ttl time.Duration) scriptCall {
 	return scriptCall{s: fillScript, keys: entryKeys(key, genKey), write: true,
-		args: []any{tok[:], entry, millis(ttl), millis(l.genTTL), l.wake, proof[:]}}
+		args: []any{tok[:], entry, millis(ttl), millis(l.genTTL), l.wakeArg(), proof[:]}}
 }
 
 // release is release.lua's call: delete tok's lease, or turn tok's
@@ -173,7 +184,7 @@ func (l *leases) release(key string, tok envelope.Token, keep time.Duration) scr
 	if keep > 0 {
 		ms = millis(keep)
 	}
-	return scriptCall{s: releaseScript, keys: []string{key}, args: []any{tok[:], ms, l.wake}, write: true}
+	return scriptCall{s: releaseScript, keys: []string{key}, args: []any{tok[:], ms, l.wakeArg()}, write: true}
 }
 
 // extend is extend.lua's call: renew tok's lease on key for another
@@ -272,7 +283,10 @@ func (c *Cache[T]) releaseLater(key string, tok envelope.Token, keep time.Durati
 		defer cancel()
 		call := c.leases.release(key, tok, keep)
 		for pause := 10 * time.Millisecond; ; pause = min(2*pause, 200*time.Millisecond) {
-			err := c.leases.runOne(ctx, call).Err()
+			n, err := c.leases.runOne(ctx, call).Int64()
+			if n == 2 {
+				c.wakeLater(key, nil, nil)
+			}
 			// Done, or out of time, or the breaker is open (Redis is down:
 			// the lease expires by itself within LeaseTTL, as the retries
 			// would have).

@@ -1,7 +1,7 @@
 // Subscriptions: one pub/sub connection per client, shared by every Cache
 // on it and by both of their channels (the local tier's invalidation bus
 // and the wake channel), kept subscribed until the last Cache closes, with
-// a health check.
+// a health check; sharded pub/sub on a Cluster that has it.
 
 package cacheaside
 
@@ -12,10 +12,14 @@ import (
 	"net"
 	"reflect"
 	"runtime/debug"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/seed-b4ec662f/cacheaside/internal/wire"
 )
 
 // One connection per client. Every Cache on one client value (as given to
@@ -29,13 +33,25 @@ import (
 // client value that is not comparable (a wrapper holding a map, say)
 // cannot be told apart from others: each of its Caches gets a hub of its
 // own.
+//
+// Sharded pub/sub. On a Redis Cluster a PUBLISH goes to every node over
+// the cluster bus, however few subscribers there are. Redis 7's sharded
+// pub/sub (SSUBSCRIBE, SPUBLISH) keeps a message inside the shard that
+// owns its channel's slot. A hub on a Cluster client asks the server once
+// (an SPUBLISH on wire.ShardProbe) and, where it has them, subscribes and
+// publishes every channel that way, each name behind wire.ShardTag: all
+// of them hash to one slot, so one connection to one shard still carries
+// every channel of every Cache. Every process of a fleet asks the same
+// server and gets the same answer, so they all hear each other. Fills
+// cannot SPUBLISH from their script (a script may touch one slot only):
+// on a sharded hub they report a contended lease and the Cache publishes
+// its wake message after the script (wakeLater).
 
 // subscriber is one Cache's interest in one channel: what to run when the
 // subscription is confirmed (up), lost (down; confirmed says whether it
 // had been up), and for each message. They all run on the hub's goroutine,
 // one at a time and in order, and must not block.
 type subscriber struct {
-	bus     pubsubClient
 	channel string
 	hc      time.Duration // silence before a PING; as long again for its PONG
 
@@ -44,14 +60,11 @@ type subscriber struct {
 	message func(payload string)
 }
 
-// run registers s with its client's hub and keeps it there until stop
-// ends.
-func (s *subscriber) run(stop context.Context) {
-	h := joinHub(s.bus)
+// run registers s with h and keeps it there until stop ends.
+func (s *subscriber) run(h *hub, stop context.Context) {
 	h.add(s)
 	<-stop.Done()
 	h.remove(s)
-	leaveHub(h)
 }
 
 // hubs holds the live hubs by client value.
@@ -76,9 +89,11 @@ var hubs = struct {
 // its subscriber is still registered, and remove waits for cbmu, so no
 // callback runs after a subscriber has left.
 type hub struct {
-	bus  pubsubClient
-	key  any // in hubs.m; nil for a hub of its own
-	refs int // under hubs.mu
+	bus   pubsubClient
+	shard shardedClient // the Cluster client's sharded pub/sub; nil: not a Cluster
+	mode  atomic.Int32  // modeUnknown until the server answered the probe
+	key   any           // in hubs.m; nil for a hub of its own
+	refs  int           // under hubs.mu
 
 	wmu  sync.Mutex // serializes writes on ps with the state changes behind them
 	cbmu sync.Mutex // held while callbacks run
@@ -96,6 +111,25 @@ type hub struct {
 	done chan struct{}
 }
 
+// The hub's kind of pub/sub: classic (SUBSCRIBE, PUBLISH) or sharded
+// (SSUBSCRIBE, SPUBLISH), or not known yet.
+const (
+	modeUnknown int32 = iota
+	modeClassic
+	modeSharded
+)
+
+// shardedClient is what sharded pub/sub needs of a Cluster client:
+// go-redis's ClusterClient has it. ForEachMaster marks the Cluster (a
+// single-node Client has SSubscribe too, and needs none of this).
+type shardedClient interface {
+	SSubscribe(ctx context.Context, channels ...string) *redis.PubSub
+	SPublish(ctx context.Context, channel string, message any) *redis.IntCmd
+	ForEachMaster(ctx context.Context, fn func(context.Context, *redis.Client) error) error
+}
+
+// joinHub returns the hub of bus, made if it has none, holding one more
+// reference to it: a Cache holds one from New until Close.
 func joinHub(bus pubsubClient) *hub {
 	var key any
 	if reflect.ValueOf(bus).Comparable() {
@@ -113,6 +147,10 @@ func joinHub(bus pubsubClient) *hub {
 	h := &hub{bus: bus, key: key, refs: 1, subs: make(map[string]map[*subscriber]struct{}),
 		pending: make(map[string]int), confirmed: make(map[string]bool), wasUp: make(map[*subscriber]bool),
 		wake: make(chan struct{}, 1), stop: cancel, done: make(chan struct{})}
+	h.shard, _ = bus.(shardedClient)
+	if h.shard == nil {
+		h.mode.Store(modeClassic)
+	}
 	if key != nil {
 		hubs.m[key] = h
 	}
@@ -133,6 +171,59 @@ func leaveHub(h *hub) {
 		h.stop()
 		<-h.done
 	}
+}
+
+// sharded reports whether h publishes and subscribes by sharded pub/sub.
+// On a Cluster client the first call asks the server, under ctx, with an
+// SPUBLISH to a channel nobody hears: a reply means yes, a refusal
+// (unknown command, ACL) means no; any other error is returned and the
+// next call asks again. The answer holds for the hub's life.
+func (h *hub) sharded(ctx context.Context) (bool, error) {
+	switch h.mode.Load() {
+	case modeClassic:
+		return false, nil
+	case modeSharded:
+		return true, nil
+	}
+	err := h.shard.SPublish(ctx, wire.ShardProbe, "").Err()
+	switch {
+	case err == nil:
+		h.mode.CompareAndSwap(modeUnknown, modeSharded)
+	case refusesPubSub(err):
+		h.mode.CompareAndSwap(modeUnknown, modeClassic)
+	default:
+		return false, err
+	}
+	return h.mode.Load() == modeSharded, nil
+}
+
+// wireName is channel's name on the server.
+func (h *hub) wireName(channel string) string {
+	if h.mode.Load() == modeSharded {
+		return wire.ShardTag + channel
+	}
+	return channel
+}
+
+// channelOf is the channel a name on the server stands for.
+func (h *hub) channelOf(name string) string {
+	if h.mode.Load() == modeSharded {
+		return strings.TrimPrefix(name, wire.ShardTag)
+	}
+	return name
+}
+
+// publish sends msg on channel, by SPUBLISH on a sharded hub (to the
+// channel's shard) or PUBLISH.
+func (h *hub) publish(ctx context.Context, channel string, msg any) error {
+	sharded, err := h.sharded(ctx)
+	switch {
+	case err != nil:
+		return err
+	case sharded:
+		return h.shard.SPublish(ctx, wire.ShardTag+channel, msg).Err()
+	}
+	return h.bus.Publish(ctx, channel, msg).Err()
 }
 
 // healthCheckLocked recomputes h.hc; h.mu is held.
@@ -179,9 +270,12 @@ func (h *hub) add(s *subscriber) {
 	ctx, cancel := context.WithTimeout(context.Background(), s.hc)
 	defer cancel()
 	var err error
-	if fresh {
+	switch {
+	case fresh && h.mode.Load() == modeSharded:
+		err = ps.SSubscribe(ctx, h.wireName(s.channel))
+	case fresh:
 		err = ps.Subscribe(ctx, s.channel)
-	} else {
+	default:
 		err = ps.Ping(ctx)
 	}
 	if err != nil {
@@ -210,7 +304,13 @@ func (h *hub) remove(s *subscriber) {
 	h.mu.Unlock()
 	if last && ps != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), s.hc)
-		if err := ps.Unsubscribe(ctx, s.channel); err != nil {
+		var err error
+		if h.mode.Load() == modeSharded {
+			err = ps.SUnsubscribe(ctx, h.wireName(s.channel))
+		} else {
+			err = ps.Unsubscribe(ctx, s.channel)
+		}
+		if err != nil {
 			_ = ps.Close()
 		}
 		cancel()
@@ -276,6 +376,11 @@ func (h *hub) run(stop context.Context) {
 		if confirmed {
 			backoff = firstBackoff
 		}
+		if r, ok := h.bus.(stateReloader); ok {
+			// A Cluster: the channel's node may have failed over, and the
+			// next connection must go to the node that serves it now.
+			r.ReloadState(stop)
+		}
 		h.lost(err)
 		if sleep(stop, spread(backoff)) != nil {
 			return
@@ -307,14 +412,20 @@ func (h *hub) lost(err error) {
 // channel (subscribed says which), or a PONG (channel ""): it confirms the
 // channel when the reply leaves nothing pending and it still has
 // subscribers, and tells up every subscriber of a confirmed channel that
-// has not been told yet.
-func (h *hub) replied(channel string, subscribed bool) {
+// has not been told yet. An unsubscribe nobody asked for (the server
+// drops a sharded channel whose slot it no longer serves) is returned as
+// an error: the connection is lost for that channel's subscribers.
+func (h *hub) replied(channel string, subscribed bool) error {
 	h.mu.Lock()
 	if channel != "" {
+		asked := h.pending[channel] > 0
 		if h.pending[channel]--; h.pending[channel] <= 0 {
 			delete(h.pending, channel)
 		}
 		switch {
+		case !subscribed && !asked && len(h.subs[channel]) > 0:
+			h.mu.Unlock()
+			return fmt.Errorf("the server ended the subscription to %s (its slot moved)", channel)
 		case !subscribed:
 			delete(h.confirmed, channel)
 		case h.pending[channel] == 0 && len(h.subs[channel]) > 0:
@@ -332,6 +443,7 @@ func (h *hub) replied(channel string, subscribed bool) {
 	}
 	h.mu.Unlock()
 	h.dispatch(up, func(s *subscriber) { s.up() })
+	return nil
 }
 
 // deliver hands a message to the subscribers of its channel.
@@ -359,7 +471,16 @@ func (h *hub) onceSafe(stop context.Context) (confirmed bool, err error) {
 // connect opens a connection subscribed to every registered channel and
 // publishes it, under wmu so that no SUBSCRIBE or UNSUBSCRIBE of add or
 // remove falls between the two.
-func (h *hub) connect(stop context.Context) (*redis.PubSub, time.Duration) {
+func (h *hub) connect(stop context.Context) (*redis.PubSub, time.Duration, error) {
+	h.mu.Lock()
+	hc := h.hc
+	h.mu.Unlock()
+	ctx, cancel := context.WithTimeout(stop, hc)
+	defer cancel()
+	sharded, err := h.sharded(ctx)
+	if err != nil {
+		return nil, hc, fmt.Errorf("asking for sharded pub/sub: %w", err)
+	}
 	h.wmu.Lock()
 	defer h.wmu.Unlock()
 	h.mu.Lock()
@@ -367,18 +488,25 @@ func (h *hub) connect(stop context.Context) (*redis.PubSub, time.Duration) {
 	for ch := range h.subs {
 		chs = append(chs, ch)
 	}
-	hc := h.hc
+	hc = h.hc
 	h.mu.Unlock()
-	ctx, cancel := context.WithTimeout(stop, hc)
-	ps := h.bus.Subscribe(ctx, chs...)
-	cancel()
+	var ps *redis.PubSub
+	if sharded {
+		names := make([]string, len(chs))
+		for i, ch := range chs {
+			names[i] = h.wireName(ch)
+		}
+		ps = h.shard.SSubscribe(ctx, names...)
+	} else {
+		ps = h.bus.Subscribe(ctx, chs...)
+	}
 	h.mu.Lock()
 	h.ps = ps
 	for _, ch := range chs {
 		h.pending[ch]++
 	}
 	h.mu.Unlock()
-	return ps, hc
+	return ps, hc, nil
 }
 
 // once runs one connection until it fails, and returns why and whether a
@@ -387,7 +515,10 @@ func (h *hub) connect(stop context.Context) (*redis.PubSub, time.Duration) {
 // so a Redis that accepts connections but never answers cannot hold
 // Close.
 func (h *hub) once(stop context.Context) (confirmed bool, _ error) {
-	ps, hc := h.connect(stop)
+	ps, hc, err := h.connect(stop)
+	if err != nil {
+		return false, err
+	}
 	closeOnStop := context.AfterFunc(stop, func() { _ = ps.Close() })
 	defer func() {
 		closeOnStop()
@@ -424,16 +555,18 @@ func (h *hub) once(stop context.Context) (confirmed bool, _ error) {
 		switch m := msg.(type) {
 		case *redis.Subscription:
 			switch m.Kind {
-			case "subscribe":
+			case "subscribe", "ssubscribe":
 				confirmed = true
-				h.replied(m.Channel, true)
-			case "unsubscribe":
-				h.replied(m.Channel, false)
+				_ = h.replied(h.channelOf(m.Channel), true)
+			case "unsubscribe", "sunsubscribe":
+				if err := h.replied(h.channelOf(m.Channel), false); err != nil {
+					return confirmed, err
+				}
 			}
 		case *redis.Message:
-			h.deliver(m.Channel, m.Payload)
+			h.deliver(h.channelOf(m.Channel), m.Payload)
 		case *redis.Pong:
-			h.replied("", false) // a subscriber joined a confirmed channel (add), or the health check
+			_ = h.replied("", false) // a subscriber joined a confirmed channel (add), or the health check
 		}
 	}
 }

@@ -111,9 +111,9 @@ type probe struct {
 	msgs       chan string
 }
 
-func newProbe(bus pubsubClient, ch string, onMsg func(string)) *probe {
+func newProbe(ch string, onMsg func(string)) *probe {
 	p := &probe{msgs: make(chan string, 16)}
-	p.s = &subscriber{bus: bus, channel: ch, hc: time.Second,
+	p.s = &subscriber{channel: ch, hc: time.Second,
 		up:   func() { p.ups.Add(1) },
 		down: func(error, bool) { p.downs.Add(1) },
 		message: func(m string) {
@@ -130,7 +130,7 @@ func newProbe(bus pubsubClient, ch string, onMsg func(string)) *probe {
 func parkHub(t *testing.T, rdb *redis.Client, y string) (h *hub, p0 *probe, gate chan struct{}) {
 	t.Helper()
 	gate, entered := make(chan struct{}), make(chan struct{})
-	p0 = newProbe(rdb, y, func(m string) {
+	p0 = newProbe(y, func(m string) {
 		if m == "block" {
 			close(entered)
 			<-gate
@@ -156,7 +156,7 @@ func TestHubLateSubscribeReply(t *testing.T) {
 		rdb := b.client(t)
 		x := b.key("X")
 		h, p0, gate := parkHub(t, rdb, b.key("Y"))
-		p1 := newProbe(rdb, x, nil)
+		p1 := newProbe(x, nil)
 		h.add(p1.s) // SUBSCRIBE x
 		removed := make(chan struct{})
 		go func() { h.remove(p1.s); close(removed) }() // UNSUBSCRIBE x, then waits for the busy callback
@@ -165,7 +165,7 @@ func TestHubLateSubscribeReply(t *testing.T) {
 		<-removed
 		waitFor(t, "both replies", func() bool { h.mu.Lock(); defer h.mu.Unlock(); return h.pending[x] == 0 })
 
-		p2 := newProbe(rdb, x, nil)
+		p2 := newProbe(x, nil)
 		h.add(p2.s)
 		waitFor(t, "the second subscriber of x up", func() bool { return p2.ups.Load() == 1 })
 		rdb.Publish(ctx, x, "invalidate")
@@ -205,7 +205,7 @@ func TestHubWriteFailureIsLoss(t *testing.T) {
 	var later []*probe
 	for _, ch := range []string{"X", "Z"} { // the first write may still be accepted; the second fails
 		time.Sleep(50 * time.Millisecond)
-		p := newProbe(rdb, b.key(ch), nil)
+		p := newProbe(b.key(ch), nil)
 		h.add(p.s)
 		later = append(later, p)
 	}

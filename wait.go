@@ -18,11 +18,12 @@ import (
 
 // Waking. When a caller finds another's lease, acquire.lua marks the lease
 // contended. The holder's fill (or release, if its load failed) then
-// publishes the key on the cache's wake channel, inside the same script, so
-// an uncontended miss costs nothing more and a hit never sees any of it.
-// Every Cache subscribes to that channel on its client's shared
-// subscription connection (sub.go; the channel is wakeChannelPrefix +
-// Options.Name; Cluster broadcasts PUBLISH to every node) and wakes the
+// publishes the key on the cache's wake channel, inside the same script (on
+// a sharded hub the script reports the contended lease and the Cache
+// publishes: wakeLater), so an uncontended miss costs nothing more and a
+// hit never sees any of it. Every Cache subscribes to that channel on its
+// client's shared subscription connection (sub.go; the channel is
+// wakeChannelPrefix + Options.Name) and wakes the
 // runs waiting for that key at once. Polling stays, slower, for what a
 // message cannot cover: a holder that died (its lease expires), a message
 // lost while the subscription was down, a lease another build of the
@@ -150,6 +151,43 @@ func parseWake(msg string) (key string, m wakeMsg, ok bool) {
 	return key, m, true
 }
 
+// wakeMessage is the message fill.lua publishes, for the Cache to publish
+// itself (wakeLater): "<len(key)>:<key>", then the proof and the entry
+// unless there is no proof or the entry is past maxWakeEntry.
+func wakeMessage(key string, proof *envelope.Token, entry []byte) []byte {
+	msg := strconv.AppendInt(nil, int64(len(key)), 10)
+	msg = append(msg, ':')
+	msg = append(msg, key...)
+	if proof != nil && len(entry) <= maxWakeEntry {
+		msg = append(msg, proof[:]...)
+		msg = append(msg, entry...)
+	}
+	return msg
+}
+
+// maxWakeEntry is the largest entry a wake message carries (fill.lua's
+// 65536): a larger one costs every subscriber more than the read it saves.
+const maxWakeEntry = 64 << 10
+
+// wakeLater publishes the wake message of a contended lease that a fill
+// (proof and entry) or a release (neither) script reported and could not
+// publish itself (a sharded hub), in the background: the holder's callers
+// have their answer already. On failure the waiters poll, as they do for a
+// lost message.
+func (c *Cache[T]) wakeLater(key string, proof *envelope.Token, entry []byte) {
+	if c.wake == nil || !c.enter() {
+		return
+	}
+	msg := wakeMessage(key, proof, entry)
+	go func() {
+		defer c.wg.Done()
+		ctx := context.WithoutCancel(c.stop)
+		if err := c.guard.publish(ctx, c.hub, c.wake.channel, msg); err != nil {
+			c.ev.redisError(c.stop, "wake", err)
+		}
+	}()
+}
+
 // delivered takes the entries fills published for the watch's keys since
 // the last call.
 func (w *waker) delivered(wt *watch) map[string]wakeMsg {
@@ -161,10 +199,10 @@ func (w *waker) delivered(wt *watch) map[string]wakeMsg {
 }
 
 // listenWake keeps the wake channel subscribed until Close.
-func (c *Cache[T]) listenWake(bus pubsubClient) {
+func (c *Cache[T]) listenWake() {
 	defer c.wg.Done()
 	w := c.wake
-	s := &subscriber{bus: bus, channel: w.channel, hc: time.Second,
+	s := &subscriber{channel: w.channel, hc: time.Second,
 		up: func() { w.live.Store(true) },
 		down: func(error, bool) {
 			// Not counted as a Redis error: waits fall back to polling,
@@ -173,7 +211,7 @@ func (c *Cache[T]) listenWake(bus pubsubClient) {
 		},
 		message: w.wake,
 	}
-	s.run(c.stop)
+	s.run(c.hub, c.stop)
 	w.live.Store(false)
 }
 

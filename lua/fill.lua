@@ -13,11 +13,14 @@
 --          contended (acquire.lua), "<len(key)>:<key><proof><entry>" is
 --          published there after the write (proof and entry left out past
 --          64 KiB), so the waiters have their answer without another round
---          trip
+--          trip. With "" (sharded pub/sub, which a script cannot reach
+--          across slots) the reply says so and the caller publishes
 -- ARGV[6]  the lease's 16-byte proof: the token is the first 16 bytes of
 --          its SHA-256, so a waiter can check that the message comes from
 --          the holder (a reader of the key sees the token, not the proof)
--- Returns 1 when written (or already written by a retry of this call), else 0.
+-- Returns 1 when written (or already written by a retry of this call), 2
+-- when written for a contended lease and nothing was published (ARGV[5]
+-- ""), else 0.
 local cur = redis.pcall('GET', KEYS[1])
 if type(cur) ~= 'string' or #cur < 40 or string.sub(cur, 1, 2) ~= string.sub(ARGV[2], 1, 2)
     or string.sub(cur, 5, 20) ~= ARGV[1] then
@@ -33,7 +36,10 @@ end
 local kind = string.byte(cur, 3)
 if kind == 3 or kind == 4 then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-  if kind == 3 and ARGV[5] ~= '' and string.sub(cur, 29, 32) ~= '\0\0\0\0' then
+  if kind == 3 and string.sub(cur, 29, 32) ~= '\0\0\0\0' then
+    if ARGV[5] == '' then
+      return 2
+    end
     local msg = #KEYS[1] .. ':' .. KEYS[1]
     if #ARGV[2] <= 65536 and ARGV[6] ~= nil and #ARGV[6] == 16 then
       msg = msg .. ARGV[6] .. ARGV[2]

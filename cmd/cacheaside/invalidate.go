@@ -219,23 +219,36 @@ func printInvalidate(out io.Writer, res *invalidateResult) {
 	}
 }
 
-// subscribers counts the clients subscribed to channel: on every node of
-// a Cluster (a subscriber may be on any of them), or on the one server.
+// subscribers counts the clients subscribed to channel: on the one
+// server, or on every node of a Cluster (a subscriber may be on any of
+// them), where the library subscribes by sharded pub/sub when the server
+// has it (as channel behind wire.ShardTag) and by SUBSCRIBE otherwise.
 func subscribers(ctx context.Context, rdb redis.UniversalClient, channel string) (int64, error) {
 	count := func(ctx context.Context, c redis.Cmdable) (int64, error) {
 		m, err := c.PubSubNumSub(ctx, channel).Result()
 		return m[channel], err
 	}
-	if cc, ok := rdb.(*redis.ClusterClient); ok {
-		var total atomic.Int64
-		err := cc.ForEachShard(ctx, func(ctx context.Context, n *redis.Client) error {
-			v, err := count(ctx, n)
-			total.Add(v)
-			return err
-		})
-		return total.Load(), err
+	cc, ok := rdb.(*redis.ClusterClient)
+	if !ok {
+		return count(ctx, rdb)
 	}
-	return count(ctx, rdb)
+	sharded := wire.ShardTag + channel
+	var total atomic.Int64
+	err := cc.ForEachShard(ctx, func(ctx context.Context, n *redis.Client) error {
+		v, err := count(ctx, n)
+		if err != nil {
+			return err
+		}
+		total.Add(v)
+		m, err := n.PubSubShardNumSub(ctx, sharded).Result()
+		var re redis.Error
+		if errors.As(err, &re) && strings.Contains(strings.ToLower(err.Error()), "unknown") {
+			return nil // no sharded pub/sub on this server: nobody subscribes that way
+		}
+		total.Add(m[sharded])
+		return err
+	})
+	return total.Load(), err
 }
 
 func keysWord(n int64) string {

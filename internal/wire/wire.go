@@ -17,6 +17,17 @@ const (
 	BusChannelPrefix  = "cacheaside:invalidate:" // the local tiers' invalidation bus (LocalOptions.Channel's default)
 )
 
+// ShardTag goes before every channel name on a Redis Cluster that has
+// sharded pub/sub (SSUBSCRIBE and SPUBLISH, Redis 7): it puts all of the
+// library's channels in one slot, so a process subscribes to all of them
+// on one connection to one shard, and a message goes to that shard only
+// rather than to every node.
+const ShardTag = "{cacheaside}"
+
+// ShardProbe is the channel of the SPUBLISH that asks a Cluster whether it
+// has sharded pub/sub. Nobody subscribes to it.
+const ShardProbe = ShardTag + "probe"
+
 // The format bytes of the built-in codecs (Codec.Format).
 const (
 	FormatJSON    byte = 1
