@@ -284,7 +284,10 @@ func (c *Cache[T]) releaseLater(key string, tok envelope.Token, keep time.Durati
 		call := c.leases.release(key, tok, keep)
 		for pause := 10 * time.Millisecond; ; pause = min(2*pause, 200*time.Millisecond) {
 			n, err := c.leases.runOne(ctx, call).Int64()
-			if n == 2 {
+			if n == 2 || err == nil && c.leases.wakeArg() == "" {
+				// Reported contended, or an earlier try's reply (which may
+				// have said so) was lost: a key-only message sends any
+				// waiters to look again, which costs them one read.
 				c.wakeLater(key, nil, nil)
 			}
 			// Done, or out of time, or the breaker is open (Redis is down:

@@ -22,6 +22,9 @@ import (
 	"github.com/seed-b4ec662f/cacheaside/internal/wire"
 )
 
+// errNoChannels: connect found no channel to subscribe.
+var errNoChannels = errors.New("no channel to subscribe")
+
 // One connection per client. Every Cache on one client value (as given to
 // New) registers its channels with the client's hub, which holds one
 // PubSub with all of them, adds and drops channels on it as Caches come
@@ -177,7 +180,8 @@ func leaveHub(h *hub) {
 // On a Cluster client the first call asks the server, under ctx, with an
 // SPUBLISH to a channel nobody hears: a reply means yes, a refusal
 // (unknown command, ACL) means no; any other error is returned and the
-// next call asks again. The answer holds for the hub's life.
+// next call asks again. The answer holds until the connection is lost
+// (lost), when the next connection asks again.
 func (h *hub) sharded(ctx context.Context) (bool, error) {
 	switch h.mode.Load() {
 	case modeClassic:
@@ -373,6 +377,9 @@ func (h *hub) run(stop context.Context) {
 		if stop.Err() != nil {
 			return
 		}
+		if errors.Is(err, errNoChannels) {
+			continue // nobody to tell: wait for a subscriber
+		}
 		if confirmed {
 			backoff = firstBackoff
 		}
@@ -393,6 +400,12 @@ func (h *hub) run(stop context.Context) {
 func (h *hub) lost(err error) {
 	h.mu.Lock()
 	h.ps = nil
+	if h.shard != nil {
+		// Ask again on the next connection: a Cluster upgraded from Redis 6
+		// node by node, or an ACL changed, must not leave this process on
+		// the other kind of pub/sub from processes that start later.
+		h.mode.Store(modeUnknown)
+	}
 	clear(h.pending)
 	clear(h.confirmed)
 	var all []*subscriber
@@ -490,6 +503,12 @@ func (h *hub) connect(stop context.Context) (*redis.PubSub, time.Duration, error
 	}
 	hc = h.hc
 	h.mu.Unlock()
+	if len(chs) == 0 {
+		// The last subscriber left while the server was asked: a
+		// connection without channels would go to any node (a sharded
+		// SSUBSCRIBE there is refused), so wait for a subscriber instead.
+		return nil, hc, errNoChannels
+	}
 	var ps *redis.PubSub
 	if sharded {
 		names := make([]string, len(chs))

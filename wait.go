@@ -173,17 +173,19 @@ const maxWakeEntry = 64 << 10
 // (proof and entry) or a release (neither) script reported and could not
 // publish itself (a sharded hub), in the background: the holder's callers
 // have their answer already. On failure the waiters poll, as they do for a
-// lost message.
+// lost message. Its callers (an engine run, a release retry) hold a slot
+// of c.wg, so it publishes during Close too, as the scripts do.
 func (c *Cache[T]) wakeLater(key string, proof *envelope.Token, entry []byte) {
-	if c.wake == nil || !c.enter() {
+	if c.wake == nil {
 		return
 	}
 	msg := wakeMessage(key, proof, entry)
+	c.wg.Add(1)
 	go func() {
 		defer c.wg.Done()
 		ctx := context.WithoutCancel(c.stop)
-		if err := c.guard.publish(ctx, c.hub, c.wake.channel, msg); err != nil {
-			c.ev.redisError(c.stop, "wake", err)
+		if err := c.guard.publish(ctx, c.hub, c.wake.channel, msg); err != nil && !refusesPubSub(err) {
+			c.ev.redisError(c.stop, "wake", err) // a refusal is not a failure: the waiters poll, as with the scripts' pcall
 		}
 	}()
 }

@@ -156,11 +156,14 @@ func cmdInvalidate(ctx context.Context, cfg *config, args []string, stdout, stde
 		return describeRedisErr(ctx, cfg, err)
 	}
 	if res.Refused == "" {
-		n, err := subscribers(ctx, rdb, res.Channel)
+		classic, sharded, err := subscribers(ctx, rdb, res.Channel)
 		if err != nil {
 			return describeRedisErr(ctx, cfg, fmt.Errorf("the invalidation is done; counting the subscribers of %s failed: %w", res.Channel, err))
 		}
-		n = max(n-1, 0) // this command's own
+		if classic > 0 && sharded > 0 {
+			fmt.Fprintf(termWriter{stderr}, "warning: %d processes subscribe to %s by classic pub/sub and %d by sharded pub/sub (this command's own included), and the two kinds do not hear each other's messages; every process on one Cluster should run a version of cacheaside that uses sharded pub/sub where the Cluster has it\n", classic, res.Channel, sharded)
+		}
+		n := max(classic+sharded-1, 0) // this command's own
 		res.Subscribers = &n
 	}
 	if res.Subscribers != nil && *res.Subscribers == 0 {
@@ -219,36 +222,38 @@ func printInvalidate(out io.Writer, res *invalidateResult) {
 	}
 }
 
-// subscribers counts the clients subscribed to channel: on the one
-// server, or on every node of a Cluster (a subscriber may be on any of
-// them), where the library subscribes by sharded pub/sub when the server
-// has it (as channel behind wire.ShardTag) and by SUBSCRIBE otherwise.
-func subscribers(ctx context.Context, rdb redis.UniversalClient, channel string) (int64, error) {
+// subscribers counts the clients subscribed to channel, by classic and
+// by sharded pub/sub: on the one server, or on every node of a Cluster (a
+// subscriber may be on any of them), where the library subscribes by
+// sharded pub/sub when the server has it (as channel behind wire.ShardTag)
+// and by SUBSCRIBE otherwise.
+func subscribers(ctx context.Context, rdb redis.UniversalClient, channel string) (classic, sharded int64, _ error) {
 	count := func(ctx context.Context, c redis.Cmdable) (int64, error) {
 		m, err := c.PubSubNumSub(ctx, channel).Result()
 		return m[channel], err
 	}
 	cc, ok := rdb.(*redis.ClusterClient)
 	if !ok {
-		return count(ctx, rdb)
+		n, err := count(ctx, rdb)
+		return n, 0, err
 	}
-	sharded := wire.ShardTag + channel
-	var total atomic.Int64
+	name := wire.ShardTag + channel
+	var c, s atomic.Int64
 	err := cc.ForEachShard(ctx, func(ctx context.Context, n *redis.Client) error {
 		v, err := count(ctx, n)
 		if err != nil {
 			return err
 		}
-		total.Add(v)
-		m, err := n.PubSubShardNumSub(ctx, sharded).Result()
+		c.Add(v)
+		m, err := n.PubSubShardNumSub(ctx, name).Result()
 		var re redis.Error
-		if errors.As(err, &re) && strings.Contains(strings.ToLower(err.Error()), "unknown") {
-			return nil // no sharded pub/sub on this server: nobody subscribes that way
+		if errors.As(err, &re) && (strings.Contains(strings.ToLower(err.Error()), "unknown") || strings.HasPrefix(err.Error(), "NOPERM")) {
+			return nil // no sharded pub/sub on this server (or not for us to see): nobody subscribes that way
 		}
-		total.Add(m[sharded])
+		s.Add(m[name])
 		return err
 	})
-	return total.Load(), err
+	return c.Load(), s.Load(), err
 }
 
 func keysWord(n int64) string {
