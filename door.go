@@ -131,6 +131,20 @@ func (c *Cache[T]) one(ctx context.Context, key string, idx int, src source[T], 
 	}
 	op := keyOp[T]{key: key, genKey: genKey, idx: idx, attempt: attempt}
 	c.prepare(&op, c.flights.Load())
+	if op.seen.holding && attempt == 0 {
+		// This process holds key's lease and is loading it: join that load
+		// without a read of its own. Its fill, sent after this point,
+		// vouches for its answer (see joined); if the fill fails, a read
+		// after the answer decides. A load that waits for another
+		// process's holder is joined after a read, as its answer comes by
+		// a wake message that cannot vouch for this Get. A Get that starts
+		// over reads.
+		c.ev.miss(ctx)
+		m := new(keyOp[T])
+		*m = op
+		c.missed(ctx, []*keyOp[T]{m}, src)
+		return c.await(ctx, m, src)
+	}
 	t0 := time.Now()
 	op.b, op.gv, op.rerr = c.read(ctx, key, genKey)
 	spent := time.Since(t0)

@@ -45,6 +45,7 @@ type keyOp[T any] struct {
 	call    *flight.Call[answer[T]] // nil for a background refresh
 	leader  bool
 	fs      *flightState
+	round   uint64 // the flight's round the key's answer would rest on (see joined)
 
 	// the lease (leader only)
 	tok    envelope.Token
@@ -144,7 +145,7 @@ func (r *missRun[T]) run(parent context.Context) {
 	for _, op := range r.ops {
 		op.tok, op.proof = newLease()
 		if op.down {
-			op.fs.observe() // the loader reads the source now, with no entry to vouch for it
+			op.round = op.fs.observe() // the loader reads the source now, with no entry to vouch for it
 			down = append(down, op)
 		} else {
 			open = append(open, op)
@@ -231,7 +232,7 @@ func (r *missRun[T]) delivered(open []*keyOp[T], got map[string]wakeMsg) []*keyO
 			continue
 		}
 		vw := c.classify(r.ctx, op.key, m.entry, genView{namespaced: op.genKey != "", known: true, gen: op.gen}, now)
-		if vw.e.Token != op.vw.e.Token || !r.answered(op, vw) {
+		if vw.e.Token != op.vw.e.Token || !r.answered(op, vw, 0) {
 			rest = append(rest, op) // another lease's fill, not for this generation, or not what we can serve: look again
 		}
 	}
@@ -241,20 +242,21 @@ func (r *missRun[T]) delivered(open []*keyOp[T], got map[string]wakeMsg) []*keyO
 // answered ends op's flight with what the key was found to hold (by a
 // lease round, or a fill's wake-up message), if that is an answer: a
 // fresh or stale value, or "not found". The entry's token is published
-// for the Gets that may join (see flightSeen.joinable).
-func (r *missRun[T]) answered(op *keyOp[T], vw view[T]) bool {
+// for the Gets that may join (see flightSeen.joinable); round is the
+// flight's round that found it (0 for a wake message; see joined).
+func (r *missRun[T]) answered(op *keyOp[T], vw view[T], round uint64) bool {
 	if vw.e.Token != (envelope.Token{}) {
 		t := vw.e.Token
 		op.fs.tok.Store(&t)
 	}
 	switch vw.state {
 	case stFresh:
-		r.finish(op, answer[T]{v: vw.v, tok: vw.e.Token}, nil)
+		r.finish(op, answer[T]{v: vw.v, tok: vw.e.Token, round: round}, nil)
 	case stStale:
 		r.c.ev.staleServed(r.ctx)
-		r.finish(op, answer[T]{v: vw.v, tok: vw.e.Token}, nil)
+		r.finish(op, answer[T]{v: vw.v, tok: vw.e.Token, round: round}, nil)
 	case stNotFound:
-		r.finish(op, answer[T]{tok: vw.e.Token}, ErrNotFound)
+		r.finish(op, answer[T]{tok: vw.e.Token, round: round}, ErrNotFound)
 	default:
 		return false
 	}
@@ -291,7 +293,7 @@ func (r *missRun[T]) leaseRound(ops []*keyOp[T]) (held, open, failed []*keyOp[T]
 	c := r.c
 	calls := make([]scriptCall, len(ops))
 	for i, op := range ops {
-		op.fs.observe()
+		op.round = op.fs.observe()
 		if op.reload() {
 			op.gen = op.vw.e.Gen
 			calls[i] = c.leases.refresh(op.key, op.genKey, op.vw.e.Token, op.tok)
@@ -349,6 +351,7 @@ func (r *missRun[T]) leaseRound(ops []*keyOp[T]) (held, open, failed []*keyOp[T]
 			op.held = true
 			tok := op.tok
 			op.fs.tok.Store(&tok)
+			op.fs.holding.Store(true)
 			held = append(held, op)
 		case reload:
 			// The value changed since it was read: look again, by acquire.
@@ -357,7 +360,7 @@ func (r *missRun[T]) leaseRound(ops []*keyOp[T]) (held, open, failed []*keyOp[T]
 			open = append(open, op)
 		default:
 			vw := c.classify(r.ctx, op.key, cur, genView{namespaced: op.genKey != "", known: true, gen: op.gen}, now)
-			if !r.answered(op, vw) {
+			if !r.answered(op, vw, op.round) {
 				// Being loaded elsewhere (wait), undecodable (replace
 				// names it: overwrite it now), or a value due for reload
 				// (refresh it now).

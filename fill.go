@@ -83,11 +83,16 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 			calls[i] = h.fill(calls[i])
 		}
 	}
+	rounds := make([]uint64, len(held))
+	for i, op := range held {
+		rounds[i] = op.fs.round()
+	}
 	cmds := c.leases.run(wctx, calls)
 	var failed errorOnce
 	for i, op := range held {
 		n, err := cmds[i].Int64()
 		var tok envelope.Token
+		round := op.round // the load began after this lease round
 		switch {
 		case err != nil:
 			// A fill or a release that failed: release in the background,
@@ -96,7 +101,7 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 			c.releaseLater(op.key, op.tok, op.keep(c))
 			failed.add(op.key, err)
 		case fills[i] && (n == 1 || n == 2):
-			tok = op.tok
+			tok, round = op.tok, rounds[i] // the lease stood until the fill
 			c.putLocal(op.key, vals[i], !found[i], softs[i], op.snap)
 			if n == 2 {
 				c.wakeLater(op.key, &op.proof, entries[i])
@@ -108,9 +113,9 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 		}
 		op.held = false
 		if found[i] {
-			r.finish(op, answer[T]{v: vals[i], tok: tok}, nil)
+			r.finish(op, answer[T]{v: vals[i], tok: tok, round: round}, nil)
 		} else {
-			r.finish(op, answer[T]{tok: tok}, ErrNotFound)
+			r.finish(op, answer[T]{tok: tok, round: round}, ErrNotFound)
 		}
 	}
 	failed.report(wctx, c, "fill")

@@ -20,25 +20,42 @@ const maxRejoins = 1
 type flightState struct {
 	observing atomic.Bool                    // it has sent (or is sending) a lease script
 	tok       atomic.Pointer[envelope.Token] // token of the entry its answer rests on; nil while a reply is pending
+	rounds    atomic.Uint64                  // its lease rounds, loads without Redis and fills begun (see round)
+	holding   atomic.Bool                    // it holds the key's lease: its fill will vouch for its answer
 	seq       uint64                         // this flight's number in Cache.flights
 }
 
-// answer is what a shared load delivers: the value, and the token of the
-// Redis entry that holds it (zero when the answer is not in Redis).
+// answer is what a shared load delivers: the value, the token of the
+// Redis entry that holds it (zero when the answer is not in Redis), and
+// the round of its flight the answer rests on (0: none a joiner may rely
+// on; see joined).
 type answer[T any] struct {
-	v   T
-	tok envelope.Token
-	fs  *flightState // the flight that produced it
+	v     T
+	tok   envelope.Token
+	round uint64
+	fs    *flightState // the flight that produced it
 }
 
 // observe marks a lease script about to be sent: until its reply is
-// published, nobody can tell whether it ran before or after a write.
-func (f *flightState) observe() { f.observing.Store(true); f.tok.Store(nil) }
+// published, nobody can tell whether it ran before or after a write. It
+// returns the round it begins.
+func (f *flightState) observe() uint64 {
+	f.observing.Store(true)
+	f.tok.Store(nil)
+	return f.rounds.Add(1)
+}
+
+// round marks a step that vouches for the answer without changing what
+// Gets that read now would see (a fill: the entry it writes carries the
+// lease's token), and returns its number.
+func (f *flightState) round() uint64 { return f.rounds.Add(1) }
 
 // flightSeen is the in-process load a Get found before its own read.
 type flightSeen struct {
 	f         *flightState
-	observing bool // f had already sent a lease script
+	observing bool   // f had already sent a lease script
+	rounds    uint64 // f's rounds begun by then
+	holding   bool   // f held the key's lease by then
 }
 
 // joinable reports whether a Get that found seen before its read, and read
@@ -69,7 +86,7 @@ func (s flightSeen) joinable(tok *envelope.Token) bool {
 func (c *Cache[T]) seenFlight(key string) flightSeen {
 	if f, ok := c.inflight.Load(key); ok {
 		fs := f.(*flightState)
-		return flightSeen{fs, fs.observing.Load()}
+		return flightSeen{fs, fs.observing.Load(), fs.rounds.Load(), fs.holding.Load()}
 	}
 	return flightSeen{}
 }
@@ -138,11 +155,24 @@ func (c *Cache[T]) endFlight(key string, fs *flightState) { c.inflight.CompareAn
 //
 // op.start is how many flights had begun before the Get's read: a flight
 // numbered after it began after the Get did, so whatever it observes is
-// recent enough. Only an older flight needs joinable, or the check.
+// recent enough. Only an older flight needs joinable, a later round, or
+// the check.
+//
+// Rounds. An answer that rests on a round of its flight begun after the
+// Get's prepare is recent enough too, as the Get's own read would have
+// been: a lease round that found the answer in Redis ran after the Get
+// began; so did a load without Redis (it read the source then); and so
+// did a fill that landed, which proves the lease still stood in Redis
+// then: an invalidation that returned before the Get began either came
+// after the lease was taken, deleted it and made that fill fail, or came
+// before it, and the load (begun once the lease was taken) read the
+// source after the write. An answer a wake message delivered rests on no
+// round (0): that fill may have landed before the Get began.
 func (c *Cache[T]) joined(ctx context.Context, op *keyOp[T], a answer[T], err error, src source[T]) (T, error) {
 	// A Get whose own read failed cannot check anything in Redis either,
 	// and a start-over would only load again.
-	older := a.fs != nil && a.fs.seq <= op.start && !(a.fs == op.seen.f && op.trusted) && !op.down
+	vouched := a.fs == op.seen.f && (op.trusted || a.round > op.seen.rounds)
+	older := a.fs != nil && a.fs.seq <= op.start && !vouched && !op.down
 	if older && op.attempt < maxRejoins && (err == nil || errors.Is(err, ErrNotFound)) && !c.holds(ctx, op.key, op.genKey, a.tok) {
 		return c.one(ctx, op.key, op.idx, src, op.attempt+1)
 	}

@@ -254,3 +254,88 @@ func TestNamespaceTagKeySameProcess(t *testing.T) {
 		}
 	})
 }
+
+// countReads is a client that counts the reads a Cache sends (GET, and
+// MGET, which coalesced reads use).
+type countReads struct {
+	*redis.Client
+	n atomic.Int64
+}
+
+func (c *countReads) Get(ctx context.Context, key string) *redis.StringCmd {
+	c.n.Add(1)
+	return c.Client.Get(ctx, key)
+}
+
+func (c *countReads) MGet(ctx context.Context, keys ...string) *redis.SliceCmd {
+	c.n.Add(1)
+	return c.Client.MGet(ctx, keys...)
+}
+
+// TestJoinWithoutRead: Gets that begin while this process loads their key
+// join that load without reading Redis, and the load's fill, which landed
+// after they began, vouches for its answer, so they read nothing after it
+// either: 20 Gets, no read. The load of a key invalidated meanwhile is not
+// vouched for (its fill fails), and the Gets that began after the
+// invalidation returned load again rather than take it.
+func TestJoinWithoutRead(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := context.Background()
+		rdb := &countReads{Client: b.client(t)}
+		c, err := New[string](rdb, &Options[string]{Degradation: Degradation{OpTimeout: 2 * time.Second}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = c.Close() })
+		other := newCache[string](t, b, nil)
+		const joiners = 20
+		run := func(key string, invalidate bool) (leader string, got []string, reads int64) {
+			inLoad, resume := make(chan struct{}), make(chan struct{})
+			lead := make(chan string, 1)
+			go func() {
+				v, _ := c.Get(ctx, key, func(context.Context) (string, error) { close(inLoad); <-resume; return "old", nil })
+				lead <- v
+			}()
+			<-inLoad
+			if invalidate {
+				if _, err := other.Invalidate(ctx, key); err != nil {
+					t.Fatal(err)
+				}
+			}
+			coalesced, r0 := c.Stats().Coalesced, rdb.n.Load()
+			out := make(chan string, joiners)
+			for range joiners {
+				go func() {
+					v, err := c.Get(ctx, key, func(context.Context) (string, error) { return "new", nil })
+					if err != nil {
+						v = err.Error()
+					}
+					out <- v
+				}()
+			}
+			waitFor(t, "every Get to join the load", func() bool { return c.Stats().Coalesced >= coalesced+joiners })
+			close(resume)
+			for range joiners {
+				got = append(got, <-out)
+			}
+			return <-lead, got, rdb.n.Load() - r0
+		}
+
+		_, got, before := run(b.key("plain"), false)
+		for _, v := range got {
+			if v != "old" {
+				t.Fatalf("a joiner returned %q, want the load's %q", v, "old")
+			}
+		}
+		if before != 0 {
+			t.Errorf("%d reads by 20 Gets that joined a load under way, want 0", before)
+		}
+
+		_, got, _ = run(b.key("invalidated"), true)
+		for _, v := range got {
+			if v != "new" {
+				t.Fatalf("a Get that began after the invalidation returned returned %q, want %q (loaded again)", v, "new")
+			}
+		}
+	})
+}

@@ -100,9 +100,9 @@ func (r *missRun[T]) loadDown(ops []*keyOp[T]) {
 		case err != nil:
 			r.fail(op, err)
 		case !found[i]:
-			r.finish(op, answer[T]{}, ErrNotFound)
+			r.finish(op, answer[T]{round: op.round}, ErrNotFound)
 		default:
-			r.finish(op, answer[T]{v: vals[i]}, nil)
+			r.finish(op, answer[T]{v: vals[i], round: op.round}, nil)
 		}
 	}
 }
