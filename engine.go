@@ -55,6 +55,7 @@ type keyOp[T any] struct {
 	done   bool
 	noWait bool // the next lease round follows at once, without a wait (see leaseRound)
 	late   int  // lease rounds whose reply this process read late (errStarved), retried
+	unsure bool // a lease round timed out since the last answered one: it may have taken the lease
 
 	// the outcome when no flight carries it (call == nil): a background
 	// refresh, or a load that bypasses the cache
@@ -197,10 +198,14 @@ func (r *missRun[T]) run(parent context.Context) {
 			// The holders neither filled nor let their leases lapse in the
 			// time a load may take: answer from the source.
 			down, open = open, nil
+			for _, op := range down {
+				r.releaseUnsure(op)
+			}
 			r.loadDown(down)
 			return
 		case err != nil:
 			for _, op := range open {
+				r.releaseUnsure(op)
 				r.fail(op, err)
 			}
 			return
@@ -263,6 +268,16 @@ func (r *missRun[T]) answered(op *keyOp[T], vw view[T], round uint64) bool {
 	return true
 }
 
+// releaseUnsure releases op's lease in the background if a lease round of
+// op's that timed out may have taken it (the holder's had lapsed) and none
+// answered since: others would wait for it to expire.
+func (r *missRun[T]) releaseUnsure(op *keyOp[T]) {
+	if op.unsure {
+		op.unsure = false
+		r.c.releaseLater(op.key, op.tok, op.keep(r.c))
+	}
+}
+
 // settleAll ends every flight the run leads that is still open, after a
 // panic (in a codec, a hook, a Recorder) or a bug: the callers get an
 // error, held leases are released, and the process goes on.
@@ -318,9 +333,13 @@ func (r *missRun[T]) leaseRound(ops []*keyOp[T]) (held, open, failed []*keyOp[T]
 		} else {
 			ok, op.gen, cur, err = acquireReply(cmds[i].Slice())
 		}
+		if err == nil {
+			op.unsure = false
+		}
 		switch {
 		case err != nil:
 			if cerr := r.ctx.Err(); cerr != nil {
+				r.releaseUnsure(op)
 				r.fail(op, cerr)
 				continue
 			}
@@ -335,11 +354,23 @@ func (r *missRun[T]) leaseRound(ops []*keyOp[T]) (held, open, failed []*keyOp[T]
 				// the lease taken), so the round is sent again at once
 				// rather than the key loaded without Redis.
 				op.late++
-				op.noWait = true
+				op.noWait, op.unsure = true, true
 				open = append(open, op)
 				continue
 			}
-			if !errors.Is(err, ErrRedisUnavailable) { // not sent (breaker, Redis time spent): nothing to release
+			if isTimeout(err) && op.vw.e.Kind == envelope.Lease && !errors.Is(err, ErrRedisUnavailable) {
+				// Another caller held the lease when Redis last answered:
+				// a round that timed out since is no sign that Redis is
+				// down, and loading now would be a second load. Keep
+				// waiting for the holder, with the same token (acquire.lua
+				// reports a lease this caller took meanwhile), within the
+				// wait's bound and RedisTimePerGet; a refused connection,
+				// an open breaker or spent Redis time ends the wait.
+				op.unsure = true
+				open = append(open, op)
+				continue
+			}
+			if !errors.Is(err, ErrRedisUnavailable) || op.unsure { // not sent (breaker, Redis time spent): nothing to release, unless an earlier round may have taken it
 				c.releaseLater(op.key, op.tok, op.keep(c)) // the script may have run, its reply lost
 			}
 			if c.opts.Degradation.OnRedisDown == FailClosed {

@@ -204,3 +204,132 @@ func TestBlackHoleWithoutContextDeadlines(t *testing.T) {
 		t.Fatalf("stats %+v; want the breaker open and nothing counted as starved", s)
 	}
 }
+
+// stallScripts plays a Redis whose scripts time out (noticed on time) while
+// slow is set; reads and everything else answer.
+// With lost set, a script runs but its reply is lost the same way.
+type stallScripts struct {
+	*redis.Client
+	slow, lost atomic.Bool
+	timedOut   atomic.Int64
+}
+
+func (s *stallScripts) stall(ctx context.Context, run func() *redis.Cmd) *redis.Cmd {
+	s.timedOut.Add(1)
+	cmd := redis.NewCmd(ctx)
+	if s.lost.Load() {
+		run()
+	}
+	if dl, ok := ctx.Deadline(); ok {
+		time.Sleep(time.Until(dl))
+	}
+	cmd.SetErr(context.DeadlineExceeded)
+	return cmd
+}
+
+func (s *stallScripts) EvalSha(ctx context.Context, sha string, keys []string, args ...any) *redis.Cmd {
+	run := func() *redis.Cmd { return s.Client.EvalSha(ctx, sha, keys, args...) }
+	if s.slow.Load() || s.lost.Load() {
+		return s.stall(ctx, run)
+	}
+	return run()
+}
+
+func (s *stallScripts) Eval(ctx context.Context, script string, keys []string, args ...any) *redis.Cmd {
+	run := func() *redis.Cmd { return s.Client.Eval(ctx, script, keys, args...) }
+	if s.slow.Load() || s.lost.Load() {
+		return s.stall(ctx, run)
+	}
+	return run()
+}
+
+// TestWaiterKeepsWaitingThroughTimeouts: a Get waits for another process's
+// lease; then its lease rounds time out, on time, for a while (a slow
+// Redis, not a starved process). Having seen the holder, it keeps waiting
+// and takes the holder's fill, rather than loading on its own.
+func TestWaiterKeepsWaitingThroughTimeouts(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := context.Background()
+		rdb := &stallScripts{Client: b.client(t)}
+		c, err := New[string](rdb, &Options[string]{Name: "slowrounds", NoReadCoalescing: true, PollMin: 5 * time.Millisecond, PollMax: 20 * time.Millisecond,
+			Degradation: Degradation{OpTimeout: 50 * time.Millisecond, BreakerFailures: 100, RedisTimePerGet: 10 * time.Second}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = c.Close() })
+		other := b.client(t)
+		key := b.key("held")
+		tok := newToken()
+		if held, _, err := acquire(ctx, other, key, tok, time.Minute); err != nil || !held {
+			t.Fatalf("the other holder's lease: %v %v", held, err)
+		}
+		var loads atomic.Int64
+		got := make(chan string, 1)
+		go func() {
+			v, err := c.Get(ctx, key, func(context.Context) (string, error) { loads.Add(1); return "loaded", nil })
+			if err != nil {
+				v = err.Error()
+			}
+			got <- v
+		}()
+		waitFor(t, "the Get to wait on the lease", func() bool { return c.Stats().LeaseContended == 1 })
+		rdb.slow.Store(true)
+		waitFor(t, "two of its lease rounds to time out", func() bool { return rdb.timedOut.Load() >= 2 })
+		rdb.slow.Store(false)
+		entry := envelope.Encode(&envelope.Entry{Kind: envelope.Value, Format: formatJSON, Token: tok,
+			SoftExpiry: time.Now().Add(time.Minute).UnixMilli(), Payload: []byte(`"filled"`)})
+		if ok, err := fill(ctx, other, key, "", tok, entry, time.Minute, time.Minute); err != nil || !ok {
+			t.Fatalf("the holder's fill: %v %v", ok, err)
+		}
+		if v := <-got; v != "filled" || loads.Load() != 0 {
+			t.Fatalf("the waiter returned %q after %d loads; want the holder's fill and no load", v, loads.Load())
+		}
+		if s := c.Stats(); s.RedisErrors == 0 {
+			t.Errorf("RedisErrors %d; want the timed-out rounds counted", s.RedisErrors)
+		}
+	})
+}
+
+// TestTimedOutRoundReleasesItsLease: the holder dies; the waiter's next
+// lease rounds take its lapsed lease but their replies are lost (time
+// out), so the waiter does not know it holds it. When it gives up on Redis
+// (its Redis time spent) and loads on its own, it releases that lease,
+// rather than leave other processes waiting for its LeaseTTL (a minute
+// here).
+func TestTimedOutRoundReleasesItsLease(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := context.Background()
+		rdb := &stallScripts{Client: b.client(t)}
+		c, err := New[string](rdb, &Options[string]{Name: "lostrounds", NoReadCoalescing: true, LeaseTTL: time.Minute,
+			PollMin: 5 * time.Millisecond, PollMax: 20 * time.Millisecond,
+			Degradation: Degradation{OpTimeout: 50 * time.Millisecond, BreakerFailures: 100, RedisTimePerGet: 300 * time.Millisecond}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = c.Close() })
+		other := b.client(t)
+		key := b.key("abandoned")
+		if held, _, err := acquire(ctx, other, key, newToken(), 200*time.Millisecond); err != nil || !held {
+			t.Fatalf("the dying holder's lease: %v %v", held, err)
+		}
+		got := make(chan string, 1)
+		go func() {
+			v, err := c.Get(ctx, key, func(context.Context) (string, error) { return "loaded", nil })
+			if err != nil {
+				v = err.Error()
+			}
+			got <- v
+		}()
+		waitFor(t, "the Get to wait on the lease", func() bool { return c.Stats().LeaseContended == 1 })
+		rdb.lost.Store(true)
+		if v := <-got; v != "loaded" {
+			t.Fatalf("Get = %q, want the loader's value once its Redis time is spent", v)
+		}
+		rdb.lost.Store(false)
+		b.advance(250 * time.Millisecond) // the dying holder's lease is past its TTL either way
+		waitFor(t, "the lease the waiter may have taken to be released", func() bool {
+			n, err := other.Exists(ctx, key).Result()
+			return err == nil && n == 0
+		})
+	})
+}
