@@ -87,7 +87,7 @@ func New[T any](rdb Redis, opts *Options[T]) (*Cache[T], error) {
 	if opts == nil || opts.Logger == nil {
 		c.warn = slog.Default()
 	}
-	c.guard = &guarded{rdb: rdb, budget: o.Degradation.OpTimeout, write: o.Degradation.WriteTimeout, ev: c.ev}
+	c.guard = &guarded{rdb: rdb, adapt: newAdaptive(o.Degradation.OpTimeout, o.Degradation.MaxOpTimeout), write: o.Degradation.WriteTimeout, ev: c.ev}
 	if on, known := socketDeadlines(rdb); on || !known { // a wrapper is taken to pass deadlines on
 		c.guard.sockets = true
 	}

@@ -205,10 +205,10 @@ func (q *coalescer) fail(err error) {
 func (c *Cache[T]) readCoalesced(ctx context.Context, key, genKey string) (b []byte, gv genView, err error) {
 	var vals [][]byte
 	if genKey == "" {
-		vals, err = c.reads.wait(ctx, c.guard.budget, key)
+		vals, err = c.reads.wait(ctx, c.guard.readBudget(), key)
 	} else {
 		gv.namespaced = true
-		vals, err = c.reads.wait(ctx, c.guard.budget, key, genKey)
+		vals, err = c.reads.wait(ctx, c.guard.readBudget(), key, genKey)
 	}
 	switch {
 	case err != nil:

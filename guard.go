@@ -39,7 +39,7 @@ import (
 // owner (leases, lock.go), which picks their budget.
 type guarded struct {
 	rdb     Redis
-	budget  time.Duration // Degradation.OpTimeout
+	adapt   *adaptive     // the read budget: Degradation.OpTimeout up to MaxOpTimeout (adapt.go)
 	write   time.Duration // Degradation.WriteTimeout
 	br      *breakers     // nil: no breaker (breakers.go)
 	ev      *events       // counts commands the open breaker skips
@@ -95,8 +95,9 @@ type cmdOp struct {
 	cancel context.CancelFunc // nil for a deadline-only context
 	report func(error)        // the breaker's; nil without one
 	spend  *redisTime         // the Get's Redis time, charged at end; nil off the miss path
-	start  time.Time          // when the command began, with spend
+	start  time.Time          // when the command began
 	budget time.Duration      // what the command was given
+	sample bool               // its latency feeds the adaptive read budget (GET, MGET)
 }
 
 // Starvation. A command's deadline is a timer, and a timer fires only
@@ -156,9 +157,18 @@ func (o cmdOp) end(err error) error {
 	if o.cancel != nil {
 		o.cancel()
 	}
-	if o.spend != nil {
-		if !starved(err) {
-			o.spend.left.Add(-int64(time.Since(o.start)))
+	if o.spend != nil || o.sample {
+		took := time.Since(o.start)
+		if o.spend != nil && !starved(err) {
+			o.spend.left.Add(-int64(took))
+		}
+		if o.sample {
+			switch {
+			case err == nil || errors.Is(err, redis.Nil):
+				o.g.adapt.answered(took)
+			case isTimeout(err) && !starved(err) && o.caller.Err() == nil:
+				o.g.adapt.timedOut()
+			}
 		}
 	}
 	berr := breakerErr(o.caller, err)
@@ -229,9 +239,10 @@ func (g *guarded) start(ctx context.Context, budget time.Duration, light bool) (
 				return o, errRedisTimeSpent
 			}
 			budget = min(budget, left)
-			o.spend, o.start = t, time.Now()
+			o.spend = t
 		}
 	}
+	o.start = time.Now()
 	// Leave the caller at least half of its remaining time for the loader:
 	// a short request deadline must not be spent waiting on Redis alone.
 	if dl, ok := ctx.Deadline(); ok {
@@ -242,32 +253,37 @@ func (g *guarded) start(ctx context.Context, budget time.Duration, light bool) (
 		if err := ctx.Err(); err != nil {
 			return o, err // the caller gave up: send nothing
 		}
-		o.ctx = newBudgetCtx(ctx, time.Now().Add(budget))
+		o.ctx = newBudgetCtx(ctx, o.start.Add(budget))
 	} else {
 		o.ctx, o.cancel = context.WithTimeout(ctx, budget)
 	}
 	return o, nil
 }
 
+// readBudget is the budget of a read now (adapt.go).
+func (g *guarded) readBudget() time.Duration { return g.adapt.budget() }
+
 func (g *guarded) Get(ctx context.Context, key string) *redis.StringCmd {
-	o, err := g.begin(ctx, g.budget, true, reads, key)
+	o, err := g.begin(ctx, g.readBudget(), true, reads, key)
 	if err != nil {
 		cmd := redis.NewStringCmd(ctx, "get", key)
 		cmd.SetErr(err)
 		return cmd
 	}
+	o.sample = true
 	cmd := g.rdb.Get(o.ctx, key)
 	endCmd(o, cmd)
 	return cmd
 }
 
 func (g *guarded) MGet(ctx context.Context, keys ...string) *redis.SliceCmd {
-	o, err := g.begin(ctx, g.budget, true, reads, firstKey(keys))
+	o, err := g.begin(ctx, g.readBudget(), true, reads, firstKey(keys))
 	if err != nil {
 		cmd := redis.NewSliceCmd(ctx, "mget")
 		cmd.SetErr(err)
 		return cmd
 	}
+	o.sample = true
 	cmd := g.rdb.MGet(o.ctx, keys...)
 	endCmd(o, cmd)
 	return cmd
@@ -300,7 +316,7 @@ func (g *guarded) Unlink(ctx context.Context, keys ...string) *redis.IntCmd {
 // batchBudget bounds a pipeline of n commands on a reader's path: one
 // command's budget per 50 commands, up to bulkBudget.
 func (g *guarded) batchBudget(n int) time.Duration {
-	return min(g.budget*time.Duration(1+n/50), g.bulkBudget())
+	return min(g.readBudget()*time.Duration(1+n/50), g.bulkBudget())
 }
 
 // writeBudget bounds a write of n keys that must not be lost: the write
@@ -311,7 +327,7 @@ func (g *guarded) writeBudget(n int) time.Duration {
 
 // bulkBudget bounds the commands of invalidations, which may carry
 // thousands of keys and are not on a reader's path.
-func (g *guarded) bulkBudget() time.Duration { return max(10*g.budget, time.Second) }
+func (g *guarded) bulkBudget() time.Duration { return max(10*g.adapt.floor, time.Second) }
 
 func (g *guarded) Scan(ctx context.Context, cursor uint64, match string, count int64) *redis.ScanCmd {
 	o, err := g.begin(ctx, g.bulkBudget(), false, reads, "")
@@ -454,7 +470,7 @@ func (g *guarded) publish(ctx context.Context, h *hub, channel string, msg []byt
 	if h.mode.Load() == modeSharded {
 		route = h.wireName(channel)
 	}
-	o, err := g.begin(ctx, g.budget, false, writes, route)
+	o, err := g.begin(ctx, g.readBudget(), false, writes, route)
 	if err != nil {
 		return err
 	}

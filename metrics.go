@@ -58,9 +58,10 @@ type Stats struct {
 	Starved        uint64 // Redis commands that timed out only because this process was not scheduled in time (CPU quota, busy host): not counted in RedisErrors, not told to the breaker, and the Get went on with Redis
 
 	// State now, not counts:
-	Breaker      string // the worst of the circuit breakers (one per Redis node for reads, one for writes): "open" if any is, else "half-open" if any is, else "closed"; "disabled" with Degradation.NoBreaker. The breakers' "closed" means Redis is in use; after Cache.Close it is the state they were left in
-	LocalLive    bool   // the local tier is in use: its bus subscription is confirmed (see WaitLocal); false without one, and whenever the bus is lost (Gets then read Redis)
-	LocalEntries uint64 // entries the local tier holds (an estimate); 0 without one
+	Breaker      string        // the worst of the circuit breakers (one per Redis node for reads, one for writes): "open" if any is, else "half-open" if any is, else "closed"; "disabled" with Degradation.NoBreaker. The breakers' "closed" means Redis is in use; after Cache.Close it is the state they were left in
+	LocalLive    bool          // the local tier is in use: its bus subscription is confirmed (see WaitLocal); false without one, and whenever the bus is lost (Gets then read Redis)
+	LocalEntries uint64        // entries the local tier holds (an estimate); 0 without one
+	ReadBudget   time.Duration // the budget a Redis read gets now: Degradation.OpTimeout, or more while Redis answers slowly (up to MaxOpTimeout)
 }
 
 // HitRate is Hits / (Hits + NegativeHits + Misses): the fraction of Gets answered with a value
@@ -95,6 +96,7 @@ func ratio(a, b uint64) float64 {
 func (c *Cache[T]) Stats() Stats {
 	s := c.ev.snapshot()
 	s.PendingInvals = uint64(max(c.retries.pending.Load(), 0))
+	s.ReadBudget = c.guard.readBudget()
 	s.Breaker = "disabled"
 	if br := c.guard.br; br != nil {
 		s.Breaker = br.state()

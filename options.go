@@ -240,16 +240,27 @@ type Degradation struct {
 	//	    MaxLoadsWhileDown loads run
 	//
 	// each of the last two terms only in that case. Default 4 × OpTimeout
-	// (200ms); at least OpTimeout.
+	// (200ms), or MaxOpTimeout if that is longer; at least OpTimeout.
 	RedisTimePerGet time.Duration
 
-	// OpTimeout bounds every Redis command the cache sends, and a command
-	// never gets more than half of what remains of the caller's deadline:
-	// a slow or unreachable Redis costs a Get at most this (per command)
-	// before it falls back. The SCANs of InvalidatePrefix get ten times as
-	// long, at least 1s; writes that must not be lost get WriteTimeout.
-	// Default 50ms; at least 1ms.
+	// OpTimeout is the budget of a Redis read (GET, MGET, a lease round, a
+	// PUBLISH), and the least it adapts to: a read's budget is 4 × the
+	// 99th percentile of recent answered reads, between OpTimeout and
+	// MaxOpTimeout (adapt.go). A command never gets more than half of
+	// what remains of the caller's deadline. An unreachable Redis (no
+	// answers) costs a Get at most the budget (per command) before it
+	// falls back. The SCANs of InvalidatePrefix get ten times OpTimeout, at
+	// least 1s; writes that must not be lost get WriteTimeout. Default
+	// 50ms; at least 1ms.
 	OpTimeout time.Duration
+
+	// MaxOpTimeout is the most a read's budget grows to while Redis
+	// answers slowly, so a slow Redis stays in use instead of sending
+	// every read to the database. It grows only on answers: a Redis that
+	// answers nothing leaves the budget where it was. Set it to OpTimeout
+	// for a fixed budget. Default 4 × OpTimeout (200ms); at least
+	// OpTimeout.
+	MaxOpTimeout time.Duration
 
 	// BreakerFailures is how many consecutive Redis failures (transport
 	// errors, timeouts, LOADING-style replies; not misses, not the caller's
@@ -335,6 +346,8 @@ func (d Degradation) resolve() (Degradation, error) {
 		return invalid("WriteTimeout %v is negative", d.WriteTimeout)
 	case d.WriteTimeout != 0 && d.WriteTimeout < time.Millisecond:
 		return invalid("WriteTimeout %v is below 1ms", d.WriteTimeout)
+	case d.MaxOpTimeout < 0:
+		return invalid("MaxOpTimeout %v is negative", d.MaxOpTimeout)
 	}
 	if d.OpTimeout == 0 {
 		d.OpTimeout = defaultOpTimeout
@@ -351,8 +364,14 @@ func (d Degradation) resolve() (Degradation, error) {
 	if d.WriteTimeout == 0 {
 		d.WriteTimeout = 5 * d.OpTimeout
 	}
+	if d.MaxOpTimeout == 0 {
+		d.MaxOpTimeout = 4 * d.OpTimeout
+	}
+	if d.MaxOpTimeout < d.OpTimeout {
+		return invalid("MaxOpTimeout %v is below OpTimeout %v", d.MaxOpTimeout, d.OpTimeout)
+	}
 	if d.RedisTimePerGet == 0 {
-		d.RedisTimePerGet = 4 * d.OpTimeout
+		d.RedisTimePerGet = max(4*d.OpTimeout, d.MaxOpTimeout)
 	}
 	if d.RedisTimePerGet < d.OpTimeout {
 		return invalid("RedisTimePerGet %v is below OpTimeout %v", d.RedisTimePerGet, d.OpTimeout)
