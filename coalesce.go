@@ -30,7 +30,8 @@ const directReads = 2
 // slow reply does not hold every queued read behind it.
 const maxSends = 4
 
-// maxCoalesced is the most keys one coalesced MGET carries.
+// maxCoalesced is the most distinct keys one coalesced MGET carries (a
+// stampede's thousand reads of one key are one MGET of one key).
 const maxCoalesced = 256
 
 type coalescer struct {
@@ -116,13 +117,21 @@ func (q *coalescer) run(stop context.Context, read readFn) {
 		for {
 			q.mu.Lock()
 			batch := q.queue
-			n := 0
+			distinct := make(map[string]struct{}, min(len(batch), maxCoalesced))
 			for i, r := range batch {
-				if n+len(r.keys) > maxCoalesced && i > 0 {
+				fresh := 0
+				for _, k := range r.keys {
+					if _, ok := distinct[k]; !ok {
+						fresh++
+					}
+				}
+				if len(distinct)+fresh > maxCoalesced && i > 0 {
 					batch = batch[:i]
 					break
 				}
-				n += len(r.keys)
+				for _, k := range r.keys {
+					distinct[k] = struct{}{}
+				}
 			}
 			q.queue = q.queue[len(batch):]
 			if len(q.queue) == 0 {

@@ -145,3 +145,32 @@ func TestNoReadCoalescing(t *testing.T) {
 		t.Fatalf("%d MGETs with NoReadCoalescing", m)
 	}
 }
+
+// TestCoalescedBatchCountsDistinctKeys: a batch is bounded by its distinct
+// keys, so 1,000 queued reads of one key go out as one MGET of that key
+// (they went out as four, of 256 reads each, when the bound counted reads).
+func TestCoalescedBatchCountsDistinctKeys(t *testing.T) {
+	q := newCoalescer()
+	var reads, keys atomic.Int64
+	const n = 1000
+	var wg sync.WaitGroup
+	for range n {
+		wg.Go(func() {
+			if _, err := q.wait(context.Background(), time.Minute, "k"); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	waitFor(t, "every read queued", func() bool { q.mu.Lock(); defer q.mu.Unlock(); return len(q.queue) == n })
+	stop, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go q.run(stop, func(_ context.Context, ks []string) ([][]byte, []error) {
+		reads.Add(1)
+		keys.Add(int64(len(ks)))
+		return make([][]byte, len(ks)), make([]error, len(ks))
+	})
+	wg.Wait()
+	if reads.Load() != 1 || keys.Load() != 1 {
+		t.Fatalf("%d reads of %d keys for %d queued reads of one key; want one read of one key", reads.Load(), keys.Load(), n)
+	}
+}
