@@ -10,8 +10,9 @@ import (
 )
 
 // maxExported is the most identifiers the package may export, methods of
-// exported types included: the surface a user reads in one sitting.
-const maxExported = 75
+// exported types included: the surface a user reads in one sitting. 76
+// since Cache.Audit and its AuditReport.
+const maxExported = 76
 
 // TestPublicAPISize counts what the package exports (types, functions,
 // constants, variables, and the methods of exported types, as go doc

@@ -206,22 +206,9 @@ func (c *Cache[T]) invalidatePrefix(ctx context.Context, prefix string, first bo
 			}
 		}
 	}
-	var err error
-	switch r := c.raw.(type) { // per-node clients: not through the breaker, bounded by ctx
-	case interface {
-		ForEachMaster(context.Context, func(context.Context, *redis.Client) error) error
-	}:
-		err = r.ForEachMaster(ctx, func(ctx context.Context, cl *redis.Client) error { return node(ctx, cl) })
-	case interface {
-		ForEachShard(context.Context, func(context.Context, *redis.Client) error) error
-	}:
-		err = r.ForEachShard(ctx, func(ctx context.Context, cl *redis.Client) error { return node(ctx, cl) })
-	default:
-		if c.splitReads.Load() && c.scanOne {
-			// A wrapper that shards: one node's SCAN would miss the rest.
-			return 0, errShardedScan
-		}
-		err = node(ctx, c.guard)
+	err := c.eachNode(ctx, node)
+	if errors.Is(err, errShardedScan) {
+		return 0, err
 	}
 	c.forgetPrefix(prefix) // again: loads that started during the scan
 	n := total.Load()
@@ -245,6 +232,28 @@ func (c *Cache[T]) invalidatePrefix(ctx context.Context, prefix string, first bo
 		return n, c.redisError(ctx, "invalidate-prefix", prefix, err)
 	}
 	return n, nil
+}
+
+// eachNode runs fn on every node that holds keys (every master of a
+// Cluster, every shard of a Ring, concurrently), or on the one server: the
+// walk of InvalidatePrefix and Audit. Per-node clients do not go through
+// the breaker; ctx bounds them. A wrapper that shards without saying how
+// (scanOne) gets errShardedScan once a CROSSSLOT reply has shown it.
+func (c *Cache[T]) eachNode(ctx context.Context, fn func(context.Context, scanner) error) error {
+	switch r := c.raw.(type) {
+	case interface {
+		ForEachMaster(context.Context, func(context.Context, *redis.Client) error) error
+	}:
+		return r.ForEachMaster(ctx, func(ctx context.Context, cl *redis.Client) error { return fn(ctx, cl) })
+	case interface {
+		ForEachShard(context.Context, func(context.Context, *redis.Client) error) error
+	}:
+		return r.ForEachShard(ctx, func(ctx context.Context, cl *redis.Client) error { return fn(ctx, cl) })
+	}
+	if c.splitReads.Load() && c.scanOne {
+		return errShardedScan // one node's SCAN would miss the rest
+	}
+	return fn(ctx, c.guard)
 }
 
 // scanner is what InvalidatePrefix needs of one node.
