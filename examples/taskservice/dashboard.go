@@ -209,9 +209,10 @@ func delta(a, b cacheaside.Stats) point {
 
 // dashboardJSON is what the page polls.
 type dashboardJSON struct {
-	IntervalMillis int64     `json:"interval_ms"` // one point per interval
-	WindowMillis   int64     `json:"window_ms"`   // what the monitor keeps: history intervals
-	Caches         []*series `json:"caches"`
+	IntervalMillis int64         `json:"interval_ms"` // one point per interval
+	WindowMillis   int64         `json:"window_ms"`   // what the monitor keeps: history intervals
+	Caches         []*series     `json:"caches"`
+	Audits         []auditResult `json:"audits"` // the last staleness audit of each cache that had one
 }
 
 // snapshot copies the state of every series, with at most n points each.
@@ -253,7 +254,9 @@ func (a *API) dashboardData(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, a.mon.snapshot(n))
+	out := a.mon.snapshot(n)
+	out.Audits = a.audits.results()
+	writeJSON(w, http.StatusOK, out)
 }
 
 // loginPage is the answer to a browser without a valid token: how to log

@@ -293,6 +293,19 @@ func TestDashboardInChromium(t *testing.T) {
 		t.Errorf("the Gets legend says %q, want the tombstone hits' total", notFound)
 	}
 
+	// The staleness audit panel: its button runs an audit of the task
+	// cache, and the table shows it (the 20 tasks and the "not found"
+	// sampled, none stale).
+	var clicked bool
+	value(`(() => { const b = document.querySelector('button[data-audit="task"]'); if (b) b.click(); return !!b; })()`, &clicked)
+	if !clicked {
+		t.Fatal("no audit button on the dashboard")
+	}
+	waitFor("the task audit in the audit table", `(() => {
+		const row = document.querySelector('#audit-rows tr[data-audit-cache="task"]');
+		return !!row && row.children[2].textContent === '21' && row.children[3].textContent === '0';
+	})()`)
+
 	// Redis stops: the breaker opens and the indicator says so.
 	ta.mini.Close()
 	for i := range 20 {

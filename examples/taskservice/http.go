@@ -29,6 +29,7 @@ type API struct {
 
 	adminToken string   // "": /admin/* and /metrics answer loopback clients only (development)
 	mon        *monitor // the dashboard's samples
+	audits     *auditor // the staleness audits' last results
 }
 
 // Routes returns the task API's handler. Each route shows one pattern;
@@ -46,6 +47,7 @@ func (a *API) Routes() http.Handler {
 	mux.Handle("GET /admin/", a.adminPage(http.HandlerFunc(a.dashboardPage)))           // 5.4, live: the dashboard
 	mux.Handle("GET /admin/dashboard.json", a.admin(http.HandlerFunc(a.dashboardData))) // what it polls
 	mux.Handle("GET /admin/cache-stats", a.admin(http.HandlerFunc(a.cacheStats)))
+	mux.Handle("GET /admin/audit", a.admin(http.HandlerFunc(a.auditNow)))                                  // 4.4 how stale the cache is, measured
 	mux.Handle("DELETE /admin/cache/{cache}", a.admin(http.HandlerFunc(a.purge)))                          // 4.3 pattern invalidation: InvalidatePrefix
 	mux.Handle("POST /admin/orgs/{org}/lists/invalidate", a.admin(http.HandlerFunc(a.invalidateOrgLists))) // 4.3 the namespace bump instead           // 5.4 monitoring
 	mux.Handle("GET /metrics", a.admin(promhttp.HandlerFor(a.reg, promhttp.HandlerOpts{})))                // 5.4 Prometheus

@@ -66,7 +66,8 @@ type env struct {
 	addr        string
 	adminToken  string // when set, /admin/* and /metrics require "Authorization: Bearer <it>"
 
-	sample time.Duration // the dashboard's sampling interval; 0 means 1s (tests set it shorter)
+	sample     time.Duration // the dashboard's sampling interval; 0 means 1s (tests set it shorter)
+	auditEvery time.Duration // AUDIT_EVERY: a staleness audit of each cache this often; 0: only on request
 }
 
 func readEnv() env {
@@ -76,6 +77,14 @@ func readEnv() env {
 		cacheTTLs:   os.Getenv("CACHE_TTLS"),
 		addr:        os.Getenv("ADDR"),
 		adminToken:  os.Getenv("ADMIN_TOKEN"),
+	}
+	if s := os.Getenv("AUDIT_EVERY"); s != "" {
+		d, err := time.ParseDuration(s)
+		if err != nil || d < time.Second {
+			fmt.Fprintf(os.Stderr, "AUDIT_EVERY=%q: want a duration of 1s or more (e.g. 1m); audits run on request only\n", s)
+		} else {
+			e.auditEvery = d
+		}
 	}
 	if e.addr == "" {
 		e.addr = "127.0.0.1:8080"
@@ -95,6 +104,8 @@ type app struct {
 	tmpDir  string               // SQLite's directory, removed on close
 	prefix  string               // of every keyspace and bus channel
 	Handler http.Handler
+
+	stopAudits func() // ends the periodic audits (AUDIT_EVERY); nil without
 }
 
 // localTaskTTL is how long the task cache's local tier may serve a task
@@ -163,7 +174,14 @@ func newApp(ctx context.Context, e env, log *slog.Logger, dbLatency time.Duratio
 	a.mon.add("task", a.svc.tasks, a.svc.localTier)
 	a.mon.add("task_list", a.svc.lists, false)
 	a.mon.add("org_stats", a.svc.stats, false)
-	a.api = &API{svc: a.svc, store: store, rdb: a.rdb, reg: reg, log: log, adminToken: e.adminToken, mon: a.mon}
+	audits := newAuditor(a.svc, reg)
+	if e.auditEvery > 0 {
+		actx, stop := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() { defer close(done); audits.run(actx, e.auditEvery) }()
+		a.stopAudits = func() { stop(); <-done }
+	}
+	a.api = &API{svc: a.svc, store: store, rdb: a.rdb, reg: reg, log: log, adminToken: e.adminToken, mon: a.mon, audits: audits}
 	a.Handler = a.api.Routes()
 	log.Info("taskservice ready", "database", store.dialect, "redis", redisLabel(e.redisURL), "ttls", describe(ttls))
 	ok = true
@@ -179,6 +197,9 @@ func redisLabel(url string) string {
 
 // Close releases everything, in the reverse order of newApp.
 func (a *app) Close() {
+	if a.stopAudits != nil {
+		a.stopAudits()
+	}
 	if a.mon != nil {
 		a.mon.close()
 	}

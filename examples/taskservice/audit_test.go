@@ -1,0 +1,74 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+)
+
+// TestAuditFindsWritesBehindTheCache: ten tasks and the acme org's stats
+// are cached; then a plain SQL UPDATE (not the app: no invalidation)
+// changes two of the tasks, and an app POST adds a task to acme, which
+// does not touch its TTL-only stats. The audit of the task cache finds
+// exactly the two changed tasks, that of org_stats finds acme's stats
+// stale, and both show on /metrics and the dashboard's JSON. After the
+// app's own PUT of the two tasks, the task audit finds none.
+func TestAuditFindsWritesBehindTheCache(t *testing.T) {
+	ta := newTestApp(t, nil)
+	for id := 1; id <= 10; id++ {
+		ta.getJSON(t, fmt.Sprintf("/tasks/%d", id), 200, nil)
+	}
+	var task Task
+	ta.getJSON(t, "/tasks/3", 200, &task)
+	ta.getJSON(t, "/orgs/"+task.Org+"/stats", 200, nil)
+
+	ctx := context.Background()
+	if _, err := ta.app.store.db.ExecContext(ctx, `UPDATE tasks SET title = title || ' (edited in SQL)' WHERE id IN (3, 7)`); err != nil {
+		t.Fatal(err)
+	}
+	if code, b := ta.do(t, "POST", "/tasks", fmt.Sprintf(`{"org":%q,"title":"one more","status":"todo","assignee_id":%d}`, task.Org, task.Assignee)); code != 201 {
+		t.Fatalf("POST = %d %s", code, b)
+	}
+
+	var res auditResult
+	ta.getJSON(t, "/admin/audit?cache=task&n=1000", 200, &res)
+	if res.Sampled != 10 || res.Stale != 2 || len(res.StaleKeys) != 2 {
+		t.Fatalf("task audit %+v; want 10 sampled, 2 stale", res)
+	}
+	for _, k := range res.StaleKeys {
+		if !strings.HasSuffix(k, ":3") && !strings.HasSuffix(k, ":7") {
+			t.Errorf("%s reported stale", k)
+		}
+	}
+	var stats auditResult
+	ta.getJSON(t, "/admin/audit?cache=org_stats", 200, &stats)
+	if stats.Sampled != 1 || stats.Stale != 1 {
+		t.Fatalf("org_stats audit %+v; want its one entry stale (TTL only)", stats)
+	}
+
+	_, metrics := ta.do(t, "GET", "/metrics", "")
+	for _, line := range []string{`taskservice_audit_stale{cache="task"} 2`, `taskservice_audit_sampled{cache="task"} 10`, `taskservice_audit_stale{cache="org_stats"} 1`} {
+		if !strings.Contains(string(metrics), line) {
+			t.Errorf("/metrics lacks %q", line)
+		}
+	}
+	var dash dashboardJSON
+	ta.getJSON(t, "/admin/dashboard.json", 200, &dash)
+	if len(dash.Audits) != 2 || dash.Audits[0].Cache != "task" || dash.Audits[0].Stale != 2 {
+		t.Errorf("dashboard audits %+v", dash.Audits)
+	}
+
+	for _, id := range []int{3, 7} {
+		ta.getJSON(t, fmt.Sprintf("/tasks/%d", id), 200, &task)
+		if code, b := ta.do(t, "PUT", fmt.Sprintf("/tasks/%d", id), fmt.Sprintf(`{"title":%q,"status":%q,"assignee_id":%d}`, task.Title, task.Status, task.Assignee)); code != 200 {
+			t.Fatalf("PUT = %d %s", code, b)
+		}
+	}
+	ta.getJSON(t, "/admin/audit?cache=task&n=1000", 200, &res)
+	if res.Stale != 0 {
+		t.Fatalf("after the app's own writes: %+v; want none stale", res)
+	}
+	ta.getJSON(t, "/admin/audit?cache=nope", 400, nil)
+	ta.getJSON(t, "/admin/audit?cache=task&n=0", 400, nil)
+}
