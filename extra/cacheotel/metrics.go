@@ -48,6 +48,7 @@ type Metrics struct {
 	counts  map[string]metric.Int64ObservableCounter // by cacheaside.Counter.Name
 	gauges  map[string]metric.Int64ObservableGauge
 	pending metric.Int64ObservableUpDownCounter
+	budget  metric.Float64ObservableGauge
 }
 
 // NewMetrics creates the instruments on the meter of the MeterProvider
@@ -65,8 +66,9 @@ type Metrics struct {
 //     by Metrics as the caches' Recorder (Options.Recorder: m);
 //   - cacheaside.invalidations.pending (an up-down counter),
 //     cacheaside.breaker.state{state} (1 for the current state of
-//     "closed", "open" and "half-open"), cacheaside.local.live (0 or 1)
-//     and cacheaside.local.entries (gauges).
+//     "closed", "open" and "half-open"), cacheaside.local.live (0 or 1),
+//     cacheaside.local.entries and cacheaside.read.budget (s: the budget a
+//     Redis read gets now, which follows Redis's latency) (gauges).
 //
 // The observable instruments read Stats once per cache per collection, so
 // they cost the request path nothing.
@@ -85,6 +87,10 @@ func NewMetrics(opts ...Option) (*Metrics, error) {
 	}
 	if m.pending, err = m.meter.Int64ObservableUpDownCounter("cacheaside.invalidations.pending", metric.WithUnit("{invalidation}"),
 		metric.WithDescription("Failed invalidations still waiting for a retry.")); err != nil {
+		return nil, err
+	}
+	if m.budget, err = m.meter.Float64ObservableGauge("cacheaside.read.budget", metric.WithUnit("s"),
+		metric.WithDescription("The budget a Redis read gets now: Degradation.OpTimeout, or more while Redis answers slowly (up to MaxOpTimeout).")); err != nil {
 		return nil, err
 	}
 	for _, g := range []struct{ name, unit, desc string }{
@@ -124,7 +130,7 @@ func (m *Metrics) Add(caches ...Source) error {
 		}
 		seen[s.Name()] = true
 	}
-	insts := []metric.Observable{m.pending}
+	insts := []metric.Observable{m.pending, m.budget}
 	for _, g := range m.gauges {
 		insts = append(insts, g)
 	}
@@ -183,6 +189,7 @@ func (m *Metrics) observe(o metric.Observer, src Source) {
 		}
 	}
 	o.ObserveInt64(m.pending, int64(s.PendingInvals), set)
+	o.ObserveFloat64(m.budget, s.ReadBudget.Seconds(), set)
 	for _, state := range []string{"closed", "open", "half-open"} {
 		o.ObserveInt64(m.gauges["cacheaside.breaker.state"], b2i(s.Breaker == state), with("state", state))
 	}

@@ -262,7 +262,7 @@ func TestMetrics(t *testing.T) {
 			t.Errorf("no cacheaside.%s", k.Name)
 		}
 	}
-	for _, n := range []string{"cacheaside.requests", "cacheaside.loads", "cacheaside.load.duration", "cacheaside.invalidations.pending", "cacheaside.breaker.state", "cacheaside.local.live", "cacheaside.local.entries"} {
+	for _, n := range []string{"cacheaside.requests", "cacheaside.loads", "cacheaside.load.duration", "cacheaside.invalidations.pending", "cacheaside.breaker.state", "cacheaside.local.live", "cacheaside.local.entries", "cacheaside.read.budget"} {
 		if got[n] == nil {
 			t.Errorf("no %s", n)
 		}

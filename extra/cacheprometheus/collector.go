@@ -38,8 +38,9 @@
 //   - gauges: cacheaside_invalidations_pending, cacheaside_breaker_state
 //     {state} (1 for the current state of "closed", "open", "half-open",
 //     0 for the others; all 0 when the breaker is disabled),
-//     cacheaside_local_live (1 while the local tier is in use) and
-//     cacheaside_local_entries.
+//     cacheaside_local_live (1 while the local tier is in use),
+//     cacheaside_local_entries and cacheaside_read_budget_seconds (the
+//     budget a Redis read gets now, which follows Redis's latency).
 //
 // The module is separate from the cacheaside module, as go-redis keeps
 // redisprometheus under extra/, so a cache that does not export to
@@ -68,12 +69,12 @@ var breakerStates = []string{"closed", "open", "half-open"}
 // Collector is a prometheus.Collector of any number of caches. It is safe
 // for concurrent use; Add may be called while it is registered.
 type Collector struct {
-	loadTime                                  *prometheus.Desc
-	pending, breaker, localLive, localEntries *prometheus.Desc
-	counters                                  map[string]*prometheus.Desc // by Counter.Name
-	mu                                        sync.RWMutex
-	caches                                    []Source
-	names                                     map[string]bool
+	loadTime                                              *prometheus.Desc
+	pending, breaker, localLive, localEntries, readBudget *prometheus.Desc
+	counters                                              map[string]*prometheus.Desc // by Counter.Name
+	mu                                                    sync.RWMutex
+	caches                                                []Source
+	names                                                 map[string]bool
 }
 
 var _ prometheus.Collector = (*Collector)(nil)
@@ -95,6 +96,7 @@ func NewCollector(namespace string, caches ...Source) *Collector {
 		breaker:      desc("breaker_state", "The Redis circuit breaker's state: 1 for the current one. All 0 when the breaker is disabled.", "state"),
 		localLive:    desc("local_live", "1 while the local tier is in use (its invalidation bus is confirmed), else 0."),
 		localEntries: desc("local_entries", "Entries the local tier holds (an estimate)."),
+		readBudget:   desc("read_budget_seconds", "The budget a Redis read gets now: Degradation.OpTimeout, or more while Redis answers slowly (up to MaxOpTimeout)."),
 		names:        map[string]bool{},
 		counters:     map[string]*prometheus.Desc{},
 	}
@@ -161,7 +163,7 @@ func (c *Collector) Remove(name string) bool {
 
 // Describe sends the descriptors of every metric the collector exports.
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.loadTime, c.pending, c.breaker, c.localLive, c.localEntries} {
+	for _, d := range []*prometheus.Desc{c.loadTime, c.pending, c.breaker, c.localLive, c.localEntries, c.readBudget} {
 		ch <- d
 	}
 	for _, d := range c.counters {
@@ -205,6 +207,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		}
 		gauge(c.localLive, b2f(s.LocalLive))
 		gauge(c.localEntries, float64(s.LocalEntries))
+		gauge(c.readBudget, s.ReadBudget.Seconds())
 	}
 }
 

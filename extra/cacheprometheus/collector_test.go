@@ -48,6 +48,7 @@ var exported = map[string]struct {
 	"Breaker":       {"cacheaside_breaker_state", nil},
 	"LocalLive":     {"cacheaside_local_live", nil},
 	"LocalEntries":  {"cacheaside_local_entries", nil},
+	"ReadBudget":    {"cacheaside_read_budget_seconds", nil},
 }
 
 // Every Stats field is exported, each counter under its own value.
@@ -138,10 +139,11 @@ func TestEveryStatsField(t *testing.T) {
 	if value("cacheaside_breaker_state", map[string]string{"state": "half-open"}) != 1 || value("cacheaside_breaker_state", map[string]string{"state": "open"}) != 0 {
 		t.Error("breaker_state")
 	}
-	if value("cacheaside_local_live", nil) != 1 || value("cacheaside_invalidations_pending", nil) != float64(s.PendingInvals) || value("cacheaside_local_entries", nil) != float64(s.LocalEntries) {
+	if value("cacheaside_local_live", nil) != 1 || value("cacheaside_invalidations_pending", nil) != float64(s.PendingInvals) || value("cacheaside_local_entries", nil) != float64(s.LocalEntries) ||
+		value("cacheaside_read_budget_seconds", nil) != s.ReadBudget.Seconds() {
 		t.Error("gauges")
 	}
-	if n := testutil.CollectAndCount(NewCollector("", fixed{"a", s}, fixed{"b", s})); n != 2*(len((cacheaside.Stats{}).Counters())+1+1+3+1+1) {
+	if n := testutil.CollectAndCount(NewCollector("", fixed{"a", s}, fixed{"b", s})); n != 2*(len((cacheaside.Stats{}).Counters())+1+1+3+1+1+1) {
 		t.Errorf("%d series for 2 caches", n)
 	}
 }
