@@ -1,0 +1,367 @@
+// Package cacheoutbox makes cacheaside invalidations durable with a
+// transactional outbox over database/sql, on PostgreSQL and SQLite.
+//
+// A write and the invalidations it needs commit together: the application
+// records its targets (keys and prefixes of a named cache) in the same
+// transaction as its data change (Record), and a relay (Relay) applies
+// them through the library, with Cache.Invalidate and
+// Cache.InvalidatePrefix, so the local tiers' bus and the writer's bypass
+// of pending keys keep working, and deletes the rows only once Redis has
+// confirmed them. A process killed between its commit and its
+// invalidation leaves the rows behind, and the next relay applies them; a
+// rolled-back transaction leaves nothing to apply. Applying a row twice is
+// harmless (an invalidation is idempotent), which is what happens when a
+// relay fails after Redis applied part of a batch.
+//
+// Several relays may run at once, in one process or many: on PostgreSQL
+// each takes its batch with SELECT … FOR UPDATE SKIP LOCKED, so they share
+// the rows without waiting on each other and apply each row once; on
+// SQLite a relay's transaction begins with a write, which takes the
+// database's write lock, so relays take turns.
+package cacheoutbox
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"log/slog"
+	"regexp"
+	"strings"
+	"sync/atomic"
+	"time"
+)
+
+// Dialect is the database's SQL dialect.
+type Dialect int
+
+const (
+	Postgres Dialect = iota + 1 // PostgreSQL (9.5 or later: SKIP LOCKED), through pgx's database/sql driver or lib/pq
+	SQLite                      // SQLite 3, through modernc.org/sqlite or mattn/go-sqlite3
+)
+
+// Options tunes an Outbox. The zero value of each field means the default
+// written beside it.
+type Options struct {
+	Table  string        // the outbox table; default "cacheaside_outbox"
+	Batch  int           // rows a relay applies per transaction; default 500
+	Poll   time.Duration // how often an idle relay looks for rows; default 100ms
+	Logger *slog.Logger  // relay failures, at most one line per failure streak; default slog.Default()
+}
+
+// Outbox records invalidations in the application's transactions and
+// relays them to the caches.
+type Outbox struct {
+	db    *sql.DB
+	d     Dialect
+	table string
+	batch int
+	poll  time.Duration
+	log   *slog.Logger
+
+	applied, batches, failures atomic.Uint64
+}
+
+var tableName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]{0,62}$`)
+
+// New returns an Outbox on db. It refuses a nil db, an unknown dialect, a
+// table name that is not a plain SQL identifier, and negative options.
+func New(db *sql.DB, d Dialect, o *Options) (*Outbox, error) {
+	var opt Options
+	if o != nil {
+		opt = *o
+	}
+	switch {
+	case db == nil:
+		return nil, errors.New("cacheoutbox: nil *sql.DB")
+	case d != Postgres && d != SQLite:
+		return nil, fmt.Errorf("cacheoutbox: unknown dialect %d", d)
+	case opt.Table != "" && !tableName.MatchString(opt.Table):
+		return nil, fmt.Errorf("cacheoutbox: table name %q is not a plain SQL identifier", opt.Table)
+	case opt.Batch < 0 || opt.Poll < 0:
+		return nil, fmt.Errorf("cacheoutbox: negative Batch %d or Poll %v", opt.Batch, opt.Poll)
+	}
+	ob := &Outbox{db: db, d: d, table: opt.Table, batch: opt.Batch, poll: opt.Poll, log: opt.Logger}
+	if ob.table == "" {
+		ob.table = "cacheaside_outbox"
+	}
+	if ob.batch == 0 {
+		ob.batch = 500
+	}
+	if ob.poll == 0 {
+		ob.poll = 100 * time.Millisecond
+	}
+	if ob.log == nil {
+		ob.log = slog.Default()
+	}
+	return ob, nil
+}
+
+// Migrate creates the outbox table if it does not exist.
+func (ob *Outbox) Migrate(ctx context.Context) error {
+	id := "BIGSERIAL PRIMARY KEY"
+	if ob.d == SQLite {
+		id = "INTEGER PRIMARY KEY AUTOINCREMENT"
+	}
+	_, err := ob.db.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS `+ob.table+` (
+		id `+id+`,
+		cache TEXT NOT NULL,
+		kind TEXT NOT NULL CHECK (kind IN ('key', 'prefix')),
+		target TEXT NOT NULL
+	)`)
+	if err != nil {
+		return fmt.Errorf("cacheoutbox: creating %s: %w", ob.table, err)
+	}
+	return nil
+}
+
+// Target is one invalidation: a key, or every key under a prefix, of the
+// caches named Cache (their Options.Name).
+type Target struct {
+	Cache  string
+	Key    string // Invalidate this key; or
+	Prefix string // InvalidatePrefix this prefix
+}
+
+// Keys is a Target for each key of cache.
+func Keys(cache string, keys ...string) []Target {
+	ts := make([]Target, len(keys))
+	for i, k := range keys {
+		ts[i] = Target{Cache: cache, Key: k}
+	}
+	return ts
+}
+
+func (t Target) check() error {
+	switch {
+	case t.Cache == "":
+		return errors.New("cacheoutbox: a Target without its Cache")
+	case (t.Key == "") == (t.Prefix == ""):
+		return fmt.Errorf("cacheoutbox: a Target of cache %q needs exactly one of Key and Prefix", t.Cache)
+	}
+	return nil
+}
+
+// Record adds targets to the outbox inside tx, the transaction of the data
+// change they belong to: they are applied once it commits, and never if it
+// rolls back. An invalid target fails the call before anything is written.
+func (ob *Outbox) Record(ctx context.Context, tx *sql.Tx, targets ...Target) error {
+	if tx == nil {
+		return errors.New("cacheoutbox: Record needs the data change's transaction")
+	}
+	for _, t := range targets {
+		if err := t.check(); err != nil {
+			return err
+		}
+	}
+	const perStmt = 200
+	for len(targets) > 0 {
+		n := min(len(targets), perStmt)
+		var sb strings.Builder
+		args := make([]any, 0, 3*n)
+		sb.WriteString("INSERT INTO " + ob.table + " (cache, kind, target) VALUES ")
+		for i, t := range targets[:n] {
+			if i > 0 {
+				sb.WriteString(", ")
+			}
+			sb.WriteString("(" + ob.ph(3*i+1) + ", " + ob.ph(3*i+2) + ", " + ob.ph(3*i+3) + ")")
+			kind, target := "key", t.Key
+			if t.Prefix != "" {
+				kind, target = "prefix", t.Prefix
+			}
+			args = append(args, t.Cache, kind, target)
+		}
+		if _, err := tx.ExecContext(ctx, sb.String(), args...); err != nil {
+			return fmt.Errorf("cacheoutbox: recording invalidations: %w", err)
+		}
+		targets = targets[n:]
+	}
+	return nil
+}
+
+// ph is the i-th (from 1) placeholder of the dialect.
+func (ob *Outbox) ph(i int) string {
+	if ob.d == Postgres {
+		return fmt.Sprintf("$%d", i)
+	}
+	return "?"
+}
+
+// Invalidator is what a relay needs of a cache; *cacheaside.Cache[T] has
+// it.
+type Invalidator interface {
+	Name() string
+	Invalidate(ctx context.Context, keys ...string) (int64, error)
+	InvalidatePrefix(ctx context.Context, prefix string) (int64, error)
+}
+
+// Stats counts what the relays of this Outbox did.
+type Stats struct {
+	Applied  uint64 // rows applied and deleted
+	Batches  uint64 // transactions that applied rows
+	Failures uint64 // batches that failed (their rows stay, and are tried again)
+}
+
+// Stats returns the relays' counts so far.
+func (ob *Outbox) Stats() Stats {
+	return Stats{Applied: ob.applied.Load(), Batches: ob.batches.Load(), Failures: ob.failures.Load()}
+}
+
+// Relay applies the outbox's rows for caches until ctx ends, and returns
+// ctx's error. Rows for caches it was not given are left for a relay that
+// has them. A failed batch (Redis down, the database gone) is logged once
+// per streak of failures and tried again every Poll; its rows stay in the
+// table meanwhile.
+func (ob *Outbox) Relay(ctx context.Context, caches ...Invalidator) error {
+	byName, err := named(caches)
+	if err != nil {
+		return err
+	}
+	failing := false
+	for {
+		n, err := ob.apply(ctx, byName)
+		switch {
+		case ctx.Err() != nil:
+			return ctx.Err()
+		case err != nil:
+			if !failing {
+				ob.log.LogAttrs(ctx, slog.LevelWarn, "cacheoutbox: relaying invalidations failed; retrying", slog.String("table", ob.table), slog.Any("err", err))
+			}
+			failing = true
+		case failing:
+			failing = false
+			ob.log.LogAttrs(ctx, slog.LevelInfo, "cacheoutbox: relaying invalidations again", slog.String("table", ob.table))
+		}
+		if err == nil && n == ob.batch {
+			continue // more may be waiting
+		}
+		t := time.NewTimer(ob.poll)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
+}
+
+// ApplyOnce applies one batch of rows for caches (at most Options.Batch)
+// and returns how many it applied: for a caller that drives the outbox
+// itself (a cron job, a test).
+func (ob *Outbox) ApplyOnce(ctx context.Context, caches ...Invalidator) (int, error) {
+	byName, err := named(caches)
+	if err != nil {
+		return 0, err
+	}
+	return ob.apply(ctx, byName)
+}
+
+func named(caches []Invalidator) (map[string]Invalidator, error) {
+	if len(caches) == 0 {
+		return nil, errors.New("cacheoutbox: a relay needs at least one cache")
+	}
+	m := make(map[string]Invalidator, len(caches))
+	for _, c := range caches {
+		if c == nil {
+			return nil, errors.New("cacheoutbox: nil cache")
+		}
+		if _, dup := m[c.Name()]; dup {
+			return nil, fmt.Errorf("cacheoutbox: two caches named %q", c.Name())
+		}
+		m[c.Name()] = c
+	}
+	return m, nil
+}
+
+// apply takes one batch in a transaction, applies it through the caches
+// and deletes its rows, committing only if every invalidation landed.
+func (ob *Outbox) apply(ctx context.Context, caches map[string]Invalidator) (n int, err error) {
+	defer func() {
+		if err != nil && ctx.Err() == nil {
+			ob.failures.Add(1)
+		}
+	}()
+	tx, err := ob.db.BeginTx(ctx, nil)
+	if err != nil {
+		return 0, err
+	}
+	defer func() { _ = tx.Rollback() }()
+	if ob.d == SQLite {
+		// A write first: it takes SQLite's write lock, so relays take turns
+		// (and wait busy_timeout for it) rather than fail on upgrade.
+		if _, err := tx.ExecContext(ctx, "DELETE FROM "+ob.table+" WHERE 0 = 1"); err != nil {
+			return 0, err
+		}
+	}
+	names := make([]any, 0, len(caches))
+	phs := make([]string, 0, len(caches))
+	for name := range caches {
+		names = append(names, name)
+		phs = append(phs, ob.ph(len(names)))
+	}
+	q := "SELECT id, cache, kind, target FROM " + ob.table + " WHERE cache IN (" + strings.Join(phs, ", ") + ") ORDER BY id LIMIT " + fmt.Sprint(ob.batch)
+	if ob.d == Postgres {
+		q += " FOR UPDATE SKIP LOCKED"
+	}
+	rows, err := tx.QueryContext(ctx, q, names...)
+	if err != nil {
+		return 0, err
+	}
+	type row struct {
+		id                  int64
+		cache, kind, target string
+	}
+	var batch []row
+	for rows.Next() {
+		var r row
+		if err := rows.Scan(&r.id, &r.cache, &r.kind, &r.target); err != nil {
+			rows.Close()
+			return 0, err
+		}
+		batch = append(batch, r)
+	}
+	if err := rows.Close(); err != nil {
+		return 0, err
+	}
+	if err := rows.Err(); err != nil {
+		return 0, err
+	}
+	if len(batch) == 0 {
+		return 0, nil
+	}
+	keys := map[string][]string{}
+	ids := make([]any, 0, len(batch))
+	for _, r := range batch {
+		ids = append(ids, r.id)
+		switch r.kind {
+		case "key":
+			keys[r.cache] = append(keys[r.cache], r.target)
+		case "prefix":
+			if _, err := caches[r.cache].InvalidatePrefix(ctx, r.target); err != nil {
+				return 0, fmt.Errorf("cacheoutbox: InvalidatePrefix(%q) of cache %q: %w", r.target, r.cache, err)
+			}
+		}
+	}
+	for name, ks := range keys {
+		if _, err := caches[name].Invalidate(ctx, ks...); err != nil {
+			return 0, fmt.Errorf("cacheoutbox: Invalidate of %d keys of cache %q: %w", len(ks), name, err)
+		}
+	}
+	for len(ids) > 0 {
+		k := min(len(ids), 500)
+		ps := make([]string, k)
+		for i := range ps {
+			ps[i] = ob.ph(i + 1)
+		}
+		if _, err := tx.ExecContext(ctx, "DELETE FROM "+ob.table+" WHERE id IN ("+strings.Join(ps, ", ")+")", ids[:k]...); err != nil {
+			return 0, err
+		}
+		ids = ids[k:]
+	}
+	if err := tx.Commit(); err != nil {
+		return 0, err
+	}
+	ob.applied.Add(uint64(len(batch)))
+	ob.batches.Add(1)
+	return len(batch), nil
+}

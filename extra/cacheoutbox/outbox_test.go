@@ -1,0 +1,432 @@
+package cacheoutbox
+
+import (
+	"context"
+	"crypto/rand"
+	"database/sql"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net/url"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/alicebob/miniredis/v2"
+	_ "github.com/jackc/pgx/v5/stdlib"
+	"github.com/redis/go-redis/v9"
+	_ "modernc.org/sqlite"
+
+	"github.com/seed-b4ec662f/cacheaside"
+)
+
+// database is one database the tests run on: SQLite always, and the
+// PostgreSQL of DATABASE_URL when it is set (each test in a schema of its
+// own).
+type database struct {
+	name string
+	d    Dialect
+	db   *sql.DB
+}
+
+func unique() string {
+	var b [4]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+func forEachDB(t *testing.T, f func(t *testing.T, db database)) {
+	t.Helper()
+	t.Run("sqlite", func(t *testing.T) { f(t, openSQLite(t)) })
+	if os.Getenv("DATABASE_URL") != "" {
+		t.Run("postgres", func(t *testing.T) { f(t, openPostgres(t)) })
+	}
+}
+
+// openDBs opens every database the tests run on.
+func openDBs(tb testing.TB) []database {
+	dbs := []database{openSQLite(tb)}
+	if os.Getenv("DATABASE_URL") != "" {
+		dbs = append(dbs, openPostgres(tb))
+	}
+	return dbs
+}
+
+func openSQLite(tb testing.TB) database {
+	path := filepath.Join(tb.TempDir(), "outbox.db")
+	db, err := sql.Open("sqlite", "file:"+path+"?_pragma=busy_timeout(10000)&_pragma=journal_mode(WAL)")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { _ = db.Close() })
+	return database{"sqlite", SQLite, db}
+}
+
+// openPostgres opens DATABASE_URL in a new schema, dropped at cleanup.
+func openPostgres(tb testing.TB) database {
+	base := os.Getenv("DATABASE_URL")
+	admin, err := sql.Open("pgx", base)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer admin.Close()
+	schema := "outbox_" + unique()
+	if _, err := admin.Exec("CREATE SCHEMA " + schema); err != nil {
+		tb.Fatalf("DATABASE_URL is set but PostgreSQL refused: %v", err)
+	}
+	tb.Cleanup(func() {
+		a, err := sql.Open("pgx", base)
+		if err == nil {
+			_, _ = a.Exec("DROP SCHEMA " + schema + " CASCADE")
+			_ = a.Close()
+		}
+	})
+	u, err := url.Parse(base)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	q := u.Query()
+	q.Set("search_path", schema)
+	u.RawQuery = q.Encode()
+	db, err := sql.Open("pgx", u.String())
+	if err != nil {
+		tb.Fatal(err)
+	}
+	db.SetMaxOpenConns(16)
+	tb.Cleanup(func() { _ = db.Close() })
+	return database{"postgres", Postgres, db}
+}
+
+// redisAddr is CACHEASIDE_REDIS_ADDR, or a miniredis of the test's own.
+func redisAddr(tb testing.TB) (string, *miniredis.Miniredis) {
+	if a := os.Getenv("CACHEASIDE_REDIS_ADDR"); a != "" {
+		return a, nil
+	}
+	mr := miniredis.RunT(tb)
+	return mr.Addr(), mr
+}
+
+func newCache(t testing.TB, addr, name string, d cacheaside.Degradation) *cacheaside.Cache[string] {
+	t.Helper()
+	rdb := redis.NewClient(&redis.Options{Addr: addr, ContextTimeoutEnabled: true})
+	t.Cleanup(func() { _ = rdb.Close() })
+	if d.OpTimeout == 0 {
+		d.OpTimeout = 2 * time.Second
+	}
+	c, err := cacheaside.New[string](rdb, &cacheaside.Options[string]{Name: name, Degradation: d})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	return c
+}
+
+func newOutbox(t testing.TB, db database, o *Options) *Outbox {
+	t.Helper()
+	ob, err := New(db.db, db.d, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ob.Migrate(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.db.Exec(`CREATE TABLE IF NOT EXISTS tasks (id INTEGER PRIMARY KEY, title TEXT NOT NULL)`); err != nil {
+		t.Fatal(err)
+	}
+	return ob
+}
+
+func pending(t *testing.T, db database, ob *Outbox) int {
+	t.Helper()
+	var n int
+	if err := db.db.QueryRow("SELECT count(*) FROM " + ob.table).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// write changes task id's title and records its invalidation in one
+// transaction, which it commits or rolls back.
+func write(t *testing.T, db database, ob *Outbox, id int, title string, commit bool, targets ...Target) {
+	t.Helper()
+	ctx := context.Background()
+	tx, err := db.db.BeginTx(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	q := "INSERT INTO tasks (id, title) VALUES (?, ?) ON CONFLICT (id) DO UPDATE SET title = excluded.title"
+	if db.d == Postgres {
+		q = "INSERT INTO tasks (id, title) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET title = excluded.title"
+	}
+	if _, err := tx.ExecContext(ctx, q, id, title); err != nil {
+		t.Fatal(err)
+	}
+	if err := ob.Record(ctx, tx, targets...); err != nil {
+		t.Fatal(err)
+	}
+	if commit {
+		err = tx.Commit()
+	} else {
+		err = tx.Rollback()
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func title(db database, id int) func(context.Context) (string, error) {
+	return func(ctx context.Context) (string, error) {
+		q := "SELECT title FROM tasks WHERE id = ?"
+		if db.d == Postgres {
+			q = "SELECT title FROM tasks WHERE id = $1"
+		}
+		var s string
+		err := db.db.QueryRowContext(ctx, q, id).Scan(&s)
+		if errors.Is(err, sql.ErrNoRows) {
+			return "", cacheaside.ErrNotFound
+		}
+		return s, err
+	}
+}
+
+// TestRecordThenRelay: a write and its invalidations commit together; the
+// writer "dies" before invalidating (it never calls Invalidate), and a
+// relay started afterwards, with caches of its own, applies the rows:
+// the writer's cache reads the new title. A prefix target clears every key
+// under it. A rolled-back write leaves nothing to apply.
+func TestRecordThenRelay(t *testing.T) {
+	forEachDB(t, func(t *testing.T, db database) {
+		ctx := context.Background()
+		addr, _ := redisAddr(t)
+		ob := newOutbox(t, db, nil)
+		name := "task" + unique()
+		writer := newCache(t, addr, name, cacheaside.Degradation{})
+		p := "v1:" + name + ":"
+		write(t, db, ob, 1, "old", true)
+		write(t, db, ob, 2, "old two", true)
+		for id := 1; id <= 2; id++ {
+			if v, err := writer.Get(ctx, fmt.Sprint(p, id), title(db, id)); err != nil || v[:3] != "old" {
+				t.Fatalf("Get = %q, %v", v, err)
+			}
+		}
+
+		write(t, db, ob, 1, "rolled back", false, Keys(name, p+"1")...)
+		write(t, db, ob, 1, "new", true, Keys(name, p+"1")...) // the writer dies here
+		if v, _ := writer.Get(ctx, p+"1", title(db, 1)); v != "old" {
+			t.Fatalf("before the relay: %q (the test needs the old entry cached)", v)
+		}
+		if n := pending(t, db, ob); n != 1 {
+			t.Fatalf("%d rows in the outbox, want 1: the rolled-back write's row must not be there", n)
+		}
+
+		relayCache := newCache(t, addr, name, cacheaside.Degradation{})
+		relay := newOutbox(t, db, nil)
+		if n, err := relay.ApplyOnce(ctx, relayCache); err != nil || n != 1 {
+			t.Fatalf("ApplyOnce = %d, %v; want the one row", n, err)
+		}
+		if v, _ := writer.Get(ctx, p+"1", title(db, 1)); v != "new" {
+			t.Fatalf("after the relay: %q, want new", v)
+		}
+		if n := pending(t, db, ob); n != 0 {
+			t.Fatalf("%d rows left", n)
+		}
+
+		write(t, db, ob, 2, "new two", true, Target{Cache: name, Prefix: p})
+		if n, err := relay.ApplyOnce(ctx, relayCache); err != nil || n != 1 {
+			t.Fatalf("ApplyOnce of the prefix = %d, %v", n, err)
+		}
+		if v, _ := writer.Get(ctx, p+"2", title(db, 2)); v != "new two" {
+			t.Fatalf("after the prefix: %q", v)
+		}
+		if s := relay.Stats(); s.Applied != 2 || s.Batches != 2 || s.Failures != 0 {
+			t.Fatalf("stats %+v", s)
+		}
+	})
+}
+
+// TestRedisDownKeepsRows: while Redis refuses, a batch fails and its rows
+// stay; once Redis is back, the same rows are applied.
+func TestRedisDownKeepsRows(t *testing.T) {
+	forEachDB(t, func(t *testing.T, db database) {
+		ctx := context.Background()
+		mr := miniredis.RunT(t)
+		name := "task" + unique()
+		c := newCache(t, mr.Addr(), name, cacheaside.Degradation{NoBreaker: true, NoRetryInvalidations: true, OpTimeout: 200 * time.Millisecond})
+		ob := newOutbox(t, db, nil)
+		write(t, db, ob, 1, "t", true, Keys(name, "v1:x:1", "v1:x:2")...)
+		mr.Close()
+		if n, err := ob.ApplyOnce(ctx, c); err == nil || n != 0 {
+			t.Fatalf("ApplyOnce with Redis down = %d, %v; want an error", n, err)
+		}
+		if n := pending(t, db, ob); n != 2 {
+			t.Fatalf("%d rows after the failure, want 2", n)
+		}
+		if err := mr.Restart(); err != nil {
+			t.Fatal(err)
+		}
+		if n, err := ob.ApplyOnce(ctx, c); err != nil || n != 2 {
+			t.Fatalf("ApplyOnce with Redis back = %d, %v", n, err)
+		}
+		if s := ob.Stats(); s.Failures != 1 || s.Applied != 2 {
+			t.Fatalf("stats %+v", s)
+		}
+	})
+}
+
+// counting is a cache that counts the keys it was asked to invalidate.
+type counting struct {
+	Invalidator
+	mu   sync.Mutex
+	seen map[string]int
+}
+
+func (c *counting) Invalidate(ctx context.Context, keys ...string) (int64, error) {
+	c.mu.Lock()
+	for _, k := range keys {
+		c.seen[k]++
+	}
+	c.mu.Unlock()
+	return c.Invalidator.Invalidate(ctx, keys...)
+}
+
+// TestRelaysShareTheWork: four relays at once drain 2,000 rows, written
+// while they run; every key is invalidated, none twice (SKIP LOCKED on
+// PostgreSQL, SQLite's write lock), and the table ends empty. Rows of a
+// cache no relay has are left alone.
+func TestRelaysShareTheWork(t *testing.T) {
+	forEachDB(t, func(t *testing.T, db database) {
+		addr, _ := redisAddr(t)
+		name := "task" + unique()
+		c := &counting{Invalidator: newCache(t, addr, name, cacheaside.Degradation{}), seen: map[string]int{}}
+		ob := newOutbox(t, db, &Options{Batch: 50, Poll: 5 * time.Millisecond})
+		write(t, db, ob, 0, "other", true, Keys("nobody's", "v1:other:1")...)
+		ctx, cancel := context.WithCancel(context.Background())
+		var wg sync.WaitGroup
+		for range 4 {
+			wg.Go(func() { _ = ob.Relay(ctx, c) })
+		}
+		const rows = 2000
+		for i := 0; i < rows; i += 100 {
+			var ts []Target
+			for j := i; j < i+100; j++ {
+				ts = append(ts, Target{Cache: name, Key: fmt.Sprint("v1:k:", j)})
+			}
+			write(t, db, ob, i, "t", true, ts...)
+		}
+		deadline := time.Now().Add(30 * time.Second)
+		for pending(t, db, ob) > 1 {
+			if time.Now().After(deadline) {
+				t.Fatalf("%d rows left after 30s", pending(t, db, ob))
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		cancel()
+		wg.Wait()
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		twice := 0
+		for i := range rows {
+			switch n := c.seen[fmt.Sprint("v1:k:", i)]; {
+			case n == 0:
+				t.Fatalf("key %d never invalidated", i)
+			case n > 1:
+				twice++
+			}
+		}
+		if twice > 0 {
+			t.Errorf("%d keys invalidated more than once", twice)
+		}
+		if s := ob.Stats(); s.Applied != rows {
+			t.Errorf("applied %d rows, want %d (%+v)", s.Applied, rows, s)
+		}
+	})
+}
+
+// TestBadInput: what New, Record and the relays refuse.
+func TestBadInput(t *testing.T) {
+	forEachDB(t, func(t *testing.T, db database) {
+		ctx := context.Background()
+		if _, err := New(nil, db.d, nil); err == nil {
+			t.Error("New(nil db) succeeded")
+		}
+		if _, err := New(db.db, Dialect(9), nil); err == nil {
+			t.Error("an unknown dialect was accepted")
+		}
+		if _, err := New(db.db, db.d, &Options{Table: "x; DROP TABLE tasks"}); err == nil {
+			t.Error("a table name with SQL in it was accepted")
+		}
+		ob := newOutbox(t, db, nil)
+		tx, err := db.db.BeginTx(ctx, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer tx.Rollback()
+		for _, bad := range []Target{{Key: "k"}, {Cache: "c"}, {Cache: "c", Key: "k", Prefix: "p"}} {
+			if err := ob.Record(ctx, tx, Target{Cache: "c", Key: "fine"}, bad); err == nil {
+				t.Errorf("Record(%+v) succeeded", bad)
+			}
+		}
+		if err := ob.Record(ctx, nil, Keys("c", "k")...); err == nil {
+			t.Error("Record without a transaction succeeded")
+		}
+		_ = tx.Rollback()
+		if n := pending(t, db, ob); n != 0 {
+			t.Errorf("%d rows written by refused calls", n)
+		}
+		if _, err := ob.ApplyOnce(ctx); err == nil {
+			t.Error("a relay without caches was accepted")
+		}
+	})
+}
+
+// BenchmarkRelay reports the rows one relay applies per second, in
+// batches of 500: each iteration writes 5,000 rows (not timed), then drains
+// them with ApplyOnce, on SQLite and (with DATABASE_URL) PostgreSQL, to
+// CACHEASIDE_REDIS_ADDR or a miniredis.
+func BenchmarkRelay(b *testing.B) {
+	for _, db := range openDBs(b) {
+		b.Run(db.name, func(b *testing.B) {
+			ctx := context.Background()
+			addr, _ := redisAddr(b)
+			name := "bench" + unique()
+			c := newCache(b, addr, name, cacheaside.Degradation{})
+			ob := newOutbox(b, db, nil)
+			const rows = 5000
+			var applied int
+			var took time.Duration
+			for b.Loop() {
+				b.StopTimer()
+				tx, err := db.db.BeginTx(ctx, nil)
+				if err != nil {
+					b.Fatal(err)
+				}
+				ts := make([]Target, rows)
+				for i := range ts {
+					ts[i] = Target{Cache: name, Key: fmt.Sprint("v1:bench:", i)}
+				}
+				if err := ob.Record(ctx, tx, ts...); err != nil {
+					b.Fatal(err)
+				}
+				if err := tx.Commit(); err != nil {
+					b.Fatal(err)
+				}
+				b.StartTimer()
+				t0 := time.Now()
+				for {
+					n, err := ob.ApplyOnce(ctx, c)
+					if err != nil {
+						b.Fatal(err)
+					}
+					applied += n
+					if n == 0 {
+						break
+					}
+				}
+				took += time.Since(t0)
+			}
+			b.ReportMetric(float64(applied)/took.Seconds(), "rows/s")
+		})
+	}
+}
