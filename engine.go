@@ -239,7 +239,9 @@ func (r *missRun[T]) delivered(open []*keyOp[T], got map[string]wakeMsg) []*keyO
 		vw := c.classify(r.ctx, op.key, m.entry, genView{namespaced: op.genKey != "", known: true, gen: op.gen}, now)
 		if vw.e.Token != op.vw.e.Token || !r.answered(op, vw, 0) {
 			rest = append(rest, op) // another lease's fill, not for this generation, or not what we can serve: look again
+			continue
 		}
+		r.releaseUnsure(op) // a round that timed out may have taken the lease after this fill
 	}
 	return rest
 }
@@ -291,7 +293,7 @@ func (r *missRun[T]) settleAll() {
 	defer r.mu.Unlock()
 	for _, op := range r.ops {
 		if !op.done {
-			if op.held {
+			if op.held || op.unsure {
 				r.c.releaseLater(op.key, op.tok, op.keep(r.c))
 			}
 			r.finishLocked(op, answer[T]{}, err)
@@ -358,7 +360,7 @@ func (r *missRun[T]) leaseRound(ops []*keyOp[T]) (held, open, failed []*keyOp[T]
 				open = append(open, op)
 				continue
 			}
-			if isTimeout(err) && op.vw.e.Kind == envelope.Lease && !errors.Is(err, ErrRedisUnavailable) {
+			if isTimeout(err) && !starved(err) && op.vw.e.Kind == envelope.Lease && !errors.Is(err, ErrRedisUnavailable) {
 				// Another caller held the lease when Redis last answered:
 				// a round that timed out since is no sign that Redis is
 				// down, and loading now would be a second load. Keep

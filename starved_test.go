@@ -333,3 +333,86 @@ func TestTimedOutRoundReleasesItsLease(t *testing.T) {
 		})
 	})
 }
+
+// heldUpScripts: while armed, the next script first lets `before` run
+// (the holder's fill and an invalidation landing ahead of it in Redis),
+// then runs, then its reply is lost (timeout).
+type heldUpScripts struct {
+	*redis.Client
+	armed  atomic.Bool
+	before func()
+	after  func()
+	fired  atomic.Int64
+}
+
+func (s *heldUpScripts) EvalSha(ctx context.Context, sha string, keys []string, args ...any) *redis.Cmd {
+	if s.armed.CompareAndSwap(true, false) {
+		s.fired.Add(1)
+		s.before()
+		s.Client.EvalSha(context.WithoutCancel(ctx), sha, keys, args...)
+		s.after()
+		cmd := redis.NewCmd(ctx)
+		if dl, ok := ctx.Deadline(); ok {
+			time.Sleep(time.Until(dl))
+		}
+		cmd.SetErr(context.DeadlineExceeded)
+		return cmd
+	}
+	return s.Client.EvalSha(ctx, sha, keys, args...)
+}
+
+// TestDeliveredAnswerReleasesUnsureLease: a waiter's lease round is held
+// up in Redis behind the holder's fill and another process's Invalidate,
+// so it finds the key empty and takes the lease, and its reply is lost;
+// then the holder's wake message answers the waiter. The lease the waiter
+// took without knowing it must be released, or every Get of the key, in
+// every process, waits for it to expire (LeaseTTL, a minute here).
+func TestDeliveredAnswerReleasesUnsureLease(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := context.Background()
+		rdb := &heldUpScripts{Client: b.client(t)}
+		c, err := New[string](rdb, &Options[string]{Name: "unsure", NoReadCoalescing: true, LeaseTTL: time.Minute,
+			PollMin: 5 * time.Millisecond, PollMax: 20 * time.Millisecond,
+			Degradation: Degradation{OpTimeout: 50 * time.Millisecond, BreakerFailures: 100, RedisTimePerGet: 10 * time.Second}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = c.Close() })
+		other := b.client(t)
+		key := b.key("k")
+		tok, proof := newLease()
+		if held, _, err := acquire(ctx, other, key, tok, time.Minute); err != nil || !held {
+			t.Fatalf("holder: %v %v", held, err)
+		}
+		waitFor(t, "wake live", func() bool { return c.wake != nil && c.wake.live.Load() })
+		entry := envelope.Encode(&envelope.Entry{Kind: envelope.Value, Format: formatJSON, Token: tok,
+			SoftExpiry: time.Now().Add(time.Minute).UnixMilli(), Payload: []byte(`"filled"`)})
+		rdb.before = func() {
+			if ok, err := fill(ctx, other, key, "", tok, entry, time.Minute, time.Minute); err != nil || !ok {
+				t.Errorf("fill: %v %v", ok, err)
+			}
+			other.Del(ctx, key) // another process's Invalidate
+		}
+		rdb.after = func() { // the fill's wake message, read by the waiter after the round
+			other.Publish(ctx, wakeChannelPrefix+"unsure", wakeMessage(key, &proof, entry))
+		}
+		got := make(chan string, 1)
+		go func() {
+			v, err := c.Get(ctx, key, func(context.Context) (string, error) { return "loaded", nil })
+			if err != nil {
+				v = err.Error()
+			}
+			got <- v
+		}()
+		waitFor(t, "the Get to wait", func() bool { return c.Stats().LeaseContended == 1 })
+		rdb.armed.Store(true)
+		if v := <-got; v != "filled" || rdb.fired.Load() != 1 {
+			t.Fatalf("Get = %q after %d held-up rounds; want the holder's fill after one", v, rdb.fired.Load())
+		}
+		waitFor(t, "the lease the Get took without knowing to be released", func() bool {
+			b2, err := other.Get(ctx, key).Bytes()
+			var e envelope.Entry
+			return err == redis.Nil || (err == nil && (envelope.Decode(b2, &e) != nil || e.Kind != envelope.Lease))
+		})
+	})
+}
