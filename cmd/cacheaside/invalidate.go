@@ -267,35 +267,17 @@ func keysWord(n int64) string {
 // prints it ("v1:task_lists:{org:acme}"), or its generation key, back into
 // the Namespace: it must be exactly what Keyspace.Namespace builds.
 func parseNamespace(s string) (cacheaside.Namespace, error) {
-	bad := func(why string) (cacheaside.Namespace, error) {
-		return cacheaside.Namespace{}, fmt.Errorf("%q is not a namespace: %s; a namespace looks like v1:task_lists:{org:acme}", s, why)
-	}
-	tag := strings.TrimSuffix(s, wire.GenerationSuffix)
-	ver, rest, ok := strings.Cut(tag, ":")
-	if !ok || len(ver) < 2 || ver[0] != 'v' {
-		return bad("it does not start with v<version>:")
-	}
-	version, err := strconv.Atoi(ver[1:])
+	name, version, parts, err := wire.SplitNamespace(s)
 	if err != nil {
-		return bad("bad version " + strconv.Quote(ver))
-	}
-	name, inner, _ := strings.Cut(rest, ":")
-	if len(inner) < 3 || inner[0] != '{' || inner[len(inner)-1] != '}' {
-		return bad("no {...} after the keyspace name")
+		return cacheaside.Namespace{}, err
 	}
 	ks, err := cacheaside.NewKeyspace(name, version)
 	if err != nil {
-		return bad(err.Error())
-	}
-	parts := strings.Split(inner[1:len(inner)-1], ":")
-	for i, p := range parts {
-		if parts[i], err = wire.UnescapePart(p); err != nil {
-			return bad(err.Error())
-		}
+		return cacheaside.Namespace{}, fmt.Errorf("%q is not a namespace: %w", s, err)
 	}
 	ns := ks.Namespace(parts...)
-	if ns.String() != tag {
-		return bad("Keyspace.Namespace would spell it " + strconv.Quote(ns.String()))
+	if tag := strings.TrimSuffix(s, wire.GenerationSuffix); ns.String() != tag {
+		return cacheaside.Namespace{}, fmt.Errorf("%q is not a namespace: Keyspace.Namespace would spell it %q", s, ns.String())
 	}
 	return ns, nil
 }

@@ -2,10 +2,10 @@
 // transactional outbox over database/sql, on PostgreSQL and SQLite.
 //
 // A write and the invalidations it needs commit together: the application
-// records its targets (keys and prefixes of a named cache) in the same
+// records its targets (keys, prefixes and namespaces of a named cache) in the same
 // transaction as its data change (Record), and a relay (Relay) applies
-// them through the library, with Cache.Invalidate and
-// Cache.InvalidatePrefix, so the local tiers' bus and the writer's bypass
+// them through the library, with Cache.Invalidate, Cache.InvalidatePrefix
+// and Cache.InvalidateNamespace, so the local tiers' bus and the writer's bypass
 // of pending keys keep working, and deletes the rows only once Redis has
 // confirmed them. A process killed between its commit and its
 // invalidation leaves the rows behind, and the next relay applies them; a
@@ -30,6 +30,11 @@ import (
 	"strings"
 	"sync/atomic"
 	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/seed-b4ec662f/cacheaside"
+	"github.com/seed-b4ec662f/cacheaside/internal/wire"
 )
 
 // Dialect is the database's SQL dialect.
@@ -45,21 +50,29 @@ const (
 type Options struct {
 	Table  string        // the outbox table; default "cacheaside_outbox"
 	Batch  int           // rows a relay applies per transaction; default 500
-	Poll   time.Duration // how often an idle relay looks for rows; default 100ms
+	Poll   time.Duration // how often an idle relay looks for rows; default 100ms (1s with Notify)
 	Logger *slog.Logger  // relay failures, at most one line per failure streak; default slog.Default()
+
+	// Notify (PostgreSQL only) is a connection string (a pgx URL or DSN)
+	// for one LISTEN connection per relay: Record sends a NOTIFY in the
+	// write's transaction, delivered when it commits, and the relay wakes
+	// at once instead of at its next Poll, which stays as the fallback (a
+	// lost connection is made again with a backoff). Empty: poll only.
+	Notify string
 }
 
 // Outbox records invalidations in the application's transactions and
 // relays them to the caches.
 type Outbox struct {
-	db    *sql.DB
-	d     Dialect
-	table string
-	batch int
-	poll  time.Duration
-	log   *slog.Logger
+	db     *sql.DB
+	d      Dialect
+	table  string
+	batch  int
+	poll   time.Duration
+	log    *slog.Logger
+	notify string // Options.Notify
 
-	applied, batches, failures atomic.Uint64
+	applied, batches, failures, dropped atomic.Uint64
 }
 
 var tableName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]{0,62}$`)
@@ -80,8 +93,10 @@ func New(db *sql.DB, d Dialect, o *Options) (*Outbox, error) {
 		return nil, fmt.Errorf("cacheoutbox: table name %q is not a plain SQL identifier", opt.Table)
 	case opt.Batch < 0 || opt.Poll < 0:
 		return nil, fmt.Errorf("cacheoutbox: negative Batch %d or Poll %v", opt.Batch, opt.Poll)
+	case opt.Notify != "" && d != Postgres:
+		return nil, errors.New("cacheoutbox: Notify needs PostgreSQL")
 	}
-	ob := &Outbox{db: db, d: d, table: opt.Table, batch: opt.Batch, poll: opt.Poll, log: opt.Logger}
+	ob := &Outbox{db: db, d: d, table: opt.Table, batch: opt.Batch, poll: opt.Poll, log: opt.Logger, notify: opt.Notify}
 	if ob.table == "" {
 		ob.table = "cacheaside_outbox"
 	}
@@ -90,6 +105,9 @@ func New(db *sql.DB, d Dialect, o *Options) (*Outbox, error) {
 	}
 	if ob.poll == 0 {
 		ob.poll = 100 * time.Millisecond
+		if ob.notify != "" {
+			ob.poll = time.Second
+		}
 	}
 	if ob.log == nil {
 		ob.log = slog.Default()
@@ -106,7 +124,7 @@ func (ob *Outbox) Migrate(ctx context.Context) error {
 	_, err := ob.db.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS `+ob.table+` (
 		id `+id+`,
 		cache TEXT NOT NULL,
-		kind TEXT NOT NULL CHECK (kind IN ('key', 'prefix')),
+		kind TEXT NOT NULL CHECK (kind IN ('key', 'prefix', 'namespace')),
 		target TEXT NOT NULL
 	)`)
 	if err != nil {
@@ -115,12 +133,13 @@ func (ob *Outbox) Migrate(ctx context.Context) error {
 	return nil
 }
 
-// Target is one invalidation: a key, or every key under a prefix, of the
-// caches named Cache (their Options.Name).
+// Target is one invalidation of the caches named Cache (their
+// Options.Name): a key, every key under a prefix, or a namespace.
 type Target struct {
-	Cache  string
-	Key    string // Invalidate this key; or
-	Prefix string // InvalidatePrefix this prefix
+	Cache     string
+	Key       string               // Invalidate this key; or
+	Prefix    string               // InvalidatePrefix this prefix; or
+	Namespace cacheaside.Namespace // InvalidateNamespace this namespace
 }
 
 // Keys is a Target for each key of cache.
@@ -136,10 +155,45 @@ func (t Target) check() error {
 	switch {
 	case t.Cache == "":
 		return errors.New("cacheoutbox: a Target without its Cache")
-	case (t.Key == "") == (t.Prefix == ""):
-		return fmt.Errorf("cacheoutbox: a Target of cache %q needs exactly one of Key and Prefix", t.Cache)
+	}
+	set := 0
+	for _, s := range []string{t.Key, t.Prefix, t.Namespace.String()} {
+		if s != "" {
+			set++
+		}
+	}
+	if set != 1 {
+		return fmt.Errorf("cacheoutbox: a Target of cache %q needs exactly one of Key, Prefix and Namespace", t.Cache)
 	}
 	return nil
+}
+
+// kind is how a Target is stored: its kind and its target string.
+func (t Target) kind() (string, string) {
+	switch {
+	case t.Key != "":
+		return "key", t.Key
+	case t.Prefix != "":
+		return "prefix", t.Prefix
+	}
+	return "namespace", t.Namespace.String()
+}
+
+// namespace rebuilds a stored namespace (its String form).
+func namespace(s string) (cacheaside.Namespace, error) {
+	name, version, parts, err := wire.SplitNamespace(s)
+	if err != nil {
+		return cacheaside.Namespace{}, &parseError{err}
+	}
+	ks, err := cacheaside.NewKeyspace(name, version)
+	if err != nil {
+		return cacheaside.Namespace{}, &parseError{fmt.Errorf("%q is not a namespace: %w", s, err)}
+	}
+	ns := ks.Namespace(parts...)
+	if ns.String() != s {
+		return cacheaside.Namespace{}, &parseError{fmt.Errorf("%q is not a namespace: Keyspace.Namespace would spell it %q", s, ns.String())}
+	}
+	return ns, nil
 }
 
 // Record adds targets to the outbox inside tx, the transaction of the data
@@ -165,10 +219,7 @@ func (ob *Outbox) Record(ctx context.Context, tx *sql.Tx, targets ...Target) err
 				sb.WriteString(", ")
 			}
 			sb.WriteString("(" + ob.ph(3*i+1) + ", " + ob.ph(3*i+2) + ", " + ob.ph(3*i+3) + ")")
-			kind, target := "key", t.Key
-			if t.Prefix != "" {
-				kind, target = "prefix", t.Prefix
-			}
+			kind, target := t.kind()
 			args = append(args, t.Cache, kind, target)
 		}
 		if _, err := tx.ExecContext(ctx, sb.String(), args...); err != nil {
@@ -176,8 +227,36 @@ func (ob *Outbox) Record(ctx context.Context, tx *sql.Tx, targets ...Target) err
 		}
 		targets = targets[n:]
 	}
+	if ob.d == Postgres {
+		// Delivered when tx commits (once per transaction and channel), and
+		// never if it rolls back: relays with Notify wake at once.
+		if _, err := tx.ExecContext(ctx, "SELECT pg_notify($1, '')", ob.table); err != nil {
+			return fmt.Errorf("cacheoutbox: recording invalidations: %w", err)
+		}
+	}
 	return nil
 }
+
+// poison reports whether err says the row can never be applied (a key the
+// cache refuses, a namespace that does not parse or a cache without
+// namespaces): such a row is logged, counted in Stats.Dropped and deleted
+// with its batch, so it does not hold back every row after it.
+func (ob *Outbox) poison(ctx context.Context, cache, target string, err error) bool {
+	var parse *parseError
+	if err == nil || !(errors.Is(err, cacheaside.ErrInvalidKey) || errors.Is(err, cacheaside.ErrInvalidOptions) || errors.As(err, &parse)) {
+		return false
+	}
+	ob.dropped.Add(1)
+	ob.log.LogAttrs(ctx, slog.LevelError, "cacheoutbox: dropping an outbox row that can never be applied",
+		slog.String("table", ob.table), slog.String("cache", cache), slog.String("target", target[:min(len(target), 200)]), slog.Any("err", err))
+	return true
+}
+
+// parseError is a stored namespace that does not parse.
+type parseError struct{ err error }
+
+func (e *parseError) Error() string { return e.err.Error() }
+func (e *parseError) Unwrap() error { return e.err }
 
 // ph is the i-th (from 1) placeholder of the dialect.
 func (ob *Outbox) ph(i int) string {
@@ -193,6 +272,7 @@ type Invalidator interface {
 	Name() string
 	Invalidate(ctx context.Context, keys ...string) (int64, error)
 	InvalidatePrefix(ctx context.Context, prefix string) (int64, error)
+	InvalidateNamespace(ctx context.Context, ns cacheaside.Namespace) error
 }
 
 // Stats counts what the relays of this Outbox did.
@@ -200,11 +280,12 @@ type Stats struct {
 	Applied  uint64 // rows applied and deleted
 	Batches  uint64 // transactions that applied rows
 	Failures uint64 // batches that failed (their rows stay, and are tried again)
+	Dropped  uint64 // rows that can never be applied (a key the cache refuses, a namespace that does not parse), logged and deleted
 }
 
 // Stats returns the relays' counts so far.
 func (ob *Outbox) Stats() Stats {
-	return Stats{Applied: ob.applied.Load(), Batches: ob.batches.Load(), Failures: ob.failures.Load()}
+	return Stats{Applied: ob.applied.Load(), Batches: ob.batches.Load(), Failures: ob.failures.Load(), Dropped: ob.dropped.Load()}
 }
 
 // Relay applies the outbox's rows for caches until ctx ends, and returns
@@ -216,6 +297,14 @@ func (ob *Outbox) Relay(ctx context.Context, caches ...Invalidator) error {
 	byName, err := named(caches)
 	if err != nil {
 		return err
+	}
+	var wake <-chan struct{}
+	if ob.notify != "" {
+		w := make(chan struct{}, 1)
+		done := make(chan struct{})
+		go func() { defer close(done); ob.listen(ctx, w) }()
+		defer func() { <-done }()
+		wake = w
 	}
 	failing := false
 	for {
@@ -241,7 +330,55 @@ func (ob *Outbox) Relay(ctx context.Context, caches ...Invalidator) error {
 			t.Stop()
 			return ctx.Err()
 		case <-t.C:
+		case <-wake:
+			t.Stop()
 		}
+	}
+}
+
+// listen holds a LISTEN connection on the outbox's channel until ctx
+// ends, and signals wake for each notification (and each new connection:
+// rows may have come while there was none). A lost connection is made
+// again after a backoff from 100ms to 5s.
+func (ob *Outbox) listen(ctx context.Context, wake chan<- struct{}) {
+	signal := func() {
+		select {
+		case wake <- struct{}{}:
+		default:
+		}
+	}
+	backoff := 100 * time.Millisecond
+	for ctx.Err() == nil {
+		err := func() error {
+			conn, err := pgx.Connect(ctx, ob.notify)
+			if err != nil {
+				return err
+			}
+			defer conn.Close(context.WithoutCancel(ctx))
+			if _, err := conn.Exec(ctx, "LISTEN "+pgx.Identifier{ob.table}.Sanitize()); err != nil {
+				return err
+			}
+			backoff = 100 * time.Millisecond
+			signal()
+			for {
+				if _, err := conn.WaitForNotification(ctx); err != nil {
+					return err
+				}
+				signal()
+			}
+		}()
+		if ctx.Err() != nil {
+			return
+		}
+		ob.log.LogAttrs(ctx, slog.LevelWarn, "cacheoutbox: the LISTEN connection failed; polling until it is back", slog.String("table", ob.table), slog.Any("err", err))
+		t := time.NewTimer(backoff)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+		backoff = min(2*backoff, 5*time.Second)
 	}
 }
 
@@ -340,10 +477,33 @@ func (ob *Outbox) apply(ctx context.Context, caches map[string]Invalidator) (n i
 			if _, err := caches[r.cache].InvalidatePrefix(ctx, r.target); err != nil {
 				return 0, fmt.Errorf("cacheoutbox: InvalidatePrefix(%q) of cache %q: %w", r.target, r.cache, err)
 			}
+		case "namespace":
+			ns, err := namespace(r.target)
+			if err == nil {
+				err = caches[r.cache].InvalidateNamespace(ctx, ns)
+			}
+			if ob.poison(ctx, r.cache, r.target, err) {
+				continue
+			}
+			if err != nil {
+				return 0, fmt.Errorf("cacheoutbox: InvalidateNamespace(%q) of cache %q: %w", r.target, r.cache, err)
+			}
 		}
 	}
 	for name, ks := range keys {
-		if _, err := caches[name].Invalidate(ctx, ks...); err != nil {
+		_, err := caches[name].Invalidate(ctx, ks...)
+		if errors.Is(err, cacheaside.ErrInvalidKey) {
+			// One bad key fails the call: apply the keys one by one, and
+			// drop the bad ones rather than hold every later row back.
+			err = nil
+			for _, k := range ks {
+				if _, kerr := caches[name].Invalidate(ctx, k); !ob.poison(ctx, name, k, kerr) && kerr != nil {
+					err = kerr
+					break
+				}
+			}
+		}
+		if err != nil {
 			return 0, fmt.Errorf("cacheoutbox: Invalidate of %d keys of cache %q: %w", len(ks), name, err)
 		}
 	}

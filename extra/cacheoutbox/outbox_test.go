@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -428,5 +429,114 @@ func BenchmarkRelay(b *testing.B) {
 			}
 			b.ReportMetric(float64(applied)/took.Seconds(), "rows/s")
 		})
+	}
+}
+
+// TestNamespacesAndPoisonRows: a namespace target bumps the namespace (the
+// writer's page reads the new value); rows that can never be applied (a
+// key the cache refuses, a namespace that does not parse) are logged,
+// counted and deleted, and do not hold back the good row beside them.
+func TestNamespacesAndPoisonRows(t *testing.T) {
+	forEachDB(t, func(t *testing.T, db database) {
+		ctx := context.Background()
+		addr, _ := redisAddr(t)
+		name := "lists" + unique()
+		rdb := redis.NewClient(&redis.Options{Addr: addr, ContextTimeoutEnabled: true})
+		t.Cleanup(func() { _ = rdb.Close() })
+		lists, err := cacheaside.New[string](rdb, &cacheaside.Options[string]{Name: name, Namespaced: true, Degradation: cacheaside.Degradation{OpTimeout: 2 * time.Second}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = lists.Close() })
+		ns := cacheaside.MustKeyspace(name, 1).Namespace("org", "ac:me")
+		key := ns.Key("page", "1")
+		ob := newOutbox(t, db, nil)
+		write(t, db, ob, 1, "old", true)
+		if v, _ := lists.Get(ctx, key, title(db, 1)); v != "old" {
+			t.Fatalf("Get = %q", v)
+		}
+		write(t, db, ob, 1, "new", true, Target{Cache: name, Namespace: ns})
+		if n, err := ob.ApplyOnce(ctx, lists); err != nil || n != 1 {
+			t.Fatalf("ApplyOnce = %d, %v", n, err)
+		}
+		if v, _ := lists.Get(ctx, key, title(db, 1)); v != "new" {
+			t.Fatalf("after the namespace bump: %q", v)
+		}
+
+		plain := newCache(t, addr, "plain"+unique(), cacheaside.Degradation{})
+		if _, err := plain.Get(ctx, "v1:p:1", title(db, 1)); err != nil {
+			t.Fatal(err)
+		}
+		write(t, db, ob, 1, "newer", true)
+		q := "INSERT INTO " + ob.table + " (cache, kind, target) VALUES (?, 'key', ?), (?, 'namespace', ?), (?, 'key', ?)"
+		if db.d == Postgres {
+			q = "INSERT INTO " + ob.table + " (cache, kind, target) VALUES ($1, 'key', $2), ($3, 'namespace', $4), ($5, 'key', $6)"
+		}
+		if _, err := db.db.ExecContext(ctx, q, plain.Name(), strings.Repeat("k", 1100), name, "not a namespace", plain.Name(), "v1:p:1"); err != nil {
+			t.Fatal(err)
+		}
+		if n, err := ob.ApplyOnce(ctx, lists, plain); err != nil || n != 3 {
+			t.Fatalf("ApplyOnce with two poison rows = %d, %v; want all 3 handled", n, err)
+		}
+		if s := ob.Stats(); s.Dropped != 2 {
+			t.Fatalf("stats %+v; want 2 dropped", s)
+		}
+		if v, _ := plain.Get(ctx, "v1:p:1", title(db, 1)); v != "newer" {
+			t.Fatalf("the good row beside the poison ones was not applied: %q", v)
+		}
+		if n := pending(t, db, ob); n != 0 {
+			t.Fatalf("%d rows left", n)
+		}
+	})
+}
+
+// TestNotifyWakesRelay (PostgreSQL): with Notify, a relay that polls only
+// once a minute applies a committed write within seconds, woken by the
+// NOTIFY that Record sent in the write's transaction; a rolled-back write
+// sends none.
+func TestNotifyWakesRelay(t *testing.T) {
+	if os.Getenv("DATABASE_URL") == "" {
+		t.Skip("LISTEN/NOTIFY needs PostgreSQL: set DATABASE_URL")
+	}
+	db := openPostgres(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	addr, _ := redisAddr(t)
+	name := "task" + unique()
+	c := newCache(t, addr, name, cacheaside.Degradation{})
+	notify := os.Getenv("DATABASE_URL")
+	ob := newOutbox(t, db, &Options{Poll: time.Minute, Notify: notify})
+	done := make(chan error, 1)
+	go func() { done <- ob.Relay(ctx, c) }()
+	// Once its LISTEN connection is up (and its look on connecting is
+	// over), the write below can only reach the relay by NOTIFY.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var n int
+		if err := db.db.QueryRowContext(ctx, `SELECT count(*) FROM pg_stat_activity WHERE query = 'LISTEN "'||$1||'"'`, ob.table).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		if n > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the relay's LISTEN connection never came up")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(200 * time.Millisecond)
+	start := time.Now()
+	applied := ob.Stats().Applied
+	write(t, db, ob, 2, "t", true, Keys(name, "v1:n:2")...)
+	for ob.Stats().Applied == applied {
+		if time.Since(start) > 10*time.Second {
+			t.Fatalf("a committed write not applied 10s later by a relay that polls once a minute: no NOTIFY")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Logf("commit to applied: %v", time.Since(start).Round(time.Millisecond))
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Fatalf("Relay returned %v", err)
 	}
 }

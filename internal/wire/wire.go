@@ -7,6 +7,7 @@ package wire
 
 import (
 	"fmt"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -177,4 +178,35 @@ func unhex(c byte) (byte, bool) {
 		return c - 'a' + 10, true
 	}
 	return 0, false
+}
+
+// SplitNamespace reads a namespace's string form, as Namespace.String
+// prints it ("v1:task_lists:{org:acme}"), or its generation key, into the
+// keyspace's name and version and the namespace's unescaped parts. The
+// caller rebuilds the Namespace with Keyspace.Namespace and checks that it
+// spells s back: that, not this, proves s a namespace.
+func SplitNamespace(s string) (name string, version int, parts []string, err error) {
+	bad := func(why string) (string, int, []string, error) {
+		return "", 0, nil, fmt.Errorf("%q is not a namespace: %s; a namespace looks like v1:task_lists:{org:acme}", s, why)
+	}
+	tag := strings.TrimSuffix(s, GenerationSuffix)
+	ver, rest, ok := strings.Cut(tag, ":")
+	if !ok || len(ver) < 2 || ver[0] != 'v' {
+		return bad("it does not start with v<version>:")
+	}
+	version, err = strconv.Atoi(ver[1:])
+	if err != nil {
+		return bad("bad version " + strconv.Quote(ver))
+	}
+	name, inner, _ := strings.Cut(rest, ":")
+	if len(inner) < 3 || inner[0] != '{' || inner[len(inner)-1] != '}' {
+		return bad("no {...} after the keyspace name")
+	}
+	parts = strings.Split(inner[1:len(inner)-1], ":")
+	for i, p := range parts {
+		if parts[i], err = UnescapePart(p); err != nil {
+			return bad(err.Error())
+		}
+	}
+	return name, version, parts, nil
 }
