@@ -53,6 +53,13 @@ type Options struct {
 	Poll   time.Duration // how often an idle relay looks for rows; default 100ms (1s with Notify)
 	Logger *slog.Logger  // relay failures, at most one line per failure streak; default slog.Default()
 
+	// Grace is how old a row must be before a relay applies it: a writer
+	// that invalidates right after its commit and then calls Done (the
+	// fast path) leaves the relays only the rows it could not apply
+	// (Redis refused, or the process died), instead of racing them for
+	// every row. Default 0: rows are applied as soon as a relay sees them.
+	Grace time.Duration
+
 	// Notify (PostgreSQL only) is a connection string (a pgx URL or DSN)
 	// for one LISTEN connection per relay: Record sends a NOTIFY in the
 	// write's transaction, delivered when it commits, and the relay wakes
@@ -70,7 +77,8 @@ type Outbox struct {
 	batch  int
 	poll   time.Duration
 	log    *slog.Logger
-	notify string // Options.Notify
+	notify string        // Options.Notify
+	grace  time.Duration // Options.Grace
 
 	applied, batches, failures, dropped atomic.Uint64
 }
@@ -91,12 +99,12 @@ func New(db *sql.DB, d Dialect, o *Options) (*Outbox, error) {
 		return nil, fmt.Errorf("cacheoutbox: unknown dialect %d", d)
 	case opt.Table != "" && !tableName.MatchString(opt.Table):
 		return nil, fmt.Errorf("cacheoutbox: table name %q is not a plain SQL identifier", opt.Table)
-	case opt.Batch < 0 || opt.Poll < 0:
-		return nil, fmt.Errorf("cacheoutbox: negative Batch %d or Poll %v", opt.Batch, opt.Poll)
+	case opt.Batch < 0 || opt.Poll < 0 || opt.Grace < 0:
+		return nil, fmt.Errorf("cacheoutbox: negative Batch %d, Poll %v or Grace %v", opt.Batch, opt.Poll, opt.Grace)
 	case opt.Notify != "" && d != Postgres:
 		return nil, errors.New("cacheoutbox: Notify needs PostgreSQL")
 	}
-	ob := &Outbox{db: db, d: d, table: opt.Table, batch: opt.Batch, poll: opt.Poll, log: opt.Logger, notify: opt.Notify}
+	ob := &Outbox{db: db, d: d, table: opt.Table, batch: opt.Batch, poll: opt.Poll, log: opt.Logger, notify: opt.Notify, grace: opt.Grace}
 	if ob.table == "" {
 		ob.table = "cacheaside_outbox"
 	}
@@ -117,15 +125,16 @@ func New(db *sql.DB, d Dialect, o *Options) (*Outbox, error) {
 
 // Migrate creates the outbox table if it does not exist.
 func (ob *Outbox) Migrate(ctx context.Context) error {
-	id := "BIGSERIAL PRIMARY KEY"
+	id, now := "BIGSERIAL PRIMARY KEY", "TIMESTAMPTZ NOT NULL DEFAULT now()"
 	if ob.d == SQLite {
-		id = "INTEGER PRIMARY KEY AUTOINCREMENT"
+		id, now = "INTEGER PRIMARY KEY AUTOINCREMENT", "REAL NOT NULL DEFAULT (julianday('now'))"
 	}
 	_, err := ob.db.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS `+ob.table+` (
 		id `+id+`,
 		cache TEXT NOT NULL,
 		kind TEXT NOT NULL CHECK (kind IN ('key', 'prefix', 'namespace')),
-		target TEXT NOT NULL
+		target TEXT NOT NULL,
+		created `+now+`
 	)`)
 	if err != nil {
 		return fmt.Errorf("cacheoutbox: creating %s: %w", ob.table, err)
@@ -196,16 +205,22 @@ func namespace(s string) (cacheaside.Namespace, error) {
 	return ns, nil
 }
 
+// Receipt names the rows one Record wrote, for Done.
+type Receipt struct{ ids []int64 }
+
 // Record adds targets to the outbox inside tx, the transaction of the data
 // change they belong to: they are applied once it commits, and never if it
 // rolls back. An invalid target fails the call before anything is written.
-func (ob *Outbox) Record(ctx context.Context, tx *sql.Tx, targets ...Target) error {
+// The Receipt is for the fast path: a writer that invalidates the targets
+// itself after the commit passes it to Done.
+func (ob *Outbox) Record(ctx context.Context, tx *sql.Tx, targets ...Target) (Receipt, error) {
+	var rec Receipt
 	if tx == nil {
-		return errors.New("cacheoutbox: Record needs the data change's transaction")
+		return rec, errors.New("cacheoutbox: Record needs the data change's transaction")
 	}
 	for _, t := range targets {
 		if err := t.check(); err != nil {
-			return err
+			return rec, err
 		}
 	}
 	const perStmt = 200
@@ -222,17 +237,52 @@ func (ob *Outbox) Record(ctx context.Context, tx *sql.Tx, targets ...Target) err
 			kind, target := t.kind()
 			args = append(args, t.Cache, kind, target)
 		}
-		if _, err := tx.ExecContext(ctx, sb.String(), args...); err != nil {
-			return fmt.Errorf("cacheoutbox: recording invalidations: %w", err)
+		sb.WriteString(" RETURNING id")
+		rows, err := tx.QueryContext(ctx, sb.String(), args...)
+		if err != nil {
+			return rec, fmt.Errorf("cacheoutbox: recording invalidations: %w", err)
+		}
+		for rows.Next() {
+			var id int64
+			if err := rows.Scan(&id); err != nil {
+				rows.Close()
+				return rec, fmt.Errorf("cacheoutbox: recording invalidations: %w", err)
+			}
+			rec.ids = append(rec.ids, id)
+		}
+		if err := errors.Join(rows.Close(), rows.Err()); err != nil {
+			return rec, fmt.Errorf("cacheoutbox: recording invalidations: %w", err)
 		}
 		targets = targets[n:]
 	}
-	if ob.d == Postgres {
+	if ob.d == Postgres && ob.grace == 0 {
 		// Delivered when tx commits (once per transaction and channel), and
-		// never if it rolls back: relays with Notify wake at once.
+		// never if it rolls back: relays with Notify wake at once. With a
+		// grace period they would find nothing to apply yet.
 		if _, err := tx.ExecContext(ctx, "SELECT pg_notify($1, '')", ob.table); err != nil {
-			return fmt.Errorf("cacheoutbox: recording invalidations: %w", err)
+			return rec, fmt.Errorf("cacheoutbox: recording invalidations: %w", err)
 		}
+	}
+	return rec, nil
+}
+
+// Done deletes the rows of rec, after the committed transaction's writer
+// applied their invalidations itself (every Invalidate returned nil), so
+// that no relay applies them again. It is an optimization: a row a relay
+// took meanwhile is applied twice, which is harmless; and a Done that
+// fails leaves the rows to the relays.
+func (ob *Outbox) Done(ctx context.Context, rec Receipt) error {
+	for ids := rec.ids; len(ids) > 0; {
+		k := min(len(ids), 500)
+		ps := make([]string, k)
+		args := make([]any, k)
+		for i := range ps {
+			ps[i], args[i] = ob.ph(i+1), ids[i]
+		}
+		if _, err := ob.db.ExecContext(ctx, "DELETE FROM "+ob.table+" WHERE id IN ("+strings.Join(ps, ", ")+")", args...); err != nil {
+			return fmt.Errorf("cacheoutbox: deleting applied rows: %w", err)
+		}
+		ids = ids[k:]
 	}
 	return nil
 }
@@ -436,7 +486,15 @@ func (ob *Outbox) apply(ctx context.Context, caches map[string]Invalidator) (n i
 		names = append(names, name)
 		phs = append(phs, ob.ph(len(names)))
 	}
-	q := "SELECT id, cache, kind, target FROM " + ob.table + " WHERE cache IN (" + strings.Join(phs, ", ") + ") ORDER BY id LIMIT " + fmt.Sprint(ob.batch)
+	q := "SELECT id, cache, kind, target FROM " + ob.table + " WHERE cache IN (" + strings.Join(phs, ", ") + ")"
+	if ob.grace > 0 {
+		if ob.d == Postgres {
+			q += fmt.Sprintf(" AND created < now() - interval '%d milliseconds'", ob.grace.Milliseconds())
+		} else {
+			q += fmt.Sprintf(" AND created < julianday('now') - %f", ob.grace.Hours()/24)
+		}
+	}
+	q += " ORDER BY id LIMIT " + fmt.Sprint(ob.batch)
 	if ob.d == Postgres {
 		q += " FOR UPDATE SKIP LOCKED"
 	}

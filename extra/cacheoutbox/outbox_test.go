@@ -164,7 +164,7 @@ func write(t *testing.T, db database, ob *Outbox, id int, title string, commit b
 	if _, err := tx.ExecContext(ctx, q, id, title); err != nil {
 		t.Fatal(err)
 	}
-	if err := ob.Record(ctx, tx, targets...); err != nil {
+	if _, err := ob.Record(ctx, tx, targets...); err != nil {
 		t.Fatal(err)
 	}
 	if commit {
@@ -365,11 +365,11 @@ func TestBadInput(t *testing.T) {
 		}
 		defer tx.Rollback()
 		for _, bad := range []Target{{Key: "k"}, {Cache: "c"}, {Cache: "c", Key: "k", Prefix: "p"}} {
-			if err := ob.Record(ctx, tx, Target{Cache: "c", Key: "fine"}, bad); err == nil {
+			if _, err := ob.Record(ctx, tx, Target{Cache: "c", Key: "fine"}, bad); err == nil {
 				t.Errorf("Record(%+v) succeeded", bad)
 			}
 		}
-		if err := ob.Record(ctx, nil, Keys("c", "k")...); err == nil {
+		if _, err := ob.Record(ctx, nil, Keys("c", "k")...); err == nil {
 			t.Error("Record without a transaction succeeded")
 		}
 		_ = tx.Rollback()
@@ -407,7 +407,7 @@ func BenchmarkRelay(b *testing.B) {
 				for i := range ts {
 					ts[i] = Target{Cache: name, Key: fmt.Sprint("v1:bench:", i)}
 				}
-				if err := ob.Record(ctx, tx, ts...); err != nil {
+				if _, err := ob.Record(ctx, tx, ts...); err != nil {
 					b.Fatal(err)
 				}
 				if err := tx.Commit(); err != nil {
@@ -539,4 +539,55 @@ func TestNotifyWakesRelay(t *testing.T) {
 	if err := <-done; !errors.Is(err, context.Canceled) {
 		t.Fatalf("Relay returned %v", err)
 	}
+}
+
+// TestFastPathAndGrace: a writer that invalidates its keys itself after
+// the commit deletes its rows with Done, and no relay applies them again;
+// a writer that dies before that leaves its rows, which a relay with a
+// grace period applies once they are older than it, and not before.
+func TestFastPathAndGrace(t *testing.T) {
+	forEachDB(t, func(t *testing.T, db database) {
+		ctx := context.Background()
+		addr, _ := redisAddr(t)
+		name := "task" + unique()
+		c := &counting{Invalidator: newCache(t, addr, name, cacheaside.Degradation{}), seen: map[string]int{}}
+		ob := newOutbox(t, db, &Options{Grace: 500 * time.Millisecond})
+		commit := func(key string) Receipt {
+			tx, err := db.db.BeginTx(ctx, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			rec, err := ob.Record(ctx, tx, Keys(name, key)...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := tx.Commit(); err != nil {
+				t.Fatal(err)
+			}
+			return rec
+		}
+		rec := commit("v1:f:1")
+		if _, err := c.Invalidate(ctx, "v1:f:1"); err != nil { // the writer's own invalidation
+			t.Fatal(err)
+		}
+		if err := ob.Done(ctx, rec); err != nil {
+			t.Fatal(err)
+		}
+		commit("v1:f:2") // this writer dies after its commit
+		if n := pending(t, db, ob); n != 1 {
+			t.Fatalf("%d rows after one Done and one death, want 1", n)
+		}
+		if n, err := ob.ApplyOnce(ctx, c); err != nil || n != 0 {
+			t.Fatalf("ApplyOnce of a row younger than the grace = %d, %v; want 0", n, err)
+		}
+		time.Sleep(600 * time.Millisecond)
+		if n, err := ob.ApplyOnce(ctx, c); err != nil || n != 1 {
+			t.Fatalf("ApplyOnce after the grace = %d, %v; want the dead writer's row", n, err)
+		}
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if c.seen["v1:f:1"] != 1 || c.seen["v1:f:2"] != 1 {
+			t.Fatalf("invalidations %v; want each key once", c.seen)
+		}
+	})
 }
