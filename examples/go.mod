@@ -33,6 +33,7 @@ require (
 	github.com/prometheus/common v0.72.0 // indirect
 	github.com/prometheus/procfs v0.22.0 // indirect
 	github.com/remyoudompheng/bigfft v0.0.0-20230129092748-24d4a6f8daec // indirect
+	github.com/seed-b4ec662f/cacheaside/extra/cacheoutbox v0.1.0
 	github.com/seed-b4ec662f/cacheaside/extra/cacheprometheus v0.1.0
 	github.com/sony/gobreaker/v2 v2.4.0 // indirect
 	github.com/vmihailenco/msgpack/v5 v5.4.1 // indirect
@@ -51,3 +52,5 @@ require (
 replace github.com/seed-b4ec662f/cacheaside => ../
 
 replace github.com/seed-b4ec662f/cacheaside/extra/cacheprometheus => ../extra/cacheprometheus
+
+replace github.com/seed-b4ec662f/cacheaside/extra/cacheoutbox => ../extra/cacheoutbox

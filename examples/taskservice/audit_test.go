@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestAuditFindsWritesBehindTheCache: ten tasks and the acme org's stats
@@ -71,4 +72,69 @@ func TestAuditFindsWritesBehindTheCache(t *testing.T) {
 	}
 	ta.getJSON(t, "/admin/audit?cache=nope", 400, nil)
 	ta.getJSON(t, "/admin/audit?cache=task&n=0", 400, nil)
+}
+
+// TestWriterDiesAfterCommit: a PUT whose process "dies" right after its
+// commit (it never invalidates) leaves the old task in the cache, and the
+// audit finds it stale; the outbox row the PUT recorded in its own
+// transaction is applied by the relay after its grace, and then the task
+// and its org's list pages show the new title, and the audit finds
+// nothing stale. A PUT that invalidates itself deletes its row (the fast
+// path), leaving the relay nothing.
+func TestWriterDiesAfterCommit(t *testing.T) {
+	old := outboxGrace
+	outboxGrace = 300 * time.Millisecond
+	t.Cleanup(func() { outboxGrace = old })
+	ta := newTestApp(t, nil)
+	var task Task
+	ta.getJSON(t, "/tasks/5", 200, &task)
+	put := func(title string) {
+		t.Helper()
+		if code, b := ta.do(t, "PUT", "/tasks/5", fmt.Sprintf(`{"title":%q,"status":%q,"assignee_id":%d}`, title, task.Status, task.Assignee)); code != 200 {
+			t.Fatalf("PUT = %d %s", code, b)
+		}
+	}
+	ta.app.svc.crashAfterCommit.Store(true)
+	put("written, then the writer died")
+	ta.app.svc.crashAfterCommit.Store(false)
+	var got Task
+	ta.getJSON(t, "/tasks/5", 200, &got)
+	if got.Title != task.Title {
+		t.Fatalf("right after the dead writer's commit the cache served %q; the test needs the old title still cached", got.Title)
+	}
+	var res auditResult
+	ta.getJSON(t, "/admin/audit?cache=task", 200, &res)
+	if res.Stale != 1 {
+		t.Fatalf("audit before the relay: %+v; want the one stale task", res)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for got.Title != "written, then the writer died" {
+		if time.Now().After(deadline) {
+			t.Fatalf("10s after the commit the task still reads %q: the relay never applied the outbox row", got.Title)
+		}
+		time.Sleep(50 * time.Millisecond)
+		ta.getJSON(t, "/tasks/5", 200, &got)
+	}
+	outboxRows := func() int {
+		var n int
+		if err := ta.app.store.db.QueryRow(`SELECT COUNT(*) FROM cacheaside_outbox`).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	for outboxRows() != 0 { // the org's namespace row too
+		if time.Now().After(deadline) {
+			t.Fatalf("%d outbox rows left", outboxRows())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	ta.getJSON(t, "/admin/audit?cache=task", 200, &res)
+	if res.Stale != 0 {
+		t.Fatalf("audit after the relay: %+v; want nothing stale", res)
+	}
+
+	put("written and invalidated by its writer")
+	if n := outboxRows(); n != 0 {
+		t.Fatalf("%d outbox rows after a write that invalidated itself; want 0 (Done)", n)
+	}
 }

@@ -106,6 +106,7 @@ type app struct {
 	Handler http.Handler
 
 	stopAudits func() // ends the periodic audits (AUDIT_EVERY); nil without
+	stopRelay  func() // ends the outbox's relay
 }
 
 // localTaskTTL is how long the task cache's local tier may serve a task
@@ -174,6 +175,12 @@ func newApp(ctx context.Context, e env, log *slog.Logger, dbLatency time.Duratio
 	a.mon.add("task", a.svc.tasks, a.svc.localTier)
 	a.mon.add("task_list", a.svc.lists, false)
 	a.mon.add("org_stats", a.svc.stats, false)
+	// The outbox's relay: the invalidations a writer recorded with its
+	// write but did not apply (Redis refused, or it died after the commit).
+	rctx, stopRelay := context.WithCancel(context.Background())
+	relayDone := make(chan struct{})
+	go func() { defer close(relayDone); _ = store.outbox.Relay(rctx, a.svc.tasks, a.svc.lists) }()
+	a.stopRelay = func() { stopRelay(); <-relayDone }
 	audits := newAuditor(a.svc, reg)
 	if e.auditEvery > 0 {
 		actx, stop := context.WithCancel(context.Background())
@@ -199,6 +206,9 @@ func redisLabel(url string) string {
 func (a *app) Close() {
 	if a.stopAudits != nil {
 		a.stopAudits()
+	}
+	if a.stopRelay != nil {
+		a.stopRelay()
 	}
 	if a.mon != nil {
 		a.mon.close()

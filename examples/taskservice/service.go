@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"log/slog"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/seed-b4ec662f/cacheaside"
+	"github.com/seed-b4ec662f/cacheaside/extra/cacheoutbox"
 	"github.com/seed-b4ec662f/cacheaside/extra/cacheprometheus"
 )
 
@@ -51,6 +53,11 @@ type Service struct {
 	taskKeys  cacheaside.Keyspace
 	listKeys  cacheaside.Keyspace
 	statsKeys cacheaside.Keyspace
+
+	// crashAfterCommit makes a write return right after its commit without
+	// invalidating, as a process killed there would (tests): the outbox's
+	// relay must then do it.
+	crashAfterCommit atomic.Bool
 }
 
 // NewService builds the caches on rdb with the policies of ttls. prefix,
@@ -81,6 +88,10 @@ func NewService(store *Store, rdb cacheaside.Redis, ttls *cacheaside.TTLTable, l
 	}
 	s.listKeys = cacheaside.MustKeyspace(prefix+"task_lists", 1)
 	s.statsKeys = cacheaside.MustKeyspace(prefix+"org_stats", 1)
+	// Every write records what it invalidates in its own transaction.
+	store.targets = func(id int64, org string) []cacheoutbox.Target {
+		return []cacheoutbox.Target{{Cache: s.tasks.Name(), Key: s.taskKey(id)}, {Cache: s.lists.Name(), Namespace: s.orgLists(org)}}
+	}
 	return s, nil
 }
 
@@ -164,33 +175,33 @@ func (s *Service) Permissions(ctx context.Context, user int64) (Permissions, err
 func (s *Service) CreateTask(ctx context.Context, in TaskInput) (Task, bool, error) {
 	ctx, cancel := writeContext(ctx)
 	defer cancel()
-	t, err := s.store.CreateTask(ctx, in)
+	t, rec, err := s.store.CreateTask(ctx, in)
 	if err != nil {
 		return Task{}, false, err
 	}
-	return t, s.invalidate(ctx, t.ID, t.Org), nil
+	return t, s.invalidate(ctx, t.ID, t.Org, rec), nil
 }
 
 // UpdateTask writes, then invalidates the task and its org's lists.
 func (s *Service) UpdateTask(ctx context.Context, id int64, in TaskInput) (Task, bool, error) {
 	ctx, cancel := writeContext(ctx)
 	defer cancel()
-	t, err := s.store.UpdateTask(ctx, id, in)
+	t, rec, err := s.store.UpdateTask(ctx, id, in)
 	if err != nil {
 		return Task{}, false, err
 	}
-	return t, s.invalidate(ctx, t.ID, t.Org), nil
+	return t, s.invalidate(ctx, t.ID, t.Org, rec), nil
 }
 
 // DeleteTask deletes, then invalidates the task and its org's lists.
 func (s *Service) DeleteTask(ctx context.Context, id int64) (bool, error) {
 	ctx, cancel := writeContext(ctx)
 	defer cancel()
-	org, err := s.store.DeleteTask(ctx, id)
+	org, rec, err := s.store.DeleteTask(ctx, id)
 	if err != nil {
 		return false, err
 	}
-	return s.invalidate(ctx, id, org), nil
+	return s.invalidate(ctx, id, org, rec), nil
 }
 
 // writeTimeout bounds a write and its invalidation together.
@@ -210,10 +221,20 @@ func writeContext(ctx context.Context) (context.Context, context.CancelFunc) {
 // shutting down) is not, and says nothing to the client about a retry.
 // Neither is ErrNotPublished: the delete landed, only the message to the
 // other instances' local tiers failed (the library logged it), and those
-// expire their copies within the local TTL.
-func (s *Service) invalidate(ctx context.Context, id int64, org string) (queued bool) {
+// expire their copies within the local TTL. When both landed, the write's
+// outbox rows are deleted (the fast path); otherwise the outbox's relay
+// applies them, even if this process dies first.
+func (s *Service) invalidate(ctx context.Context, id int64, org string, rec cacheoutbox.Receipt) (queued bool) {
+	if s.crashAfterCommit.Load() {
+		return false
+	}
 	_, e1 := s.tasks.Invalidate(ctx, s.taskKey(id))
 	e2 := s.lists.InvalidateNamespace(ctx, s.orgLists(org))
+	if e1 == nil && e2 == nil {
+		if err := s.store.outbox.Done(ctx, rec); err != nil {
+			s.log.Warn("deleting applied outbox rows failed; the relay applies them again", "err", err)
+		}
+	}
 	q := func(err error) bool {
 		return err != nil && !errors.Is(err, cacheaside.ErrClosed) && !errors.Is(err, cacheaside.ErrNotPublished)
 	}

@@ -15,6 +15,7 @@ import (
 	_ "modernc.org/sqlite"             // pure-Go SQLite driver "sqlite"
 
 	"github.com/seed-b4ec662f/cacheaside"
+	"github.com/seed-b4ec662f/cacheaside/extra/cacheoutbox"
 )
 
 // Task is a task row, as the API returns it and the cache stores it.
@@ -66,7 +67,17 @@ type Store struct {
 	dialect string // "pgx" or "sqlite"
 	latency time.Duration
 	queries func() // counts queries; may be nil
+
+	// outbox records each write's invalidations in the write's own
+	// transaction (extra/cacheoutbox): targets names them for a task and
+	// its org (set by the Service, which knows the keys).
+	outbox  *cacheoutbox.Outbox
+	targets func(id int64, org string) []cacheoutbox.Target
 }
+
+// outboxGrace is how long the relay leaves a write's outbox rows to their
+// writer, which deletes them once it has invalidated the keys itself.
+var outboxGrace = 2 * time.Second
 
 // errNoOrg is returned when a request names an org that does not exist.
 var errNoOrg = errors.New("no such org")
@@ -95,6 +106,17 @@ func OpenStore(ctx context.Context, url, sqlitePath string) (*Store, error) {
 		}
 	}
 	if err != nil {
+		return nil, err
+	}
+	d := cacheoutbox.SQLite
+	if s.dialect == "pgx" {
+		d = cacheoutbox.Postgres
+	}
+	// A writer deletes its rows once it has invalidated the keys itself;
+	// the relay takes what is left after the grace: rows of a write whose
+	// invalidation Redis refused, or whose process died after its commit.
+	if s.outbox, err = cacheoutbox.New(s.db, d, &cacheoutbox.Options{Grace: outboxGrace, Poll: 250 * time.Millisecond}); err != nil {
+		s.db.Close()
 		return nil, err
 	}
 	if err := s.ping(ctx); err != nil {
@@ -181,6 +203,9 @@ func (s *Store) migrate(ctx context.Context) error {
 		if _, err := tx.ExecContext(ctx, q); err != nil {
 			return fmt.Errorf("schema: %w", err)
 		}
+	}
+	if err := s.outbox.Migrate(ctx, tx); err != nil {
+		return fmt.Errorf("schema: %w", err)
 	}
 	var n int
 	if err := tx.QueryRowContext(ctx, `SELECT COUNT(*) FROM orgs`).Scan(&n); err != nil {
@@ -362,62 +387,98 @@ func (s *Store) OrgStats(ctx context.Context, org string) (OrgStats, error) {
 }
 
 // CreateTask inserts a task and returns it.
-func (s *Store) CreateTask(ctx context.Context, in TaskInput) (Task, error) {
+func (s *Store) CreateTask(ctx context.Context, in TaskInput) (t Task, rec cacheoutbox.Receipt, _ error) {
 	s.query()
-	if ok, err := s.userInOrg(ctx, in.Assignee, in.Org); err != nil || !ok {
-		if err == nil {
-			err = invalidf("assignee %d is not a user of org %s", in.Assignee, short(in.Org))
+	rec, err := s.write(ctx, func(tx *sql.Tx) (int64, string, error) {
+		if ok, err := userInOrg(ctx, tx, in.Assignee, in.Org); err != nil || !ok {
+			if err == nil {
+				err = invalidf("assignee %d is not a user of org %s", in.Assignee, short(in.Org))
+			}
+			return 0, "", err
 		}
-		return Task{}, err
+		tags, _ := json.Marshal(in.Tags)
+		var err error
+		t, err = scanTask(tx.QueryRowContext(ctx, `INSERT INTO tasks (org, title, status, assignee, tags, updated_at)
+			VALUES ($1, $2, $3, $4, $5, $6) RETURNING `+taskColumns, in.Org, in.Title, in.Status, in.Assignee, string(tags), time.Now().UTC()))
+		return t.ID, t.Org, err
+	})
+	return t, rec, err
+}
+
+// write runs fn, a task's change, in a transaction with its invalidations
+// recorded in the outbox (lecture 4.3, made durable: a process that dies
+// after the commit leaves them to the relay), and commits.
+func (s *Store) write(ctx context.Context, fn func(tx *sql.Tx) (id int64, org string, err error)) (cacheoutbox.Receipt, error) {
+	var rec cacheoutbox.Receipt
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return rec, err
 	}
-	tags, _ := json.Marshal(in.Tags)
-	return scanTask(s.db.QueryRowContext(ctx, `INSERT INTO tasks (org, title, status, assignee, tags, updated_at)
-		VALUES ($1, $2, $3, $4, $5, $6) RETURNING `+taskColumns, in.Org, in.Title, in.Status, in.Assignee, string(tags), time.Now().UTC()))
+	defer tx.Rollback()
+	id, org, err := fn(tx)
+	if err != nil {
+		return rec, err
+	}
+	if s.targets != nil {
+		if rec, err = s.outbox.Record(ctx, tx, s.targets(id, org)...); err != nil {
+			return rec, err
+		}
+	}
+	return rec, tx.Commit()
 }
 
 // UpdateTask replaces a task's fields (not its org) and returns it, or
 // cacheaside.ErrNotFound.
-func (s *Store) UpdateTask(ctx context.Context, id int64, in TaskInput) (Task, error) {
+func (s *Store) UpdateTask(ctx context.Context, id int64, in TaskInput) (t Task, rec cacheoutbox.Receipt, _ error) {
 	s.query()
-	cur, err := scanTask(s.db.QueryRowContext(ctx, `SELECT `+taskColumns+` FROM tasks WHERE id = $1`, id))
-	if errors.Is(err, sql.ErrNoRows) {
-		return Task{}, cacheaside.ErrNotFound
-	}
-	if err != nil {
-		return Task{}, err
-	}
-	if in.Org != "" && in.Org != cur.Org {
-		return Task{}, invalidf("a task cannot move to another org")
-	}
-	if ok, err := s.userInOrg(ctx, in.Assignee, cur.Org); err != nil || !ok {
-		if err == nil {
-			err = invalidf("assignee %d is not a user of org %s", in.Assignee, short(cur.Org))
+	rec, err := s.write(ctx, func(tx *sql.Tx) (int64, string, error) {
+		cur, err := scanTask(tx.QueryRowContext(ctx, `SELECT `+taskColumns+` FROM tasks WHERE id = $1`, id))
+		if errors.Is(err, sql.ErrNoRows) {
+			return 0, "", cacheaside.ErrNotFound
 		}
-		return Task{}, err
-	}
-	tags, _ := json.Marshal(in.Tags)
-	t, err := scanTask(s.db.QueryRowContext(ctx, `UPDATE tasks SET title = $1, status = $2, assignee = $3, tags = $4, updated_at = $5
-		WHERE id = $6 RETURNING `+taskColumns, in.Title, in.Status, in.Assignee, string(tags), time.Now().UTC(), id))
-	if errors.Is(err, sql.ErrNoRows) {
-		return Task{}, cacheaside.ErrNotFound
-	}
-	return t, err
+		if err != nil {
+			return 0, "", err
+		}
+		if in.Org != "" && in.Org != cur.Org {
+			return 0, "", invalidf("a task cannot move to another org")
+		}
+		if ok, err := userInOrg(ctx, tx, in.Assignee, cur.Org); err != nil || !ok {
+			if err == nil {
+				err = invalidf("assignee %d is not a user of org %s", in.Assignee, short(cur.Org))
+			}
+			return 0, "", err
+		}
+		tags, _ := json.Marshal(in.Tags)
+		t, err = scanTask(tx.QueryRowContext(ctx, `UPDATE tasks SET title = $1, status = $2, assignee = $3, tags = $4, updated_at = $5
+			WHERE id = $6 RETURNING `+taskColumns, in.Title, in.Status, in.Assignee, string(tags), time.Now().UTC(), id))
+		if errors.Is(err, sql.ErrNoRows) {
+			return 0, "", cacheaside.ErrNotFound
+		}
+		return t.ID, t.Org, err
+	})
+	return t, rec, err
 }
 
 // DeleteTask deletes a task and returns its org, or cacheaside.ErrNotFound.
-func (s *Store) DeleteTask(ctx context.Context, id int64) (string, error) {
+func (s *Store) DeleteTask(ctx context.Context, id int64) (org string, rec cacheoutbox.Receipt, _ error) {
 	s.query()
-	var org string
-	err := s.db.QueryRowContext(ctx, `DELETE FROM tasks WHERE id = $1 RETURNING org`, id).Scan(&org)
-	if errors.Is(err, sql.ErrNoRows) {
-		return "", cacheaside.ErrNotFound
-	}
-	return org, err
+	rec, err := s.write(ctx, func(tx *sql.Tx) (int64, string, error) {
+		err := tx.QueryRowContext(ctx, `DELETE FROM tasks WHERE id = $1 RETURNING org`, id).Scan(&org)
+		if errors.Is(err, sql.ErrNoRows) {
+			return 0, "", cacheaside.ErrNotFound
+		}
+		return id, org, err
+	})
+	return org, rec, err
 }
 
-func (s *Store) userInOrg(ctx context.Context, user int64, org string) (bool, error) {
+// userInOrg reads through q: the write's transaction (on SQLite, with its
+// one connection, a read beside the transaction would wait for it).
+func userInOrg(ctx context.Context, q interface {
+	QueryRowContext(context.Context, string, ...any) *sql.Row
+}, user int64, org string) (bool, error) {
 	var n int
-	err := s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM users WHERE id = $1 AND org = $2`, user, org).Scan(&n)
+	err := q.QueryRowContext(ctx, `SELECT COUNT(*) FROM users WHERE id = $1 AND org = $2`, user, org).Scan(&n)
 	return n > 0, err
 }
 

@@ -123,13 +123,19 @@ func New(db *sql.DB, d Dialect, o *Options) (*Outbox, error) {
 	return ob, nil
 }
 
-// Migrate creates the outbox table if it does not exist.
-func (ob *Outbox) Migrate(ctx context.Context) error {
+// Migrate creates the outbox table if it does not exist: in tx, if not
+// nil (an application's schema transaction, so instances starting together
+// do not race on CREATE TABLE), else on its own.
+func (ob *Outbox) Migrate(ctx context.Context, tx *sql.Tx) error {
+	exec := ob.db.ExecContext
+	if tx != nil {
+		exec = tx.ExecContext
+	}
 	id, now := "BIGSERIAL PRIMARY KEY", "TIMESTAMPTZ NOT NULL DEFAULT now()"
 	if ob.d == SQLite {
 		id, now = "INTEGER PRIMARY KEY AUTOINCREMENT", "REAL NOT NULL DEFAULT (julianday('now'))"
 	}
-	_, err := ob.db.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS `+ob.table+` (
+	_, err := exec(ctx, `CREATE TABLE IF NOT EXISTS `+ob.table+` (
 		id `+id+`,
 		cache TEXT NOT NULL,
 		kind TEXT NOT NULL CHECK (kind IN ('key', 'prefix', 'namespace')),

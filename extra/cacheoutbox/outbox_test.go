@@ -130,7 +130,7 @@ func newOutbox(t testing.TB, db database, o *Options) *Outbox {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := ob.Migrate(context.Background()); err != nil {
+	if err := ob.Migrate(context.Background(), nil); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := db.db.Exec(`CREATE TABLE IF NOT EXISTS tasks (id INTEGER PRIMARY KEY, title TEXT NOT NULL)`); err != nil {
