@@ -1,5 +1,8 @@
-// Package cacheoutbox makes cacheaside invalidations durable with a
-// transactional outbox over database/sql, on PostgreSQL and SQLite.
+// Package cacheoutbox makes cacheaside invalidations durable: a
+// transactional outbox over database/sql, on PostgreSQL and SQLite, for
+// the writes the application makes, and a change-data-capture Listener on
+// PostgreSQL's logical replication (cdc.go) for every write, whoever makes
+// it.
 //
 // A write and the invalidations it needs commit together: the application
 // records its targets (keys, prefixes and namespaces of a named cache) in the same

@@ -1,0 +1,332 @@
+package cacheoutbox
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
+)
+
+// Change data capture. The outbox covers the writes the application
+// makes; a Listener covers every write, whoever makes it (another service,
+// a migration, a psql session, an UPDATE … WHERE that touched rows the code
+// never named), by reading PostgreSQL's logical replication stream
+// (pgoutput) of the tables of a publication. Each changed row is mapped to
+// its targets by its table's Targets function, with the row's old and new
+// values, so a task moved between orgs clears both orgs' lists; a TRUNCATE
+// applies the table's Truncate targets. A transaction's targets are applied
+// when its COMMIT arrives, and the listener confirms a WAL position to the
+// server only after every invalidation up to it has landed in Redis, so a
+// listener killed at any moment loses nothing: the next one resumes from
+// the last confirmed position and applies again what was not confirmed (at
+// least once). While no transaction is open, it confirms the server's WAL
+// end as well, so an idle slot does not retain WAL.
+//
+// The database needs wal_level=logical, a publication of the tables
+// (CREATE PUBLICATION cacheaside FOR TABLE tasks), REPLICA IDENTITY FULL
+// on tables whose targets need old values beyond the key (ALTER TABLE
+// tasks REPLICA IDENTITY FULL), a user with the REPLICATION attribute, and
+// max_slot_wal_keep_size set so that a slot nobody reads cannot fill the
+// disk. One slot serves one listener at a time: a second listener on the
+// same slot retries until the first one's connection ends, and then takes
+// over from its last confirmed position.
+
+// Row is a changed row's columns as text; a NULL column is absent.
+type Row map[string]string
+
+// Change is one row change of a published table.
+type Change struct {
+	Table string // schema.table
+	Op    string // "insert", "update" or "delete"
+	Old   Row    // update, delete: the row before (all columns with REPLICA IDENTITY FULL, else the key, or nil for an update that kept the key)
+	New   Row    // insert, update: the row after
+}
+
+// Table maps a published table's changes to invalidations.
+type Table struct {
+	Name     string                // schema.table, e.g. "public.tasks"
+	Targets  func(Change) []Target // the targets of one change
+	Truncate []Target              // the targets of a TRUNCATE of the table
+}
+
+// ListenerOptions configures a Listener.
+type ListenerOptions struct {
+	Conn        string // a connection string of a user with REPLICATION; replication=database is added
+	Slot        string // the logical replication slot, made if missing; default "cacheaside"
+	Publication string // the publication to read; default "cacheaside"
+	Tables      []Table
+	Logger      *slog.Logger // default slog.Default()
+}
+
+// Listener applies the invalidations of a publication's changes.
+type Listener struct {
+	o      ListenerOptions
+	caches map[string]Invalidator
+	tables map[string]Table
+
+	applied, txns atomic.Uint64
+	confirmed     atomic.Uint64 // LSN
+	lagNanos      atomic.Int64  // commit to applied, of the last transaction
+}
+
+// NewListener checks o and the caches.
+func NewListener(o ListenerOptions, caches ...Invalidator) (*Listener, error) {
+	m, err := named(caches)
+	if err != nil {
+		return nil, err
+	}
+	if o.Conn == "" || len(o.Tables) == 0 {
+		return nil, errors.New("cacheoutbox: a Listener needs Conn and at least one Table")
+	}
+	if o.Slot == "" {
+		o.Slot = "cacheaside"
+	}
+	if o.Publication == "" {
+		o.Publication = "cacheaside"
+	}
+	if !tableName.MatchString(o.Slot) {
+		return nil, fmt.Errorf("cacheoutbox: slot name %q is not a plain identifier", o.Slot)
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	l := &Listener{o: o, caches: m, tables: map[string]Table{}}
+	for _, t := range o.Tables {
+		if !strings.Contains(t.Name, ".") || t.Targets == nil {
+			return nil, fmt.Errorf("cacheoutbox: table %q needs a schema-qualified Name and Targets", t.Name)
+		}
+		l.tables[t.Name] = t
+	}
+	return l, nil
+}
+
+// ListenerStats is what a Listener has done.
+type ListenerStats struct {
+	Applied      uint64        // targets applied
+	Transactions uint64        // transactions whose targets were applied and confirmed
+	Confirmed    string        // the WAL position confirmed to the server
+	Lag          time.Duration // commit to applied, of the last transaction
+}
+
+// Stats returns the Listener's counts.
+func (l *Listener) Stats() ListenerStats {
+	return ListenerStats{Applied: l.applied.Load(), Transactions: l.txns.Load(),
+		Confirmed: pglogrepl.LSN(l.confirmed.Load()).String(), Lag: time.Duration(l.lagNanos.Load())}
+}
+
+// Run streams and applies changes until ctx ends, and returns ctx's
+// error. A lost connection, a slot another listener holds, or Redis
+// refusing an invalidation are retried with a backoff (100ms to 5s); an
+// unconfirmed transaction is applied again from the start.
+func (l *Listener) Run(ctx context.Context) error {
+	backoff := 100 * time.Millisecond
+	for {
+		err := l.stream(ctx, func() { backoff = 100 * time.Millisecond })
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		l.o.Logger.LogAttrs(ctx, slog.LevelWarn, "cacheoutbox: change stream interrupted; resuming from the last confirmed position",
+			slog.String("slot", l.o.Slot), slog.Any("err", err))
+		t := time.NewTimer(backoff)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case <-t.C:
+		}
+		backoff = min(2*backoff, 5*time.Second)
+	}
+}
+
+// stream runs one replication connection.
+func (l *Listener) stream(ctx context.Context, connected func()) error {
+	conn, err := pgconn.Connect(ctx, withReplication(l.o.Conn))
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	_, err = pglogrepl.CreateReplicationSlot(ctx, conn, l.o.Slot, "pgoutput", pglogrepl.CreateReplicationSlotOptions{})
+	var pgErr *pgconn.PgError
+	if err != nil && !(errors.As(err, &pgErr) && pgErr.Code == "42710") { // duplicate_object: the slot exists
+		return fmt.Errorf("creating slot %s: %w", l.o.Slot, err)
+	}
+	if err := pglogrepl.StartReplication(ctx, conn, l.o.Slot, 0, pglogrepl.StartReplicationOptions{
+		PluginArgs: []string{"proto_version '1'", "publication_names '" + strings.ReplaceAll(l.o.Publication, "'", "''") + "'"}}); err != nil {
+		return fmt.Errorf("starting replication on slot %s: %w", l.o.Slot, err)
+	}
+	connected()
+	relations := map[uint32]*pglogrepl.RelationMessage{}
+	var pending []Target // the open transaction's targets
+	inTxn := false
+	confirm := func(lsn pglogrepl.LSN) error {
+		if uint64(lsn) > l.confirmed.Load() {
+			l.confirmed.Store(uint64(lsn))
+		}
+		return pglogrepl.SendStandbyStatusUpdate(ctx, conn, pglogrepl.StandbyStatusUpdate{WALWritePosition: pglogrepl.LSN(l.confirmed.Load())})
+	}
+	nextStatus := time.Now().Add(5 * time.Second)
+	for {
+		if time.Now().After(nextStatus) {
+			if err := confirm(0); err != nil {
+				return err
+			}
+			nextStatus = time.Now().Add(5 * time.Second)
+		}
+		rctx, cancel := context.WithDeadline(ctx, nextStatus)
+		raw, err := conn.ReceiveMessage(rctx)
+		cancel()
+		if err != nil {
+			if pgconn.Timeout(err) && ctx.Err() == nil {
+				continue
+			}
+			return err
+		}
+		if e, ok := raw.(*pgproto3.ErrorResponse); ok {
+			return fmt.Errorf("replication error: %s (%s)", e.Message, e.Code)
+		}
+		cd, ok := raw.(*pgproto3.CopyData)
+		if !ok || len(cd.Data) == 0 {
+			continue
+		}
+		switch cd.Data[0] {
+		case pglogrepl.PrimaryKeepaliveMessageByteID:
+			pkm, err := pglogrepl.ParsePrimaryKeepaliveMessage(cd.Data[1:])
+			if err != nil {
+				return err
+			}
+			end := pglogrepl.LSN(0)
+			if !inTxn {
+				end = pkm.ServerWALEnd // nothing open: everything up to here is applied
+			}
+			if pkm.ReplyRequested || end != 0 {
+				if err := confirm(end); err != nil {
+					return err
+				}
+			}
+		case pglogrepl.XLogDataByteID:
+			xld, err := pglogrepl.ParseXLogData(cd.Data[1:])
+			if err != nil {
+				return err
+			}
+			msg, err := pglogrepl.Parse(xld.WALData)
+			if err != nil {
+				return err
+			}
+			switch m := msg.(type) {
+			case *pglogrepl.RelationMessage:
+				relations[m.RelationID] = m
+			case *pglogrepl.BeginMessage:
+				inTxn, pending = true, pending[:0]
+			case *pglogrepl.InsertMessage:
+				pending = l.changed(pending, relations[m.RelationID], "insert", nil, m.Tuple)
+			case *pglogrepl.UpdateMessage:
+				pending = l.changed(pending, relations[m.RelationID], "update", m.OldTuple, m.NewTuple)
+			case *pglogrepl.DeleteMessage:
+				pending = l.changed(pending, relations[m.RelationID], "delete", m.OldTuple, nil)
+			case *pglogrepl.TruncateMessage:
+				for _, id := range m.RelationIDs {
+					if rel := relations[id]; rel != nil {
+						pending = append(pending, l.tables[rel.Namespace+"."+rel.RelationName].Truncate...)
+					}
+				}
+			case *pglogrepl.CommitMessage:
+				if err := l.apply(ctx, pending); err != nil {
+					return err // not confirmed: the next stream applies it again
+				}
+				l.txns.Add(1)
+				l.lagNanos.Store(int64(time.Since(m.CommitTime)))
+				inTxn, pending = false, pending[:0]
+				if err := confirm(m.TransactionEndLSN); err != nil {
+					return err
+				}
+			}
+		}
+	}
+}
+
+// changed adds the targets of one row change.
+func (l *Listener) changed(pending []Target, rel *pglogrepl.RelationMessage, op string, old, new *pglogrepl.TupleData) []Target {
+	if rel == nil {
+		return pending
+	}
+	t, ok := l.tables[rel.Namespace+"."+rel.RelationName]
+	if !ok {
+		return pending
+	}
+	c := Change{Table: t.Name, Op: op, Old: row(rel, old), New: row(rel, new)}
+	return append(pending, t.Targets(c)...)
+}
+
+func row(rel *pglogrepl.RelationMessage, td *pglogrepl.TupleData) Row {
+	if td == nil {
+		return nil
+	}
+	r := Row{}
+	for i, c := range td.Columns {
+		if i < len(rel.Columns) && c.DataType == pglogrepl.TupleDataTypeText {
+			r[rel.Columns[i].Name] = string(c.Data)
+		}
+	}
+	return r
+}
+
+// apply invalidates targets, keys in batches per cache, and fails on the
+// first error (the transaction is not confirmed, and comes again).
+func (l *Listener) apply(ctx context.Context, targets []Target) error {
+	keys := map[string][]string{}
+	seen := map[Target]bool{}
+	for _, t := range targets {
+		if seen[t] || t.check() != nil {
+			continue
+		}
+		seen[t] = true
+		c, ok := l.caches[t.Cache]
+		if !ok {
+			continue
+		}
+		var err error
+		switch kind, target := t.kind(); kind {
+		case "key":
+			keys[t.Cache] = append(keys[t.Cache], target)
+			continue
+		case "prefix":
+			_, err = c.InvalidatePrefix(ctx, target)
+		case "namespace":
+			err = c.InvalidateNamespace(ctx, t.Namespace)
+		}
+		if err != nil {
+			return err
+		}
+		l.applied.Add(1)
+	}
+	for name, ks := range keys {
+		for len(ks) > 0 {
+			n := min(len(ks), 1000)
+			if _, err := l.caches[name].Invalidate(ctx, ks[:n]...); err != nil {
+				return err
+			}
+			l.applied.Add(uint64(n))
+			ks = ks[n:]
+		}
+	}
+	return nil
+}
+
+// withReplication adds replication=database to a connection string (URL
+// or key=value form).
+func withReplication(conn string) string {
+	if strings.Contains(conn, "://") {
+		if strings.Contains(conn, "?") {
+			return conn + "&replication=database"
+		}
+		return conn + "?replication=database"
+	}
+	return conn + " replication=database"
+}

@@ -1,0 +1,300 @@
+package cacheoutbox
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/seed-b4ec662f/cacheaside"
+)
+
+// envLogical makes the change-data-capture tests required: they start a
+// PostgreSQL of their own with wal_level=logical (initdb and pg_ctl from
+// PATH or pg_config --bindir, run as the postgres user when the tests run
+// as root, which PostgreSQL refuses).
+const envLogical = "CACHEASIDE_PG_LOGICAL"
+
+// startLogicalPG starts a PostgreSQL with wal_level=logical on a free
+// loopback port in a temporary directory, stopped by pid at cleanup, and
+// returns its connection string.
+func startLogicalPG(t *testing.T) string {
+	t.Helper()
+	if os.Getenv(envLogical) != "1" {
+		t.Skipf("change data capture needs a PostgreSQL with wal_level=logical: set %s=1 to start one (initdb, pg_ctl)", envLogical)
+	}
+	bin := func(name string) string {
+		if out, err := exec.Command("pg_config", "--bindir").Output(); err == nil {
+			if p := filepath.Join(strings.TrimSpace(string(out)), name); fileExists(p) {
+				return p
+			}
+		}
+		p, err := exec.LookPath(name)
+		if err != nil {
+			t.Fatalf("%s=1 but %s is not installed: %v", envLogical, name, err)
+		}
+		return p
+	}
+	dir, err := os.MkdirTemp("", "cacheoutbox-pg-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
+	run := func(args ...string) *exec.Cmd { return exec.Command(args[0], args[1:]...) }
+	if os.Geteuid() == 0 {
+		u, err := user.Lookup("postgres")
+		if err != nil {
+			t.Fatalf("running as root and there is no postgres user to run PostgreSQL as: %v", err)
+		}
+		uid, _ := strconv.Atoi(u.Uid)
+		gid, _ := strconv.Atoi(u.Gid)
+		if err := os.Chown(dir, uid, gid); err != nil {
+			t.Fatal(err)
+		}
+		run = func(args ...string) *exec.Cmd {
+			return exec.Command("runuser", append([]string{"-u", "postgres", "--"}, args...)...)
+		}
+	}
+	data := filepath.Join(dir, "data")
+	if out, err := run(bin("initdb"), "-D", data, "-A", "trust", "-U", "postgres", "--no-sync").CombinedOutput(); err != nil {
+		t.Fatalf("initdb: %v\n%s", err, out)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := l.Addr().(*net.TCPAddr).Port
+	_ = l.Close()
+	opts := fmt.Sprintf("-p %d -c listen_addresses=127.0.0.1 -c unix_socket_directories=%s -c wal_level=logical -c max_wal_senders=8 -c max_replication_slots=8 -c fsync=off -c max_slot_wal_keep_size=1GB", port, dir)
+	if out, err := run(bin("pg_ctl"), "-D", data, "-o", opts, "-l", filepath.Join(dir, "log"), "-w", "start").CombinedOutput(); err != nil {
+		log, _ := os.ReadFile(filepath.Join(dir, "log"))
+		t.Fatalf("pg_ctl start: %v\n%s\n%s", err, out, log)
+	}
+	t.Cleanup(func() {
+		b, err := os.ReadFile(filepath.Join(data, "postmaster.pid"))
+		if err != nil {
+			return
+		}
+		pid, _ := strconv.Atoi(strings.SplitN(string(b), "\n", 2)[0])
+		if pid > 0 {
+			_ = syscall.Kill(pid, syscall.SIGQUIT)
+			for i := 0; i < 100 && syscall.Kill(pid, 0) == nil; i++ {
+				time.Sleep(20 * time.Millisecond)
+			}
+		}
+	})
+	return fmt.Sprintf("postgres://postgres@127.0.0.1:%d/postgres?sslmode=disable", port)
+}
+
+func fileExists(p string) bool { _, err := os.Stat(p); return err == nil }
+
+// timedCache records when each key was invalidated.
+type timedCache struct {
+	Invalidator
+	mu   sync.Mutex
+	when map[string][]time.Time
+}
+
+func (c *timedCache) InvalidatePrefix(ctx context.Context, prefix string) (int64, error) {
+	n, err := c.Invalidator.InvalidatePrefix(ctx, prefix)
+	if err == nil {
+		c.mu.Lock()
+		c.when["prefix "+prefix] = append(c.when["prefix "+prefix], time.Now())
+		c.mu.Unlock()
+	}
+	return n, err
+}
+
+func (c *timedCache) Invalidate(ctx context.Context, keys ...string) (int64, error) {
+	n, err := c.Invalidator.Invalidate(ctx, keys...)
+	if err == nil {
+		now := time.Now()
+		c.mu.Lock()
+		for _, k := range keys {
+			c.when[k] = append(c.when[k], now)
+		}
+		c.mu.Unlock()
+	}
+	return n, err
+}
+
+// TestListenerInvalidatesWritesFromElsewhere: 1,000 single-row UPDATEs
+// from a plain SQL connection (not through any outbox), at about 200 a
+// second, with the listener killed (its context cancelled) and started
+// again three times along the way: every changed row's key is
+// invalidated, and the commit-to-invalidated latency is reported. Then a
+// conditional UPDATE … WHERE touching 500 rows invalidates each of them,
+// a task moved to another org clears both orgs' namespaces (old and new
+// values), and a TRUNCATE applies the table's Truncate targets.
+func TestListenerInvalidatesWritesFromElsewhere(t *testing.T) {
+	conn := startLogicalPG(t)
+	ctx := context.Background()
+	db, err := sql.Open("pgx", conn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = db.Close() })
+	for _, q := range []string{
+		`CREATE TABLE tasks (id INT PRIMARY KEY, org TEXT NOT NULL, title TEXT NOT NULL)`,
+		`ALTER TABLE tasks REPLICA IDENTITY FULL`,
+		`INSERT INTO tasks SELECT g, 'org' || (g % 3), 'title ' || g FROM generate_series(1, 1000) g`,
+		`CREATE PUBLICATION cacheaside FOR TABLE tasks`,
+	} {
+		if _, err := db.Exec(q); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+	}
+	addr, _ := redisAddr(t)
+	name := "task" + unique()
+	tc := &timedCache{Invalidator: newCache(t, addr, name, cacheaside.Degradation{}), when: map[string][]time.Time{}}
+	key := func(id string) string { return "v1:task:" + id }
+	table := Table{Name: "public.tasks",
+		Targets: func(c Change) []Target {
+			var ts []Target
+			for _, r := range []Row{c.Old, c.New} {
+				if r != nil {
+					ts = append(ts, Target{Cache: name, Key: key(r["id"])}, Target{Cache: name, Prefix: "v1:list:" + r["org"] + ":"})
+				}
+			}
+			return ts
+		},
+		Truncate: []Target{{Cache: name, Prefix: "v1:"}},
+	}
+	start := func() (stop func()) {
+		l, err := NewListener(ListenerOptions{Conn: conn, Tables: []Table{table}}, tc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		lctx, cancel := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() { defer close(done); _ = l.Run(lctx) }()
+		return func() { cancel(); <-done }
+	}
+	stop := start()
+	// The slot must exist before the writes it is to see (in production it
+	// is made once, before the application writes).
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var n int
+		if err := db.QueryRow(`SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'cacheaside'`).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		if n == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the listener never made its slot")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+
+	const updates = 1000
+	commits := make([]time.Time, updates+1)
+	for i := 1; i <= updates; i++ {
+		if _, err := db.Exec(`UPDATE tasks SET title = title || '.' WHERE id = $1`, i); err != nil {
+			t.Fatal(err)
+		}
+		commits[i] = time.Now()
+		if i%250 == 0 { // killed and started again
+			stop()
+			stop = start()
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	waitAll := func(what string, ids []int) {
+		t.Helper()
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			tc.mu.Lock()
+			missing := 0
+			for _, id := range ids {
+				if len(tc.when[key(strconv.Itoa(id))]) == 0 {
+					missing++
+				}
+			}
+			tc.mu.Unlock()
+			if missing == 0 {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: %d of %d keys never invalidated", what, missing, len(ids))
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	ids := make([]int, updates)
+	for i := range ids {
+		ids[i] = i + 1
+	}
+	waitAll("single-row UPDATEs", ids)
+	tc.mu.Lock()
+	var lat []time.Duration
+	dups := 0
+	for i := 1; i <= updates; i++ {
+		w := tc.when[key(strconv.Itoa(i))]
+		dups += len(w) - 1
+		lat = append(lat, max(w[0].Sub(commits[i]), 0))
+	}
+	tc.mu.Unlock()
+	slices.Sort(lat)
+	t.Logf("%d UPDATEs, listener restarted 4 times: commit to invalidated p50 %v, p99 %v, max %v; %d keys invalidated more than once",
+		updates, lat[len(lat)/2].Round(time.Microsecond), lat[len(lat)*99/100].Round(time.Microsecond), lat[len(lat)-1].Round(time.Microsecond), dups)
+
+	tc.mu.Lock()
+	clear(tc.when)
+	tc.mu.Unlock()
+	if _, err := db.Exec(`UPDATE tasks SET title = 'bulk' WHERE id % 2 = 0 AND id <= 1000`); err != nil {
+		t.Fatal(err)
+	}
+	var even []int
+	for i := 2; i <= 1000; i += 2 {
+		even = append(even, i)
+	}
+	waitAll("a conditional UPDATE of 500 rows", even)
+
+	seen := func(what, k string) {
+		t.Helper()
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			tc.mu.Lock()
+			n := len(tc.when[k])
+			tc.mu.Unlock()
+			if n > 0 {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: %s never invalidated", what, k)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	// A second listener waits on the slot the first one holds, and takes
+	// over when the first one's connection ends.
+	stop2 := start()
+	defer stop2()
+	time.Sleep(300 * time.Millisecond)
+	stop()
+	tc.mu.Lock()
+	clear(tc.when)
+	tc.mu.Unlock()
+	if _, err := db.Exec(`UPDATE tasks SET org = 'org9' WHERE id = 3`); err != nil { // org0 to org9
+		t.Fatal(err)
+	}
+	seen("a task moved between orgs, after the takeover", "prefix v1:list:org0:")
+	seen("a task moved between orgs, after the takeover", "prefix v1:list:org9:")
+	if _, err := db.Exec(`TRUNCATE tasks`); err != nil {
+		t.Fatal(err)
+	}
+	seen("TRUNCATE", "prefix v1:")
+}
