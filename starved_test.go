@@ -251,12 +251,7 @@ func TestWaiterKeepsWaitingThroughTimeouts(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b *backend) {
 		ctx := context.Background()
 		rdb := &stallScripts{Client: b.client(t)}
-		c, err := New[string](rdb, &Options[string]{Name: "slowrounds", NoReadCoalescing: true, PollMin: 5 * time.Millisecond, PollMax: 20 * time.Millisecond,
-			Degradation: Degradation{OpTimeout: 50 * time.Millisecond, BreakerFailures: 100, RedisTimePerGet: 10 * time.Second}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = c.Close() })
+		c := waiterCache(t, rdb, "slowrounds", 0, 10*time.Second)
 		other := b.client(t)
 		key := b.key("held")
 		tok := newToken()
@@ -300,13 +295,7 @@ func TestTimedOutRoundReleasesItsLease(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b *backend) {
 		ctx := context.Background()
 		rdb := &stallScripts{Client: b.client(t)}
-		c, err := New[string](rdb, &Options[string]{Name: "lostrounds", NoReadCoalescing: true, LeaseTTL: time.Minute,
-			PollMin: 5 * time.Millisecond, PollMax: 20 * time.Millisecond,
-			Degradation: Degradation{OpTimeout: 50 * time.Millisecond, BreakerFailures: 100, RedisTimePerGet: 300 * time.Millisecond}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = c.Close() })
+		c := waiterCache(t, rdb, "lostrounds", time.Minute, 300*time.Millisecond)
 		other := b.client(t)
 		key := b.key("abandoned")
 		if held, _, err := acquire(ctx, other, key, newToken(), 200*time.Millisecond); err != nil || !held {
@@ -371,13 +360,7 @@ func TestDeliveredAnswerReleasesUnsureLease(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b *backend) {
 		ctx := context.Background()
 		rdb := &heldUpScripts{Client: b.client(t)}
-		c, err := New[string](rdb, &Options[string]{Name: "unsure", NoReadCoalescing: true, LeaseTTL: time.Minute,
-			PollMin: 5 * time.Millisecond, PollMax: 20 * time.Millisecond,
-			Degradation: Degradation{OpTimeout: 50 * time.Millisecond, BreakerFailures: 100, RedisTimePerGet: 10 * time.Second}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = c.Close() })
+		c := waiterCache(t, rdb, "unsure", time.Minute, 10*time.Second)
 		other := b.client(t)
 		key := b.key("k")
 		tok, proof := newLease()
@@ -415,4 +398,19 @@ func TestDeliveredAnswerReleasesUnsureLease(t *testing.T) {
 			return err == redis.Nil || (err == nil && (envelope.Decode(b2, &e) != nil || e.Kind != envelope.Lease))
 		})
 	})
+}
+
+// waiterCache is the cache of the lease-round tests: no read coalescing,
+// short polls, a 50ms budget, a breaker that stays out of the way, leases
+// of leaseTTL (0: the default) and redisTime per Get.
+func waiterCache(t *testing.T, rdb Redis, name string, leaseTTL, redisTime time.Duration) *Cache[string] {
+	t.Helper()
+	c, err := New[string](rdb, &Options[string]{Name: name, NoReadCoalescing: true, LeaseTTL: leaseTTL,
+		PollMin: 5 * time.Millisecond, PollMax: 20 * time.Millisecond,
+		Degradation: Degradation{OpTimeout: 50 * time.Millisecond, BreakerFailures: 100, RedisTimePerGet: redisTime}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	return c
 }
