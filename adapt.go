@@ -44,8 +44,7 @@ type adaptive struct {
 	cur         atomic.Int64 // the read budget now, in nanoseconds
 
 	n        atomic.Int64 // reads in this window
-	ok       atomic.Int64 // reads of this window that were answered
-	timeouts atomic.Int64 // reads of this window that passed their budget
+	timeouts atomic.Int64 // reads of this window that passed their budget (the rest were answered)
 	buckets  [adaptBuckets]atomic.Uint32
 }
 
@@ -66,7 +65,6 @@ func (a *adaptive) answered(d time.Duration) {
 	}
 	us := uint64(max(d, 0) / time.Microsecond)
 	a.buckets[min(bits.Len64(us), adaptBuckets-1)].Add(1)
-	a.ok.Add(1)
 	a.count()
 }
 
@@ -91,9 +89,10 @@ func (a *adaptive) count() {
 // next window. Reads that count meanwhile land in either window; the
 // estimate does not need them exact.
 func (a *adaptive) recompute() {
-	timeouts, ok := a.timeouts.Swap(0), a.ok.Swap(0)
+	timeouts := a.timeouts.Swap(0)
 	a.n.Store(0)
-	if ok == 0 {
+	ok := adaptWindow - timeouts // the window's other reads were answered
+	if ok <= 0 {
 		return // nothing answered: Redis is down, not slow; the breaker's business
 	}
 	var total uint64

@@ -259,14 +259,7 @@ func TestWaiterKeepsWaitingThroughTimeouts(t *testing.T) {
 			t.Fatalf("the other holder's lease: %v %v", held, err)
 		}
 		var loads atomic.Int64
-		got := make(chan string, 1)
-		go func() {
-			v, err := c.Get(ctx, key, func(context.Context) (string, error) { loads.Add(1); return "loaded", nil })
-			if err != nil {
-				v = err.Error()
-			}
-			got <- v
-		}()
+		got := getLater(ctx, c, key, func(context.Context) (string, error) { loads.Add(1); return "loaded", nil })
 		waitFor(t, "the Get to wait on the lease", func() bool { return c.Stats().LeaseContended == 1 })
 		rdb.slow.Store(true)
 		waitFor(t, "two of its lease rounds to time out", func() bool { return rdb.timedOut.Load() >= 2 })
@@ -301,14 +294,7 @@ func TestTimedOutRoundReleasesItsLease(t *testing.T) {
 		if held, _, err := acquire(ctx, other, key, newToken(), 200*time.Millisecond); err != nil || !held {
 			t.Fatalf("the dying holder's lease: %v %v", held, err)
 		}
-		got := make(chan string, 1)
-		go func() {
-			v, err := c.Get(ctx, key, func(context.Context) (string, error) { return "loaded", nil })
-			if err != nil {
-				v = err.Error()
-			}
-			got <- v
-		}()
+		got := getLater(ctx, c, key, func(context.Context) (string, error) { return "loaded", nil })
 		waitFor(t, "the Get to wait on the lease", func() bool { return c.Stats().LeaseContended == 1 })
 		rdb.lost.Store(true)
 		if v := <-got; v != "loaded" {
@@ -379,14 +365,7 @@ func TestDeliveredAnswerReleasesUnsureLease(t *testing.T) {
 		rdb.after = func() { // the fill's wake message, read by the waiter after the round
 			other.Publish(ctx, wakeChannelPrefix+"unsure", wakeMessage(key, &proof, entry))
 		}
-		got := make(chan string, 1)
-		go func() {
-			v, err := c.Get(ctx, key, func(context.Context) (string, error) { return "loaded", nil })
-			if err != nil {
-				v = err.Error()
-			}
-			got <- v
-		}()
+		got := getLater(ctx, c, key, func(context.Context) (string, error) { return "loaded", nil })
 		waitFor(t, "the Get to wait", func() bool { return c.Stats().LeaseContended == 1 })
 		rdb.armed.Store(true)
 		if v := <-got; v != "filled" || rdb.fired.Load() != 1 {
@@ -413,4 +392,18 @@ func waiterCache(t *testing.T, rdb Redis, name string, leaseTTL, redisTime time.
 	}
 	t.Cleanup(func() { _ = c.Close() })
 	return c
+}
+
+// getLater runs c.Get in the background and sends its answer, or its
+// error's text.
+func getLater(ctx context.Context, c *Cache[string], key string, load Loader[string]) <-chan string {
+	got := make(chan string, 1)
+	go func() {
+		v, err := c.Get(ctx, key, load)
+		if err != nil {
+			v = err.Error()
+		}
+		got <- v
+	}()
+	return got
 }

@@ -71,9 +71,9 @@ type Listener struct {
 	caches map[string]Invalidator
 	tables map[string]Table
 
-	applied, txns atomic.Uint64
-	confirmed     atomic.Uint64 // LSN
-	lagNanos      atomic.Int64  // commit to applied, of the last transaction
+	applied, txns, dropped atomic.Uint64
+	confirmed              atomic.Uint64 // LSN
+	lagNanos               atomic.Int64  // commit to applied, of the last transaction
 }
 
 // NewListener checks o and the caches.
@@ -111,13 +111,14 @@ func NewListener(o ListenerOptions, caches ...Invalidator) (*Listener, error) {
 type ListenerStats struct {
 	Applied      uint64        // targets applied
 	Transactions uint64        // transactions whose targets were applied and confirmed
+	Dropped      uint64        // targets that can never be applied (a key the cache refuses, an invalid Target), logged and skipped
 	Confirmed    string        // the WAL position confirmed to the server
 	Lag          time.Duration // commit to applied, of the last transaction
 }
 
 // Stats returns the Listener's counts.
 func (l *Listener) Stats() ListenerStats {
-	return ListenerStats{Applied: l.applied.Load(), Transactions: l.txns.Load(),
+	return ListenerStats{Applied: l.applied.Load(), Transactions: l.txns.Load(), Dropped: l.dropped.Load(),
 		Confirmed: pglogrepl.LSN(l.confirmed.Load()).String(), Lag: time.Duration(l.lagNanos.Load())}
 }
 
@@ -277,46 +278,17 @@ func row(rel *pglogrepl.RelationMessage, td *pglogrepl.TupleData) Row {
 	return r
 }
 
-// apply invalidates targets, keys in batches per cache, and fails on the
-// first error (the transaction is not confirmed, and comes again).
+// apply invalidates a transaction's targets (applyTargets); one that can
+// never be applied is logged and counted, not retried.
 func (l *Listener) apply(ctx context.Context, targets []Target) error {
-	keys := map[string][]string{}
-	seen := map[Target]bool{}
-	for _, t := range targets {
-		if seen[t] || t.check() != nil {
-			continue
-		}
-		seen[t] = true
-		c, ok := l.caches[t.Cache]
-		if !ok {
-			continue
-		}
-		var err error
-		switch kind, target := t.kind(); kind {
-		case "key":
-			keys[t.Cache] = append(keys[t.Cache], target)
-			continue
-		case "prefix":
-			_, err = c.InvalidatePrefix(ctx, target)
-		case "namespace":
-			err = c.InvalidateNamespace(ctx, t.Namespace)
-		}
-		if err != nil {
-			return err
-		}
-		l.applied.Add(1)
-	}
-	for name, ks := range keys {
-		for len(ks) > 0 {
-			n := min(len(ks), 1000)
-			if _, err := l.caches[name].Invalidate(ctx, ks[:n]...); err != nil {
-				return err
-			}
-			l.applied.Add(uint64(n))
-			ks = ks[n:]
-		}
-	}
-	return nil
+	n, err := applyTargets(ctx, l.caches, targets, func(t Target, err error) {
+		l.dropped.Add(1)
+		_, target := t.kind()
+		l.o.Logger.LogAttrs(ctx, slog.LevelError, "cacheoutbox: dropping a change's invalidation that can never be applied",
+			slog.String("slot", l.o.Slot), slog.String("cache", t.Cache), slog.String("target", target[:min(len(target), 200)]), slog.Any("err", err))
+	})
+	l.applied.Add(uint64(n))
+	return err
 }
 
 // withReplication adds replication=database to a connection string (URL

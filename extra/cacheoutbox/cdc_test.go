@@ -162,6 +162,9 @@ func TestListenerInvalidatesWritesFromElsewhere(t *testing.T) {
 	table := Table{Name: "public.tasks",
 		Targets: func(c Change) []Target {
 			var ts []Target
+			if c.New["title"] == "poison" { // a key the cache refuses: dropped, and the stream goes on
+				return []Target{{Cache: name, Key: strings.Repeat("k", 1100)}}
+			}
 			for _, r := range []Row{c.Old, c.New} {
 				if r != nil {
 					ts = append(ts, Target{Cache: name, Key: key(r["id"])}, Target{Cache: name, Prefix: "v1:list:" + r["org"] + ":"})
@@ -171,11 +174,13 @@ func TestListenerInvalidatesWritesFromElsewhere(t *testing.T) {
 		},
 		Truncate: []Target{{Cache: name, Prefix: "v1:"}},
 	}
+	var last *Listener
 	start := func() (stop func()) {
 		l, err := NewListener(ListenerOptions{Conn: conn, Tables: []Table{table}}, tc)
 		if err != nil {
 			t.Fatal(err)
 		}
+		last = l
 		lctx, cancel := context.WithCancel(ctx)
 		done := make(chan struct{})
 		go func() { defer close(done); _ = l.Run(lctx) }()
@@ -293,6 +298,16 @@ func TestListenerInvalidatesWritesFromElsewhere(t *testing.T) {
 	}
 	seen("a task moved between orgs, after the takeover", "prefix v1:list:org0:")
 	seen("a task moved between orgs, after the takeover", "prefix v1:list:org9:")
+	if _, err := db.Exec(`UPDATE tasks SET title = 'poison' WHERE id = 4`); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Exec(`UPDATE tasks SET title = 'after the poison' WHERE id = 5`); err != nil {
+		t.Fatal(err)
+	}
+	seen("a change after one that can never be applied", key("5"))
+	if d := last.Stats().Dropped; d != 1 {
+		t.Errorf("Dropped %d, want the poison change's 1", d)
+	}
 	if _, err := db.Exec(`TRUNCATE tasks`); err != nil {
 		t.Fatal(err)
 	}

@@ -169,10 +169,13 @@ func Keys(cache string, keys ...string) []Target {
 	return ts
 }
 
+// errInvalidTarget marks what Target.check refuses.
+var errInvalidTarget = errors.New("cacheoutbox: invalid Target")
+
 func (t Target) check() error {
 	switch {
 	case t.Cache == "":
-		return errors.New("cacheoutbox: a Target without its Cache")
+		return fmt.Errorf("%w: no Cache", errInvalidTarget)
 	}
 	set := 0
 	for _, s := range []string{t.Key, t.Prefix, t.Namespace.String()} {
@@ -181,7 +184,7 @@ func (t Target) check() error {
 		}
 	}
 	if set != 1 {
-		return fmt.Errorf("cacheoutbox: a Target of cache %q needs exactly one of Key, Prefix and Namespace", t.Cache)
+		return fmt.Errorf("%w: one of cache %q needs exactly one of Key, Prefix and Namespace", errInvalidTarget, t.Cache)
 	}
 	return nil
 }
@@ -281,34 +284,118 @@ func (ob *Outbox) Record(ctx context.Context, tx *sql.Tx, targets ...Target) (Re
 // took meanwhile is applied twice, which is harmless; and a Done that
 // fails leaves the rows to the relays.
 func (ob *Outbox) Done(ctx context.Context, rec Receipt) error {
-	for ids := rec.ids; len(ids) > 0; {
+	if err := deleteIDs(ctx, ob.db.ExecContext, ob.table, ob.ph, rec.ids); err != nil {
+		return fmt.Errorf("cacheoutbox: deleting applied rows: %w", err)
+	}
+	return nil
+}
+
+// deleteIDs deletes the rows ids of table through exec (the relay's
+// transaction, or the database), 500 at a time.
+func deleteIDs(ctx context.Context, exec func(context.Context, string, ...any) (sql.Result, error), table string, ph func(int) string, ids []int64) error {
+	for len(ids) > 0 {
 		k := min(len(ids), 500)
 		ps := make([]string, k)
 		args := make([]any, k)
 		for i := range ps {
-			ps[i], args[i] = ob.ph(i+1), ids[i]
+			ps[i], args[i] = ph(i+1), ids[i]
 		}
-		if _, err := ob.db.ExecContext(ctx, "DELETE FROM "+ob.table+" WHERE id IN ("+strings.Join(ps, ", ")+")", args...); err != nil {
-			return fmt.Errorf("cacheoutbox: deleting applied rows: %w", err)
+		if _, err := exec(ctx, "DELETE FROM "+table+" WHERE id IN ("+strings.Join(ps, ", ")+")", args...); err != nil {
+			return err
 		}
 		ids = ids[k:]
 	}
 	return nil
 }
 
-// poison reports whether err says the row can never be applied (a key the
-// cache refuses, a namespace that does not parse or a cache without
-// namespaces): such a row is logged, counted in Stats.Dropped and deleted
-// with its batch, so it does not hold back every row after it.
-func (ob *Outbox) poison(ctx context.Context, cache, target string, err error) bool {
-	var parse *parseError
-	if err == nil || !(errors.Is(err, cacheaside.ErrInvalidKey) || errors.Is(err, cacheaside.ErrInvalidOptions) || errors.As(err, &parse)) {
-		return false
+// applyTargets invalidates targets through caches, the one way the relay
+// and the Listener apply them: the keys of each cache by Invalidate, up to
+// 1,000 a call; each prefix and namespace on its own; a target repeated
+// or of a cache not given, once or not at all. A target that can never be
+// applied (permanent) goes to drop, so it does not hold back the rest;
+// any other error stops it, and the caller applies the whole batch again
+// (an invalidation applied twice is harmless). It returns how many
+// targets it applied.
+func applyTargets(ctx context.Context, caches map[string]Invalidator, targets []Target, drop func(Target, error)) (int, error) {
+	keys := map[string][]string{}
+	seen := make(map[Target]bool, len(targets))
+	applied := 0
+	for _, t := range targets {
+		c, ok := caches[t.Cache]
+		if !ok || seen[t] {
+			continue
+		}
+		seen[t] = true
+		if err := t.check(); err != nil {
+			drop(t, err)
+			continue
+		}
+		var err error
+		switch kind, target := t.kind(); kind {
+		case "key":
+			keys[t.Cache] = append(keys[t.Cache], target)
+			continue
+		case "prefix":
+			_, err = c.InvalidatePrefix(ctx, target)
+		case "namespace":
+			err = c.InvalidateNamespace(ctx, t.Namespace)
+		}
+		switch {
+		case permanent(err):
+			drop(t, err)
+		case err != nil:
+			kind, target := t.kind()
+			return applied, fmt.Errorf("cacheoutbox: invalidating %s %q of cache %q: %w", kind, target, t.Cache, err)
+		default:
+			applied++
+		}
 	}
+	for name, ks := range keys {
+		for len(ks) > 0 {
+			batch := ks[:min(len(ks), 1000)]
+			ks = ks[len(batch):]
+			_, err := caches[name].Invalidate(ctx, batch...)
+			if err == nil {
+				applied += len(batch)
+				continue
+			}
+			if !errors.Is(err, cacheaside.ErrInvalidKey) {
+				return applied, fmt.Errorf("cacheoutbox: Invalidate of %d keys of cache %q: %w", len(batch), name, err)
+			}
+			// One bad key fails the call: apply the keys one by one, and drop
+			// the bad ones.
+			for _, k := range batch {
+				_, err := caches[name].Invalidate(ctx, k)
+				switch {
+				case permanent(err):
+					drop(Target{Cache: name, Key: k}, err)
+				case err != nil:
+					return applied, fmt.Errorf("cacheoutbox: Invalidate of key %q of cache %q: %w", k, name, err)
+				default:
+					applied++
+				}
+			}
+		}
+	}
+	return applied, nil
+}
+
+// permanent reports whether err says a target can never be applied: a key
+// the cache refuses, a namespace that does not parse, a namespace of a
+// cache without namespaces, an invalid Target.
+func permanent(err error) bool {
+	var parse *parseError
+	return err != nil && (errors.Is(err, cacheaside.ErrInvalidKey) || errors.Is(err, cacheaside.ErrInvalidOptions) ||
+		errors.As(err, &parse) || errors.Is(err, errInvalidTarget))
+}
+
+// drop logs a row that can never be applied (permanent) and counts it in
+// Stats.Dropped; it is deleted with its batch, so it does not hold back
+// every row after it.
+func (ob *Outbox) drop(ctx context.Context, cache, target string, err error) {
 	ob.dropped.Add(1)
 	ob.log.LogAttrs(ctx, slog.LevelError, "cacheoutbox: dropping an outbox row that can never be applied",
 		slog.String("table", ob.table), slog.String("cache", cache), slog.String("target", target[:min(len(target), 200)]), slog.Any("err", err))
-	return true
 }
 
 // parseError is a stored namespace that does not parse.
@@ -533,57 +620,34 @@ func (ob *Outbox) apply(ctx context.Context, caches map[string]Invalidator) (n i
 	if len(batch) == 0 {
 		return 0, nil
 	}
-	keys := map[string][]string{}
-	ids := make([]any, 0, len(batch))
+	targets := make([]Target, 0, len(batch))
+	ids := make([]int64, 0, len(batch))
 	for _, r := range batch {
 		ids = append(ids, r.id)
+		t := Target{Cache: r.cache}
 		switch r.kind {
 		case "key":
-			keys[r.cache] = append(keys[r.cache], r.target)
+			t.Key = r.target
 		case "prefix":
-			if _, err := caches[r.cache].InvalidatePrefix(ctx, r.target); err != nil {
-				return 0, fmt.Errorf("cacheoutbox: InvalidatePrefix(%q) of cache %q: %w", r.target, r.cache, err)
-			}
+			t.Prefix = r.target
 		case "namespace":
 			ns, err := namespace(r.target)
-			if err == nil {
-				err = caches[r.cache].InvalidateNamespace(ctx, ns)
-			}
-			if ob.poison(ctx, r.cache, r.target, err) {
+			if err != nil {
+				ob.drop(ctx, r.cache, r.target, err)
 				continue
 			}
-			if err != nil {
-				return 0, fmt.Errorf("cacheoutbox: InvalidateNamespace(%q) of cache %q: %w", r.target, r.cache, err)
-			}
+			t.Namespace = ns
 		}
+		targets = append(targets, t)
 	}
-	for name, ks := range keys {
-		_, err := caches[name].Invalidate(ctx, ks...)
-		if errors.Is(err, cacheaside.ErrInvalidKey) {
-			// One bad key fails the call: apply the keys one by one, and
-			// drop the bad ones rather than hold every later row back.
-			err = nil
-			for _, k := range ks {
-				if _, kerr := caches[name].Invalidate(ctx, k); !ob.poison(ctx, name, k, kerr) && kerr != nil {
-					err = kerr
-					break
-				}
-			}
-		}
-		if err != nil {
-			return 0, fmt.Errorf("cacheoutbox: Invalidate of %d keys of cache %q: %w", len(ks), name, err)
-		}
+	if _, err := applyTargets(ctx, caches, targets, func(t Target, err error) {
+		_, target := t.kind()
+		ob.drop(ctx, t.Cache, target, err)
+	}); err != nil {
+		return 0, err
 	}
-	for len(ids) > 0 {
-		k := min(len(ids), 500)
-		ps := make([]string, k)
-		for i := range ps {
-			ps[i] = ob.ph(i + 1)
-		}
-		if _, err := tx.ExecContext(ctx, "DELETE FROM "+ob.table+" WHERE id IN ("+strings.Join(ps, ", ")+")", ids[:k]...); err != nil {
-			return 0, err
-		}
-		ids = ids[k:]
+	if err := deleteIDs(ctx, tx.ExecContext, ob.table, ob.ph, ids); err != nil {
+		return 0, err
 	}
 	if err := tx.Commit(); err != nil {
 		return 0, err
