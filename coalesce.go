@@ -17,8 +17,11 @@ import (
 // MGET (the same key once), then hands each Get its bytes to decode on its
 // own goroutine. One round trip and one command replace dozens, for the
 // client and for Redis, and a lone Get still sends its own GET at once.
-// Up to maxSends MGETs are on the wire at once; each queued Get waits at
-// most twice its operation budget (a free slot, then the MGET). On a client
+// Up to maxSends MGETs are on the wire at once, and the queue is taken
+// only when a slot is free, so a read waits in the queue, where a Get of
+// the same key can still share it (shared.go), not in a batch taken
+// already; each queued Get waits at most twice its operation budget (a
+// free slot, then the MGET). On a client
 // that shards (Cluster, Ring), the queued reads go out as one pipeline of
 // GETs instead, which go-redis sends as one round trip per node.
 
@@ -38,7 +41,8 @@ type coalescer struct {
 	direct atomic.Int32 // reads on the wire alone
 
 	mu    sync.Mutex
-	queue []*readReq // reads waiting for the next MGET
+	queue []*readReq          // reads waiting for the next MGET
+	heads map[string]*readReq // of those, the Gets' reads others may share, by key (shared.go)
 	wake  chan struct{}
 	sends chan struct{} // maxSends slots for MGETs on the wire
 	wg    sync.WaitGroup
@@ -50,6 +54,9 @@ type readReq struct {
 	vals [][]byte // the bytes under keys (nil: absent)
 	err  error
 	done chan struct{}
+
+	head   bool        // a Get's read, in coalescer.heads while queued (shared.go)
+	shared *sharedRead // what the Gets that shared it need; nil until one does
 }
 
 func newCoalescer() *coalescer {
@@ -76,10 +83,20 @@ func (q *coalescer) wait(ctx context.Context, budget time.Duration, keys ...stri
 	q.mu.Lock()
 	q.queue = append(q.queue, r)
 	q.mu.Unlock()
+	q.kick()
+	return q.await(ctx, budget, r)
+}
+
+// kick wakes the sender for what was just queued.
+func (q *coalescer) kick() {
 	select {
 	case q.wake <- struct{}{}:
 	default:
 	}
+}
+
+// await waits for queued r's answer, bounded as wait says.
+func (q *coalescer) await(ctx context.Context, budget time.Duration, r *readReq) ([][]byte, error) {
 	wait := 2 * budget
 	if dl, ok := ctx.Deadline(); ok {
 		wait = max(min(wait, time.Until(dl)/2), time.Millisecond)
@@ -115,6 +132,15 @@ func (q *coalescer) run(stop context.Context, read readFn) {
 		case <-q.wake:
 		}
 		for {
+			// A free slot first: while every slot is busy, reads wait in
+			// the queue, where later Gets of their keys can share them
+			// (shared.go), rather than in a batch already taken.
+			select {
+			case q.sends <- struct{}{}:
+			case <-stop.Done():
+				q.fail(ErrClosed)
+				return
+			}
 			q.mu.Lock()
 			batch := q.queue
 			distinct := make(map[string]struct{}, min(len(batch), maxCoalesced))
@@ -137,19 +163,11 @@ func (q *coalescer) run(stop context.Context, read readFn) {
 			if len(q.queue) == 0 {
 				q.queue = nil
 			}
+			q.unshare(batch)
 			q.mu.Unlock()
 			if len(batch) == 0 {
+				<-q.sends
 				break
-			}
-			select {
-			case q.sends <- struct{}{}:
-			case <-stop.Done():
-				for _, r := range batch {
-					r.err = ErrClosed
-					close(r.done)
-				}
-				q.fail(ErrClosed)
-				return
 			}
 			q.wg.Go(func() {
 				defer func() { <-q.sends }()
@@ -202,6 +220,7 @@ func (q *coalescer) fail(err error) {
 	q.mu.Lock()
 	batch := q.queue
 	q.queue = nil
+	q.unshare(batch)
 	q.mu.Unlock()
 	for _, r := range batch {
 		r.err = err
@@ -212,18 +231,24 @@ func (q *coalescer) fail(err error) {
 // readCoalesced is Cache.read through the coalescer: the bytes under key
 // and, for a namespaced cache, the generation under genKey.
 func (c *Cache[T]) readCoalesced(ctx context.Context, key, genKey string) (b []byte, gv genView, err error) {
-	var vals [][]byte
 	if genKey == "" {
-		vals, err = c.reads.wait(ctx, c.guard.readBudget(), key)
-	} else {
-		gv.namespaced = true
-		vals, err = c.reads.wait(ctx, c.guard.readBudget(), key, genKey)
+		return coalescedRead(genKey)(c.reads.wait(ctx, c.guard.readBudget(), key))
 	}
-	switch {
-	case err != nil:
-		return nil, gv, err
-	case genKey == "":
-		return vals[0], gv, nil
+	return coalescedRead(genKey)(c.reads.wait(ctx, c.guard.readBudget(), key, genKey))
+}
+
+// coalescedRead returns the function that turns a coalesced read's
+// answer (the bytes of the entry and, when genKey is set, of its
+// generation key) into what Cache.read returns.
+func coalescedRead(genKey string) func(vals [][]byte, err error) ([]byte, genView, error) {
+	return func(vals [][]byte, err error) ([]byte, genView, error) {
+		gv := genView{namespaced: genKey != ""}
+		switch {
+		case err != nil:
+			return nil, gv, err
+		case genKey == "":
+			return vals[0], gv, nil
+		}
+		return vals[0], nsGen(vals[1]), nil
 	}
-	return vals[0], nsGen(vals[1]), nil
 }

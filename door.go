@@ -18,7 +18,8 @@ import (
 //     and the local tier may answer;
 //  3. prepare: the local tier's snapshot and the in-process flight the key
 //     may join are noted before the read;
-//  4. one read for every key left (read, or readMany for a batch);
+//  4. one read for every key left (readGet, which may share another Get's
+//     queued read (shared.go), or readMany for a batch);
 //  5. settled: a hit is served (and a refresh started if due), a failure
 //     returned, anything else is a miss;
 //  6. missed: the misses join or start in-process flights, whose leaders
@@ -145,9 +146,10 @@ func (c *Cache[T]) one(ctx context.Context, key string, idx int, src source[T], 
 		c.missed(ctx, []*keyOp[T]{m}, src)
 		return c.await(ctx, m, src)
 	}
-	t0 := time.Now()
-	op.b, op.gv, op.rerr = c.read(ctx, key, genKey)
-	spent := time.Since(t0)
+	spent, shared := c.readGet(ctx, &op)
+	if sh := op.shared; sh != nil {
+		defer sh.release(nil) // a hit, a failure or a panic: the others settle the read themselves
+	}
 	var errs errorOnce
 	miss, v, err := c.settled(ctx, &op, spent, src, &errs)
 	errs.report(ctx, c, "get")
@@ -156,6 +158,7 @@ func (c *Cache[T]) one(ctx context.Context, key string, idx int, src source[T], 
 	}
 	m := new(keyOp[T]) // the hit path keeps op on the stack
 	*m = op
+	m.call = handed[T](shared)
 	c.missed(ctx, []*keyOp[T]{m}, src)
 	return c.await(ctx, m, src)
 }

@@ -45,7 +45,8 @@ type keyOp[T any] struct {
 	call    *flight.Call[answer[T]] // nil for a background refresh
 	leader  bool
 	fs      *flightState
-	round   uint64 // the flight's round the key's answer would rest on (see joined)
+	round   uint64      // the flight's round the key's answer would rest on (see joined)
+	shared  *sharedRead // the read this Get queued and others share: released once its flight answered (shared.go)
 
 	// the lease (leader only)
 	tok    envelope.Token
@@ -158,6 +159,9 @@ func (r *missRun[T]) run(parent context.Context) {
 			var failed []*keyOp[T]
 			held, open, failed = r.leaseRound(open)
 			down = append(down, failed...)
+		}
+		for _, op := range r.ops {
+			op.fs.begin()
 		}
 		switch {
 		case len(down) > 0 && len(held) > 0:

@@ -23,6 +23,18 @@ type flightState struct {
 	rounds    atomic.Uint64                  // its lease rounds, loads without Redis and fills begun (see round)
 	holding   atomic.Bool                    // it holds the key's lease: its fill will vouch for its answer
 	seq       uint64                         // this flight's number in Cache.flights
+
+	begun     chan struct{} // closed once its first lease round answered, or it loads without Redis (shared.go)
+	beginOnce atomic.Bool
+}
+
+// begin marks the flight's first lease round answered: it holds the lease,
+// waits for another holder, or has its answer. The Gets that shared its
+// first Get's read wake now (shared.go), while the loader runs.
+func (f *flightState) begin() {
+	if f.begun != nil && f.beginOnce.CompareAndSwap(false, true) {
+		close(f.begun)
+	}
 }
 
 // answer is what a shared load delivers: the value, the token of the
@@ -101,7 +113,9 @@ func (c *Cache[T]) join(ctx context.Context, ops []*keyOp[T], src source[T]) {
 			tok = &op.vw.e.Token
 		}
 		op.trusted = op.seen.joinable(tok)
-		op.call, op.leader = c.group.Join(op.key)
+		if op.call == nil { // a Get that shared a read may have been handed its flight (shared.go)
+			op.call, op.leader = c.group.Join(op.key)
+		}
 		if op.leader {
 			op.fs = c.startFlight(op.key)
 			owned = append(owned, op)
@@ -126,9 +140,10 @@ func (c *Cache[T]) await(ctx context.Context, op *keyOp[T], src source[T]) (T, e
 		var zero T
 		return zero, err
 	}
-	select {
-	case <-op.call.Done():
-	case <-ctx.Done():
+	if op.shared != nil {
+		c.handOn(ctx, op)
+	}
+	if !wait(ctx, op.call.Done()) {
 		var zero T
 		return zero, ctx.Err()
 	}
@@ -141,7 +156,7 @@ func (c *Cache[T]) await(ctx context.Context, op *keyOp[T], src source[T]) (T, e
 
 // startFlight publishes the flight that is about to load key.
 func (c *Cache[T]) startFlight(key string) *flightState {
-	fs := &flightState{seq: c.flights.Add(1)}
+	fs := &flightState{seq: c.flights.Add(1), begun: make(chan struct{})}
 	c.inflight.Store(key, fs)
 	return fs
 }

@@ -23,6 +23,11 @@ func (c *Cache[T]) read(ctx context.Context, key, genKey string) (b []byte, gv g
 		}
 		defer c.reads.end()
 	}
+	return c.readDirect(ctx, key, genKey)
+}
+
+// readDirect is read on the wire alone, not coalesced.
+func (c *Cache[T]) readDirect(ctx context.Context, key, genKey string) (b []byte, gv genView, err error) {
 	if genKey == "" {
 		b, err = c.guard.Get(ctx, key).Bytes()
 		if errors.Is(err, redis.Nil) {
