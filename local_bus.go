@@ -190,8 +190,8 @@ func (c *Cache[T]) listen() {
 				// Not an outage: the tier stays bypassed, WaitLocal says
 				// why, and the subscription is tried again now and then
 				// (a server's configuration may change) without more logs.
+				c.pubsubRefused("SUBSCRIBE", err) // logged before WaitLocal can report it
 				l.refused.Store(&err)
-				c.pubsubRefused("SUBSCRIBE", err)
 				first = false
 				return
 			}
