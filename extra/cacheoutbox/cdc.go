@@ -63,6 +63,15 @@ type ListenerOptions struct {
 	Publication string // the publication to read; default "cacheaside"
 	Tables      []Table
 	Logger      *slog.Logger // default slog.Default()
+	// Batch bounds the targets held for one transaction: a transaction
+	// with more (an UPDATE of a million rows) is applied in batches of
+	// Batch as its changes arrive, and confirmed at its COMMIT. Default
+	// 1000.
+	Batch int
+	// RetainWarn is how much WAL a slot may hold back, unread, before the
+	// listener warns when it connects (and CheckSlot's Warn says so).
+	// Default 64 MiB.
+	RetainWarn int64
 }
 
 // Listener applies the invalidations of a publication's changes.
@@ -71,9 +80,10 @@ type Listener struct {
 	caches map[string]Invalidator
 	tables map[string]Table
 
-	applied, txns, dropped atomic.Uint64
-	confirmed              atomic.Uint64 // LSN
-	lagNanos               atomic.Int64  // commit to applied, of the last transaction
+	applied, txns, dropped, batches atomic.Uint64
+	confirmed                       atomic.Uint64 // LSN
+	serverEnd                       atomic.Uint64 // LSN: the server's WAL end, as last reported
+	lagNanos                        atomic.Int64  // commit to applied, of the last transaction
 }
 
 // NewListener checks o and the caches.
@@ -97,6 +107,15 @@ func NewListener(o ListenerOptions, caches ...Invalidator) (*Listener, error) {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
+	if o.Batch < 0 || o.RetainWarn < 0 {
+		return nil, errors.New("cacheoutbox: Batch and RetainWarn must not be negative")
+	}
+	if o.Batch == 0 {
+		o.Batch = 1000
+	}
+	if o.RetainWarn == 0 {
+		o.RetainWarn = 64 << 20
+	}
 	l := &Listener{o: o, caches: m, tables: map[string]Table{}}
 	for _, t := range o.Tables {
 		if !strings.Contains(t.Name, ".") || t.Targets == nil {
@@ -110,16 +129,82 @@ func NewListener(o ListenerOptions, caches ...Invalidator) (*Listener, error) {
 // ListenerStats is what a Listener has done.
 type ListenerStats struct {
 	Applied      uint64        // targets applied
+	Batches      uint64        // applications of targets: one per transaction, more for one larger than Batch
 	Transactions uint64        // transactions whose targets were applied and confirmed
 	Dropped      uint64        // targets that can never be applied (a key the cache refuses, an invalid Target), logged and skipped
 	Confirmed    string        // the WAL position confirmed to the server
+	LagBytes     int64         // WAL between the server's end, as last reported, and the confirmed position
 	Lag          time.Duration // commit to applied, of the last transaction
 }
 
 // Stats returns the Listener's counts.
 func (l *Listener) Stats() ListenerStats {
-	return ListenerStats{Applied: l.applied.Load(), Transactions: l.txns.Load(), Dropped: l.dropped.Load(),
-		Confirmed: pglogrepl.LSN(l.confirmed.Load()).String(), Lag: time.Duration(l.lagNanos.Load())}
+	conf, end := l.confirmed.Load(), l.serverEnd.Load()
+	return ListenerStats{Applied: l.applied.Load(), Batches: l.batches.Load(), Transactions: l.txns.Load(), Dropped: l.dropped.Load(),
+		Confirmed: pglogrepl.LSN(conf).String(), LagBytes: int64(max(end, conf) - conf), Lag: time.Duration(l.lagNanos.Load())}
+}
+
+// SlotStatus is what the server says of a replication slot.
+type SlotStatus struct {
+	Exists   bool
+	Active   bool   // a listener is reading it now
+	Retained int64  // bytes of WAL the slot holds back: the server's WAL end minus its confirmed position
+	WAL      string // the server's wal_status: "reserved", "extended", "unreserved" or "lost"
+	KeepSize string // max_slot_wal_keep_size ("-1": unbounded)
+	// Warn is why this slot needs a look, or "": it is retaining more than
+	// the limit given to CheckSlot while nobody reads it, its WAL is
+	// "unreserved" or "lost" (changes were or will be lost: invalidate the
+	// caches whole), or max_slot_wal_keep_size is unbounded.
+	Warn string
+}
+
+// CheckSlot asks the server at conn (any connection string; a monitoring
+// job can call it while no listener runs) about slot: a slot nobody reads
+// holds WAL back until max_slot_wal_keep_size, and past it the server
+// drops the slot's changes.
+func CheckSlot(ctx context.Context, conn, slot string, retainWarn int64) (SlotStatus, error) {
+	c, err := pgconn.Connect(ctx, conn)
+	if err != nil {
+		return SlotStatus{}, err
+	}
+	defer c.Close(context.WithoutCancel(ctx))
+	return checkSlot(ctx, c, slot, retainWarn)
+}
+
+func checkSlot(ctx context.Context, c *pgconn.PgConn, slot string, retainWarn int64) (SlotStatus, error) {
+	if !tableName.MatchString(slot) {
+		return SlotStatus{}, fmt.Errorf("cacheoutbox: slot name %q is not a plain identifier", slot)
+	}
+	rs, err := c.Exec(ctx, `SELECT active::text, coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::bigint::text,
+		coalesce(wal_status, ''), current_setting('max_slot_wal_keep_size')
+		FROM pg_replication_slots WHERE slot_name = '`+slot+`'`).ReadAll()
+	if err != nil {
+		return SlotStatus{}, err
+	}
+	if len(rs) != 1 || rs[0].Err != nil {
+		if len(rs) == 1 {
+			err = rs[0].Err
+		}
+		return SlotStatus{}, fmt.Errorf("cacheoutbox: asking about slot %s: %v", slot, err)
+	}
+	var s SlotStatus
+	if len(rs[0].Rows) == 0 {
+		return s, nil
+	}
+	r := rs[0].Rows[0]
+	s.Exists = true
+	s.Active = string(r[0]) == "true"
+	fmt.Sscan(string(r[1]), &s.Retained)
+	s.WAL, s.KeepSize = string(r[2]), string(r[3])
+	switch {
+	case s.WAL == "lost" || s.WAL == "unreserved":
+		s.Warn = fmt.Sprintf("slot %s's WAL is %q: changes past max_slot_wal_keep_size (%s) were or will be dropped unread; invalidate the caches whole after the listener resumes", slot, s.WAL, s.KeepSize)
+	case !s.Active && s.Retained > retainWarn:
+		s.Warn = fmt.Sprintf("slot %s is retaining %d MiB of WAL with no listener reading it", slot, s.Retained>>20)
+	case s.KeepSize == "-1":
+		s.Warn = fmt.Sprintf("max_slot_wal_keep_size is unbounded: slot %s, unread, can fill the disk", slot)
+	}
+	return s, nil
 }
 
 // Run streams and applies changes until ctx ends, and returns ctx's
@@ -157,6 +242,13 @@ func (l *Listener) stream(ctx context.Context, connected func()) error {
 	var pgErr *pgconn.PgError
 	if err != nil && !(errors.As(err, &pgErr) && pgErr.Code == "42710") { // duplicate_object: the slot exists
 		return fmt.Errorf("creating slot %s: %w", l.o.Slot, err)
+	}
+	// Before streaming (the connection then only streams): a slot that held
+	// back much WAL while no listener read it is worth a warning.
+	if s, err := checkSlot(ctx, conn, l.o.Slot, l.o.RetainWarn); err != nil {
+		return err
+	} else if s.Warn != "" {
+		l.o.Logger.LogAttrs(ctx, slog.LevelWarn, "cacheoutbox: "+s.Warn, slog.String("slot", l.o.Slot), slog.Int64("retained_bytes", s.Retained))
 	}
 	if err := pglogrepl.StartReplication(ctx, conn, l.o.Slot, 0, pglogrepl.StartReplicationOptions{
 		PluginArgs: []string{"proto_version '1'", "publication_names '" + strings.ReplaceAll(l.o.Publication, "'", "''") + "'"}}); err != nil {
@@ -202,6 +294,7 @@ func (l *Listener) stream(ctx context.Context, connected func()) error {
 			if err != nil {
 				return err
 			}
+			l.serverEnd.Store(uint64(pkm.ServerWALEnd))
 			end := pglogrepl.LSN(0)
 			if !inTxn {
 				end = pkm.ServerWALEnd // nothing open: everything up to here is applied
@@ -216,6 +309,7 @@ func (l *Listener) stream(ctx context.Context, connected func()) error {
 			if err != nil {
 				return err
 			}
+			l.serverEnd.Store(uint64(xld.ServerWALEnd))
 			msg, err := pglogrepl.Parse(xld.WALData)
 			if err != nil {
 				return err
@@ -247,6 +341,16 @@ func (l *Listener) stream(ctx context.Context, connected func()) error {
 				if err := confirm(m.TransactionEndLSN); err != nil {
 					return err
 				}
+			}
+			if len(pending) >= l.o.Batch {
+				// A large transaction: pgoutput sends only committed ones,
+				// so its targets can be applied before its COMMIT arrives;
+				// it is confirmed at its COMMIT, and a listener that stops
+				// before then applies it again from its start.
+				if err := l.apply(ctx, pending); err != nil {
+					return err
+				}
+				pending = pending[:0]
 			}
 		}
 	}
@@ -288,6 +392,9 @@ func (l *Listener) apply(ctx context.Context, targets []Target) error {
 			slog.String("slot", l.o.Slot), slog.String("cache", t.Cache), slog.String("target", target[:min(len(target), 200)]), slog.Any("err", err))
 	})
 	l.applied.Add(uint64(n))
+	if err == nil && len(targets) > 0 {
+		l.batches.Add(1)
+	}
 	return err
 }
 

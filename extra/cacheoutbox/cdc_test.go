@@ -29,7 +29,7 @@ const envLogical = "CACHEASIDE_PG_LOGICAL"
 // startLogicalPG starts a PostgreSQL with wal_level=logical on a free
 // loopback port in a temporary directory, stopped by pid at cleanup, and
 // returns its connection string.
-func startLogicalPG(t *testing.T) string {
+func startLogicalPG(t testing.TB) string {
 	t.Helper()
 	if os.Getenv(envLogical) != "1" {
 		t.Skipf("change data capture needs a PostgreSQL with wal_level=logical: set %s=1 to start one (initdb, pg_ctl)", envLogical)
