@@ -97,6 +97,15 @@ func (q *coalescer) kick() {
 
 // await waits for queued r's answer, bounded as wait says.
 func (q *coalescer) await(ctx context.Context, budget time.Duration, r *readReq) ([][]byte, error) {
+	if err := queuedWait(ctx, budget, r.done); err != nil {
+		return nil, err
+	}
+	return r.vals, r.err
+}
+
+// queuedWait waits for ch to close (nil), at most as long as a queued read
+// may wait (see wait), or for ctx to end (its error).
+func queuedWait(ctx context.Context, budget time.Duration, ch <-chan struct{}) error {
 	wait := 2 * budget
 	if dl, ok := ctx.Deadline(); ok {
 		wait = max(min(wait, time.Until(dl)/2), time.Millisecond)
@@ -104,15 +113,15 @@ func (q *coalescer) await(ctx context.Context, budget time.Duration, r *readReq)
 	t := time.NewTimer(wait)
 	defer t.Stop()
 	select {
-	case <-r.done:
-		return r.vals, r.err
+	case <-ch:
+		return nil
 	case <-t.C:
 		// Queued behind this process's own reads, or the read it joined
 		// is still out: the MGET reports Redis's part itself. This is the
 		// process's lateness (errStarved), and the Get goes on with Redis.
-		return nil, fmt.Errorf("%w: %w: %w", errStarved, context.DeadlineExceeded, errReadQueued)
+		return fmt.Errorf("%w: %w: %w", errStarved, context.DeadlineExceeded, errReadQueued)
 	case <-ctx.Done():
-		return nil, ctx.Err()
+		return ctx.Err()
 	}
 }
 

@@ -5,6 +5,7 @@ package cacheaside
 
 import (
 	"context"
+	"errors"
 	"time"
 
 	"github.com/seed-b4ec662f/cacheaside/internal/flight"
@@ -81,20 +82,27 @@ func (q *coalescer) unshare(batch []*readReq) {
 }
 
 // sharers returns what the Gets that shared the queued read r need (nil:
-// none did), once no more can: at once if r was answered (its batch was
-// taken before), else after r is taken out of heads.
-func (q *coalescer) sharers(r *readReq) *sharedRead {
-	select {
-	case <-r.done:
-		return r.shared
-	default:
+// none did), once no more can, and whether r was answered: at once if it
+// was (its batch was taken before), else after r is taken out of heads.
+func (q *coalescer) sharers(r *readReq) (sh *sharedRead, answered bool) {
+	if closed(r.done) {
+		return r.shared, true
 	}
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if q.heads[r.keys[0]] == r {
 		delete(q.heads, r.keys[0])
 	}
-	return r.shared
+	return r.shared, closed(r.done)
+}
+
+func closed(ch <-chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
 }
 
 // release lets the Gets that share sh go on, handing them call (nil:
@@ -130,16 +138,38 @@ func (c *Cache[T]) readGet(ctx context.Context, op *keyOp[T]) (spent time.Durati
 	if first {
 		op.b, op.gv, op.rerr = coalescedRead(op.genKey)(q.await(ctx, c.guard.readBudget(), r))
 		spent = time.Since(t0)
-		if sh := q.sharers(r); sh != nil {
-			sh.b, sh.gv, sh.err, sh.spent = op.b, op.gv, op.rerr, spent
-			sh.read = op.rerr == nil || ctx.Err() == nil // not this Get's own cancellation
+		if sh, answered := q.sharers(r); sh != nil {
+			// The others get the read's answer, not this Get's: its own
+			// deadline or cancellation may have ended its wait first.
+			if answered {
+				sh.b, sh.gv, sh.err = coalescedRead(op.genKey)(r.vals, r.err)
+				sh.read = true
+			}
+			sh.spent = spent
 			op.shared = sh
 		}
 		return spent, nil
 	}
 	sh := r.shared // set by share, under the lock
-	if !wait(ctx, sh.ready) {
-		op.rerr = ctx.Err()
+	// With a deadline, bounded as its own queued read would be (half what
+	// remains): the first Get's bound may be longer. Without one the bound
+	// is the first Get's own (twice the budget), whose timer started
+	// first: it lets this Get go, unanswered, when it fires. Past the read,
+	// the first Get's decision waits for its flight's first lease round, as
+	// this Get, after a miss of its own, would wait for that flight.
+	var err error
+	if _, ok := ctx.Deadline(); ok {
+		err = queuedWait(ctx, c.guard.readBudget(), sh.ready)
+	} else if !wait(ctx, sh.ready) {
+		err = ctx.Err()
+	}
+	switch {
+	case err == nil:
+	case errors.Is(err, errStarved) && closed(r.done): // answered; the first Get has not decided yet
+		op.b, op.gv, op.rerr = coalescedRead(op.genKey)(r.vals, r.err)
+		return time.Since(t0), nil
+	default:
+		op.rerr = err
 		return time.Since(t0), nil
 	}
 	if !sh.read { // the first Get gave up before the answer: wait for it here
@@ -172,8 +202,8 @@ func (c *Cache[T]) handOn(ctx context.Context, op *keyOp[T]) {
 }
 
 // wait waits for ch to close, or ctx to end first (false). A stampede's
-// Gets all wait, often with a ctx that never ends: they then spare the
-// select.
+// Gets all wait for their flight, often with a ctx that never ends: they
+// then spare the select.
 func wait(ctx context.Context, ch <-chan struct{}) bool {
 	done := ctx.Done()
 	if done == nil {

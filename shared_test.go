@@ -86,7 +86,7 @@ func TestSharedReadParksTheStampede(t *testing.T) {
 		waitFor(t, "every Get sharing one queued read", func() bool {
 			c.reads.mu.Lock()
 			defer c.reads.mu.Unlock()
-			if r := c.reads.heads[key]; r != nil && r.shared.others == n-1 {
+			if r := c.reads.heads[key]; r != nil && r.shared != nil && r.shared.others == n-1 {
 				sh = r.shared
 				return true
 			}
@@ -190,5 +190,119 @@ func TestSentReadIsNotShared(t *testing.T) {
 			t.Fatalf("the first Get got %q; its read saw old", v)
 		}
 		held.Wait()
+	})
+}
+
+// holdSends takes every send slot of c's coalescer, so queued reads stay
+// queued, and returns what gives them back.
+func holdSends(c *Cache[string]) func() {
+	for range maxSends {
+		c.reads.sends <- struct{}{}
+	}
+	return func() {
+		for range maxSends {
+			<-c.reads.sends
+		}
+	}
+}
+
+// queuedBehind starts two Gets of other keys whose direct reads the gate
+// holds, so the next reads are queued.
+func queuedBehind(t *testing.T, c *Cache[string], rdb *gatedRedis, b *backend) {
+	t.Helper()
+	for i := range 2 {
+		go func() {
+			_, _ = c.Get(context.Background(), b.key(fmt.Sprint("held", i)), func(context.Context) (string, error) { return "x", nil })
+		}()
+	}
+	waitFor(t, "two direct reads", func() bool { return rdb.gets.Load() == 2 })
+}
+
+// sharing waits until others Gets share the queued read of key.
+func sharing(t *testing.T, c *Cache[string], key string, others int) {
+	t.Helper()
+	waitFor(t, fmt.Sprint(others, " Gets sharing the queued read"), func() bool {
+		c.reads.mu.Lock()
+		defer c.reads.mu.Unlock()
+		r := c.reads.heads[key]
+		return r != nil && (others == 0 || r.shared != nil && r.shared.others == others)
+	})
+}
+
+// TestSharedReadKeepsItsBound: a Get with a 400ms deadline that shares the
+// queued read of a Get without one waits as its own queued read would
+// (half its deadline), then goes on with Redis and finds the value; it
+// does not wait out its deadline behind the first Get.
+func TestSharedReadKeepsItsBound(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := context.Background()
+		rdb := &gatedRedis{Client: b.client(t)}
+		c, err := New[string](rdb, &Options[string]{Degradation: Degradation{OpTimeout: 2 * time.Second, RedisTimePerGet: 10 * time.Second}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		key := b.key("k")
+		if err := c.Set(ctx, key, "v"); err != nil {
+			t.Fatal(err)
+		}
+		rdb.gate = make(chan struct{})
+		defer close(rdb.gate)
+		queuedBehind(t, c, rdb, b)
+		give := holdSends(c)
+		defer give()
+		load := func(context.Context) (string, error) { return "loaded", nil }
+		go func() { _, _ = c.Get(ctx, key, load) }()
+		sharing(t, c, key, 0)
+		fctx, cancel := context.WithTimeout(ctx, 400*time.Millisecond)
+		defer cancel()
+		if v, err := c.Get(fctx, key, load); v != "v" || err != nil {
+			t.Fatalf("a Get sharing a read that stays queued = %q, %v; want the value, found after its own bound", v, err)
+		}
+	})
+}
+
+// TestSharedReadHeadDeadline: when the Get that queued a read gives up
+// first (its deadline), the Gets sharing it are not handed its timeout:
+// they wait for the read themselves and count hits.
+func TestSharedReadHeadDeadline(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := context.Background()
+		rdb := &gatedRedis{Client: b.client(t)}
+		c, err := New[string](rdb, &Options[string]{Degradation: Degradation{OpTimeout: 2 * time.Second, RedisTimePerGet: 10 * time.Second}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		key := b.key("k")
+		if err := c.Set(ctx, key, "v"); err != nil {
+			t.Fatal(err)
+		}
+		rdb.gate = make(chan struct{})
+		defer close(rdb.gate)
+		queuedBehind(t, c, rdb, b)
+		give := holdSends(c)
+		load := func(context.Context) (string, error) { return "loaded", nil }
+		hctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+		defer cancel()
+		head := make(chan error, 1)
+		go func() { _, err := c.Get(hctx, key, load); head <- err }()
+		sharing(t, c, key, 0)
+		const n = 10
+		var wg sync.WaitGroup
+		for range n {
+			wg.Go(func() {
+				if v, err := c.Get(ctx, key, load); v != "v" || err != nil {
+					t.Errorf("a Get sharing the read = %q, %v", v, err)
+				}
+			})
+		}
+		sharing(t, c, key, n)
+		<-head // gave up at its bound, with the read still queued
+		give()
+		wg.Wait()
+		if s := c.Stats(); s.Hits < n {
+			t.Fatalf("stats %+v: want the %d Gets that shared the read counted as hits", s, n)
+		}
 	})
 }
