@@ -31,6 +31,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/seed-b4ec662f/cacheaside"
+	"github.com/seed-b4ec662f/cacheaside/extra/cacheoutbox"
 	"github.com/seed-b4ec662f/cacheaside/extra/cacheprometheus"
 )
 
@@ -68,6 +69,7 @@ type env struct {
 
 	sample     time.Duration // the dashboard's sampling interval; 0 means 1s (tests set it shorter)
 	auditEvery time.Duration // AUDIT_EVERY: a staleness audit of each cache this often; 0: only on request
+	cdc        string        // CDC: "off" turns change data capture off (cdc.go)
 }
 
 func readEnv() env {
@@ -77,6 +79,7 @@ func readEnv() env {
 		cacheTTLs:   os.Getenv("CACHE_TTLS"),
 		addr:        os.Getenv("ADDR"),
 		adminToken:  os.Getenv("ADMIN_TOKEN"),
+		cdc:         cdcMode(os.Getenv("CDC")),
 	}
 	if s := os.Getenv("AUDIT_EVERY"); s != "" {
 		d, err := time.ParseDuration(s)
@@ -107,6 +110,8 @@ type app struct {
 
 	stopAudits func() // ends the periodic audits (AUDIT_EVERY); nil without
 	stopRelay  func() // ends the outbox's relay
+	stopCDC    func() // ends the change data capture listener; nil without
+	cdc        *cacheoutbox.Listener
 }
 
 // localTaskTTL is how long the task cache's local tier may serve a task
@@ -181,6 +186,9 @@ func newApp(ctx context.Context, e env, log *slog.Logger, dbLatency time.Duratio
 	relayDone := make(chan struct{})
 	go func() { defer close(relayDone); _ = store.outbox.Relay(rctx, a.svc.tasks, a.svc.lists) }()
 	a.stopRelay = func() { stopRelay(); <-relayDone }
+	if a.stopCDC, err = a.startCDC(ctx, e, reg); err != nil {
+		return nil, err
+	}
 	audits := newAuditor(a.svc, reg)
 	if e.auditEvery > 0 {
 		actx, stop := context.WithCancel(context.Background())
@@ -209,6 +217,9 @@ func (a *app) Close() {
 	}
 	if a.stopRelay != nil {
 		a.stopRelay()
+	}
+	if a.stopCDC != nil {
+		a.stopCDC()
 	}
 	if a.mon != nil {
 		a.mon.close()

@@ -461,6 +461,11 @@ func TestDemo(t *testing.T) {
 			t.Errorf("demo output lacks /%s/:\n%s", re, s)
 		}
 	}
+	// Part 4.7: both TTLs served with nothing stale in the audit (the hit
+	// rates are reported, not asserted: they depend on the machine's pace).
+	if !regexp.MustCompile(`(?m)^1s\s+\d+\s+\d+\s+\d+\s+[\d.]+%\s+0 of \d+ sampled\s*\n1h0m0s\s+\d+\s+\d+\s+\d+\s+[\d.]+%\s+0 of [1-9]\d* sampled`).MatchString(s) {
+		t.Errorf("part 4.7: want both TTLs' rows with 0 stale:\n%s", s)
+	}
 	// Part 4.4: the stats after the write still count what they counted
 	// before it (TTL only, no invalidation), while the new task is read at
 	// once.

@@ -14,6 +14,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 	"github.com/seed-b4ec662f/cacheaside"
+	"github.com/seed-b4ec662f/cacheaside/extra/cacheoutbox/pgtest"
 )
 
 // itemsDB starts a logical PostgreSQL with a published table items of n
@@ -21,7 +22,7 @@ import (
 // pool on it.
 func itemsDB(tb testing.TB, n int) (string, *sql.DB) {
 	tb.Helper()
-	conn := startLogicalPG(tb)
+	conn := pgtest.StartLogical(tb)
 	db, err := sql.Open("pgx", conn)
 	if err != nil {
 		tb.Fatal(err)

@@ -20,6 +20,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 	"github.com/seed-b4ec662f/cacheaside"
+	"github.com/seed-b4ec662f/cacheaside/extra/cacheoutbox/pgtest"
 )
 
 // The environment of a listener run as a child process of the test
@@ -85,7 +86,7 @@ func TestListenerChild(t *testing.T) {
 // key must be gone from Redis at the end (checked against the database's
 // rows), and the keys invalidated more than once are counted.
 func TestListenerKilled(t *testing.T) {
-	conn := startLogicalPG(t)
+	conn := pgtest.StartLogical(t)
 	ctx := context.Background()
 	db, err := sql.Open("pgx", conn)
 	if err != nil {
