@@ -89,7 +89,7 @@ func (w *syncBuffer) String() string {
 
 // TestListenerBatchesAndSlot: a conditional UPDATE of 5,000 rows, one
 // transaction, is applied in batches of Batch (500) as its changes arrive,
-// and every row's key is invalidated. With the listener stopped, CheckSlot
+// and every row's key is invalidated; a rolled-back UPDATE applies nothing. With the listener stopped, CheckSlot
 // reports the WAL its slot retains and warns past the limit; the listener
 // warns when it resumes, and its lag in bytes falls to 0 once it caught up.
 func TestListenerBatchesAndSlot(t *testing.T) {
@@ -124,6 +124,37 @@ func TestListenerBatchesAndSlot(t *testing.T) {
 	waitUntil(t, "the transaction confirmed", func() bool { return l.Stats().Transactions >= 1 })
 	if st := l.Stats(); st.Batches < rows/500 || st.Applied < rows {
 		t.Fatalf("stats %+v: want the 5,000 targets applied in at least %d batches", st, rows/500)
+	}
+
+	// A rolled-back UPDATE applies nothing: PostgreSQL decodes only
+	// committed transactions. Row 2's key, filled again, survives the
+	// commit that follows it, whose key is invalidated.
+	if err := c.Set(ctx, name+":1", "0"); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Set(ctx, name+":2", "0"); err != nil {
+		t.Fatal(err)
+	}
+	tx, err := db.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.Exec(`UPDATE items SET n = n + 1 WHERE id = 2`); err != nil {
+		t.Fatal(err)
+	}
+	if err := tx.Rollback(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Exec(`UPDATE items SET n = n + 1 WHERE id = 1`); err != nil {
+		t.Fatal(err)
+	}
+	exists := func(k string) bool {
+		_, err := c.Get(ctx, k, func(context.Context) (string, error) { return "", cacheaside.ErrNotFound })
+		return err == nil
+	}
+	waitUntil(t, "the committed UPDATE's key invalidated", func() bool { return !exists(name + ":1") })
+	if !exists(name + ":2") {
+		t.Fatal("a rolled-back UPDATE invalidated its row's key")
 	}
 	stop()
 
