@@ -74,7 +74,8 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 		case p.NoNegativeCache:
 			calls[i] = c.leases.release(op.key, op.tok, 0)
 		default:
-			ttl := p.jitter(p.NegativeTTL)
+			var zero T
+			ttl := p.jitter(c.lifetime(zero, true, took))
 			soft := c.opts.Clock().Add(ttl)
 			entry := tombstone(op.tok, c.opts.Codec.Format(), op.gen, soft)
 			calls[i], fills[i], softs[i], entries[i] = c.leases.fill(op.key, op.genKey, op.tok, op.proof, entry, ttl), true, soft.UnixMilli(), entry
@@ -132,7 +133,7 @@ func (c *Cache[T]) encode(v T, tok envelope.Token, gen envelope.Gen, took time.D
 		return nil, 0, err
 	}
 	p := c.opts.Policy
-	ttl := p.jitter(p.TTL)
+	ttl := p.jitter(c.lifetime(v, false, took))
 	life := ttl
 	if w := p.staleWindow(); w > 0 {
 		life += p.jitter(w)
@@ -146,6 +147,22 @@ func (c *Cache[T]) encode(v T, tok envelope.Token, gen envelope.Gen, took time.D
 		Gen:        gen,
 		Payload:    payload,
 	}), life, nil
+}
+
+// lifetime is how long an entry of v (or a "not found") stays fresh,
+// before jitter: Options.Lifetime's answer within the Policy's bound.
+func (c *Cache[T]) lifetime(v T, notFound bool, took time.Duration) time.Duration {
+	p := c.opts.Policy
+	bound := p.TTL
+	if notFound {
+		bound = p.NegativeTTL
+	}
+	if f := c.opts.Lifetime; f != nil {
+		if d := f(v, notFound, took); d > 0 && d < bound {
+			return d
+		}
+	}
+	return bound
 }
 
 // softExpiry reads the soft expiry back from an encoded entry.

@@ -39,6 +39,21 @@ type Options[T any] struct {
 	// (TTL 5m, negative 60s, jitter 10%, XFetch beta 1, no stale serving).
 	Policy Policy
 
+	// Lifetime, when set, gives each entry its own lifetime: it is called
+	// with a loaded value (notFound false) or a "not found" (notFound true,
+	// v the zero value), and how long the load took (0 for Set), and
+	// returns how long the entry stays fresh: a session that carries its
+	// own expiry, a price valid until a timestamp, a report that is cheap
+	// to reload kept shorter than a slow one. The Policy bounds it: a
+	// result above Policy.TTL (Policy.NegativeTTL for "not found"), or of 0
+	// or less, is that bound, so the Policy's TTL stays the longest any
+	// entry lives (namespaces, the retry queue and the audit rely on it).
+	// The Policy's jitter applies to the result, and the stale windows
+	// follow it. It is called for Get, GetMany, refreshes and Set, on the
+	// goroutine that fills; a panic in it fails that load's callers with a
+	// *PanicError, like a panicking codec.
+	Lifetime func(v T, notFound bool, took time.Duration) time.Duration
+
 	// Namespaced makes every key of this cache belong to a Namespace:
 	// keys must be built with Namespace.Key, Get reads the entry and the
 	// namespace's generation with one MGET, and InvalidateNamespace drops
