@@ -218,6 +218,26 @@ func queuedBehind(t *testing.T, c *Cache[string], rdb *gatedRedis, b *backend) {
 	waitFor(t, "two direct reads", func() bool { return rdb.gets.Load() == 2 })
 }
 
+// queuedValue returns a cache whose key holds "v", and whose next reads
+// are queued behind two held direct reads (queuedBehind).
+func queuedValue(t *testing.T, b *backend) (*Cache[string], string) {
+	t.Helper()
+	rdb := &gatedRedis{Client: b.client(t)}
+	c, err := New[string](rdb, &Options[string]{Degradation: Degradation{OpTimeout: 2 * time.Second, RedisTimePerGet: 10 * time.Second}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	key := b.key("k")
+	if err := c.Set(context.Background(), key, "v"); err != nil {
+		t.Fatal(err)
+	}
+	rdb.gate = make(chan struct{})
+	t.Cleanup(func() { close(rdb.gate) }) // before Close: cleanups run last first
+	queuedBehind(t, c, rdb, b)
+	return c, key
+}
+
 // sharing waits until others Gets share the queued read of key.
 func sharing(t *testing.T, c *Cache[string], key string, others int) {
 	t.Helper()
@@ -236,19 +256,7 @@ func sharing(t *testing.T, c *Cache[string], key string, others int) {
 func TestSharedReadKeepsItsBound(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b *backend) {
 		ctx := context.Background()
-		rdb := &gatedRedis{Client: b.client(t)}
-		c, err := New[string](rdb, &Options[string]{Degradation: Degradation{OpTimeout: 2 * time.Second, RedisTimePerGet: 10 * time.Second}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
-		key := b.key("k")
-		if err := c.Set(ctx, key, "v"); err != nil {
-			t.Fatal(err)
-		}
-		rdb.gate = make(chan struct{})
-		defer close(rdb.gate)
-		queuedBehind(t, c, rdb, b)
+		c, key := queuedValue(t, b)
 		give := holdSends(c)
 		defer give()
 		load := func(context.Context) (string, error) { return "loaded", nil }
@@ -268,19 +276,7 @@ func TestSharedReadKeepsItsBound(t *testing.T) {
 func TestSharedReadHeadDeadline(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b *backend) {
 		ctx := context.Background()
-		rdb := &gatedRedis{Client: b.client(t)}
-		c, err := New[string](rdb, &Options[string]{Degradation: Degradation{OpTimeout: 2 * time.Second, RedisTimePerGet: 10 * time.Second}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
-		key := b.key("k")
-		if err := c.Set(ctx, key, "v"); err != nil {
-			t.Fatal(err)
-		}
-		rdb.gate = make(chan struct{})
-		defer close(rdb.gate)
-		queuedBehind(t, c, rdb, b)
+		c, key := queuedValue(t, b)
 		give := holdSends(c)
 		load := func(context.Context) (string, error) { return "loaded", nil }
 		hctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)

@@ -4,23 +4,18 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"database/sql"
-	"fmt"
 	"log/slog"
 	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
-	"github.com/redis/go-redis/v9"
 	"github.com/seed-b4ec662f/cacheaside"
-	"github.com/seed-b4ec662f/cacheaside/extra/cacheoutbox/pgtest"
 )
 
 // The environment of a listener run as a child process of the test
@@ -86,36 +81,11 @@ func TestListenerChild(t *testing.T) {
 // key must be gone from Redis at the end (checked against the database's
 // rows), and the keys invalidated more than once are counted.
 func TestListenerKilled(t *testing.T) {
-	conn := pgtest.StartLogical(t)
-	ctx := context.Background()
-	db, err := sql.Open("pgx", conn)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = db.Close() })
 	const rows = 10_000
-	for _, q := range []string{
-		`CREATE TABLE items (id INT PRIMARY KEY, n INT NOT NULL)`,
-		fmt.Sprintf(`INSERT INTO items SELECT g, 0 FROM generate_series(1, %d) g`, rows),
-		`CREATE PUBLICATION cacheaside FOR TABLE items`,
-		`SELECT pg_create_logical_replication_slot('cacheaside', 'pgoutput')`,
-	} {
-		if _, err := db.Exec(q); err != nil {
-			t.Fatalf("%s: %v", q, err)
-		}
-	}
+	conn, db := itemsDB(t, rows)
 	addr, _ := redisAddr(t)
 	name := "item" + unique()
-	rdb := redis.NewClient(&redis.Options{Addr: addr})
-	t.Cleanup(func() { _ = rdb.Close() })
-	filler := newCache(t, addr, name, cacheaside.Degradation{})
-	for i := 1; i <= rows; i += 500 {
-		for j := i; j < i+500; j++ {
-			if err := filler.Set(ctx, name+":"+strconv.Itoa(j), "0"); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
+	left := fillItems(t, newCache(t, addr, name, cacheaside.Degradation{}), addr, name, rows)
 	logPath := filepath.Join(t.TempDir(), "invalidated")
 	var stderr bytes.Buffer
 	var mu sync.Mutex
@@ -176,22 +146,10 @@ func TestListenerKilled(t *testing.T) {
 	if err := db.QueryRow(`SELECT count(*) FROM items WHERE n = 1`).Scan(&changed); err != nil || changed != rows {
 		t.Fatalf("%d rows changed in the database, %v", changed, err)
 	}
-	keys := make([]string, rows)
-	for i := range keys {
-		keys[i] = name + ":" + strconv.Itoa(i+1)
-	}
-	left := -1
+	remaining := -1
 	deadline := time.Now().Add(60 * time.Second)
-	for left != 0 && time.Now().Before(deadline) {
-		left = 0
-		for i := 0; i < rows; i += 1000 {
-			n, err := rdb.Exists(ctx, keys[i:i+1000]...).Result()
-			if err != nil {
-				t.Fatal(err)
-			}
-			left += int(n)
-		}
-		if left != 0 {
+	for remaining != 0 && time.Now().Before(deadline) {
+		if remaining = left(); remaining != 0 {
 			time.Sleep(50 * time.Millisecond)
 		}
 	}
@@ -205,9 +163,9 @@ func TestListenerKilled(t *testing.T) {
 	for _, n := range times {
 		dups += n - 1
 	}
-	if left != 0 {
+	if remaining != 0 {
 		mu.Lock()
-		t.Fatalf("%d of %d changed rows' keys still in Redis after %d kills; %d keys logged invalidated\n%s", left, rows, kills, len(times), stderr.String())
+		t.Fatalf("%d of %d changed rows' keys still in Redis after %d kills; %d keys logged invalidated\n%s", remaining, rows, kills, len(times), stderr.String())
 	}
 	t.Logf("%d UPDATEs, the listener killed with SIGKILL %d times: 0 of %d changed rows missed; %d invalidations of keys already invalidated (at least once)", rows, kills, rows, dups)
 }
