@@ -511,15 +511,12 @@ func (d *demo) part44(ctx context.Context) error {
 		return err
 	}
 	d.at("find a user of org " + org)
-	page, err := svc.ListTasks(ctx, org, "", 1, 1)
+	tasks, err := d.orgTasks(ctx, org, 1)
 	if err != nil {
 		return err
 	}
-	if len(page.Tasks) == 0 {
-		return fmt.Errorf("org %s has no tasks", org)
-	}
 	d.at("create a task in org " + org)
-	t, _, err := svc.CreateTask(ctx, TaskInput{Org: org, Title: "Demo task for part 4.4", Status: "todo", Assignee: page.Tasks[0].Assignee})
+	t, _, err := svc.CreateTask(ctx, TaskInput{Org: org, Title: "Demo task for part 4.4", Status: "todo", Assignee: tasks[0].Assignee})
 	if err != nil {
 		return err
 	}
@@ -560,14 +557,11 @@ func (d *demo) part45(ctx context.Context) error {
 	const org, sample = "acme", 20
 	svc := d.app.svc
 	d.at("find a task of org " + org)
-	page, err := svc.ListTasks(ctx, org, "", 1, 1)
+	tasks, err := d.orgTasks(ctx, org, 1)
 	if err != nil {
 		return err
 	}
-	if len(page.Tasks) == 0 {
-		return fmt.Errorf("org %s has no tasks", org)
-	}
-	t := page.Tasks[0]
+	t := tasks[0]
 	d.at("read the task")
 	if _, err := svc.GetTask(ctx, t.ID); err != nil {
 		return err
@@ -646,14 +640,11 @@ func (d *demo) part46(ctx context.Context) error {
 	}
 	svc := d.app.svc
 	d.at("find a task of org acme")
-	page, err := svc.ListTasks(ctx, "acme", "", 1, 1)
+	tasks, err := d.orgTasks(ctx, "acme", 1)
 	if err != nil {
 		return err
 	}
-	if len(page.Tasks) == 0 {
-		return fmt.Errorf("org acme has no tasks")
-	}
-	id := page.Tasks[0].ID
+	id := tasks[0].ID
 	if _, err := svc.GetTask(ctx, id); err != nil {
 		return err
 	}
@@ -706,15 +697,12 @@ func (d *demo) keepTargets() func() {
 func (d *demo) part47(ctx context.Context) error {
 	const org, hot, readers = "acme", 50, 4
 	run := 3 * time.Second
-	page, err := d.app.svc.ListTasks(ctx, org, "", 1, hot)
+	tasks, err := d.orgTasks(ctx, org, hot)
 	if err != nil {
 		return err
 	}
-	if len(page.Tasks) == 0 {
-		return fmt.Errorf("org %s has no tasks", org)
-	}
-	ids := make([]int64, len(page.Tasks))
-	for i, t := range page.Tasks {
+	ids := make([]int64, len(tasks))
+	for i, t := range tasks {
 		ids[i] = t.ID
 	}
 	defer d.keepTargets()()
@@ -759,7 +747,7 @@ func (d *demo) part47(ctx context.Context) error {
 		}
 		wg.Go(func() {
 			for n := 0; time.Now().Before(stop); n++ {
-				t := page.Tasks[(n*7)%len(page.Tasks)]
+				t := tasks[(n*7)%len(tasks)]
 				in := TaskInput{Title: fmt.Sprintf("%s (edit %d)", strings.SplitN(t.Title, " (edit", 2)[0], n), Status: t.Status, Assignee: t.Assignee, Tags: t.Tags}
 				if _, _, err := svc.UpdateTask(ctx, t.ID, in); err != nil {
 					firstErr.CompareAndSwap(nil, &err)
@@ -798,4 +786,17 @@ func (d *demo) part47(ctx context.Context) error {
 		"own table keeps 5 minutes: a write from outside the app needs change data capture\n"+
 		"(part 4.6) before a longer TTL is safe for it too.\n")
 	return nil
+}
+
+// orgTasks returns up to n tasks of org, the first page of its list; an org
+// without tasks is an error.
+func (d *demo) orgTasks(ctx context.Context, org string, n int) ([]Task, error) {
+	page, err := d.app.svc.ListTasks(ctx, org, "", 1, n)
+	if err != nil {
+		return nil, err
+	}
+	if len(page.Tasks) == 0 {
+		return nil, fmt.Errorf("org %s has no tasks", org)
+	}
+	return page.Tasks, nil
 }
