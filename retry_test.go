@@ -481,7 +481,8 @@ func writeStallStorm(t *testing.T, opts func(string) *redis.Options) {
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	var reads, failed atomic.Int64
-	var worst atomic.Int64 // the longest staleness seen, ns
+	var worst atomic.Int64   // the longest staleness seen, ns
+	var longest atomic.Int64 // the writer's longest Invalidate, ns
 	wg.Go(func() {
 		for i := 0; ; i++ {
 			select {
@@ -494,7 +495,11 @@ func writeStallStorm(t *testing.T, opts func(string) *redis.Options) {
 			version[k]++
 			changed[k] = append(changed[k], time.Now())
 			mu.Unlock()
+			began := time.Now()
 			_, _ = writer.Invalidate(ctx, key(k)) // a failure is queued and retried
+			if d := int64(time.Since(began)); d > longest.Load() {
+				longest.Store(d)
+			}
 		}
 	})
 	for range 2 {
@@ -544,13 +549,20 @@ func writeStallStorm(t *testing.T, opts func(string) *redis.Options) {
 	}
 	rec.mu.Unlock()
 	ws, ost := writer.Stats(), other.Stats()
-	t.Logf("3 write pauses of 400 ms: the other instance's %d Gets: %d hits, %d loads, %d failed; its read breaker opened %d times, breakers opened %d times in all; oldest row served %v after it changed; writer: %d invalidations queued, %d retried",
-		reads.Load(), ost.Hits, ost.Loads, failed.Load(), readsDown, ost.BreakerOpens, time.Duration(worst.Load()).Round(time.Millisecond), ws.QueuedInvals, ws.RetriedInvals)
+	t.Logf("3 write pauses of 400 ms: the other instance's %d Gets: %d hits, %d loads, %d failed; its read breaker opened %d times, breakers opened %d times in all; oldest row served %v after it changed; writer: %d invalidations queued, %d retried, longest Invalidate %v",
+		reads.Load(), ost.Hits, ost.Loads, failed.Load(), readsDown, ost.BreakerOpens, time.Duration(worst.Load()).Round(time.Millisecond), ws.QueuedInvals, ws.RetriedInvals, time.Duration(longest.Load()).Round(time.Millisecond))
 	if failed.Load() != 0 {
 		t.Errorf("%d Gets failed", failed.Load())
 	}
-	if ws.QueuedInvals == 0 && failed.Load() == 0 && time.Duration(worst.Load()) < 300*time.Millisecond {
-		t.Errorf("no invalidation failed and no row was old during the pauses: the storm did not stall writes")
+	// The pauses must have reached the writer: its invalidations either
+	// failed within the write budget and were queued, or (go-redis's
+	// defaults, which cannot cut a command that is waiting on the socket)
+	// waited for a pause to end. Whether a reader meets an old row depends
+	// on where its loop is when a pause begins (both readers may sit in a
+	// miss's lease write for the whole pause), so it is reported, not
+	// required.
+	if ws.QueuedInvals == 0 && time.Duration(longest.Load()) < 200*time.Millisecond {
+		t.Errorf("no invalidation was queued and none waited on a pause (longest %v): the storm did not stall writes", time.Duration(longest.Load()))
 	}
 	if w := time.Duration(worst.Load()); w > 2*time.Second {
 		t.Errorf("an old row was served %v after it changed; want well under the 2s between pauses", w)
