@@ -26,6 +26,9 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 	stop := c.keepLeases(r.ctx, held)
 	vals, found, took, err := r.call(held)
 	stop()
+	if err == nil {
+		r.publish(held, vals, found)
+	}
 	if h := c.hooks; h != nil && h.beforeFill != nil {
 		for _, op := range held {
 			h.beforeFill(op.key)
@@ -120,6 +123,27 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 		}
 	}
 	failed.report(wctx, c, "fill")
+}
+
+// publish hands each flight's loaded answer to the Gets that joined it
+// before the fill: those for which the lease round the load followed
+// vouches (see older), which is every Get that began before that round.
+// The load read the source after the lease was taken, so after those Gets
+// began; their answers need not wait for the fill's round trip, and a
+// stampede's waiters wake while the fill is sent. The answer they get is
+// the one the flight finishes with, without the filled entry's token.
+func (r *missRun[T]) publish(held []*keyOp[T], vals []T, found []bool) {
+	for i, op := range held {
+		if op.call == nil {
+			continue // a background refresh: nobody waits
+		}
+		a := answer[T]{v: vals[i], round: op.round, fs: op.fs}
+		var err error
+		if !found[i] {
+			a.v, err = *new(T), ErrNotFound
+		}
+		op.call.Publish(a, err)
+	}
 }
 
 // encode builds the value entry for v and the lifetime to give it in

@@ -143,6 +143,19 @@ func (c *Cache[T]) await(ctx context.Context, op *keyOp[T], src source[T]) (T, e
 	if op.shared != nil {
 		c.handOn(ctx, op)
 	}
+	// The loader's answer, published before the fill (fill.go), is a
+	// joiner's if it needs no check (see older). The leader's own caller
+	// waits for the fill, so a Get that loaded returns with its entry in
+	// Redis.
+	if !wait(ctx, op.call.Early()) {
+		var zero T
+		return zero, ctx.Err()
+	}
+	if !op.leader && !op.call.Finished() {
+		if a, err := op.call.EarlyResult(); !op.older(a) {
+			return a.v, err
+		}
+	}
 	if !wait(ctx, op.call.Done()) {
 		var zero T
 		return zero, ctx.Err()
@@ -184,14 +197,19 @@ func (c *Cache[T]) endFlight(key string, fs *flightState) { c.inflight.CompareAn
 // source after the write. An answer a wake message delivered rests on no
 // round (0): that fill may have landed before the Get began.
 func (c *Cache[T]) joined(ctx context.Context, op *keyOp[T], a answer[T], err error, src source[T]) (T, error) {
-	// A Get whose own read failed cannot check anything in Redis either,
-	// and a start-over would only load again.
-	vouched := a.fs == op.seen.f && (op.trusted || a.round > op.seen.rounds)
-	older := a.fs != nil && a.fs.seq <= op.start && !vouched && !op.down
-	if older && op.attempt < maxRejoins && (err == nil || errors.Is(err, ErrNotFound)) && !c.holds(ctx, op.key, op.genKey, a.tok) {
+	if op.older(a) && op.attempt < maxRejoins && (err == nil || errors.Is(err, ErrNotFound)) && !c.holds(ctx, op.key, op.genKey, a.tok) {
 		return c.one(ctx, op.key, op.idx, src, op.attempt+1)
 	}
 	return a.v, err
+}
+
+// older reports whether a, the answer of the flight op joined, needs the
+// check of joined: the flight began before op's read, and none of the
+// reasons above vouches for a. A Get whose own read failed cannot check
+// anything in Redis either, and a start-over would only load again.
+func (op *keyOp[T]) older(a answer[T]) bool {
+	vouched := a.fs == op.seen.f && (op.trusted || a.round > op.seen.rounds)
+	return a.fs != nil && a.fs.seq <= op.start && !vouched && !op.down
 }
 
 // holds reports whether key still holds the entry written under tok, in

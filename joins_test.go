@@ -339,3 +339,104 @@ func TestJoinWithoutRead(t *testing.T) {
 		}
 	})
 }
+
+// The Gets that joined a load are answered when the loader returns, before
+// the fill's round trip, if the lease round the load followed vouches for
+// them; the leader's own Get returns once the fill has landed; and a Get
+// that began after an invalidation removed the lease does not take that
+// answer: it waits for the fill, which is refused, and loads again.
+func TestJoinersAnsweredBeforeTheFill(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := context.Background()
+		// Each Get reads on its own: a shared read's Gets join once the
+		// leader's lease round has answered, which the leader here waits
+		// on them to begin.
+		c := newCache(t, b, &Options[int64]{NoReadCoalescing: true})
+		other := newCache(t, b, &Options[int64]{}) // another process: its invalidation cannot reach c's flight
+		key := b.key("early")
+		var db atomic.Int64
+		db.Store(1)
+		var joins atomic.Int64
+		joinersIn := make(chan struct{})
+		fillGate := make(chan struct{})
+		var openGate sync.Once
+		t.Cleanup(func() { openGate.Do(func() { close(fillGate) }) }) // a failed test does not hang Close
+		var gated atomic.Bool
+		c.hooks = &testHooks{
+			joined: func(string) {
+				switch joins.Add(1) {
+				case 1: // the leader starts its lease round once the joiners are in
+					<-joinersIn
+				case 6:
+					close(joinersIn)
+				}
+			},
+			beforeFill: func(string) {
+				if gated.CompareAndSwap(false, true) {
+					<-fillGate
+				}
+			},
+		}
+		inLoad, resume := make(chan struct{}), make(chan struct{})
+		var first atomic.Bool
+		load := func(context.Context) (int64, error) {
+			v := db.Load()
+			if first.CompareAndSwap(false, true) {
+				close(inLoad)
+				<-resume
+			}
+			return v, nil
+		}
+		get := func() chan int64 {
+			ch := make(chan int64, 1)
+			go func() {
+				v, err := c.Get(ctx, key, load)
+				if err != nil {
+					t.Error(err)
+				}
+				ch <- v
+			}()
+			return ch
+		}
+		leader := get()
+		waitFor(t, "the leader to join", func() bool { return joins.Load() == 1 })
+		var joiners []chan int64
+		for range 5 { // they begin before the leader's lease round
+			joiners = append(joiners, get())
+		}
+		<-inLoad
+
+		db.Store(2) // a write elsewhere, and its invalidation, which removes the lease
+		if _, err := other.Invalidate(ctx, key); err != nil {
+			t.Fatal(err)
+		}
+		late := get() // begins after the invalidation returned; skips its read (the flight held the lease)
+		waitFor(t, "the late Get to join", func() bool { return joins.Load() == 7 })
+
+		close(resume) // the loader returns 1; the fill waits at the gate
+		for i, ch := range joiners {
+			select {
+			case v := <-ch:
+				if v != 1 {
+					t.Fatalf("joiner %d got %d, want the load's 1", i, v)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatalf("joiner %d not answered while the fill waits", i)
+			}
+		}
+		select {
+		case v := <-leader:
+			t.Fatalf("the leader's Get returned %d before its fill", v)
+		case v := <-late:
+			t.Fatalf("the Get begun after the invalidation returned %d before the fill", v)
+		default:
+		}
+		openGate.Do(func() { close(fillGate) })
+		if v := <-leader; v != 1 {
+			t.Fatalf("leader got %d, want 1", v)
+		}
+		if v := <-late; v != 2 {
+			t.Fatalf("the Get begun after the invalidation got %d, want 2", v)
+		}
+	})
+}

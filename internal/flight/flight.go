@@ -8,6 +8,7 @@ package flight
 
 import (
 	"sync"
+	"sync/atomic"
 )
 
 // Group deduplicates concurrent calls by key. The zero value is ready to use.
@@ -16,11 +17,17 @@ type Group[T any] struct {
 	m  map[string]*Call[T]
 }
 
-// Call is one flight. Its result is readable once Done is closed.
+// Call is one flight. Its result is readable once Done is closed; an early
+// result, once Early is closed.
 type Call[T any] struct {
 	done chan struct{}
 	val  T
 	err  error
+
+	early    chan struct{}
+	earlyVal T
+	earlyErr error
+	answered atomic.Bool // early is being or has been closed
 }
 
 // Done is closed when the flight has finished.
@@ -28,6 +35,38 @@ func (c *Call[T]) Done() <-chan struct{} { return c.done }
 
 // Result returns what the flight produced; call it after Done is closed.
 func (c *Call[T]) Result() (T, error) { return c.val, c.err }
+
+// Early is closed when the flight has a first result: an early one the
+// leader published, or its final one if it finished without. Waiting on
+// Early alone (not on Early and Done in one select) keeps the wake-up of
+// many waiters cheap: each dequeues from one channel.
+func (c *Call[T]) Early() <-chan struct{} { return c.early }
+
+// EarlyResult returns the first result; call it after Early is closed.
+func (c *Call[T]) EarlyResult() (T, error) { return c.earlyVal, c.earlyErr }
+
+// Finished reports whether Done is closed.
+func (c *Call[T]) Finished() bool {
+	select {
+	case <-c.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// Publish records an early result of c and wakes those waiting on Early,
+// unless c already has a first result (an earlier Publish, or Finish); it
+// reports whether it did. The flight goes on, and later Joins for the key
+// still join it.
+func (c *Call[T]) Publish(v T, err error) bool {
+	if !c.answered.CompareAndSwap(false, true) {
+		return false
+	}
+	c.earlyVal, c.earlyErr = v, err
+	close(c.early)
+	return true
+}
 
 // Join returns the running flight for key, or starts one and returns it
 // with leader true. A leader must call Finish exactly once.
@@ -40,7 +79,7 @@ func (g *Group[T]) Join(key string) (c *Call[T], leader bool) {
 	if g.m == nil {
 		g.m = make(map[string]*Call[T])
 	}
-	c = &Call[T]{done: make(chan struct{})}
+	c = &Call[T]{done: make(chan struct{}), early: make(chan struct{})}
 	g.m[key] = c
 	return c, true
 }
@@ -54,6 +93,10 @@ func (g *Group[T]) Finish(key string, c *Call[T], v T, err error) {
 	}
 	g.mu.Unlock()
 	c.val, c.err = v, err
+	if c.answered.CompareAndSwap(false, true) {
+		c.earlyVal, c.earlyErr = v, err
+		close(c.early)
+	}
 	close(c.done)
 }
 

@@ -39,3 +39,51 @@ func TestForgetStartsNewFlightKeepsOld(t *testing.T) {
 		t.Fatalf("the forgotten flight's callers got %d", v)
 	}
 }
+
+func TestPublishWakesEarlyBeforeFinish(t *testing.T) {
+	var g Group[int]
+	c, _ := g.Join("k")
+	if !c.Publish(3, nil) {
+		t.Fatal("the first Publish refused")
+	}
+	if c.Publish(5, nil) {
+		t.Fatal("a second Publish accepted")
+	}
+	select {
+	case <-c.Early():
+	default:
+		t.Fatal("Early not closed after Publish")
+	}
+	select {
+	case <-c.Done():
+		t.Fatal("Done closed by Publish")
+	default:
+	}
+	if v, _ := c.EarlyResult(); v != 3 {
+		t.Fatalf("early result %d", v)
+	}
+	if j, lead := g.Join("k"); lead || j != c {
+		t.Fatal("a Join after Publish did not join the running flight")
+	}
+	g.Finish("k", c, 4, nil)
+	<-c.Done()
+	if v, _ := c.Result(); v != 4 {
+		t.Fatalf("result %d after an early 3", v)
+	}
+	if v, _ := c.EarlyResult(); v != 3 {
+		t.Fatalf("early result %d after Finish", v)
+	}
+}
+
+func TestFinishWithoutPublishClosesEarly(t *testing.T) {
+	var g Group[int]
+	c, _ := g.Join("k")
+	g.Finish("k", c, 4, nil)
+	<-c.Early()
+	if v, _ := c.EarlyResult(); v != 4 || !c.Finished() {
+		t.Fatalf("first result %d, finished %v", v, c.Finished())
+	}
+	if c.Publish(5, nil) {
+		t.Fatal("Publish after Finish accepted")
+	}
+}
