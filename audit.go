@@ -96,7 +96,7 @@ func (c *Cache[T]) Audit(ctx context.Context, prefix string, n int, load func(ct
 			rep.Skipped++
 			continue
 		}
-		v, err := callFn(ctx, c.opts.LoadTimeout, func(ctx context.Context) (T, error) { return load(ctx, key) })
+		v, err := callFn(ctx, callLimits{timeout: c.opts.LoadTimeout}, func(ctx context.Context) (T, error) { return load(ctx, key) })
 		gone := c.isNotFound(err)
 		if err != nil && !gone {
 			return rep, fmt.Errorf("cacheaside: Audit: loading %q: %w", key, err)

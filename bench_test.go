@@ -3,7 +3,6 @@ package cacheaside
 import (
 	"context"
 	"encoding/json"
-	"github.com/seed-b4ec662f/cacheaside/internal/wire"
 	"log/slog"
 	"math/rand/v2"
 	"net"
@@ -19,6 +18,8 @@ import (
 
 	"github.com/alicebob/miniredis/v2"
 	"github.com/redis/go-redis/v9"
+	"github.com/seed-b4ec662f/cacheaside/internal/envelope"
+	"github.com/seed-b4ec662f/cacheaside/internal/wire"
 )
 
 // benchTask is the value the hit benchmarks read: a task row as the
@@ -749,4 +750,78 @@ func BenchmarkStampede1x1000(b *testing.B) {
 	b.ReportMetric(median(toLoader), "to-loader-ms")
 	b.ReportMetric(median(toFirst), "loader-to-first-ms")
 	b.ReportMetric(median(toP99), "loader-to-p99-ms")
+}
+
+// BenchmarkSoftTimeout: 1,000 goroutines Get a key whose value is past its
+// TTL and inside StaleIfError, while its reload takes 2 s; SoftLoadTimeout
+// is 100 ms. It reports the Gets' latencies, the reloads per stampede
+// (loads/stampede), the share of Gets answered with the old value
+// (old-answers), and the share of stampedes after which, once the reload
+// had filled, a Get read the new value without a load (fresh-after).
+func BenchmarkSoftTimeout(b *testing.B) {
+	rdb := benchRedis(b)
+	ctx := context.Background()
+	clock := newFakeClock()
+	c := benchCache[string](b, rdb, &Options[string]{Name: "soft", Policy: softPolicy, Clock: clock.Now,
+		SoftLoadTimeout: 100 * time.Millisecond, LoadTimeout: 5 * time.Second})
+	prefix := uniquePrefix()
+	var loads atomic.Int64
+	reload := func(context.Context) (string, error) {
+		loads.Add(1)
+		time.Sleep(2 * time.Second)
+		return "new", nil
+	}
+	const n = 1000
+	var all []time.Duration
+	var old, fresh int
+	i := 0
+	for b.Loop() {
+		i++
+		key := prefix + "soft:" + strconv.Itoa(i)
+		if err := c.Set(ctx, key, "old"); err != nil {
+			b.Fatal(err)
+		}
+		clock.Advance(2 * time.Minute)
+		lat, vals := make([]time.Duration, n), make([]string, n)
+		var wg sync.WaitGroup
+		start := make(chan struct{})
+		for g := range n {
+			wg.Go(func() {
+				<-start
+				t0 := time.Now()
+				v, err := c.Get(ctx, key, reload)
+				lat[g], vals[g] = time.Since(t0), v
+				if err != nil {
+					b.Error(err)
+				}
+			})
+		}
+		close(start)
+		wg.Wait()
+		all = append(all, lat...)
+		for _, v := range vals {
+			if v == "old" {
+				old++
+			}
+		}
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			var e envelope.Entry
+			raw, _ := rdb.Get(ctx, key).Bytes()
+			if envelope.Decode(raw, &e) == nil && e.Kind == envelope.Value {
+				break
+			}
+			if time.Now().After(deadline) {
+				b.Fatal("the reload did not fill within 5 s")
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		before := loads.Load()
+		if v, err := c.Get(ctx, key, reload); err == nil && v == "new" && loads.Load() == before {
+			fresh++
+		}
+	}
+	reportStampede(b, all, loads.Load())
+	b.ReportMetric(float64(old)/float64(len(all)), "old-answers")
+	b.ReportMetric(float64(fresh)/float64(b.N), "fresh-after")
 }

@@ -132,14 +132,15 @@ func (c *Cache[T]) one(ctx context.Context, key string, idx int, src source[T], 
 	}
 	op := keyOp[T]{key: key, genKey: genKey, idx: idx, attempt: attempt}
 	c.prepare(&op, c.flights.Load())
-	if op.seen.holding && attempt == 0 {
+	if op.seen.holding && !op.seen.stale && attempt == 0 {
 		// This process holds key's lease and is loading it: join that load
 		// without a read of its own. Its fill, sent after this point,
 		// vouches for its answer (see joined); if the fill fails, a read
 		// after the answer decides. A load that waits for another
 		// process's holder is joined after a read, as its answer comes by
 		// a wake message that cannot vouch for this Get. A Get that starts
-		// over reads.
+		// over reads, and so does one whose load may answer with the old
+		// value at the soft load timeout: the read can vouch for that.
 		c.ev.miss(ctx)
 		m := new(keyOp[T])
 		*m = op

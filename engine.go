@@ -36,6 +36,10 @@ type keyOp[T any] struct {
 	down     bool    // Redis failed on the first read: load without it
 	fallback T       // newest value seen inside its stale-if-error window
 	staleOK  bool    // fallback is set
+	// staleRound is the flight's lease round that found fallback in Redis
+	// (0: only the first read did), which vouches for it to the Gets
+	// joined before that round (see joined) at the soft load timeout.
+	staleRound uint64
 
 	// the in-process flight
 	start   uint64 // flights begun before the first read (see joined)
@@ -97,6 +101,8 @@ type missRun[T any] struct {
 	ops []*keyOp[T]
 	mu  sync.Mutex // finish: the loads without Redis run beside the fills
 
+	began time.Time // the soft load timeout of its waits counts from it (soft.go)
+
 	panicked error // the panic settleAll recovered, as a *PanicError
 }
 
@@ -130,6 +136,7 @@ func (c *Cache[T]) start(parent context.Context, ops []*keyOp[T], src source[T])
 func (r *missRun[T]) run(parent context.Context) {
 	c := r.c
 	defer c.wg.Done()
+	r.began = time.Now()
 	cancel, stop := r.detach(parent)
 	defer cancel()
 	defer stop()
@@ -191,7 +198,18 @@ func (r *missRun[T]) run(parent context.Context) {
 		for i, op := range open {
 			keys[i] = op.key
 		}
-		err := w.wait(ctx, keys)
+		wctx, wcancel := r.softWait(ctx, open)
+		err := w.wait(wctx, keys)
+		wcancel()
+		if err != nil && ctx.Err() == nil && wctx.Err() != nil {
+			// The soft load timeout: answer the keys that have an old
+			// value at hand, and go on waiting for the rest.
+			if open = r.softTimedOut(open); len(open) == 0 {
+				return
+			}
+			err = nil
+			continue
+		}
 		if err == nil {
 			if open = r.delivered(open, w.delivered()); len(open) == 0 {
 				return
@@ -317,7 +335,7 @@ func (r *missRun[T]) leaseRound(ops []*keyOp[T]) (held, open, failed []*keyOp[T]
 		op.round = op.fs.observe()
 		if op.reload() {
 			op.gen = op.vw.e.Gen
-			calls[i] = c.leases.refresh(op.key, op.genKey, op.vw.e.Token, op.tok)
+			calls[i] = c.leases.refresh(op.key, op.genKey, op.vw.e.Token, op.tok, op.vw.e.Kind == envelope.Refreshing)
 		} else {
 			calls[i] = c.leases.acquire(op.key, op.genKey, op.tok, op.vw.replace)
 		}
@@ -386,6 +404,12 @@ func (r *missRun[T]) leaseRound(ops []*keyOp[T]) (held, open, failed []*keyOp[T]
 			failed = append(failed, op)
 		case ok:
 			op.held = true
+			if reload && op.staleOK {
+				op.staleRound = op.round // refresh.lua took the lease only over the entry holding fallback
+				if c.opts.SoftLoadTimeout > 0 && op.call != nil {
+					op.fs.stale.Store(true) // before holding: a Get that sees holding sees this
+				}
+			}
 			tok := op.tok
 			op.fs.tok.Store(&tok)
 			op.fs.holding.Store(true)
@@ -402,6 +426,9 @@ func (r *missRun[T]) leaseRound(ops []*keyOp[T]) (held, open, failed []*keyOp[T]
 				// names it: overwrite it now), or a value due for reload
 				// (refresh it now).
 				op.see(vw)
+				if vw.state == stReload && vw.staleOK {
+					op.staleRound = op.round
+				}
 				op.noWait = vw.state == stMiss || op.reload() && vw.e.Kind == envelope.Value
 				open = append(open, op)
 			}

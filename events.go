@@ -35,6 +35,7 @@ const (
 	nRedisSkipped
 	nStaleServed
 	nStaleIfError
+	nSoftTimeouts
 	nRefreshes
 	nRefreshErrors
 	nInvals
@@ -140,6 +141,7 @@ func (e *events) snapshot() Stats {
 		RedisErrors:       n[nRedisErrors],
 		StaleServed:       n[nStaleServed],
 		StaleIfError:      n[nStaleIfError],
+		SoftTimeouts:      n[nSoftTimeouts],
 		Refreshes:         n[nRefreshes],
 		RefreshErrors:     n[nRefreshErrors],
 		Invalidations:     n[nInvals],
@@ -243,6 +245,8 @@ func (e *events) decodeError(ctx context.Context) { e.inCall(ctx, nDecodeErrors,
 func (e *events) staleServed(ctx context.Context) { e.inCall(ctx, nStaleServed, evServedStale) }
 
 func (e *events) staleIfError(ctx context.Context) { e.inCall(ctx, nStaleIfError, evStaleIfError) }
+
+func (e *events) softTimeout(ctx context.Context) { e.inCall(ctx, nSoftTimeouts, evSoftTimeout) }
 
 // redisError counts a command that was sent and failed; a command that was
 // not sent (err matches ErrRedisUnavailable) was counted as skipped where

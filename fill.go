@@ -24,7 +24,7 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 		}
 	}
 	stop := c.keepLeases(r.ctx, held)
-	vals, found, took, err := r.call(held)
+	vals, found, took, err := r.call(held, r.softAnswers(held))
 	stop()
 	if err == nil {
 		r.publish(held, vals, found)

@@ -271,7 +271,7 @@ func extend(ctx context.Context, rdb Redis, key string, tok envelope.Token, ttl 
 // refreshLease turns the value written under old into a refreshing entry
 // held by tok for ttl.
 func refreshLease(ctx context.Context, rdb Redis, key string, old, tok envelope.Token, ttl time.Duration) (bool, error) {
-	n, err := (&leases{ttl: ttl, genTTL: time.Minute}).refresh(key, "", old, tok).on(ctx, rdb).Int64()
+	n, err := (&leases{ttl: ttl, genTTL: time.Minute}).refresh(key, "", old, tok, false).on(ctx, rdb).Int64()
 	return n == 1, err
 }
 

@@ -22,6 +22,7 @@ type flightState struct {
 	tok       atomic.Pointer[envelope.Token] // token of the entry its answer rests on; nil while a reply is pending
 	rounds    atomic.Uint64                  // its lease rounds, loads without Redis and fills begun (see round)
 	holding   atomic.Bool                    // it holds the key's lease: its fill will vouch for its answer
+	stale     atomic.Bool                    // it may answer with the old value at the soft load timeout: Gets read rather than join unread
 	seq       uint64                         // this flight's number in Cache.flights
 
 	begun     chan struct{} // closed once its first lease round answered, or it loads without Redis (shared.go)
@@ -46,6 +47,7 @@ type answer[T any] struct {
 	tok   envelope.Token
 	round uint64
 	fs    *flightState // the flight that produced it
+	soft  bool         // the old value, published at the soft load timeout: the leader's caller takes it too
 }
 
 // observe marks a lease script about to be sent: until its reply is
@@ -68,6 +70,7 @@ type flightSeen struct {
 	observing bool   // f had already sent a lease script
 	rounds    uint64 // f's rounds begun by then
 	holding   bool   // f held the key's lease by then
+	stale     bool   // f may answer with the old value at the soft load timeout
 }
 
 // joinable reports whether a Get that found seen before its read, and read
@@ -98,7 +101,7 @@ func (s flightSeen) joinable(tok *envelope.Token) bool {
 func (c *Cache[T]) seenFlight(key string) flightSeen {
 	if f, ok := c.inflight.Load(key); ok {
 		fs := f.(*flightState)
-		return flightSeen{fs, fs.observing.Load(), fs.rounds.Load(), fs.holding.Load()}
+		return flightSeen{fs, fs.observing.Load(), fs.rounds.Load(), fs.holding.Load(), fs.stale.Load()}
 	}
 	return flightSeen{}
 }
@@ -146,14 +149,19 @@ func (c *Cache[T]) await(ctx context.Context, op *keyOp[T], src source[T]) (T, e
 	// The loader's answer, published before the fill (fill.go), is a
 	// joiner's if it needs no check (see older). The leader's own caller
 	// waits for the fill, so a Get that loaded returns with its entry in
-	// Redis.
+	// Redis, unless the answer is the old value at the soft load timeout
+	// (soft.go).
 	if !wait(ctx, op.call.Early()) {
 		var zero T
 		return zero, ctx.Err()
 	}
-	if !op.leader && !op.call.Finished() {
-		if a, err := op.call.EarlyResult(); !op.older(a) {
+	if !op.call.Finished() {
+		a, err := op.call.EarlyResult()
+		switch {
+		case op.leader && a.soft || !op.leader && !op.older(a):
 			return a.v, err
+		case a.soft && op.staleOK:
+			return op.fallback, nil // the old value this Get's own read found (soft.go)
 		}
 	}
 	if !wait(ctx, op.call.Done()) {

@@ -39,7 +39,10 @@ func (s source[T]) load(ctx context.Context, ops []*keyOp[T]) (vals []T, found [
 // call calls the loader once for ops, on its own goroutine under the load
 // timeout (see callFn), and counts it. A "not found" error means none of
 // the ids exist.
-func (r *missRun[T]) call(ops []*keyOp[T]) (vals []T, found []bool, took time.Duration, err error) {
+//
+// soft, when not nil, is called on the caller's goroutine if the loader
+// has not returned within SoftLoadTimeout (soft.go); the call goes on.
+func (r *missRun[T]) call(ops []*keyOp[T], soft func()) (vals []T, found []bool, took time.Duration, err error) {
 	type loaded struct {
 		vals  []T
 		found []bool
@@ -54,7 +57,11 @@ func (r *missRun[T]) call(ops []*keyOp[T]) (vals []T, found []bool, took time.Du
 		defer func() { tr.End(ctx, span, err) }()
 	}
 	start := r.c.opts.Clock() // load time feeds XFetch, a freshness decision
-	res, err := callFn(ctx, r.c.opts.LoadTimeout, func(ctx context.Context) (loaded, error) {
+	lim := callLimits{timeout: r.c.opts.LoadTimeout}
+	if soft != nil { // counted from the run's start, as a wait for another process's holder is
+		lim.soft, lim.onSoft = max(time.Until(r.began.Add(r.c.opts.SoftLoadTimeout)), 0), soft
+	}
+	res, err := callFn(ctx, lim, func(ctx context.Context) (loaded, error) {
 		v, f, err := r.src.load(ctx, ops)
 		return loaded{v, f}, err
 	})
@@ -94,7 +101,7 @@ func (r *missRun[T]) loadDown(ops []*keyOp[T]) {
 		return
 	}
 	defer done()
-	vals, found, _, err := r.call(ops)
+	vals, found, _, err := r.call(ops, nil)
 	for i, op := range ops {
 		switch {
 		case err != nil:
@@ -107,14 +114,22 @@ func (r *missRun[T]) loadDown(ops []*keyOp[T]) {
 	}
 }
 
-// callFn runs fn on its own goroutine under timeout and returns what it
-// returned, or a *PanicError if it panicked, or errLoaderExited if it
+// callLimits bounds a loader call: timeout ends it; onSoft, if set, is
+// called once when soft has passed without an answer, and the call goes on.
+type callLimits struct {
+	timeout time.Duration
+	soft    time.Duration
+	onSoft  func()
+}
+
+// callFn runs fn on its own goroutine under lim.timeout and returns what
+// it returned, or a *PanicError if it panicked, or errLoaderExited if it
 // called runtime.Goexit, or the context's error if the timeout (or Close)
 // came first. A loader that ignores its context is abandoned at that
 // point: it keeps running until it returns, but nobody waits for it and
 // its result is dropped.
-func callFn[R any](ctx context.Context, timeout time.Duration, fn func(context.Context) (R, error)) (R, error) {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
+func callFn[R any](ctx context.Context, lim callLimits, fn func(context.Context) (R, error)) (R, error) {
+	ctx, cancel := context.WithTimeout(ctx, lim.timeout)
 	defer cancel()
 	type result struct {
 		v   R
@@ -137,12 +152,23 @@ func callFn[R any](ctx context.Context, timeout time.Duration, fn func(context.C
 		normal = true
 		done <- result{v, err}
 	}()
-	select {
-	case r := <-done:
-		return r.v, r.err
-	case <-ctx.Done():
-		var zero R
-		return zero, fmt.Errorf("cacheaside: loader did not return within its context: %w", ctx.Err())
+	var softC <-chan time.Time
+	if lim.onSoft != nil {
+		t := time.NewTimer(lim.soft)
+		defer t.Stop()
+		softC = t.C
+	}
+	for {
+		select {
+		case r := <-done:
+			return r.v, r.err
+		case <-softC:
+			softC = nil
+			lim.onSoft()
+		case <-ctx.Done():
+			var zero R
+			return zero, fmt.Errorf("cacheaside: loader did not return within its context: %w", ctx.Err())
+		}
 	}
 }
 

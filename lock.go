@@ -163,8 +163,15 @@ func acquireReply(res []any, err error) (held bool, gen envelope.Gen, cur []byte
 
 // refresh is refresh.lua's call: turn the value written under old into a
 // refreshing entry held by tok (readers still serve its value).
-func (l *leases) refresh(key, genKey string, old, tok envelope.Token) scriptCall {
-	return scriptCall{s: refreshScript, keys: entryKeys(key, genKey), args: []any{old[:], tok[:], millis(l.ttl), millis(l.genTTL)}}
+// readRefreshing says old is a refreshing entry's token, read to take over
+// its dead holder: a value under old is then that holder's fresh fill, not
+// taken.
+func (l *leases) refresh(key, genKey string, old, tok envelope.Token, readRefreshing bool) scriptCall {
+	read := "0"
+	if readRefreshing {
+		read = "1"
+	}
+	return scriptCall{s: refreshScript, keys: entryKeys(key, genKey), args: []any{old[:], tok[:], millis(l.ttl), millis(l.genTTL), read}}
 }
 
 // fill is fill.lua's call: write entry for ttl if key still holds tok's

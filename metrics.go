@@ -44,6 +44,7 @@ type Stats struct {
 	RedisErrors    uint64 // Redis calls sent that failed (error replies, timeouts, broken connections); a pipeline counts once, a coalesced read once per Get that waited on it
 	StaleServed    uint64 // answers with a value past its TTL, inside the stale-while-revalidate window (a first read's counts in Hits too)
 	StaleIfError   uint64 // answers with the old value because its reload failed
+	SoftTimeouts   uint64 // answers with the old value because its reload ran past Options.SoftLoadTimeout (the reload went on)
 	Refreshes      uint64 // background refreshes that ran their loader
 	RefreshErrors  uint64 // of those, the ones that failed
 	Invalidations  uint64 // keys deleted by Invalidate and InvalidatePrefix
@@ -171,6 +172,7 @@ var counterTable = [...]struct {
 	{"redis.skipped", "", "{command}", "Redis commands not sent: the circuit breaker was open, or the Get's Redis time was spent.", func(s *Stats) uint64 { return s.RedisSkipped }},
 	{"stale_served", "", "{request}", "Answers with a value past its TTL, inside the stale-while-revalidate window.", func(s *Stats) uint64 { return s.StaleServed }},
 	{"stale_if_error", "", "{request}", "Answers with the old value because its reload failed.", func(s *Stats) uint64 { return s.StaleIfError }},
+	{"soft_timeouts", "", "{request}", "Answers with the old value because its reload ran past the soft load timeout.", func(s *Stats) uint64 { return s.SoftTimeouts }},
 	{"refreshes", "", "{refresh}", "Background refreshes that ran their loader.", func(s *Stats) uint64 { return s.Refreshes }},
 	{"refresh_errors", "", "{refresh}", "Background refreshes that failed.", func(s *Stats) uint64 { return s.RefreshErrors }},
 	{"invalidated_keys", "", "{key}", "Keys deleted by Invalidate and InvalidatePrefix.", func(s *Stats) uint64 { return s.Invalidations }},

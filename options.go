@@ -90,6 +90,17 @@ type Options[T any] struct {
 	// sharing the load. Default 5s.
 	LoadTimeout time.Duration
 
+	// SoftLoadTimeout, when set, answers a Get with the old value once
+	// the reload it waits for (its own, another Get's in this process, or
+	// another process's) has kept it this long since the read that found
+	// the value past its TTL, if the value is inside its
+	// Policy.StaleIfError window: the reload goes on in the background,
+	// under the same lease, and fills the entry when it returns (within
+	// LoadTimeout, which stays the bound when nothing old is at hand).
+	// Stats.SoftTimeouts counts these answers. Default 0 (off); it must be
+	// below LoadTimeout.
+	SoftLoadTimeout time.Duration
+
 	// LeaseTTL is the lifetime of a lease in Redis: how long other callers
 	// wait before taking over from a holder that died. A live holder renews
 	// its lease every LeaseTTL/3 until its load returns, so loads may run
@@ -180,6 +191,8 @@ func (o *Options[T]) resolve() (Options[T], error) {
 	switch {
 	case r.LoadTimeout < 0:
 		return invalid("LoadTimeout %v is negative", r.LoadTimeout)
+	case r.SoftLoadTimeout < 0:
+		return invalid("SoftLoadTimeout %v is negative", r.SoftLoadTimeout)
 	case r.LeaseTTL < 0:
 		return invalid("LeaseTTL %v is negative", r.LeaseTTL)
 	case r.LeaseTTL != 0 && r.LeaseTTL < minLeaseTTL:
@@ -208,6 +221,9 @@ func (o *Options[T]) resolve() (Options[T], error) {
 	}
 	if r.LoadTimeout == 0 {
 		r.LoadTimeout = defaultLoadTimeout
+	}
+	if r.SoftLoadTimeout >= r.LoadTimeout {
+		return invalid("SoftLoadTimeout %v is not below LoadTimeout %v", r.SoftLoadTimeout, r.LoadTimeout)
 	}
 	if r.LeaseTTL == 0 {
 		r.LeaseTTL = defaultLeaseTTL

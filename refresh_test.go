@@ -346,3 +346,44 @@ func TestRefreshPanicReleases(t *testing.T) {
 		}
 	})
 }
+
+// TestRefreshAfterTheHoldersFill: a reader read a refreshing entry (to take
+// over its holder if it died), and the holder filled before the reader's
+// refresh.lua ran. The fill carries the lease's token, so the reader's
+// token names the fresh value now: refresh.lua must not take it, or the
+// fresh value is reloaded at once. A reader that read a plain value under
+// that token (a released refresh) does take it.
+func TestRefreshAfterTheHoldersFill(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := context.Background()
+		rdb := b.client(t)
+		c := newCache(t, b, &Options[string]{Policy: Policy{TTL: time.Minute, NoEarlyRefresh: true, NoJitter: true}})
+		key := b.key("refilled")
+		if _, err := c.Get(ctx, key, func(context.Context) (string, error) { return "v1", nil }); err != nil {
+			t.Fatal(err)
+		}
+		var e envelope.Entry
+		if err := envelope.Decode(b.raw(t, key), &e); err != nil {
+			t.Fatal(err)
+		}
+		holder := newToken()
+		if ok, err := refreshLease(ctx, rdb, key, e.Token, holder, time.Second); err != nil || !ok {
+			t.Fatalf("the holder's refresh lease: %v %v", ok, err)
+		}
+		raw := b.raw(t, key) // what the reader read: refreshing, under holder
+		entry := append([]byte(nil), raw...)
+		entry[2] = byte(envelope.Value) // the header's kind byte: the fill writes a value
+		if ok, err := fill(ctx, rdb, key, "", holder, entry, time.Minute, time.Minute); err != nil || !ok {
+			t.Fatalf("the holder's fill: %v %v", ok, err)
+		}
+		l := &leases{ttl: time.Second, genTTL: time.Minute}
+		n, err := l.refresh(key, "", holder, newToken(), true).on(ctx, rdb).Int64()
+		if err != nil || n != 0 {
+			t.Fatalf("refresh.lua over the holder's fill, for a reader of the refreshing entry = %d, %v; want 0", n, err)
+		}
+		n, err = l.refresh(key, "", holder, newToken(), false).on(ctx, rdb).Int64()
+		if err != nil || n != 1 {
+			t.Fatalf("refresh.lua over a value read as a value = %d, %v; want 1", n, err)
+		}
+	})
+}

@@ -123,6 +123,7 @@ const (
 	evWaited           = "waited"
 	evServedStale      = "served_stale"
 	evStaleIfError     = "stale_if_error"
+	evSoftTimeout      = "soft_timeout"
 	evOverloaded       = "overloaded"
 	evLoad             = "load"
 	evFillRejected     = "fill_rejected"

@@ -12,6 +12,9 @@
 -- ARGV[2]  the caller's new 16-byte lease token
 -- ARGV[3]  lease lifetime in milliseconds
 -- ARGV[4]  lifetime of the generation key in milliseconds (namespaced caches)
+-- ARGV[5]  '1' when the caller read a refreshing entry (to take over a dead
+--          holder): a value under that token is the holder's fill, fresh,
+--          and is not taken
 -- Returns 1 when the caller holds the refresh lease (including a retry), else 0.
 local function now()
   local t = redis.call('TIME')
@@ -29,6 +32,9 @@ local kind = string.byte(cur, 3)
 local tok = string.sub(cur, 5, 20)
 if kind == 4 and tok == ARGV[2] then
   return 1
+end
+if ARGV[5] == '1' and kind == 1 then
+  return 0
 end
 local takeover = false
 if kind == 4 and tok == ARGV[1] then

@@ -153,3 +153,31 @@ func TestDemoPart46(t *testing.T) {
 	}
 	t.Logf("part 4.6: a write from outside the app served after %s", m[1])
 }
+
+// TestDemoPart54 runs the demo's part 5.4: with the soft load timeout the
+// requests for stats past their TTL get the old figures before the slow
+// reload returns, with one query; without it they wait for the reload.
+func TestDemoPart54(t *testing.T) {
+	ta := newTestApp(t, nil)
+	var out bytes.Buffer
+	d := demo{out: &out, progressOut: io.Discard, app: ta.app, queries: new(atomic.Int64), redisName: "the test's"}
+	if err := d.part54(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	re := regexp.MustCompile(`SoftLoadTimeout 100ms\s+(\S+)\s+(\S+)\s+50 of 50\s+1\s+\S+\s*\nno SoftLoadTimeout\s+(\S+)\s+\S+\s+0 of 50\s+1\s`)
+	m := re.FindStringSubmatch(out.String())
+	if m == nil {
+		t.Fatalf("part 5.4's table is not as expected:\n%s", out.String())
+	}
+	for _, s := range m[1:] {
+		if _, err := time.ParseDuration(s); err != nil {
+			t.Fatalf("%q in part 5.4's table: %v\n%s", s, err, out.String())
+		}
+	}
+	soft, _ := time.ParseDuration(m[2])
+	plain, _ := time.ParseDuration(m[3])
+	if soft >= time.Second || plain < time.Second {
+		t.Fatalf("with the soft timeout the slowest request took %v, without it the median %v; want under and over the 1s reload:\n%s", soft, plain, out.String())
+	}
+	t.Logf("\n%s", out.String())
+}

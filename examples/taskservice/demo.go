@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -81,6 +82,7 @@ func runDemo(out io.Writer, args []string) error {
 		{"part 4.7 (a longer TTL, once invalidation is durable)", func() error { return d.part47(ctx) }},
 		{"part 5.2 (cache penetration)", func() error { return d.part52(ctx, *lookups) }},
 		{"part 5.3 (Redis stops)", func() error { return d.part53(ctx, *latency) }},
+		{"part 5.4 (a slow database: the soft load timeout)", func() error { return d.part54(ctx) }},
 	} {
 		d.progress("running %s…", part.name)
 		d.redis, d.step = d.redisName, "start"
@@ -379,6 +381,109 @@ func (d *demo) part53(ctx context.Context, latency time.Duration) error {
 	fmt.Fprintf(w, "DB queries\t%d\t(%v each)\n", d.queries.Load(), latency)
 	fmt.Fprintf(w, "Total time\t%v\t\n", elapsed.Round(time.Millisecond))
 	w.Flush()
+	return nil
+}
+
+// part54 is graceful degradation when the database is slow rather than
+// down: org stats past their TTL, inside StaleIfError, whose reload takes
+// a second. With a 100 ms SoftLoadTimeout the requests get the old figures
+// after 100 ms and the reload fills in the background; without, every
+// request waits for the reload. Each run has its own cache and keys.
+func (d *demo) part54(ctx context.Context) error {
+	const org, n = "acme", 50
+	const ttl, slow, soft = 200 * time.Millisecond, time.Second, 100 * time.Millisecond
+	policy := cacheaside.Policy{TTL: ttl, StaleIfError: time.Hour, NoJitter: true, NoEarlyRefresh: true}
+	type run struct {
+		name                     string
+		soft                     time.Duration
+		p50, max                 time.Duration
+		old, queries, softAnswer int64
+		after                    time.Duration // the next request, once the reload has filled
+	}
+	runs := []*run{{name: fmt.Sprintf("SoftLoadTimeout %v", soft), soft: soft}, {name: "no SoftLoadTimeout"}}
+	for i, r := range runs {
+		d.at(fmt.Sprintf("build the org stats cache (%s)", r.name))
+		c, err := cacheaside.New(d.app.rdb, &cacheaside.Options[OrgStats]{Name: fmt.Sprintf("demo54_%d", i), Policy: policy, SoftLoadTimeout: r.soft, Logger: slog.New(slog.DiscardHandler)})
+		if err != nil {
+			return err
+		}
+		key := cacheaside.MustKeyspace(fmt.Sprintf("demo54.%d.%d", time.Now().UnixNano(), i), 1).Key(org)
+		var slowNow atomic.Bool
+		var queries atomic.Int64
+		load := func(ctx context.Context) (OrgStats, error) {
+			queries.Add(1)
+			st, err := d.app.store.OrgStats(ctx, org)
+			if err == nil && slowNow.Load() {
+				select { // the database under load
+				case <-time.After(slow):
+				case <-ctx.Done():
+					return OrgStats{}, ctx.Err()
+				}
+			}
+			return st, err
+		}
+		d.at(fmt.Sprintf("fill, then %d requests once the TTL has passed (%s)", n, r.name))
+		first, err := c.Get(ctx, key, load)
+		if err != nil {
+			c.Close()
+			return err
+		}
+		time.Sleep(ttl + 50*time.Millisecond)
+		slowNow.Store(true)
+		queries.Store(0)
+		lat := make([]time.Duration, n)
+		var wg sync.WaitGroup
+		var old, failed atomic.Int64
+		for g := range n {
+			wg.Go(func() {
+				t0 := time.Now()
+				st, err := c.Get(ctx, key, load)
+				lat[g] = time.Since(t0)
+				switch {
+				case err != nil:
+					failed.Add(1)
+				case st.Computed.Equal(first.Computed):
+					old.Add(1)
+				}
+			})
+		}
+		wg.Wait()
+		if f := failed.Load(); f > 0 {
+			c.Close()
+			return fmt.Errorf("%d of %d requests failed", f, n)
+		}
+		r.queries = queries.Load()
+		slices.Sort(lat)
+		r.p50, r.max, r.old = lat[n/2], lat[n-1], old.Load()
+		d.at(fmt.Sprintf("the next request once the reload has filled (%s)", r.name))
+		for deadline := time.Now().Add(slow + 10*time.Second); ; {
+			t0 := time.Now()
+			st, err := c.Get(ctx, key, load)
+			r.after = time.Since(t0)
+			if err != nil {
+				c.Close()
+				return err
+			}
+			if !st.Computed.Equal(first.Computed) {
+				break // the reload's figures, from the cache
+			}
+			if time.Now().After(deadline) {
+				c.Close()
+				return fmt.Errorf("the reload did not fill within %v", slow+10*time.Second)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		r.softAnswer = int64(c.Stats().SoftTimeouts)
+		c.Close()
+	}
+	fmt.Fprintf(d.out, "\nPart 5.4 (graceful degradation, a slow database): %d requests for org %s's stats past their %v TTL (inside StaleIfError); the reload takes %v more\n\n", n, org, ttl, slow)
+	w := tabwriter.NewWriter(d.out, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(w, "\tp50\tmax\tanswered with the old figures\tDB queries\tnext request, after the fill\t")
+	for _, r := range runs {
+		fmt.Fprintf(w, "%s\t%v\t%v\t%d of %d\t%d\t%v\t\n", r.name, roundDur(r.p50), roundDur(r.max), r.old, n, r.queries, roundDur(r.after))
+	}
+	w.Flush()
+	fmt.Fprintf(d.out, "\nWith the soft timeout the reload went on in the background (soft timeouts counted: %d) and filled the new figures; the next request read them from the cache.\n", runs[0].softAnswer)
 	return nil
 }
 
