@@ -313,11 +313,9 @@ func TestDashboardInChromium(t *testing.T) {
 	}
 	waitFor("the breaker open", `document.querySelector('[data-cache="task"] .breaker').dataset.state === 'open'`)
 	waitFor("Redis failures in their chart", `+document.querySelector('[data-cache="task"] [data-chart="redis"]').dataset.peak > 0`)
-	var local string
-	value(`document.querySelector('[data-cache="task"] .local').dataset.state`, &local)
-	if local != "bypassed" {
-		t.Fatalf("local tier indicator %q with Redis gone, want bypassed", local)
-	}
+	// The local tier is bypassed once its subscriber has seen the
+	// connection go, which on a busy machine may come after the breaker.
+	waitFor("the local tier indicator bypassed", `document.querySelector('[data-cache="task"] .local').dataset.state === 'bypassed'`)
 
 	png, err := chromedp.Run(ctx, chromedp.FullScreenshot(100))
 	if err != nil {
