@@ -292,4 +292,5 @@ type testHooks struct {
 	beforeFill func(key string)               // after the loader returned, before the fill
 	fill       func(sc scriptCall) scriptCall // replaces a fill script (a broken protocol, for control tests)
 	noExtend   bool                           // do not renew leases
+	softAny    bool                           // every joined Get takes a soft answer unchecked (a broken protocol, for control tests)
 }

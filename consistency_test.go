@@ -33,9 +33,13 @@ import (
 // process began before another process's invalidation gets that load's
 // value (Invalidate can forget in-flight loads only in its own process).
 //
-// It then runs the same harness with the token check switched off (fills
-// are plain SETs) and requires that it finds stale values there, so that a
-// pass means something.
+// It runs the harness again with invalidation faults (queued retries), and
+// with soft load timeouts (values stale after 1 ms, reloads answered with
+// the old value after 1 ms); at full size, the latter's control hands old
+// values to every joined Get unchecked and must find stale values. Last, it
+// runs the harness with the token check switched off (fills are plain SETs)
+// and requires that it finds stale values there, so that a pass means
+// something.
 //
 // Replay one history with CACHEASIDE_CONSISTENCY_SEED=<seed> (printed for
 // every failing history): every history then uses that seed. Scheduling is
@@ -77,6 +81,28 @@ func TestConsistencyRandomized(t *testing.T) {
 		}
 		if flt.failedInvals.Load() == 0 {
 			t.Errorf("consistency with invalidation faults (%s): no invalidation failed; the fault injection is broken", b.name)
+		}
+
+		soft := runConsistency(t, shards, consConfig{mode: "soft", histories: leases / 5, seed: base + 3<<32, replay: replay, soft: true})
+		t.Logf("consistency with soft load timeouts (%s): %d stale values in %d histories (%d Gets, %d invalidations, %d answers with the old value; %v%s)",
+			b.name, soft.stale.Load(), soft.histories.Load(), soft.gets.Load(), soft.invals.Load(), soft.softs.Load(), soft.took.Round(time.Millisecond), note)
+		if n := soft.stale.Load(); n > 0 {
+			t.Errorf("consistency with soft load timeouts (%s): %d stale values in %d of %d histories (base seed %d)",
+				b.name, n, soft.failed.Load(), soft.histories.Load(), base+3<<32)
+		}
+		if soft.softs.Load() == 0 {
+			t.Errorf("consistency with soft load timeouts (%s): no Get was answered with the old value; the mode tests nothing", b.name)
+		}
+		if !testing.Short() {
+			// The control of soft mode: old values handed to every joined
+			// Get, unchecked, are found stale.
+			sc := runConsistency(t, shards, consConfig{mode: "softctrl", histories: control, seed: base + 4<<32, replay: replay, softAny: true})
+			t.Logf("consistency control (soft answers unchecked, %s): %d stale values found in %d histories (%d answers with the old value; %v)",
+				b.name, sc.stale.Load(), sc.histories.Load(), sc.softs.Load(), sc.took.Round(time.Millisecond))
+			if sc.stale.Load() == 0 {
+				t.Errorf("consistency control (soft answers unchecked, %s): no stale value in %d histories: the harness is too weak to show the soft answer's check matters",
+					b.name, sc.histories.Load())
+			}
 		}
 
 		off := runConsistency(t, shards, consConfig{mode: "ctrl", histories: control, seed: base + 1<<32, replay: replay, control: true})
@@ -144,6 +170,11 @@ type consConfig struct {
 	replay    bool
 	control   bool // switch the token check off on every instance
 	faults    bool // one single-key UNLINK in four fails: invalidations are queued and retried
+	// soft: entries go stale after 1 ms and stay in the stale windows, and
+	// a reload past 1 ms answers with the old value (Options.SoftLoadTimeout);
+	// softAny hands those old values to every Get joined to the load,
+	// unchecked (the control of soft mode).
+	soft, softAny bool
 }
 
 type consTotals struct {
@@ -155,6 +186,7 @@ type consTotals struct {
 	quiescent    atomic.Int64 // of which found by the quiescence check
 	failed       atomic.Int64 // histories with a stale value
 	failedInvals atomic.Int64 // invalidations the fault injection failed
+	softs        atomic.Int64 // answers with the old value at the soft load timeout, summed over the instances
 	reported     atomic.Int64 // histories printed
 	took         time.Duration
 }
@@ -214,7 +246,7 @@ func runConsistency(t *testing.T, shards []*backend, cfg consConfig) *consTotals
 				tot.histories.Add(1)
 				if len(h.bad) > 0 {
 					tot.failed.Add(1)
-					if !cfg.control && tot.reported.Add(1) <= consReport {
+					if !cfg.control && !cfg.softAny && tot.reported.Add(1) <= consReport {
 						t.Logf("%s", h.report())
 					}
 				}
@@ -225,7 +257,9 @@ func runConsistency(t *testing.T, shards []*backend, cfg consConfig) *consTotals
 	tot.took = time.Since(start)
 	for _, sh := range all {
 		for _, c := range sh.caches {
-			tot.rejected.Add(int64(c.Stats().FillsRejected))
+			st := c.Stats()
+			tot.rejected.Add(int64(st.FillsRejected))
+			tot.softs.Add(int64(st.SoftTimeouts))
 		}
 	}
 	return tot
@@ -245,7 +279,7 @@ func newConsCaches(t *testing.T, b *backend, cfg consConfig, keys *sync.Map) []*
 				}
 			}
 		}
-		c, err := New[consVal](&consRedis{Client: b.client(t), pause: pause}, &Options[consVal]{
+		opts := &Options[consVal]{
 			Name:    fmt.Sprintf("c%d", x),
 			Codec:   consCodec{},
 			Policy:  Policy{TTL: time.Minute, NoJitter: true, NoEarlyRefresh: true},
@@ -254,12 +288,17 @@ func newConsCaches(t *testing.T, b *backend, cfg consConfig, keys *sync.Map) []*
 			// The test is about the protocol, not the budget: a command
 			// slowed by the injected pauses and -race must not time out.
 			Degradation: Degradation{OpTimeout: 5 * time.Second},
-		})
+		}
+		if cfg.soft || cfg.softAny {
+			opts.Policy = Policy{TTL: time.Millisecond, StaleIfError: time.Hour, NoJitter: true, NoEarlyRefresh: true}
+			opts.SoftLoadTimeout = time.Millisecond
+		}
+		c, err := New[consVal](&consRedis{Client: b.client(t), pause: pause}, opts)
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { _ = c.Close() })
-		c.hooks = &testHooks{afterMiss: pause("afterMiss"), beforeFill: pause("beforeFill"), fill: noTokenCheck(cfg.control), noExtend: true}
+		c.hooks = &testHooks{afterMiss: pause("afterMiss"), beforeFill: pause("beforeFill"), fill: noTokenCheck(cfg.control), noExtend: true, softAny: cfg.softAny}
 		caches[x] = c
 	}
 	return caches

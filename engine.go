@@ -36,9 +36,12 @@ type keyOp[T any] struct {
 	down     bool    // Redis failed on the first read: load without it
 	fallback T       // newest value seen inside its stale-if-error window
 	staleOK  bool    // fallback is set
-	// staleRound is the flight's lease round that found fallback in Redis
-	// (0: only the first read did), which vouches for it to the Gets
-	// joined before that round (see joined) at the soft load timeout.
+	// staleRound is the flight's latest lease round, if it found fallback
+	// in Redis (0: it did not, or only the first read did), which vouches
+	// for it at the soft load timeout to the Gets joined before that round
+	// (see joined), and to those whose reads show the entry it found. A
+	// later round that found something else (a lease taken over a deleted
+	// entry: an invalidation came between) resets it.
 	staleRound uint64
 
 	// the in-process flight
@@ -333,6 +336,7 @@ func (r *missRun[T]) leaseRound(ops []*keyOp[T]) (held, open, failed []*keyOp[T]
 	calls := make([]scriptCall, len(ops))
 	for i, op := range ops {
 		op.round = op.fs.observe()
+		op.staleRound = 0 // set again below if this round finds the old value in Redis
 		if op.reload() {
 			op.gen = op.vw.e.Gen
 			calls[i] = c.leases.refresh(op.key, op.genKey, op.vw.e.Token, op.tok, op.vw.e.Kind == envelope.Refreshing)

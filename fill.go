@@ -142,7 +142,7 @@ func (r *missRun[T]) publish(held []*keyOp[T], vals []T, found []bool) {
 		if !found[i] {
 			a.v, err = *new(T), ErrNotFound
 		}
-		op.call.Publish(a, err)
+		op.call.Publish(a, err, nil)
 	}
 }
 

@@ -160,6 +160,8 @@ func (c *Cache[T]) await(ctx context.Context, op *keyOp[T], src source[T]) (T, e
 		switch {
 		case op.leader && a.soft || !op.leader && !op.older(a):
 			return a.v, err
+		case a.soft && c.hooks != nil && c.hooks.softAny:
+			return a.v, err
 		case a.soft && op.staleOK:
 			return op.fallback, nil // the old value this Get's own read found (soft.go)
 		}

@@ -41,10 +41,9 @@ func (r *missRun[T]) softAnswers(held []*keyOp[T]) func() {
 		return nil
 	}
 	return func() {
+		counted := func() { r.c.ev.softTimeout(r.ctx) } // before the Gets wake, so their Stats show it
 		for _, op := range ready {
-			if op.call.Publish(op.softAnswer(), nil) {
-				r.c.ev.softTimeout(r.ctx)
-			}
+			op.call.Publish(op.softAnswer(), nil, counted)
 		}
 	}
 }

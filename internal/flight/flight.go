@@ -58,10 +58,14 @@ func (c *Call[T]) Finished() bool {
 // Publish records an early result of c and wakes those waiting on Early,
 // unless c already has a first result (an earlier Publish, or Finish); it
 // reports whether it did. The flight goes on, and later Joins for the key
-// still join it.
-func (c *Call[T]) Publish(v T, err error) bool {
+// still join it. When it does, before (if not nil) runs first, before any
+// waiter wakes: a count the waiters may read is then already made.
+func (c *Call[T]) Publish(v T, err error, before func()) bool {
 	if !c.answered.CompareAndSwap(false, true) {
 		return false
+	}
+	if before != nil {
+		before()
 	}
 	c.earlyVal, c.earlyErr = v, err
 	close(c.early)

@@ -43,11 +43,23 @@ func TestForgetStartsNewFlightKeepsOld(t *testing.T) {
 func TestPublishWakesEarlyBeforeFinish(t *testing.T) {
 	var g Group[int]
 	c, _ := g.Join("k")
-	if !c.Publish(3, nil) {
+	ran := 0
+	before := func() {
+		select {
+		case <-c.Early():
+			t.Error("before ran after Early closed")
+		default:
+		}
+		ran++
+	}
+	if !c.Publish(3, nil, before) {
 		t.Fatal("the first Publish refused")
 	}
-	if c.Publish(5, nil) {
+	if c.Publish(5, nil, before) {
 		t.Fatal("a second Publish accepted")
+	}
+	if ran != 1 {
+		t.Fatalf("before ran %d times, want once (for the Publish that answered)", ran)
 	}
 	select {
 	case <-c.Early():
@@ -83,7 +95,7 @@ func TestFinishWithoutPublishClosesEarly(t *testing.T) {
 	if v, _ := c.EarlyResult(); v != 4 || !c.Finished() {
 		t.Fatalf("first result %d, finished %v", v, c.Finished())
 	}
-	if c.Publish(5, nil) {
+	if c.Publish(5, nil, func() { t.Error("before ran for a refused Publish") }) {
 		t.Fatal("Publish after Finish accepted")
 	}
 }
