@@ -222,7 +222,12 @@ func (c *Cache[T]) WaitLocal(ctx context.Context) error {
 //     other callers and still fills the cache);
 //   - ErrClosed after Close, also for Gets whose load Close interrupted;
 //   - ErrInvalidKey (also for a key without a namespace in a namespaced
-//     cache), or an error for a nil load, before any I/O.
+//     cache), or an error for a nil load, before any I/O; so is an error
+//     wrapping ErrInvalidOptions for invalid opts.
+//
+// opts, at most one, are this call's own choices: skip the local tier,
+// reload now, do not store, a TTL of its own (see GetOptions). Without
+// them Get allocates nothing more.
 //
 // Redis failures are not returned under the default FailOpen policy: Get
 // falls back to load (at most MaxLoadsWhileDown at a time, else
@@ -237,13 +242,21 @@ func (c *Cache[T]) WaitLocal(ctx context.Context) error {
 // local tier (Options.Local) answers while it holds the value. If T holds
 // slices, maps or pointers, treat the result as read-only or copy it; a
 // Redis hit decodes a fresh T for each caller.
-func (c *Cache[T]) Get(ctx context.Context, key string, load Loader[T]) (T, error) {
+func (c *Cache[T]) Get(ctx context.Context, key string, load Loader[T], opts ...GetOptions) (T, error) {
+	var per GetOptions
+	if len(opts) > 0 {
+		var err error
+		if per, err = c.perCall(opts); err != nil {
+			var zero T
+			return zero, err
+		}
+	}
 	if c.opts.Tracer == nil {
-		return c.one(ctx, key, 0, source[T]{one: load}, 0)
+		return c.one(ctx, key, 0, source[T]{one: load, per: per}, 0)
 	}
 	call := Call{Kind: callGet, Cache: c.name, Key: key, Keys: 1}
 	ctx = c.opts.Tracer.Start(ctx, call)
-	v, err := c.one(ctx, key, 0, source[T]{one: load}, 0)
+	v, err := c.one(ctx, key, 0, source[T]{one: load, per: per}, 0)
 	c.opts.Tracer.End(ctx, call, err)
 	return v, err
 }

@@ -365,6 +365,7 @@ type diffSchedule struct {
 	cancel     bool // the caller's context is cancelled at each miss's afterMiss (Get: each key's own; GetMany: the batch's)
 	loader     diffLoaderMode
 	keys       []diffKey
+	per        GetOptions // the call's own choices, the same for Get and GetMany
 }
 
 func newDiffSchedule(seed uint64) *diffSchedule {
@@ -449,6 +450,16 @@ func newDiffSchedule(seed uint64) *diffSchedule {
 	if s.namespaced && len(s.keys) == 1 && !s.readsDown && extra.IntN(2) == 0 {
 		s.keys[0].race = drBump
 	}
+	switch extra.IntN(10) {
+	case 0:
+		s.per = GetOptions{Reload: true}
+	case 1:
+		s.per = GetOptions{NoStore: true}
+	case 2:
+		s.per = GetOptions{Reload: true, NoStore: true}
+	case 3:
+		s.per = GetOptions{TTL: 2 * time.Minute}
+	}
 	return s
 }
 
@@ -490,6 +501,9 @@ func (s *diffSchedule) String() string {
 	}
 	if s.cancel {
 		reads += ", caller cancels at each miss"
+	}
+	if s.per != (GetOptions{}) {
+		reads += fmt.Sprintf(", call options %+v", s.per)
 	}
 	return fmt.Sprintf("seed %d: %s, %s, %s, loader %s, %d keys", s.seed, mode, policy, reads, diffLoaderNames[s.loader], len(s.keys))
 }
@@ -1234,7 +1248,7 @@ func (w *diffWorker) run(s *diffSchedule, many bool) (*diffOutcome, error) {
 					return "", ErrNotFound
 				}
 				return fmt.Sprintf("new-%d", i), nil
-			})
+			}, s.per)
 			kcancel()
 			answer(i, v, true, err)
 		}
@@ -1267,7 +1281,7 @@ func (w *diffWorker) run(s *diffSchedule, many bool) (*diffOutcome, error) {
 				}
 			}
 			return got, nil
-		})
+		}, s.per)
 		keyErr := map[string]error{}
 		var walk func(error) error
 		walk = func(e error) error {

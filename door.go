@@ -35,13 +35,14 @@ const (
 	fromRedis  ahead = iota // read it
 	fromSource              // an invalidation of it is pending (retry.go): load from the source, bypassing the cache
 	fromLocal               // the local tier answered
+	fromLoader              // NoStore with Reload: load, reading and storing nothing (percall.go)
 )
 
 // before decides key (in the namespace whose generation key is genKey)
 // before its Redis read, and counts what it decided unless the key's Get
 // is a start-over (attempt > 0). It takes no keyOp: a local hit must not
 // pay for building one.
-func (c *Cache[T]) before(ctx context.Context, key, genKey string, attempt int) (ahead, *localItem[T]) {
+func (c *Cache[T]) before(ctx context.Context, key, genKey string, attempt int, per GetOptions) (ahead, *localItem[T]) {
 	count := attempt == 0
 	if c.retries.pending.Load() > 0 && c.retries.covers(key, genKey) { // one atomic load while nothing is queued
 		if count {
@@ -49,7 +50,13 @@ func (c *Cache[T]) before(ctx context.Context, key, genKey string, attempt int) 
 		}
 		return fromSource, nil
 	}
-	if l := c.local; l != nil {
+	if per.Reload && per.NoStore {
+		if count {
+			c.ev.miss(ctx)
+		}
+		return fromLoader, nil
+	}
+	if l := c.local; l != nil && !per.SkipLocal {
 		if it, ok := l.lookup(key, l.now()); ok {
 			if count {
 				c.ev.localHit(ctx, it.notFound)
@@ -81,10 +88,10 @@ func (c *Cache[T]) settled(ctx context.Context, op *keyOp[T], spent time.Duratio
 	if h := c.hooks; h != nil && h.afterRead != nil {
 		h.afterRead(op.key)
 	}
-	n, refresh, err := c.settle(ctx, op, op.attempt == 0, errs)
+	n, refresh, err := c.settle(ctx, op, op.attempt == 0, src.per, errs)
 	switch n {
 	case serve:
-		if refresh {
+		if refresh && !src.per.NoStore { // a NoStore call writes nothing, a refresh included
 			c.refreshAsync(ctx, op, src)
 		}
 		return false, op.vw.v, err
@@ -97,12 +104,18 @@ func (c *Cache[T]) settled(ctx context.Context, op *keyOp[T], spent time.Duratio
 
 // missed hands a door's misses to the in-process flights: each joins its
 // key's flight or starts one, and the flights this caller leads go to the
-// engine in one run. Each op then awaits its answer (await).
+// engine in one run. Each op then awaits its answer (await). A NoStore
+// call's misses are loaded here, directly, and await returns their
+// outcome.
 func (c *Cache[T]) missed(ctx context.Context, ops []*keyOp[T], src source[T]) {
 	if h := c.hooks; h != nil && h.afterMiss != nil {
 		for _, op := range ops {
 			h.afterMiss(op.key)
 		}
+	}
+	if src.per.NoStore {
+		c.loadNoStore(ctx, ops, src)
+		return
 	}
 	c.join(ctx, ops, src)
 }
@@ -122,17 +135,21 @@ func (c *Cache[T]) one(ctx context.Context, key string, idx int, src source[T], 
 	if src.one == nil && src.many == nil {
 		return zero, errNilLoader
 	}
-	switch pre, it := c.before(ctx, key, genKey, attempt); pre {
+	switch pre, it := c.before(ctx, key, genKey, attempt, src.per); pre {
 	case fromSource:
 		m := &keyOp[T]{key: key, genKey: genKey, idx: idx}
 		c.bypass(ctx, []*keyOp[T]{m}, src)
+		return m.res, m.err
+	case fromLoader:
+		m := &keyOp[T]{key: key, genKey: genKey, idx: idx}
+		c.loadNoStore(ctx, []*keyOp[T]{m}, src)
 		return m.res, m.err
 	case fromLocal:
 		return it.v, notFoundErr(it.notFound)
 	}
 	op := keyOp[T]{key: key, genKey: genKey, idx: idx, attempt: attempt}
 	c.prepare(&op, c.flights.Load())
-	if op.seen.holding && !op.seen.stale && attempt == 0 {
+	if op.seen.holding && !op.seen.stale && attempt == 0 && !src.per.NoStore {
 		// This process holds key's lease and is loading it: join that load
 		// without a read of its own. Its fill, sent after this point,
 		// vouches for its answer (see joined); if the fill fails, a read
@@ -159,6 +176,11 @@ func (c *Cache[T]) one(ctx context.Context, key string, idx int, src source[T], 
 	}
 	m := new(keyOp[T]) // the hit path keeps op on the stack
 	*m = op
+	if src.per.NoStore {
+		m.shared = nil // the defer releases it: the Gets that shared the read settle it themselves
+		c.missed(ctx, []*keyOp[T]{m}, src)
+		return m.res, m.err
+	}
 	m.call = handed[T](shared)
 	c.missed(ctx, []*keyOp[T]{m}, src)
 	return c.await(ctx, m, src)

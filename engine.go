@@ -424,7 +424,7 @@ func (r *missRun[T]) leaseRound(ops []*keyOp[T]) (held, open, failed []*keyOp[T]
 			op.noWait = true
 			open = append(open, op)
 		default:
-			vw := c.classify(r.ctx, op.key, cur, genView{namespaced: op.genKey != "", known: true, gen: op.gen}, now)
+			vw := inFlight(r.src.per, c.classify(r.ctx, op.key, cur, genView{namespaced: op.genKey != "", known: true, gen: op.gen}, now))
 			if !r.answered(op, vw, op.round) {
 				// Being loaded elsewhere (wait), undecodable (replace
 				// names it: overwrite it now), or a value due for reload

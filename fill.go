@@ -66,7 +66,7 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 	for i, op := range held {
 		switch {
 		case found[i]:
-			entry, ttl, merr := c.encode(vals[i], op.tok, op.gen, took)
+			entry, ttl, merr := c.encode(vals[i], op.tok, op.gen, took, r.src.per.TTL)
 			if merr != nil {
 				c.ev.notCached(r.ctx)
 				c.report(r.ctx, "encode", op.key, merr)
@@ -106,7 +106,11 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 			failed.add(op.key, err)
 		case fills[i] && (n == 1 || n == 2):
 			tok, round = op.tok, rounds[i] // the lease stood until the fill
-			c.putLocal(op.key, vals[i], !found[i], softs[i], op.snap)
+			if r.src.per.SkipLocal {
+				c.dropLocal(op.key) // no older copy outlives the fill here
+			} else {
+				c.putLocal(op.key, vals[i], !found[i], softs[i], op.snap)
+			}
 			if n == 2 {
 				c.wakeLater(op.key, &op.proof, entries[i])
 			}
@@ -147,8 +151,10 @@ func (r *missRun[T]) publish(held []*keyOp[T], vals []T, found []bool) {
 }
 
 // encode builds the value entry for v and the lifetime to give it in
-// Redis: the jittered TTL plus the jittered stale window.
-func (c *Cache[T]) encode(v T, tok envelope.Token, gen envelope.Gen, took time.Duration) ([]byte, time.Duration, error) {
+// Redis: the jittered TTL plus the jittered stale window. fresh, when
+// above 0, is the TTL before jitter (a call's GetOptions.TTL), in place of
+// the lifetime.
+func (c *Cache[T]) encode(v T, tok envelope.Token, gen envelope.Gen, took, fresh time.Duration) ([]byte, time.Duration, error) {
 	payload, err := c.opts.Codec.Marshal(v)
 	if err == nil && len(payload) > c.opts.MaxValueSize {
 		err = fmt.Errorf("%w: %d bytes, MaxValueSize %d", ErrValueTooLarge, len(payload), c.opts.MaxValueSize)
@@ -157,7 +163,10 @@ func (c *Cache[T]) encode(v T, tok envelope.Token, gen envelope.Gen, took time.D
 		return nil, 0, err
 	}
 	p := c.opts.Policy
-	ttl := p.jitter(c.lifetime(v, false, took))
+	if fresh <= 0 {
+		fresh = c.lifetime(v, false, took)
+	}
+	ttl := p.jitter(fresh)
 	life := ttl
 	if w := p.staleWindow(); w > 0 {
 		life += p.jitter(w)

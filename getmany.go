@@ -47,7 +47,10 @@ type BatchLoader[K comparable, T any] func(ctx context.Context, ids []K) (map[K]
 // Get handles them: under FailOpen the ids go to load, uncached, within
 // MaxLoadsWhileDown (one slot per batch). Duplicate ids, or ids with the
 // same key, are read and loaded once.
-func GetMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key func(K) string, load BatchLoader[K, T]) (map[K]T, error) {
+//
+// opts, at most one, are the call's own choices for every id (see
+// GetOptions); an invalid one is returned before any I/O.
+func GetMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key func(K) string, load BatchLoader[K, T], opts ...GetOptions) (map[K]T, error) {
 	switch {
 	case c == nil:
 		return nil, errNilBatch("argument c (the *Cache)")
@@ -56,17 +59,21 @@ func GetMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 	case load == nil:
 		return nil, errNilBatch("argument load (the BatchLoader)")
 	}
+	per, err := c.perCall(opts)
+	if err != nil {
+		return nil, err
+	}
 	if c.opts.Tracer == nil {
-		return getMany(ctx, c, ids, key, load)
+		return getMany(ctx, c, ids, key, load, per)
 	}
 	call := Call{Kind: callGetMany, Cache: c.name, Keys: len(ids)}
 	ctx = c.opts.Tracer.Start(ctx, call)
-	m, err := getMany(ctx, c, ids, key, load)
+	m, err := getMany(ctx, c, ids, key, load, per)
 	c.opts.Tracer.End(ctx, call, err)
 	return m, err
 }
 
-func getMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key func(K) string, load BatchLoader[K, T]) (map[K]T, error) {
+func getMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key func(K) string, load BatchLoader[K, T], per GetOptions) (map[K]T, error) {
 	if c.closed.Load() {
 		return nil, ErrClosed
 	}
@@ -75,6 +82,7 @@ func getMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 		items  = make([]batchItem[K, T], 0, len(ids)) // one per distinct valid key; never grows past len(ids), so pointers into it hold
 		ops    []*keyOp[T]                            // the keys the local tier did not answer; op.idx indexes items
 		bypass []*keyOp[T]                            // the keys whose invalidation is pending (retry.go)
+		direct []*keyOp[T]                            // NoStore with Reload: loaded, nothing read or stored (percall.go)
 		byKey  = make(map[string]int, len(ids))       // index in items, or -1 for an invalid key
 	)
 	for _, id := range ids {
@@ -94,9 +102,11 @@ func getMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 		byKey[k] = len(items)
 		items = append(items, batchItem[K, T]{id: id, op: keyOp[T]{key: k, genKey: genKey, idx: len(items)}})
 		it := &items[len(items)-1]
-		switch pre, li := c.before(ctx, k, genKey, 0); pre {
+		switch pre, li := c.before(ctx, k, genKey, 0, per); pre {
 		case fromSource:
 			bypass = append(bypass, &it.op)
+		case fromLoader:
+			direct = append(direct, &it.op)
 		case fromLocal:
 			it.set(li.v, notFoundErr(li.notFound))
 		default:
@@ -117,7 +127,7 @@ func getMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 			vals[i], found[i] = m[id]
 		}
 		return vals, found, nil
-	}}
+	}, per: per}
 
 	if len(ops) > 0 {
 		start := c.flights.Load()
@@ -140,6 +150,10 @@ func getMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 		readErrs.report(ctx, c, "get")
 		c.missed(ctx, misses, src)
 		for _, op := range misses {
+			if src.per.NoStore {
+				items[op.idx].set(op.res, op.err) // loaded by missed
+				continue
+			}
 			items[op.idx].set(c.await(ctx, op, src))
 		}
 	}
@@ -147,6 +161,12 @@ func getMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 	if len(bypass) > 0 {
 		c.bypass(ctx, bypass, src)
 		for _, op := range bypass {
+			items[op.idx].set(op.res, op.err)
+		}
+	}
+	if len(direct) > 0 {
+		c.loadNoStore(ctx, direct, src)
+		for _, op := range direct {
 			items[op.idx].set(op.res, op.err)
 		}
 	}

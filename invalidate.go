@@ -338,7 +338,7 @@ func (c *Cache[T]) Set(ctx context.Context, key string, v T) error {
 	if c.closed.Load() {
 		return ErrClosed
 	}
-	entry, ttl, err := c.encode(v, newToken(), envelope.Gen{}, 0)
+	entry, ttl, err := c.encode(v, newToken(), envelope.Gen{}, 0, 0)
 	if err != nil {
 		c.ev.notCached(ctx)
 		operr := c.report(ctx, "encode", key, err)

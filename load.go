@@ -17,6 +17,7 @@ import (
 type source[T any] struct {
 	one  Loader[T]
 	many func(ctx context.Context, idx []int) (vals []T, found []bool, err error)
+	per  GetOptions // the call's own choices (percall.go); a run's are its leader's
 }
 
 // load calls the loader once for ops. found[i] is false for an id the
@@ -80,14 +81,7 @@ func (r *missRun[T]) call(ops []*keyOp[T], soft func()) (vals []T, found []bool,
 // never answered), in one loader call within one MaxLoadsWhileDown slot.
 func (r *missRun[T]) loadDown(ops []*keyOp[T]) {
 	c := r.c
-	defer func() {
-		if p := recover(); p != nil { // a Recorder or IsNotFound that panicked
-			err := panicIn("a Recorder or IsNotFound", p, debug.Stack())
-			for _, op := range ops {
-				r.fail(op, err)
-			}
-		}
-	}()
+	defer r.recoverLoad(ops)
 	wctx, wcancel := context.WithTimeout(r.ctx, c.opts.LoadTimeout)
 	done, err := c.loadSlot(wctx)
 	wcancel()
@@ -101,6 +95,13 @@ func (r *missRun[T]) loadDown(ops []*keyOp[T]) {
 		return
 	}
 	defer done()
+	r.loadUncached(ops)
+}
+
+// loadUncached calls the loader for ops and ends their flights with what
+// it returned, storing nothing: loadDown's call, and a NoStore call's.
+func (r *missRun[T]) loadUncached(ops []*keyOp[T]) {
+	defer r.recoverLoad(ops)
 	vals, found, _, err := r.call(ops, nil)
 	for i, op := range ops {
 		switch {
@@ -110,6 +111,17 @@ func (r *missRun[T]) loadDown(ops []*keyOp[T]) {
 			r.finish(op, answer[T]{round: op.round}, ErrNotFound)
 		default:
 			r.finish(op, answer[T]{v: vals[i], round: op.round}, nil)
+		}
+	}
+}
+
+// recoverLoad fails ops with a *PanicError if a Recorder or IsNotFound
+// panicked during a load without the cache. Deferred.
+func (r *missRun[T]) recoverLoad(ops []*keyOp[T]) {
+	if p := recover(); p != nil {
+		err := panicIn("a Recorder or IsNotFound", p, debug.Stack())
+		for _, op := range ops {
+			r.fail(op, err)
 		}
 	}
 }

@@ -295,6 +295,13 @@ func (c *Cache[T]) keepLocal(key string, vw *view[T], now time.Time, snap localS
 	c.local.put(key, &localItem[T]{v: vw.v, notFound: vw.state == stNotFound, exp: c.local.expiry(now.UnixNano(), vw.e.SoftExpiry)}, snap)
 }
 
+// dropLocal removes key from the local tier, if there is one.
+func (c *Cache[T]) dropLocal(key string) {
+	if c.local != nil {
+		c.local.dropKeys([]string{key})
+	}
+}
+
 // putLocal stores a value (or "not found") this process just filled.
 func (c *Cache[T]) putLocal(key string, v T, notFound bool, soft int64, snap localSnap) {
 	if c.local == nil {

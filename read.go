@@ -315,7 +315,7 @@ const (
 // a background refresh should reload. Read failures go to errs, which the
 // door reports once for all its keys. Get and GetMany both settle every
 // read here.
-func (c *Cache[T]) settle(ctx context.Context, op *keyOp[T], count bool, errs *errorOnce) (n next, refresh bool, err error) {
+func (c *Cache[T]) settle(ctx context.Context, op *keyOp[T], count bool, per GetOptions, errs *errorOnce) (n next, refresh bool, err error) {
 	if op.rerr != nil {
 		if count {
 			c.ev.miss(ctx)
@@ -341,14 +341,16 @@ func (c *Cache[T]) settle(ctx context.Context, op *keyOp[T], count bool, errs *e
 		return miss, false, nil
 	}
 	now := c.opts.Clock()
-	op.see(c.classify(ctx, op.key, op.b, op.gv, now))
+	op.see(reloadNow(per, c.classify(ctx, op.key, op.b, op.gv, now)))
 	op.b = nil
 	switch op.vw.state {
 	case stFresh:
 		if count {
 			c.ev.hit(ctx)
 		}
-		c.keepLocal(op.key, &op.vw, now, op.snap)
+		if !per.SkipLocal {
+			c.keepLocal(op.key, &op.vw, now, op.snap)
+		}
 		return serve, op.vw.e.Kind == envelope.Value && c.refreshEarly(&op.vw.e, now), nil
 	case stStale:
 		if count {
@@ -359,7 +361,9 @@ func (c *Cache[T]) settle(ctx context.Context, op *keyOp[T], count bool, errs *e
 		if count {
 			c.ev.negativeHit(ctx)
 		}
-		c.keepLocal(op.key, &op.vw, now, op.snap)
+		if !per.SkipLocal {
+			c.keepLocal(op.key, &op.vw, now, op.snap)
+		}
 		return serve, false, ErrNotFound
 	}
 	// Absent, being loaded, undecodable, of an older namespace generation,

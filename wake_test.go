@@ -21,7 +21,7 @@ func TestLateWakeMessageIgnored(t *testing.T) {
 		// The late message: a value entry of an earlier lease (another
 		// token), with that lease's proof.
 		tok, proof := newLease()
-		old, _, err := w.waiter.encode("invalidated long ago", tok, envelope.Gen{}, 0)
+		old, _, err := w.waiter.encode("invalidated long ago", tok, envelope.Gen{}, 0, 0)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -49,7 +49,7 @@ func TestForgedWakeMessage(t *testing.T) {
 		if err := envelope.Decode(b.raw(t, key), &lease); err != nil || lease.Kind != envelope.Lease {
 			t.Fatalf("the lease entry: %v %v", lease.Kind, err)
 		}
-		forged, _, err := waiter.encode("forged", lease.Token, envelope.Gen{}, 0)
+		forged, _, err := waiter.encode("forged", lease.Token, envelope.Gen{}, 0, 0)
 		if err != nil {
 			t.Fatal(err)
 		}
