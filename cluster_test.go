@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -983,5 +984,57 @@ func TestClusterLocalTier(t *testing.T) {
 	sees("InvalidatePrefix", keys[2], "v2")
 	if s := c2.Stats(); s.LocalHits == 0 || s.BusMessages < 3 {
 		t.Fatalf("stats %+v: no local hits or too few bus messages", s)
+	}
+}
+
+// TestClusterPerEntry: SetMany on a cluster writes keys of every master
+// in its pipelined rounds (a namespaced cache too); Peek reads each back;
+// GetOptions Reload and TTL work there as on one node.
+func TestClusterPerEntry(t *testing.T) {
+	addrs := clusterAddrs(t)
+	cc := clusterClient(t, addrs)
+	ctx := context.Background()
+	p := uniquePrefix()
+	c := clusterCache[string](t, cc, &Options[string]{Policy: Policy{TTL: time.Hour}})
+	vals := map[string]string{}
+	for i := range 300 {
+		vals[fmt.Sprintf("%swarm:%d", p, i)] = strconv.Itoa(i)
+	}
+	if wrote, err := c.SetMany(ctx, vals); wrote != len(vals) || err != nil {
+		t.Fatalf("SetMany = %d, %v", wrote, err)
+	}
+	onEveryMaster(t, "warmed keys", keysPerMaster(t, cc, wire.EscapeGlob(p)+"warm:*"))
+	for k, v := range vals {
+		if pk, err := c.Peek(ctx, k); err != nil || pk.State != "fresh" || pk.Value != v {
+			t.Fatalf("Peek %s = %+v, %v", k, pk, err)
+		}
+	}
+	key := p + "reload"
+	var version atomic.Int64
+	load := func(context.Context) (string, error) { return strconv.FormatInt(version.Load(), 10), nil }
+	if v, err := c.Get(ctx, key, load, GetOptions{TTL: time.Minute}); err != nil || v != "0" {
+		t.Fatal(v, err)
+	}
+	if d := cc.PTTL(ctx, key).Val(); d <= 0 || d > time.Minute {
+		t.Fatalf("a TTL of 1m: the key lives %v", d)
+	}
+	version.Store(1)
+	if v, err := c.Get(ctx, key, load, GetOptions{Reload: true}); err != nil || v != "1" {
+		t.Fatalf("Reload = %q, %v", v, err)
+	}
+
+	ns := clusterCache[string](t, cc, &Options[string]{Name: "ns", Namespaced: true})
+	space := MustKeyspace("perentry", 1)
+	nvals := map[string]string{}
+	for i := range 30 {
+		nvals[space.Namespace(p, strconv.Itoa(i%3)).Key(strconv.Itoa(i))] = strconv.Itoa(i)
+	}
+	if wrote, err := ns.SetMany(ctx, nvals); wrote != len(nvals) || err != nil {
+		t.Fatalf("namespaced SetMany = %d, %v", wrote, err)
+	}
+	for k, v := range nvals {
+		if pk, err := ns.Peek(ctx, k); err != nil || pk.State != "fresh" || pk.Value != v {
+			t.Fatalf("Peek %s = %+v, %v", k, pk, err)
+		}
 	}
 }

@@ -55,6 +55,10 @@ var (
 	//go:embed lua/set.lua
 	setLua    string
 	setScript = redis.NewScript(setLua)
+
+	//go:embed lua/warm.lua
+	warmLua    string
+	warmScript = redis.NewScript(warmLua)
 )
 
 // newToken returns a fresh random lease token.
@@ -205,6 +209,17 @@ func (l *leases) extend(key string, tok envelope.Token) scriptCall {
 func (l *leases) set(key, genKey string, entry []byte, ttl time.Duration) scriptCall {
 	fresh := newGen()
 	return scriptCall{s: setScript, keys: []string{key, genKey}, args: []any{entry, millis(ttl), fresh[:], millis(l.genTTL)}, write: true}
+}
+
+// warm writes entry under key for ttl unless a load in flight holds it
+// (SetMany); genKey is the namespace's generation key, or "".
+func (l *leases) warm(key, genKey string, entry []byte, ttl time.Duration) scriptCall {
+	keys := []string{key}
+	if genKey != "" {
+		keys = append(keys, genKey)
+	}
+	fresh := newGen()
+	return scriptCall{s: warmScript, keys: keys, args: []any{entry, millis(ttl), fresh[:], millis(l.genTTL)}, write: true}
 }
 
 // runOne sends one call, under the budget of its kind.
