@@ -366,6 +366,7 @@ type diffSchedule struct {
 	loader     diffLoaderMode
 	keys       []diffKey
 	per        GetOptions // the call's own choices, the same for Get and GetMany
+	keepOld    bool       // the loader returns the old value it is shown (Reloading, ReloadingOf)
 }
 
 func newDiffSchedule(seed uint64) *diffSchedule {
@@ -460,6 +461,7 @@ func newDiffSchedule(seed uint64) *diffSchedule {
 	case 3:
 		s.per = GetOptions{TTL: 2 * time.Minute}
 	}
+	s.keepOld = extra.IntN(3) == 0
 	return s
 }
 
@@ -504,6 +506,9 @@ func (s *diffSchedule) String() string {
 	}
 	if s.per != (GetOptions{}) {
 		reads += fmt.Sprintf(", call options %+v", s.per)
+	}
+	if s.keepOld {
+		reads += ", the loader keeps the old values it is shown"
 	}
 	return fmt.Sprintf("seed %d: %s, %s, %s, loader %s, %d keys", s.seed, mode, policy, reads, diffLoaderNames[s.loader], len(s.keys))
 }
@@ -1247,6 +1252,9 @@ func (w *diffWorker) run(s *diffSchedule, many bool) (*diffOutcome, error) {
 				if !s.keys[i].exists {
 					return "", ErrNotFound
 				}
+				if old, ok := Reloading[string](lctx); ok && s.keepOld {
+					return old.Value, nil
+				}
 				return fmt.Sprintf("new-%d", i), nil
 			}, s.per)
 			kcancel()
@@ -1276,8 +1284,12 @@ func (w *diffWorker) run(s *diffSchedule, many bool) (*diffOutcome, error) {
 			}
 			got := map[int]string{}
 			for _, id := range asked {
-				if s.keys[id].exists {
-					got[id] = fmt.Sprintf("new-%d", id)
+				if !s.keys[id].exists {
+					continue
+				}
+				got[id] = fmt.Sprintf("new-%d", id)
+				if old, ok := ReloadingOf[int, string](lctx, id); ok && s.keepOld {
+					got[id] = old.Value
 				}
 			}
 			return got, nil

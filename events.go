@@ -36,6 +36,7 @@ const (
 	nStaleServed
 	nStaleIfError
 	nSoftTimeouts
+	nUnchanged
 	nRefreshes
 	nRefreshErrors
 	nInvals
@@ -142,6 +143,7 @@ func (e *events) snapshot() Stats {
 		StaleServed:       n[nStaleServed],
 		StaleIfError:      n[nStaleIfError],
 		SoftTimeouts:      n[nSoftTimeouts],
+		Unchanged:         n[nUnchanged],
 		Refreshes:         n[nRefreshes],
 		RefreshErrors:     n[nRefreshErrors],
 		Invalidations:     n[nInvals],
@@ -247,6 +249,8 @@ func (e *events) staleServed(ctx context.Context) { e.inCall(ctx, nStaleServed, 
 func (e *events) staleIfError(ctx context.Context) { e.inCall(ctx, nStaleIfError, evStaleIfError) }
 
 func (e *events) softTimeout(ctx context.Context) { e.inCall(ctx, nSoftTimeouts, evSoftTimeout) }
+
+func (e *events) unchanged(ctx context.Context) { e.inCall(ctx, nUnchanged, evUnchanged) }
 
 // redisError counts a command that was sent and failed; a command that was
 // not sent (err matches ErrRedisUnavailable) was counted as skipped where

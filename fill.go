@@ -61,6 +61,7 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 	}
 	p := c.opts.Policy
 	fills := make([]bool, len(held))
+	kept := make([]bool, len(held)) // reloads whose value came back the same: kept, not filled (reloading.go)
 	softs := make([]int64, len(held))
 	entries := make([][]byte, len(held)) // what each fill writes, for a wake message the Cache publishes
 	for i, op := range held {
@@ -73,7 +74,12 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 				calls[i] = c.leases.release(op.key, op.tok, op.keep(c))
 				continue
 			}
-			calls[i], fills[i], softs[i], entries[i] = c.leases.fill(op.key, op.genKey, op.tok, op.proof, entry, ttl), true, softExpiry(entry), entry
+			if c.unchanged(op, entry) {
+				calls[i], kept[i] = c.leases.keep(op.key, op.genKey, op.tok, entry, ttl), true
+			} else {
+				calls[i] = c.leases.fill(op.key, op.genKey, op.tok, op.proof, entry, ttl)
+			}
+			fills[i], softs[i], entries[i] = true, softExpiry(entry), entry
 		case p.NoNegativeCache:
 			calls[i] = c.leases.release(op.key, op.tok, 0)
 		default:
@@ -106,6 +112,9 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 			failed.add(op.key, err)
 		case fills[i] && (n == 1 || n == 2):
 			tok, round = op.tok, rounds[i] // the lease stood until the fill
+			if kept[i] {
+				c.ev.unchanged(wctx)
+			}
 			if r.src.per.SkipLocal {
 				c.dropLocal(op.key) // no older copy outlives the fill here
 			} else {

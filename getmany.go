@@ -118,7 +118,7 @@ func getMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 		for i, j := range idx {
 			want[i] = items[j].id
 		}
-		m, err := load(ctx, want)
+		m, err := load(reloadingBatch[K, T](ctx, idx, want), want)
 		if err != nil {
 			return nil, nil, err
 		}

@@ -62,7 +62,7 @@ func (r *missRun[T]) call(ops []*keyOp[T], soft func()) (vals []T, found []bool,
 	if soft != nil { // counted from the run's start, as a wait for another process's holder is
 		lim.soft, lim.onSoft = max(time.Until(r.began.Add(r.c.opts.SoftLoadTimeout)), 0), soft
 	}
-	res, err := callFn(ctx, lim, func(ctx context.Context) (loaded, error) {
+	res, err := callFn(r.src.withReloading(ctx, r.c, ops), lim, func(ctx context.Context) (loaded, error) {
 		v, f, err := r.src.load(ctx, ops)
 		return loaded{v, f}, err
 	})

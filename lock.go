@@ -59,6 +59,10 @@ var (
 	//go:embed lua/warm.lua
 	warmLua    string
 	warmScript = redis.NewScript(warmLua)
+
+	//go:embed lua/keep.lua
+	keepLua    string
+	keepScript = redis.NewScript(keepLua)
 )
 
 // newToken returns a fresh random lease token.
@@ -187,6 +191,13 @@ func (l *leases) fill(key, genKey string, tok, proof envelope.Token, entry []byt
 		args: []any{tok[:], entry, millis(ttl), millis(l.genTTL), l.wakeArg(), proof[:]}}
 }
 
+// keep is keep.lua's call: turn tok's refreshing entry back into a value
+// with entry's header (its payload unchanged) that lives for ttl.
+func (l *leases) keep(key, genKey string, tok envelope.Token, entry []byte, ttl time.Duration) scriptCall {
+	return scriptCall{s: keepScript, keys: entryKeys(key, genKey), write: true,
+		args: []any{tok[:], entry[:envelope.GenOffset], millis(ttl), millis(l.genTTL)}}
+}
+
 // release is release.lua's call: delete tok's lease, or turn tok's
 // refreshing entry back into a value that lives for keep more (keep ≤ 0
 // deletes it), and wake the waiters to look again.
@@ -214,12 +225,8 @@ func (l *leases) set(key, genKey string, entry []byte, ttl time.Duration) script
 // warm writes entry under key for ttl unless a load in flight holds it
 // (SetMany); genKey is the namespace's generation key, or "".
 func (l *leases) warm(key, genKey string, entry []byte, ttl time.Duration) scriptCall {
-	keys := []string{key}
-	if genKey != "" {
-		keys = append(keys, genKey)
-	}
 	fresh := newGen()
-	return scriptCall{s: warmScript, keys: keys, args: []any{entry, millis(ttl), fresh[:], millis(l.genTTL)}, write: true}
+	return scriptCall{s: warmScript, keys: entryKeys(key, genKey), args: []any{entry, millis(ttl), fresh[:], millis(l.genTTL)}, write: true}
 }
 
 // runOne sends one call, under the budget of its kind.

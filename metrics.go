@@ -45,6 +45,7 @@ type Stats struct {
 	StaleServed    uint64 // answers with a value past its TTL, inside the stale-while-revalidate window (a first read's counts in Hits too)
 	StaleIfError   uint64 // answers with the old value because its reload failed
 	SoftTimeouts   uint64 // answers with the old value because its reload ran past Options.SoftLoadTimeout (the reload went on)
+	Unchanged      uint64 // reloads whose value came back the same (see Reloading): the entry's life extended, the value not sent again
 	Refreshes      uint64 // background refreshes that ran their loader
 	RefreshErrors  uint64 // of those, the ones that failed
 	Invalidations  uint64 // keys deleted by Invalidate and InvalidatePrefix
@@ -173,6 +174,7 @@ var counterTable = [...]struct {
 	{"stale_served", "", "{request}", "Answers with a value past its TTL, inside the stale-while-revalidate window.", func(s *Stats) uint64 { return s.StaleServed }},
 	{"stale_if_error", "", "{request}", "Answers with the old value because its reload failed.", func(s *Stats) uint64 { return s.StaleIfError }},
 	{"soft_timeouts", "", "{request}", "Answers with the old value because its reload ran past the soft load timeout.", func(s *Stats) uint64 { return s.SoftTimeouts }},
+	{"reloads_unchanged", "", "{reload}", "Reloads whose value came back the same: the entry's life was extended, its value not sent again.", func(s *Stats) uint64 { return s.Unchanged }},
 	{"refreshes", "", "{refresh}", "Background refreshes that ran their loader.", func(s *Stats) uint64 { return s.Refreshes }},
 	{"refresh_errors", "", "{refresh}", "Background refreshes that failed.", func(s *Stats) uint64 { return s.RefreshErrors }},
 	{"invalidated_keys", "", "{key}", "Keys deleted by Invalidate and InvalidatePrefix.", func(s *Stats) uint64 { return s.Invalidations }},

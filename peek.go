@@ -61,10 +61,8 @@ func (c *Cache[T]) Peek(ctx context.Context, key string) (Peeked[T], error) {
 		}
 		return p, c.redisError(ctx, "peek", key, err)
 	}
-	vw := c.classify(ctx, key, b, gv, c.opts.Clock())
-	if vw.e.SoftExpiry != 0 {
-		p.Expires = time.UnixMilli(vw.e.SoftExpiry)
-	}
+	now := c.opts.Clock()
+	vw := c.classify(ctx, key, b, gv, now)
 	switch vw.state {
 	case stMiss:
 		p.State = "absent"
@@ -72,25 +70,13 @@ func (c *Cache[T]) Peek(ctx context.Context, key string) (Peeked[T], error) {
 		if vw.replace != nil || b != nil && envelope.Decode(b, &e) != nil {
 			p.State = "undecodable"
 		}
-		p.Expires = time.Time{}
-		return p, nil
 	case stLease:
 		p.State = "loading"
-		return p, nil
 	case stNotFound:
 		p.State = "not-found"
-		return p, nil
-	case stFresh:
-		p.State = "fresh"
-	case stStale:
-		p.State = "stale"
-	case stReload:
-		p.State = "expired"
-	}
-	p.Value = vw.v
-	p.Refreshing = vw.e.Kind == envelope.Refreshing
-	if !p.Refreshing {
-		p.LoadTime = time.Duration(vw.e.LoadMillis) * time.Millisecond
+		p.Expires = time.UnixMilli(vw.e.SoftExpiry)
+	default:
+		p = c.peeked(&vw, now) // the same judgement a reload's loader is shown
 	}
 	return p, nil
 }

@@ -25,6 +25,8 @@ import (
 //	  waited              a wait for other holders' fills ended after D
 //	  served_stale        the key was answered with a value past its TTL a lease round found
 //	  stale_if_error      a value past its TTL was served because its reload failed (Err)
+//	  soft_timeout        the old value answered the key: its reload ran past SoftLoadTimeout
+//	  unchanged           a reload's value came back the same: the entry was kept, its life extended
 //	  overloaded          the call was refused a load slot: ErrOverloaded
 //	  load                a loader call returned after D with Err (nil, the loader's
 //	                      own error, a *PanicError or a timeout); a batch is one call
@@ -124,6 +126,7 @@ const (
 	evServedStale      = "served_stale"
 	evStaleIfError     = "stale_if_error"
 	evSoftTimeout      = "soft_timeout"
+	evUnchanged        = "unchanged"
 	evOverloaded       = "overloaded"
 	evLoad             = "load"
 	evFillRejected     = "fill_rejected"
