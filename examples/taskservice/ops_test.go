@@ -176,3 +176,32 @@ func TestPurgeEndpoints(t *testing.T) {
 		t.Fatalf("%d queries, want the list page reloaded after the bump", n)
 	}
 }
+
+// The task cache's lifetimes come from the task (Options.Lifetime): a
+// finished task keeps the table's 5 minutes, an open one 2.
+func TestTaskLifetimeFromStatus(t *testing.T) {
+	ta := newTestApp(t, nil)
+	ctx := context.Background()
+	for _, c := range []struct {
+		status string
+		want   time.Duration
+	}{{"done", 5 * time.Minute}, {"todo", openTaskTTL}, {"doing", openTaskTTL}} {
+		var id int64
+		if err := ta.store.db.QueryRow(`SELECT MIN(id) FROM tasks WHERE status = '` + c.status + `'`).Scan(&id); err != nil {
+			t.Fatal(err)
+		}
+		var task Task
+		ta.getJSON(t, fmt.Sprintf("/tasks/%d", id), 200, &task)
+		if task.Status != c.status {
+			t.Fatalf("task %d is %q, want %q", id, task.Status, c.status)
+		}
+		p, err := ta.svc.tasks.Peek(ctx, ta.svc.taskKey(id))
+		if err != nil || p.State != "fresh" {
+			t.Fatalf("Peek task %d = %+v, %v", id, p, err)
+		}
+		// The Policy's 10% jitter shortens it by up to a tenth.
+		if left := time.Until(p.Expires); left > c.want || left < c.want*9/10-time.Second {
+			t.Fatalf("a %s task is fresh for %v more, want %v less up to 10%%", c.status, left, c.want)
+		}
+	}
+}

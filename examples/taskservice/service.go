@@ -30,6 +30,21 @@ var defaultTTLs = mustTTLTable(map[string]cacheaside.Policy{
 	// User permissions are NOT in this table: they are never cached.
 })
 
+// taskLifetime is the task cache's Options.Lifetime: the lecture's "2-5
+// min" for task details, decided by each task. A finished task rarely
+// changes again and keeps the table's full TTL; an open one is being worked
+// on and lives at most 2 minutes. The table's TTL stays the bound (0 means
+// that bound), so CACHE_TTLS can still shorten both.
+func taskLifetime(t Task, notFound bool, _ time.Duration) time.Duration {
+	if notFound || t.Status == "done" {
+		return 0
+	}
+	return openTaskTTL
+}
+
+// openTaskTTL is how long an open task (todo or doing) stays fresh.
+const openTaskTTL = 2 * time.Minute
+
 // mustTTLTable is NewTTLTable for a table written in the code: an invalid
 // one is a programming error that stops the program at start-up.
 func mustTTLTable(policies map[string]cacheaside.Policy) *cacheaside.TTLTable {
@@ -74,7 +89,7 @@ func NewService(store *Store, rdb cacheaside.Redis, ttls *cacheaside.TTLTable, l
 	if localTTL > 0 {
 		local = &cacheaside.LocalOptions{TTL: localTTL, Channel: "cacheaside:invalidate:" + prefix + "task"} // the default channel, with the app's prefix
 	}
-	if s.tasks, err = cacheaside.New(rdb, &cacheaside.Options[Task]{Name: "task", Policy: ttls.Get("task"), Logger: log, Local: local}); err != nil {
+	if s.tasks, err = cacheaside.New(rdb, &cacheaside.Options[Task]{Name: "task", Policy: ttls.Get("task"), Lifetime: taskLifetime, Logger: log, Local: local}); err != nil {
 		return nil, err
 	}
 	if s.lists, err = cacheaside.New(rdb, &cacheaside.Options[TaskPage]{Name: "task_list", Policy: ttls.Get("task_list"), Logger: log, Namespaced: true}); err != nil {
