@@ -95,8 +95,9 @@ func TestConsistencyRandomized(t *testing.T) {
 		}
 		if !testing.Short() {
 			// The control of soft mode: old values handed to every joined
-			// Get, unchecked, are found stale.
-			sc := runConsistency(t, shards, consConfig{mode: "softctrl", histories: control, seed: base + 4<<32, replay: replay, softAny: true})
+			// Get, unchecked, are found stale. They are rare (6 to 13 in
+			// 1,000 histories), so it runs twice the control's histories.
+			sc := runConsistency(t, shards, consConfig{mode: "softctrl", histories: 2 * control, seed: base + 4<<32, replay: replay, softAny: true})
 			t.Logf("consistency control (soft answers unchecked, %s): %d stale values found in %d histories (%d answers with the old value; %v)",
 				b.name, sc.stale.Load(), sc.histories.Load(), sc.softs.Load(), sc.took.Round(time.Millisecond))
 			if sc.stale.Load() == 0 {
