@@ -300,3 +300,69 @@ func ExampleGetMany() {
 	// 3 Celebrate
 	// <nil>
 }
+
+// GetOptions{Reload: true} loads again what is cached; a reload's loader
+// finds the old value with Reloading, and a value that comes back the same
+// is kept, not sent again.
+func ExampleReloading() {
+	rdb, stop := exampleRedis()
+	defer stop()
+	ctx := context.Background()
+	tasks, err := cacheaside.New[Task](rdb, &cacheaside.Options[Task]{Name: "task", Degradation: exampleBudget})
+	if err != nil {
+		panic(err)
+	}
+	defer tasks.Close()
+	key := cacheaside.MustKeyspace("tasks", 1).Key("42")
+
+	load := func(ctx context.Context) (Task, error) {
+		if old, ok := cacheaside.Reloading[Task](ctx); ok {
+			// A conditional request would go here; the row has not changed.
+			fmt.Println("reloading, old title:", old.Value.Title)
+			return old.Value, nil
+		}
+		return Task{ID: 42, Title: "Design caching layer"}, nil
+	}
+	if _, err := tasks.Get(ctx, key, load); err != nil {
+		panic(err)
+	}
+	if _, err := tasks.Get(ctx, key, load, cacheaside.GetOptions{Reload: true}); err != nil {
+		panic(err)
+	}
+	p, _ := tasks.Peek(ctx, key)
+	fmt.Println(p.State, p.Value.Title, "unchanged reloads:", tasks.Stats().Unchanged)
+	// Output:
+	// reloading, old title: Design caching layer
+	// fresh Design caching layer unchanged reloads: 1
+}
+
+// SetMany warms a cache with values read in bulk; Peek shows what a key
+// holds without loading it.
+func ExampleCache_SetMany() {
+	rdb, stop := exampleRedis()
+	defer stop()
+	ctx := context.Background()
+	tasks, err := cacheaside.New[Task](rdb, &cacheaside.Options[Task]{Name: "task", Degradation: exampleBudget})
+	if err != nil {
+		panic(err)
+	}
+	defer tasks.Close()
+	keys := cacheaside.MustKeyspace("tasks", 1)
+
+	rows := []Task{{ID: 1, Title: "Write the schema"}, {ID: 2, Title: "Seed the database"}}
+	vals := make(map[string]Task, len(rows))
+	for _, t := range rows {
+		vals[keys.Key(fmt.Sprint(t.ID))] = t
+	}
+	written, err := tasks.SetMany(ctx, vals)
+	fmt.Println("written:", written, err)
+	for _, id := range []string{"1", "2", "3"} {
+		p, err := tasks.Peek(ctx, keys.Key(id))
+		fmt.Println(id, p.State, p.Value.Title, err)
+	}
+	// Output:
+	// written: 2 <nil>
+	// 1 fresh Write the schema <nil>
+	// 2 fresh Seed the database <nil>
+	// 3 absent  <nil>
+}
