@@ -17,8 +17,8 @@ import (
 	"github.com/redis/go-redis/v9"
 )
 
-// TestConsistencyRandomized runs many short random histories of readers and
-// writers against a fake versioned database and several Cache instances
+// TestConsistencyRandomized runs many short random histories of readers
+// (Gets, some with GetOptions.Reload, and GetMany) and writers against a fake versioned database and several Cache instances
 // (separate "processes") on one Redis, with random delays where the lease
 // protocol races: after a miss, inside the load, before the fill, after the
 // replies of the acquire and fill scripts, and before an UNLINK. It checks,
@@ -529,14 +529,19 @@ func (h *consHistory) read(ctx context.Context, t *testing.T, caches []*Cache[co
 	if rng.IntN(3) == 0 {
 		h.pause()
 	}
+	var per GetOptions
+	how := "Get"
+	if rng.IntN(8) == 0 { // a Reload: the refresh lease taken over a value, its fill or keep raced too
+		per.Reload, how = true, "Get(Reload)"
+	}
 	floor, local := h.floor[j].Load(), h.local[x][j].Load()
-	h.logf("%s Get k%d on c%d: start (floor v%d, this process's floor v%d)", op, j, x, floor, local)
+	h.logf("%s %s k%d on c%d: start (floor v%d, this process's floor v%d)", op, how, j, x, floor, local)
 	got, err := caches[x].Get(ctx, h.keys[j], func(context.Context) (consVal, error) {
 		v := h.db[j].Load()
 		h.logf("%s load k%d on c%d: read v%d", op, j, x, v)
 		h.pause()
 		return consVal{V: v, by: op}, nil
-	})
+	}, per)
 	tot.gets.Add(1)
 	if err != nil {
 		t.Errorf("seed %d: %s Get k%d on c%d: %v", h.seed, op, j, x, err)
