@@ -99,6 +99,8 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 	}
 	cmds := c.leases.run(wctx, calls)
 	var failed errorOnce
+	var reloaded []string // keys a Reload call filled with a new value: other processes' local tiers drop their copies
+	answers := make([]answer[T], len(held))
 	for i, op := range held {
 		n, err := cmds[i].Int64()
 		var tok envelope.Token
@@ -115,9 +117,12 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 			if kept[i] {
 				c.ev.unchanged(wctx)
 			}
-			if r.src.per.SkipLocal {
+			switch {
+			case r.src.per.Reload && !kept[i]:
+				reloaded = append(reloaded, op.key)
+			case r.src.per.SkipLocal:
 				c.dropLocal(op.key) // no older copy outlives the fill here
-			} else {
+			default:
 				c.putLocal(op.key, vals[i], !found[i], softs[i], op.snap)
 			}
 			if n == 2 {
@@ -129,13 +134,17 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 			c.wakeLater(op.key, nil, nil)
 		}
 		op.held = false
-		if found[i] {
-			r.finish(op, answer[T]{v: vals[i], tok: tok, round: round}, nil)
-		} else {
-			r.finish(op, answer[T]{tok: tok, round: round}, ErrNotFound)
-		}
+		answers[i] = answer[T]{v: vals[i], tok: tok, round: round}
 	}
 	failed.report(wctx, c, "fill")
+	if len(reloaded) > 0 {
+		// Before the Reload returns. A failed publish is reported, and
+		// those tiers keep their copies up to Local.TTL.
+		_ = c.invalidated(wctx, reloaded)
+	}
+	for i, op := range held {
+		r.finish(op, answers[i], notFoundErr(!found[i]))
+	}
 }
 
 // publish hands each flight's loaded answer to the Gets that joined it

@@ -28,7 +28,9 @@ type GetOptions struct {
 	// served the current value meanwhile), filled, and returned. A loader
 	// error is returned, not the old value. A Reload that finds a load
 	// already in flight for the key (in this process, or another's lease
-	// in Redis) shares it, as a miss does. It implies SkipLocal.
+	// in Redis) shares it, as a miss does. It implies SkipLocal; a Reload
+	// that fills a new value tells every process's local tier (the bus),
+	// as an invalidation does, before it returns.
 	Reload bool
 
 	// NoStore does not cache what this call loads: a hit is served as

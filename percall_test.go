@@ -263,3 +263,33 @@ func TestGetOptionsAllocs(t *testing.T) {
 		}
 	})
 }
+
+// A Reload that fills a new value tells the other processes' local tiers
+// (the bus), before it returns; one whose value came back the same does
+// not need to.
+func TestGetOptionsReloadLocalTiers(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := context.Background()
+		c1 := localCache(t, b, &Options[string]{Local: &LocalOptions{TTL: time.Hour}})
+		c2 := localCache(t, b, &Options[string]{Local: &LocalOptions{TTL: time.Hour}})
+		key := b.key("reload-local")
+		var src versioned
+		mustGet(t, c1, key, src.load, "v0")
+		mustGet(t, c2, key, src.load, "v0")
+		mustGet(t, c2, key, src.load, "v0") // from c2's local tier
+		before := c2.Stats().BusMessages
+		mustGet(t, c1, key, src.load, "v0", GetOptions{Reload: true}) // unchanged: kept
+		src.v.Store(1)
+		mustGet(t, c1, key, src.load, "v1", GetOptions{Reload: true})
+		waitFor(t, "c2's local tier to drop its copy", func() bool {
+			v, err := c2.Get(ctx, key, src.load)
+			return err == nil && v == "v1"
+		})
+		if n := c2.Stats().BusMessages - before; n != 1 {
+			t.Fatalf("c2 applied %d bus messages, want 1 (the changed reload's)", n)
+		}
+		if s := c1.Stats(); s.Unchanged != 1 {
+			t.Fatalf("c1: %d unchanged reloads, want 1", s.Unchanged)
+		}
+	})
+}
