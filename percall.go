@@ -5,7 +5,6 @@ package cacheaside
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"time"
 
@@ -67,7 +66,7 @@ func (c *Cache[T]) perCall(opts []GetOptions) (GetOptions, error) {
 	case o.TTL > c.opts.Policy.TTL:
 		return o, fmt.Errorf("%w: GetOptions.TTL %v is above Policy.TTL %v, the longest an entry lives", ErrInvalidOptions, o.TTL, c.opts.Policy.TTL)
 	case o.TTL > 0 && o.NoStore:
-		return o, errors.Join(ErrInvalidOptions, errors.New("cacheaside: GetOptions.TTL with NoStore: nothing is stored"))
+		return o, fmt.Errorf("%w: GetOptions.TTL with NoStore: nothing is stored", ErrInvalidOptions)
 	}
 	if o.Reload {
 		o.SkipLocal = true
@@ -75,15 +74,13 @@ func (c *Cache[T]) perCall(opts []GetOptions) (GetOptions, error) {
 	return o, nil
 }
 
-// reloadNow turns what a Reload call's first read found into a reload:
+// reloadNow turns what a Reload call's first read found into a reload
+// (settle calls it only for a Reload, so a hit copies no view):
 // a value (fresh or stale) becomes due for reload, without a fallback (the
 // loader's error is the answer), and a "not found" an entry to overwrite.
 // A value another caller is refreshing is waited for, as a lease is: that
 // reload is in flight.
-func reloadNow[T any](o GetOptions, vw view[T]) view[T] {
-	if !o.Reload {
-		return vw
-	}
+func reloadNow[T any](vw view[T]) view[T] {
 	switch vw.state {
 	case stFresh, stStale, stReload:
 		if vw.e.Kind == envelope.Refreshing {

@@ -341,7 +341,11 @@ func (c *Cache[T]) settle(ctx context.Context, op *keyOp[T], count bool, per Get
 		return miss, false, nil
 	}
 	now := c.opts.Clock()
-	op.see(reloadNow(per, c.classify(ctx, op.key, op.b, op.gv, now)))
+	vw := c.classify(ctx, op.key, op.b, op.gv, now)
+	if per.Reload {
+		vw = reloadNow(vw)
+	}
+	op.see(vw)
 	op.b = nil
 	switch op.vw.state {
 	case stFresh:
