@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strconv"
 	"testing"
 	"time"
@@ -237,23 +238,31 @@ func TestSetManyLocalTiers(t *testing.T) {
 }
 
 // With Redis down, SetMany returns each key's error and queues its
-// invalidation, so no older value outlives the call.
+// invalidation, so no older value outlives the call; with the recommended
+// client settings and with go-redis's defaults.
 func TestSetManyRedisDown(t *testing.T) {
-	rdb := redis.NewClient(&redis.Options{Addr: closedAddr(t), ContextTimeoutEnabled: true, MaxRetries: -1})
-	t.Cleanup(func() { _ = rdb.Close() })
-	c, err := New[string](rdb, &Options[string]{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = c.Close() })
-	wrote, err := c.SetMany(context.Background(), map[string]string{"a": "1", "b": "2"})
-	var ke *KeyError
-	if wrote != 0 || !errors.As(err, &ke) {
-		t.Fatalf("SetMany with Redis down = %d, %v", wrote, err)
-	}
-	for _, k := range []string{"a", "b"} {
-		if !c.retries.covers(k, "") {
-			t.Fatalf("key %s: no invalidation queued", k)
-		}
+	for name, opt := range map[string]*redis.Options{
+		"recommended":       Recommended(&redis.Options{Addr: closedAddr(t)}),
+		"go-redis defaults": {Addr: closedAddr(t)},
+	} {
+		t.Run(name, func(t *testing.T) {
+			rdb := redis.NewClient(opt)
+			t.Cleanup(func() { _ = rdb.Close() })
+			c, err := New[string](rdb, &Options[string]{Logger: slog.New(slog.DiscardHandler)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = c.Close() })
+			wrote, err := c.SetMany(context.Background(), map[string]string{"a": "1", "b": "2"})
+			var ke *KeyError
+			if wrote != 0 || !errors.As(err, &ke) {
+				t.Fatalf("SetMany with Redis down = %d, %v", wrote, err)
+			}
+			for _, k := range []string{"a", "b"} {
+				if !c.retries.covers(k, "") {
+					t.Fatalf("key %s: no invalidation queued", k)
+				}
+			}
+		})
 	}
 }
