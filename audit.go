@@ -81,12 +81,12 @@ func (c *Cache[T]) Audit(ctx context.Context, prefix string, n int, load func(ct
 		rep.Stale = len(found)
 	}()
 	for _, key := range keys {
-		genKey, kerr := c.checkKey(key)
+		vk, kerr := c.checkKey(key)
 		if kerr != nil {
 			rep.Skipped++ // not a key of this cache's shape (a generation key, another cache's)
 			continue
 		}
-		b, gv, err := c.read(ctx, key, genKey)
+		b, gv, err := c.read(ctx, key, vk)
 		if err != nil {
 			return rep, c.redisError(ctx, "audit", key, err)
 		}
@@ -103,7 +103,7 @@ func (c *Cache[T]) Audit(ctx context.Context, prefix string, n int, load func(ct
 		}
 		// Still the same entry? An invalidation or a fill while the source
 		// was read makes the comparison meaningless.
-		b2, gv2, err := c.read(ctx, key, genKey)
+		b2, gv2, err := c.read(ctx, key, vk)
 		if err != nil {
 			return rep, c.redisError(ctx, "audit", key, err)
 		}

@@ -50,7 +50,7 @@ type coalescer struct {
 
 // readReq is one Get's read waiting in the queue.
 type readReq struct {
-	keys []string // the entry, and its namespace generation key if any
+	keys []string // the entry, and its version keys (verKeys.with)
 	vals [][]byte // the bytes under keys (nil: absent)
 	err  error
 	done chan struct{}
@@ -238,26 +238,26 @@ func (q *coalescer) fail(err error) {
 }
 
 // readCoalesced is Cache.read through the coalescer: the bytes under key
-// and, for a namespaced cache, the generation under genKey.
-func (c *Cache[T]) readCoalesced(ctx context.Context, key, genKey string) (b []byte, gv genView, err error) {
-	if genKey == "" {
-		return coalescedRead(genKey)(c.reads.wait(ctx, c.guard.readBudget(), key))
+// and the generation its version keys give.
+func (c *Cache[T]) readCoalesced(ctx context.Context, key string, vk verKeys) (b []byte, gv genView, err error) {
+	if !vk.versioned() {
+		return coalescedRead(vk)(c.reads.wait(ctx, c.guard.readBudget(), key))
 	}
-	return coalescedRead(genKey)(c.reads.wait(ctx, c.guard.readBudget(), key, genKey))
+	return coalescedRead(vk)(c.reads.wait(ctx, c.guard.readBudget(), vk.with(key)...))
 }
 
 // coalescedRead returns the function that turns a coalesced read's
-// answer (the bytes of the entry and, when genKey is set, of its
-// generation key) into what Cache.read returns.
-func coalescedRead(genKey string) func(vals [][]byte, err error) ([]byte, genView, error) {
+// answer (the bytes of the entry, then of its version keys) into what
+// Cache.read returns.
+func coalescedRead(vk verKeys) func(vals [][]byte, err error) ([]byte, genView, error) {
 	return func(vals [][]byte, err error) ([]byte, genView, error) {
-		gv := genView{namespaced: genKey != ""}
+		gv := genView{versioned: vk.versioned()}
 		switch {
 		case err != nil:
 			return nil, gv, err
-		case genKey == "":
+		case !gv.versioned:
 			return vals[0], gv, nil
 		}
-		return vals[0], nsGen(vals[1]), nil
+		return vals[0], vk.view(vals[1:]), nil
 	}
 }

@@ -93,6 +93,24 @@ func TestConsistencyRandomized(t *testing.T) {
 		if soft.softs.Load() == 0 {
 			t.Errorf("consistency with soft load timeouts (%s): no Get was answered with the old value; the mode tests nothing", b.name)
 		}
+		tg := runConsistency(t, shards, consConfig{mode: "tags", histories: leases / 5, seed: base + 5<<32, replay: replay, tags: true})
+		t.Logf("consistency with tags and Clear (%s): %d stale values in %d histories (%d Gets, %d invalidations; %v%s)",
+			b.name, tg.stale.Load(), tg.histories.Load(), tg.gets.Load(), tg.invals.Load(), tg.took.Round(time.Millisecond), note)
+		if n := tg.stale.Load(); n > 0 {
+			t.Errorf("consistency with tags and Clear (%s): %d stale values in %d of %d histories (base seed %d)",
+				b.name, n, tg.failed.Load(), tg.histories.Load(), base+5<<32)
+		}
+		if !testing.Short() {
+			// The control of tags mode: a load's rounds vouch for its
+			// answer, though no script checks the tags.
+			tc := runConsistency(t, shards, consConfig{mode: "tagctrl", histories: control, seed: base + 6<<32, replay: replay, tagRounds: true})
+			t.Logf("consistency control (tagged answers vouched by their rounds, %s): %d stale values found in %d histories (%v)",
+				b.name, tc.stale.Load(), tc.histories.Load(), tc.took.Round(time.Millisecond))
+			if tc.stale.Load() == 0 {
+				t.Errorf("consistency control (tagged answers vouched by their rounds, %s): no stale value in %d histories: the harness is too weak to show the check matters",
+					b.name, tc.histories.Load())
+			}
+		}
 		if !testing.Short() {
 			// The control of soft mode: old values handed to every joined
 			// Get, unchecked, are found stale. They are rare (6 to 13 in
@@ -176,6 +194,12 @@ type consConfig struct {
 	// softAny hands those old values to every Get joined to the load,
 	// unchecked (the control of soft mode).
 	soft, softAny bool
+	// tags: every key carries a tag shared with half the history's keys
+	// and one shared with all of them, and writers invalidate by key, by
+	// either tag or with Clear (Options.Tags, Clearable); tagRounds lets
+	// the rounds of a load vouch for its answer as in an untagged cache
+	// (the control of tags mode).
+	tags, tagRounds bool
 }
 
 type consTotals struct {
@@ -234,6 +258,7 @@ func runConsistency(t *testing.T, shards []*backend, cfg consConfig) *consTotals
 				}
 				h := newConsHistory(seed, b.key(fmt.Sprintf("%s:h%d:", cfg.mode, i)))
 				h.faults = cfg.faults
+				h.tags = cfg.tags || cfg.tagRounds
 				for j, k := range h.keys {
 					keys.Store(k, consRef{h, j})
 				}
@@ -247,7 +272,7 @@ func runConsistency(t *testing.T, shards []*backend, cfg consConfig) *consTotals
 				tot.histories.Add(1)
 				if len(h.bad) > 0 {
 					tot.failed.Add(1)
-					if !cfg.control && !cfg.softAny && tot.reported.Add(1) <= consReport {
+					if !cfg.control && !cfg.softAny && !cfg.tagRounds && tot.reported.Add(1) <= consReport {
 						t.Logf("%s", h.report())
 					}
 				}
@@ -294,16 +319,34 @@ func newConsCaches(t *testing.T, b *backend, cfg consConfig, keys *sync.Map) []*
 			opts.Policy = Policy{TTL: time.Millisecond, StaleIfError: time.Hour, NoJitter: true, NoEarlyRefresh: true}
 			opts.SoftLoadTimeout = time.Millisecond
 		}
+		if cfg.tags || cfg.tagRounds {
+			// One Name: the processes of one service share their tags.
+			opts.Name, opts.Tags, opts.Clearable = "tags", consTags, true
+		}
 		c, err := New[consVal](&consRedis{Client: b.client(t), pause: pause}, opts)
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { _ = c.Close() })
-		c.hooks = &testHooks{afterMiss: pause("afterMiss"), beforeFill: pause("beforeFill"), fill: noTokenCheck(cfg.control), noExtend: true, softAny: cfg.softAny}
+		c.hooks = &testHooks{afterMiss: pause("afterMiss"), beforeFill: pause("beforeFill"), fill: noTokenCheck(cfg.control), noExtend: true,
+			softAny: cfg.softAny, tagRounds: cfg.tagRounds}
 		caches[x] = c
 	}
 	return caches
 }
+
+// consTags are the tags of a history's key <prefix>k<j>: <prefix>t<j%2>,
+// shared with half the keys, and <prefix>all.
+func consTags(key string) []string {
+	i := strings.LastIndex(key, "k")
+	j, err := strconv.Atoi(key[i+1:])
+	if err != nil {
+		return nil
+	}
+	return []string{consTag(key[:i], j), key[:i] + "all"}
+}
+
+func consTag(prefix string, j int) string { return prefix + "t" + strconv.Itoa(j%2) }
 
 // consRedis is a client that may stall after Redis answered a lease script
 // (acquire or fill), or before an UNLINK, as a process descheduled around a
@@ -375,6 +418,7 @@ type consHistory struct {
 	local [consCaches][]atomic.Int64
 
 	faults  bool           // inject invalidation failures (consConfig.faults)
+	tags    bool           // invalidate by tags and Clear too (consConfig.tags)
 	retries sync.WaitGroup // waits for failed invalidations' retries to land
 
 	start  time.Time
@@ -625,6 +669,9 @@ func (h *consHistory) readMany(ctx context.Context, t *testing.T, caches []*Cach
 // a prefix (the key itself, or the history's prefix, which covers every key).
 func (h *consHistory) write(ctx context.Context, t *testing.T, caches []*Cache[consVal], tot *consTotals, rng *rand.Rand, op string) {
 	j, x, how := rng.IntN(len(h.keys)), rng.IntN(len(caches)), rng.IntN(3)
+	if h.tags {
+		how = []int{0, 3, 3, 4, 5}[rng.IntN(5)] // by key, by its tag (twice as often), by the tag of all, Clear
+	}
 	if rng.IntN(3) == 0 {
 		h.pause()
 	}
@@ -634,10 +681,18 @@ func (h *consHistory) write(ctx context.Context, t *testing.T, caches []*Cache[c
 		h.pause()
 	}
 	covered := []int{j}
-	if how == 2 {
+	switch how {
+	case 2, 4, 5:
 		covered = covered[:0]
 		for jj := range h.keys {
 			covered = append(covered, jj)
+		}
+	case 3:
+		covered = covered[:0]
+		for jj := range h.keys {
+			if jj%2 == j%2 {
+				covered = append(covered, jj)
+			}
 		}
 	}
 	// Every version committed by now is older than the UNLINK that comes.
@@ -648,7 +703,7 @@ func (h *consHistory) write(ctx context.Context, t *testing.T, caches []*Cache[c
 	// With faults, one single-key invalidation in four fails at its UNLINK:
 	// the writer's process must still read its own write, and every
 	// process once the retry has landed.
-	fault := h.faults && how != 2 && rng.IntN(4) == 0
+	fault := h.faults && how < 2 && rng.IntN(4) == 0
 	ictx := ctx
 	if fault {
 		ictx = context.WithValue(ctx, consFailUnlink{}, true)
@@ -661,9 +716,18 @@ func (h *consHistory) write(ctx context.Context, t *testing.T, caches []*Cache[c
 	case 1:
 		h.logf("%s InvalidatePrefix(k%d) on c%d: start", op, j, x)
 		_, err = caches[x].InvalidatePrefix(ictx, h.keys[j])
-	default:
+	case 2:
 		h.logf("%s InvalidatePrefix(history) on c%d: start", op, x)
 		_, err = caches[x].InvalidatePrefix(ctx, h.prefix)
+	case 3:
+		h.logf("%s InvalidateTags(t%d) on c%d: start", op, j%2, x)
+		err = caches[x].InvalidateTags(ctx, consTag(h.prefix, j))
+	case 4:
+		h.logf("%s InvalidateTags(all) on c%d: start", op, x)
+		err = caches[x].InvalidateTags(ctx, h.prefix+"all")
+	default:
+		h.logf("%s Clear on c%d: start", op, x)
+		err = caches[x].Clear(ctx)
 	}
 	tot.invals.Add(1)
 	if err != nil && fault {
@@ -674,7 +738,7 @@ func (h *consHistory) write(ctx context.Context, t *testing.T, caches []*Cache[c
 		h.logf("%s invalidation on c%d failed (injected): this process's floor raised to %v; the others' when the retry lands", op, x, snap)
 		h.retries.Go(func() {
 			deadline := time.Now().Add(10 * time.Second)
-			for caches[x].retries.covers(h.keys[j], "") {
+			for caches[x].retries.covers(h.keys[j], verKeys{}) {
 				if time.Now().After(deadline) {
 					t.Errorf("seed %d: %s: the retry of k%d's invalidation did not land in 10s", h.seed, op, j)
 					return

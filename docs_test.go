@@ -134,8 +134,8 @@ func docFacts(t *testing.T) []docFact {
 		{"local clock tick, longest", "coarseResolution, local.go", coarseResolution(time.Hour), []string{
 			`TTL/100, between DUR and (DUR)`, `TTL/100 \(at least DUR, at most (DUR)\)`}},
 		{"local epoch stripes", "localStripes, local.go", localStripes, []string{`one of (NUM) stripes`}},
-		{"channel prefixes", "defaultLocalChannelPrefix, local.go; wakeChannelPrefix, wait.go",
-			oneOf{defaultLocalChannelPrefix, wakeChannelPrefix}, []string{`(cacheaside:[\w.-]+:)`}},
+		{"channel and key prefixes", "defaultLocalChannelPrefix, local.go; wakeChannelPrefix, wait.go; tagKeyPrefix, clearKeyPrefix, tags.go",
+			oneOf{defaultLocalChannelPrefix, wakeChannelPrefix, tagKeyPrefix, clearKeyPrefix}, []string{`(cacheaside:[\w.-]+:)`}},
 		{"invalidation bus channel", "defaultLocalChannelPrefix, local.go", defaultLocalChannelPrefix, []string{
 			`(cacheaside:[\w.-]+:)<Name> unless LocalOptions\.Channel`, `Channel (cacheaside:[\w.-]+:)<Name>`,
 			`bus channel is "(cacheaside:[\w.-]+:)"`, `--cache \(the channel is (cacheaside:[\w.-]+:)`,

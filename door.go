@@ -38,13 +38,14 @@ const (
 	fromLoader              // NoStore with Reload: load, reading and storing nothing (percall.go)
 )
 
-// before decides key (in the namespace whose generation key is genKey)
-// before its Redis read, and counts what it decided unless the key's Get
-// is a start-over (attempt > 0). It takes no keyOp: a local hit must not
-// pay for building one.
-func (c *Cache[T]) before(ctx context.Context, key, genKey string, attempt int, per GetOptions) (ahead, *localItem[T]) {
+// before decides key (whose version keys, its namespace's or its tags',
+// are vk) before its Redis read, and counts what it decided unless the
+// key's Get is a start-over (attempt > 0). It takes no keyOp: a local hit
+// must not pay for building one, nor for its tags: vk's tags are filled in
+// (tagsOf) only when an invalidation is pending.
+func (c *Cache[T]) before(ctx context.Context, key string, vk *verKeys, attempt int, per GetOptions) (ahead, *localItem[T]) {
 	count := attempt == 0
-	if c.retries.pending.Load() > 0 && c.retries.covers(key, genKey) { // one atomic load while nothing is queued
+	if c.retries.pending.Load() > 0 && c.tagsOf(key, vk) == nil && c.retries.covers(key, *vk) { // one atomic load while nothing is queued
 		if count {
 			c.ev.miss(ctx)
 		}
@@ -73,7 +74,7 @@ func (c *Cache[T]) before(ctx context.Context, key, genKey string, attempt int, 
 // flight of the key this read may join (see flightSeen.joinable).
 func (c *Cache[T]) prepare(op *keyOp[T], start uint64) {
 	if l := c.local; l != nil {
-		op.snap = l.snap(op.key, op.genKey)
+		op.snap = l.snap(op.key, op.vk)
 	}
 	op.start = start
 	op.seen = c.seenFlight(op.key)
@@ -128,26 +129,31 @@ func (c *Cache[T]) one(ctx context.Context, key string, idx int, src source[T], 
 	if c.closed.Load() {
 		return zero, ErrClosed
 	}
-	genKey, err := c.checkKey(key)
+	vk, err := c.keyNS(key)
 	if err != nil {
 		return zero, err
 	}
 	if src.one == nil && src.many == nil {
 		return zero, errNilLoader
 	}
-	switch pre, it := c.before(ctx, key, genKey, attempt, src.per); pre {
+	pre, it := c.before(ctx, key, &vk, attempt, src.per)
+	if pre == fromLocal {
+		return it.v, notFoundErr(it.notFound)
+	}
+	if err := c.tagsOf(key, &vk); err != nil {
+		return zero, err
+	}
+	switch pre {
 	case fromSource:
-		m := &keyOp[T]{key: key, genKey: genKey, idx: idx}
+		m := &keyOp[T]{key: key, vk: vk, idx: idx}
 		c.bypass(ctx, []*keyOp[T]{m}, src)
 		return m.res, m.err
 	case fromLoader:
-		m := &keyOp[T]{key: key, genKey: genKey, idx: idx}
+		m := &keyOp[T]{key: key, vk: vk, idx: idx}
 		c.loadNoStore(ctx, []*keyOp[T]{m}, src)
 		return m.res, m.err
-	case fromLocal:
-		return it.v, notFoundErr(it.notFound)
 	}
-	op := keyOp[T]{key: key, genKey: genKey, idx: idx, attempt: attempt}
+	op := keyOp[T]{key: key, vk: vk, idx: idx, attempt: attempt}
 	c.prepare(&op, c.flights.Load())
 	if op.seen.holding && !op.seen.stale && attempt == 0 && !src.per.NoStore {
 		// This process holds key's lease and is loading it: join that load
@@ -186,18 +192,43 @@ func (c *Cache[T]) one(ctx context.Context, key string, idx int, src source[T], 
 	return c.await(ctx, m, src)
 }
 
-// checkKey validates key and, for a namespaced cache, returns its
-// namespace's generation key.
-func (c *Cache[T]) checkKey(key string) (genKey string, err error) {
+// checkKey validates key and returns its version keys: its namespace's
+// generation key in a namespaced cache, its tags' (and Clear's) in a
+// tagged or Clearable one.
+func (c *Cache[T]) checkKey(key string) (verKeys, error) {
+	vk, err := c.keyNS(key)
+	if err == nil {
+		err = c.tagsOf(key, &vk)
+	}
+	return vk, err
+}
+
+// keyNS is checkKey without the tags: what a local hit needs.
+func (c *Cache[T]) keyNS(key string) (verKeys, error) {
 	if err := checkKey(key, c.opts.MaxKeySize); err != nil {
-		return "", err
+		return verKeys{}, err
 	}
 	if !c.opts.Namespaced {
-		return "", nil
+		return verKeys{}, nil
 	}
 	genKey, ok := wire.GenerationKey(key)
 	if !ok {
-		return "", fmt.Errorf("%w: %q has no namespace; a namespaced cache takes keys built with Namespace.Key", ErrInvalidKey, key)
+		return verKeys{}, fmt.Errorf("%w: %q has no namespace; a namespaced cache takes keys built with Namespace.Key", ErrInvalidKey, key)
 	}
-	return genKey, nil
+	return verKeys{ns: genKey}, nil
 }
+
+// tagsOf fills in vk's tag keys, in a tagged or Clearable cache, unless
+// they are there already.
+func (c *Cache[T]) tagsOf(key string, vk *verKeys) error {
+	if !c.tagged() || vk.tags != nil {
+		return nil
+	}
+	tags, err := c.tagKeys(key)
+	vk.tags = tags
+	return err
+}
+
+// tagged reports whether entries of this cache carry tags (Options.Tags
+// or Options.Clearable).
+func (c *Cache[T]) tagged() bool { return c.opts.Tags != nil || c.opts.Clearable }

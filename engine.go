@@ -14,6 +14,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/redis/go-redis/v9"
+
 	"github.com/seed-b4ec662f/cacheaside/internal/envelope"
 	"github.com/seed-b4ec662f/cacheaside/internal/flight"
 )
@@ -21,10 +23,10 @@ import (
 // keyOp is one key on its way through a Get or a GetMany: its first read,
 // its in-process flight and, for the flight's leader, its lease.
 type keyOp[T any] struct {
-	key    string
-	genKey string // the namespace's generation key, or ""
-	idx    int    // position in the door's id list (GetMany); 0 for Get
-	snap   localSnap
+	key  string
+	vk   verKeys // its version keys: its namespace's generation key, or its tags'
+	idx  int     // position in the door's id list (GetMany); 0 for Get
+	snap localSnap
 
 	// the first read (GetMany reads every key at once)
 	b     []byte
@@ -261,7 +263,7 @@ func (r *missRun[T]) delivered(open []*keyOp[T], got map[string]wakeMsg) []*keyO
 			rest = append(rest, op)
 			continue
 		}
-		vw := c.classify(r.ctx, op.key, m.entry, genView{namespaced: op.genKey != "", known: true, gen: op.gen}, now)
+		vw := c.classify(r.ctx, op.key, m.entry, genView{versioned: op.vk.versioned(), known: true, gen: op.gen}, now)
 		if vw.e.Token != op.vw.e.Token || !r.answered(op, vw, 0) {
 			rest = append(rest, op) // another lease's fill, not for this generation, or not what we can serve: look again
 			continue
@@ -326,6 +328,54 @@ func (r *missRun[T]) settleAll() {
 	}
 }
 
+// tagRound makes, before a lease round, the generations of the tags of
+// the ops whose read found none (a tag never invalidated, or whose
+// generation key expired or was evicted): their leases carry the digest of
+// the generations (tags.go). It returns, per op, the error that kept its
+// tags from having generations.
+func (r *missRun[T]) tagRound(ops []*keyOp[T]) []error {
+	errs := make([]error, len(ops))
+	var (
+		need []int
+		vks  []verKeys
+	)
+	for i, op := range ops {
+		if len(op.vk.tags) > 0 && !op.reload() && !op.gv.known {
+			need = append(need, i)
+			vks = append(vks, op.vk)
+		}
+	}
+	if len(need) == 0 {
+		return errs
+	}
+	gvs, gerrs := r.c.tagGens(r.ctx, vks)
+	for j, i := range need {
+		if errs[i] = gerrs[j]; errs[i] == nil {
+			ops[i].gv = gvs[j]
+		}
+	}
+	return errs
+}
+
+// vouching is the round an answer of op's flight may rest on (see joined):
+// round, except in a tagged cache, where no lease script or fill checks
+// the tags, so no round vouches for an answer (tags.go).
+func (c *Cache[T]) vouching(op *keyOp[T], round uint64) uint64 {
+	if len(op.vk.tags) > 0 && (c.hooks == nil || !c.hooks.tagRounds) {
+		return 0
+	}
+	return round
+}
+
+// tagGen is the digest acquire.lua stamps op's lease with in a tagged
+// cache (the generation its read found, or tagRound made), nil otherwise.
+func (op *keyOp[T]) tagGen() []byte {
+	if len(op.vk.tags) == 0 {
+		return nil
+	}
+	return op.gv.gen[:]
+}
+
 // leaseRound sends the lease scripts of ops in one round trip: refresh.lua
 // for a value due for reload, acquire.lua otherwise. It ends the flights
 // whose key turned out to hold an answer, and returns the ops it now holds
@@ -333,20 +383,27 @@ func (r *missRun[T]) settleAll() {
 // on (to load without Redis).
 func (r *missRun[T]) leaseRound(ops []*keyOp[T]) (held, open, failed []*keyOp[T]) {
 	c := r.c
-	calls := make([]scriptCall, len(ops))
+	pre := r.tagRound(ops)
+	calls := make([]scriptCall, 0, len(ops))
 	for i, op := range ops {
 		op.round = op.fs.observe()
 		op.staleRound = 0 // set again below if this round finds the old value in Redis
-		if op.reload() {
+		switch {
+		case pre[i] != nil:
+		case op.reload():
 			op.gen = op.vw.e.Gen
-			calls[i] = c.leases.refresh(op.key, op.genKey, op.vw.e.Token, op.tok, op.vw.e.Kind == envelope.Refreshing)
-		} else {
-			calls[i] = c.leases.acquire(op.key, op.genKey, op.tok, op.vw.replace)
+			calls = append(calls, c.leases.refresh(op.key, op.vk.ns, op.vw.e.Token, op.tok, op.vw.e.Kind == envelope.Refreshing))
+		default:
+			calls = append(calls, c.leases.acquire(op.key, op.vk.ns, op.tok, op.vw.replace, op.tagGen()))
 		}
 	}
-	cmds := c.leases.run(r.ctx, calls)
+	var cmds []*redis.Cmd
+	if len(calls) > 0 {
+		cmds = c.leases.run(r.ctx, calls)
+	}
 	var acquireFailed, refreshFailed errorOnce
 	now := c.opts.Clock()
+	sent := 0
 	for i, op := range ops {
 		var (
 			ok  bool
@@ -354,12 +411,17 @@ func (r *missRun[T]) leaseRound(ops []*keyOp[T]) (held, open, failed []*keyOp[T]
 			err error
 		)
 		reload := op.reload()
-		if reload {
+		switch {
+		case pre[i] != nil:
+			err = pre[i] // its tags' generations could not be made: as if acquire.lua had failed
+		case reload:
 			var n int64
-			n, err = cmds[i].Int64()
+			n, err = cmds[sent].Int64()
 			ok = n == 1
-		} else {
-			ok, op.gen, cur, err = acquireReply(cmds[i].Slice())
+			sent++
+		default:
+			ok, op.gen, cur, err = acquireReply(cmds[sent].Slice())
+			sent++
 		}
 		if err == nil {
 			op.unsure = false
@@ -424,7 +486,7 @@ func (r *missRun[T]) leaseRound(ops []*keyOp[T]) (held, open, failed []*keyOp[T]
 			op.noWait = true
 			open = append(open, op)
 		default:
-			vw := inFlight(r.src.per, c.classify(r.ctx, op.key, cur, genView{namespaced: op.genKey != "", known: true, gen: op.gen}, now))
+			vw := inFlight(r.src.per, c.classify(r.ctx, op.key, cur, genView{versioned: op.vk.versioned(), known: true, gen: op.gen}, now))
 			if !r.answered(op, vw, op.round) {
 				// Being loaded elsewhere (wait), undecodable (replace
 				// names it: overwrite it now), or a value due for reload
@@ -481,6 +543,7 @@ func (r *missRun[T]) finishLocked(op *keyOp[T], a answer[T], err error) {
 		return
 	}
 	a.fs = op.fs
+	a.round = r.c.vouching(op, a.round)
 	r.c.endFlight(op.key, op.fs)
 	r.c.group.Finish(op.key, op.call, a, err)
 }

@@ -20,7 +20,7 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 	c := r.c
 	if c.local != nil {
 		for _, op := range held {
-			op.snap = c.local.snap(op.key, op.genKey) // before the loader reads the source
+			op.snap = c.local.snap(op.key, op.vk) // before the loader reads the source
 		}
 	}
 	stop := c.keepLeases(r.ctx, held)
@@ -75,9 +75,9 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 				continue
 			}
 			if c.unchanged(op, entry) {
-				calls[i], kept[i] = c.leases.keep(op.key, op.genKey, op.tok, entry, ttl), true
+				calls[i], kept[i] = c.leases.keep(op.key, op.vk.ns, op.tok, entry, ttl), true
 			} else {
-				calls[i] = c.leases.fill(op.key, op.genKey, op.tok, op.proof, entry, ttl)
+				calls[i] = c.leases.fill(op.key, op.vk.ns, op.tok, op.proof, entry, ttl)
 			}
 			fills[i], softs[i], entries[i] = true, softExpiry(entry), entry
 		case p.NoNegativeCache:
@@ -87,7 +87,7 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 			ttl := p.jitter(c.lifetime(zero, true, took))
 			soft := c.opts.Clock().Add(ttl)
 			entry := tombstone(op.tok, c.opts.Codec.Format(), op.gen, soft)
-			calls[i], fills[i], softs[i], entries[i] = c.leases.fill(op.key, op.genKey, op.tok, op.proof, entry, ttl), true, soft.UnixMilli(), entry
+			calls[i], fills[i], softs[i], entries[i] = c.leases.fill(op.key, op.vk.ns, op.tok, op.proof, entry, ttl), true, soft.UnixMilli(), entry
 		}
 		if h := c.hooks; h != nil && h.fill != nil && fills[i] {
 			calls[i] = h.fill(calls[i])

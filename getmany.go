@@ -93,16 +93,23 @@ func getMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 			}
 			continue
 		}
-		genKey, err := c.checkKey(k)
+		vk, err := c.keyNS(k)
+		var li *localItem[T]
+		pre := fromRedis
+		if err == nil {
+			if pre, li = c.before(ctx, k, &vk, 0, per); pre != fromLocal {
+				err = c.tagsOf(k, &vk)
+			}
+		}
 		if err != nil {
 			byKey[k] = -1
 			errs = append(errs, &KeyError{Key: k, Err: err})
 			continue
 		}
 		byKey[k] = len(items)
-		items = append(items, batchItem[K, T]{id: id, op: keyOp[T]{key: k, genKey: genKey, idx: len(items)}})
+		items = append(items, batchItem[K, T]{id: id, op: keyOp[T]{key: k, vk: vk, idx: len(items)}})
 		it := &items[len(items)-1]
-		switch pre, li := c.before(ctx, k, genKey, 0, per); pre {
+		switch pre {
 		case fromSource:
 			bypass = append(bypass, &it.op)
 		case fromLoader:

@@ -244,7 +244,7 @@ func (sc scriptCall) on(ctx context.Context, rdb Redis) *redis.Cmd {
 // and returns whether it did and, if not, the entry in its place.
 func acquire(ctx context.Context, rdb Redis, key string, tok envelope.Token, ttl time.Duration) (held bool, cur []byte, err error) {
 	l := &leases{ttl: ttl, genTTL: time.Minute, format: formatJSON}
-	held, _, cur, err = acquireReply(l.acquire(key, "", tok, nil).on(ctx, rdb).Slice())
+	held, _, cur, err = acquireReply(l.acquire(key, "", tok, nil, nil).on(ctx, rdb).Slice())
 	return held, cur, err
 }
 

@@ -13,8 +13,6 @@ import (
 	"sync/atomic"
 
 	"github.com/redis/go-redis/v9"
-
-	"github.com/seed-b4ec662f/cacheaside/internal/envelope"
 )
 
 // Invalidation. Entries and their leases share one key, so deleting the
@@ -331,14 +329,22 @@ func (c *Cache[T]) forgetPrefix(prefix string) {
 // retry, and until it lands this process's Gets of key load from the source
 // (see Invalidate).
 func (c *Cache[T]) Set(ctx context.Context, key string, v T) error {
-	genKey, err := c.checkKey(key)
+	vk, err := c.checkKey(key)
 	if err != nil {
 		return err
 	}
 	if c.closed.Load() {
 		return ErrClosed
 	}
-	entry, ttl, err := c.encode(v, newToken(), envelope.Gen{}, 0, 0)
+	// In a tagged cache the entry carries its tags' generations, read (or
+	// made) first: one more round trip.
+	var gv genView
+	var gerr error
+	if len(vk.tags) > 0 {
+		gvs, errs := c.tagGens(ctx, []verKeys{vk})
+		gv, gerr = gvs[0], errs[0]
+	}
+	entry, ttl, err := c.encode(v, newToken(), gv.gen, 0, 0)
 	if err != nil {
 		c.ev.notCached(ctx)
 		operr := c.report(ctx, "encode", key, err)
@@ -350,10 +356,13 @@ func (c *Cache[T]) Set(ctx context.Context, key string, v T) error {
 	// A Get that starts after Set returns must not join a load that began
 	// before it: that load's value predates v.
 	c.group.Forget(key)
-	if genKey != "" {
+	switch {
+	case gerr != nil:
+		err = gerr
+	case vk.ns != "":
 		// A write that must not be lost: the write budget (WriteTimeout).
-		err = c.leases.runOne(ctx, c.leases.set(key, genKey, entry, ttl)).Err()
-	} else {
+		err = c.leases.runOne(ctx, c.leases.set(key, vk.ns, entry, ttl)).Err()
+	default:
 		err = c.guard.Set(ctx, key, entry, ttl).Err()
 	}
 	c.group.Forget(key) // again: a load that started before the SET landed

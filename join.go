@@ -207,7 +207,7 @@ func (c *Cache[T]) endFlight(key string, fs *flightState) { c.inflight.CompareAn
 // source after the write. An answer a wake message delivered rests on no
 // round (0): that fill may have landed before the Get began.
 func (c *Cache[T]) joined(ctx context.Context, op *keyOp[T], a answer[T], err error, src source[T]) (T, error) {
-	if op.older(a) && op.attempt < maxRejoins && (err == nil || errors.Is(err, ErrNotFound)) && !c.holds(ctx, op.key, op.genKey, a.tok) {
+	if op.older(a) && op.attempt < maxRejoins && (err == nil || errors.Is(err, ErrNotFound)) && !c.holds(ctx, op.key, op.vk, a.tok) {
 		return c.one(ctx, op.key, op.idx, src, op.attempt+1)
 	}
 	return a.v, err
@@ -222,13 +222,13 @@ func (op *keyOp[T]) older(a answer[T]) bool {
 	return a.fs != nil && a.fs.seq <= op.start && !vouched && !op.down
 }
 
-// holds reports whether key still holds the entry written under tok, in
-// the current namespace generation.
-func (c *Cache[T]) holds(ctx context.Context, key, genKey string, tok envelope.Token) bool {
+// holds reports whether key still holds the entry written under tok, of
+// the current generation of its namespace or tags.
+func (c *Cache[T]) holds(ctx context.Context, key string, vk verKeys, tok envelope.Token) bool {
 	if tok == (envelope.Token{}) {
 		return false
 	}
-	b, gv, err := c.read(ctx, key, genKey)
+	b, gv, err := c.read(ctx, key, vk)
 	if err != nil || len(b) < envelope.HeaderSize {
 		return false
 	}
@@ -236,5 +236,5 @@ func (c *Cache[T]) holds(ctx context.Context, key, genKey string, tok envelope.T
 	if envelope.Decode(b, &e) != nil || e.Token != tok {
 		return false
 	}
-	return !gv.namespaced || (gv.known && gv.gen == e.Gen)
+	return !gv.versioned || (gv.known && gv.gen == e.Gen)
 }

@@ -120,6 +120,10 @@ func (o *LocalOptions) resolve(name string) (LocalOptions, error) {
 // localStripes is the number of per-key epoch counters.
 const localStripes = 256
 
+// tagStripe is the namespace stripe of the items of a tagged cache: they
+// check localTier.tags.
+const tagStripe = localStripes
+
 // localTier is the in-memory tier of one Cache.
 type localTier[T any] struct {
 	opts LocalOptions
@@ -146,6 +150,10 @@ type localTier[T any] struct {
 	// and lookup refuses it once that epoch moved, so a bump costs O(1)
 	// instead of a walk over the tier.
 	ns [localStripes]atomic.Uint64
+	// tags moves on every tag invalidation and Clear: the items of a
+	// tagged cache (stripe tagStripe) remember it from before their read,
+	// and are refused once it moved, whichever tags they carry.
+	tags atomic.Uint64
 
 	ev *events // counts flushes and bus messages
 
@@ -210,22 +218,34 @@ func (l *localTier[T]) lookup(key string, now int64) (*localItem[T], bool) {
 		return nil, false
 	}
 	it, ok := l.m.GetIfPresent(key)
-	if !ok || now >= it.exp || it.nsi >= 0 && l.ns[it.nsi].Load() != it.ns {
+	if !ok || now >= it.exp || it.nsi >= 0 && l.epoch(it.nsi) != it.ns {
 		return nil, false
 	}
 	return it, true
 }
 
-// snap records the epochs for key (of the namespace whose generation key
-// is genKey, if any) before a read whose result may be stored.
-func (l *localTier[T]) snap(key, genKey string) localSnap {
+// snap records the epochs for key (whose version keys are vk: of its
+// namespace, or its tags) before a read whose result may be stored.
+func (l *localTier[T]) snap(key string, vk verKeys) localSnap {
 	i := uint32(maphash.String(l.seed, key) % localStripes)
 	sn := localSnap{g: l.global.Load(), s: l.stripe[i].Load(), i: i, nsi: -1}
-	if genKey != "" {
-		sn.nsi = int32(maphash.String(l.seed, genKey) % localStripes)
+	switch {
+	case vk.ns != "":
+		sn.nsi = int32(maphash.String(l.seed, vk.ns) % localStripes)
 		sn.ns = l.ns[sn.nsi].Load()
+	case len(vk.tags) > 0:
+		sn.nsi = tagStripe
+		sn.ns = l.tags.Load()
 	}
 	return sn
+}
+
+// epoch is the epoch an item of stripe nsi (or of tagStripe) checks.
+func (l *localTier[T]) epoch(nsi int32) uint64 {
+	if nsi == tagStripe {
+		return l.tags.Load()
+	}
+	return l.ns[nsi].Load()
 }
 
 // put stores it under key unless an invalidation that may cover key came
@@ -275,9 +295,12 @@ func (l *localTier[T]) dropPrefix(prefix string) {
 }
 
 // bump invalidates every local item of the namespace whose generation
-// key is genKey (and, rarely, of namespaces sharing its stripe).
+// key is genKey (and, rarely, of namespaces sharing its stripe), and every
+// item of a tagged cache (genKey is then a tag's or Clear's generation
+// key: a tier does not know which items carry which tag).
 func (l *localTier[T]) bump(genKey string) {
 	l.ns[maphash.String(l.seed, genKey)%localStripes].Add(1)
+	l.tags.Add(1)
 }
 
 func (l *localTier[T]) flush() {

@@ -137,11 +137,14 @@ func (l *leases) wakeArg() string {
 }
 
 // acquire is acquire.lua's call for op: take op.tok's lease on an absent
-// key (or on the undecodable entry op.vw.replace names).
-func (l *leases) acquire(key, genKey string, tok envelope.Token, replace []byte) scriptCall {
+// key (or on the undecodable entry op.vw.replace names). In a tagged
+// cache, tagGen is the digest of the key's tags' generations, which the
+// lease carries and an entry must carry to count (see tags.go); nil
+// otherwise.
+func (l *leases) acquire(key, genKey string, tok envelope.Token, replace, tagGen []byte) scriptCall {
 	fresh := newGen()
 	return scriptCall{s: acquireScript, keys: entryKeys(key, genKey),
-		args: []any{leaseEntry(tok, l.format), millis(l.ttl), replace, fresh[:], millis(l.genTTL)}}
+		args: []any{leaseEntry(tok, l.format), millis(l.ttl), replace, fresh[:], millis(l.genTTL), tagGen}}
 }
 
 // acquireReply reads acquire.lua's reply: whether the caller now holds the

@@ -60,6 +60,26 @@ type Options[T any] struct {
 	// the whole namespace with one command. Default false.
 	Namespaced bool
 
+	// Tags, when set, gives the tags of the entry under key: the groups it
+	// belongs to, such as a task-list page's org and assignee, each a
+	// non-empty string of at most MaxKeySize bytes, at most 16 per key.
+	// InvalidateTags then invalidates every entry carrying a tag with one
+	// write, whatever their number. It must be a pure function of the key,
+	// the same in every process that shares the cache's Name: a Get reads
+	// the entry and its tags' generations in one round trip, and an entry
+	// whose tags' generations moved since its load is a miss (see tags.go).
+	// It is called on every Get, GetMany, Set, SetMany and Peek of a key,
+	// on the caller's goroutine; an invalid tag fails the call with
+	// ErrInvalidKey, and a panic fails it with a *PanicError. Not with
+	// Namespaced. Default nil: no tags.
+	Tags func(key string) []string
+
+	// Clearable lets Clear invalidate every entry of the cache with one
+	// write: every entry carries the cache's Clear generation as one more
+	// tag, read beside it on every Redis-tier hit. Not with Namespaced.
+	// Default false.
+	Clearable bool
+
 	// Local turns on the in-process tier in front of Redis: decoded values
 	// served from memory for up to Local.TTL, kept coherent across
 	// processes by an invalidation bus on Redis pub/sub (see LocalOptions).
@@ -207,6 +227,10 @@ func (o *Options[T]) resolve() (Options[T], error) {
 		return invalid("MaxKeySize %d is negative", r.MaxKeySize)
 	case len(r.Name) > 128:
 		return invalid("Name is %d bytes, at most 128", len(r.Name))
+	case r.Namespaced && r.Tags != nil:
+		return invalid("Namespaced and Tags together: a namespace is the tag of a cache whose tags share its entries' slots; give keys their namespace as a tag instead")
+	case r.Namespaced && r.Clearable:
+		return invalid("Namespaced and Clearable together: a namespaced cache is cleared by invalidating its namespaces")
 	}
 	var err error
 	if r.Degradation, err = r.Degradation.resolve(); err != nil {

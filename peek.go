@@ -46,14 +46,14 @@ type Peeked[T any] struct {
 // Get reports them) and Peek says "undecodable".
 func (c *Cache[T]) Peek(ctx context.Context, key string) (Peeked[T], error) {
 	var p Peeked[T]
-	genKey, err := c.checkKey(key)
+	vk, err := c.checkKey(key)
 	if err != nil {
 		return p, err
 	}
 	if c.closed.Load() {
 		return p, ErrClosed
 	}
-	b, gv, err := c.readDirect(ctx, key, genKey)
+	b, gv, err := c.readDirect(ctx, key, vk)
 	if err != nil {
 		if isWrongType(err) {
 			p.State = "undecodable"
@@ -135,13 +135,29 @@ func (c *Cache[T]) warmRound(ctx context.Context, keys []string, values map[stri
 		calls []scriptCall
 		bad   []string // keys whose value could not be encoded: invalidated instead
 	)
+	vks := make([]verKeys, 0, len(keys))
+	valid := make([]string, 0, len(keys))
 	for _, k := range keys {
-		genKey, err := c.checkKey(k)
+		vk, err := c.checkKey(k)
 		if err != nil {
 			errs = append(errs, &KeyError{Key: k, Err: err})
 			continue
 		}
-		entry, ttl, err := c.encode(values[k], newToken(), envelope.Gen{}, 0, 0)
+		vks = append(vks, vk)
+		valid = append(valid, k)
+	}
+	// In a tagged cache each entry carries its tags' generations, read (or
+	// made) first in one pipeline; a key whose tags failed is not written.
+	gvs, gerrs := make([]genView, len(vks)), make([]error, len(vks))
+	if c.tagged() {
+		gvs, gerrs = c.tagGens(ctx, vks)
+	}
+	for i, k := range valid {
+		if gerrs[i] != nil {
+			errs = append(errs, &KeyError{Key: k, Err: c.redisError(ctx, "setmany", k, gerrs[i])})
+			continue
+		}
+		entry, ttl, err := c.encode(values[k], newToken(), gvs[i].gen, 0, 0)
 		if err != nil {
 			c.ev.notCached(ctx)
 			errs = append(errs, &KeyError{Key: k, Err: c.report(ctx, "encode", k, err)})
@@ -149,7 +165,7 @@ func (c *Cache[T]) warmRound(ctx context.Context, keys []string, values map[stri
 			continue
 		}
 		sent = append(sent, k)
-		calls = append(calls, c.leases.warm(k, genKey, entry, ttl))
+		calls = append(calls, c.leases.warm(k, vks[i].ns, entry, ttl))
 	}
 	if len(bad) > 0 {
 		if _, err := c.Invalidate(ctx, bad...); err != nil {

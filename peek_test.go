@@ -259,7 +259,7 @@ func TestSetManyRedisDown(t *testing.T) {
 				t.Fatalf("SetMany with Redis down = %d, %v", wrote, err)
 			}
 			for _, k := range []string{"a", "b"} {
-				if !c.retries.covers(k, "") {
+				if !c.retries.covers(k, verKeys{}) {
 					t.Fatalf("key %s: no invalidation queued", k)
 				}
 			}

@@ -14,29 +14,38 @@ import (
 	"github.com/seed-b4ec662f/cacheaside/internal/envelope"
 )
 
-// read fetches the bytes under key (nil when absent) and, for a namespaced
-// cache, the namespace generation, in one round trip.
-func (c *Cache[T]) read(ctx context.Context, key, genKey string) (b []byte, gv genView, err error) {
+// read fetches the bytes under key (nil when absent) and the generation
+// its version keys give (a namespace's, or its tags'), in one round trip.
+func (c *Cache[T]) read(ctx context.Context, key string, vk verKeys) (b []byte, gv genView, err error) {
 	if c.reads != nil {
 		if !c.reads.begin() {
-			return c.readCoalesced(ctx, key, genKey)
+			return c.readCoalesced(ctx, key, vk)
 		}
 		defer c.reads.end()
 	}
-	return c.readDirect(ctx, key, genKey)
+	return c.readDirect(ctx, key, vk)
 }
 
 // readDirect is read on the wire alone, not coalesced.
-func (c *Cache[T]) readDirect(ctx context.Context, key, genKey string) (b []byte, gv genView, err error) {
-	if genKey == "" {
+func (c *Cache[T]) readDirect(ctx context.Context, key string, vk verKeys) (b []byte, gv genView, err error) {
+	switch {
+	case len(vk.tags) > 0:
+		// One MGET, or on a client that shards one GET per key in a
+		// pipeline (readKeys): tags live in other slots.
+		vals, errs := c.readKeys(ctx, vk.with(key))
+		if err = errors.Join(errs...); err != nil {
+			return nil, genView{versioned: true}, err
+		}
+		return vals[0], vk.view(vals[1:]), nil
+	case vk.ns == "":
 		b, err = c.guard.Get(ctx, key).Bytes()
 		if errors.Is(err, redis.Nil) {
 			return nil, gv, nil
 		}
 		return b, gv, err
 	}
-	gv.namespaced = true
-	vals, err := c.guard.MGet(ctx, key, genKey).Result()
+	gv.versioned = true
+	vals, err := c.guard.MGet(ctx, key, vk.ns).Result()
 	if err != nil {
 		return nil, gv, err
 	}
@@ -79,9 +88,9 @@ func isWrongType(err error) bool {
 // in one pipeline.
 const maxMGet = 1000
 
-// readMany reads the entries of ops, and their namespace generations,
-// in one round trip: one MGET, or one GET per key in a pipeline where a
-// multi-key command would cross slots.
+// readMany reads the entries of ops, and their version keys (namespace
+// generations, tags), in one round trip: one MGET, or one GET per key in a
+// pipeline where a multi-key command would cross slots.
 func (c *Cache[T]) readMany(ctx context.Context, ops []*keyOp[T]) {
 	keys := make([]string, 0, len(ops))
 	gens := map[string]int{}
@@ -89,24 +98,29 @@ func (c *Cache[T]) readMany(ctx context.Context, ops []*keyOp[T]) {
 		keys = append(keys, it.key)
 	}
 	for _, it := range ops {
-		if it.genKey != "" {
-			if _, ok := gens[it.genKey]; !ok {
-				gens[it.genKey] = len(keys)
-				keys = append(keys, it.genKey)
+		for _, k := range it.vk.keys() {
+			if _, ok := gens[k]; !ok {
+				gens[k] = len(keys)
+				keys = append(keys, k)
 			}
 		}
 	}
 	vals, errs := c.readKeys(ctx, keys)
 	for i, it := range ops {
 		it.b, it.rerr = vals[i], errs[i]
-		if it.genKey == "" {
+		if !it.vk.versioned() {
 			continue
 		}
-		j := gens[it.genKey]
-		if it.rerr == nil {
-			it.rerr = errs[j]
+		vks := it.vk.keys()
+		gv := make([][]byte, len(vks))
+		for n, k := range vks {
+			j := gens[k]
+			if it.rerr == nil {
+				it.rerr = errs[j]
+			}
+			gv[n] = vals[j]
 		}
-		it.gv = nsGen(vals[j])
+		it.gv = it.vk.view(gv)
 	}
 }
 
@@ -218,11 +232,12 @@ type view[T any] struct {
 	replace []byte         // stMiss: token acquire.lua may overwrite, if undecodable
 }
 
-// genView is the namespace generation a read saw.
+// genView is the generation a read saw: a namespace's, or the digest of
+// an entry's tags' (tags.go).
 type genView struct {
-	namespaced bool         // the cache uses namespaces
-	known      bool         // the namespace has a generation; without one nothing is current
-	gen        envelope.Gen // the current generation
+	versioned bool         // the cache uses namespaces or tags
+	known     bool         // the namespace (every tag) has a generation; without one nothing is current
+	gen       envelope.Gen // the generation an entry must carry to be current
 }
 
 // nsGen is the one decoder of a namespace generation as Redis returns it
@@ -230,7 +245,7 @@ type genView struct {
 // generation when it has the generation's size, and anything else (absent,
 // or bytes written by hand) means the namespace has none.
 func nsGen[S string | []byte](s S) genView {
-	gv := genView{namespaced: true}
+	gv := genView{versioned: true}
 	if len(s) == envelope.GenSize {
 		copy(gv.gen[:], s)
 		gv.known = true
@@ -250,7 +265,7 @@ func (c *Cache[T]) classify(ctx context.Context, key string, b []byte, gv genVie
 	}
 	payload := vw.e.Payload
 	vw.e.Payload = nil
-	if gv.namespaced && (!gv.known || vw.e.Gen != gv.gen) {
+	if gv.versioned && (!gv.known || vw.e.Gen != gv.gen) {
 		// Stamped with an older generation: a miss, and its token says
 		// nothing about what is current (see flightSeen.joinable).
 		vw.e = envelope.Entry{}

@@ -69,7 +69,7 @@ func (c *Cache[T]) refreshAsync(parent context.Context, op *keyOp[T], src source
 		c.refreshes.end(op.key, false)
 		return
 	}
-	rop := &keyOp[T]{key: op.key, genKey: op.genKey, idx: op.idx, vw: view[T]{state: stReload, v: op.vw.v, e: op.vw.e}, fs: new(flightState)}
+	rop := &keyOp[T]{key: op.key, vk: op.vk, idx: op.idx, vw: view[T]{state: stReload, v: op.vw.v, e: op.vw.e}, fs: new(flightState)}
 	r := &missRun[T]{c: c, src: src, ops: []*keyOp[T]{rop}}
 	go r.refresh(parent)
 }

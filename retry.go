@@ -96,10 +96,10 @@ func (q *retryQueue) retire(id string, seq uint64) bool {
 	return false
 }
 
-// covers reports whether a queued invalidation covers key (in the
-// namespace whose generation key is genKey). The hit path pays one atomic
-// load for it while nothing is queued.
-func (q *retryQueue) covers(key, genKey string) bool {
+// covers reports whether a queued invalidation covers key (whose version
+// keys, a namespace's generation key or its tags', are vk). The hit path
+// pays one atomic load for it while nothing is queued.
+func (q *retryQueue) covers(key string, vk verKeys) bool {
 	if q.pending.Load() == 0 {
 		return false
 	}
@@ -108,8 +108,8 @@ func (q *retryQueue) covers(key, genKey string) bool {
 	if _, ok := q.ops[string(retryKey)+key]; ok {
 		return true
 	}
-	if genKey != "" {
-		if _, ok := q.ops[string(retryNS)+genKey]; ok {
+	for _, k := range vk.keys() {
+		if _, ok := q.ops[string(retryNS)+k]; ok {
 			return true
 		}
 	}

@@ -46,7 +46,7 @@ type sharedRead struct {
 // share queues a read of keys for the next MGET, unless a Get's read of
 // the same key is queued already and not yet sent: it returns the queued
 // read and whether this caller queued it.
-func (q *coalescer) share(key, genKey string) (r *readReq, first bool) {
+func (q *coalescer) share(key string, vk verKeys) (r *readReq, first bool) {
 	q.mu.Lock()
 	if r := q.heads[key]; r != nil {
 		if r.shared == nil {
@@ -56,11 +56,7 @@ func (q *coalescer) share(key, genKey string) (r *readReq, first bool) {
 		q.mu.Unlock()
 		return r, false
 	}
-	keys := []string{key}
-	if genKey != "" {
-		keys = append(keys, genKey)
-	}
-	r = &readReq{keys: keys, done: make(chan struct{}), head: true}
+	r = &readReq{keys: vk.with(key), done: make(chan struct{}), head: true}
 	if q.heads == nil {
 		q.heads = make(map[string]*readReq)
 	}
@@ -126,23 +122,23 @@ func (c *Cache[T]) readGet(ctx context.Context, op *keyOp[T]) (spent time.Durati
 	t0 := time.Now()
 	q := c.reads
 	if q == nil || op.attempt > 0 {
-		op.b, op.gv, op.rerr = c.read(ctx, op.key, op.genKey)
+		op.b, op.gv, op.rerr = c.read(ctx, op.key, op.vk)
 		return time.Since(t0), nil
 	}
 	if q.begin() {
-		op.b, op.gv, op.rerr = c.readDirect(ctx, op.key, op.genKey)
+		op.b, op.gv, op.rerr = c.readDirect(ctx, op.key, op.vk)
 		q.end()
 		return time.Since(t0), nil
 	}
-	r, first := q.share(op.key, op.genKey)
+	r, first := q.share(op.key, op.vk)
 	if first {
-		op.b, op.gv, op.rerr = coalescedRead(op.genKey)(q.await(ctx, c.guard.readBudget(), r))
+		op.b, op.gv, op.rerr = coalescedRead(op.vk)(q.await(ctx, c.guard.readBudget(), r))
 		spent = time.Since(t0)
 		if sh, answered := q.sharers(r); sh != nil {
 			// The others get the read's answer, not this Get's: its own
 			// deadline or cancellation may have ended its wait first.
 			if answered {
-				sh.b, sh.gv, sh.err = coalescedRead(op.genKey)(r.vals, r.err)
+				sh.b, sh.gv, sh.err = coalescedRead(op.vk)(r.vals, r.err)
 				sh.read = true
 			}
 			sh.spent = spent
@@ -166,14 +162,14 @@ func (c *Cache[T]) readGet(ctx context.Context, op *keyOp[T]) (spent time.Durati
 	switch {
 	case err == nil:
 	case errors.Is(err, errStarved) && closed(r.done): // answered; the first Get has not decided yet
-		op.b, op.gv, op.rerr = coalescedRead(op.genKey)(r.vals, r.err)
+		op.b, op.gv, op.rerr = coalescedRead(op.vk)(r.vals, r.err)
 		return time.Since(t0), nil
 	default:
 		op.rerr = err
 		return time.Since(t0), nil
 	}
 	if !sh.read { // the first Get gave up before the answer: wait for it here
-		op.b, op.gv, op.rerr = coalescedRead(op.genKey)(q.await(ctx, c.guard.readBudget(), r))
+		op.b, op.gv, op.rerr = coalescedRead(op.vk)(q.await(ctx, c.guard.readBudget(), r))
 		return time.Since(t0), nil
 	}
 	op.b, op.gv, op.rerr = sh.b, sh.gv, sh.err

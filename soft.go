@@ -14,8 +14,8 @@ import (
 // (staleRound), so a Get that joined before that round takes it, and one
 // that joined after waits for the reload (see older); the Get that leads
 // the flight read the value itself.
-func (op *keyOp[T]) softAnswer() answer[T] {
-	return answer[T]{v: op.fallback, round: op.staleRound, fs: op.fs, soft: true}
+func (c *Cache[T]) softAnswer(op *keyOp[T]) answer[T] {
+	return answer[T]{v: op.fallback, round: c.vouching(op, op.staleRound), fs: op.fs, soft: true}
 }
 
 // softReady reports whether op may be answered with its old value at the
@@ -43,7 +43,7 @@ func (r *missRun[T]) softAnswers(held []*keyOp[T]) func() {
 	return func() {
 		counted := func() { r.c.ev.softTimeout(r.ctx) } // before the Gets wake, so their Stats show it
 		for _, op := range ready {
-			op.call.Publish(op.softAnswer(), nil, counted)
+			op.call.Publish(r.c.softAnswer(op), nil, counted)
 		}
 	}
 }
@@ -72,7 +72,7 @@ func (r *missRun[T]) softTimedOut(open []*keyOp[T]) []*keyOp[T] {
 		}
 		r.releaseUnsure(op)
 		r.c.ev.softTimeout(r.ctx)
-		r.finish(op, op.softAnswer(), nil)
+		r.finish(op, r.c.softAnswer(op), nil)
 	}
 	return rest
 }

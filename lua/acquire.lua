@@ -7,6 +7,9 @@
 -- ARGV[3]  token of an entry the caller found undecodable and may replace, or ""
 -- ARGV[4]  8 random bytes: the generation to create if the namespace has none
 -- ARGV[5]  lifetime of the generation key in milliseconds
+-- ARGV[6]  tagged caches: the 8-byte digest of the entry's tag generations
+--          as the caller read them (see tags.go), or ""; an entry stamped
+--          with another digest is of an older generation
 -- Returns {1, gen} when the caller holds the lease (including a client retry
 -- of a call that already took it), or {0, gen, current} when another entry
 -- of the current generation is there. gen is "" outside namespaces.
@@ -19,6 +22,8 @@ if #KEYS > 1 then
   else
     redis.call('PEXPIRE', KEYS[2], ARGV[5])
   end
+elseif ARGV[6] and #ARGV[6] == 8 then
+  gen = ARGV[6]
 end
 local lease = ARGV[1]
 if gen ~= '' then
