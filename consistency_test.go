@@ -102,8 +102,15 @@ func TestConsistencyRandomized(t *testing.T) {
 		}
 		if !testing.Short() {
 			// The control of tags mode: a load's rounds vouch for its
-			// answer, though no script checks the tags.
-			tc := runConsistency(t, shards, consConfig{mode: "tagctrl", histories: control, seed: base + 6<<32, replay: replay, tagRounds: true})
+			// answer, though no script checks the tags, and InvalidateTags
+			// forgets no load in flight; writers invalidate by tags only.
+			// Its stale values are rare (2 to 3 per 1,000 histories on
+			// miniredis, 14 on Redis), so it runs more histories.
+			n := 2 * control
+			if b.mr != nil {
+				n = 6 * control
+			}
+			tc := runConsistency(t, shards, consConfig{mode: "tagctrl", histories: n, seed: base + 6<<32, replay: replay, tagRounds: true})
 			t.Logf("consistency control (tagged answers vouched by their rounds, %s): %d stale values found in %d histories (%v)",
 				b.name, tc.stale.Load(), tc.histories.Load(), tc.took.Round(time.Millisecond))
 			if tc.stale.Load() == 0 {
@@ -259,6 +266,7 @@ func runConsistency(t *testing.T, shards []*backend, cfg consConfig) *consTotals
 				h := newConsHistory(seed, b.key(fmt.Sprintf("%s:h%d:", cfg.mode, i)))
 				h.faults = cfg.faults
 				h.tags = cfg.tags || cfg.tagRounds
+				h.tagsOnly = cfg.tagRounds
 				for j, k := range h.keys {
 					keys.Store(k, consRef{h, j})
 				}
@@ -417,9 +425,10 @@ type consHistory struct {
 	floor []atomic.Int64
 	local [consCaches][]atomic.Int64
 
-	faults  bool           // inject invalidation failures (consConfig.faults)
-	tags    bool           // invalidate by tags and Clear too (consConfig.tags)
-	retries sync.WaitGroup // waits for failed invalidations' retries to land
+	faults   bool           // inject invalidation failures (consConfig.faults)
+	tags     bool           // invalidate by tags and Clear too (consConfig.tags)
+	tagsOnly bool           // by tags and Clear only, never deleting a key (the control of tags mode)
+	retries  sync.WaitGroup // waits for failed invalidations' retries to land
 
 	start  time.Time
 	mu     sync.Mutex
@@ -671,6 +680,9 @@ func (h *consHistory) write(ctx context.Context, t *testing.T, caches []*Cache[c
 	j, x, how := rng.IntN(len(h.keys)), rng.IntN(len(caches)), rng.IntN(3)
 	if h.tags {
 		how = []int{0, 3, 3, 4, 5}[rng.IntN(5)] // by key, by its tag (twice as often), by the tag of all, Clear
+		if h.tagsOnly {
+			how = []int{3, 3, 4, 5}[rng.IntN(4)]
+		}
 	}
 	if rng.IntN(3) == 0 {
 		h.pause()
