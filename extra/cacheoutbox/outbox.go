@@ -5,7 +5,7 @@
 // it.
 //
 // A write and the invalidations it needs commit together: the application
-// records its targets (keys, prefixes and namespaces of a named cache) in the same
+// records its targets (keys, prefixes, namespaces and tags of a named cache) in the same
 // transaction as its data change (Record), and a relay (Relay) applies
 // them through the library, with Cache.Invalidate, Cache.InvalidatePrefix
 // and Cache.InvalidateNamespace, so the local tiers' bus and the writer's bypass
@@ -141,23 +141,33 @@ func (ob *Outbox) Migrate(ctx context.Context, tx *sql.Tx) error {
 	_, err := exec(ctx, `CREATE TABLE IF NOT EXISTS `+ob.table+` (
 		id `+id+`,
 		cache TEXT NOT NULL,
-		kind TEXT NOT NULL CHECK (kind IN ('key', 'prefix', 'namespace')),
+		kind TEXT NOT NULL CHECK (kind IN ('key', 'prefix', 'namespace', 'tag')),
 		target TEXT NOT NULL,
 		created `+now+`
 	)`)
 	if err != nil {
 		return fmt.Errorf("cacheoutbox: creating %s: %w", ob.table, err)
 	}
+	if ob.d == Postgres {
+		// A table made by a version without tag targets: widen its check.
+		name := ob.table[strings.LastIndex(ob.table, ".")+1:] + "_kind_check"
+		if _, err := exec(ctx, `ALTER TABLE `+ob.table+` DROP CONSTRAINT IF EXISTS `+name+`, ADD CONSTRAINT `+name+
+			` CHECK (kind IN ('key', 'prefix', 'namespace', 'tag'))`); err != nil {
+			return fmt.Errorf("cacheoutbox: widening %s's kinds: %w", ob.table, err)
+		}
+	}
 	return nil
 }
 
 // Target is one invalidation of the caches named Cache (their
-// Options.Name): a key, every key under a prefix, or a namespace.
+// Options.Name): a key, every key under a prefix, a namespace, or every
+// entry carrying a tag.
 type Target struct {
 	Cache     string
 	Key       string               // Invalidate this key; or
 	Prefix    string               // InvalidatePrefix this prefix; or
-	Namespace cacheaside.Namespace // InvalidateNamespace this namespace
+	Namespace cacheaside.Namespace // InvalidateNamespace this namespace; or
+	Tag       string               // InvalidateTags this tag
 }
 
 // Keys is a Target for each key of cache.
@@ -178,13 +188,13 @@ func (t Target) check() error {
 		return fmt.Errorf("%w: no Cache", errInvalidTarget)
 	}
 	set := 0
-	for _, s := range []string{t.Key, t.Prefix, t.Namespace.String()} {
+	for _, s := range []string{t.Key, t.Prefix, t.Namespace.String(), t.Tag} {
 		if s != "" {
 			set++
 		}
 	}
 	if set != 1 {
-		return fmt.Errorf("%w: one of cache %q needs exactly one of Key, Prefix and Namespace", errInvalidTarget, t.Cache)
+		return fmt.Errorf("%w: one of cache %q needs exactly one of Key, Prefix, Namespace and Tag", errInvalidTarget, t.Cache)
 	}
 	return nil
 }
@@ -196,6 +206,8 @@ func (t Target) kind() (string, string) {
 		return "key", t.Key
 	case t.Prefix != "":
 		return "prefix", t.Prefix
+	case t.Tag != "":
+		return "tag", t.Tag
 	}
 	return "namespace", t.Namespace.String()
 }
@@ -310,7 +322,7 @@ func deleteIDs(ctx context.Context, exec func(context.Context, string, ...any) (
 
 // applyTargets invalidates targets through caches, the one way the relay
 // and the Listener apply them: the keys of each cache by Invalidate, up to
-// 1,000 a call; each prefix and namespace on its own; a target repeated
+// 1,000 a call; each prefix, namespace and tag on its own; a target repeated
 // or of a cache not given, once or not at all. A target that can never be
 // applied (permanent) goes to drop, so it does not hold back the rest;
 // any other error stops it, and the caller applies the whole batch again
@@ -339,6 +351,8 @@ func applyTargets(ctx context.Context, caches map[string]Invalidator, targets []
 			_, err = c.InvalidatePrefix(ctx, target)
 		case "namespace":
 			err = c.InvalidateNamespace(ctx, t.Namespace)
+		case "tag":
+			err = c.InvalidateTags(ctx, t.Tag)
 		}
 		switch {
 		case permanent(err):
@@ -419,6 +433,7 @@ type Invalidator interface {
 	Invalidate(ctx context.Context, keys ...string) (int64, error)
 	InvalidatePrefix(ctx context.Context, prefix string) (int64, error)
 	InvalidateNamespace(ctx context.Context, ns cacheaside.Namespace) error
+	InvalidateTags(ctx context.Context, tags ...string) error
 }
 
 // Stats counts what the relays of this Outbox did.
@@ -630,6 +645,8 @@ func (ob *Outbox) apply(ctx context.Context, caches map[string]Invalidator) (n i
 			t.Key = r.target
 		case "prefix":
 			t.Prefix = r.target
+		case "tag":
+			t.Tag = r.target
 		case "namespace":
 			ns, err := namespace(r.target)
 			if err != nil {

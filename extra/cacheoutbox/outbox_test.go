@@ -490,6 +490,61 @@ func TestNamespacesAndPoisonRows(t *testing.T) {
 	})
 }
 
+// TestTagTargets: a tag target invalidates every entry carrying the tag,
+// and only those; on PostgreSQL, Migrate widens the kind check of a table
+// made before tag targets existed.
+func TestTagTargets(t *testing.T) {
+	forEachDB(t, func(t *testing.T, db database) {
+		ctx := context.Background()
+		addr, _ := redisAddr(t)
+		name := "lists" + unique()
+		rdb := redis.NewClient(&redis.Options{Addr: addr, ContextTimeoutEnabled: true})
+		t.Cleanup(func() { _ = rdb.Close() })
+		lists, err := cacheaside.New[string](rdb, &cacheaside.Options[string]{Name: name, Degradation: cacheaside.Degradation{OpTimeout: 2 * time.Second},
+			Tags: func(key string) []string { return []string{"org:" + strings.Split(key, ":")[2]} }})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = lists.Close() })
+		ob := newOutbox(t, db, nil)
+		if db.d == Postgres {
+			table := ob.table[strings.LastIndex(ob.table, ".")+1:]
+			if _, err := db.db.ExecContext(ctx, `ALTER TABLE `+ob.table+` DROP CONSTRAINT `+table+`_kind_check, ADD CONSTRAINT `+table+
+				`_kind_check CHECK (kind IN ('key', 'prefix', 'namespace'))`); err != nil {
+				t.Fatal(err)
+			}
+			if err := ob.Migrate(ctx, nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+		acme, other := "v1:"+name+":acme:page:1", "v1:"+name+":other:page:1"
+		write(t, db, ob, 1, "old", true)
+		for _, k := range []string{acme, other} {
+			if v, _ := lists.Get(ctx, k, title(db, 1)); v != "old" {
+				t.Fatalf("Get %s = %q", k, v)
+			}
+		}
+		write(t, db, ob, 1, "new", true, Target{Cache: name, Tag: "org:acme"})
+		if n, err := ob.ApplyOnce(ctx, lists); err != nil || n != 1 {
+			t.Fatalf("ApplyOnce = %d, %v", n, err)
+		}
+		if v, _ := lists.Get(ctx, acme, title(db, 1)); v != "new" {
+			t.Fatalf("after the tag's invalidation: %q", v)
+		}
+		if v, _ := lists.Get(ctx, other, title(db, 1)); v != "old" {
+			t.Fatalf("an entry without the tag was invalidated: %q", v)
+		}
+		tx, err := db.db.BeginTx(ctx, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer tx.Rollback()
+		if _, err := ob.Record(ctx, tx, Target{Cache: name, Tag: "t", Key: "k"}); !errors.Is(err, errInvalidTarget) {
+			t.Fatalf("a Target with a Tag and a Key: %v", err)
+		}
+	})
+}
+
 // TestNotifyWakesRelay (PostgreSQL): with Notify, a relay that polls only
 // once a minute applies a committed write within seconds, woken by the
 // NOTIFY that Record sent in the write's transaction; a rolled-back write
