@@ -17,6 +17,8 @@
 //	cacheaside [flags] invalidate [--cache NAME] key KEY...
 //	cacheaside [flags] invalidate [--cache NAME] prefix PREFIX
 //	cacheaside [flags] invalidate [--cache NAME] namespace NS
+//	cacheaside [flags] invalidate [--cache NAME] tag TAG...
+//	cacheaside [flags] invalidate [--cache NAME] clear
 //
 // # Connecting
 //
@@ -129,9 +131,10 @@
 // # invalidate
 //
 // invalidate calls the library itself: it builds a Cache on the connection
-// and calls Invalidate, InvalidatePrefix or InvalidateNamespace, so it
-// deletes what they delete (UNLINK; SCAN with MATCH on every master; a
-// new random namespace generation) and publishes the same message on the
+// and calls Invalidate, InvalidatePrefix, InvalidateNamespace,
+// InvalidateTags or Clear, so it deletes what they delete (UNLINK; SCAN
+// with MATCH on every master; a new random generation of a namespace, of
+// each tag, or of the cache's Clear) and publishes the same message on the
 // local tier's invalidation bus, so processes that hold the entries in
 // their local tiers (Options.Local) drop them at once.
 //
@@ -164,8 +167,14 @@
 //	deleted 2 keys under "v1:tasks:"
 //	published on cacheaside:invalidate:task to 2 subscribers
 //
+//	$ cacheaside invalidate --cache task_list tag org:acme assignee:7
+//	tags org:acme, assignee:7: new generations; every entry carrying one is a miss from now on
+//	published on cacheaside:invalidate:task_list to 2 subscribers
+//
 // NS is the namespace as Namespace.String prints it (its generation key is
-// accepted too). A failed invalidation is reported and not retried in the
+// accepted too). TAG is a tag as the caches' Options.Tags gives it; the
+// generations of tags and of Clear belong to the caches' Name, so --cache
+// decides which caches they reach. A failed invalidation is reported and not retried in the
 // background (the command exits): run it again.
 //
 // # Errors and exit codes

@@ -35,8 +35,9 @@ func (f *invalidateFlags) channelName() string {
 
 // invalidateResult is what invalidate reports; --json prints it.
 type invalidateResult struct {
-	Op            string   `json:"op"` // key, prefix, namespace
+	Op            string   `json:"op"` // key, prefix, namespace, tag, clear
 	Keys          []string `json:"keys,omitempty"`
+	Tags          []string `json:"tags,omitempty"`
 	Prefix        string   `json:"prefix,omitempty"`
 	Deleted       *int64   `json:"deleted,omitempty"` // keys that existed and were deleted
 	Namespace     string   `json:"namespace,omitempty"`
@@ -62,7 +63,7 @@ func cmdInvalidate(ctx context.Context, cfg *config, args []string, stdout, stde
 		return err
 	}
 	if len(rest) == 0 {
-		return usagef("invalidate needs key KEY..., prefix PREFIX or namespace NS")
+		return usagef("invalidate needs key KEY..., prefix PREFIX, namespace NS, tag TAG... or clear")
 	}
 	if f.cache == "" {
 		return usagef("--cache must not be empty")
@@ -99,8 +100,23 @@ func cmdInvalidate(ctx context.Context, cfg *config, args []string, stdout, stde
 			return &usageError{msg: err.Error()}
 		}
 		res.Namespace, res.GenerationKey = ns.String(), ns.String()+wire.GenerationSuffix
+	case "tag", "tags":
+		res.Op = "tag"
+		if len(targets) == 0 {
+			return usagef("invalidate tag needs at least one TAG")
+		}
+		for _, tag := range targets {
+			if tag == "" {
+				return usagef("invalidate tag: empty TAG")
+			}
+		}
+		res.Tags = targets
+	case "clear":
+		if len(targets) != 0 {
+			return usagef("invalidate clear takes no argument: it clears the cache --cache names")
+		}
 	default:
-		return usagef("invalidate %q: want key, prefix or namespace", op)
+		return usagef("invalidate %q: want key, prefix, namespace, tag or clear", op)
 	}
 
 	ctx, rdb, done, err := session(ctx, cfg)
@@ -111,7 +127,11 @@ func cmdInvalidate(ctx context.Context, cfg *config, args []string, stdout, stde
 	c, err := cacheaside.New[json.RawMessage](rdb, &cacheaside.Options[json.RawMessage]{
 		Name:       f.cache,
 		Namespaced: res.Op == "namespace",
-		Policy:     cacheaside.Policy{TTL: f.ttl},
+		// InvalidateTags needs Tags set; which tags keys carry matters
+		// only to readers.
+		Tags:      noTags(res.Op == "tag"),
+		Clearable: res.Op == "clear",
+		Policy:    cacheaside.Policy{TTL: f.ttl},
 		// Local makes the library publish on the bus, as every writer
 		// sharing keys with a local tier must; this process's own tier is
 		// never read.
@@ -148,6 +168,10 @@ func cmdInvalidate(ctx context.Context, cfg *config, args []string, stdout, stde
 		res.Deleted = &n
 	case "namespace":
 		err = bumpNamespace(ctx, rdb, c, ns, res)
+	case "tag":
+		err = c.InvalidateTags(ctx, res.Tags...)
+	case "clear":
+		err = c.Clear(ctx)
 	}
 	if err != nil {
 		if res.Deleted != nil && *res.Deleted > 0 {
@@ -211,6 +235,10 @@ func printInvalidate(out io.Writer, res *invalidateResult) {
 			old = *res.OldGeneration
 		}
 		fmt.Fprintf(w, "namespace %s: generation %s -> %s\n", res.Namespace, old, res.NewGeneration)
+	case "tag":
+		fmt.Fprintf(w, "tags %s: new generations; every entry carrying one is a miss from now on\n", strings.Join(res.Tags, ", "))
+	case "clear":
+		fmt.Fprintf(w, "cleared: every entry of the cache is a miss from now on\n")
 	}
 	switch {
 	case res.Refused != "":
@@ -254,6 +282,14 @@ func subscribers(ctx context.Context, rdb redis.UniversalClient, channel string)
 		return err
 	})
 	return c.Load(), s.Load(), err
+}
+
+// noTags is an Options.Tags for a command that invalidates tags, or nil.
+func noTags(on bool) func(string) []string {
+	if !on {
+		return nil
+	}
+	return func(string) []string { return nil }
 }
 
 func keysWord(n int64) string {

@@ -109,6 +109,42 @@ func TestInvalidateNamespace(t *testing.T) {
 	})
 }
 
+// TestInvalidateTagsAndClear: invalidate tag reloads exactly the entries
+// carrying the tag, and invalidate clear every entry of the cache.
+func TestInvalidateTagsAndClear(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		c := newCache(t, b, &cacheaside.Options[string]{Clearable: true, Tags: func(key string) []string {
+			return []string{"org:" + key[strings.LastIndex(key, ":")+1:]}
+		}})
+		keys := []string{b.ks.Key("page", "acme"), b.ks.Key("page", "globex")}
+		var loads atomic.Int64
+		for _, k := range keys {
+			mustGet(t, c, k, load("p", &loads))
+		}
+		var res invalidateResult
+		out := b.ok(t, "invalidate", "--json", "--cache", b.cacheName, "tag", "org:acme")
+		if err := json.Unmarshal([]byte(out), &res); err != nil || res.Op != "tag" || len(res.Tags) != 1 || res.Tags[0] != "org:acme" {
+			t.Fatalf("invalidate tag --json: %s (%v)", out, err)
+		}
+		for _, k := range keys {
+			mustGet(t, c, k, load("p", &loads))
+		}
+		if n := loads.Load(); n != 3 {
+			t.Fatalf("%d loads after invalidate tag org:acme, want 3 (acme's page reloaded, globex's not)", n)
+		}
+		mustContain(t, b.ok(t, "invalidate", "--cache", b.cacheName, "clear"), "cleared: every entry of the cache is a miss from now on\n")
+		for _, k := range keys {
+			mustGet(t, c, k, load("p", &loads))
+		}
+		if n := loads.Load(); n != 5 {
+			t.Fatalf("%d loads after invalidate clear, want 5", n)
+		}
+		if r := b.cli(t, "invalidate", "tag"); r.code != exitUsage {
+			t.Errorf("invalidate tag without a TAG: exit %d", r.code)
+		}
+	})
+}
+
 // TestInvalidateReachesLocalTier: a Cache with a local tier holds a value
 // in memory; the command's invalidation reaches it through the bus, so its
 // next Get calls the loader. First, as the control, the same command with

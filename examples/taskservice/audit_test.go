@@ -122,7 +122,7 @@ func TestWriterDiesAfterCommit(t *testing.T) {
 		}
 		return n
 	}
-	for outboxRows() != 0 { // the org's namespace row too
+	for outboxRows() != 0 { // the org's and assignee's tag rows too
 		if time.Now().After(deadline) {
 			t.Fatalf("%d outbox rows left", outboxRows())
 		}

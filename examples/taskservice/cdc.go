@@ -72,7 +72,11 @@ func (a *app) startCDC(ctx context.Context, e env, reg *prometheus.Registry) (st
 			var ts []cacheoutbox.Target
 			for _, r := range []cacheoutbox.Row{c.Old, c.New} {
 				if id, err := strconv.ParseInt(r["id"], 10, 64); err == nil {
-					ts = append(ts, a.store.targets(id, r["org"])...)
+					ch := change{id: id, org: r["org"]}
+					if as, err := strconv.ParseInt(r["assignee"], 10, 64); err == nil {
+						ch.assignees = []int64{as}
+					}
+					ts = append(ts, a.store.targets(ch)...)
 				}
 			}
 			return ts

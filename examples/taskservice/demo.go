@@ -75,7 +75,7 @@ func runDemo(out io.Writer, args []string) error {
 		run  func() error
 	}{
 		{"part 1 (stampede)", func() error { return d.part1(ctx, *requests) }},
-		{"part 4.3 (pattern invalidation: SCAN against a namespace bump)", func() error { return d.part43(ctx) }},
+		{"part 4.3 (pattern invalidation: SCAN against a tag invalidation)", func() error { return d.part43(ctx) }},
 		{"part 4.4 (the staleness trade-off: dashboard stats on TTL only)", func() error { return d.part44(ctx) }},
 		{"part 4.5 (durable invalidation: a writer dies after its commit)", func() error { return d.part45(ctx) }},
 		{"part 4.6 (change data capture: a write from outside the app)", func() error { return d.part46(ctx) }},
@@ -488,7 +488,7 @@ func (d *demo) part54(ctx context.Context) error {
 }
 
 // part43 is lecture 4.3's pattern invalidation: drop every cached list page
-// of one org by SCAN (InvalidatePrefix) and by a namespace bump, in a
+// of one org by SCAN (InvalidatePrefix) and by invalidating its tags (InvalidateTags), in a
 // Redis that holds other keys too, as a production Redis does.
 func (d *demo) part43(ctx context.Context) error {
 	const org, filler = "acme", 20000
@@ -528,7 +528,7 @@ func (d *demo) part43(ctx context.Context) error {
 		for _, status := range append([]string{""}, statuses...) {
 			for _, size := range []int{10, 20} {
 				for page := 1; page <= 25; page++ {
-					if _, err := svc.ListTasks(ctx, org, status, page, size); err != nil {
+					if _, err := svc.ListTasks(ctx, org, 0, status, page, size); err != nil {
 						return n, err
 					}
 					n++
@@ -547,7 +547,7 @@ func (d *demo) part43(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	prefix := svc.orgLists(org).String() + ":"
+	prefix := svc.listKeys.Prefix("org", org)
 	d.at("InvalidatePrefix " + prefix)
 	t0 := time.Now()
 	deleted, err := svc.lists.InvalidatePrefix(ctx, prefix)
@@ -559,7 +559,7 @@ func (d *demo) part43(ctx context.Context) error {
 	if _, err := pages(); err != nil {
 		return err
 	}
-	d.at("InvalidateNamespace of org " + org)
+	d.at("InvalidateTags of org " + org + "'s lists")
 	t0 = time.Now()
 	if err := svc.InvalidateOrgLists(ctx, org); err != nil {
 		return err
@@ -569,12 +569,11 @@ func (d *demo) part43(ctx context.Context) error {
 	w := tabwriter.NewWriter(d.out, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(w, "\tKeys dropped\tRedis work\tTime\t")
 	fmt.Fprintf(w, "SCAN MATCH %s* + UNLINK (InvalidatePrefix)\t%d\tevery one of the %d keys visited, about %d SCAN calls\t%v\t\n", prefix, deleted, dbsize, (dbsize+999)/1000, roundDur(scanTook))
-	fmt.Fprintf(w, "Namespace bump (InvalidateNamespace)\t%d, unreachable\tone SET of a new random generation; the old pages expire by their TTL\t%v\t\n", n, roundDur(bumpTook))
+	fmt.Fprintf(w, "Tag invalidation (InvalidateTags)\t%d, unreachable\tone SET of a new random generation per tag; the old pages are misses from then on\t%v\t\n", n, roundDur(bumpTook))
 	w.Flush()
-	fmt.Fprintf(d.out, "\nThe prefix also matches the namespace's generation key, so SCAN drops one key more than\n"+
-		"the pages. SCAN's cost grows with the whole database, not with the pages it finds. The app's writes\n"+
-		"bump the org's namespace; DELETE /admin/cache/{cache}?prefix= is there for keys no namespace\n"+
-		"covers, such as the entries an old key version left behind.\n")
+	fmt.Fprintf(d.out, "\nSCAN's cost grows with the whole database, not with the pages it finds. The app's writes\n"+
+		"invalidate the tags of the task's org and assignees; DELETE /admin/cache/{cache}?prefix= is there for\n"+
+		"keys no tag covers, such as the entries an old key version left behind.\n")
 	return nil
 }
 
@@ -896,7 +895,7 @@ func (d *demo) part47(ctx context.Context) error {
 // orgTasks returns up to n tasks of org, the first page of its list; an org
 // without tasks is an error.
 func (d *demo) orgTasks(ctx context.Context, org string, n int) ([]Task, error) {
-	page, err := d.app.svc.ListTasks(ctx, org, "", 1, n)
+	page, err := d.app.svc.ListTasks(ctx, org, 0, "", 1, n)
 	if err != nil {
 		return nil, err
 	}

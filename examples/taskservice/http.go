@@ -281,8 +281,8 @@ const (
 func (a *API) listTasks(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	for k := range q {
-		if k != "org" && k != "status" && k != "page" && k != "size" {
-			a.fail(w, r, invalidf("unknown query parameter %s (want org, status, page, size)", short(k)))
+		if k != "org" && k != "assignee" && k != "status" && k != "page" && k != "size" {
+			a.fail(w, r, invalidf("unknown query parameter %s (want org, assignee, status, page, size)", short(k)))
 			return
 		}
 	}
@@ -296,6 +296,15 @@ func (a *API) listTasks(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, invalidf("status %s is not one of %s", short(status), strings.Join(statuses, ", ")))
 		return
 	}
+	var assignee int64
+	if s := q.Get("assignee"); s != "" {
+		id, err := strconv.ParseInt(s, 10, 64)
+		if err != nil || id <= 0 {
+			a.fail(w, r, invalidf("assignee %s is not a positive integer", short(s)))
+			return
+		}
+		assignee = id
+	}
 	page, err := intParam(q.Get("page"), 1, 1, 10000, "page")
 	if err != nil {
 		a.fail(w, r, err)
@@ -306,7 +315,7 @@ func (a *API) listTasks(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, err)
 		return
 	}
-	p, err := a.svc.ListTasks(r.Context(), org, status, page, size)
+	p, err := a.svc.ListTasks(r.Context(), org, assignee, status, page, size)
 	if err != nil {
 		a.fail(w, r, err)
 		return

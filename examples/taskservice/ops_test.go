@@ -131,7 +131,7 @@ func TestConcurrentStartEmptyDatabase(t *testing.T) {
 }
 
 // DELETE /admin/cache/{cache}?prefix= drops one cache's entries under a
-// prefix of its keyspace, and refuses anything else; the namespace bump
+// prefix of its keyspace, and refuses anything else; the lists' invalidation
 // endpoint drops an org's list pages in one step.
 func TestPurgeEndpoints(t *testing.T) {
 	ta := newTestApp(t, nil)
@@ -169,11 +169,11 @@ func TestPurgeEndpoints(t *testing.T) {
 		}
 	}
 	if code, b := ta.do(t, "POST", "/admin/orgs/acme/lists/invalidate", ""); code != 200 {
-		t.Fatalf("namespace bump = %d %s", code, b)
+		t.Fatalf("lists' invalidation = %d %s", code, b)
 	}
 	ta.getJSON(t, "/tasks?org=acme&page=1", 200, nil)
 	if n := ta.queries.Load() - before; n != 6 {
-		t.Fatalf("%d queries, want the list page reloaded after the bump", n)
+		t.Fatalf("%d queries, want the list page reloaded after the invalidation", n)
 	}
 }
 
@@ -204,4 +204,75 @@ func TestTaskLifetimeFromStatus(t *testing.T) {
 			t.Fatalf("a %s task is fresh for %v more, want %v less up to 10%%", c.status, left, c.want)
 		}
 	}
+}
+
+// List pages carry tags (Options.Tags): a write to a task reloads its
+// org's pages of all tasks and its assignees' pages (before and after),
+// and leaves every other assignee's pages cached.
+func TestListTags(t *testing.T) {
+	ta := newTestApp(t, nil)
+	var task Task
+	ta.getJSON(t, "/tasks/1", 200, &task)
+	if task.Org != "acme" {
+		t.Fatalf("task 1 is of org %q", task.Org)
+	}
+	var others []int64 // acme's users are 1 to 4
+	for u := int64(1); u <= 4; u++ {
+		if u != task.Assignee {
+			others = append(others, u)
+		}
+	}
+	b, c := others[0], others[1]
+	pages := map[string]string{
+		"org": "/tasks?org=acme",
+		"a":   fmt.Sprintf("/tasks?org=acme&assignee=%d", task.Assignee),
+		"b":   fmt.Sprintf("/tasks?org=acme&assignee=%d", b),
+		"c":   fmt.Sprintf("/tasks?org=acme&assignee=%d", c),
+	}
+	// reloaded reads every page and returns the ones that queried the
+	// database.
+	reloaded := func() []string {
+		t.Helper()
+		var got []string
+		for _, name := range []string{"org", "a", "b", "c"} {
+			before := ta.queries.Load()
+			var p TaskPage
+			ta.getJSON(t, pages[name], 200, &p)
+			for _, tk := range p.Tasks {
+				if name != "org" && tk.Assignee != p.Assignee {
+					t.Fatalf("page %s lists task %d of assignee %d", pages[name], tk.ID, tk.Assignee)
+				}
+			}
+			if ta.queries.Load() != before {
+				got = append(got, name)
+			}
+		}
+		return got
+	}
+	expect := func(what string, want ...string) {
+		t.Helper()
+		if got := reloaded(); fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Fatalf("%s: pages reloaded %v, want %v", what, got, want)
+		}
+	}
+	expect("first reads", "org", "a", "b", "c")
+	expect("cached")
+	update := func(status string, assignee int64) {
+		t.Helper()
+		if code, body := ta.do(t, "PUT", "/tasks/1", fmt.Sprintf(`{"title":%q,"status":%q,"assignee_id":%d}`, task.Title, status, assignee)); code != 200 {
+			t.Fatalf("PUT = %d %s", code, body)
+		}
+	}
+	status := "done"
+	if task.Status == "done" {
+		status = "todo"
+	}
+	update(status, task.Assignee)
+	expect("after a status change", "org", "a")
+	update(status, b)
+	expect("after a reassignment from a to b", "org", "a", "b")
+	if code, body := ta.do(t, "POST", "/admin/orgs/acme/lists/invalidate", ""); code != 200 {
+		t.Fatalf("lists' invalidation = %d %s", code, body)
+	}
+	expect("after the org's lists were invalidated", "org", "a", "b", "c")
 }

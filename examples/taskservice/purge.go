@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"fmt"
 	"net/http"
 	"regexp"
 	"strings"
@@ -74,9 +73,10 @@ func (s *Service) Purge(ctx context.Context, cache, prefix string) (PurgeResult,
 	return PurgeResult{Cache: cache, Prefix: prefix, Deleted: n, Millis: float64(time.Since(t0).Microseconds()) / 1000}, err
 }
 
-// InvalidateOrgLists bumps org's list namespace.
+// InvalidateOrgLists invalidates every list page of org: the tags of its
+// pages of all tasks and of its assignee pages.
 func (s *Service) InvalidateOrgLists(ctx context.Context, org string) error {
-	return s.lists.InvalidateNamespace(ctx, s.orgLists(org))
+	return s.lists.InvalidateTags(ctx, s.orgListTags(org)...)
 }
 
 func (a *API) purge(w http.ResponseWriter, r *http.Request) {
@@ -104,5 +104,5 @@ func (a *API) invalidateOrgLists(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, map[string]string{"org": org, "lists": fmt.Sprintf("namespace %s bumped", a.svc.orgLists(org))})
+	writeJSON(w, http.StatusOK, map[string]string{"org": org, "lists": "tags " + strings.Join(a.svc.orgListTags(org), ", ") + " invalidated"})
 }

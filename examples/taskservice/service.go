@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -92,7 +93,14 @@ func NewService(store *Store, rdb cacheaside.Redis, ttls *cacheaside.TTLTable, l
 	if s.tasks, err = cacheaside.New(rdb, &cacheaside.Options[Task]{Name: "task", Policy: ttls.Get("task"), Lifetime: taskLifetime, Logger: log, Local: local}); err != nil {
 		return nil, err
 	}
-	if s.lists, err = cacheaside.New(rdb, &cacheaside.Options[TaskPage]{Name: "task_list", Policy: ttls.Get("task_list"), Logger: log, Namespaced: true}); err != nil {
+	// List pages carry tags: a page of all of an org's tasks the tag of
+	// its org, a page of one assignee's tasks the tags of that assignee
+	// and of the org's assignee pages. A write to a task invalidates its
+	// org's tag and its assignees' (before and after), so one SET per tag
+	// drops every page the change can show on, and no other.
+	s.listKeys = cacheaside.MustKeyspace(prefix+"task_lists", 1)
+	if s.lists, err = cacheaside.New(rdb, &cacheaside.Options[TaskPage]{Name: "task_list", Policy: ttls.Get("task_list"), Logger: log,
+		Tags: s.pageTags}); err != nil {
 		return nil, err
 	}
 	// org_stats is an aggregate over an org's tasks, the slowest query here:
@@ -105,11 +113,14 @@ func NewService(store *Store, rdb cacheaside.Redis, ttls *cacheaside.TTLTable, l
 	if s.taskKeys, err = cacheaside.NewKeyspace(prefix+"tasks", 1); err != nil {
 		return nil, err
 	}
-	s.listKeys = cacheaside.MustKeyspace(prefix+"task_lists", 1)
 	s.statsKeys = cacheaside.MustKeyspace(prefix+"org_stats", 1)
 	// Every write records what it invalidates in its own transaction.
-	store.targets = func(id int64, org string) []cacheoutbox.Target {
-		return []cacheoutbox.Target{{Cache: s.tasks.Name(), Key: s.taskKey(id)}, {Cache: s.lists.Name(), Namespace: s.orgLists(org)}}
+	store.targets = func(ch change) []cacheoutbox.Target {
+		ts := []cacheoutbox.Target{{Cache: s.tasks.Name(), Key: s.taskKey(ch.id)}}
+		for _, tag := range s.changeTags(ch) {
+			ts = append(ts, cacheoutbox.Target{Cache: s.lists.Name(), Tag: tag})
+		}
+		return ts
 	}
 	return s, nil
 }
@@ -128,8 +139,51 @@ func (s *Service) Caches() []cacheprometheus.Source {
 
 func (s *Service) taskKey(id int64) string { return s.taskKeys.Key(strconv.FormatInt(id, 10)) }
 
-// orgLists is the namespace of every cached list page of one org.
-func (s *Service) orgLists(org string) cacheaside.Namespace { return s.listKeys.Namespace("org", org) }
+// listKey is the key of one list page: of every task of org (assignee
+// 0), or of one assignee's.
+func (s *Service) listKey(org string, assignee int64, status string, page, size int) string {
+	a := "any"
+	if assignee != 0 {
+		a = strconv.FormatInt(assignee, 10)
+	}
+	if status == "" {
+		status = "any"
+	}
+	return s.listKeys.Key("org", org, "assignee", a, "status", status, "page", strconv.Itoa(page), "size", strconv.Itoa(size))
+}
+
+// pageTags is the lists cache's Options.Tags: what the page under key
+// carries, read back from its key's parts (escaped, as in the key).
+func (s *Service) pageTags(key string) []string {
+	parts := strings.Split(strings.TrimPrefix(key, s.listKeys.Prefix()), ":")
+	if len(parts) < 4 || parts[0] != "org" || parts[2] != "assignee" {
+		return nil
+	}
+	if parts[3] == "any" {
+		return []string{"org:" + parts[1]}
+	}
+	return []string{"assignee:" + parts[3], "assignees:" + parts[1]}
+}
+
+// part is p escaped as a key part: how pageTags sees it.
+func (s *Service) part(p string) string {
+	return strings.TrimPrefix(s.listKeys.Key(p), s.listKeys.String()+":")
+}
+
+// changeTags are the tags of every list page a change to a task can show
+// on: its org's pages of all tasks, and the pages of its assignees.
+func (s *Service) changeTags(ch change) []string {
+	tags := []string{"org:" + s.part(ch.org)}
+	for _, a := range ch.assignees {
+		tags = append(tags, "assignee:"+strconv.FormatInt(a, 10))
+	}
+	return tags
+}
+
+// orgListTags are the tags of every list page of org.
+func (s *Service) orgListTags(org string) []string {
+	return []string{"org:" + s.part(org), "assignees:" + s.part(org)}
+}
 
 // GetTask: cache-aside with negative caching (lecture 3.3, 5.1, 5.2).
 func (s *Service) GetTask(ctx context.Context, id int64) (Task, error) {
@@ -145,16 +199,11 @@ func (s *Service) GetTasks(ctx context.Context, ids []int64) (map[int64]Task, er
 	return cacheaside.GetMany(ctx, s.tasks, ids, s.taskKey, s.store.GetTasks)
 }
 
-// ListTasks: a paginated list, every query parameter in the key, in the
-// org's namespace (lecture 3.2).
-func (s *Service) ListTasks(ctx context.Context, org, status string, page, size int) (TaskPage, error) {
-	st := status
-	if st == "" {
-		st = "any"
-	}
-	key := s.orgLists(org).Key("status", st, "page", strconv.Itoa(page), "size", strconv.Itoa(size))
-	p, err := s.lists.Get(ctx, key, func(ctx context.Context) (TaskPage, error) {
-		p, err := s.store.ListTasks(ctx, org, status, page, size)
+// ListTasks: a paginated list, every query parameter in the key (lecture
+// 3.2), carrying the tags of its org or its assignee (pageTags).
+func (s *Service) ListTasks(ctx context.Context, org string, assignee int64, status string, page, size int) (TaskPage, error) {
+	p, err := s.lists.Get(ctx, s.listKey(org, assignee, status, page, size), func(ctx context.Context) (TaskPage, error) {
+		p, err := s.store.ListTasks(ctx, org, assignee, status, page, size)
 		if errors.Is(err, errNoOrg) {
 			return TaskPage{}, cacheaside.ErrNotFound
 		}
@@ -188,39 +237,41 @@ func (s *Service) Permissions(ctx context.Context, user int64) (Permissions, err
 // it (Stats.QueuedInvals, cacheaside_invalidations_queued_total); the
 // handler adds a "Cache-Invalidation: queued" header.
 
-// CreateTask writes, then invalidates the org's lists and the new id's
-// key, which may hold a cached "not found" from someone who asked for it
-// before it existed.
+// CreateTask writes, then invalidates the lists the task shows on and the
+// new id's key, which may hold a cached "not found" from someone who asked
+// for it before it existed.
 func (s *Service) CreateTask(ctx context.Context, in TaskInput) (Task, bool, error) {
 	ctx, cancel := writeContext(ctx)
 	defer cancel()
-	t, rec, err := s.store.CreateTask(ctx, in)
+	t, ch, rec, err := s.store.CreateTask(ctx, in)
 	if err != nil {
 		return Task{}, false, err
 	}
-	return t, s.invalidate(ctx, t.ID, t.Org, rec), nil
+	return t, s.invalidate(ctx, ch, rec), nil
 }
 
-// UpdateTask writes, then invalidates the task and its org's lists.
+// UpdateTask writes, then invalidates the task and the lists it showed or
+// shows on (its org's, its old and new assignee's).
 func (s *Service) UpdateTask(ctx context.Context, id int64, in TaskInput) (Task, bool, error) {
 	ctx, cancel := writeContext(ctx)
 	defer cancel()
-	t, rec, err := s.store.UpdateTask(ctx, id, in)
+	t, ch, rec, err := s.store.UpdateTask(ctx, id, in)
 	if err != nil {
 		return Task{}, false, err
 	}
-	return t, s.invalidate(ctx, t.ID, t.Org, rec), nil
+	return t, s.invalidate(ctx, ch, rec), nil
 }
 
-// DeleteTask deletes, then invalidates the task and its org's lists.
+// DeleteTask deletes, then invalidates the task and the lists it showed
+// on.
 func (s *Service) DeleteTask(ctx context.Context, id int64) (bool, error) {
 	ctx, cancel := writeContext(ctx)
 	defer cancel()
-	org, rec, err := s.store.DeleteTask(ctx, id)
+	ch, rec, err := s.store.DeleteTask(ctx, id)
 	if err != nil {
 		return false, err
 	}
-	return s.invalidate(ctx, id, org, rec), nil
+	return s.invalidate(ctx, ch, rec), nil
 }
 
 // writeTimeout bounds a write and its invalidation together.
@@ -243,12 +294,12 @@ func writeContext(ctx context.Context) (context.Context, context.CancelFunc) {
 // expire their copies within the local TTL. When both landed, the write's
 // outbox rows are deleted (the fast path); otherwise the outbox's relay
 // applies them, even if this process dies first.
-func (s *Service) invalidate(ctx context.Context, id int64, org string, rec cacheoutbox.Receipt) (queued bool) {
+func (s *Service) invalidate(ctx context.Context, ch change, rec cacheoutbox.Receipt) (queued bool) {
 	if s.crashAfterCommit.Load() {
 		return false
 	}
-	_, e1 := s.tasks.Invalidate(ctx, s.taskKey(id))
-	e2 := s.lists.InvalidateNamespace(ctx, s.orgLists(org))
+	_, e1 := s.tasks.Invalidate(ctx, s.taskKey(ch.id))
+	e2 := s.lists.InvalidateTags(ctx, s.changeTags(ch)...)
 	if e1 == nil && e2 == nil {
 		if err := s.store.outbox.Done(ctx, rec); err != nil {
 			s.log.Warn("deleting applied outbox rows failed; the relay applies them again", "err", err)

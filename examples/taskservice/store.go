@@ -43,12 +43,13 @@ func validStatus(s string) bool {
 
 // TaskPage is one page of a task list.
 type TaskPage struct {
-	Org    string `json:"org"`
-	Status string `json:"status,omitempty"`
-	Page   int    `json:"page"`
-	Size   int    `json:"size"`
-	Total  int    `json:"total"`
-	Tasks  []Task `json:"tasks"`
+	Org      string `json:"org"`
+	Assignee int64  `json:"assignee_id,omitempty"`
+	Status   string `json:"status,omitempty"`
+	Page     int    `json:"page"`
+	Size     int    `json:"size"`
+	Total    int    `json:"total"`
+	Tasks    []Task `json:"tasks"`
 }
 
 // OrgStats are the dashboard aggregates of one org.
@@ -69,10 +70,19 @@ type Store struct {
 	queries func() // counts queries; may be nil
 
 	// outbox records each write's invalidations in the write's own
-	// transaction (extra/cacheoutbox): targets names them for a task and
-	// its org (set by the Service, which knows the keys).
+	// transaction (extra/cacheoutbox): targets names them for a change to
+	// a task (set by the Service, which knows the keys and tags).
 	outbox  *cacheoutbox.Outbox
-	targets func(id int64, org string) []cacheoutbox.Target
+	targets func(ch change) []cacheoutbox.Target
+}
+
+// change is what a write to a task touched: the task, its org, and its
+// assignees before and after (one when it kept it). The caches it
+// invalidates follow from it.
+type change struct {
+	id        int64
+	org       string
+	assignees []int64
 }
 
 // outboxGrace is how long the relay leaves a write's outbox rows to their
@@ -317,8 +327,9 @@ func (s *Store) GetTasks(ctx context.Context, ids []int64) (map[int64]Task, erro
 	return out, rows.Err()
 }
 
-// ListTasks returns one page of an org's tasks, optionally of one status.
-func (s *Store) ListTasks(ctx context.Context, org, status string, page, size int) (TaskPage, error) {
+// ListTasks returns one page of an org's tasks, optionally of one
+// assignee (0: any) and of one status.
+func (s *Store) ListTasks(ctx context.Context, org string, assignee int64, status string, page, size int) (TaskPage, error) {
 	s.query()
 	if err := s.sleep(ctx); err != nil {
 		return TaskPage{}, err
@@ -329,13 +340,13 @@ func (s *Store) ListTasks(ctx context.Context, org, status string, page, size in
 		}
 		return TaskPage{}, err
 	}
-	p := TaskPage{Org: org, Status: status, Page: page, Size: size, Tasks: []Task{}}
-	if err := s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM tasks WHERE org = $1 AND ($2 = '' OR status = $2)`,
-		org, status).Scan(&p.Total); err != nil {
+	p := TaskPage{Org: org, Assignee: assignee, Status: status, Page: page, Size: size, Tasks: []Task{}}
+	if err := s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM tasks WHERE org = $1 AND ($2 = '' OR status = $2) AND ($3 = 0 OR assignee = $3)`,
+		org, status, assignee).Scan(&p.Total); err != nil {
 		return TaskPage{}, err
 	}
-	rows, err := s.db.QueryContext(ctx, `SELECT `+taskColumns+` FROM tasks WHERE org = $1 AND ($2 = '' OR status = $2)
-		ORDER BY id LIMIT $3 OFFSET $4`, org, status, size, (page-1)*size)
+	rows, err := s.db.QueryContext(ctx, `SELECT `+taskColumns+` FROM tasks WHERE org = $1 AND ($2 = '' OR status = $2) AND ($3 = 0 OR assignee = $3)
+		ORDER BY id LIMIT $4 OFFSET $5`, org, status, assignee, size, (page-1)*size)
 	if err != nil {
 		return TaskPage{}, err
 	}
@@ -387,89 +398,94 @@ func (s *Store) OrgStats(ctx context.Context, org string) (OrgStats, error) {
 }
 
 // CreateTask inserts a task and returns it.
-func (s *Store) CreateTask(ctx context.Context, in TaskInput) (t Task, rec cacheoutbox.Receipt, _ error) {
+func (s *Store) CreateTask(ctx context.Context, in TaskInput) (t Task, ch change, rec cacheoutbox.Receipt, _ error) {
 	s.query()
-	rec, err := s.write(ctx, func(tx *sql.Tx) (int64, string, error) {
+	ch, rec, err := s.write(ctx, func(tx *sql.Tx) (change, error) {
 		if ok, err := userInOrg(ctx, tx, in.Assignee, in.Org); err != nil || !ok {
 			if err == nil {
 				err = invalidf("assignee %d is not a user of org %s", in.Assignee, short(in.Org))
 			}
-			return 0, "", err
+			return change{}, err
 		}
 		tags, _ := json.Marshal(in.Tags)
 		var err error
 		t, err = scanTask(tx.QueryRowContext(ctx, `INSERT INTO tasks (org, title, status, assignee, tags, updated_at)
 			VALUES ($1, $2, $3, $4, $5, $6) RETURNING `+taskColumns, in.Org, in.Title, in.Status, in.Assignee, string(tags), time.Now().UTC()))
-		return t.ID, t.Org, err
+		return change{t.ID, t.Org, []int64{t.Assignee}}, err
 	})
-	return t, rec, err
+	return t, ch, rec, err
 }
 
 // write runs fn, a task's change, in a transaction with its invalidations
 // recorded in the outbox (lecture 4.3, made durable: a process that dies
 // after the commit leaves them to the relay), and commits.
-func (s *Store) write(ctx context.Context, fn func(tx *sql.Tx) (id int64, org string, err error)) (cacheoutbox.Receipt, error) {
+func (s *Store) write(ctx context.Context, fn func(tx *sql.Tx) (change, error)) (change, cacheoutbox.Receipt, error) {
 	var rec cacheoutbox.Receipt
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
-		return rec, err
+		return change{}, rec, err
 	}
 	defer tx.Rollback()
-	id, org, err := fn(tx)
+	ch, err := fn(tx)
 	if err != nil {
-		return rec, err
+		return change{}, rec, err
 	}
 	if s.targets != nil {
-		if rec, err = s.outbox.Record(ctx, tx, s.targets(id, org)...); err != nil {
-			return rec, err
+		if rec, err = s.outbox.Record(ctx, tx, s.targets(ch)...); err != nil {
+			return change{}, rec, err
 		}
 	}
-	return rec, tx.Commit()
+	return ch, rec, tx.Commit()
 }
 
 // UpdateTask replaces a task's fields (not its org) and returns it, or
 // cacheaside.ErrNotFound.
-func (s *Store) UpdateTask(ctx context.Context, id int64, in TaskInput) (t Task, rec cacheoutbox.Receipt, _ error) {
+func (s *Store) UpdateTask(ctx context.Context, id int64, in TaskInput) (t Task, ch change, rec cacheoutbox.Receipt, _ error) {
 	s.query()
-	rec, err := s.write(ctx, func(tx *sql.Tx) (int64, string, error) {
+	ch, rec, err := s.write(ctx, func(tx *sql.Tx) (change, error) {
 		cur, err := scanTask(tx.QueryRowContext(ctx, `SELECT `+taskColumns+` FROM tasks WHERE id = $1`, id))
 		if errors.Is(err, sql.ErrNoRows) {
-			return 0, "", cacheaside.ErrNotFound
+			return change{}, cacheaside.ErrNotFound
 		}
 		if err != nil {
-			return 0, "", err
+			return change{}, err
 		}
 		if in.Org != "" && in.Org != cur.Org {
-			return 0, "", invalidf("a task cannot move to another org")
+			return change{}, invalidf("a task cannot move to another org")
 		}
 		if ok, err := userInOrg(ctx, tx, in.Assignee, cur.Org); err != nil || !ok {
 			if err == nil {
 				err = invalidf("assignee %d is not a user of org %s", in.Assignee, short(cur.Org))
 			}
-			return 0, "", err
+			return change{}, err
 		}
 		tags, _ := json.Marshal(in.Tags)
 		t, err = scanTask(tx.QueryRowContext(ctx, `UPDATE tasks SET title = $1, status = $2, assignee = $3, tags = $4, updated_at = $5
 			WHERE id = $6 RETURNING `+taskColumns, in.Title, in.Status, in.Assignee, string(tags), time.Now().UTC(), id))
 		if errors.Is(err, sql.ErrNoRows) {
-			return 0, "", cacheaside.ErrNotFound
+			return change{}, cacheaside.ErrNotFound
 		}
-		return t.ID, t.Org, err
+		ch := change{t.ID, t.Org, []int64{cur.Assignee}}
+		if t.Assignee != cur.Assignee {
+			ch.assignees = append(ch.assignees, t.Assignee)
+		}
+		return ch, err
 	})
-	return t, rec, err
+	return t, ch, rec, err
 }
 
-// DeleteTask deletes a task and returns its org, or cacheaside.ErrNotFound.
-func (s *Store) DeleteTask(ctx context.Context, id int64) (org string, rec cacheoutbox.Receipt, _ error) {
+// DeleteTask deletes a task and returns what it touched, or
+// cacheaside.ErrNotFound.
+func (s *Store) DeleteTask(ctx context.Context, id int64) (change, cacheoutbox.Receipt, error) {
 	s.query()
-	rec, err := s.write(ctx, func(tx *sql.Tx) (int64, string, error) {
-		err := tx.QueryRowContext(ctx, `DELETE FROM tasks WHERE id = $1 RETURNING org`, id).Scan(&org)
+	return s.write(ctx, func(tx *sql.Tx) (change, error) {
+		ch := change{id: id, assignees: make([]int64, 1)}
+		err := tx.QueryRowContext(ctx, `DELETE FROM tasks WHERE id = $1 RETURNING org, assignee`, id).Scan(&ch.org, &ch.assignees[0])
 		if errors.Is(err, sql.ErrNoRows) {
-			return 0, "", cacheaside.ErrNotFound
+			return change{}, cacheaside.ErrNotFound
 		}
-		return id, org, err
+		return ch, err
 	})
-	return org, rec, err
 }
 
 // userInOrg reads through q: the write's transaction (on SQLite, with its
