@@ -63,7 +63,9 @@
 // Past its TTL a value can still be served while one caller refreshes it
 // (Policy.StaleWhileRevalidate, Policy.StaleIfError), and XFetch refreshes
 // hot values shortly before they expire. Namespaces invalidate whole
-// groups of keys with one command.
+// groups of keys with one command; tags (Options.Tags, InvalidateTags)
+// give an entry several such groups, across Cluster slots, and Clear
+// (Options.Clearable) drops a whole cache the same way.
 //
 // # Scale
 //

@@ -16,7 +16,7 @@ import (
 // Peeked is what Peek found under a key.
 type Peeked[T any] struct {
 	// State is one of:
-	//	"absent"      nothing (or an entry of an older namespace generation)
+	//	"absent"      nothing (or an entry of an older namespace or tag generation)
 	//	"loading"     a lease: a load is in flight, nothing to serve yet
 	//	"not-found"   a cached "not found", inside its NegativeTTL
 	//	"fresh"       a value inside its TTL
@@ -38,8 +38,8 @@ type Peeked[T any] struct {
 }
 
 // Peek reads what Redis holds under key, without loading, waiting or
-// writing anything: one GET (an MGET with the namespace generation, in a
-// namespaced cache). It does not read or fill the local tier and is not
+// writing anything: one GET (an MGET with the namespace generation, or
+// the tags' generations, in a namespaced or tagged cache). It does not read or fill the local tier and is not
 // counted in Stats. Freshness is judged by Options.Clock, as a Get judges
 // it. It returns ErrInvalidKey for an invalid key, ErrClosed after Close,
 // and an *OpError when Redis fails; undecodable bytes are reported (as a

@@ -62,8 +62,8 @@ const maxTags = 16
 
 // Key prefixes of tag generations and of a cache's Clear generation.
 const (
-	tagKeyPrefix   = "cacheaside:tag:"
-	clearKeyPrefix = "cacheaside:clear:"
+	tagKeyPrefix   = wire.TagKeyPrefix
+	clearKeyPrefix = wire.ClearKeyPrefix
 )
 
 // verKeys are the keys whose values decide whether an entry is current:

@@ -112,7 +112,8 @@
 // MATCH on every master of a cluster. It reads only the first 40 bytes of
 // each key, so large values are not transferred. Keys whose bytes are not
 // cacheaside entries, and keys of other Redis types, are listed as
-// "foreign"; namespace generation keys as "generation".
+// "foreign"; the generation keys of namespaces, tags and Clear as
+// "generation".
 //
 //	$ cacheaside scan v1:task
 //	KEY                                          KIND            SIZE  TTL

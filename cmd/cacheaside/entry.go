@@ -18,7 +18,8 @@ import (
 )
 
 // Kinds as the CLI prints them. The first four are the entry kinds of the
-// envelope; "generation" is a namespace's generation key; "foreign" is
+// envelope; "generation" is the generation key of a namespace, a tag or a
+// cache's Clear; "foreign" is
 // anything else.
 const (
 	kindValue      = "value"
@@ -64,10 +65,17 @@ func namespaceOf(key string) (ns, genKey string, ok bool) {
 	return strings.TrimSuffix(genKey, wire.GenerationSuffix), genKey, true
 }
 
-// isGenKey reports whether key, holding size bytes, is a namespace generation key.
+// isGenKey reports whether key, holding size bytes, is the generation key
+// of a namespace, a tag or a cache's Clear.
 func isGenKey(key string, size int64) bool {
+	if size != envelope.GenSize {
+		return false
+	}
+	if strings.HasPrefix(key, wire.TagKeyPrefix) || strings.HasPrefix(key, wire.ClearKeyPrefix) {
+		return true
+	}
 	_, gk, ok := namespaceOf(key)
-	return ok && gk == key && size == envelope.GenSize
+	return ok && gk == key
 }
 
 // foreignError says that the bytes under a key are not a cacheaside entry.

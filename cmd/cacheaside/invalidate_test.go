@@ -126,6 +126,10 @@ func TestInvalidateTagsAndClear(t *testing.T) {
 		if err := json.Unmarshal([]byte(out), &res); err != nil || res.Op != "tag" || len(res.Tags) != 1 || res.Tags[0] != "org:acme" {
 			t.Fatalf("invalidate tag --json: %s (%v)", out, err)
 		}
+		tagKey := wire.TagKeyPrefix + wire.EscapePart(b.cacheName) + ":" + wire.EscapePart("org:acme")
+		if in := b.inspectJSON(t, tagKey); in.Kind != "generation" || len(in.Generation) != 16 {
+			t.Errorf("inspect of the tag's generation key: %+v", in)
+		}
 		for _, k := range keys {
 			mustGet(t, c, k, load("p", &loads))
 		}

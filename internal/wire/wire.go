@@ -94,6 +94,14 @@ func UnescapePart(s string) (string, error) {
 // GenerationSuffix ends every namespace generation key.
 const GenerationSuffix = ":#gen"
 
+// Prefixes of the generation keys of tags and of a cache's Clear: a tag's
+// is TagKeyPrefix + EscapePart(Name) + ":" + EscapePart(tag), Clear's
+// ClearKeyPrefix + EscapePart(Name). Each holds 8 random bytes.
+const (
+	TagKeyPrefix   = "cacheaside:tag:"
+	ClearKeyPrefix = "cacheaside:clear:"
+)
+
 func GenerationKey(key string) (string, bool) {
 	open := strings.IndexByte(key, '{')
 	if open < 0 {
