@@ -19,6 +19,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/seed-b4ec662f/cacheaside/internal/envelope"
+	"github.com/seed-b4ec662f/cacheaside/internal/wire"
 )
 
 // diffInternals is the only place this file touches unexported Cache
@@ -359,6 +360,7 @@ type diffKey struct {
 type diffSchedule struct {
 	seed       uint64
 	namespaced bool
+	tagged     bool // a namespaced schedule's generation is a tag's instead (Options.Tags: every key carries one tag)
 	failClosed bool
 	readsDown  bool // every GET/MGET fails
 	noNegative bool // Policy.NoNegativeCache
@@ -462,6 +464,8 @@ func newDiffSchedule(seed uint64) *diffSchedule {
 		s.per = GetOptions{TTL: 2 * time.Minute}
 	}
 	s.keepOld = extra.IntN(3) == 0
+	// Drawn from a stream of its own, so older seeds keep what they drew.
+	s.tagged = s.namespaced && rand.New(rand.NewPCG(seed, 0x74616767656421)).IntN(2) == 0
 	return s
 }
 
@@ -487,7 +491,10 @@ func (k *diffKey) String() string {
 
 func (s *diffSchedule) String() string {
 	mode := "plain keys"
-	if s.namespaced {
+	switch {
+	case s.tagged:
+		mode = "one tag"
+	case s.namespaced:
 		mode = "one namespace"
 	}
 	policy := "FailOpen"
@@ -533,6 +540,8 @@ type diffCoverage struct {
 	holders     [3]atomic.Int64       // other processes' leases ended, by diffHolder
 	cancelled   atomic.Int64          // callers' contexts cancelled at a miss
 	timedOut    atomic.Int64          // loader calls that ran past LoadTimeout
+	tagged      atomic.Int64          // keys of tagged schedules run
+	tagBumps    atomic.Int64          // of the bumps-namespace races, those that invalidated a tag
 }
 
 func (c *diffCoverage) String() string {
@@ -548,7 +557,7 @@ func (c *diffCoverage) String() string {
 	for i := range c.holders {
 		fmt.Fprintf(&sb, " %s %d", diffHolderNames[i], c.holders[i].Load())
 	}
-	fmt.Fprintf(&sb, "; callers cancelled %d; loader timeouts %d", c.cancelled.Load(), c.timedOut.Load())
+	fmt.Fprintf(&sb, "; callers cancelled %d; loader timeouts %d; tagged keys %d (tags invalidated %d)", c.cancelled.Load(), c.timedOut.Load(), c.tagged.Load(), c.tagBumps.Load())
 	return sb.String()
 }
 
@@ -578,6 +587,9 @@ func (c *diffCoverage) missing() []string {
 	}
 	if c.timedOut.Load() == 0 {
 		m = append(m, "loader timeout")
+	}
+	if c.tagged.Load() == 0 || c.tagBumps.Load() == 0 {
+		m = append(m, "tagged schedules and tag invalidations")
 	}
 	return m
 }
@@ -711,7 +723,7 @@ type diffRun struct {
 	admin  *redis.Client
 	keys   []string
 	index  map[string]int
-	genKey string       // namespaced: the namespace's generation key
+	genKey string       // namespaced: the namespace's generation key, or the tag's (tagged)
 	gen    envelope.Gen // namespaced: its (current) generation
 	clk    *fakeClock
 	cov    *diffCoverage
@@ -750,10 +762,27 @@ func (r *diffRun) entry(kind envelope.Kind, tok envelope.Token, soft time.Durati
 	}
 	if r.genKey != "" {
 		r.mu.Lock()
-		e.Gen = r.gen
+		e.Gen = r.stamp(r.gen)
 		r.mu.Unlock()
 	}
 	return envelope.Encode(e)
+}
+
+// stamp is what an entry of generation g carries: g in a namespace, the
+// digest of the one tag's generation in a tagged schedule.
+func (r *diffRun) stamp(g envelope.Gen) envelope.Gen {
+	if r.s.tagged {
+		return tagView([][]byte{g[:]}).gen
+	}
+	return g
+}
+
+// fillGenKey is the generation key fill.lua checks: none for a tag.
+func (r *diffRun) fillGenKey() string {
+	if r.s.tagged {
+		return ""
+	}
+	return r.genKey
 }
 
 func diffJSON(v string) []byte {
@@ -861,7 +890,7 @@ func (r *diffRun) afterMiss(key string) {
 			var e envelope.Entry
 			var v string
 			if envelope.Decode(cur, &e) == nil && (e.Kind == envelope.Value || e.Kind == envelope.Refreshing) &&
-				e.Format == formatJSON && json.Unmarshal(e.Payload, &v) == nil && (r.genKey == "" || e.Gen == r.curGen()) {
+				e.Format == formatJSON && json.Unmarshal(e.Payload, &v) == nil && (r.genKey == "" || e.Gen == r.stamp(r.curGen())) {
 				e.Kind, e.Token = envelope.Refreshing, tok
 				b = envelope.Encode(&e)
 			}
@@ -880,8 +909,16 @@ func (r *diffRun) afterMiss(key string) {
 		r.mu.Lock()
 		r.gen = g
 		r.mu.Unlock()
+		if r.s.tagged {
+			r.cov.tagBumps.Add(1)
+		}
 		r.setHolder(i, envelope.Token{})
 	}
+}
+
+// tagName is the one tag of a tagged schedule's keys.
+func (r *diffRun) tagName(w *diffWorker) string {
+	return w.b.prefix + "t" + strconv.FormatUint(r.s.seed, 10)
 }
 
 func (r *diffRun) curGen() envelope.Gen {
@@ -1047,10 +1084,10 @@ func (r *diffRun) observe(cmd redis.Cmder, cmdErr error) {
 	switch r.s.keys[i].holder {
 	case dhFill:
 		b := r.entry(envelope.Value, tok, diffSoftFresh, diffJSON(fmt.Sprintf("held-%d", i)))
-		_, err = fill(ctx, r.admin, key, r.genKey, tok, b, diffLongPX, diffLongPX)
+		_, err = fill(ctx, r.admin, key, r.fillGenKey(), tok, b, diffLongPX, diffLongPX)
 	case dhTombstone:
 		b := r.entry(envelope.NotFound, tok, diffSoftNeg, nil)
-		_, err = fill(ctx, r.admin, key, r.genKey, tok, b, diffLongPX, diffLongPX)
+		_, err = fill(ctx, r.admin, key, r.fillGenKey(), tok, b, diffLongPX, diffLongPX)
 	case dhRelease:
 		_, err = release(ctx, r.admin, key, tok, diffLongPX)
 	}
@@ -1152,13 +1189,17 @@ func (w *diffWorker) run(s *diffSchedule, many bool) (*diffOutcome, error) {
 		holders: make([]envelope.Token, len(s.keys)), raced: make([]bool, len(s.keys)), calls: make([]int, len(s.keys)),
 		cancels: make([]context.CancelFunc, len(s.keys))}
 	var ns Namespace
-	if s.namespaced {
+	switch {
+	case s.tagged:
+		// The tag's name is unique to the run, as the namespace is.
+		r.genKey, r.gen = wire.TagKeyPrefix+wire.EscapePart("diff-"+tag)+":"+wire.EscapePart(r.tagName(w)), newGen()
+	case s.namespaced:
 		ns = MustKeyspace("diff", 1).Namespace(w.b.prefix, strconv.FormatUint(s.seed, 10), tag)
 		r.genKey, r.gen = ns.genKey(), newGen()
 	}
 	for i := range s.keys {
 		var k string
-		if s.namespaced {
+		if s.namespaced && !s.tagged {
 			k = ns.Key("k", strconv.Itoa(i))
 		} else {
 			k = w.b.key(fmt.Sprintf("diff:%d:%s:%d", s.seed, tag, i))
@@ -1188,7 +1229,7 @@ func (w *diffWorker) run(s *diffSchedule, many bool) (*diffOutcome, error) {
 	o := &Options[string]{
 		Name:             "diff-" + tag,
 		Policy:           diffPolicy,
-		Namespaced:       s.namespaced,
+		Namespaced:       s.namespaced && !s.tagged,
 		NoReadCoalescing: true,
 		LoadTimeout:      time.Second,
 		LeaseTTL:         5 * time.Second,
@@ -1196,6 +1237,11 @@ func (w *diffWorker) run(s *diffSchedule, many bool) (*diffOutcome, error) {
 		PollMax:          4 * time.Millisecond,
 		Clock:            r.clk.Now,
 		Degradation:      Degradation{NoBreaker: true, OpTimeout: 2 * time.Second},
+	}
+	if s.tagged {
+		name := r.tagName(w)
+		o.Tags = func(string) []string { return []string{name} }
+		r.cov.tagged.Add(int64(len(s.keys)))
 	}
 	if s.failClosed {
 		o.Degradation.OnRedisDown = FailClosed
@@ -1412,7 +1458,7 @@ func (r *diffRun) snapshot(ctx context.Context) ([]string, error) {
 			}
 		}
 		if r.genKey != "" {
-			if len(cur) == envelope.GenSize && string(e.Gen[:]) == string(cur) {
+			if len(cur) == envelope.GenSize && e.Gen == r.stamp(envelope.Gen(cur)) {
 				s += " gen=current"
 			} else {
 				s += " gen=old"

@@ -45,6 +45,8 @@ Commands:
   invalidate key KEY...           delete keys, as Cache.Invalidate does
   invalidate prefix PREFIX        delete every key under PREFIX, as Cache.InvalidatePrefix does
   invalidate namespace NS         bump the namespace's generation, as Cache.InvalidateNamespace does
+  invalidate tag TAG...           new generations for the tags, as Cache.InvalidateTags does
+  invalidate clear                a new Clear generation for the cache, as Cache.Clear does
 
 Flags (before or after COMMAND):
   --redis URL       redis:// or rediss:// URL (default $REDIS_URL, else ` + defaultRedisURL + `)
