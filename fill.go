@@ -85,8 +85,9 @@ func (r *missRun[T]) loadAndFill(held []*keyOp[T]) {
 		default:
 			var zero T
 			ttl := p.jitter(c.lifetime(zero, true, took))
-			soft := c.opts.Clock().Add(ttl)
-			entry := tombstone(op.tok, c.opts.Codec.Format(), op.gen, soft)
+			now := c.opts.Clock()
+			soft := now.Add(ttl)
+			entry := tombstone(op.tok, c.opts.Codec.Format(), op.gen, now, soft)
 			calls[i], fills[i], softs[i], entries[i] = c.leases.fill(op.key, op.vk.ns, op.tok, op.proof, entry, ttl), true, soft.UnixMilli(), entry
 		}
 		if h := c.hooks; h != nil && h.fill != nil && fills[i] {
@@ -196,6 +197,7 @@ func (c *Cache[T]) encode(v T, tok envelope.Token, gen envelope.Gen, took, fresh
 		SoftExpiry: c.opts.Clock().Add(ttl).UnixMilli(),
 		LoadMillis: uint32(min(took.Milliseconds(), 1<<32-1)),
 		Gen:        gen,
+		Written:    c.opts.Clock().UnixMilli(),
 		Payload:    payload,
 	}), life, nil
 }

@@ -35,6 +35,21 @@ type Peeked[T any] struct {
 	// LoadTime is how long the load that stored it took; 0 for Set,
 	// SetMany and the other states.
 	LoadTime time.Duration
+	// Written is when the value (or the "not found") was stored, by the
+	// clock of the process that stored it (Options.Clock); a reload that
+	// found the value unchanged keeps it. Zero for the other states.
+	Written time.Time
+	// Age is how long ago that was, by this cache's clock (never below
+	// 0); zero for the other states.
+	Age time.Duration
+}
+
+// setWritten sets Written and Age from an entry written at w (Unix ms).
+func (p *Peeked[T]) setWritten(w int64, now time.Time) {
+	if w > 0 {
+		p.Written = time.UnixMilli(w)
+		p.Age = max(now.Sub(p.Written), 0)
+	}
 }
 
 // Peek reads what Redis holds under key, without loading, waiting or
@@ -75,6 +90,7 @@ func (c *Cache[T]) Peek(ctx context.Context, key string) (Peeked[T], error) {
 	case stNotFound:
 		p.State = "not-found"
 		p.Expires = time.UnixMilli(vw.e.SoftExpiry)
+		p.setWritten(vw.e.Written, now)
 	default:
 		p = c.peeked(&vw, now) // the same judgement a reload's loader is shown
 	}

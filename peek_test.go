@@ -48,9 +48,12 @@ func TestPeek(t *testing.T) {
 		if p.Value != "v" || p.Refreshing || p.LoadTime != 20*time.Millisecond || !p.Expires.Equal(clock.Now().Add(time.Minute).Truncate(time.Millisecond)) {
 			t.Fatalf("fresh: %+v (now %v)", p, clock.Now())
 		}
+		if written := clock.Now().Truncate(time.Millisecond); !p.Written.Equal(written) || p.Age != 0 {
+			t.Fatalf("fresh: written %v, age %v; want %v, 0", p.Written, p.Age, written)
+		}
 		clock.Advance(90 * time.Second)
-		if p := state("stale"); p.Value != "v" {
-			t.Fatalf("stale: %+v", p)
+		if p := state("stale"); p.Value != "v" || p.Age != 90*time.Second {
+			t.Fatalf("stale: %+v; want age 1m30s", p)
 		}
 		clock.Advance(time.Minute)
 		if p := state("expired"); p.Value != "v" {

@@ -89,6 +89,7 @@ func (c *Cache[T]) peeked(vw *view[T], now time.Time) Peeked[T] {
 	if !p.Refreshing {
 		p.LoadTime = time.Duration(vw.e.LoadMillis) * time.Millisecond
 	}
+	p.setWritten(vw.e.Written, now)
 	pol := &c.opts.Policy
 	switch soft := vw.e.SoftExpiry; {
 	case soft == 0:

@@ -33,8 +33,8 @@ func (c *Cache[T]) isNotFound(err error) bool {
 	return errors.Is(err, ErrNotFound) || (c.opts.IsNotFound != nil && c.opts.IsNotFound(err))
 }
 
-// tombstone encodes the "not found" entry written under tok, in namespace
-// generation gen, expiring (by the cache's clock) at soft.
-func tombstone(tok envelope.Token, format byte, gen envelope.Gen, soft time.Time) []byte {
-	return envelope.Encode(&envelope.Entry{Kind: envelope.NotFound, Format: format, Token: tok, Gen: gen, SoftExpiry: soft.UnixMilli()})
+// tombstone encodes the "not found" entry written under tok at written, in
+// namespace generation gen, expiring (by the cache's clock) at soft.
+func tombstone(tok envelope.Token, format byte, gen envelope.Gen, written, soft time.Time) []byte {
+	return envelope.Encode(&envelope.Entry{Kind: envelope.NotFound, Format: format, Token: tok, Gen: gen, SoftExpiry: soft.UnixMilli(), Written: written.UnixMilli()})
 }

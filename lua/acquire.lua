@@ -27,7 +27,7 @@ elseif ARGV[6] and #ARGV[6] == 8 then
 end
 local lease = ARGV[1]
 if gen ~= '' then
-  lease = string.sub(lease, 1, 32) .. gen
+  lease = string.sub(lease, 1, 32) .. gen .. string.sub(lease, 41)
 end
 local cur = redis.pcall('GET', KEYS[1])
 if type(cur) == 'string' then

@@ -63,9 +63,10 @@
 //	token        5ed0ad0e5a41a91b48dd315e89cad063
 //	soft expiry  2026-12-03T04:00:05.42Z (4m44.358s left)
 //	redis ttl    4m44.359s
+//	written      2026-12-03T03:55:05.408Z (15.654s ago)
 //	load time    12ms
 //	namespace    not namespaced
-//	size         89 bytes (40 header, 49 payload)
+//	size         97 bytes (48 header, 49 payload)
 //	value        {"id":42,"title":"Write the CLI","status":"done"}
 //
 // For a key of a namespace (a key built with Namespace.Key, such as
@@ -82,10 +83,11 @@
 //	token        b9de8349093dca8022ab0d2d063a1bdd
 //	soft expiry  2026-12-03T04:00:04.211Z (4m43.103s left)
 //	redis ttl    4m43.104s
+//	written      2026-12-03T03:55:04.208Z (16.9s ago)
 //	load time    3ms
 //	namespace    v1:task_lists:{org:acme}
 //	generation   2c9045321d50b711 (current: false; the namespace is at 1d1c4ecedf2cb477)
-//	size         86 bytes (40 header, 46 payload)
+//	size         94 bytes (48 header, 46 payload)
 //	value        [{"ID":42,"Status":"done","Title":"Write the CLI"}]
 //
 // (Before the bump, the same line read "2c9045321d50b711 (current: true)".
@@ -100,7 +102,7 @@
 //
 // With --json, inspect prints one object: key, kind, codec, codec_id,
 // token, soft_expiry {at, unix_ms, in_ms}, pttl_ms (-1: no expiry),
-// load_ms, contended, refresh_deadline, namespace (null, or {namespace,
+// load_ms, written {at, unix_ms, in_ms} (in_ms negative: its age), contended, refresh_deadline, namespace (null, or {namespace,
 // generation_key, entry_generation, current_generation, current}), size,
 // payload_size, and value, value_hex or value_error.
 //
@@ -109,7 +111,7 @@
 // scan lists every key that starts with PREFIX (taken literally: glob
 // characters in it match only themselves), with its kind, its size in
 // bytes and its TTL. Like the library's InvalidatePrefix, it runs SCAN with
-// MATCH on every master of a cluster. It reads only the first 40 bytes of
+// MATCH on every master of a cluster. It reads only the first 48 bytes of
 // each key, so large values are not transferred. Keys whose bytes are not
 // cacheaside entries, and keys of other Redis types, are listed as
 // "foreign"; the generation keys of namespaces, tags and Clear as

@@ -58,7 +58,7 @@ func TestParseNamespace(t *testing.T) {
 func TestInspectForeign(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b *backend) {
 		b.rdb.Set(ctx, b.ks.Key("text"), "hello world", 0)
-		b.rdb.Set(ctx, b.ks.Key("short"), "\xca\x01abc", 0)
+		b.rdb.Set(ctx, b.ks.Key("short"), "\xca\x02abc", 0)
 		b.rdb.Set(ctx, b.ks.Key("v9"), "\xca\x09"+strings.Repeat("x", 60), 0)
 		b.rdb.Set(ctx, b.ks.Key("empty"), "", 0)
 		b.rdb.HSet(ctx, b.ks.Key("hash"), "field", "1")
@@ -66,8 +66,8 @@ func TestInspectForeign(t *testing.T) {
 		for _, tc := range []struct{ key, want string }{
 			{"missing", ": no such key"},
 			{"text", `not a cacheaside entry (first byte 0x68, an entry starts with 0xca); 11 bytes, first bytes: "hello world"`},
-			{"short", `not a cacheaside entry (entry shorter than its header); 5 bytes, first bytes: "\xca\x01abc"`},
-			{"v9", `not a cacheaside entry (unknown entry format version 9 (this build reads 1)); 62 bytes, first bytes: "\xca\txxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"...`},
+			{"short", `not a cacheaside entry (entry shorter than its header); 5 bytes, first bytes: "\xca\x02abc"`},
+			{"v9", `not a cacheaside entry (unknown entry format version 9 (this build reads 2)); 62 bytes, first bytes: "\xca\txxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"...`},
 			{"empty", "not a cacheaside entry (empty string)"},
 			{"hash", "holds a Redis hash, not a string: not a cacheaside entry"},
 			{"list", "holds a Redis list, not a string: not a cacheaside entry"},

@@ -29,6 +29,7 @@ type inspection struct {
 	SoftExpiry      *instant        `json:"soft_expiry,omitempty"`      // absent: none
 	PTTLMillis      int64           `json:"pttl_ms"`                    // -1: no expiry
 	LoadMillis      *uint32         `json:"load_ms,omitempty"`          // value and tombstone
+	Written         *instant        `json:"written,omitempty"`          // value, tombstone, refreshing: when it was stored (in_ms negative: its age)
 	Contended       *bool           `json:"contended,omitempty"`        // lease: another caller waits for its fill
 	RefreshDeadline *instant        `json:"refresh_deadline,omitempty"` // refreshing: when its holder's lease runs out
 	Namespace       *nsInfo         `json:"namespace"`                  // null: not namespaced
@@ -161,6 +162,9 @@ func inspect(ctx context.Context, rdb redis.UniversalClient, key string, maxByte
 	if e.SoftExpiry != 0 {
 		in.SoftExpiry = instantAt(e.SoftExpiry, now)
 	}
+	if e.Written != 0 {
+		in.Written = instantAt(e.Written, now)
+	}
 	switch e.Kind {
 	case envelope.Value, envelope.NotFound:
 		in.LoadMillis = &e.LoadMillis
@@ -253,6 +257,9 @@ func printInspection(w io.Writer, in *inspection) error {
 		line("soft expiry", "%s (%s)", in.SoftExpiry.At.Format(time.RFC3339Nano), relative(in.SoftExpiry.InMs))
 	}
 	line("redis ttl", "%s", fmtPTTL(in.PTTLMillis))
+	if in.Written != nil {
+		line("written", "%s (%s ago)", in.Written.At.Format(time.RFC3339Nano), fmtDur(max(-time.Duration(in.Written.InMs)*time.Millisecond, 0)))
+	}
 	switch {
 	case in.LoadMillis != nil:
 		if *in.LoadMillis == 0 {

@@ -56,6 +56,9 @@ func TestInspectValue(t *testing.T) {
 		if in.LoadMillis == nil || *in.LoadMillis < 20 {
 			t.Errorf("load time %v, want ≥ 20ms", in.LoadMillis)
 		}
+		if in.Written == nil || in.Written.InMs > 0 || in.Written.InMs < -10_000 {
+			t.Errorf("written %+v, want within the last 10s", in.Written)
+		}
 		if in.Namespace != nil {
 			t.Errorf("namespace %+v, want none", in.Namespace)
 		}
@@ -65,7 +68,7 @@ func TestInspectValue(t *testing.T) {
 		assertJSON(t, in.Value, `{"id":42,"title":"write docs","tags":["a","b"]}`)
 		out := b.ok(t, "inspect", key)
 		mustContain(t, out, "kind         value\n", "codec        json (1)\n", "token        "+in.Token,
-			" left)\n", "namespace    not namespaced\n", `value        {"id":42,"title":"write docs","tags":["a","b"]}`)
+			" left)\n", " ago)\n", "namespace    not namespaced\n", `value        {"id":42,"title":"write docs","tags":["a","b"]}`)
 	})
 }
 
@@ -122,7 +125,7 @@ func TestInspectMaxBytes(t *testing.T) {
 		if err := json.Unmarshal([]byte(out), &in); err != nil {
 			t.Fatal(err)
 		}
-		if in.Kind != "value" || in.Codec != "json" || in.Size != 200_002+40 || in.PayloadSize != 200_002 || in.Value != nil ||
+		if in.Kind != "value" || in.Codec != "json" || in.Size != 200_002+envelope.HeaderSize || in.PayloadSize != 200_002 || in.Value != nil ||
 			!strings.Contains(in.ValueError, "over --max-bytes 1000") {
 			t.Errorf("inspect --max-bytes 1000: kind %s, codec %s, size %d, payload %d, value_error %q", in.Kind, in.Codec, in.Size, in.PayloadSize, in.ValueError)
 		}

@@ -1,6 +1,6 @@
 // Package envelope encodes the bytes stored under one cache key.
 //
-// An entry is a fixed 40-byte header followed by the codec's payload:
+// An entry is a fixed 48-byte header followed by the codec's payload:
 //
 //	offset size field
 //	0      1    magic 0xCA
@@ -14,13 +14,19 @@
 //	            another caller waits for it, so its fill wakes the waiters;
 //	            in a Refreshing entry: the refresh lease's deadline, Redis
 //	            server time in milliseconds mod 2^32
-//	32     8    namespace generation the entry was loaded under (zero
-//	            outside namespaces)
-//	40     ...  payload (codec bytes; empty for NotFound and Lease)
+//	32     8    namespace generation the entry was loaded under, or the
+//	            digest of its tags' generations (zero outside namespaces
+//	            and tags)
+//	40     8    when the value or tombstone was written, Unix
+//	            milliseconds by the writer's clock (0 in a lease); kept
+//	            when a reload finds the value unchanged
+//	48     ...  payload (codec bytes; empty for NotFound and Lease)
 //
 // The Lua scripts in the cacheaside package read the magic, version, kind,
-// token and generation at these fixed offsets, so the layout is part of the
-// format version.
+// token and generation at these fixed offsets, and keep every byte from
+// offset 32 on when they rewrite a header, so the layout is part of the
+// format version. Version 1 ended its header at the generation, with no
+// written-at field.
 package envelope
 
 import (
@@ -35,10 +41,10 @@ const Magic byte = 0xCA
 
 // Version is the format version this package writes and reads. A change to
 // the header layout or the meaning of a field increments it.
-const Version byte = 1
+const Version byte = 2
 
 // HeaderSize is the length of the fixed header.
-const HeaderSize = 40
+const HeaderSize = 48
 
 // TokenSize is the length of a lease token.
 const TokenSize = 16
@@ -51,6 +57,9 @@ const GenOffset = 32
 
 // GenSize is the length of a namespace generation.
 const GenSize = 8
+
+// WrittenOffset is where the written-at time starts in the header.
+const WrittenOffset = 40
 
 // Kind says what an entry holds.
 type Kind byte
@@ -108,7 +117,8 @@ type Entry struct {
 	Token      Token
 	SoftExpiry int64  // Unix ms; 0 means none
 	LoadMillis uint32 // how long the load that produced this entry took
-	Gen        Gen    // namespace generation; zero outside namespaces
+	Gen        Gen    // namespace generation, or tags' digest; zero outside namespaces and tags
+	Written    int64  // Unix ms the value or tombstone was written; 0 in a lease
 	Payload    []byte
 }
 
@@ -135,6 +145,7 @@ func Append(dst []byte, e *Entry) []byte {
 	binary.BigEndian.PutUint64(h[20:28], uint64(e.SoftExpiry))
 	binary.BigEndian.PutUint32(h[28:32], e.LoadMillis)
 	copy(h[GenOffset:GenOffset+GenSize], e.Gen[:])
+	binary.BigEndian.PutUint64(h[WrittenOffset:HeaderSize], uint64(e.Written))
 	dst = append(dst, h[:]...)
 	return append(dst, e.Payload...)
 }
@@ -181,6 +192,7 @@ func Decode(b []byte, e *Entry) error {
 	e.SoftExpiry = int64(binary.BigEndian.Uint64(b[20:28]))
 	e.LoadMillis = binary.BigEndian.Uint32(b[28:32])
 	copy(e.Gen[:], b[GenOffset:GenOffset+GenSize])
+	e.Written = int64(binary.BigEndian.Uint64(b[WrittenOffset:HeaderSize]))
 	e.Payload = b[HeaderSize:]
 	return nil
 }
