@@ -7,7 +7,7 @@ import (
 )
 
 func sample() *Entry {
-	return &Entry{Kind: Value, Format: 1, Token: Token{1, 2, 3}, SoftExpiry: 1700000000000, LoadMillis: 42, Gen: Gen{7, 0, 9}, Payload: []byte(`{"id":1}`)}
+	return &Entry{Kind: Value, Format: 1, Token: Token{1, 2, 3}, SoftExpiry: 1700000000000, LoadMillis: 42, Gen: Gen{7, 0, 9}, Written: 1699999700000, Payload: []byte(`{"id":1}`)}
 }
 
 func TestRoundTrip(t *testing.T) {
@@ -41,7 +41,7 @@ func TestDecodeRejects(t *testing.T) {
 		{"empty", nil, ErrNoEnvelope},
 		{"magic", mut(func(b []byte) []byte { b[0] = 'x'; return b }), ErrMagic},
 		{"magic only", []byte{Magic}, ErrShort},
-		{"version", mut(func(b []byte) []byte { b[1] = 2; return b }), ErrVersion},
+		{"version", mut(func(b []byte) []byte { b[1] = 1; return b }), ErrVersion}, // version 1: a 40-byte header
 		{"short", good[:HeaderSize-1], ErrShort},
 		{"kind", mut(func(b []byte) []byte { b[2] = 0; return b }), ErrKind},
 		{"payload on lease", append(Encode(&Entry{Kind: Lease, Token: Token{1}}), 'x'), ErrTrailing},
