@@ -4,6 +4,7 @@
 package cacheaside
 
 import (
+	"cmp"
 	"context"
 	_ "embed"
 	"encoding/binary"
@@ -297,6 +298,32 @@ func (c *Cache[T]) forgetTagged(keys []string) {
 	})
 }
 
+// bumpGens gives each generation key a new random generation: one SET
+// each, in one pipeline under the write budget. It returns each key's
+// error.
+func (c *Cache[T]) bumpGens(ctx context.Context, keys []string) []error {
+	errs := make([]error, len(keys))
+	if len(keys) == 1 {
+		errs[0] = c.bumpGen(ctx, keys[0])
+		return errs
+	}
+	cmds, err := c.guard.pipe(ctx, c.guard.writeBudget(len(keys)), writes, keys, func(p redis.Pipeliner, i int) redis.Cmder {
+		g := newGen()
+		return p.Set(ctx, keys[i], g[:], c.leases.genTTL)
+	})
+	for i, cmd := range cmds {
+		switch {
+		case cmd == nil:
+			errs[i] = cmp.Or(err, unsentErr(cmds, err))
+		case cmd.Err() != nil:
+			errs[i] = cmd.Err()
+		default:
+			c.ev.bumped()
+		}
+	}
+	return errs
+}
+
 // bumpTags gives each generation key a new random generation, queues the
 // ones that failed for retry, and tells the local tiers.
 func (c *Cache[T]) bumpTags(ctx context.Context, op string, keys []string) error {
@@ -308,10 +335,10 @@ func (c *Cache[T]) bumpTags(ctx context.Context, op string, keys []string) error
 	}
 	var errs []error
 	c.forgetTagged(keys)
-	for _, k := range keys {
-		if err := c.bumpGen(ctx, k); err != nil {
-			c.retryLater(retryNS, k)
-			errs = append(errs, c.redisError(ctx, op, k, err))
+	for i, err := range c.bumpGens(ctx, keys) {
+		if err != nil {
+			c.retryLater(retryNS, keys[i])
+			errs = append(errs, c.redisError(ctx, op, keys[i], err))
 		}
 	}
 	c.forgetTagged(keys) // again: loads that started before the SETs landed

@@ -365,3 +365,50 @@ func TestTagsLocalTier(t *testing.T) {
 		}
 	})
 }
+
+// InvalidateTags while Redis is down: the error is returned, each tag's
+// invalidation is queued, this process's Gets of the entries carrying
+// them load from the source meanwhile, and once Redis is back the retry
+// lands and the entries reload.
+func TestTagsRedisDown(t *testing.T) {
+	mr := miniredisRun(t)
+	b := &backend{name: "miniredis", addr: mr.Addr(), mr: mr, prefix: uniquePrefix()}
+	ctx := context.Background()
+	c := newCache(t, b, &Options[string]{Tags: pageTags(b.prefix), Policy: Policy{TTL: time.Hour},
+		Degradation: Degradation{OpTimeout: 200 * time.Millisecond, NoBreaker: true}})
+	key, other := b.prefix+"page:a:x:1", b.prefix+"page:b:y:1"
+	var l loadsOf
+	for _, k := range []string{key, other} {
+		if _, err := c.Get(ctx, k, l.loader(k)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l.take()
+	mr.Close()
+	err := c.InvalidateTags(ctx, b.prefix+"org:a", b.prefix+"user:x")
+	var oe *OpError
+	if !errors.As(err, &oe) {
+		t.Fatalf("InvalidateTags with Redis down = %v, want an *OpError", err)
+	}
+	vk, _ := c.checkKey(key)
+	if !c.retries.covers(key, vk) {
+		t.Fatal("the failed tag invalidation is not queued")
+	}
+	ovk, _ := c.checkKey(other)
+	if c.retries.covers(other, ovk) {
+		t.Fatal("a key without the tags is covered by their queued invalidation")
+	}
+	if err := mr.Restart(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the queued tag invalidations to land", func() bool { return !c.retries.covers(key, vk) })
+	if _, err := c.Get(ctx, key, l.loader(key)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Get(ctx, other, l.loader(other)); err != nil {
+		t.Fatal(err)
+	}
+	if got := l.take(); got[key] != 1 || got[other] != 0 {
+		t.Fatalf("loads after the retry landed: %v; want %s reloaded, %s a hit", got, key, other)
+	}
+}
