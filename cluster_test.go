@@ -1005,7 +1005,7 @@ func TestClusterPerEntry(t *testing.T) {
 	}
 	onEveryMaster(t, "warmed keys", keysPerMaster(t, cc, wire.EscapeGlob(p)+"warm:*"))
 	for k, v := range vals {
-		if pk, err := c.Peek(ctx, k); err != nil || pk.State != "fresh" || pk.Value != v {
+		if pk, err := c.Peek(ctx, k); err != nil || pk.State != "fresh" || pk.Value != v || pk.Written.IsZero() || pk.Age < 0 || pk.Age > time.Minute {
 			t.Fatalf("Peek %s = %+v, %v", k, pk, err)
 		}
 	}
