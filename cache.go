@@ -306,5 +306,5 @@ type testHooks struct {
 	fill       func(sc scriptCall) scriptCall // replaces a fill script (a broken protocol, for control tests)
 	noExtend   bool                           // do not renew leases
 	softAny    bool                           // every joined Get takes a soft answer unchecked (a broken protocol, for control tests)
-	tagRounds  bool                           // in a tagged cache, rounds vouch for answers and InvalidateTags forgets no flight (a broken protocol, for control tests)
+	noTagCheck bool                           // reads ignore the tags' generations (a broken protocol, for control tests)
 }

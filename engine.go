@@ -361,7 +361,7 @@ func (r *missRun[T]) tagRound(ops []*keyOp[T]) []error {
 // round, except in a tagged cache, where no lease script or fill checks
 // the tags, so no round vouches for an answer (tags.go).
 func (c *Cache[T]) vouching(op *keyOp[T], round uint64) uint64 {
-	if len(op.vk.tags) > 0 && (c.hooks == nil || !c.hooks.tagRounds) {
+	if len(op.vk.tags) > 0 {
 		return 0
 	}
 	return round

@@ -265,7 +265,7 @@ func (c *Cache[T]) classify(ctx context.Context, key string, b []byte, gv genVie
 	}
 	payload := vw.e.Payload
 	vw.e.Payload = nil
-	if gv.versioned && (!gv.known || vw.e.Gen != gv.gen) {
+	if gv.versioned && (!gv.known || vw.e.Gen != gv.gen) && (c.hooks == nil || !c.hooks.noTagCheck) {
 		// Stamped with an older generation: a miss, and its token says
 		// nothing about what is current (see flightSeen.joinable).
 		vw.e = envelope.Entry{}

@@ -277,9 +277,6 @@ func (c *Cache[T]) Clear(ctx context.Context) error {
 // forgetTagged makes later Gets of keys carrying any of the generation
 // keys start new loads instead of joining this process's loads in flight.
 func (c *Cache[T]) forgetTagged(keys []string) {
-	if c.hooks != nil && c.hooks.tagRounds {
-		return
-	}
 	c.inflight.Range(func(k, _ any) bool {
 		key := k.(string)
 		tags, err := c.tagKeys(key)
