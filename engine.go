@@ -367,6 +367,35 @@ func (c *Cache[T]) vouching(op *keyOp[T], round uint64) uint64 {
 	return round
 }
 
+// tagsMoved reads the tags' generations a lease round read beside op's
+// lease script, and reports whether they moved from those the script
+// went by: the digest acquire.lua compared entries with, or the one
+// stamped in the value refresh.lua took. A round that went by old
+// generations saw nothing a Get begun after the invalidation may rely on
+// (a lease of a load that read the old row looks current to it), so the
+// round is done again with the new ones (op.gv). The round trip is the
+// same: the reads go in the lease round's pipeline.
+func (r *missRun[T]) tagsMoved(op *keyOp[T], cmds []*redis.Cmd) (bool, error) {
+	gens := make([]string, len(cmds))
+	for j, cmd := range cmds {
+		s, err := cmd.Text()
+		if err != nil {
+			return false, err
+		}
+		gens[j] = s
+	}
+	gv := tagView(gens)
+	if !gv.known {
+		return false, fmt.Errorf("tag generation of %d bytes", envelope.GenSize)
+	}
+	went := op.gv.gen
+	if op.reload() {
+		went = op.vw.e.Gen
+	}
+	op.gv = gv
+	return gv.gen != went, nil
+}
+
 // tagGen is the digest acquire.lua stamps op's lease with in a tagged
 // cache (the generation its read found, or tagRound made), nil otherwise.
 func (op *keyOp[T]) tagGen() []byte {
@@ -385,17 +414,23 @@ func (r *missRun[T]) leaseRound(ops []*keyOp[T]) (held, open, failed []*keyOp[T]
 	c := r.c
 	pre := r.tagRound(ops)
 	calls := make([]scriptCall, 0, len(ops))
+	tagAt := make([]int, len(ops)) // where op's tag checks start in calls (tagged caches)
 	for i, op := range ops {
 		op.round = op.fs.observe()
 		op.staleRound = 0 // set again below if this round finds the old value in Redis
 		switch {
 		case pre[i] != nil:
+			continue
 		case op.reload():
 			op.gen = op.vw.e.Gen
 			calls = append(calls, c.leases.refresh(op.key, op.vk.ns, op.vw.e.Token, op.tok, op.vw.e.Kind == envelope.Refreshing))
 		default:
 			calls = append(calls, c.leases.acquire(op.key, op.vk.ns, op.tok, op.vw.replace, op.tagGen()))
 		}
+		// The tags' generations again, in the same round trip: see
+		// tagsMoved.
+		tagAt[i] = len(calls)
+		calls = append(calls, c.tagCalls(op.vk.tags)...)
 	}
 	var cmds []*redis.Cmd
 	if len(calls) > 0 {
@@ -403,7 +438,6 @@ func (r *missRun[T]) leaseRound(ops []*keyOp[T]) (held, open, failed []*keyOp[T]
 	}
 	var acquireFailed, refreshFailed errorOnce
 	now := c.opts.Clock()
-	sent := 0
 	for i, op := range ops {
 		var (
 			ok  bool
@@ -416,12 +450,22 @@ func (r *missRun[T]) leaseRound(ops []*keyOp[T]) (held, open, failed []*keyOp[T]
 			err = pre[i] // its tags' generations could not be made: as if acquire.lua had failed
 		case reload:
 			var n int64
-			n, err = cmds[sent].Int64()
+			n, err = cmds[tagAt[i]-1].Int64()
 			ok = n == 1
-			sent++
 		default:
-			ok, op.gen, cur, err = acquireReply(cmds[sent].Slice())
-			sent++
+			ok, op.gen, cur, err = acquireReply(cmds[tagAt[i]-1].Slice())
+		}
+		if err == nil && len(op.vk.tags) > 0 {
+			var moved bool
+			if moved, err = r.tagsMoved(op, cmds[tagAt[i]:tagAt[i]+len(op.vk.tags)]); moved {
+				// A lease this round took is stamped with generations
+				// already gone: dead to every reader, and the next round's
+				// acquire.lua overwrites it (same token, new stamp).
+				op.vw = view[T]{}
+				op.noWait = true
+				open = append(open, op)
+				continue
+			}
 		}
 		if err == nil {
 			op.unsure = false

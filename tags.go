@@ -193,6 +193,17 @@ func (c *Cache[T]) tagKey(tag string) string {
 // clearKey is where the generation Clear moves lives.
 func (c *Cache[T]) clearKey() string { return clearKeyPrefix + wire.EscapePart(c.name) }
 
+// tagCalls are lua/tag.lua's calls for keys: each tag's generation, made
+// if it has none.
+func (c *Cache[T]) tagCalls(keys []string) []scriptCall {
+	calls := make([]scriptCall, len(keys))
+	for i, k := range keys {
+		g := newGen()
+		calls[i] = scriptCall{s: tagScript, keys: []string{k}, args: []any{g[:], millis(c.leases.genTTL)}}
+	}
+	return calls
+}
+
 // tagGens makes sure each distinct tag key of vks has a generation,
 // creating the absent ones (lua/tag.lua, one pipeline), and returns for
 // each vks[i] the generation an entry loaded now must carry, or the error
