@@ -38,14 +38,14 @@ const (
 	fromLoader              // NoStore with Reload: load, reading and storing nothing (percall.go)
 )
 
-// before decides key (whose version keys, its namespace's or its tags',
-// are vk) before its Redis read, and counts what it decided unless the
-// key's Get is a start-over (attempt > 0). It takes no keyOp: a local hit
-// must not pay for building one, nor for its tags: vk's tags are filled in
-// (tagsOf) only when an invalidation is pending.
-func (c *Cache[T]) before(ctx context.Context, key string, vk *verKeys, attempt int, per GetOptions) (ahead, *localItem[T]) {
+// before decides key (in the namespace whose generation key is ns, if
+// any) before its Redis read, and counts what it decided unless the key's
+// Get is a start-over (attempt > 0). It takes no keyOp: a local hit must
+// not pay for building one, nor for the key's tags, which it reads only
+// when an invalidation is pending.
+func (c *Cache[T]) before(ctx context.Context, key, ns string, attempt int, per GetOptions) (ahead, *localItem[T]) {
 	count := attempt == 0
-	if c.retries.pending.Load() > 0 && c.tagsOf(key, vk) == nil && c.retries.covers(key, *vk) { // one atomic load while nothing is queued
+	if c.retries.pending.Load() > 0 && c.pendingFor(key, ns) { // one atomic load while nothing is queued
 		if count {
 			c.ev.miss(ctx)
 		}
@@ -129,17 +129,18 @@ func (c *Cache[T]) one(ctx context.Context, key string, idx int, src source[T], 
 	if c.closed.Load() {
 		return zero, ErrClosed
 	}
-	vk, err := c.keyNS(key)
+	ns, err := c.keyNS(key)
 	if err != nil {
 		return zero, err
 	}
 	if src.one == nil && src.many == nil {
 		return zero, errNilLoader
 	}
-	pre, it := c.before(ctx, key, &vk, attempt, src.per)
+	pre, it := c.before(ctx, key, ns, attempt, src.per)
 	if pre == fromLocal {
 		return it.v, notFoundErr(it.notFound)
 	}
+	vk := verKeys{ns: ns}
 	if err := c.tagsOf(key, &vk); err != nil {
 		return zero, err
 	}
@@ -192,30 +193,42 @@ func (c *Cache[T]) one(ctx context.Context, key string, idx int, src source[T], 
 	return c.await(ctx, m, src)
 }
 
+// pendingFor reports whether a queued invalidation covers key, in the
+// namespace whose generation key is ns or by one of its tags.
+func (c *Cache[T]) pendingFor(key, ns string) bool {
+	vk := verKeys{ns: ns}
+	if c.tagsOf(key, &vk) != nil {
+		return false // the call fails on its tags later
+	}
+	return c.retries.covers(key, vk)
+}
+
 // checkKey validates key and returns its version keys: its namespace's
 // generation key in a namespaced cache, its tags' (and Clear's) in a
 // tagged or Clearable one.
 func (c *Cache[T]) checkKey(key string) (verKeys, error) {
-	vk, err := c.keyNS(key)
+	ns, err := c.keyNS(key)
+	vk := verKeys{ns: ns}
 	if err == nil {
 		err = c.tagsOf(key, &vk)
 	}
 	return vk, err
 }
 
-// keyNS is checkKey without the tags: what a local hit needs.
-func (c *Cache[T]) keyNS(key string) (verKeys, error) {
+// keyNS is checkKey without the tags, what a local hit needs: it
+// validates key and returns its namespace's generation key, if any.
+func (c *Cache[T]) keyNS(key string) (string, error) {
 	if err := checkKey(key, c.opts.MaxKeySize); err != nil {
-		return verKeys{}, err
+		return "", err
 	}
 	if !c.opts.Namespaced {
-		return verKeys{}, nil
+		return "", nil
 	}
 	genKey, ok := wire.GenerationKey(key)
 	if !ok {
-		return verKeys{}, fmt.Errorf("%w: %q has no namespace; a namespaced cache takes keys built with Namespace.Key", ErrInvalidKey, key)
+		return "", fmt.Errorf("%w: %q has no namespace; a namespaced cache takes keys built with Namespace.Key", ErrInvalidKey, key)
 	}
-	return verKeys{ns: genKey}, nil
+	return genKey, nil
 }
 
 // tagsOf fills in vk's tag keys, in a tagged or Clearable cache, unless

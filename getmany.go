@@ -93,11 +93,12 @@ func getMany[K comparable, T any](ctx context.Context, c *Cache[T], ids []K, key
 			}
 			continue
 		}
-		vk, err := c.keyNS(k)
+		ns, err := c.keyNS(k)
+		vk := verKeys{ns: ns}
 		var li *localItem[T]
 		pre := fromRedis
 		if err == nil {
-			if pre, li = c.before(ctx, k, &vk, 0, per); pre != fromLocal {
+			if pre, li = c.before(ctx, k, ns, 0, per); pre != fromLocal {
 				err = c.tagsOf(k, &vk)
 			}
 		}
