@@ -376,17 +376,9 @@ func (c *Cache[T]) vouching(op *keyOp[T], round uint64) uint64 {
 // round is done again with the new ones (op.gv). The round trip is the
 // same: the reads go in the lease round's pipeline.
 func (r *missRun[T]) tagsMoved(op *keyOp[T], cmds []*redis.Cmd) (bool, error) {
-	gens := make([]string, len(cmds))
-	for j, cmd := range cmds {
-		s, err := cmd.Text()
-		if err != nil {
-			return false, err
-		}
-		gens[j] = s
-	}
-	gv := tagView(gens)
-	if !gv.known {
-		return false, fmt.Errorf("tag generation of %d bytes", envelope.GenSize)
+	gv, err := tagReplies(cmds)
+	if err != nil {
+		return false, err
 	}
 	went := op.gv.gen
 	if op.reload() {

@@ -210,40 +210,47 @@ func (c *Cache[T]) tagCalls(keys []string) []scriptCall {
 // of one of its tags.
 func (c *Cache[T]) tagGens(ctx context.Context, vks []verKeys) ([]genView, []error) {
 	index := map[string]int{}
-	var calls []scriptCall
+	var keys []string
 	for _, vk := range vks {
 		for _, k := range vk.tags {
 			if _, ok := index[k]; !ok {
-				index[k] = len(calls)
-				g := newGen()
-				calls = append(calls, scriptCall{s: tagScript, keys: []string{k}, args: []any{g[:], millis(c.leases.genTTL)}})
+				index[k] = len(keys)
+				keys = append(keys, k)
 			}
 		}
 	}
 	gvs := make([]genView, len(vks))
 	errs := make([]error, len(vks))
-	if len(calls) == 0 {
+	if len(keys) == 0 {
 		return gvs, errs
 	}
-	cmds := c.leases.run(ctx, calls)
+	cmds := c.leases.run(ctx, c.tagCalls(keys))
 	for i, vk := range vks {
-		gens := make([]string, len(vk.tags))
+		mine := make([]*redis.Cmd, len(vk.tags))
 		for j, k := range vk.tags {
-			s, err := cmds[index[k]].Text()
-			if err != nil {
-				errs[i] = err
-				break
-			}
-			gens[j] = s
+			mine[j] = cmds[index[k]]
 		}
-		if errs[i] == nil {
-			gvs[i] = tagView(gens)
-			if !gvs[i].known {
-				errs[i] = fmt.Errorf("tag generation of %d bytes", envelope.GenSize)
-			}
-		}
+		gvs[i], errs[i] = tagReplies(mine)
 	}
 	return gvs, errs
+}
+
+// tagReplies is the generation an entry carrying the tags whose tag.lua
+// replies are cmds must carry (tagView), or the error of a reply.
+func tagReplies(cmds []*redis.Cmd) (genView, error) {
+	gens := make([]string, len(cmds))
+	for j, cmd := range cmds {
+		s, err := cmd.Text()
+		if err != nil {
+			return genView{}, err
+		}
+		gens[j] = s
+	}
+	gv := tagView(gens)
+	if !gv.known {
+		return gv, fmt.Errorf("tag generation of %d bytes", envelope.GenSize)
+	}
+	return gv, nil
 }
 
 // InvalidateTags invalidates every entry that carries any of tags, in
