@@ -388,6 +388,7 @@ func TestPermissionsNeverCached(t *testing.T) {
 
 func TestMetricsAndHealth(t *testing.T) {
 	ta := newTestApp(t, nil)
+	cachetest.WaitLocal(t, ta.svc.tasks) // until then local_live is 0, rightly
 	ta.getJSON(t, "/tasks/42", 200, nil)
 	ta.getJSON(t, "/tasks/42", 200, nil)
 	code, b := ta.do(t, "GET", "/metrics", "")
