@@ -139,7 +139,7 @@ func startClusterOf(t *testing.T, masters, replicas int, extra ...string) ([]str
 
 // startClusterNode starts one cluster-mode redis-server on port, with its
 // cluster bus on busPort (port+10000 may be past 65535), and waits for it
-// to answer PING. On success the process is stopped at cleanup.
+// to answer as itself. On success the process is stopped at cleanup.
 func startClusterNode(t *testing.T, port, busPort int, extra ...string) (*clusterProc, error) {
 	t.Helper()
 	p := &clusterProc{port: port, dir: t.TempDir(), done: make(chan struct{})}
@@ -163,10 +163,17 @@ func startClusterNode(t *testing.T, port, busPort int, extra ...string) (*cluste
 	go func() { _ = p.cmd.Wait(); close(p.done) }()
 	stop := func() { _ = p.cmd.Process.Kill(); <-p.done }
 
+	// The server on the port must be this one (its pid), not another
+	// test's that took the port first.
 	rdb := redis.NewClient(&redis.Options{Addr: p.addr(), MaxRetries: -1})
 	defer rdb.Close()
+	pid := fmt.Sprintf("process_id:%d\r\n", p.cmd.Process.Pid)
+	ours := func() bool {
+		info, err := rdb.Info(context.Background(), "server").Result()
+		return err == nil && strings.Contains(info, pid)
+	}
 	deadline := time.Now().Add(10 * time.Second)
-	for rdb.Ping(context.Background()).Err() != nil {
+	for !ours() {
 		select {
 		case <-p.done:
 			return nil, fmt.Errorf("redis-server on %s exited at start:\n%s", p.addr(), p.logTail())
@@ -174,7 +181,7 @@ func startClusterNode(t *testing.T, port, busPort int, extra ...string) (*cluste
 		}
 		if time.Now().After(deadline) {
 			stop()
-			return nil, fmt.Errorf("redis-server on %s did not answer PING within 10s:\n%s", p.addr(), p.logTail())
+			return nil, fmt.Errorf("redis-server on %s did not answer as itself within 10s:\n%s", p.addr(), p.logTail())
 		}
 		time.Sleep(10 * time.Millisecond)
 	}

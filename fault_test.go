@@ -1,6 +1,7 @@
 package cacheaside
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -8,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -40,6 +42,7 @@ type redisProc struct {
 	port int
 	args []string // more redis-server arguments
 	cmd  *exec.Cmd
+	done chan struct{} // closed once cmd has exited and been reaped
 }
 
 func freePort(t *testing.T) int {
@@ -55,27 +58,65 @@ func freePort(t *testing.T) int {
 func startRedis(t *testing.T, args ...string) *redisProc {
 	t.Helper()
 	requireRedisServer(t)
-	p := &redisProc{t: t, port: freePort(t), args: args}
-	p.start()
+	p := &redisProc{t: t, args: args}
 	t.Cleanup(p.kill)
-	return p
+	// A free port can be taken between freePort and the bind (by another
+	// test's server, or as the local port of a connection): the server then
+	// exits, and it is tried again on another port.
+	for attempt := 0; ; attempt++ {
+		p.port = freePort(t)
+		err := p.tryStart()
+		if err == nil {
+			return p
+		}
+		if attempt == 4 {
+			t.Fatal(err)
+		}
+	}
 }
 
 func (p *redisProc) addr() string { return fmt.Sprintf("127.0.0.1:%d", p.port) }
 
+// start starts the server again on its port (after kill).
 func (p *redisProc) start() {
 	p.t.Helper()
+	if err := p.tryStart(); err != nil {
+		p.t.Fatal(err)
+	}
+}
+
+// tryStart starts redis-server on p.port and waits until the server there
+// answers as itself (its pid: not another's that took the port).
+func (p *redisProc) tryStart() error {
+	var out bytes.Buffer
 	p.cmd = exec.Command("redis-server", append([]string{"--port", fmt.Sprint(p.port), "--bind", "127.0.0.1",
 		"--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"}, p.args...)...)
+	p.cmd.Stdout, p.cmd.Stderr = &out, &out
 	if err := p.cmd.Start(); err != nil {
-		p.t.Fatalf("starting redis-server (it must be installed): %v", err)
+		p.cmd = nil
+		return fmt.Errorf("starting redis-server (it must be installed): %v", err)
 	}
+	p.done = make(chan struct{})
+	cmd, done := p.cmd, p.done
+	go func() { _ = cmd.Wait(); close(done) }()
 	rdb := redis.NewClient(&redis.Options{Addr: p.addr(), MaxRetries: -1})
 	defer rdb.Close()
+	pid := fmt.Sprintf("process_id:%d\r\n", cmd.Process.Pid)
 	deadline := time.Now().Add(10 * time.Second)
-	for rdb.Ping(context.Background()).Err() != nil {
+	for {
+		info, err := rdb.Info(context.Background(), "server").Result()
+		if err == nil && strings.Contains(info, pid) {
+			return nil
+		}
+		select {
+		case <-done:
+			p.cmd = nil
+			return fmt.Errorf("redis-server on %s exited at start: %s", p.addr(), out.String())
+		default:
+		}
 		if time.Now().After(deadline) {
-			p.t.Fatalf("redis-server on %s did not answer", p.addr())
+			p.kill()
+			return fmt.Errorf("redis-server on %s did not answer as itself within 10s (last error %v)", p.addr(), err)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
@@ -85,7 +126,7 @@ func (p *redisProc) start() {
 func (p *redisProc) kill() {
 	if p.cmd != nil && p.cmd.Process != nil {
 		_ = p.cmd.Process.Kill()
-		_ = p.cmd.Wait()
+		<-p.done
 		p.cmd = nil
 	}
 }

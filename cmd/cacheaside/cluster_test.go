@@ -29,7 +29,7 @@ var cluster struct {
 	once  sync.Once
 	addrs []string
 	err   error
-	procs []*exec.Cmd
+	procs []nodeProc
 	dir   string
 }
 
@@ -61,27 +61,19 @@ func startCluster() ([]string, error) {
 	cluster.dir = dir
 	var addrs []string
 	for i := 0; i < 3; i++ {
-		port, err1 := freePort()
-		bus, err2 := freePort()
-		if err1 != nil || err2 != nil {
-			return nil, fmt.Errorf("free ports: %v %v", err1, err2)
+		// A free port can be taken between freePort and the bind (by
+		// another test's server, or as the local port of a connection):
+		// the server then exits, and it is tried again on other ports.
+		var err error
+		for attempt := 0; attempt < 5; attempt++ {
+			var addr string
+			if addr, err = startNode(dir); err == nil {
+				addrs = append(addrs, addr)
+				break
+			}
 		}
-		cmd := exec.Command("redis-server",
-			"--cluster-enabled", "yes",
-			"--cluster-config-file", filepath.Join(dir, fmt.Sprintf("nodes-%d.conf", port)),
-			"--cluster-port", fmt.Sprint(bus), "--cluster-node-timeout", "2000",
-			"--port", fmt.Sprint(port), "--bind", "127.0.0.1", "--dir", dir,
-			"--save", "", "--appendonly", "no", "--daemonize", "no",
-			"--logfile", filepath.Join(dir, fmt.Sprintf("redis-%d.log", port)))
-		if err := cmd.Start(); err != nil {
-			return nil, fmt.Errorf("redis-server: %w", err)
-		}
-		cluster.procs = append(cluster.procs, cmd)
-		addrs = append(addrs, fmt.Sprintf("127.0.0.1:%d", port))
-	}
-	for _, a := range addrs {
-		if err := waitPing(a, func(c *redis.Client) bool { return c.Ping(context.Background()).Err() == nil }); err != nil {
-			return nil, err
+		if err != nil {
+			return nil, fmt.Errorf("cluster node %d: %w", i, err)
 		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -103,6 +95,62 @@ func startCluster() ([]string, error) {
 	return addrs, nil
 }
 
+// startNode starts one cluster-mode redis-server on free ports and waits
+// until it answers, as itself: the server on the port must report this
+// process's pid, not another server's that took the port first.
+func startNode(dir string) (string, error) {
+	port, err1 := freePort()
+	bus, err2 := freePort()
+	if err1 != nil || err2 != nil {
+		return "", fmt.Errorf("free ports: %v %v", err1, err2)
+	}
+	logfile := filepath.Join(dir, fmt.Sprintf("redis-%d.log", port))
+	cmd := exec.Command("redis-server",
+		"--cluster-enabled", "yes",
+		"--cluster-config-file", filepath.Join(dir, fmt.Sprintf("nodes-%d.conf", port)),
+		"--cluster-port", fmt.Sprint(bus), "--cluster-node-timeout", "2000",
+		"--port", fmt.Sprint(port), "--bind", "127.0.0.1", "--dir", dir,
+		"--save", "", "--appendonly", "no", "--daemonize", "no",
+		"--logfile", logfile)
+	if err := cmd.Start(); err != nil {
+		return "", fmt.Errorf("redis-server: %w", err)
+	}
+	exited := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(exited) }()
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	pid := fmt.Sprintf("process_id:%d\r\n", cmd.Process.Pid)
+	c := redis.NewClient(&redis.Options{Addr: addr, MaxRetries: -1})
+	defer c.Close()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		info, err := c.Info(context.Background(), "server").Result()
+		if err == nil && strings.Contains(info, pid) {
+			cluster.procs = append(cluster.procs, nodeProc{cmd, exited})
+			return addr, nil
+		}
+		select {
+		case <-exited:
+			log, _ := os.ReadFile(logfile)
+			return "", fmt.Errorf("redis-server on %s exited at start:\n%s", addr, log)
+		default:
+		}
+		if time.Now().After(deadline) {
+			_ = cmd.Process.Kill()
+			<-exited
+			log, _ := os.ReadFile(logfile)
+			return "", fmt.Errorf("redis-server on %s did not answer within 20s (last error %v):\n%s", addr, err, log)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// nodeProc is a started node and a channel closed once it has exited
+// and been reaped.
+type nodeProc struct {
+	cmd    *exec.Cmd
+	exited chan struct{}
+}
+
 // waitPing polls the node at addr until ready holds, for up to 20s.
 func waitPing(addr string, ready func(*redis.Client) bool) error {
 	c := redis.NewClient(&redis.Options{Addr: addr, MaxRetries: -1})
@@ -121,8 +169,8 @@ func waitPing(addr string, ready func(*redis.Client) bool) error {
 // files.
 func stopCluster() {
 	for _, p := range cluster.procs {
-		_ = p.Process.Kill()
-		_ = p.Wait()
+		_ = p.cmd.Process.Kill()
+		<-p.exited
 	}
 	if cluster.dir != "" {
 		_ = os.RemoveAll(cluster.dir)

@@ -78,7 +78,7 @@ func TestAppKilledDuringWriteStorm(t *testing.T) {
 }
 
 func storm(t *testing.T, database string) {
-	redisAddr := privateRedis(t)
+	redisAddr := ownRedis(t)
 	pause := redis.NewClient(&redis.Options{Addr: redisAddr})
 	defer pause.Close()
 	dir := t.TempDir()
@@ -242,32 +242,4 @@ func outboxEmpty(t *testing.T, database string) bool {
 		t.Fatal(err)
 	}
 	return n == 0
-}
-
-// privateRedis starts a redis-server of the test's own on a free loopback
-// port, stopped by pid when the test ends.
-func privateRedis(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := l.Addr().(*net.TCPAddr).Port
-	_ = l.Close()
-	cmd := exec.Command("redis-server", "--port", fmt.Sprint(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--loglevel", "warning")
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("%s=1 but redis-server does not start: %v", envFaults, err)
-	}
-	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
-	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	rdb := redis.NewClient(&redis.Options{Addr: addr})
-	defer rdb.Close()
-	deadline := time.Now().Add(10 * time.Second)
-	for rdb.Ping(context.Background()).Err() != nil {
-		if time.Now().After(deadline) {
-			t.Fatalf("redis-server on %s did not answer", addr)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	return addr
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -26,38 +27,72 @@ import (
 // Redis is paused. With REDIS_URL set (CI) redis-server is required; on a
 // machine with Go alone they are skipped.
 
-// ownRedis starts a redis-server on a free loopback port and stops it (by
-// pid) when the test ends.
+// ownRedis starts a redis-server of the test's own on a free loopback
+// port and stops it (by pid) when the test ends. Without redis-server on
+// PATH it skips the test on a machine with Go alone, and fails it when
+// REDIS_URL or CACHEASIDE_REDIS_FAULTS says Redis is there (CI).
 func ownRedis(t *testing.T) string {
 	t.Helper()
 	if _, err := exec.LookPath("redis-server"); err != nil {
-		if os.Getenv("REDIS_URL") != "" {
-			t.Fatalf("REDIS_URL is set, so this test needs redis-server on PATH: %v", err)
+		if os.Getenv("REDIS_URL") != "" || os.Getenv(envFaults) != "" {
+			t.Fatalf("REDIS_URL or %s is set, so this test needs redis-server on PATH: %v", envFaults, err)
 		}
-		t.Skip("needs redis-server on PATH (CLIENT PAUSE)")
+		t.Skip("needs redis-server on PATH")
 	}
+	// A free port can be taken between the probe and the bind (by another
+	// test's server, or as the local port of a connection): the server
+	// then exits, and it is tried again on another port.
+	var err error
+	for attempt := 0; attempt < 5; attempt++ {
+		var addr string
+		if addr, err = startOwnRedis(t); err == nil {
+			return addr
+		}
+	}
+	t.Fatal(err)
+	return ""
+}
+
+// startOwnRedis starts one redis-server on a free port and waits until
+// the server there answers as itself (its pid, not another's).
+func startOwnRedis(t *testing.T) (string, error) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		t.Fatal(err)
+		return "", err
 	}
 	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
+	_ = l.Close()
+	var out bytes.Buffer
 	cmd := exec.Command("redis-server", "--port", fmt.Sprint(port), "--bind", "127.0.0.1",
 		"--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning")
+	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
+		return "", err
 	}
-	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	exited := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(exited) }()
+	stop := func() { _ = cmd.Process.Kill(); <-exited }
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	rdb := redis.NewClient(&redis.Options{Addr: addr})
+	rdb := redis.NewClient(&redis.Options{Addr: addr, MaxRetries: -1})
 	defer rdb.Close()
-	for deadline := time.Now().Add(10 * time.Second); rdb.Ping(context.Background()).Err() != nil; {
+	pid := fmt.Sprintf("process_id:%d\r\n", cmd.Process.Pid)
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		info, err := rdb.Info(context.Background(), "server").Result()
+		if err == nil && strings.Contains(info, pid) {
+			t.Cleanup(stop)
+			return addr, nil
+		}
+		select {
+		case <-exited:
+			return "", fmt.Errorf("redis-server on %s exited at start: %s", addr, out.String())
+		default:
+		}
 		if time.Now().After(deadline) {
-			t.Fatalf("redis-server on %s did not answer", addr)
+			stop()
+			return "", fmt.Errorf("redis-server on %s did not answer as itself within 10s (last error %v)", addr, err)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	return addr
 }
 
 // twoInstances starts two instances of the app on one database (the
