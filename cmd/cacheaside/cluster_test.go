@@ -84,7 +84,7 @@ func startCluster() ([]string, error) {
 		return nil, fmt.Errorf("redis-cli %s: %v\n%s", strings.Join(args, " "), err, out)
 	}
 	for _, a := range addrs {
-		err := waitPing(a, func(c *redis.Client) bool {
+		err := waitReady(a, func(c *redis.Client) bool {
 			info, err := c.ClusterInfo(context.Background()).Result()
 			return err == nil && strings.Contains(info, "cluster_state:ok") && strings.Contains(info, "cluster_known_nodes:3\r\n")
 		})
@@ -151,14 +151,14 @@ type nodeProc struct {
 	exited chan struct{}
 }
 
-// waitPing polls the node at addr until ready holds, for up to 20s.
-func waitPing(addr string, ready func(*redis.Client) bool) error {
+// waitReady polls the node at addr until ready holds, for up to 20s.
+func waitReady(addr string, ready func(*redis.Client) bool) error {
 	c := redis.NewClient(&redis.Options{Addr: addr, MaxRetries: -1})
 	defer c.Close()
 	deadline := time.Now().Add(20 * time.Second)
 	for !ready(c) {
 		if time.Now().After(deadline) {
-			return fmt.Errorf("cluster node %s not ready after 20s", addr)
+			return fmt.Errorf("cluster node %s: no cluster_state:ok with 3 known nodes after 20s", addr)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
