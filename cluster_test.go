@@ -163,27 +163,11 @@ func startClusterNode(t *testing.T, port, busPort int, extra ...string) (*cluste
 	go func() { _ = p.cmd.Wait(); close(p.done) }()
 	stop := func() { _ = p.cmd.Process.Kill(); <-p.done }
 
-	// The server on the port must be this one (its pid), not another
-	// test's that took the port first.
-	rdb := redis.NewClient(&redis.Options{Addr: p.addr(), MaxRetries: -1})
-	defer rdb.Close()
-	pid := fmt.Sprintf("process_id:%d\r\n", p.cmd.Process.Pid)
-	ours := func() bool {
-		info, err := rdb.Info(context.Background(), "server").Result()
-		return err == nil && strings.Contains(info, pid)
-	}
-	deadline := time.Now().Add(10 * time.Second)
-	for !ours() {
-		select {
-		case <-p.done:
-			return nil, fmt.Errorf("redis-server on %s exited at start:\n%s", p.addr(), p.logTail())
-		default:
-		}
-		if time.Now().After(deadline) {
+	if err := awaitServer(p.addr(), p.cmd.Process.Pid, p.done); err != nil {
+		if !errors.Is(err, errServerExited) {
 			stop()
-			return nil, fmt.Errorf("redis-server on %s did not answer as itself within 10s:\n%s", p.addr(), p.logTail())
 		}
-		time.Sleep(10 * time.Millisecond)
+		return nil, fmt.Errorf("%w:\n%s", err, p.logTail())
 	}
 	t.Cleanup(stop)
 	return p, nil

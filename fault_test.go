@@ -99,24 +99,39 @@ func (p *redisProc) tryStart() error {
 	p.done = make(chan struct{})
 	cmd, done := p.cmd, p.done
 	go func() { _ = cmd.Wait(); close(done) }()
-	rdb := redis.NewClient(&redis.Options{Addr: p.addr(), MaxRetries: -1})
+	err := awaitServer(p.addr(), cmd.Process.Pid, done)
+	switch {
+	case errors.Is(err, errServerExited):
+		p.cmd = nil
+		return fmt.Errorf("%w: %s", err, out.String())
+	case err != nil:
+		p.kill()
+	}
+	return err
+}
+
+var errServerExited = errors.New("redis-server exited at start")
+
+// awaitServer waits up to 10s until the redis-server on addr is the
+// process pid (INFO server's process_id), not another server that took
+// the port first. It returns errServerExited if exited closes first.
+func awaitServer(addr string, pid int, exited <-chan struct{}) error {
+	rdb := redis.NewClient(&redis.Options{Addr: addr, MaxRetries: -1})
 	defer rdb.Close()
-	pid := fmt.Sprintf("process_id:%d\r\n", cmd.Process.Pid)
+	want := fmt.Sprintf("process_id:%d\r\n", pid)
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		info, err := rdb.Info(context.Background(), "server").Result()
-		if err == nil && strings.Contains(info, pid) {
+		if err == nil && strings.Contains(info, want) {
 			return nil
 		}
 		select {
-		case <-done:
-			p.cmd = nil
-			return fmt.Errorf("redis-server on %s exited at start: %s", p.addr(), out.String())
+		case <-exited:
+			return fmt.Errorf("%w on %s", errServerExited, addr)
 		default:
 		}
 		if time.Now().After(deadline) {
-			p.kill()
-			return fmt.Errorf("redis-server on %s did not answer as itself within 10s (last error %v)", p.addr(), err)
+			return fmt.Errorf("redis-server on %s did not answer as itself within 10s (last error %v)", addr, err)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
